@@ -1,0 +1,53 @@
+"""diffusers_kit: declarative, plugin-based diffusion and score-based generative models.
+
+The public Python API (re-exports only). See :class:`Diffusion` for composing a model in Python,
+and ``dkit run SPEC`` for the same thing from a YAML spec.
+"""
+
+from diffusers_kit.api import Diffusion, resolve_device
+from diffusers_kit.data.base import Dataset, DataSplits
+from diffusers_kit.data.digits import Digits
+from diffusers_kit.hookspecs import hookimpl
+from diffusers_kit.metrics.base import Metric
+from diffusers_kit.metrics.swd import SlicedWasserstein, sliced_wasserstein
+from diffusers_kit.model import ScoreModel
+from diffusers_kit.networks.base import Network
+from diffusers_kit.networks.ncsn import NCSN
+from diffusers_kit.objectives.base import Objective
+from diffusers_kit.objectives.dsm import DenoisingScoreMatching
+from diffusers_kit.optim import Adam, AdamW, Optimizer
+from diffusers_kit.processes.base import NoiseProcess
+from diffusers_kit.processes.ve import VE
+from diffusers_kit.registry import Registry, get_registry
+from diffusers_kit.solvers.base import SampleResult, Solver
+from diffusers_kit.solvers.langevin import AnnealedLangevin
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NCSN",
+    "VE",
+    "Adam",
+    "AdamW",
+    "AnnealedLangevin",
+    "DataSplits",
+    "Dataset",
+    "DenoisingScoreMatching",
+    "Diffusion",
+    "Digits",
+    "Metric",
+    "Network",
+    "NoiseProcess",
+    "Objective",
+    "Optimizer",
+    "Registry",
+    "SampleResult",
+    "ScoreModel",
+    "SlicedWasserstein",
+    "Solver",
+    "__version__",
+    "get_registry",
+    "hookimpl",
+    "resolve_device",
+    "sliced_wasserstein",
+]

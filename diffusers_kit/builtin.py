@@ -1,0 +1,32 @@
+"""The built-in plugin: registers dkit's own kinds and components through ``dkit_register``.
+
+It is announced in dkit's own ``diffusers_kit`` entry point, exactly like a third-party plugin.
+Each component package lists what it contributes in its ``REGISTER`` table, so adding a
+component is one new file plus one line in its package's ``__init__``.
+"""
+
+from __future__ import annotations
+
+from diffusers_kit import data, metrics, networks, objectives, optim, processes, solvers
+from diffusers_kit.hookspecs import hookimpl
+
+KINDS = {
+    "dataset": (data.Dataset, "Data sets: training and held-out examples."),
+    "process": (processes.NoiseProcess, "Noise processes: x_t = alpha(t) x_0 + sigma(t) eps."),
+    "network": (networks.Network, "Networks that predict eps, the score, x0 or v from (x_t, t)."),
+    "objective": (objectives.Objective, "Training objectives."),
+    "solver": (solvers.Solver, "Samplers: SDE/ODE solvers and Markov chains."),
+    "metric": (metrics.Metric, "Sample-quality metrics."),
+    "optimizer": (optim.Optimizer, "Optimizers."),
+}
+
+PACKAGES = (data, processes, networks, objectives, solvers, metrics, optim)
+
+
+@hookimpl
+def dkit_register(registry) -> None:  # type: ignore[no-untyped-def]
+    for name, (base, doc) in KINDS.items():
+        registry.add_kind(name, base, doc)
+    for package in PACKAGES:
+        for kind, name, factory in package.REGISTER:
+            registry.add(kind, name, factory)

@@ -1,0 +1,38 @@
+"""Data sets: training and held-out tensors in model space, and how to show them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+
+@dataclass
+class DataSplits:
+    """Training and held-out data (float32, model space, first dimension = examples)."""
+
+    train: torch.Tensor
+    heldout: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one example."""
+        return tuple(self.train.shape[1:])
+
+
+class Dataset:
+    """Base class of data sets (kind ``dataset``).
+
+    ``modality`` tells the report stage how to draw samples: ``"image"`` (a grid; examples are
+    ``(C, H, W)``) or ``"points"`` (a scatter plot; examples are vectors).
+    """
+
+    modality: Literal["image", "points"] = "image"
+
+    def load(self) -> DataSplits:
+        raise NotImplementedError
+
+    def to_display(self, x: torch.Tensor) -> torch.Tensor:
+        """Map model-space values to display space ([0, 1] for images)."""
+        return x

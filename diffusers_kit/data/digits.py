@@ -1,0 +1,46 @@
+"""The 8x8 handwritten digits bundled with scikit-learn (1,797 images, UCI optdigits test set)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from diffusers_kit.data.base import Dataset, DataSplits
+
+
+class Digits(Dataset):
+    """8x8 grayscale digits from scikit-learn, with a seeded held-out split.
+
+    Pixel values 0..16 are scaled to ``[-1, 1]`` (``scale: symmetric``) or ``[0, 1]``
+    (``scale: unit``). Images have shape ``(1, 8, 8)``.
+    """
+
+    modality = "image"
+
+    def __init__(
+        self,
+        heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2,
+        scale: Literal["symmetric", "unit"] = "symmetric",
+        split_seed: Annotated[int, Field(ge=0)] = 0,
+    ) -> None:
+        self.heldout_fraction = heldout_fraction
+        self.scale = scale
+        self.split_seed = split_seed
+
+    def load(self) -> DataSplits:
+        from sklearn.datasets import load_digits
+
+        images = load_digits().images.astype(np.float32) / 16.0  # (1797, 8, 8) in [0, 1]
+        if self.scale == "symmetric":
+            images = images * 2.0 - 1.0
+        order = np.random.default_rng(self.split_seed).permutation(len(images))
+        n_heldout = round(len(images) * self.heldout_fraction)
+        data = torch.from_numpy(images[order]).unsqueeze(1)
+        return DataSplits(train=data[n_heldout:].contiguous(), heldout=data[:n_heldout].contiguous())
+
+    def to_display(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x + 1.0) / 2.0 if self.scale == "symmetric" else x
+        return x.clamp(0.0, 1.0)

@@ -1,0 +1,362 @@
+"""Component registry: kind -> name -> component, filled by plugins through pluggy.
+
+Each component's constructor signature is its schema. :func:`params_model` turns the
+signature (type hints, ``Annotated[..., Field(...)]`` constraints, defaults) into a pydantic
+model, so that the YAML mapping ``{kind: ve, sigma_max: 50}`` and the call ``VE(sigma_max=50)``
+are validated by the same rules. A parameter annotated with a kind's base class (or a list of
+it) takes a nested ``{kind: ...}`` mapping.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata as metadata
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+import pydantic
+
+from diffusers_kit import hookspecs
+
+ENTRY_POINT_GROUP = "diffusers_kit"
+BUILTIN_SOURCE = "diffusers_kit"
+
+
+class RegistryError(LookupError):
+    """An unknown kind or component name (carries suggestions)."""
+
+    def __init__(self, message: str, suggestions: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.suggestions = suggestions or []
+
+
+@dataclass(frozen=True)
+class NestedParam:
+    """A constructor parameter that takes another component (or a list of them)."""
+
+    kind: str
+    many: bool = False
+    optional: bool = False
+
+
+@dataclass
+class Component:
+    """A registered component: the factory plus what the spec system derived from it."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    source: str
+    doc: str
+    params: type[pydantic.BaseModel]
+    nested: dict[str, NestedParam]
+    context: tuple[str, ...]
+
+    @property
+    def summary(self) -> str:
+        return self.doc.strip().splitlines()[0] if self.doc.strip() else ""
+
+
+@dataclass
+class Kind:
+    name: str
+    base: type
+    doc: str
+    components: dict[str, Component] = field(default_factory=dict)
+
+
+def suggest(word: str, choices: typing.Iterable[str]) -> list[str]:
+    """Close matches for "did you mean ..." messages."""
+    return difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+
+
+def _strip_optional(annotation: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
+            return args[0], True
+    return annotation, False
+
+
+def _strip_annotated(annotation: Any) -> Any:
+    if typing.get_origin(annotation) is typing.Annotated:
+        return typing.get_args(annotation)[0]
+    return annotation
+
+
+class Registry:
+    """All kinds and components known to this process."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, Kind] = {}
+        self.plugin_errors: dict[str, str] = {}
+        self._source = BUILTIN_SOURCE
+
+    # -- filling ---------------------------------------------------------------------------
+    def add_kind(self, name: str, base: type, doc: str = "") -> None:
+        """Declare a kind of component; ``base`` is the class every component of it derives."""
+        if name in self.kinds and self.kinds[name].base is not base:
+            raise ValueError(f"kind {name!r} is already registered with another base class")
+        self.kinds.setdefault(name, Kind(name, base, doc or (base.__doc__ or "").strip()))
+
+    def add(
+        self,
+        kind: str,
+        name: str,
+        factory: Callable[..., Any],
+        *,
+        doc: str | None = None,
+    ) -> Component:
+        """Register ``factory`` (usually a class) as component ``name`` of ``kind``.
+
+        Class attribute ``dkit_context`` (a tuple of parameter names) lists parameters the run
+        graph supplies (for example a network's ``data_shape``); they are not part of the spec.
+        """
+        if kind not in self.kinds:
+            raise RegistryError(
+                f"cannot register {name!r}: unknown kind {kind!r}", suggest(kind, self.kinds)
+            )
+        table = self.kinds[kind].components
+        if name in table:
+            prior = table[name]
+            raise ValueError(
+                f"{kind} {name!r} from {self._source} clashes with the one from {prior.source}"
+            )
+        context = tuple(getattr(factory, "dkit_context", ()))
+        params, nested = self._params_model(kind, name, factory, context)
+        component = Component(
+            kind=kind,
+            name=name,
+            factory=factory,
+            source=self._source,
+            doc=doc if doc is not None else inspect.getdoc(factory) or "",
+            params=params,
+            nested=nested,
+            context=context,
+        )
+        table[name] = component
+        return component
+
+    def _nested_kind(self, annotation: Any) -> NestedParam | None:
+        annotation = _strip_annotated(annotation)
+        inner, optional = _strip_optional(annotation)
+        inner = _strip_annotated(inner)
+        many = False
+        if typing.get_origin(inner) in (list, tuple, typing.Sequence):
+            args = typing.get_args(inner)
+            if args:
+                inner, many = _strip_annotated(args[0]), True
+        if isinstance(inner, type):
+            for kind in self.kinds.values():
+                if issubclass(inner, kind.base):
+                    return NestedParam(kind.name, many=many, optional=optional)
+        return None
+
+    def _params_model(
+        self, kind: str, name: str, factory: Callable[..., Any], context: tuple[str, ...]
+    ) -> tuple[type[pydantic.BaseModel], dict[str, NestedParam]]:
+        target = factory.__init__ if inspect.isclass(factory) else factory
+        signature = inspect.signature(target)
+        try:
+            hints = typing.get_type_hints(target, include_extras=True)
+        except Exception as exc:  # unresolvable forward reference: a bug in the plugin
+            raise TypeError(f"{kind} {name!r}: cannot resolve type hints ({exc})") from exc
+        fields: dict[str, Any] = {}
+        nested: dict[str, NestedParam] = {}
+        for pname, parameter in signature.parameters.items():
+            if pname == "self" or pname in context:
+                continue
+            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                continue
+            annotation = hints.get(pname, Any)
+            default = ... if parameter.default is parameter.empty else parameter.default
+            sub = self._nested_kind(annotation)
+            if sub is not None:
+                nested[pname] = sub
+                # validated recursively by the spec system; here only "present or not"
+                annotation = Any
+                if default is not ... and default is not None:
+                    default = None
+            fields[pname] = (annotation, default)
+        config = pydantic.ConfigDict(
+            extra="forbid", arbitrary_types_allowed=True, title=f"{kind}:{name}"
+        )
+        model = pydantic.create_model(  # type: ignore[call-overload]
+            f"{kind}_{name}_params", __config__=config, **fields
+        )
+        return model, nested
+
+    # -- lookup ----------------------------------------------------------------------------
+    def kind(self, kind: str) -> Kind:
+        if kind not in self.kinds:
+            raise RegistryError(f"unknown component kind {kind!r}", suggest(kind, self.kinds))
+        return self.kinds[kind]
+
+    def get(self, kind: str, name: str) -> Component:
+        table = self.kind(kind).components
+        if name not in table:
+            raise RegistryError(
+                f"unknown {kind} {name!r}; registered: {', '.join(sorted(table)) or 'none'}",
+                suggest(name, table),
+            )
+        return table[name]
+
+    def components(self, kind: str | None = None) -> list[Component]:
+        kinds = [self.kind(kind)] if kind else list(self.kinds.values())
+        return [c for k in kinds for c in sorted(k.components.values(), key=lambda c: c.name)]
+
+    def name_of(self, obj: Any) -> tuple[str, str] | None:
+        """(kind, name) of the component whose factory built ``obj``, if any."""
+        for kind in self.kinds.values():
+            for component in kind.components.values():
+                if type(obj) is component.factory:
+                    return kind.name, component.name
+        return None
+
+    # -- building --------------------------------------------------------------------------
+    def build(self, kind: str, config: dict[str, Any], **context: Any) -> Any:
+        """Instantiate a component from an already validated ``{kind: name, ...}`` mapping."""
+        config = dict(config)
+        component = self.get(kind, config.pop("kind"))
+        kwargs: dict[str, Any] = {}
+        for key, value in config.items():
+            sub = component.nested.get(key)
+            if sub is None or value is None:
+                kwargs[key] = value
+            elif sub.many:
+                kwargs[key] = [self.build(sub.kind, item) for item in value]
+            else:
+                kwargs[key] = self.build(sub.kind, value)
+        validated = component.params.model_validate(
+            {k: v for k, v in kwargs.items() if k not in component.nested}
+        )
+        final = {k: getattr(validated, k) for k in validated.model_fields_set}
+        final.update({k: v for k, v in kwargs.items() if k in component.nested})
+        final.update({k: v for k, v in context.items() if k in component.context})
+        return component.factory(**final)
+
+
+# -- plugin manager --------------------------------------------------------------------------
+def _distribution_of(plugin: Any, dists: dict[str, str]) -> str:
+    module = getattr(plugin, "__name__", type(plugin).__module__)
+    top = module.split(".")[0]
+    return dists.get(module, dists.get(top, top))
+
+
+def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[str, str]]:
+    """A plugin manager with every entry point of group ``diffusers_kit`` loaded.
+
+    Returns ``(manager, errors, sources)``: ``errors`` maps a plugin that failed to import to its
+    error message (the other plugins still load); ``sources`` maps module -> distribution.
+    """
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    errors: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = entry_point.dist.name if entry_point.dist else entry_point.name
+        label = f"{dist}:{entry_point.name}"
+        if manager.get_plugin(entry_point.name) is not None:
+            continue
+        try:
+            plugin = entry_point.load()
+            manager.register(plugin, name=entry_point.name)
+        except Exception as exc:
+            errors[label] = f"{type(exc).__name__}: {exc}"
+            continue
+        sources[entry_point.value.split(":")[0]] = dist
+    from diffusers_kit import builtin
+
+    if not manager.is_registered(builtin):  # running from a source tree that is not installed
+        manager.register(builtin, name="builtin")
+        sources[builtin.__name__] = BUILTIN_SOURCE
+    return manager, errors, sources
+
+
+def collect(manager: pluggy.PluginManager, errors: dict[str, str], sources: dict[str, str]) -> Registry:
+    """Ask every plugin (built-in first) to register its kinds and components."""
+    registry = Registry()
+    registry.plugin_errors = dict(errors)
+    plugins = manager.get_plugins()
+    from diffusers_kit import builtin
+
+    ordered = sorted(plugins, key=lambda p: p is not builtin)
+    # kinds first, so that a plugin's components may nest any kind, whatever the load order
+    for phase in ("kinds", "components"):
+        for plugin in ordered:
+            if not hasattr(plugin, "dkit_register"):
+                continue
+            registry._source = _distribution_of(plugin, sources)
+            others = [p for p in plugins if p is not plugin]
+            caller = manager.subset_hook_caller("dkit_register", remove_plugins=others)
+            try:
+                if phase == "kinds":
+                    caller(registry=_KindsOnly(registry))
+                else:
+                    caller(registry=_ComponentsOnly(registry))
+            except Exception as exc:
+                name = manager.get_name(plugin) or registry._source
+                registry.plugin_errors[f"{registry._source}:{name}"] = (
+                    f"{type(exc).__name__}: {exc}"
+                )
+    registry._source = BUILTIN_SOURCE
+    return registry
+
+
+class _KindsOnly:
+    """First pass: a plugin's ``add_kind`` calls take effect, ``add`` calls are ignored."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def add_kind(self, *args: Any, **kwargs: Any) -> None:
+        self._registry.add_kind(*args, **kwargs)
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self._registry, item)
+
+
+class _ComponentsOnly(_KindsOnly):
+    """Second pass: components are added; kinds were already declared."""
+
+    def add_kind(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def add(self, *args: Any, **kwargs: Any) -> Component:
+        return self._registry.add(*args, **kwargs)
+
+
+_REGISTRY: Registry | None = None
+_MANAGER: pluggy.PluginManager | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use from all installed plugins."""
+    global _REGISTRY, _MANAGER
+    if _REGISTRY is None:
+        _MANAGER, errors, sources = plugin_manager()
+        _REGISTRY = collect(_MANAGER, errors, sources)
+    return _REGISTRY
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The plugin manager behind :func:`get_registry` (for the life-cycle hooks)."""
+    get_registry()
+    assert _MANAGER is not None
+    return _MANAGER
+
+
+def reset_registry() -> None:
+    """Forget the cached registry (tests that install plugins call this)."""
+    global _REGISTRY, _MANAGER
+    _REGISTRY = None
+    _MANAGER = None

@@ -1,0 +1,77 @@
+"""JSON Schema for spec files, covering every registered component and its parameters.
+
+The schema lets editors (yaml-language-server) complete ``kind`` names and each component's
+parameters. Each kind becomes ``$defs/<kind>``: a ``oneOf`` over its components, each an object
+whose ``kind`` is a constant.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from diffusers_kit.registry import Component, Registry
+from diffusers_kit.spec.models import ComponentOf, Section, Spec
+
+SCHEMA_DIALECT = "http://json-schema.org/draft-07/schema#"
+
+
+def _component_schema(component: Component) -> tuple[dict[str, Any], dict[str, Any]]:
+    schema = component.params.model_json_schema(ref_template="#/$defs/{model}")
+    defs = schema.pop("$defs", {})
+    properties = {
+        "kind": {"const": component.name, "description": component.summary},
+        **schema.get("properties", {}),
+    }
+    for pname, sub in component.nested.items():
+        ref: dict[str, Any] = {"$ref": f"#/$defs/{sub.kind}"}
+        if sub.many:
+            ref = {"type": "array", "items": ref}
+        if sub.optional:
+            ref = {"anyOf": [ref, {"type": "null"}]}
+        properties[pname] = {**ref, "description": f"a nested {sub.kind} component"}
+    out = {
+        "type": "object",
+        "title": f"{component.kind}: {component.name}",
+        "description": component.summary,
+        "properties": properties,
+        "required": ["kind", *schema.get("required", [])],
+        "additionalProperties": False,
+    }
+    return out, defs
+
+
+def _section_schema(model: type[Section], defs: dict[str, Any]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template="#/$defs/{model}")
+    for name, sub in schema.pop("$defs", {}).items():
+        defs.setdefault(name, sub)
+    properties = schema.get("properties", {})
+    for name, info in model.model_fields.items():
+        marker = next((m for m in info.metadata if isinstance(m, ComponentOf)), None)
+        annotation = info.annotation
+        if marker is not None:
+            ref: dict[str, Any] = {"$ref": f"#/$defs/{marker.kind}"}
+            properties[name] = {"type": "array", "items": ref} if marker.many else ref
+        elif isinstance(annotation, type) and issubclass(annotation, Section):
+            defs[annotation.__name__] = _section_schema(annotation, defs)
+            properties[name] = {"$ref": f"#/$defs/{annotation.__name__}"}
+    return schema
+
+
+def spec_schema(registry: Registry) -> dict[str, Any]:
+    """The JSON Schema (draft 7) of a spec file for the components in ``registry``."""
+    defs: dict[str, Any] = {}
+    for kind in sorted(registry.kinds.values(), key=lambda k: k.name):
+        options = []
+        for component in registry.components(kind.name):
+            schema, sub_defs = _component_schema(component)
+            options.append(schema)
+            defs.update(sub_defs)
+        defs[kind.name] = {"description": kind.doc.splitlines()[0] if kind.doc else kind.name,
+                           "oneOf": options} if options else {"not": {}}
+    root = _section_schema(Spec, defs)
+    root = copy.deepcopy(root)
+    root["$schema"] = SCHEMA_DIALECT
+    root["title"] = "diffusers_kit spec"
+    root["$defs"] = dict(sorted(defs.items()))
+    return root

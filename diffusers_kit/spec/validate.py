@@ -1,0 +1,194 @@
+"""Validate a spec document: top-level sections by pydantic, each component by its own signature.
+
+All problems are collected and raised together as one :class:`SpecError`.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+import pydantic
+
+from diffusers_kit.registry import Registry, RegistryError, suggest
+from diffusers_kit.spec.errors import Path, SpecError, SpecIssue, missing
+from diffusers_kit.spec.loader import Document
+from diffusers_kit.spec.models import ComponentOf, Section, Spec
+
+
+def _clean_message(message: str) -> str:
+    for prefix in ("Input should be ", "Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            message = message[len(prefix):]
+    return message
+
+
+def _field_info(model: type[pydantic.BaseModel], name: str) -> tuple[Any, ComponentOf | None]:
+    info = model.model_fields.get(name)
+    if info is None:
+        return None, None
+    marker = next((m for m in info.metadata if isinstance(m, ComponentOf)), None)
+    return info.annotation, marker
+
+
+def _section_model(annotation: Any) -> type[Section] | None:
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    return None
+
+
+def _known_fields(model: type[pydantic.BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the section model that ``loc`` points into (for "did you mean")."""
+    current: type[pydantic.BaseModel] | None = model
+    for part in loc:
+        if current is None:
+            return []
+        annotation, _ = _field_info(current, str(part))
+        current = _section_model(annotation)
+    return list(current.model_fields) if current else []
+
+
+def _pydantic_issues(
+    error: pydantic.ValidationError,
+    document: Document,
+    prefix: Path,
+    fields_at: typing.Callable[[tuple[Any, ...]], list[str]],
+) -> list[SpecIssue]:
+    issues = []
+    for item in error.errors(include_url=False):
+        loc = tuple(item["loc"])
+        path = prefix + loc
+        line, origin = document.locate(path)
+        kind = item["type"]
+        if kind == "missing":
+            issue = SpecIssue(path, "a value (this field is required)", missing(), line, origin)
+        elif kind == "extra_forbidden":
+            known = fields_at(loc[:-1])
+            issue = SpecIssue(
+                path,
+                "one of the known fields: " + (", ".join(known) if known else "none"),
+                f"unknown field {loc[-1]!r}",
+                line,
+                origin,
+                suggest(str(loc[-1]), known),
+            )
+        else:
+            issue = SpecIssue(path, _clean_message(item["msg"]), item.get("input"), line, origin)
+        issues.append(issue)
+    return issues
+
+
+def validate_component(
+    registry: Registry,
+    kind: str,
+    raw: Any,
+    path: Path,
+    document: Document,
+    issues: list[SpecIssue],
+) -> None:
+    """Check one ``{kind: name, ...}`` mapping (and the components nested in it)."""
+    line, origin = document.locate(path)
+    if not isinstance(raw, dict):
+        issues.append(SpecIssue(path, f"a mapping {{kind: <{kind} name>, ...}}", raw, line, origin))
+        return
+    try:
+        table = registry.kind(kind).components
+    except RegistryError as exc:
+        issues.append(SpecIssue(path, str(exc), raw, line, origin))
+        return
+    names = sorted(table)
+    name = raw.get("kind", missing())
+    if not isinstance(name, str) or name not in table:
+        kpath = path + ("kind",)
+        kline, korigin = document.locate(kpath)
+        hint = suggest(name, names) if isinstance(name, str) else []
+        issues.append(SpecIssue(kpath, f"a registered {kind}: {', '.join(names)}", name,
+                                kline, korigin, hint))
+        return
+    component = table[name]
+    params = {k: v for k, v in raw.items() if k != "kind"}
+    known = ["kind", *component.params.model_fields]
+    try:
+        component.params.model_validate(params)
+    except pydantic.ValidationError as exc:
+        issues.extend(_pydantic_issues(exc, document, path, lambda loc: known))
+    for pname, sub in component.nested.items():
+        if pname not in params or params[pname] is None:
+            continue
+        value, ppath = params[pname], path + (pname,)
+        if sub.many:
+            if not isinstance(value, list):
+                pline, porigin = document.locate(ppath)
+                issues.append(SpecIssue(ppath, f"a list of {sub.kind} mappings", value,
+                                        pline, porigin))
+                continue
+            for index, item in enumerate(value):
+                validate_component(registry, sub.kind, item, ppath + (index,), document, issues)
+        else:
+            validate_component(registry, sub.kind, value, ppath, document, issues)
+
+
+def _walk_sections(
+    model: type[pydantic.BaseModel],
+    raw: Any,
+    path: Path,
+    registry: Registry,
+    document: Document,
+    issues: list[SpecIssue],
+) -> None:
+    if not isinstance(raw, dict):
+        return  # pydantic has reported it
+    for name in model.model_fields:
+        annotation, marker = _field_info(model, name)
+        if name not in raw:
+            continue
+        value = raw[name]
+        if marker is not None:
+            if marker.many:
+                if isinstance(value, list):
+                    for index, item in enumerate(value):
+                        validate_component(registry, marker.kind, item, path + (name, index),
+                                           document, issues)
+            elif isinstance(value, dict):
+                validate_component(registry, marker.kind, value, path + (name,), document, issues)
+        elif (section := _section_model(annotation)) is not None:
+            _walk_sections(section, value, path + (name,), registry, document, issues)
+
+
+def validate(document: Document, registry: Registry) -> Spec:
+    """Validate ``document`` fully; raises :class:`SpecError` listing every problem."""
+    issues: list[SpecIssue] = []
+    spec: Spec | None = None
+    try:
+        spec = Spec.model_validate(document.data)
+    except pydantic.ValidationError as exc:
+        issues.extend(_pydantic_issues(exc, document, (), lambda loc: _known_fields(Spec, loc)))
+    _walk_sections(Spec, document.data, (), registry, document, issues)
+    if spec is not None and not issues:
+        # defaults filled in by pydantic (e.g. train.optimizer) are checked the same way
+        _walk_sections(Spec, spec.model_dump(), (), registry, document, issues)
+    if issues:
+        issues.sort(key=lambda i: (i.line is None, i.line or 0))
+        raise SpecError(issues, document.origin)
+    assert spec is not None
+    return spec
+
+
+def component_paths(spec: Spec) -> list[tuple[Path, str, dict[str, Any]]]:
+    """Every top-level component of ``spec``: ``(path, kind, config)``."""
+    found: list[tuple[Path, str, dict[str, Any]]] = []
+
+    def walk(model: pydantic.BaseModel, path: Path) -> None:
+        for name in type(model).model_fields:
+            _, marker = _field_info(type(model), name)
+            value = getattr(model, name)
+            if marker is not None:
+                if marker.many:
+                    found.extend((path + (name, i), marker.kind, v) for i, v in enumerate(value))
+                else:
+                    found.append((path + (name,), marker.kind, value))
+            elif isinstance(value, Section):
+                walk(value, path + (name,))
+
+    walk(spec, ())
+    return found

@@ -1,0 +1,26 @@
+"""Shared test set-up: hypothesis profiles and small helpers.
+
+Profiles: ``ci`` (default; quick, derandomized so CI never flakes) and ``thorough``
+(many more examples; run with ``HYPOTHESIS_PROFILE=thorough pytest``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=15,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
