@@ -4,10 +4,30 @@
 """
 
 from diffusers_kit.processes.base import NoiseProcess, expand
+from diffusers_kit.processes.constant_sigma import ConstantSigma
+from diffusers_kit.processes.ddpm import DDPM
+from diffusers_kit.processes.ou import OU
 from diffusers_kit.processes.ve import VE
+from diffusers_kit.processes.vp import VP, SubVP, VariancePreserving
 
 REGISTER = [
     ("process", "ve", VE),
+    ("process", "vp", VP),
+    ("process", "subvp", SubVP),
+    ("process", "ddpm", DDPM),
+    ("process", "constant_sigma", ConstantSigma),
+    ("process", "ou", OU),
 ]
 
-__all__ = ["REGISTER", "VE", "NoiseProcess", "expand"]
+__all__ = [
+    "DDPM",
+    "OU",
+    "REGISTER",
+    "VE",
+    "VP",
+    "ConstantSigma",
+    "NoiseProcess",
+    "SubVP",
+    "VariancePreserving",
+    "expand",
+]

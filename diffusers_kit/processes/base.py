@@ -6,9 +6,11 @@ One view of every process (DESIGN.md, "the math layer")::
 
 A concrete process states its marginal coefficients ``alpha(t)`` and ``sigma(t)``, its forward
 SDE ``dx = f(x, t) dt + g(t) dw`` and its prior. Everything else here is derived from those once:
-the marginal sampler, the signal-to-noise ratio, the reverse-time SDE drift and the
-probability-flow ODE drift (Song et al. 2021, "Score-Based Generative Modeling through SDEs",
-eqs. 6 and 13), and the conversions between network parameterisations.
+the marginal sampler, the signal-to-noise ratio, the transition ``q(x_t | x_s)`` between any two
+times and its Euler-Maruyama discretisation, the posterior ``q(x_s | x_t, x_0)``, the reverse-time
+SDE drift and the probability-flow ODE drift (Song et al. 2021, "Score-Based Generative Modeling
+through SDEs", eqs. 6 and 13), the conversions between network parameterisations, and the
+variational-bound terms (Ho et al. 2020, eq. 5) built from :mod:`diffusers_kit.processes.gaussian`.
 
 All functions take ``t`` as a tensor of shape ``(B,)`` (one time per sample) and broadcast
 coefficients over the data dimensions with :func:`expand`.
@@ -21,10 +23,12 @@ from collections.abc import Callable
 
 import torch
 
+from diffusers_kit.processes import gaussian
+
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
-PREDICTIONS = ("eps", "score", "x0", "v")
+PREDICTIONS = ("eps", "score", "x0", "v", "mu")
 
 
 def expand(coefficient: Tensor, like: Tensor) -> Tensor:
@@ -38,10 +42,12 @@ class NoiseProcess:
     Subclasses implement :meth:`alpha`, :meth:`sigma`, :meth:`drift`, :meth:`diffusion` and the
     prior (:meth:`prior_std`, or override :meth:`prior_sample` / :meth:`prior_log_prob`).
     ``t_min`` is the smallest time samplers integrate to (a positive value avoids the
-    singular score at ``t = 0``).
+    singular score at ``t = 0``). Discrete processes (DDPM) set ``num_steps`` to their number of
+    steps T (step ``i`` sits at ``t = i / T``); continuous ones leave it ``None``.
     """
 
     t_min: float = 0.0
+    num_steps: int | None = None
 
     # -- marginal -----------------------------------------------------------------------------
     def alpha(self, t: Tensor) -> Tensor:
@@ -67,6 +73,102 @@ class NoiseProcess:
         """``log SNR(t) = log(alpha(t)^2 / sigma(t)^2)`` (Kingma et al. 2021)."""
         alpha, sigma = self.marginal(t)
         return 2.0 * (torch.log(alpha) - torch.log(sigma))
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio ``SNR(t) = alpha(t)^2 / sigma(t)^2``."""
+        return torch.exp(self.log_snr(t))
+
+    # -- transition between two times ---------------------------------------------------------
+    def transition(self, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a, b)`` of ``q(x_t | x_s) = N(a x_s, b^2 I)`` for ``s < t``.
+
+        For any process with Gaussian marginals driven by a linear SDE (Kingma et al. 2021,
+        eq. 3)::
+
+            a = alpha(t) / alpha(s),      b^2 = sigma(t)^2 - a^2 sigma(s)^2
+
+        For DDPM with ``s = (i - 1) / T``, ``t = i / T`` this is ``(sqrt(1 - beta_i),
+        sqrt(beta_i))``, the one-step transition of Ho et al. 2020, eq. 2.
+        """
+        alpha_t, sigma_t = self.marginal(t)
+        alpha_s, sigma_s = self.marginal(s)
+        a = alpha_t / alpha_s
+        var = (sigma_t**2 - a**2 * sigma_s**2).clamp_min(0.0)
+        return a, var.sqrt()
+
+    def transition_sample(
+        self, x_s: Tensor, s: Tensor, t: Tensor, noise: Tensor | None = None
+    ) -> Tensor:
+        """Draw ``x_t ~ q(x_t | x_s)`` (``s < t``): the exact one-step transition."""
+        if noise is None:
+            noise = torch.randn_like(x_s)
+        a, b = self.transition(t, s)
+        return expand(a, x_s) * x_s + expand(b, x_s) * noise
+
+    def euler_maruyama_step(
+        self, x: Tensor, t: Tensor, dt: Tensor | float, noise: Tensor | None = None
+    ) -> Tensor:
+        """One Euler-Maruyama step of the forward SDE (the discretisation of Song et al. 2021,
+        appendix D): ``x + f(x, t) dt + g(t) sqrt(dt) z``, ``z ~ N(0, I)``, with ``dt > 0``."""
+        if noise is None:
+            noise = torch.randn_like(x)
+        dt = torch.as_tensor(dt, dtype=x.dtype, device=x.device)
+        g = expand(self.diffusion(t), x)
+        return x + self.drift(x, t) * dt + g * dt.sqrt() * noise
+
+    def previous_time(self, t: Tensor) -> Tensor:
+        """The time one step before ``t`` (discrete processes only: ``t - 1 / T``)."""
+        if self.num_steps is None:
+            raise ValueError(
+                f"{type(self).__name__} is continuous: give the earlier time s explicitly"
+            )
+        return (t - 1.0 / self.num_steps).clamp_min(0.0)
+
+    # -- posterior ------------------------------------------------------------------------------
+    def posterior_coefficients(self, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(c_t, c_0, var)`` of ``q(x_s | x_t, x_0) = N(c_t x_t + c_0 x_0, var I)``, ``s < t``.
+
+        Bayes' rule with ``q(x_s | x_0) = N(alpha_s x_0, sigma_s^2)`` and
+        ``q(x_t | x_s) = N(a x_s, b^2)`` (Kingma et al. 2021, eq. 29 and following)::
+
+            c_t = a sigma_s^2 / sigma_t^2,   c_0 = alpha_s b^2 / sigma_t^2,
+            var = b^2 sigma_s^2 / sigma_t^2
+
+        For DDPM this is Ho et al. 2020, eq. 7: ``c_0 = sqrt(abar_{i-1}) beta_i / (1 - abar_i)``,
+        ``c_t = sqrt(alpha_i) (1 - abar_{i-1}) / (1 - abar_i)`` and
+        ``var = beta~_i = (1 - abar_{i-1}) beta_i / (1 - abar_i)``.
+        """
+        alpha_s, sigma_s = self.marginal(s)
+        sigma_t = self.sigma(t)
+        a, b = self.transition(t, s)
+        ratio = sigma_s**2 / sigma_t**2
+        return a * ratio, alpha_s * b**2 / sigma_t**2, b**2 * ratio
+
+    def posterior(
+        self, x_t: Tensor, x0: Tensor, t: Tensor, s: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Mean (shaped like ``x_t``) and variance (shape ``(B,)``) of ``q(x_s | x_t, x_0)``.
+
+        ``s`` defaults to the previous step of a discrete process (DDPM's ``mu~_t``, ``beta~_t``).
+        """
+        if s is None:
+            s = self.previous_time(t)
+        c_t, c_0, var = self.posterior_coefficients(t, s)
+        return expand(c_t, x_t) * x_t + expand(c_0, x_t) * x0, var
+
+    def reverse_variance(
+        self, t: Tensor, s: Tensor | None = None, kind: str = "posterior"
+    ) -> Tensor:
+        """Variance of a fixed-variance reverse step ``p(x_s | x_t)`` (Ho et al. 2020, section 3.2):
+        ``posterior`` gives ``beta~_t`` (the posterior variance, the lower bound), ``transition``
+        gives ``beta_t`` (the one-step forward variance ``b^2``, the upper bound)."""
+        if s is None:
+            s = self.previous_time(t)
+        if kind == "posterior":
+            return self.posterior_coefficients(t, s)[2]
+        if kind == "transition":
+            return self.transition(t, s)[1] ** 2
+        raise ValueError(f"unknown reverse variance {kind!r}; expected 'posterior' or 'transition'")
 
     # -- forward SDE ----------------------------------------------------------------------------
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
@@ -108,16 +210,26 @@ class NoiseProcess:
         return self.drift(x, t) - g * g * score
 
     def probability_flow_drift(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
-        """Probability-flow ODE drift ``f(x, t) - g(t)^2 * score / 2`` (Song et al. 2021, eq. 13)."""
+        """Probability-flow ODE drift ``f(x, t) - g(t)^2 score / 2`` (Song et al. 2021, eq. 13)."""
         g = expand(self.diffusion(t), x)
         return self.drift(x, t) - 0.5 * g * g * score
 
     # -- parameterisations ----------------------------------------------------------------------
-    def convert(self, output: Tensor, x_t: Tensor, t: Tensor, source: str, target: str) -> Tensor:
+    def convert(
+        self,
+        output: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        source: str,
+        target: str,
+        s: Tensor | None = None,
+    ) -> Tensor:
         """Convert a network output between parameterisations of the same ``x_t``.
 
-        With ``x_t = a x_0 + s eps``: ``score = -eps / s``, ``x0 = (x_t - s eps) / a`` and
-        ``v = a eps - s x_0`` (Salimans & Ho 2022). Conversion goes through ``eps``.
+        With ``x_t = a x_0 + s eps``: ``score = -eps / s``, ``x0 = (x_t - s eps) / a``,
+        ``v = a eps - s x_0`` (Salimans & Ho 2022) and ``mu = c_t x_t + c_0 x0``, the mean of the
+        posterior ``q(x_s | x_t, x0)`` with ``x0`` predicted (Ho et al. 2020, eq. 11; ``s``
+        defaults to the previous step of a discrete process). Conversion goes through ``eps``.
         """
         if source == target:
             return output
@@ -130,6 +242,10 @@ class NoiseProcess:
             eps = (x_t - alpha * output) / sigma
         elif source == "v":
             eps = (sigma * x_t + alpha * output) / (alpha * alpha + sigma * sigma)
+        elif source == "mu":
+            c_t, c_0, _ = self.posterior_coefficients(t, self.previous_time(t) if s is None else s)
+            x0 = (output - expand(c_t, x_t) * x_t) / expand(c_0, x_t)
+            eps = (x_t - alpha * x0) / sigma
         else:
             raise ValueError(f"unknown prediction {source!r}; expected one of {PREDICTIONS}")
         if target == "eps":
@@ -141,7 +257,60 @@ class NoiseProcess:
         if target == "v":
             x0 = (x_t - sigma * eps) / alpha
             return alpha * eps - sigma * x0
+        if target == "mu":
+            c_t, c_0, _ = self.posterior_coefficients(t, self.previous_time(t) if s is None else s)
+            x0 = (x_t - sigma * eps) / alpha
+            return expand(c_t, x_t) * x_t + expand(c_0, x_t) * x0
         raise ValueError(f"unknown prediction {target!r}; expected one of {PREDICTIONS}")
+
+    # -- variational bound (Ho et al. 2020, eq. 5) ------------------------------------------------
+    def prior_kl(self, x0: Tensor) -> Tensor:
+        """``L_T = KL(q(x_1 | x_0) || p(x_1))`` per sample, in nats (summed over dimensions)."""
+        t = torch.ones(x0.shape[0], dtype=x0.dtype, device=x0.device)
+        alpha, sigma = (expand(c, x0) for c in self.marginal(t))
+        kl = gaussian.normal_kl(alpha * x0, sigma**2, torch.zeros_like(x0), self.prior_std() ** 2)
+        return kl.flatten(1).sum(1)
+
+    def posterior_kl(
+        self,
+        x0: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        model_mean: Tensor,
+        model_var: Tensor | float,
+        s: Tensor | None = None,
+    ) -> Tensor:
+        """``L_{t-1} = KL(q(x_s | x_t, x_0) || N(model_mean, model_var I))`` per sample, in nats.
+
+        ``model_var`` is a float, a per-sample ``(B,)`` tensor or a tensor shaped like ``x_t``.
+        """
+        mean, var = self.posterior(x_t, x0, t, s)
+        model_var = torch.as_tensor(model_var, dtype=x_t.dtype, device=x_t.device)
+        if model_var.dim() == 1:
+            model_var = expand(model_var, x_t)
+        kl = gaussian.normal_kl(mean, expand(var, x_t), model_mean, model_var)
+        return kl.flatten(1).sum(1)
+
+    @staticmethod
+    def decoder_nll(
+        x0: Tensor, model_mean: Tensor, model_var: Tensor | float, *, bins: int | None = 256
+    ) -> Tensor:
+        """``L_0 = -log p(x_0 | x_1)`` per sample, in nats.
+
+        With ``bins`` (default 256, 8-bit data scaled to ``[-1, 1]``) the decoder is the
+        discretized Gaussian of Ho et al. 2020, eq. 13; with ``bins=None`` it is the continuous
+        Gaussian density ``N(x_0; model_mean, model_var I)``.
+        """
+        model_var = torch.as_tensor(model_var, dtype=x0.dtype, device=x0.device)
+        if model_var.dim() == 1:
+            model_var = expand(model_var, x0)
+        if bins is None:
+            log_p = gaussian.normal_log_prob(x0, model_mean, model_var)
+        else:
+            log_p = gaussian.discretized_gaussian_log_likelihood(
+                x0, model_mean, model_var, bins=bins
+            )
+        return -log_p.flatten(1).sum(1)
 
     def time_grid(self, steps: int, *, device: torch.device | str | None = None) -> Tensor:
         """``steps + 1`` decreasing times from 1 to ``t_min`` (the default sampling grid)."""

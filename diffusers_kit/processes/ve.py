@@ -48,7 +48,10 @@ class VE(NoiseProcess):
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
 
     def __repr__(self) -> str:
-        return f"VE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, num_levels={self.num_levels})"
+        return (
+            f"VE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
+            f"num_levels={self.num_levels})"
+        )
 
     def alpha(self, t: Tensor) -> Tensor:
         return torch.ones_like(t)
