@@ -1,4 +1,4 @@
-"""A network bound to a noise process: the score, eps and x0 views every solver and objective use."""
+"""A network bound to a noise process: the score / eps / x0 views solvers and objectives use."""
 
 from __future__ import annotations
 

@@ -30,9 +30,12 @@ BUILTIN_SOURCE = "diffusers_kit"
 class RegistryError(LookupError):
     """An unknown kind or component name (carries suggestions)."""
 
-    def __init__(self, message: str, suggestions: list[str] | None = None) -> None:
+    def __init__(
+        self, message: str, suggestions: list[str] | None = None, expected: str = ""
+    ) -> None:
         super().__init__(message)
         self.suggestions = suggestions or []
+        self.expected = expected or message
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,8 @@ class Registry:
     # -- lookup ----------------------------------------------------------------------------
     def kind(self, kind: str) -> Kind:
         if kind not in self.kinds:
-            raise RegistryError(f"unknown component kind {kind!r}", suggest(kind, self.kinds))
+            raise RegistryError(f"unknown component kind {kind!r}", suggest(kind, self.kinds),
+                                f"a component kind: {', '.join(sorted(self.kinds))}")
         return self.kinds[kind]
 
     def get(self, kind: str, name: str) -> Component:
@@ -204,6 +208,7 @@ class Registry:
             raise RegistryError(
                 f"unknown {kind} {name!r}; registered: {', '.join(sorted(table)) or 'none'}",
                 suggest(name, table),
+                f"a registered {kind}: {', '.join(sorted(table)) or 'none'}",
             )
         return table[name]
 
@@ -279,7 +284,9 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[str, st
     return manager, errors, sources
 
 
-def collect(manager: pluggy.PluginManager, errors: dict[str, str], sources: dict[str, str]) -> Registry:
+def collect(
+    manager: pluggy.PluginManager, errors: dict[str, str], sources: dict[str, str]
+) -> Registry:
     """Ask every plugin (built-in first) to register its kinds and components."""
     registry = Registry()
     registry.plugin_errors = dict(errors)

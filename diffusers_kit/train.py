@@ -75,7 +75,7 @@ def fit(
     on_checkpoint: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> TrainLog:
-    """Minimise ``objective`` over ``data`` (already on the model's device) for ``settings.steps``."""
+    """Minimise ``objective`` over ``data`` (on the model's device) for ``settings.steps``."""
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optim = optimizer.create(parameters)

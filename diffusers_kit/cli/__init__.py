@@ -1,7 +1,5 @@
-"""`dkit` command line (placeholder until the CLI module lands in this commit series)."""
+"""The ``dkit`` command line. Each subcommand lives in its own module with ``register``."""
 
+from diffusers_kit.cli.main import main
 
-def main(argv: list[str] | None = None) -> int:
-    from diffusers_kit.cli.main import main as real_main
-
-    return real_main(argv)
+__all__ = ["main"]

@@ -39,7 +39,8 @@ class Digits(Dataset):
         order = np.random.default_rng(self.split_seed).permutation(len(images))
         n_heldout = round(len(images) * self.heldout_fraction)
         data = torch.from_numpy(images[order]).unsqueeze(1)
-        return DataSplits(train=data[n_heldout:].contiguous(), heldout=data[:n_heldout].contiguous())
+        return DataSplits(train=data[n_heldout:].contiguous(),
+                          heldout=data[:n_heldout].contiguous())
 
     def to_display(self, x: torch.Tensor) -> torch.Tensor:
         x = (x + 1.0) / 2.0 if self.scale == "symmetric" else x

@@ -1,4 +1,4 @@
-"""Spec errors: every problem at once, each with its field path, YAML line, expectation and input."""
+"""Spec errors: all problems at once, each with field path, YAML line, expectation and input."""
 
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def parse_yaml(text: str, origin: str) -> Document:
     """Parse spec text with PyYAML's safe loader; malformed or unsafe YAML is a spec error."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader is safe
+        data = yaml.load(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
@@ -104,7 +104,8 @@ def apply_overrides(document: Document, overrides: list[str]) -> Document:
         key = key.strip()
         parts = key.split(".") if key else []
         if not sep or not parts or any(not p for p in parts):
-            issues.append(SpecIssue((), "an override of the form field.path=value", text,
+            path = tuple(_parse_key(p) for p in parts if p)
+            issues.append(SpecIssue(path, "an override of the form field.path=value", text,
                                     None, origin))
             continue
         try:
@@ -130,9 +131,8 @@ def apply_overrides(document: Document, overrides: list[str]) -> Document:
         if not ok:
             continue
         last = path[-1]
-        if isinstance(node, dict):
-            node[last] = value
-        elif isinstance(node, list) and isinstance(last, int) and last < len(node):
+        indexable = isinstance(node, list) and isinstance(last, int) and last < len(node)
+        if isinstance(node, dict) or indexable:
             node[last] = value
         else:
             issues.append(SpecIssue(path, "a mapping or a valid list index", text, None, origin))

@@ -58,12 +58,17 @@ def _section_schema(model: type[Section], defs: dict[str, Any]) -> dict[str, Any
     return schema
 
 
-def spec_schema(registry: Registry) -> dict[str, Any]:
-    """The JSON Schema (draft 7) of a spec file for the components in ``registry``."""
+def spec_schema(registry: Registry, sources: set[str] | None = None) -> dict[str, Any]:
+    """The JSON Schema (draft 7) of a spec file for the components in ``registry``.
+
+    ``sources`` keeps only components from those distributions (``None``: all of them).
+    """
     defs: dict[str, Any] = {}
     for kind in sorted(registry.kinds.values(), key=lambda k: k.name):
         options = []
         for component in registry.components(kind.name):
+            if sources is not None and component.source not in sources:
+                continue
             schema, sub_defs = _component_schema(component)
             options.append(schema)
             defs.update(sub_defs)

@@ -1,0 +1,87 @@
+"""``dkit plugins`` and ``dkit plugins show KIND NAME``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pydantic_core import PydanticUndefined
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from diffusers_kit.registry import Component, RegistryError, get_registry
+from diffusers_kit.spec.errors import SpecError, SpecIssue
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("plugins", help="list components, or show one's parameters")
+    sub = parser.add_subparsers(dest="plugins_command", metavar="show")
+    show = sub.add_parser("show", help="parameters of one component")
+    show.add_argument("kind")
+    show.add_argument("name")
+    parser.add_argument("--kind", help="list only this kind")
+    parser.set_defaults(func=plugins_command)
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return text.replace("typing.", "")
+
+
+def _constraints(info: Any) -> str:
+    parts = []
+    for item in info.metadata:
+        for attr, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            value = getattr(item, attr, None)
+            if value is not None:
+                parts.append(f"{symbol} {value}")
+    return ", ".join(parts)
+
+
+def show_component(component: Component, console: Console) -> None:
+    console.print(f"[bold]{component.kind}[/] [cyan]{component.name}[/]  from {component.source}")
+    if component.doc:
+        console.print(escape(component.doc), highlight=False)
+    table = Table(show_header=True, header_style="bold")
+    for column in ("parameter", "type", "default", "constraints"):
+        table.add_column(column)
+    for name, info in component.params.model_fields.items():
+        if name in component.nested:
+            nested = component.nested[name]
+            kind = f"list of {nested.kind}" if nested.many else f"{nested.kind} component"
+            table.add_row(name, kind, "required" if info.is_required() else "none", "")
+            continue
+        default = "required" if info.default is PydanticUndefined else repr(info.default)
+        table.add_row(name, escape(_type_name(info.annotation)), escape(default),
+                      _constraints(info))
+    if component.context:
+        table.caption = "set by the run graph: " + ", ".join(component.context)
+    console.print(table)
+
+
+def plugins_command(args: argparse.Namespace) -> int:
+    registry = get_registry()
+    console = Console()
+    if args.plugins_command == "show":
+        try:
+            component = registry.get(args.kind, args.name)
+        except RegistryError as exc:
+            raise SpecError([SpecIssue((args.kind,), exc.expected, args.name, None,
+                                       "command line", exc.suggestions)]) from None
+        show_component(component, console)
+        return 0
+    try:
+        listed = registry.components(args.kind)
+    except RegistryError as exc:
+        raise SpecError([SpecIssue(("--kind",), exc.expected, args.kind, None, "command line",
+                                   exc.suggestions)]) from None
+    table = Table(title="dkit components", header_style="bold")
+    for column in ("kind", "name", "from", "description"):
+        table.add_column(column)
+    for component in listed:
+        table.add_row(component.kind, component.name, component.source, escape(component.summary))
+    console.print(table)
+    for label, error in registry.plugin_errors.items():
+        console.print(f"[bold red]plugin {escape(label)} failed to load:[/] {escape(error)}")
+    return 0

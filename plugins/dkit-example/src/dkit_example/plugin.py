@@ -1,0 +1,12 @@
+"""The plugin module named in the entry point: one ``dkit_register`` hook implementation."""
+
+from __future__ import annotations
+
+from diffusers_kit import hookimpl
+from dkit_example.components import Bars, MomentGap
+
+
+@hookimpl
+def dkit_register(registry) -> None:  # type: ignore[no-untyped-def]
+    registry.add("dataset", "bars", Bars)
+    registry.add("metric", "moment_gap", MomentGap)

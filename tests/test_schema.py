@@ -1,0 +1,69 @@
+"""The emitted JSON Schema covers every component and accepts every shipped spec."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from diffusers_kit.registry import get_registry
+from diffusers_kit.spec.schema import spec_schema
+from tests.helpers import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "specs").glob("*.yaml")) + sorted(
+    (ROOT / "plugins").glob("*/specs/*.yaml")
+)
+
+
+@pytest.fixture(scope="module")
+def schema():
+    return spec_schema(get_registry())
+
+
+def test_schema_is_valid_draft7(schema):
+    jsonschema.Draft7Validator.check_schema(schema)
+
+
+def test_schema_lists_every_registered_component(schema):
+    registry = get_registry()
+    for kind in registry.kinds:
+        names = {option["properties"]["kind"]["const"] for option in schema["$defs"][kind]["oneOf"]}
+        assert names == set(registry.kinds[kind].components)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])
+def test_every_shipped_spec_matches_the_schema(schema, path):
+    text = path.read_text()
+    assert text.startswith("# yaml-language-server: $schema="), "editors need the schema line"
+    jsonschema.validate(yaml.safe_load(text), schema)
+
+
+def test_schema_rejects_what_the_validator_rejects(schema):
+    spec = yaml.safe_load((ROOT / "specs" / "ncsn_ve.yaml").read_text())
+    spec["process"]["sigma_maks"] = 3.0
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(spec, schema)
+    spec = yaml.safe_load((ROOT / "specs" / "ncsn_ve.yaml").read_text())
+    spec["sample"]["solver"]["steps_per_level"] = 0
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(spec, schema)
+
+
+def test_committed_schema_covers_the_builtin_components():
+    """specs/dkit.schema.json (what editors load) knows every built-in component."""
+    committed = json.loads((ROOT / "specs" / "dkit.schema.json").read_text())
+    registry = get_registry()
+    for kind in registry.kinds:
+        names = {o["properties"]["kind"]["const"] for o in committed["$defs"][kind]["oneOf"]}
+        builtin = {c.name for c in registry.components(kind) if c.source == "diffusers_kit"}
+        assert builtin <= names, f"regenerate with: dkit schema -o specs/dkit.schema.json ({kind})"
+
+
+def test_cli_schema_prints_json(capsys):
+    code, out, _ = run_cli(["schema"], capsys)
+    assert code == 0
+    assert json.loads(out)["title"] == "diffusers_kit spec"
