@@ -13,7 +13,8 @@ seed gives the same samples either way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -115,14 +116,9 @@ class Diffusion:
             raise ValueError(f"{type(solver).__name__} needs {reason}")
         shape = tuple(self.network.data_shape)
         generator = torch.Generator(self.device).manual_seed(seed)
-        saved = None
-        if use_ema and self.ema is not None:
-            saved = {k: v.clone() for k, v in self.network.state_dict().items()}
-            self.network.load_state_dict(self.ema.state_dict(self.network))
-        self.model.eval()
-        try:
-            chunks, nfe, trajectory = [], 0, []
-            size = batch_size or n
+        chunks, nfe, trajectory = [], 0, []
+        size = batch_size or n
+        with self.sampling_weights(use_ema):
             for start in range(0, n, size):
                 count = min(size, n - start)
                 result = solver.sample(self.model, (count, *shape), generator=generator,
@@ -130,11 +126,24 @@ class Diffusion:
                 chunks.append(result.samples)
                 nfe += result.nfe
                 trajectory.append(result.trajectory)
+        merged = [torch.cat(level) for level in zip(*trajectory, strict=True)]
+        return SampleResult(torch.cat(chunks), nfe, merged)
+
+    @contextlib.contextmanager
+    def sampling_weights(self, use_ema: bool = True) -> Iterator[ScoreModel]:
+        """Within the block the network holds its sampling (EMA) weights and is in eval mode."""
+        saved = None
+        if use_ema and self.ema is not None:
+            saved = {k: v.clone() for k, v in self.network.state_dict().items()}
+            self.network.load_state_dict(self.ema.state_dict(self.network))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield self.model
         finally:
             if saved is not None:
                 self.network.load_state_dict(saved)
-        merged = [torch.cat(level) for level in zip(*trajectory, strict=True)]
-        return SampleResult(torch.cat(chunks), nfe, merged)
+            self.model.train(was_training)
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, path: str | Path, metadata: dict | None = None) -> None:

@@ -244,8 +244,9 @@ def _stage_evaluate(run: Run) -> None:
     samples = run.results["samples"]
     generator = torch.Generator().manual_seed(run.spec.seed)
     metrics: dict[str, float] = {}
-    for _, metric in run.components.metrics:
-        metrics.update(metric.evaluate(samples, run.components.data, generator))
+    with run.diffusion.sampling_weights() as model:
+        for _, metric in run.components.metrics:
+            metrics.update(metric.evaluate(samples, run.components.data, generator, model))
     run.results["metrics"] = metrics
     for key, value in metrics.items():
         run.log.info("metric %s = %.6g", key, value)

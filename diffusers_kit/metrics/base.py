@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from diffusers_kit.data.base import DataSplits
 
+if TYPE_CHECKING:
+    from diffusers_kit.model import ScoreModel
+
 
 class Metric:
-    """Base class of metrics: ``evaluate(samples, data, generator) -> {name: value}``."""
+    """Base class of metrics: ``evaluate(samples, data, generator, model) -> {name: value}``.
+
+    ``model`` is the trained :class:`ScoreModel` (with its sampling weights, the EMA when there
+    is one), for metrics such as likelihoods that need it; sample-only metrics ignore it.
+    """
 
     def evaluate(
-        self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator
+        self,
+        samples: torch.Tensor,
+        data: DataSplits,
+        generator: torch.Generator,
+        model: ScoreModel | None = None,
     ) -> dict[str, float]:
         raise NotImplementedError

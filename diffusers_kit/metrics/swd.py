@@ -7,13 +7,16 @@ compare order statistics, ``W_2^2 = mean_k (a_(k) - b_(k))^2``.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 from pydantic import Field
 
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.base import Metric
+
+if TYPE_CHECKING:
+    from diffusers_kit.model import ScoreModel
 
 
 def random_directions(
@@ -45,7 +48,11 @@ class SlicedWasserstein(Metric):
         self.projections = projections
 
     def evaluate(
-        self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator
+        self,
+        samples: torch.Tensor,
+        data: DataSplits,
+        generator: torch.Generator,
+        model: ScoreModel | None = None,
     ) -> dict[str, float]:
         n = min(len(samples), len(data.heldout), len(data.train))
         reference = data.heldout[:n]

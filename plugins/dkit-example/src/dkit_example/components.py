@@ -68,7 +68,11 @@ class MomentGap(Metric):
         self.unbiased = unbiased
 
     def evaluate(
-        self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator
+        self,
+        samples: torch.Tensor,
+        data: DataSplits,
+        generator: torch.Generator,
+        model: object = None,
     ) -> dict[str, float]:
         a, b = samples.flatten(1).double(), data.heldout.flatten(1).double()
         d = a.shape[1]
