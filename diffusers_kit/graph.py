@@ -215,11 +215,17 @@ def _stage_train(run: Run) -> None:
     run.log.info("checkpoint written to %s", checkpoint)
 
 
-def _load_previous(run: Run) -> None:
-    assert run.from_dir is not None
-    source = run.from_dir / CHECKPOINT
-    run.diffusion.load(source)
-    run.log.info("weights loaded from %s (step %d)", source, run.diffusion.step)
+def load_previous(diffusion: Diffusion, from_dir: Path) -> int:
+    """Load ``from_dir``'s checkpoint into ``diffusion``; a mismatch is a spec error."""
+    source = from_dir / CHECKPOINT
+    try:
+        diffusion.load(source)
+    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        expected = f"a checkpoint whose weights fit this spec's network ({first})"
+        issue = SpecIssue(("--from",), expected, str(source), None, "command line")
+        raise SpecError([issue]) from None
+    return diffusion.step
 
 
 def _stage_sample(run: Run) -> None:
@@ -309,6 +315,8 @@ def execute(
             raise SpecError([SpecIssue(("--from",), f"a run folder holding {CHECKPOINT}",
                                        str(from_path), None, "command line")])
     components = build_components(spec, document)
+    if from_path is not None and "train" not in stages:
+        load_previous(components.diffusion, from_path)  # before any folder is created
     console = console or Console(stderr=True)
     run_dir = _new_run_dir(Path(spec.output.root), spec.name)
     run = Run(spec, components, run_dir, console, quiet, from_path)
@@ -324,12 +332,13 @@ def execute(
         run.log.info("run %s on %s; network %s with %d parameters", spec.name,
                      components.diffusion.device, type(network).__name__,
                      network.parameter_count())
+        if from_path is not None and "train" not in stages:
+            run.log.info("weights loaded from %s (step %d)", from_path / CHECKPOINT,
+                         components.diffusion.step)
         get_plugin_manager().hook.dkit_run_started(run=run)
         for stage in GRAPH:
             if stage.name not in stages:
                 continue
-            if stage.name == "sample" and "train" not in stages:
-                _load_previous(run)
             started = time.perf_counter()
             stage.run(run)
             run.timings[stage.name] = time.perf_counter() - started

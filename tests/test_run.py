@@ -117,3 +117,14 @@ def test_python_api_gives_the_same_samples_as_the_spec(tmp_path, capsys):
     model.fit(data, steps=6, batch_size=32, optimizer=Adam(lr=0.001), seed=3, log_every=3)
     result = model.sample(12, AnnealedLangevin(steps_per_level=2, epsilon=5e-5), seed=3)
     torch.testing.assert_close(result.samples, from_spec, rtol=0, atol=0)
+
+
+def test_checkpoint_that_does_not_fit_the_network_is_a_spec_error(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    assert run_cli(["run", str(spec), "--quiet"], capsys)[0] == 0
+    first = only_run(tmp_path)
+    code, _, err = run_cli(["run", str(spec), "--only", "sample", "--from", str(first),
+                            "network.channels=16"], capsys)
+    assert code == 2
+    assert "--from" in err and "fit this spec's network" in " ".join(err.split())
+    assert len(list((tmp_path / "runs" / "tiny").iterdir())) == 1, "no new run folder"

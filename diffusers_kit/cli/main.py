@@ -54,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True)
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # overrides may also follow options: dkit run s.yaml --quiet a.b=1
+            if hasattr(args, "overrides") and all("=" in e and not e.startswith("-")
+                                                  for e in extra):
+                args.overrides = [*args.overrides, *extra]
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.version:
             from diffusers_kit import __version__
 
