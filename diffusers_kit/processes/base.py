@@ -271,6 +271,13 @@ class NoiseProcess:
         kl = gaussian.normal_kl(alpha * x0, sigma**2, torch.zeros_like(x0), self.prior_std() ** 2)
         return kl.flatten(1).sum(1)
 
+    def expected_prior_kl(self, data_var: float = 1.0) -> float:
+        """Prior mismatch per data dimension: ``E KL(q(x_1 | x_0) || p(x_1))`` over data with
+        ``E x_0^2 = data_var``, in nats. ``L_T`` is quadratic in ``x_0``, so the average over the
+        two points ``x_0 = +-sqrt(data_var)`` is the exact expectation."""
+        x0 = torch.tensor([[-1.0], [1.0]], dtype=torch.float64) * math.sqrt(data_var)
+        return float(self.prior_kl(x0).mean())
+
     def posterior_kl(
         self,
         x0: Tensor,
