@@ -31,6 +31,12 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 PREDICTIONS = ("eps", "score", "x0", "v", "mu")
 
 
+def widen(t: Tensor) -> Tensor:
+    """``t`` in float64, unless its device lacks float64 (Apple's MPS): coefficients that are
+    differences of nearby numbers (transition and posterior variances) need the precision."""
+    return t if t.device.type == "mps" else t.double()
+
+
 def expand(coefficient: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-sample coefficient ``(B,)`` to broadcast against ``like`` ``(B, ...)``."""
     return coefficient.reshape(coefficient.shape + (1,) * (like.dim() - coefficient.dim()))
@@ -90,6 +96,12 @@ class NoiseProcess:
         For DDPM with ``s = (i - 1) / T``, ``t = i / T`` this is ``(sqrt(1 - beta_i),
         sqrt(beta_i))``, the one-step transition of Ho et al. 2020, eq. 2.
         """
+        a, b = self.transition_coefficients(widen(t), widen(s))
+        return a.to(t.dtype), b.to(t.dtype)
+
+    def transition_coefficients(self, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """The formula behind :meth:`transition`, in the dtype given (callers pass float64:
+        ``b^2`` is a difference of nearby numbers)."""
         alpha_t, sigma_t = self.marginal(t)
         alpha_s, sigma_s = self.marginal(s)
         a = alpha_t / alpha_s
@@ -137,12 +149,15 @@ class NoiseProcess:
         For DDPM this is Ho et al. 2020, eq. 7: ``c_0 = sqrt(abar_{i-1}) beta_i / (1 - abar_i)``,
         ``c_t = sqrt(alpha_i) (1 - abar_{i-1}) / (1 - abar_i)`` and
         ``var = beta~_i = (1 - abar_{i-1}) beta_i / (1 - abar_i)``.
+        Computed in float64 (where the device has it) and returned in ``t``'s dtype.
         """
+        dtype, t, s = t.dtype, widen(t), widen(s)
         alpha_s, sigma_s = self.marginal(s)
         sigma_t = self.sigma(t)
-        a, b = self.transition(t, s)
+        a, b = self.transition_coefficients(t, s)
         ratio = sigma_s**2 / sigma_t**2
-        return a * ratio, alpha_s * b**2 / sigma_t**2, b**2 * ratio
+        coefficients = (a * ratio, alpha_s * b**2 / sigma_t**2, b**2 * ratio)
+        return tuple(c.to(dtype) for c in coefficients)  # type: ignore[return-value]
 
     def posterior(
         self, x_t: Tensor, x0: Tensor, t: Tensor, s: Tensor | None = None

@@ -123,15 +123,19 @@ class DDPM(VariancePreserving):
         return f"{name}(num_steps={self.num_steps}, schedule={self.schedule!r}{extra})"
 
     def _tables(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        key = (str(t.device), torch.float64)
+        """The tables on ``t``'s device, copied once per device (float32 where float64 is
+        unsupported, as on Apple's MPS)."""
+        dtype = torch.float32 if t.device.type == "mps" else torch.float64
+        key = (str(t.device), dtype)
         if key not in self._on_device:
-            self._on_device[key] = (self.half_log_abar.to(t.device), self.rates.to(t.device))
+            self._on_device[key] = (self.half_log_abar.to(t.device, dtype),
+                                    self.rates.to(t.device, dtype))
         return self._on_device[key]
 
     def log_alpha(self, t: Tensor) -> Tensor:
         """``log sqrt(abar)`` interpolated linearly between the steps ``i / T``."""
         half_log_abar, _ = self._tables(t)
-        position = t.double() * self.num_steps
+        position = t.to(half_log_abar.dtype) * self.num_steps
         left = position.floor().clamp(0, self.num_steps - 1)
         index = left.long()
         fraction = position - left
@@ -142,7 +146,7 @@ class DDPM(VariancePreserving):
     def beta(self, t: Tensor) -> Tensor:
         """``-T log(1 - beta_i)`` on the step interval ``[(i - 1) / T, i / T)`` holding ``t``."""
         _, rates = self._tables(t)
-        index = (t.double() * self.num_steps).floor().long().clamp(0, self.num_steps - 1)
+        index = (t.to(rates.dtype) * self.num_steps).floor().long().clamp(0, self.num_steps - 1)
         return rates[index].to(t.dtype)
 
     # -- the discrete chain -------------------------------------------------------------------
@@ -153,7 +157,7 @@ class DDPM(VariancePreserving):
 
     def step_index(self, t: Tensor) -> Tensor:
         """The step ``i = round(t T)`` of times on the grid."""
-        return torch.round(t.double() * self.num_steps).long()
+        return torch.round(t * self.num_steps).long()
 
     def step_sample(self, x_prev: Tensor, i: int, noise: Tensor | None = None) -> Tensor:
         """One forward step ``x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) eps`` (Ho, eq. 2).

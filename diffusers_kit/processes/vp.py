@@ -39,14 +39,21 @@ class VariancePreserving(NoiseProcess):
         return torch.exp(self.log_alpha(t))
 
     def sigma(self, t: Tensor) -> Tensor:
-        # sqrt(1 - alpha^2) through expm1: exact for small t, where alpha^2 is close to 1
-        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+        return self.sigma_of_log_alpha(self.log_alpha(t))
+
+    def sigma_of_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        """``sigma = sqrt(1 - alpha^2)``, through expm1: exact near t = 0 where alpha ~ 1."""
+        return torch.sqrt(-torch.expm1(2.0 * log_alpha))
+
+    def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        log_alpha = self.log_alpha(t)  # evaluated once for both coefficients
+        return torch.exp(log_alpha), self.sigma_of_log_alpha(log_alpha)
 
     def log_snr(self, t: Tensor) -> Tensor:
         log_alpha = self.log_alpha(t)
         return 2.0 * log_alpha - torch.log(-torch.expm1(2.0 * log_alpha))
 
-    def transition(self, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    def transition_coefficients(self, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         """``a = alpha(t) / alpha(s)``, ``b^2 = 1 - a^2`` (the variance stays preserved)."""
         log_a = self.log_alpha(t) - self.log_alpha(s)
         return torch.exp(log_a), torch.sqrt(-torch.expm1(2.0 * log_a))
@@ -108,16 +115,16 @@ class SubVP(VP):
         beta_max: noise rate at t = 1.
     """
 
-    def sigma(self, t: Tensor) -> Tensor:
-        return -torch.expm1(2.0 * self.log_alpha(t))
+    def sigma_of_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        return -torch.expm1(2.0 * log_alpha)  # 1 - alpha^2
 
     def log_snr(self, t: Tensor) -> Tensor:
         log_alpha = self.log_alpha(t)
         return 2.0 * log_alpha - 2.0 * torch.log(-torch.expm1(2.0 * log_alpha))
 
-    def transition(self, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    def transition_coefficients(self, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         # sub-VP does not preserve variance: use the general linear-SDE transition
-        return NoiseProcess.transition(self, t, s)
+        return NoiseProcess.transition_coefficients(self, t, s)
 
     def diffusion(self, t: Tensor) -> Tensor:
         # exp(-2 int_0^t beta) = alpha(t)^4
