@@ -16,6 +16,8 @@ KINDS = {
     "network": (networks.Network, "Networks that predict eps, the score, x0 or v from (x_t, t)."),
     "objective": (objectives.Objective, "Training objectives."),
     "solver": (solvers.Solver, "Samplers: SDE/ODE solvers and Markov chains."),
+    "predictor": (solvers.Predictor, "Predictors of predictor-corrector sampling."),
+    "corrector": (solvers.Corrector, "Correctors of predictor-corrector sampling."),
     "metric": (metrics.Metric, "Sample-quality metrics."),
     "optimizer": (optim.Optimizer, "Optimizers."),
 }

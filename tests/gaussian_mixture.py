@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from diffusers_kit.model import ScoreModel
@@ -101,3 +102,13 @@ def overlapping_modes() -> GaussianMixture:
     """Two overlapping modes: a target that plain (non-annealed) Langevin dynamics can mix on."""
     return GaussianMixture(weights=[0.6, 0.4], means=[[-0.5, 0.0], [0.5, 0.2]],
                            stds=[[0.4, 0.3], [0.35, 0.45]])
+
+
+@pytest.fixture(autouse=False)
+def one_thread():  # type: ignore[no-untyped-def]
+    """Run a test on one intra-op thread: the analytic target's tensors are tiny, and with two
+    threads on a shared machine torch spends 30x more time synchronising than computing."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

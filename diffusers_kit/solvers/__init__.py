@@ -1,11 +1,61 @@
-"""Samplers and solvers (kind ``solver``)."""
+"""Samplers and solvers (kind ``solver``), with the predictors and correctors that
+predictor-corrector sampling composes (kinds ``predictor`` and ``corrector``)."""
 
+from diffusers_kit.solvers.ancestral import Ancestral
 from diffusers_kit.solvers.base import Recorder, SampleResult, Solver
+from diffusers_kit.solvers.ddim import DDIM
 from diffusers_kit.solvers.langevin import AnnealedLangevin, Langevin
+from diffusers_kit.solvers.ode import DPMSolver2M, EulerODE, HeunODE, ScipyODE
+from diffusers_kit.solvers.sde import (
+    AncestralPredictor,
+    Corrector,
+    EulerMaruyama,
+    LangevinCorrector,
+    NoCorrector,
+    NoPredictor,
+    Predictor,
+    PredictorCorrector,
+    ReverseDiffusion,
+)
 
 REGISTER = [
     ("solver", "annealed_langevin", AnnealedLangevin),
     ("solver", "langevin", Langevin),
+    ("solver", "ancestral", Ancestral),
+    ("solver", "ddim", DDIM),
+    ("solver", "predictor_corrector", PredictorCorrector),
+    ("solver", "scipy_ode", ScipyODE),
+    ("solver", "euler", EulerODE),
+    ("solver", "heun", HeunODE),
+    ("solver", "dpm_solver_2m", DPMSolver2M),
+    ("predictor", "euler_maruyama", EulerMaruyama),
+    ("predictor", "reverse_diffusion", ReverseDiffusion),
+    ("predictor", "ancestral", AncestralPredictor),
+    ("predictor", "none", NoPredictor),
+    ("corrector", "langevin", LangevinCorrector),
+    ("corrector", "none", NoCorrector),
 ]
 
-__all__ = ["REGISTER", "AnnealedLangevin", "Langevin", "Recorder", "SampleResult", "Solver"]
+__all__ = [
+    "DDIM",
+    "REGISTER",
+    "Ancestral",
+    "AncestralPredictor",
+    "AnnealedLangevin",
+    "Corrector",
+    "DPMSolver2M",
+    "EulerMaruyama",
+    "EulerODE",
+    "HeunODE",
+    "Langevin",
+    "LangevinCorrector",
+    "NoCorrector",
+    "NoPredictor",
+    "Predictor",
+    "PredictorCorrector",
+    "Recorder",
+    "ReverseDiffusion",
+    "SampleResult",
+    "ScipyODE",
+    "Solver",
+]

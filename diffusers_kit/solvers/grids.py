@@ -1,0 +1,102 @@
+"""Time grids shared by the samplers, computed once per (process, number of steps), in float64.
+
+A sampler evaluates the network at ``N`` decreasing times ``t_0 = 1 > ... > t_{N-1} = t_min``
+and lands, after its last step, on ``t_N = 0``. A discrete process (DDPM, ``num_steps = T``)
+has its times snapped to its steps ``i / T``, so ``N = T`` gives exactly Ho et al.'s chain and
+fewer steps a sub-sequence of it (DDIM, Song et al. 2021a).
+
+Spacings:
+
+* ``uniform``: equal steps in ``t``;
+* ``quadratic``: ``t`` proportional to ``(i / N)^2`` near the data end (DDIM's CIFAR choice);
+* ``edm``: the noise level ``varsigma = sigma / alpha`` spaced as in Karras et al. 2022, eq. 5,
+  ``varsigma_i = (varsigma_max^(1/rho) + i / (N - 1) (varsigma_min^(1/rho) -
+  varsigma_max^(1/rho)))^rho`` with ``rho = 7``;
+* ``log_snr``: equal steps in ``lambda = log(alpha / sigma)`` (Lu et al. 2022, DPM-Solver).
+
+Times for the ``edm`` / ``log_snr`` spacings come from inverting the (monotone) log-SNR by
+bisection.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from diffusers_kit.processes.base import NoiseProcess
+
+Spacing = Literal["uniform", "quadratic", "edm", "log_snr"]
+SPACINGS = ("uniform", "quadratic", "edm", "log_snr")
+
+Tensor = torch.Tensor
+
+
+def _f64(values: Tensor | float) -> Tensor:
+    return torch.as_tensor(values, dtype=torch.float64)
+
+
+def log_snr(process: NoiseProcess, t: Tensor) -> Tensor:
+    """``lambda(t) = log(alpha^2 / sigma^2)`` in float64."""
+    return process.log_snr(_f64(t))
+
+
+def noise_level(process: NoiseProcess, t: Tensor) -> Tensor:
+    """``varsigma(t) = sigma(t) / alpha(t) = exp(-lambda / 2)``: the noise of ``x / alpha``."""
+    alpha, sigma = process.marginal(_f64(t))
+    return sigma / alpha
+
+
+def time_of_log_snr(process: NoiseProcess, target: Tensor, t_low: float, t_high: float) -> Tensor:
+    """The times in ``[t_low, t_high]`` where ``lambda(t) = target`` (lambda decreases in t)."""
+    target = _f64(target)
+    low = torch.full_like(target, t_low)
+    high = torch.full_like(target, t_high)
+    for _ in range(64):  # 2^-64 of the interval: below float64 resolution
+        middle = 0.5 * (low + high)
+        above = log_snr(process, middle) > target  # still too little noise: go later
+        low = torch.where(above, middle, low)
+        high = torch.where(above, high, middle)
+    return 0.5 * (low + high)
+
+
+def sampling_times(
+    process: NoiseProcess, steps: int | None, spacing: Spacing = "uniform", rho: float = 7.0
+) -> Tensor:
+    """``N + 1`` decreasing times: ``N`` evaluation times from 1 to ``t_min``, then 0.
+
+    ``steps=None`` means the process's own number of steps (discrete) or 1000 (continuous).
+    """
+    discrete = process.num_steps
+    if steps is None:
+        steps = discrete if discrete is not None else 1000
+    t_min = float(process.t_min)
+    if discrete is not None:
+        steps = min(steps, discrete)
+        t_min = max(t_min, 1.0 / discrete)
+    fraction = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+    if steps == 1:
+        times = torch.ones(1, dtype=torch.float64)
+    elif spacing == "uniform":
+        times = 1.0 - fraction * (1.0 - t_min)
+    elif spacing == "quadratic":
+        times = t_min + (1.0 - t_min) * (1.0 - fraction) ** 2
+    elif spacing in ("edm", "log_snr"):
+        ends = _f64([1.0, t_min])
+        lam_max_noise, lam_min_noise = log_snr(process, ends)  # lambda(1) < lambda(t_min)
+        if spacing == "log_snr":
+            lam = lam_max_noise + fraction * (lam_min_noise - lam_max_noise)
+        else:
+            top, bottom = torch.exp(-0.5 * lam_max_noise), torch.exp(-0.5 * lam_min_noise)
+            level = (top ** (1 / rho) + fraction * (bottom ** (1 / rho) - top ** (1 / rho))) ** rho
+            lam = -2.0 * torch.log(level)
+        times = time_of_log_snr(process, lam, t_min, 1.0)
+        times[0], times[-1] = 1.0, t_min
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+    if discrete is not None:
+        index = torch.round(times * discrete).clamp(1, discrete)
+        index = torch.unique(index).flip(0)  # decreasing, no repeats
+        times = index / discrete
+    return torch.cat([times, torch.zeros(1, dtype=torch.float64)])
