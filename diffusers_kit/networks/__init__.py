@@ -1,10 +1,16 @@
 """Networks (kind ``network``)."""
 
 from diffusers_kit.networks.base import Network
+from diffusers_kit.networks.classifier import NoiseAwareClassifier
+from diffusers_kit.networks.mlp import MLP
 from diffusers_kit.networks.ncsn import NCSN
+from diffusers_kit.networks.unet import UNet
 
 REGISTER = [
     ("network", "ncsn", NCSN),
+    ("network", "mlp", MLP),
+    ("network", "unet", UNet),
+    ("network", "classifier", NoiseAwareClassifier),
 ]
 
-__all__ = ["NCSN", "REGISTER", "Network"]
+__all__ = ["MLP", "NCSN", "REGISTER", "Network", "NoiseAwareClassifier", "UNet"]

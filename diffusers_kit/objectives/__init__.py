@@ -1,10 +1,26 @@
 """Training objectives (kind ``objective``)."""
 
 from diffusers_kit.objectives.base import Objective
+from diffusers_kit.objectives.ddpm import HybridLoss, SimpleLoss, VariationalBound
 from diffusers_kit.objectives.dsm import DenoisingScoreMatching
+from diffusers_kit.objectives.score_matching import ImplicitScoreMatching, SlicedScoreMatching
 
 REGISTER = [
     ("objective", "dsm", DenoisingScoreMatching),
+    ("objective", "ism", ImplicitScoreMatching),
+    ("objective", "ssm", SlicedScoreMatching),
+    ("objective", "ddpm_simple", SimpleLoss),
+    ("objective", "ddpm_vlb", VariationalBound),
+    ("objective", "ddpm_hybrid", HybridLoss),
 ]
 
-__all__ = ["REGISTER", "DenoisingScoreMatching", "Objective"]
+__all__ = [
+    "REGISTER",
+    "DenoisingScoreMatching",
+    "HybridLoss",
+    "ImplicitScoreMatching",
+    "Objective",
+    "SimpleLoss",
+    "SlicedScoreMatching",
+    "VariationalBound",
+]

@@ -8,12 +8,36 @@ import torch
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
+    from diffusers_kit.networks.base import Network
+    from diffusers_kit.processes.base import NoiseProcess
 
 
 class Objective:
-    """Base class of objectives: ``loss(model, x0, generator)`` returns a scalar tensor."""
+    """Base class of objectives: ``loss(model, x0, generator, labels)`` returns a scalar tensor.
+
+    ``check(process, network)`` returns why the pair cannot be trained with this objective (the
+    run graph reports it as a spec error before anything runs), or None.
+    ``labels`` are class labels for class-conditional networks (None otherwise).
+    """
+
+    def check(self, process: NoiseProcess, network: Network) -> str | None:
+        return None
 
     def loss(
-        self, model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        model: ScoreModel,
+        x0: torch.Tensor,
+        generator: torch.Generator | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
+
+
+def sum_dims(x: torch.Tensor) -> torch.Tensor:
+    """Sum over every dimension but the first: ``(B, ...) -> (B,)``."""
+    return x.flatten(1).sum(1)
+
+
+def mean_dims(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the first: ``(B, ...) -> (B,)``."""
+    return x.flatten(1).mean(1)

@@ -1,0 +1,199 @@
+"""The DDPM U-Net (Ho et al. 2020, appendix B; after PixelCNN++ / Wide ResNet).
+
+Levels of residual blocks at resolutions ``H, H/2, ...`` (widths ``channels * channel_mult``),
+GroupNorm everywhere, the time embedding added inside every residual block, self-attention at the
+chosen resolutions and in the middle, dropout inside the blocks, and skip connections from every
+block on the way down to the matching block on the way up. The last convolution of every block
+and of the output starts at zero, so a fresh network is the identity plus zero.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from diffusers_kit.networks.base import Network, check_data_shape
+from diffusers_kit.networks.embeddings import ClassEmbedding, TimeEmbedding
+
+
+def zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, + embedding, GroupNorm -> SiLU -> dropout -> conv, + skip."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(nn.functional.silu(self.norm1(x)))
+        h = h + self.emb(nn.functional.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(nn.functional.silu(self.norm2(h))))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, with a residual connection."""
+
+    def __init__(self, channels: int, heads: int, groups: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        out = nn.functional.scaled_dot_product_attention(
+            q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Level(nn.Module):
+    def __init__(self, blocks: list[nn.Module], attention: list[nn.Module | None]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attention = nn.ModuleList(a if a is not None else nn.Identity() for a in attention)
+
+
+class UNet(Network):
+    """DDPM U-Net: residual blocks, GroupNorm, self-attention at chosen resolutions, dropout.
+
+    Args:
+        channels: width of the first level.
+        channel_mult: width multiplier of each level; level ``i`` runs at resolution
+            ``H / 2^i`` (the image side must be divisible by ``2^(levels - 1)``).
+        res_blocks: residual blocks per level on the way down (one more on the way up).
+        attention_resolutions: resolutions (in pixels, e.g. ``[4]`` for 8x8 inputs) with
+            self-attention after each residual block.
+        heads: attention heads (must divide every level's width).
+        dropout: dropout inside the residual blocks (Ho et al.: 0.1 on CIFAR-10).
+        norm_groups: GroupNorm groups (must divide every level's width; Ho et al. use 32).
+        prediction: what the output means (``eps``, ``score``, ``x0``, ``v`` or ``mu``).
+        learned_variance: also output ``v`` for a learned reverse variance (doubles the output
+            channels; Nichol & Dhariwal 2021).
+        num_classes: class-conditional with this many classes (plus a null class).
+        class_dropout: probability of training on the null class (classifier-free guidance).
+    """
+
+    def __init__(
+        self,
+        channels: Annotated[int, Field(ge=1, le=1024)] = 32,
+        channel_mult: Annotated[list[Annotated[int, Field(ge=1, le=16)]],
+                                Field(min_length=1, max_length=8)] = [1, 2],  # noqa: B006
+        res_blocks: Annotated[int, Field(ge=1, le=8)] = 2,
+        attention_resolutions: list[Annotated[int, Field(ge=1)]] = [4],  # noqa: B006
+        heads: Annotated[int, Field(ge=1)] = 1,
+        dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1,
+        norm_groups: Annotated[int, Field(ge=1)] = 8,
+        prediction: Literal["eps", "score", "x0", "v", "mu"] = "eps",
+        learned_variance: bool = False,
+        num_classes: Annotated[int, Field(ge=1)] | None = None,
+        class_dropout: Annotated[float, Field(ge=0, le=1)] = 0.0,
+        *,
+        data_shape: tuple[int, ...],
+    ) -> None:
+        super().__init__(prediction, learned_variance)
+        check_data_shape("unet", data_shape, 3, "image data of shape (channels, height, width)")
+        c, h, w = (int(s) for s in data_shape)
+        levels = len(channel_mult)
+        factor = 2 ** (levels - 1)
+        if h % factor or w % factor:
+            raise ValueError(f"unet with {levels} levels (channel_mult {list(channel_mult)}) "
+                             f"halves the image {levels - 1} times, so height and width must be "
+                             f"divisible by {factor}; the data's images are {h}x{w}")
+        widths = [channels * m for m in channel_mult]
+        for width in widths:
+            if width % norm_groups:
+                raise ValueError(f"norm_groups ({norm_groups}) must divide every level's width "
+                                 f"(channels x channel_mult = {widths})")
+            if width % heads:
+                raise ValueError(f"heads ({heads}) must divide every level's width ({widths})")
+        resolutions = [min(h, w) // 2**i for i in range(levels)]
+        unknown = sorted(set(attention_resolutions) - set(resolutions))
+        if unknown:
+            raise ValueError(f"attention_resolutions {unknown} are not resolutions of this "
+                             f"network; its levels run at {resolutions} pixels")
+        self.data_shape = (c, h, w)
+        self.time = TimeEmbedding(channels)
+        e = self.time.out_dim
+        self.num_classes = num_classes
+        self.classes = (ClassEmbedding(num_classes, e, class_dropout)
+                        if num_classes is not None else None)
+
+        def block(a: int, b: int) -> ResBlock:
+            return ResBlock(a, b, e, dropout, norm_groups)
+
+        def attention(width: int, res: int) -> nn.Module | None:
+            return (SelfAttention(width, heads, norm_groups)
+                    if res in attention_resolutions else None)
+
+        self.conv_in = nn.Conv2d(c, channels, 3, padding=1)
+        skips = [channels]
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        current = channels
+        for i, width in enumerate(widths):
+            blocks, attn = [], []
+            for _ in range(res_blocks):
+                blocks.append(block(current, width))
+                attn.append(attention(width, resolutions[i]))
+                current = width
+                skips.append(current)
+            self.down.append(Level(blocks, attn))
+            if i < levels - 1:
+                self.downsample.append(nn.Conv2d(current, current, 3, stride=2, padding=1))
+                skips.append(current)
+        self.mid1 = block(current, current)
+        self.mid_attn = SelfAttention(current, heads, norm_groups)
+        self.mid2 = block(current, current)
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i in reversed(range(levels)):
+            blocks, attn = [], []
+            for _ in range(res_blocks + 1):
+                blocks.append(block(current + skips.pop(), widths[i]))
+                attn.append(attention(widths[i], resolutions[i]))
+                current = widths[i]
+            self.up.append(Level(blocks, attn))
+            if i > 0:
+                self.upsample.append(nn.Conv2d(current, current, 3, padding=1))
+        self.norm_out = nn.GroupNorm(norm_groups, current)
+        self.conv_out = zero(nn.Conv2d(current, 2 * c if learned_variance else c, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        emb = self.time(t)
+        if self.classes is not None:
+            emb = emb + self.classes(y, x.shape[0], x.device)
+        h = self.conv_in(x)
+        stack = [h]
+        for i, level in enumerate(self.down):
+            for block, attn in zip(level.blocks, level.attention, strict=True):
+                h = attn(block(h, emb))
+                stack.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+                stack.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for i, level in enumerate(self.up):
+            for block, attn in zip(level.blocks, level.attention, strict=True):
+                h = attn(block(torch.cat([h, stack.pop()], dim=1), emb))
+            if i < len(self.upsample):
+                h = nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")
+                h = self.upsample[i](h)
+        return self.conv_out(nn.functional.silu(self.norm_out(h)))
