@@ -75,12 +75,13 @@ def exact_score(process, mean, cov):
 
 
 def reverse_step_maps(process, mean, cov, times, flow: bool):
-    """Per step (t_k -> t_k - h): x <- A_k x + b_k + sqrt(noise_k) z, from the process's drift."""
+    """Per step (t_k -> t_k - h): x <- A_k x + b_k + sqrt(noise_k) z, from the process's drift
+    evaluated at the step's midpoint time (inside a DDPM step: its rate jumps at the steps)."""
     score = exact_score(process, mean, cov)
     basis = torch.cat([torch.zeros(1, DIM), torch.eye(DIM)]).double()
     maps = []
     for k in range(len(times) - 1):
-        t, h = times[k], (times[k] - times[k + 1]).item()
+        t, h = (times[k] + times[k + 1]) / 2, (times[k] - times[k + 1]).item()
         tt = t.expand(DIM + 1)
         if flow:
             drift = process.probability_flow_drift(basis, tt, score(basis, tt))
@@ -133,7 +134,7 @@ def test_reverse_dynamics_samples_recover_the_data(process, data, flow, seed):
     times = times_for(process, 200)
     score = exact_score(process, mean, cov)
     for k in range(len(times) - 1):
-        t, h = times[k].expand(N), (times[k] - times[k + 1]).item()
+        t, h = ((times[k] + times[k + 1]) / 2).expand(N), (times[k] - times[k + 1]).item()
         if flow:
             x = x - h * process.probability_flow_drift(x, t, score(x, t))
         else:

@@ -182,7 +182,8 @@ def test_discretized_decoder_is_a_distribution_over_the_256_levels(mean, std):
 
 def test_discretized_decoder_tails_stay_finite_and_narrow_bins_match_the_density():
     x = torch.tensor([-1.0, 1.0, 0.0], dtype=torch.float64)
-    far = discretized_gaussian_log_likelihood(x, torch.tensor([1.0, -1.0, 0.9]).double(), 1e-4)
+    means = torch.tensor([1.0, -1.0, 0.9], dtype=torch.float64)
+    far = discretized_gaussian_log_likelihood(x, means, 1e-4)
     assert torch.isfinite(far).all()  # masses like Phi(-200): log_ndtr, not log(0)
     # a wide Gaussian: bin mass ~ density * bin width
     log_p = discretized_gaussian_log_likelihood(x[2:], torch.zeros(1).double(), 1.0)

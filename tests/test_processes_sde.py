@@ -109,7 +109,8 @@ def test_euler_maruyama_moments_converge_to_the_marginal(process, t1, x0):
     exact_mean, exact_var = alpha[1].item() * x0, sigma[1].item() ** 2
     k = step_count(process, 200, t1)
     iterates = [em_moments(process, t0, t1, steps, m0, v0) for steps in (k, 2 * k, 4 * k)]
-    assert_converges_at_first_order(iterates, torch.tensor([exact_mean, exact_var]).double())
+    assert_converges_at_first_order(iterates, torch.tensor([exact_mean, exact_var],
+                                                           dtype=torch.float64))
 
 
 @given(process=sde_processes(), t1=st.floats(0.2, 1.0), seed=st.integers(0, 2**16),
