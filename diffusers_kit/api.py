@@ -27,7 +27,7 @@ from diffusers_kit.objectives.base import Objective
 from diffusers_kit.optim import Adam, Optimizer
 from diffusers_kit.processes.base import NoiseProcess
 from diffusers_kit.solvers.base import Progress, SampleResult, Solver
-from diffusers_kit.train import EMA, TrainLog, TrainSettings, fit
+from diffusers_kit.train import EMA, Distributed, Trainer, TrainLog, TrainSettings
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -53,6 +53,7 @@ class Diffusion:
         self.objective = objective
         self.model = ScoreModel(process, network).to(self.device)
         self.ema: EMA | None = None
+        self.trainer: Trainer | None = None
         self.train_log = TrainLog()
         self.step = 0
 
@@ -72,25 +73,54 @@ class Diffusion:
         seed: int = 0,
         log_every: int = 50,
         checkpoint_every: int = 0,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        grad_accumulation: int = 1,
+        precision: str = "fp32",
+        compile: bool = False,
+        resume: str | Path | None = None,
+        distributed: Distributed | None = None,
         on_log: Callable[[int, float], None] | None = None,
         on_checkpoint: Callable[[int], None] | None = None,
         progress: Progress | None = None,
     ) -> Diffusion:
-        """Train on ``data`` (a dataset component, its splits, or a tensor of examples)."""
+        """Train on ``data`` (a dataset component, its splits, or a tensor of examples).
+
+        ``steps`` is the step count to reach: a fresh fit trains that many steps; with
+        ``resume`` (a checkpoint written by :meth:`save` during an earlier fit with the same
+        settings) training continues from the checkpoint's step and ends exactly where an
+        uninterrupted run would have. ``batch_size`` is per micro-batch and per rank: an optimizer
+        step sees ``batch_size * grad_accumulation * ranks`` examples.
+        """
         if self.objective is None:
             raise ValueError("this Diffusion has no objective to train with")
         if isinstance(data, Dataset):
             data = data.load()
-        train = data.train if isinstance(data, DataSplits) else data
+        labels = None
+        if isinstance(data, DataSplits):
+            labels = data.train_labels
+            train = data.train
+        else:
+            train = data
+        if getattr(self.network, "num_classes", None) is None:
+            labels = None
+        elif labels is not None:
+            labels = labels.to(self.device)
         train = train.to(self.device, torch.float32)
-        generator = torch.Generator(self.device).manual_seed(seed)
         self.ema = EMA(self.network, ema_decay) if ema_decay > 0 else None
         settings = TrainSettings(steps, batch_size, ema_decay, grad_clip, log_every,
-                                 checkpoint_every)
-        log = fit(self.model, self.objective, train, optimizer or Adam(), settings,
-                  generator=generator, ema=self.ema, on_log=on_log, on_checkpoint=on_checkpoint,
-                  progress=progress)
-        self.train_log, self.step = log, self.step + steps
+                                 checkpoint_every, lr_schedule, warmup_steps, min_lr_ratio,
+                                 grad_accumulation, precision, compile)
+        start = self.step
+        self.trainer = Trainer(self.model, self.objective, train, optimizer or Adam(), settings,
+                               seed=seed, ema=self.ema, labels=labels, dist=distributed)
+        if resume is not None:
+            self.load(resume, training_state=True)
+            start = 0
+        log = self.trainer.run(start + steps if resume is None else steps, on_log=on_log,
+                               on_checkpoint=on_checkpoint, progress=progress)
+        self.train_log, self.step = log, start + self.trainer.step
         return self
 
     def sampling_state(self) -> dict[str, torch.Tensor]:
@@ -147,19 +177,32 @@ class Diffusion:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, path: str | Path, metadata: dict | None = None) -> None:
-        """Write weights (and EMA weights) to a safetensors file, atomically."""
+        """Write weights, EMA weights and (after :meth:`fit`) the full training state — optimizer
+        moments, data order, random generators — to a safetensors file, atomically."""
         tensors = prefixed("network", self.network.state_dict())
         if self.ema is not None:
             tensors.update(prefixed("ema", self.ema.state_dict(self.network)))
-        save_checkpoint(Path(path), tensors, {"step": self.step, **(metadata or {})})
+        meta: dict = {"step": self.step, **(metadata or {})}
+        if self.trainer is not None:
+            state, train_meta = self.trainer.state()
+            tensors.update(prefixed("train", state))
+            meta["training"] = train_meta
+        save_checkpoint(Path(path), tensors, meta)
 
-    def load(self, path: str | Path) -> dict:
-        """Load weights written by :meth:`save`; returns the checkpoint's metadata."""
+    def load(self, path: str | Path, *, training_state: bool = False) -> dict:
+        """Load weights written by :meth:`save`; returns the checkpoint's metadata.
+        ``training_state`` (used by :meth:`fit` to resume) restores the trainer's state too."""
         tensors, metadata = load_checkpoint(Path(path))
         self.network.load_state_dict(unprefixed("network", tensors))
         ema_state = unprefixed("ema", tensors)
         if ema_state:
-            self.ema = EMA(self.network, 0.999)
+            if self.ema is None:
+                self.ema = EMA(self.network, 0.999)
             self.ema.load(self.network, ema_state)
         self.step = int(metadata.get("step", 0))
+        if training_state:
+            assert self.trainer is not None
+            if "training" not in metadata:
+                raise ValueError(f"{path} holds weights only, no training state to resume from")
+            self.trainer.load_state(unprefixed("train", tensors), metadata["training"])
         return metadata

@@ -52,6 +52,15 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return tensors, {k: json.loads(v) for k, v in raw.items()}
 
 
+def load_metadata(path: Path) -> dict[str, Any]:
+    """Only the metadata of a checkpoint (no tensors are read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        raw = handle.metadata() or {}
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
 def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v for k, v in state.items()}
 

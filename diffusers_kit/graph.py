@@ -34,7 +34,12 @@ from diffusers_kit.spec.errors import Path as SpecPath
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import Document
 from diffusers_kit.spec.models import Spec
-from diffusers_kit.train import TrainingDiverged
+from diffusers_kit.train import (
+    Distributed,
+    TrainingDiverged,
+    TrainingInterrupted,
+    distributed_from_env,
+)
 
 STAGES = ("data", "train", "sample", "evaluate", "report")
 CHECKPOINT = "checkpoint.safetensors"
@@ -96,7 +101,10 @@ class Builder:
 
 
 def build_components(
-    spec: Spec, document: Document | None = None, registry: Registry | None = None
+    spec: Spec,
+    document: Document | None = None,
+    registry: Registry | None = None,
+    distributed: Distributed | None = None,
 ) -> Components:
     """Build every component of ``spec`` (loading the data for the network's shape)."""
     registry = registry or get_registry()
@@ -105,6 +113,11 @@ def build_components(
     if device.type == "cuda" and not torch.cuda.is_available():
         builder.issue(("device",), "a device this machine has (no CUDA here; use auto or cpu)",
                       spec.device)
+    elif device.type == "cuda" and distributed is not None and distributed.active:
+        device = torch.device("cuda", distributed.local_rank)  # one GPU per rank
+    if spec.train.precision == "fp16" and device.type != "cuda":
+        builder.issue(("train", "precision"), "fp32 or bf16 on this device (fp16 with a "
+                      "gradient scaler needs CUDA)", spec.train.precision)
     dataset = builder.build(("data",), "dataset", spec.data)
     process = builder.build(("process",), "process", spec.process)
     objective = builder.build(("objective",), "objective", spec.objective)
@@ -124,6 +137,13 @@ def build_components(
     if data is not None:
         torch.manual_seed(spec.seed)  # the network's initial weights follow the spec's seed
         network = builder.build(("network",), "network", spec.network, data_shape=data.shape)
+    if network is not None and objective is not None and process is not None:
+        if reason := objective.check(process, network):
+            builder.issue(("objective", "kind"), reason, spec.objective["kind"])
+        if network.num_classes is not None and data is not None and (
+                data.train_labels is None):
+            builder.issue(("network", "num_classes"), "a data set with class labels (this one "
+                          "has none); leave num_classes out", network.num_classes)
     if builder.issues:
         raise SpecError(builder.issues, document.origin if document else None)
     resolved = spec.model_dump()
@@ -155,10 +175,13 @@ class Run:
 
     spec: Spec
     components: Components
-    dir: Path
+    dir: Path | None  # None on data-parallel ranks other than 0: they write nothing
     console: Console
     quiet: bool = False
     from_dir: Path | None = None
+    resume_from: Path | None = None  # the checkpoint a resumed run continues from
+    resume_step: int = 0
+    distributed: Distributed = field(default_factory=Distributed)
     results: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("diffusers_kit.run"))
@@ -185,34 +208,55 @@ def _stage_data(run: Run) -> None:
 def _stage_train(run: Run) -> None:
     spec, diffusion = run.spec, run.diffusion
     hook = get_plugin_manager().hook
-    checkpoint = run.dir / CHECKPOINT
+    checkpoint = run.dir / CHECKPOINT if run.dir is not None else None
+    train = spec.train
+
+    def save(step: int) -> None:
+        if checkpoint is not None:
+            diffusion.step = step
+            diffusion.save(checkpoint, {"spec": spec.name})
+            run.log.info("checkpoint at step %d", step)
+
     with run.progress() as progress:
-        task = progress.add_task("train", total=spec.train.steps, status="")
+        task = progress.add_task("train", total=train.steps, status="")
 
         def on_log(step: int, loss: float) -> None:
             progress.update(task, status=f"loss {loss:.4f}")
             run.log.info("step %d loss %.6f", step, loss)
             hook.dkit_train_step(run=run, step=step, loss=loss)
 
-        def on_checkpoint(step: int) -> None:
-            diffusion.step = step
-            diffusion.save(checkpoint, {"spec": spec.name})
-
+        if run.resume_from is not None:
+            done = run.resume_step
+            progress.advance(task, min(done, train.steps))
+            run.log.info("resuming from step %d of %s", done, run.resume_from)
         try:
             diffusion.fit(
-                run.components.data, steps=spec.train.steps, batch_size=spec.train.batch_size,
-                optimizer=run.components.optimizer, ema_decay=spec.train.ema_decay,
-                grad_clip=spec.train.grad_clip, seed=spec.seed, log_every=spec.train.log_every,
-                checkpoint_every=spec.train.checkpoint_every, on_log=on_log,
-                on_checkpoint=on_checkpoint, progress=lambda k: progress.advance(task, k),
+                run.components.data, steps=train.steps, batch_size=train.batch_size,
+                optimizer=run.components.optimizer, ema_decay=train.ema_decay,
+                grad_clip=train.grad_clip, seed=spec.seed, log_every=train.log_every,
+                checkpoint_every=train.checkpoint_every, lr_schedule=train.lr_schedule,
+                warmup_steps=train.warmup_steps, min_lr_ratio=train.min_lr_ratio,
+                grad_accumulation=train.grad_accumulation, precision=train.precision,
+                compile=train.compile, resume=run.resume_from, distributed=run.distributed,
+                on_log=on_log, on_checkpoint=save,
+                progress=lambda k: progress.advance(task, k),
             )
         except TrainingDiverged as exc:
             run.log.error("training stopped: %s", exc)
             raise
-    diffusion.save(checkpoint, {"spec": spec.name})
+        except KeyboardInterrupt as exc:
+            run.log.warning("interrupted at step %d", diffusion.trainer.step
+                            if diffusion.trainer else 0)
+            if isinstance(exc, TrainingInterrupted):
+                exc.run_dir = run.dir
+            raise
+    trainer = diffusion.trainer
+    if trainer is not None and trainer.last_checkpoint != trainer.step:
+        trainer.checkpoint(save)  # the final state, resumable (e.g. with more steps)
     losses = diffusion.train_log.losses
     run.results["train_loss"] = losses[-1] if losses else float("nan")
-    run.log.info("checkpoint written to %s", checkpoint)
+    if checkpoint is not None:
+        run.log.info("checkpoint written to %s", checkpoint)
 
 
 def load_previous(diffusion: Diffusion, from_dir: Path) -> int:
@@ -294,18 +338,69 @@ def parse_only(only: str | None) -> set[str]:
     return chosen | {"data", "report"}
 
 
+# the spec fields a resumed run may change: how long, how often to log / save, what comes after
+RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "checkpoint_every")}
+TRAINING_SECTIONS = ("seed", "data", "process", "network", "objective", "train")
+
+
+def _differences(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new)):
+            if (*path, key) not in RESUMABLE_CHANGES:
+                found += _differences(old.get(key), new.get(key), (*path, key))
+        return found
+    return [] if old == new else [".".join(path)]
+
+
+def check_resumable(resume_dir: Path, resolved: dict[str, Any]) -> int:
+    """The step of ``resume_dir``'s checkpoint, after checking it was trained by this spec."""
+    def refuse(expected: str) -> SpecError:
+        return SpecError([SpecIssue(("--resume",), expected, str(resume_dir), None,
+                                    "command line")])
+
+    if not (resume_dir / CHECKPOINT).is_file():
+        raise refuse(f"a run folder holding {CHECKPOINT}")
+    try:
+        from diffusers_kit.checkpoint import load_metadata
+
+        metadata = load_metadata(resume_dir / CHECKPOINT)
+        previous = yaml.safe_load((resume_dir / "spec.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise refuse(f"a readable run folder ({exc})") from None
+    if "training" not in metadata:
+        raise refuse("a checkpoint with training state (this one holds weights only)")
+    changed = [d for section in TRAINING_SECTIONS
+               for d in _differences(previous.get(section), resolved.get(section), (section,))]
+    if changed:
+        raise refuse("a run of this same spec: only train.steps, train.log_every, "
+                     "train.checkpoint_every and the sampling / evaluation sections may change; "
+                     f"this spec differs in {', '.join(changed)}")
+    return int(metadata["training"]["train_step"])
+
+
 def execute(
     spec: Spec,
     document: Document | None = None,
     *,
     only: str | None = None,
     from_dir: str | Path | None = None,
+    resume: str | Path | None = None,
     console: Console | None = None,
     quiet: bool = False,
 ) -> Run:
-    """Validate-and-build, create the run folder, run the chosen stages; returns the Run."""
+    """Validate-and-build, create the run folder, run the chosen stages; returns the Run.
+
+    ``resume``: continue the killed or finished run in that folder (its checkpoint and spec).
+    Under ``torchrun`` every rank trains; only rank 0 creates the folder, writes, samples.
+    """
     stages = parse_only(only)
     from_path = Path(from_dir) if from_dir else None
+    resume_path = Path(resume) if resume else None
+    if resume_path is not None and ("train" not in stages or from_path is not None):
+        raise SpecError([SpecIssue(("--resume",), "the train stage, without --from (a resumed "
+                                   "run continues training)", str(resume_path), None,
+                                   "command line")])
     if "train" not in stages and "sample" in stages:
         if from_path is None:
             raise SpecError([SpecIssue(("--from",), "a run folder to take the checkpoint from "
@@ -314,12 +409,25 @@ def execute(
         if not (from_path / CHECKPOINT).is_file():
             raise SpecError([SpecIssue(("--from",), f"a run folder holding {CHECKPOINT}",
                                        str(from_path), None, "command line")])
-    components = build_components(spec, document)
+    distributed = distributed_from_env(resolve_device(spec.device).type)
+    components = build_components(spec, document, distributed=distributed)
+    resume_step = 0
+    if resume_path is not None:
+        resume_step = check_resumable(resume_path, components.resolved)
     if from_path is not None and "train" not in stages:
         load_previous(components.diffusion, from_path)  # before any folder is created
     console = console or Console(stderr=True)
-    run_dir = _new_run_dir(Path(spec.output.root), spec.name)
-    run = Run(spec, components, run_dir, console, quiet, from_path)
+    if not distributed.main:  # a data-parallel helper: train, write nothing
+        run = Run(spec, components, None, console, True, None,
+                  resume_path / CHECKPOINT if resume_path else None, resume_step, distributed)
+        _stage_train(run)
+        return run
+    if resume_path is not None:
+        run_dir = resume_path
+    else:
+        run_dir = _new_run_dir(Path(spec.output.root), spec.name)
+    run = Run(spec, components, run_dir, console, quiet, from_path,
+              resume_path / CHECKPOINT if resume_path else None, resume_step, distributed)
     handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     run.log.setLevel(logging.INFO)
@@ -332,6 +440,10 @@ def execute(
         run.log.info("run %s on %s; network %s with %d parameters", spec.name,
                      components.diffusion.device, type(network).__name__,
                      network.parameter_count())
+        if distributed.active:
+            run.log.info("data parallel over %d ranks", distributed.world)
+        if not quiet:
+            console.print(f"network: {network.describe()}")
         if from_path is not None and "train" not in stages:
             run.log.info("weights loaded from %s (step %d)", from_path / CHECKPOINT,
                          components.diffusion.step)

@@ -1,14 +1,34 @@
-"""The training engine: minibatches, optimizer, gradient clipping, EMA, periodic checkpoints.
+"""The training engine: minibatches, optimizer with warm-up / cosine decay, gradient clipping and
+accumulation, EMA, mixed precision, checkpoints that resume bit-for-bit, data parallelism.
 
-The loop keeps the running loss on the device and synchronises with the host only every
-``log_every`` steps (to report it and to stop on a non-finite loss).
+Host synchronisation happens only every ``log_every`` steps (to report the loss and to stop on a
+non-finite one) and at checkpoints: the running loss, and the first step whose loss was not
+finite, are kept on the device in between.
+
+Resuming: :meth:`Trainer.state` holds everything the next step depends on — weights, optimizer
+moments, EMA, the data order and position, the random generators (data, noise, torch's global
+one used by dropout), the loss accumulator and the log — so a run restarted from step k
+repeats exactly the steps k+1.. of an uninterrupted run (on CPU, same thread count).
+
+Data parallel (``torchrun``): every rank draws the same data permutation and takes its own
+slice of each global batch; noise comes from a per-rank generator; gradients are averaged with
+one all-reduce per optimizer step. This is DDP's algorithm written out rather than
+``DistributedDataParallel``, because objectives call the model through several methods (score,
+predict, split) and implicit / sliced score matching differentiate twice, which DDP's reducer
+does not support. Only rank 0 calls the checkpoint and log callbacks.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -16,9 +36,21 @@ from diffusers_kit.model import ScoreModel
 from diffusers_kit.objectives.base import Objective
 from diffusers_kit.optim import Optimizer
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; ``step`` is the step whose checkpoint was written (or None)."""
+
+    def __init__(self, step: int, saved: bool) -> None:
+        super().__init__(f"interrupted after step {step}")
+        self.step = step
+        self.saved = saved
+        self.run_dir: Any = None  # the run folder, filled in by the run graph
 
 
 class EMA:
@@ -27,11 +59,15 @@ class EMA:
     def __init__(self, module: torch.nn.Module, decay: float) -> None:
         self.decay = decay
         self.shadow = [p.detach().clone() for p in module.parameters()]
+        self._params = [p.detach() for p in module.parameters()]
+        self._module_id = id(module)
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in module.parameters()],
-                             1.0 - self.decay)
+        if id(module) != self._module_id:
+            self._params = [p.detach() for p in module.parameters()]
+            self._module_id = id(module)
+        torch._foreach_lerp_(self.shadow, self._params, 1.0 - self.decay)
 
     def state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The module's state dict with parameters replaced by their averages."""
@@ -54,12 +90,400 @@ class TrainSettings:
     grad_clip: float | None = 1.0
     log_every: int = 50
     checkpoint_every: int = 0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_accumulation: int = 1
+    precision: str = "fp32"
+    compile: bool = False
 
 
 @dataclass
 class TrainLog:
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+
+
+def learning_rate_factor(step: int, settings: TrainSettings) -> float:
+    """Multiplier of the base learning rate at ``step`` (1-based): linear warm-up over
+    ``warmup_steps``, then constant or a half cosine from 1 down to ``min_lr_ratio`` at the last
+    step (Loshchilov & Hutter 2017, without restarts)."""
+    if settings.warmup_steps and step <= settings.warmup_steps:
+        return step / settings.warmup_steps
+    if settings.lr_schedule == "cosine":
+        span = max(1, settings.steps - settings.warmup_steps)
+        progress = min(1.0, (step - settings.warmup_steps) / span)
+        floor = settings.min_lr_ratio
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+# -- distributed ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a data-parallel job (``rank 0 of 1`` when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def distributed_from_env(device_type: str = "cpu") -> Distributed:
+    """Join the process group ``torchrun`` describes in the environment (gloo on CPU, NCCL on
+    CUDA); a plain process is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" and torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return Distributed(rank, world, local)
+
+
+# -- checkpoint state: tensors plus JSON metadata ----------------------------------------------
+def optimizer_state(optim: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optim.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optim: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for index, values in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    optim.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class _StopFlag:
+    """SIGINT sets a flag that the loop checks between steps, so Ctrl-C never interrupts a step
+    half-way (a checkpoint written then would mix two steps' states)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Trainer:
+    """Minimise ``objective`` over ``data`` with ``optimizer``; resumable, data parallel."""
+
+    def __init__(
+        self,
+        model: ScoreModel,
+        objective: Objective,
+        data: torch.Tensor,
+        optimizer: Optimizer,
+        settings: TrainSettings,
+        *,
+        seed: int = 0,
+        ema: EMA | None = None,
+        labels: torch.Tensor | None = None,
+        dist: Distributed | None = None,
+    ) -> None:
+        self.model, self.objective, self.data, self.labels = model, objective, data, labels
+        self.settings, self.ema = settings, ema
+        self.dist = dist or Distributed()
+        device = data.device
+        self.device = device
+        if settings.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {settings.precision!r}")
+        if settings.precision == "fp16" and device.type != "cuda":
+            raise ValueError("precision fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        if self.dist.active:
+            self._broadcast_parameters()
+        self.optim = optimizer.create(self.parameters)
+        self.base_lrs = [group["lr"] for group in self.optim.param_groups]
+        self.generator = torch.Generator(device).manual_seed(seed)
+        # one generator for order and noise in a single process (as always); per-rank noise
+        self.noise = (self.generator if not self.dist.active else
+                      torch.Generator(device).manual_seed(seed + 7919 * (self.dist.rank + 1)))
+        n = data.shape[0]
+        self.batch = min(settings.batch_size, n // self.dist.world)
+        if self.batch < 1:
+            raise ValueError(f"{n} training examples cannot be split over {self.dist.world} ranks")
+        self.per_epoch = n // (self.batch * self.dist.world)
+        self.order = torch.randperm(n, device=device, generator=self.generator)
+        self.micro = 0  # micro-batches drawn so far
+        self.step = 0
+        self.running = torch.zeros((), device=device)
+        self.first_bad = torch.full((), math.inf, device=device)
+        self.since = 0
+        self.log = TrainLog()
+        self.last_checkpoint: int | None = None
+        self.scaler = (torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            settings.precision)
+        if settings.compile:
+            model.network.compile()
+
+    # -- one step ---------------------------------------------------------------------------
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        slot = self.micro % self.per_epoch
+        if slot == 0 and self.micro > 0:
+            self.order = torch.randperm(self.data.shape[0], device=self.device,
+                                        generator=self.generator)
+        start = (slot * self.dist.world + self.dist.rank) * self.batch
+        index = self.order[start:start + self.batch]
+        self.micro += 1
+        return self.data[index], (self.labels[index] if self.labels is not None else None)
+
+    def _autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _all_reduce_gradients(self) -> None:
+        import torch.distributed as dist
+
+        for p in self.parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.parameters]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.dist.world
+        for grad, value in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads),
+                               strict=True):
+            grad.copy_(value)
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step (``grad_accumulation`` micro-batches); returns the loss tensor."""
+        settings = self.settings
+        if settings.warmup_steps or settings.lr_schedule != "constant":
+            factor = learning_rate_factor(step, settings)
+            for group, base in zip(self.optim.param_groups, self.base_lrs, strict=True):
+                group["lr"] = base * factor
+        self.optim.zero_grad(set_to_none=True)
+        accumulate = settings.grad_accumulation
+        total = None
+        for _ in range(accumulate):
+            x0, labels = self._next_batch()
+            with self._autocast():
+                loss = self.objective.loss(self.model, x0, self.noise, labels)
+            if accumulate > 1:
+                loss = loss / accumulate
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        if self.dist.active:
+            self._all_reduce_gradients()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optim)
+        if settings.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters, settings.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optim)
+            self.scaler.update()
+        else:
+            self.optim.step()
+        if self.ema is not None:
+            self.ema.update(self.model.network)
+        assert total is not None
+        return total
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(
+        self,
+        until: int,
+        *,
+        on_log: Callable[[int, float], None] | None = None,
+        on_checkpoint: Callable[[int], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> TrainLog:
+        """Train from ``self.step`` to step ``until``."""
+        settings = self.settings
+        self.model.train()
+        with _StopFlag() as stop:
+            while self.step < until:
+                if stop.requested and not self.dist.active:
+                    self._interrupt(on_checkpoint)
+                step = self.step + 1
+                loss = self.train_step(step)
+                self.step = step
+                self.running += loss
+                # the first non-finite step, kept on the device: no sync here
+                self.first_bad = torch.minimum(
+                    self.first_bad, torch.where(torch.isfinite(loss), math.inf, float(step)))
+                self.since += 1
+                if step % settings.log_every == 0 or step == until:
+                    self._log_point(step, on_log)
+                    if self.dist.active and self._any_rank(stop.requested):
+                        self._interrupt(on_checkpoint)
+                if settings.checkpoint_every and step % settings.checkpoint_every == 0:
+                    self.checkpoint(on_checkpoint)
+                if progress is not None:
+                    progress(1)
+        self.model.eval()
+        return self.log
+
+    def _any_rank(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        value = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(value)
+        return bool(value.item() > 0)
+
+    def _interrupt(self, on_checkpoint: Callable[[int], None] | None) -> None:
+        saved = False
+        if self.step > 0 and self.step != self.last_checkpoint:
+            self.checkpoint(on_checkpoint)
+            saved = on_checkpoint is not None
+        self.model.eval()
+        raise TrainingInterrupted(self.step, saved or self.last_checkpoint is not None)
+
+    def _reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.dist.active:
+            import torch.distributed as dist
+
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.dist.world
+        return value
+
+    def _check_finite(self, step: int) -> None:
+        first_bad = self.first_bad
+        if self.dist.active:
+            import torch.distributed as dist
+
+            first_bad = first_bad.clone()
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        bad = float(first_bad)
+        if math.isfinite(bad):
+            kept = (f"the last good checkpoint (step {self.last_checkpoint}) is kept"
+                    if self.last_checkpoint else "no checkpoint was written")
+            raise TrainingDiverged(
+                f"the loss became NaN or infinite at step {int(bad)} (checked at step {step}); "
+                f"{kept}. Try a smaller learning rate, gradient clipping or fp32.")
+
+    def _log_point(self, step: int, on_log: Callable[[int, float], None] | None) -> None:
+        self._check_finite(step)
+        mean = float(self._reduce_mean(self.running)) / self.since  # the host sync
+        self.log.steps.append(step)
+        self.log.losses.append(mean)
+        if on_log is not None and self.dist.main:
+            on_log(step, mean)
+        self.running.zero_()
+        self.since = 0
+
+    def checkpoint(self, on_checkpoint: Callable[[int], None] | None) -> None:
+        """Check that nothing diverged, gather every rank's noise generator, then let rank 0
+        write (``on_checkpoint``); a diverged state never overwrites the last good one."""
+        self._check_finite(self.step)
+        finite = torch.stack([p.detach().isfinite().all() for p in self.parameters]).all()
+        if not bool(finite):
+            raise TrainingDiverged(f"the weights stopped being finite by step {self.step}; the "
+                                   f"last good checkpoint (step {self.last_checkpoint}) is kept")
+        self._noise_states = self._gather_noise_states()
+        if on_checkpoint is not None and self.dist.main:
+            on_checkpoint(self.step)
+        self.last_checkpoint = self.step
+
+    def _gather_noise_states(self) -> list[torch.Tensor]:
+        state = self.noise.get_state()
+        if not self.dist.active:
+            return [state]
+        import torch.distributed as dist
+
+        states = [torch.empty_like(state) for _ in range(self.dist.world)]
+        dist.all_gather(states, state)
+        return states
+
+    # -- state ------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything a resumed run needs besides the weights and EMA: (tensors, metadata)."""
+        tensors, optim_meta = optimizer_state(self.optim)
+        tensors["trainer.order"] = self.order
+        tensors["trainer.running"] = self.running
+        tensors["trainer.first_bad"] = self.first_bad
+        tensors["rng.data"] = self.generator.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        noise_states = getattr(self, "_noise_states", None) or self._gather_noise_states()
+        if self.dist.active:
+            for rank, value in enumerate(noise_states):
+                tensors[f"rng.noise.{rank}"] = value
+        meta = {
+            "train_step": self.step,
+            "micro": self.micro,
+            "since": self.since,
+            "world": self.dist.world,
+            "optimizer": json.dumps(optim_meta),
+            "log": {"steps": self.log.steps, "losses": self.log.losses},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore :meth:`state` (weights and EMA are loaded by the caller)."""
+        if int(meta.get("world", 1)) != self.dist.world:
+            raise ValueError(f"the checkpoint was written by {meta.get('world')} ranks; this run "
+                             f"has {self.dist.world}: the data order would not continue")
+        load_optimizer_state(self.optim, {k: v.to(self.device) for k, v in tensors.items()
+                                          if k.startswith("optim.")},
+                             json.loads(meta["optimizer"]))
+        self.order = tensors["trainer.order"].to(self.device)
+        self.running = tensors["trainer.running"].to(self.device).clone()
+        self.first_bad = tensors["trainer.first_bad"].to(self.device).clone()
+        self.generator.set_state(tensors["rng.data"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        if self.dist.active:
+            self.noise.set_state(tensors[f"rng.noise.{self.dist.rank}"])
+        self.step = int(meta["train_step"])
+        self.micro = int(meta["micro"])
+        self.since = int(meta["since"])
+        self.log = TrainLog(list(meta["log"]["steps"]), list(meta["log"]["losses"]))
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.last_checkpoint = self.step
+
+    def _broadcast_parameters(self) -> None:
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for tensor in [*self.model.parameters(), *self.model.buffers()]:
+                dist.broadcast(tensor, src=0)
 
 
 def fit(
@@ -69,53 +493,13 @@ def fit(
     optimizer: Optimizer,
     settings: TrainSettings,
     *,
-    generator: torch.Generator,
+    seed: int = 0,
     ema: EMA | None = None,
     on_log: Callable[[int, float], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> TrainLog:
-    """Minimise ``objective`` over ``data`` (on the model's device) for ``settings.steps``."""
-    model.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optim = optimizer.create(parameters)
-    n = data.shape[0]
-    batch = min(settings.batch_size, n)
-    per_epoch = n // batch
-    order = torch.randperm(n, device=data.device, generator=generator)
-    running = torch.zeros((), device=data.device)
-    since = 0
-    log = TrainLog()
-    for step in range(1, settings.steps + 1):
-        slot = (step - 1) % per_epoch
-        if slot == 0 and step > 1:
-            order = torch.randperm(n, device=data.device, generator=generator)
-        x0 = data[order[slot * batch:(slot + 1) * batch]]
-        loss = objective.loss(model, x0, generator)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        if settings.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
-        optim.step()
-        if ema is not None:
-            ema.update(model.network)
-        running += loss.detach()
-        since += 1
-        if step % settings.log_every == 0 or step == settings.steps:
-            mean = float(running) / since  # the only host sync, every log_every steps
-            if not math.isfinite(mean):
-                raise TrainingDiverged(f"loss became {mean} by step {step}")
-            log.steps.append(step)
-            log.losses.append(mean)
-            if on_log is not None:
-                on_log(step, mean)
-            running.zero_()
-            since = 0
-        if on_checkpoint is not None and settings.checkpoint_every and (
-            step % settings.checkpoint_every == 0
-        ):
-            on_checkpoint(step)
-        if progress is not None:
-            progress(1)
-    model.eval()
-    return log
+    """Minimise ``objective`` over ``data`` for ``settings.steps`` (a one-shot :class:`Trainer`)."""
+    trainer = Trainer(model, objective, data, optimizer, settings, seed=seed, ema=ema)
+    return trainer.run(settings.steps, on_log=on_log, on_checkpoint=on_checkpoint,
+                       progress=progress)

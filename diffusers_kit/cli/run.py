@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.markup import escape
 
 from diffusers_kit.spec import load_spec
 
@@ -19,22 +20,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "data and report always run")
     parser.add_argument("--from", dest="from_dir", metavar="RUN_DIR",
                         help="take checkpoint.safetensors from this earlier run folder")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the interrupted (or finished) run in RUN_DIR from its "
+                             "checkpoint; train.steps may be raised to train longer")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
     from diffusers_kit.graph import execute, summary_table
-    from diffusers_kit.train import TrainingDiverged
+    from diffusers_kit.train import TrainingDiverged, TrainingInterrupted
 
     spec, document = load_spec(args.spec, args.overrides)
     console = Console(stderr=True)
     try:
-        run = execute(spec, document, only=args.only, from_dir=args.from_dir, console=console,
-                      quiet=args.quiet)
+        run = execute(spec, document, only=args.only, from_dir=args.from_dir,
+                      resume=args.resume, console=console, quiet=args.quiet)
     except TrainingDiverged as exc:
-        console.print(f"[bold red]training stopped:[/] {exc}; the last checkpoint is kept")
+        console.print(f"[bold red]training stopped:[/] {escape(str(exc))}", soft_wrap=True)
         return 1
+    except TrainingInterrupted as exc:
+        where = "a checkpoint was written" if exc.saved else "no checkpoint was written"
+        folder = escape(str(exc.run_dir)) if exc.run_dir else "RUN_DIR"
+        console.print(f"[yellow]interrupted after step {exc.step}[/]; {where}. Continue with "
+                      f"[bold]dkit run {escape(args.spec)} --resume {folder}[/]", soft_wrap=True)
+        return 130
+    if run.dir is None:  # a data-parallel rank other than 0
+        return 0
     out = Console()
     out.print(summary_table(run))
     out.print(f"results in [bold]{run.dir}[/] (samples.png, metrics.json, checkpoint.safetensors)",

@@ -10,10 +10,13 @@ import torch
 
 @dataclass
 class DataSplits:
-    """Training and held-out data (float32, model space, first dimension = examples)."""
+    """Training and held-out data (float32, model space, first dimension = examples), with
+    integer class labels when the data set has them (for class-conditional networks)."""
 
     train: torch.Tensor
     heldout: torch.Tensor
+    train_labels: torch.Tensor | None = None
+    heldout_labels: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -29,6 +32,7 @@ class Dataset:
     """
 
     modality: Literal["image", "points"] = "image"
+    num_classes: int | None = None
 
     def load(self) -> DataSplits:
         raise NotImplementedError

@@ -19,6 +19,7 @@ class Digits(Dataset):
     """
 
     modality = "image"
+    num_classes = 10
 
     def __init__(
         self,
@@ -33,14 +34,18 @@ class Digits(Dataset):
     def load(self) -> DataSplits:
         from sklearn.datasets import load_digits
 
-        images = load_digits().images.astype(np.float32) / 16.0  # (1797, 8, 8) in [0, 1]
+        bunch = load_digits()
+        images = bunch.images.astype(np.float32) / 16.0  # (1797, 8, 8) in [0, 1]
         if self.scale == "symmetric":
             images = images * 2.0 - 1.0
         order = np.random.default_rng(self.split_seed).permutation(len(images))
         n_heldout = round(len(images) * self.heldout_fraction)
         data = torch.from_numpy(images[order]).unsqueeze(1)
+        labels = torch.from_numpy(bunch.target[order].astype(np.int64))
         return DataSplits(train=data[n_heldout:].contiguous(),
-                          heldout=data[:n_heldout].contiguous())
+                          heldout=data[:n_heldout].contiguous(),
+                          train_labels=labels[n_heldout:].contiguous(),
+                          heldout_labels=labels[:n_heldout].contiguous())
 
     def to_display(self, x: torch.Tensor) -> torch.Tensor:
         x = (x + 1.0) / 2.0 if self.scale == "symmetric" else x

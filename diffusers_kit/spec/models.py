@@ -8,7 +8,7 @@ parameters against the component's own signature-derived model (see :mod:`regist
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,7 +47,17 @@ class TrainSection(Section):
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0, description="0 disables the EMA")] = 0.999
     grad_clip: Annotated[float | None, Field(gt=0.0)] = 1.0
     log_every: Annotated[int, Field(ge=1)] = 50
-    checkpoint_every: Annotated[int, Field(ge=0, description="0: only at the end")] = 0
+    checkpoint_every: Annotated[int, Field(
+        ge=0, description="write the resumable checkpoint every N steps (0: only at the end)")] = 0
+    lr_schedule: Annotated[Literal["constant", "cosine"], Field(
+        description="after warm-up: constant, or cosine decay to min_lr_ratio x lr")] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0, description="linear learning-rate warm-up")] = 0
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1, description="cosine decay's floor")] = 0.0
+    grad_accumulation: Annotated[int, Field(
+        ge=1, description="micro-batches of batch_size per optimizer step")] = 1
+    precision: Annotated[Literal["fp32", "bf16", "fp16"], Field(
+        description="mixed precision (fp16 with a gradient scaler, CUDA only)")] = "fp32"
+    compile: Annotated[bool, Field(description="torch.compile the network")] = False
 
 
 class SampleSection(Section):
