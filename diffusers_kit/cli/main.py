@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from diffusers_kit.spec.errors import SpecError
 
-COMMANDS = ("run", "validate", "schema", "plugins", "process")
+COMMANDS = ("run", "validate", "schema", "plugins", "process", "sample", "likelihood")
 
 USER_ERROR = 2
 
