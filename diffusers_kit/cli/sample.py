@@ -104,12 +104,23 @@ def sample_command(args: argparse.Namespace) -> int:
     picture.save(out / "samples.png")
     info: dict = {"solver": components.resolved["sample"]["solver"], "n": n, "seed": seed,
                   "nfe": result.nfe, "nfe_per_sample_batch": result.nfe, "seconds": seconds}
-    if args.progressive and result.x0_predictions and image:
+    if args.progressive:
+        # Diffusion.sample merges only trajectories across batches: draw the few progressive
+        # rows directly from the solver, with the sampling weights
         rows = min(8, n)
-        frames = torch.stack([x[:rows].float().cpu() for x in result.x0_predictions], 1)
-        strip = dataset.to_display(frames.flatten(0, 1))
-        image_grid(strip, len(result.x0_predictions)).save(out / "progressive.png")
-        info["progressive_times"] = result.times
+        shape = (rows, *diffusion.network.data_shape)
+        with diffusion.sampling_weights() as model, torch.no_grad():
+            generator = torch.Generator(diffusion.device).manual_seed(seed)
+            progressive = solver.sample(model, shape, generator=generator)
+        if progressive.x0_predictions:
+            frames = torch.stack([x.float().cpu() for x in progressive.x0_predictions], 1)
+            columns = len(progressive.x0_predictions)
+            if image:
+                strip = image_grid(dataset.to_display(frames.flatten(0, 1)), columns)
+            else:
+                strip = scatter_plot(frames[:, -1], components.data.heldout)
+            strip.save(out / "progressive.png")
+            info["progressive_times"] = progressive.times
     if args.interpolate:
         held = components.data.heldout
         pairs = min(args.pairs, len(held) // 2)
