@@ -36,8 +36,17 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
 def save_checkpoint(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None
 ) -> None:
-    """Save tensors (made contiguous, on the CPU) with JSON-encoded metadata, atomically."""
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    """Save tensors (made contiguous, on the CPU) with JSON-encoded metadata, atomically.
+
+    Tensors that share storage (a buffer in both the weights and the EMA state) are copied:
+    safetensors stores every tensor on its own."""
+    flat: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        where = (value.untyped_storage().data_ptr(), value.storage_offset())
+        flat[key] = value.clone() if where in seen else value
+        seen.add(where)
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     atomic_write_bytes(Path(path), lambda tmp: save_file(flat, tmp, metadata=meta))
 

@@ -37,6 +37,7 @@ from diffusers_kit.objectives.base import Objective
 from diffusers_kit.optim import Optimizer
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LOSS_WINDOW = 256
 
 
 class TrainingDiverged(RuntimeError):
@@ -247,6 +248,12 @@ class Trainer:
         self.step = 0
         self.running = torch.zeros((), device=device)
         self.first_bad = torch.full((), math.inf, device=device)
+        # the losses of the last few steps, on the device: one copy per step, folded into
+        # running / first_bad every len(window) steps and at log points (no host sync)
+        self.window = torch.zeros(min(settings.log_every, LOSS_WINDOW), device=device)
+        self.window_steps = torch.arange(1, len(self.window) + 1, device=device,
+                                         dtype=torch.float32)
+        self.filled = 0
         self.since = 0
         self.log = TrainLog()
         self.last_checkpoint: int | None = None
@@ -339,11 +346,11 @@ class Trainer:
                 step = self.step + 1
                 loss = self.train_step(step)
                 self.step = step
-                self.running += loss
-                # the first non-finite step, kept on the device: no sync here
-                self.first_bad = torch.minimum(
-                    self.first_bad, torch.where(torch.isfinite(loss), math.inf, float(step)))
+                self.window[self.filled] = loss
+                self.filled += 1
                 self.since += 1
+                if self.filled == len(self.window):
+                    self._fold()
                 if step % settings.log_every == 0 or step == until:
                     self._log_point(step, on_log)
                     if self.dist.active and self._any_rank(stop.requested):
@@ -354,6 +361,18 @@ class Trainer:
                     progress(1)
         self.model.eval()
         return self.log
+
+    def _fold(self) -> None:
+        """Add the window's losses to ``running`` and note its first non-finite step, on the
+        device (the steps of the window are ``step - filled + 1 .. step``)."""
+        if self.filled == 0:
+            return
+        losses = self.window[:self.filled]
+        self.running += losses.sum()
+        steps = self.window_steps[:self.filled] + float(self.step - self.filled)
+        bad = torch.where(torch.isfinite(losses), math.inf, steps).min()
+        self.first_bad = torch.minimum(self.first_bad, bad)
+        self.filled = 0
 
     def _any_rank(self, flag: bool) -> bool:
         import torch.distributed as dist
@@ -380,6 +399,7 @@ class Trainer:
         return value
 
     def _check_finite(self, step: int) -> None:
+        self._fold()
         first_bad = self.first_bad
         if self.dist.active:
             import torch.distributed as dist
@@ -430,6 +450,7 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything a resumed run needs besides the weights and EMA: (tensors, metadata)."""
+        self._fold()
         tensors, optim_meta = optimizer_state(self.optim)
         tensors["trainer.order"] = self.order
         tensors["trainer.running"] = self.running

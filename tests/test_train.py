@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -280,11 +281,13 @@ def test_two_data_parallel_cpu_ranks_end_identical_and_only_rank_zero_writes(tmp
     spec = moons_spec(tmp_path, steps=30)
     weights = tmp_path / "weights"
     weights.mkdir()
-    env_port = str(29500 + os.getpid() % 1000)
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     process = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", env_port, "-m", "tests.train_child", "--save-rank-weights",
-         str(weights), "--", "run", str(spec), "--quiet"],
+         "--master_addr", "127.0.0.1", "--master_port", port, "-m", "tests.train_child",
+         "--save-rank-weights", str(weights), "--", "run", str(spec), "--quiet"],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, err = process.communicate(timeout=300)

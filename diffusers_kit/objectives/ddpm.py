@@ -30,7 +30,6 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.objectives.base import Objective, mean_dims
-from diffusers_kit.objectives.dsm import step_times
 from diffusers_kit.processes import gaussian
 from diffusers_kit.processes.base import expand
 
@@ -93,6 +92,31 @@ def vlb_term(process: NoiseProcess, x0: Tensor, x_t: Tensor, t: Tensor, model_me
 
 
 class _DDPMObjective(Objective):
+    _tables: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, Tensor]]
+
+    def marginal_at_steps(self, process: NoiseProcess, t: Tensor, like: Tensor,
+                          index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(alpha_i, sigma_i)`` of the steps ``i = t T`` from a table built once per process,
+        device and dtype (from ``process.marginal`` in float64), shaped to broadcast on ``like``."""
+        if not hasattr(self, "_tables"):
+            self._tables = {}
+        key = (id(process), like.device, like.dtype)
+        if key not in self._tables:
+            steps = process.num_steps
+            grid = torch.arange(steps + 1, dtype=torch.float64) / steps
+            alpha, sigma = process.marginal(grid)
+            self._tables = {key: (alpha.to(like.device, like.dtype),
+                                  sigma.to(like.device, like.dtype))}
+        alpha, sigma = self._tables[key]
+        if index is None:
+            index = torch.round(t * process.num_steps).long()
+        return expand(alpha[index], like), expand(sigma[index], like)
+
+    def noised(self, process: NoiseProcess, x0: Tensor, t: Tensor, noise: Tensor,
+               index: Tensor | None = None) -> Tensor:
+        alpha, sigma = self.marginal_at_steps(process, t, x0, index)
+        return alpha * x0 + sigma * noise
+
     def check(self, process: NoiseProcess, network: Network) -> str | None:
         if process.num_steps is None or not hasattr(process, "step_index"):
             return "a discrete process with steps i / T (ddpm or constant_sigma)"
@@ -100,9 +124,13 @@ class _DDPMObjective(Objective):
 
     def draw(self, model: ScoreModel, x0: Tensor, generator: torch.Generator | None
              ) -> tuple[Tensor, Tensor]:
-        t = step_times(model.process, x0.shape[0], device=x0.device, generator=generator)
+        steps = model.process.num_steps
+        assert steps is not None
+        # the same draws as dsm.step_times, keeping the integer steps for the table lookup
+        index = torch.randint(1, steps + 1, (x0.shape[0],), device=x0.device,
+                              generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        return t, noise
+        return index, noise
 
     def loss(
         self,
@@ -111,11 +139,13 @@ class _DDPMObjective(Objective):
         generator: torch.Generator | None = None,
         labels: Tensor | None = None,
     ) -> Tensor:
-        t, noise = self.draw(model, x0, generator)
-        return self.per_example(model, x0, t, noise, labels).mean()
+        index, noise = self.draw(model, x0, generator)
+        t = index.float() / model.process.num_steps
+        return self.per_example(model, x0, t, noise, labels, index).mean()
 
     def per_example(self, model: ScoreModel, x0: Tensor, t: Tensor, noise: Tensor,
-                    labels: Tensor | None = None) -> Tensor:
+                    labels: Tensor | None = None, index: Tensor | None = None) -> Tensor:
+        """The loss per example at times ``t = index / T`` (``index`` saves a rounding)."""
         raise NotImplementedError
 
 
@@ -157,9 +187,9 @@ class SimpleLoss(_DDPMObjective):
         return reason
 
     def per_example(self, model: ScoreModel, x0: Tensor, t: Tensor, noise: Tensor,
-                    labels: Tensor | None = None) -> Tensor:
+                    labels: Tensor | None = None, index: Tensor | None = None) -> Tensor:
         """``|| target - target_theta ||^2`` averaged over dimensions; ``(B,)``."""
-        x_t, _ = model.process.marginal_sample(x0, t, noise)
+        x_t = self.noised(model.process, x0, t, noise, index)
         prediction, _ = model.split(model(x_t, t, labels))
         return _simple(model, x0, x_t, t, noise, prediction, self.target)
 
@@ -191,9 +221,9 @@ class VariationalBound(_DDPMObjective):
         return reason
 
     def per_example(self, model: ScoreModel, x0: Tensor, t: Tensor, noise: Tensor,
-                    labels: Tensor | None = None) -> Tensor:
+                    labels: Tensor | None = None, index: Tensor | None = None) -> Tensor:
         """``L_T + T L_{i-1}`` per example, in bits per dimension; ``(B,)``."""
-        x_t, _ = model.process.marginal_sample(x0, t, noise)
+        x_t = self.noised(model.process, x0, t, noise, index)
         prediction, v = model.split(model(x_t, t, labels))
         return _vlb_bits(model, x0, x_t, t, prediction, v, self.variance, self.decoder_bins)
 
@@ -221,9 +251,9 @@ class HybridLoss(_DDPMObjective):
         return reason
 
     def per_example(self, model: ScoreModel, x0: Tensor, t: Tensor, noise: Tensor,
-                    labels: Tensor | None = None) -> Tensor:
+                    labels: Tensor | None = None, index: Tensor | None = None) -> Tensor:
         """``L_simple + lambda L_vlb`` per example, the mean stopped inside L_vlb; ``(B,)``."""
-        x_t, _ = model.process.marginal_sample(x0, t, noise)
+        x_t = self.noised(model.process, x0, t, noise, index)
         prediction, v = model.split(model(x_t, t, labels))
         simple = _simple(model, x0, x_t, t, noise, prediction, "auto")
         vlb = _vlb_bits(model, x0, x_t, t, prediction.detach(), v, "learned",
