@@ -103,7 +103,7 @@ class Diffusion:
             train = data.train
         else:
             train = data
-        if getattr(self.network, "num_classes", None) is None:
+        if self.network.num_classes is None and not self.objective.needs_labels:
             labels = None
         elif labels is not None:
             labels = labels.to(self.device)

@@ -105,6 +105,7 @@ def build_components(
     document: Document | None = None,
     registry: Registry | None = None,
     distributed: Distributed | None = None,
+    stages: set[str] | None = None,
 ) -> Components:
     """Build every component of ``spec`` (loading the data for the network's shape)."""
     registry = registry or get_registry()
@@ -144,6 +145,12 @@ def build_components(
                 data.train_labels is None):
             builder.issue(("network", "num_classes"), "a data set with class labels (this one "
                           "has none); leave num_classes out", network.num_classes)
+        if objective.needs_labels and data is not None and data.train_labels is None:
+            builder.issue(("data", "kind"), f"a data set with class labels for objective "
+                          f"{spec.objective['kind']!r}", spec.data["kind"])
+        if network.prediction == "logits" and stages is not None and "sample" in stages:
+            builder.issue(("network", "kind"), "a denoising network to sample from (train a "
+                          "classifier with --only train)", spec.network["kind"])
     if builder.issues:
         raise SpecError(builder.issues, document.origin if document else None)
     resolved = spec.model_dump()
@@ -410,7 +417,7 @@ def execute(
             raise SpecError([SpecIssue(("--from",), f"a run folder holding {CHECKPOINT}",
                                        str(from_path), None, "command line")])
     distributed = distributed_from_env(resolve_device(spec.device).type)
-    components = build_components(spec, document, distributed=distributed)
+    components = build_components(spec, document, distributed=distributed, stages=stages)
     resume_step = 0
     if resume_path is not None:
         resume_step = check_resumable(resume_path, components.resolved)

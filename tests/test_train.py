@@ -308,3 +308,26 @@ def test_two_data_parallel_cpu_ranks_end_identical_and_only_rank_zero_writes(tmp
     for key in rank0:
         assert torch.equal(saved[f"network.{key}"], rank0[key])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moons.yaml", "runs", "weights"]
+
+
+def test_a_classifier_trains_with_only_train_and_cannot_be_sampled(tmp_path, capsys):
+    spec = moons_spec(tmp_path, steps=10).read_text()
+    spec = (spec.replace("{kind: two_moons, n_train: 512, n_heldout: 128}",
+                         "{kind: gaussian_mixture, components: 3, n_train: 512, n_heldout: 64}")
+                .replace("{kind: mlp, width: 16, blocks: 1, dropout: 0.1}",
+                         "{kind: classifier, num_classes: 3, channels: 8}")
+                .replace("objective: {kind: dsm}", "objective: {kind: classification}"))
+    path = tmp_path / "classifier.yaml"
+    path.write_text(spec)
+    code, _, err = run_cli(["run", str(path)], capsys)
+    assert code == 2 and "--only train" in err and not run_dirs(tmp_path)
+    code, _, err = run_cli(["run", str(path), "--only", "train", "--quiet"], capsys)
+    assert code == 0, err
+    (run_dir,) = run_dirs(tmp_path)
+    assert (run_dir / "checkpoint.safetensors").is_file()
+    assert math.isfinite(json.loads((run_dir / "metrics.json").read_text())["train_loss"])
+    no_labels = spec.replace("{kind: gaussian_mixture, components: 3, n_train: 512, "
+                             "n_heldout: 64}", "{kind: two_moons}")
+    path.write_text(no_labels)
+    code, _, err = run_cli(["run", str(path), "--only", "train"], capsys)
+    assert code == 2 and "class labels" in err

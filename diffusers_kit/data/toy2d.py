@@ -33,6 +33,10 @@ class Toy2D(Dataset):
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
+    def labels(self) -> torch.Tensor | None:
+        """Class labels of the last draw, for sets that have classes."""
+        return None
+
     def load(self) -> DataSplits:
         generator = torch.Generator().manual_seed(self.seed)
         n = self.n_train + self.n_heldout
@@ -40,7 +44,10 @@ class Toy2D(Dataset):
         if self.noise > 0:
             points = points + self.noise * torch.randn(n, 2, generator=generator)
         points = points.float().contiguous()
-        return DataSplits(train=points[: self.n_train], heldout=points[self.n_train:])
+        labels = self.labels()
+        return DataSplits(train=points[: self.n_train], heldout=points[self.n_train:],
+                          train_labels=None if labels is None else labels[: self.n_train],
+                          heldout_labels=None if labels is None else labels[self.n_train:])
 
 
 class TwoMoons(Toy2D):
@@ -109,7 +116,8 @@ class Checkerboard(Toy2D):
 
 
 class GaussianMixture(Toy2D):
-    """Equal-weight isotropic Gaussians at ``components`` points evenly spaced on a circle.
+    """Equal-weight isotropic Gaussians at ``components`` points evenly spaced on a circle; the
+    component is each point's class label.
 
     Args:
         components: number of Gaussians.
@@ -127,6 +135,8 @@ class GaussianMixture(Toy2D):
                  seed: Annotated[int, Field(ge=0)] = 0) -> None:
         super().__init__(n_train, n_heldout, 0.0, seed)
         self.components, self.radius, self.std = components, radius, std
+        self.num_classes = components
+        self._labels: torch.Tensor | None = None
 
     def means(self) -> torch.Tensor:
         angle = 2 * math.pi * torch.arange(self.components) / self.components
@@ -134,4 +144,8 @@ class GaussianMixture(Toy2D):
 
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
         which = torch.randint(0, self.components, (n,), generator=generator)
+        self._labels = which
         return self.means()[which] + self.std * torch.randn(n, 2, generator=generator)
+
+    def labels(self) -> torch.Tensor | None:
+        return self._labels

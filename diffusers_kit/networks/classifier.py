@@ -3,7 +3,8 @@
 Trained on noised inputs ``x_t`` at every noise level, its gradient ``grad_x log p(y | x_t, t)``
 is the term guidance adds to the unconditional score (Song et al. 2021, eq. 14). For images it is
 the down-sampling half of the U-Net followed by attention-free global average pooling; for vector
-data a residual MLP. The output is ``(B, num_classes)`` logits.
+data a residual MLP. The output is ``(B, num_classes)`` logits. Train it with
+``objective: {kind: classification}``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class NoiseAwareClassifier(Network):
         data_shape: tuple[int, ...],
     ) -> None:
         nn.Module.__init__(self)
-        self.num_classes = num_classes
+        self.num_labels = num_classes  # outputs; num_classes (a conditioning input) stays None
         self.data_shape = tuple(int(s) for s in data_shape)
         self.time = TimeEmbedding(channels)
         e = self.time.out_dim

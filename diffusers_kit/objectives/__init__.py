@@ -1,6 +1,7 @@
 """Training objectives (kind ``objective``)."""
 
 from diffusers_kit.objectives.base import Objective
+from diffusers_kit.objectives.classification import NoisyClassification
 from diffusers_kit.objectives.ddpm import HybridLoss, SimpleLoss, VariationalBound
 from diffusers_kit.objectives.dsm import DenoisingScoreMatching
 from diffusers_kit.objectives.score_matching import ImplicitScoreMatching, SlicedScoreMatching
@@ -12,6 +13,7 @@ REGISTER = [
     ("objective", "ddpm_simple", SimpleLoss),
     ("objective", "ddpm_vlb", VariationalBound),
     ("objective", "ddpm_hybrid", HybridLoss),
+    ("objective", "classification", NoisyClassification),
 ]
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "DenoisingScoreMatching",
     "HybridLoss",
     "ImplicitScoreMatching",
+    "NoisyClassification",
     "Objective",
     "SimpleLoss",
     "SlicedScoreMatching",

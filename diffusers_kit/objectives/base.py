@@ -17,10 +17,16 @@ class Objective:
 
     ``check(process, network)`` returns why the pair cannot be trained with this objective (the
     run graph reports it as a spec error before anything runs), or None.
-    ``labels`` are class labels for class-conditional networks (None otherwise).
+    ``labels`` are class labels for class-conditional networks (None otherwise); an objective
+    with ``needs_labels`` always gets them (the data set must have some).
     """
 
+    needs_labels: bool = False
+
     def check(self, process: NoiseProcess, network: Network) -> str | None:
+        if network.prediction == "logits":
+            return ("a denoising network: a classifier network is trained with objective "
+                    "kind: classification")
         return None
 
     def loss(

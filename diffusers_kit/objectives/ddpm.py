@@ -118,6 +118,8 @@ class _DDPMObjective(Objective):
         return alpha * x0 + sigma * noise
 
     def check(self, process: NoiseProcess, network: Network) -> str | None:
+        if reason := super().check(process, network):
+            return reason
         if process.num_steps is None or not hasattr(process, "step_index"):
             return "a discrete process with steps i / T (ddpm or constant_sigma)"
         return None
