@@ -116,8 +116,7 @@ class Checkerboard(Toy2D):
 
 
 class GaussianMixture(Toy2D):
-    """Equal-weight isotropic Gaussians at ``components`` points evenly spaced on a circle; the
-    component is each point's class label.
+    """Equal-weight Gaussians evenly spaced on a circle, labelled by their component.
 
     Args:
         components: number of Gaussians.
