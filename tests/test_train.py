@@ -277,21 +277,26 @@ def test_resume_refuses_a_different_spec_or_a_missing_folder(tmp_path, capsys):
 
 
 # -- data parallel ---------------------------------------------------------------------------
-def test_two_data_parallel_cpu_ranks_end_identical_and_only_rank_zero_writes(tmp_path):
-    spec = moons_spec(tmp_path, steps=30)
-    weights = tmp_path / "weights"
-    weights.mkdir()
+def torchrun(args: list[str], weights: Path | None = None) -> None:
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
+    extra = ["--save-rank-weights", str(weights)] if weights is not None else []
     process = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--master_addr", "127.0.0.1", "--master_port", port, "-m", "tests.train_child",
-         "--save-rank-weights", str(weights), "--", "run", str(spec), "--quiet"],
+         *extra, "--", *args, "--quiet"],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err.decode()[-3000:]
+
+
+def test_two_data_parallel_cpu_ranks_end_identical_and_only_rank_zero_writes(tmp_path):
+    spec = moons_spec(tmp_path, steps=30)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torchrun(["run", str(spec)], weights)
     rank0 = load_file(weights / "rank0.safetensors")
     rank1 = load_file(weights / "rank1.safetensors")
     assert rank0.keys() == rank1.keys()
@@ -331,3 +336,20 @@ def test_a_classifier_trains_with_only_train_and_cannot_be_sampled(tmp_path, cap
     path.write_text(no_labels)
     code, _, err = run_cli(["run", str(path), "--only", "train"], capsys)
     assert code == 2 and "class labels" in err
+
+
+def test_a_data_parallel_run_resumes_to_the_bits_of_an_uninterrupted_one(tmp_path):
+    """Every rank's noise generator travels in rank 0's checkpoint: a 2-rank run trained to
+    step 20 and resumed to 30 ends where a 30-step 2-rank run ends (constant learning rate, so
+    that the schedule does not depend on the total)."""
+    spec = moons_spec(tmp_path, steps=30)
+    torchrun(["run", str(spec), "train.steps=20", "train.lr_schedule=constant"])
+    (first,) = run_dirs(tmp_path)
+    torchrun(["run", str(spec), "train.lr_schedule=constant", "--resume", str(first)])
+    torchrun(["run", str(spec), "train.lr_schedule=constant"])
+    (straight,) = [d for d in run_dirs(tmp_path) if d != first]
+    resumed = training_tensors(first / "checkpoint.safetensors")
+    reference = training_tensors(straight / "checkpoint.safetensors")
+    assert checkpoint_step(first / "checkpoint.safetensors") == 30
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), key
