@@ -145,6 +145,9 @@ def build_components(
                 data.train_labels is None):
             builder.issue(("network", "num_classes"), "a data set with class labels (this one "
                           "has none); leave num_classes out", network.num_classes)
+        if spec.train.compile and objective.differentiates_twice:
+            builder.issue(("train", "compile"), f"false with objective {spec.objective['kind']!r}"
+                          " (it differentiates twice, which compiled graphs cannot)", True)
         if objective.needs_labels and data is not None and data.train_labels is None:
             builder.issue(("data", "kind"), f"a data set with class labels for objective "
                           f"{spec.objective['kind']!r}", spec.data["kind"])

@@ -201,6 +201,12 @@ def test_fp16_on_a_cpu_is_a_spec_error(tmp_path, capsys):
     assert not run_dirs(tmp_path)
 
 
+def test_compile_with_a_twice_differentiating_objective_is_a_spec_error(tmp_path, capsys):
+    code, _, err = run_cli(["run", str(moons_spec(tmp_path)), "train.compile=true",
+                            "objective.kind=ism"], capsys)
+    assert code == 2 and "train.compile" in err and "differentiates twice" in " ".join(err.split())
+
+
 def test_bf16_autocast_trains_on_the_cpu():
     torch.manual_seed(0)
     data = TwoMoons(n_train=256, n_heldout=8).load()

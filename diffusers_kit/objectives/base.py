@@ -22,6 +22,7 @@ class Objective:
     """
 
     needs_labels: bool = False
+    differentiates_twice: bool = False  # grads of grads (torch.compile cannot do that)
 
     def check(self, process: NoiseProcess, network: Network) -> str | None:
         if network.prediction == "logits":

@@ -83,6 +83,7 @@ class _NoiseFreeObjective(Objective):
     """Shared part: noise the data to ``time`` and evaluate the per-example loss there."""
 
     time: float | None = None
+    differentiates_twice = True
 
     def loss(
         self,
