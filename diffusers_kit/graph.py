@@ -39,6 +39,7 @@ from diffusers_kit.train import (
     TrainingDiverged,
     TrainingInterrupted,
     distributed_from_env,
+    leave_distributed,
 )
 
 STAGES = ("data", "train", "sample", "evaluate", "report")
@@ -431,6 +432,7 @@ def execute(
         run = Run(spec, components, None, console, True, None,
                   resume_path / CHECKPOINT if resume_path else None, resume_step, distributed)
         _stage_train(run)
+        leave_distributed(distributed)
         return run
     if resume_path is not None:
         run_dir = resume_path
@@ -466,6 +468,7 @@ def execute(
             run.timings[stage.name] = time.perf_counter() - started
         get_plugin_manager().hook.dkit_run_finished(run=run,
                                                      metrics=run.results.get("metrics", {}))
+        leave_distributed(distributed)
     finally:
         run.log.removeHandler(handler)
         handler.close()

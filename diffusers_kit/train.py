@@ -155,6 +155,18 @@ def distributed_from_env(device_type: str = "cpu") -> Distributed:
     return Distributed(rank, world, local)
 
 
+def leave_distributed(distributed: Distributed) -> None:
+    """Wait for every rank (rank 0 samples and writes while the others are done), then tear the
+    process group down: a rank that exits with its group alive aborts in gloo's destructor."""
+    if not distributed.active:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # -- checkpoint state: tensors plus JSON metadata ----------------------------------------------
 def optimizer_state(optim: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     state = optim.state_dict()
