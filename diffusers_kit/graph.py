@@ -364,7 +364,7 @@ def _differences(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[str]:
     return [] if old == new else [".".join(path)]
 
 
-def check_resumable(resume_dir: Path, resolved: dict[str, Any]) -> int:
+def check_resumable(resume_dir: Path, resolved: dict[str, Any], world: int = 1) -> int:
     """The step of ``resume_dir``'s checkpoint, after checking it was trained by this spec."""
     def refuse(expected: str) -> SpecError:
         return SpecError([SpecIssue(("--resume",), expected, str(resume_dir), None,
@@ -383,6 +383,10 @@ def check_resumable(resume_dir: Path, resolved: dict[str, Any]) -> int:
         raise refuse("a checkpoint with training state (this one holds weights only)")
     changed = [d for section in TRAINING_SECTIONS
                for d in _differences(previous.get(section), resolved.get(section), (section,))]
+    ranks = int(metadata["training"].get("world", 1))
+    if ranks != world:
+        raise refuse(f"as many data-parallel ranks as the run was trained with ({ranks}; this "
+                     f"run has {world}), so that the data order continues")
     if changed:
         raise refuse("a run of this same spec: only train.steps, train.log_every, "
                      "train.checkpoint_every and the sampling / evaluation sections may change; "
@@ -424,7 +428,7 @@ def execute(
     components = build_components(spec, document, distributed=distributed, stages=stages)
     resume_step = 0
     if resume_path is not None:
-        resume_step = check_resumable(resume_path, components.resolved)
+        resume_step = check_resumable(resume_path, components.resolved, distributed.world)
     if from_path is not None and "train" not in stages:
         load_previous(components.diffusion, from_path)  # before any folder is created
     console = console or Console(stderr=True)

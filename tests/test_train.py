@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffusers_kit import VE, Adam, Diffusion, hookimpl
+from diffusers_kit.cli.main import main
 from diffusers_kit.data import TwoMoons
 from diffusers_kit.networks import MLP
 from diffusers_kit.objectives import DenoisingScoreMatching
@@ -351,6 +352,8 @@ def test_a_data_parallel_run_resumes_to_the_bits_of_an_uninterrupted_one(tmp_pat
     spec = moons_spec(tmp_path, steps=30)
     torchrun(["run", str(spec), "train.steps=20", "train.lr_schedule=constant"])
     (first,) = run_dirs(tmp_path)
+    code = main(["run", str(spec), "train.lr_schedule=constant", "--resume", str(first)])
+    assert code == 2, "one rank cannot continue a two-rank run"
     torchrun(["run", str(spec), "train.lr_schedule=constant", "--resume", str(first)])
     torchrun(["run", str(spec), "train.lr_schedule=constant"])
     (straight,) = [d for d in run_dirs(tmp_path) if d != first]
