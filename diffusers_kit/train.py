@@ -389,7 +389,7 @@ class Trainer:
     def _any_rank(self, flag: bool) -> bool:
         import torch.distributed as dist
 
-        value = torch.tensor([1.0 if flag else 0.0])
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)  # NCCL: on the GPU
         dist.all_reduce(value)
         return bool(value.item() > 0)
 
@@ -455,9 +455,10 @@ class Trainer:
             return [state]
         import torch.distributed as dist
 
+        state = state.to(self.device)  # generator states live on the CPU; NCCL needs the GPU
         states = [torch.empty_like(state) for _ in range(self.dist.world)]
         dist.all_gather(states, state)
-        return states
+        return [s.cpu() for s in states]
 
     # -- state ------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
