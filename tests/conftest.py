@@ -23,4 +23,5 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: small tensors run fastest so, and bit-identity tests need a fixed reduction order.
+torch.set_num_threads(1)
