@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -163,8 +164,18 @@ def leave_distributed(distributed: Distributed) -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
         dist.barrier()
         dist.destroy_process_group()
+        # No rank may close its sockets while a peer is still tearing its gloo context down
+        # (the peer then aborts): meet once more on the rendezvous store, which outlives the
+        # group (torchrun's agent hosts it).
+        store.add("dkit_left", 1)
+        deadline = time.monotonic() + 60
+        while int(store.add("dkit_left", 0)) < distributed.world and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 # -- checkpoint state: tensors plus JSON metadata ----------------------------------------------
