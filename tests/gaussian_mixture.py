@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from diffusers_kit.model import ScoreModel
@@ -103,12 +102,3 @@ def overlapping_modes() -> GaussianMixture:
     return GaussianMixture(weights=[0.6, 0.4], means=[[-0.5, 0.0], [0.5, 0.2]],
                            stds=[[0.4, 0.3], [0.35, 0.45]])
 
-
-@pytest.fixture(autouse=False)
-def one_thread():  # type: ignore[no-untyped-def]
-    """Run a test on one intra-op thread: the analytic target's tensors are tiny, and with two
-    threads on a shared machine torch spends 30x more time synchronising than computing."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -17,9 +17,7 @@ from diffusers_kit.likelihood import (
     variational_bound,
 )
 from diffusers_kit.processes import DDPM, VP, SubVP
-from tests.gaussian_mixture import GaussianMixture, exact_model, one_thread, three_modes
-
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+from tests.gaussian_mixture import GaussianMixture, exact_model, three_modes
 
 GAUSSIAN = GaussianMixture([1.0], [[0.3, -0.2, 0.1]], [[0.8, 0.5, 1.2]])
 

@@ -25,14 +25,6 @@ KS_P = 1e-9
 N = 4000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one thread avoids thread-pool wake-ups that dominate on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 
 def ks_bound(n: int, p: float = KS_P) -> float:

@@ -31,15 +31,6 @@ from diffusers_kit.processes.gaussian import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one thread avoids thread-pool wake-ups that dominate on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @st.composite
 def ddpms(draw: st.DrawFn) -> DDPM:
     kind = draw(st.sampled_from(["linear", "cosine", "custom", "constant"]))

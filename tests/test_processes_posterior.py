@@ -21,14 +21,6 @@ Z = 6.0
 N = 20000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one thread avoids thread-pool wake-ups that dominate on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 
 @st.composite

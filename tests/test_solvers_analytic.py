@@ -29,9 +29,7 @@ from diffusers_kit.solvers import (
     PredictorCorrector,
     ScipyODE,
 )
-from tests.gaussian_mixture import exact_model, one_thread, three_modes
-
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+from tests.gaussian_mixture import exact_model, three_modes
 
 N = 2000
 FACTOR = 1.5

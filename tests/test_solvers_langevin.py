@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from diffusers_kit.metrics.swd import random_directions, sliced_wasserstein
 from diffusers_kit.processes import VP
 from diffusers_kit.solvers import Langevin
-from tests.gaussian_mixture import GaussianMixture, exact_model, one_thread, overlapping_modes
-
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+from tests.gaussian_mixture import GaussianMixture, exact_model, overlapping_modes
 
 
 def test_langevin_variance_follows_the_linear_gaussian_recursion():

@@ -21,9 +21,7 @@ from diffusers_kit.solvers import (
     ReverseDiffusion,
     ScipyODE,
 )
-from tests.gaussian_mixture import exact_model, one_thread, three_modes
-
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+from tests.gaussian_mixture import exact_model, three_modes
 
 MIXTURE = three_modes()
 SHAPE = (64, 2)
