@@ -21,6 +21,7 @@ import torch
 
 from diffusers_kit.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
 from diffusers_kit.data.base import Dataset, DataSplits
+from diffusers_kit.devices import device_problem
 from diffusers_kit.model import ScoreModel
 from diffusers_kit.networks.base import Network
 from diffusers_kit.objectives.base import Objective
@@ -31,9 +32,15 @@ from diffusers_kit.train import EMA, Distributed, Trainer, TrainLog, TrainSettin
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else is passed to torch."""
+    """``auto`` -> CUDA when available, else CPU; a device this machine lacks is a ValueError
+    that says why (see :func:`diffusers_kit.devices.device_problem`)."""
+    if isinstance(device, torch.device):
+        return device
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    problem = device_problem(str(device))
+    if problem is not None:
+        raise ValueError(f"device {str(device)!r}: expected {problem}")
     return torch.device(device)
 
 

@@ -43,7 +43,7 @@ class NegativeLogLikelihood(Metric):
 
     def __init__(
         self,
-        n: Annotated[int, Field(ge=1)] = 128,
+        n: Annotated[int, Field(ge=1, le=1_000_000)] = 128,
         divergence: Literal["auto", "exact", "hutchinson"] = "auto",
         probe: Literal["rademacher", "gaussian"] = "rademacher",
         method: Literal["RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA"] = "RK45",
@@ -53,7 +53,7 @@ class NegativeLogLikelihood(Metric):
         low: float = -1.0,
         high: float = 1.0,
         vlb: bool = False,
-        vlb_steps: Annotated[int, Field(ge=1)] | None = None,
+        vlb_steps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None,
     ) -> None:
         if high <= low:
             raise ValueError(f"high ({high}) must exceed low ({low})")

@@ -44,7 +44,7 @@ class SlicedWasserstein(Metric):
     A ratio near 1 means the samples are as close to the held-out data as real data is.
     """
 
-    def __init__(self, projections: Annotated[int, Field(ge=1)] = 1024) -> None:
+    def __init__(self, projections: Annotated[int, Field(ge=1, le=65_536)] = 1024) -> None:
         self.projections = projections
 
     def evaluate(

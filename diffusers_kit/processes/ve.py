@@ -38,7 +38,7 @@ class VE(NoiseProcess):
         self,
         sigma_min: Annotated[float, Field(gt=0)] = 0.01,
         sigma_max: Annotated[float, Field(gt=0)] = 50.0,
-        num_levels: Annotated[int, Field(ge=2)] = 10,
+        num_levels: Annotated[int, Field(ge=2, le=100_000)] = 10,
     ) -> None:
         if sigma_max <= sigma_min:
             raise ValueError(f"sigma_max ({sigma_max}) must exceed sigma_min ({sigma_min})")

@@ -42,7 +42,7 @@ class AnnealedLangevin(Solver):
 
     def __init__(
         self,
-        steps_per_level: Annotated[int, Field(ge=1)] = 100,
+        steps_per_level: Annotated[int, Field(ge=1, le=100_000)] = 100,
         epsilon: Annotated[float, Field(gt=0)] = 2e-5,
         denoise: bool = True,
         keep_trajectory: bool = False,
@@ -117,7 +117,7 @@ class Langevin(Solver):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1)] = 1000,
+        steps: Annotated[int, Field(ge=1, le=100_000)] = 1000,
         step_size: Annotated[float, Field(gt=0)] = 1e-3,
         time: Annotated[float, Field(ge=0, le=1)] | None = None,
         init: Literal["normal", "prior"] = "normal",

@@ -244,7 +244,7 @@ class EulerODE(_FixedStepODE):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1)] = 100,
+        steps: Annotated[int, Field(ge=1, le=100_000)] = 100,
         spacing: Spacing = "edm",
         rho: Annotated[float, Field(gt=0)] = 7.0,
         keep_trajectory: bool = False,
@@ -274,7 +274,7 @@ class HeunODE(_FixedStepODE):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1)] = 18,
+        steps: Annotated[int, Field(ge=1, le=100_000)] = 18,
         spacing: Spacing = "edm",
         rho: Annotated[float, Field(gt=0)] = 7.0,
         keep_trajectory: bool = False,
@@ -310,7 +310,7 @@ class DPMSolver2M(_FixedStepODE):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1)] = 20,
+        steps: Annotated[int, Field(ge=1, le=100_000)] = 20,
         spacing: Spacing = "edm",
         rho: Annotated[float, Field(gt=0)] = 7.0,
         keep_trajectory: bool = False,

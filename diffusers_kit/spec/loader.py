@@ -10,6 +10,12 @@ import yaml
 
 from diffusers_kit.spec.errors import Path, SpecError, SpecIssue
 
+# A spec is a few hundred lines; these bounds are far above any real one and far below what
+# exhausts memory or the interpreter's stack (PyYAML composes recursively).
+MAX_SPEC_BYTES = 1 << 20
+MAX_DEPTH = 48
+MAX_NODES = 200_000  # scalars, mappings and sequences, counting every alias expanded
+
 
 @dataclass
 class Document:
@@ -22,6 +28,11 @@ class Document:
 
     def locate(self, path: Path) -> tuple[int | None, str]:
         """The line and origin of ``path``; falls back to the nearest enclosing value."""
+        # a field the command line created (an unknown override) is blamed on the command line,
+        # not on the file line of the section that happens to enclose it
+        for known, text in self.overridden.items():
+            if known[: len(path)] == path and path not in self.lines:
+                return None, f"command line '{text}'"
         for cut in range(len(path), -1, -1):
             prefix = path[:cut]
             if prefix in self.overridden:
@@ -50,9 +61,70 @@ def _record_lines(node: yaml.Node, path: Path, lines: dict[Path, int], issues: l
             _record_lines(item, path + (index,), lines, issues, origin)
 
 
+def _limits_issue(expected: str, given: str, line: int | None, origin: str) -> SpecError:
+    return SpecError([SpecIssue((), expected, given, line, origin)], origin)
+
+
+def _check_structure(text: str, origin: str) -> None:
+    """Refuse documents that are too big, too deep, or that expand through aliases (a "billion
+    laughs" document) before anything recursive or quadratic walks them.
+
+    Works on PyYAML's event stream, which the parser produces without recursion; an alias counts
+    the size of the whole node it repeats, so the count is the size of the expanded document."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise _limits_issue(f"a spec of at most {MAX_SPEC_BYTES} characters",
+                            f"{len(text)} characters", None, origin)
+    size_of_anchor: dict[str, int] = {}
+    # one frame per open collection: [its anchor, the values inside it so far]
+    stack: list[list[Any]] = []
+    total = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, count = stack.pop()
+            if anchor is not None:
+                size_of_anchor[anchor] = count
+            if stack:
+                stack[-1][1] += count
+            continue
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(stack) >= MAX_DEPTH:
+                raise _limits_issue(f"values nested at most {MAX_DEPTH} levels deep",
+                                    "deeper nesting", line, origin)
+            stack.append([event.anchor, 1])
+            total += 1
+            continue
+        if isinstance(event, yaml.ScalarEvent):
+            size = 1
+            if event.anchor is not None:
+                size_of_anchor[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            # an alias to an anchor still open would be a recursive structure: refused too
+            if event.anchor not in size_of_anchor:
+                raise _limits_issue("aliases (*name) only to a complete earlier anchor (&name)",
+                                    f"*{event.anchor}", line, origin)
+            size = size_of_anchor[event.anchor]
+        else:
+            continue
+        total += size
+        if stack:
+            stack[-1][1] += size
+        if total > MAX_NODES:
+            raise _limits_issue(f"a spec of at most {MAX_NODES} values, counting what aliases "
+                                "(*name) repeat", "more (a document that repeats itself through "
+                                "aliases?)", line, origin)
+
+
+def parse_value(raw: str, origin: str) -> Any:
+    """One YAML value (a command-line override or option), under the same limits as a file."""
+    _check_structure(raw, origin)
+    return yaml.safe_load(raw)
+
+
 def parse_yaml(text: str, origin: str) -> Document:
     """Parse spec text with PyYAML's safe loader; malformed or unsafe YAML is a spec error."""
     try:
+        _check_structure(text, origin)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.load(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -109,7 +181,10 @@ def apply_overrides(document: Document, overrides: list[str]) -> Document:
                                     None, origin))
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = parse_value(raw, origin) if raw.strip() else ""
+        except SpecError as exc:
+            issues.extend(exc.issues)
+            continue
         except yaml.YAMLError as exc:
             issues.append(SpecIssue(tuple(parts), "a YAML value", f"{raw} ({exc})", None, origin))
             continue
