@@ -1,14 +1,21 @@
-"""Checkpoints in safetensors (no pickle), written atomically: temporary file, fsync, rename."""
+"""Checkpoints in safetensors (no pickle), written atomically: temporary file, fsync, rename.
+
+Every checkpoint carries a SHA-256 checksum of its tensors and metadata, verified on load; a
+file that is missing, empty, truncated, corrupt or damaged raises :class:`CheckpointError`
+naming the file and the problem."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -48,26 +55,144 @@ def save_checkpoint(
         flat[key] = value.clone() if where in seen else value
         seen.add(where)
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    meta[CHECKSUM_KEY] = checksum(flat, meta)
     atomic_write_bytes(Path(path), lambda tmp: save_file(flat, tmp, metadata=meta))
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load tensors and metadata written by :func:`save_checkpoint`."""
-    from safetensors import safe_open
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be used: missing, truncated, corrupt, foreign or incomplete.
 
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as handle:
-        raw = handle.metadata() or {}
-    return tensors, {k: json.loads(v) for k, v in raw.items()}
+    The message names the file and what is wrong with it; ``dkit`` exits with status 4."""
+
+    exit_code = 4
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+CHECKSUM_KEY = "dkit_checksum"
+_DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64",
+           "U64", "F8_E4M3", "F8_E5M2"}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) and every metadata entry, in name
+    order: a flipped bit anywhere in the file's content changes it."""
+    digest = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != CHECKSUM_KEY:
+            digest.update(json.dumps([key, metadata[key]]).encode())
+    for key in sorted(tensors):
+        value = tensors[key].detach().to("cpu").contiguous()
+        digest.update(json.dumps([key, str(value.dtype), list(value.shape)]).encode())
+        if value.numel():
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """(metadata strings, tensor index) of a safetensors file, with a clear error for a file
+    that is missing, empty, truncated or not safetensors at all."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if size == 0:
+                raise CheckpointError(path, "the file is empty (zero bytes): a write that never "
+                                      "finished, or not a checkpoint")
+            if len(head) < 8:
+                raise CheckpointError(path, f"the file is truncated ({size} bytes, shorter than "
+                                      "a safetensors header)")
+            length = struct.unpack("<Q", head)[0]
+            if length > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(path, f"not a safetensors file, or truncated: its header "
+                                      f"claims {length} bytes, the file has {size}")
+            raw = handle.read(length)
+    except FileNotFoundError:
+        raise CheckpointError(path, "no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(path, "a folder, not a checkpoint file") from None
+    except PermissionError:
+        raise CheckpointError(path, "not readable (permission denied)") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(path, "its header is not valid JSON: the file is corrupt or not "
+                              "a safetensors checkpoint") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "its header is not a JSON object: the file is corrupt")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(path, "its metadata is not a mapping of strings: corrupt")
+    data_size = size - 8 - length
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES
+                or not isinstance(entry.get("shape"), list) or not isinstance(offsets, list)
+                or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)):
+            raise CheckpointError(path, f"tensor {name!r} has a malformed entry in the header: "
+                                  "the file is corrupt")
+        if not 0 <= offsets[0] <= offsets[1] <= data_size:
+            raise CheckpointError(path, f"tensor {name!r} lies beyond the end of the file "
+                                  f"({offsets[1]} > {data_size} data bytes): truncated")
+    return metadata, header
+
+
+def _decode_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
+    decoded: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == CHECKSUM_KEY:
+            continue
+        try:
+            decoded[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise CheckpointError(path, f"metadata entry {key!r} is not valid JSON: "
+                                  "corrupt") from None
+    return decoded
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load tensors and metadata written by :func:`save_checkpoint`, verifying the checksum.
+
+    Raises :class:`CheckpointError` (naming the file) for anything but a whole, intact file.
+    A checkpoint written before checksums existed (no ``dkit_checksum`` entry) still loads."""
+    path = Path(path)
+    raw, _ = read_header(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(path, f"safetensors cannot read it ({first})") from None
+    expected = raw.get(CHECKSUM_KEY)
+    if expected is not None and checksum(tensors, raw) != expected:
+        raise CheckpointError(path, "its checksum does not match its contents: the file was "
+                              "damaged after it was written (disk, copy or edit)")
+    return tensors, _decode_metadata(path, raw)
 
 
 def load_metadata(path: Path) -> dict[str, Any]:
-    """Only the metadata of a checkpoint (no tensors are read)."""
-    from safetensors import safe_open
+    """Only the metadata of a checkpoint (the header is checked; the tensors are not read)."""
+    path = Path(path)
+    raw, _ = read_header(path)
+    return _decode_metadata(path, raw)
 
-    with safe_open(str(path), framework="pt") as handle:
-        raw = handle.metadata() or {}
-    return {k: json.loads(v) for k, v in raw.items()}
+
+def remove_orphans(folder: Path, name: str = "checkpoint.safetensors") -> list[Path]:
+    """Delete temporary files a killed :func:`atomic_write_bytes` left beside ``name``.
+
+    Only files matching its own pattern ``.<name>.*.tmp`` are touched; returns what was removed."""
+    removed = []
+    for candidate in Path(folder).glob(f".{name}.*.tmp"):
+        try:
+            if candidate.is_file() and not candidate.is_symlink():
+                candidate.unlink()
+                removed.append(candidate)
+        except OSError:
+            continue  # another process's, or not ours to delete: leave it
+    return removed
 
 
 def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

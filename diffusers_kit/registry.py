@@ -131,6 +131,7 @@ class Registry:
             raise ValueError(
                 f"{kind} {name!r} from {self._source} clashes with the one from {prior.source}"
             )
+        self._check_base(kind, name, factory)
         context = tuple(getattr(factory, "dkit_context", ()))
         params, nested = self._params_model(kind, name, factory, context)
         component = Component(
@@ -145,6 +146,28 @@ class Registry:
         )
         table[name] = component
         return component
+
+    def _check_base(self, kind: str, name: str, factory: Callable[..., Any]) -> None:
+        """A component must be (or be made by a function declared to return) a subclass of its
+        kind's base class: checked here, not discovered half-way through a run."""
+        base = self.kinds[kind].base
+        wanted = f"{base.__module__}.{base.__qualname__}"
+        if inspect.isclass(factory):
+            made = factory
+        elif callable(factory):
+            try:
+                made = typing.get_type_hints(factory).get("return")
+            except Exception:  # an unresolvable annotation: treated as undeclared
+                made = None
+            if not inspect.isclass(made):
+                raise TypeError(f"{kind} {name!r} from {self._source}: a factory function must "
+                                f"declare its return type, a subclass of {wanted}")
+        else:
+            raise TypeError(f"{kind} {name!r} from {self._source}: expected a class deriving "
+                            f"from {wanted}, given {factory!r}")
+        if not issubclass(made, base):
+            raise TypeError(f"{kind} {name!r} from {self._source}: {made.__qualname__} does not "
+                            f"derive from {wanted}, the base class of kind {kind!r}")
 
     def _nested_kind(self, annotation: Any) -> NestedParam | None:
         annotation = _strip_annotated(annotation)
@@ -260,7 +283,7 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[str, st
     Returns ``(manager, errors, sources)``: ``errors`` maps a plugin that failed to import to its
     error message (the other plugins still load); ``sources`` maps module -> distribution.
     """
-    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager = _IsolatingManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     errors: dict[str, str] = {}
     sources: dict[str, str] = {}
@@ -272,8 +295,10 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[str, st
         try:
             plugin = entry_point.load()
             manager.register(plugin, name=entry_point.name)
-        except Exception as exc:
-            errors[label] = f"{type(exc).__name__}: {exc}"
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # sys.exit() or worse in a plugin must not silence dkit
+            errors[label] = _describe(exc)
             continue
         sources[entry_point.value.split(":")[0]] = dist
     from diffusers_kit import builtin
@@ -284,36 +309,126 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[str, st
     return manager, errors, sources
 
 
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: the plugin called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _snapshot(registry: Registry) -> dict[str, set[str]]:
+    return {name: set(kind.components) for name, kind in registry.kinds.items()}
+
+
+def _roll_back(registry: Registry, before: dict[str, set[str]]) -> None:
+    """Remove what was registered since ``before``: a failed plugin leaves nothing behind."""
+    for name in list(registry.kinds):
+        if name not in before:
+            del registry.kinds[name]
+            continue
+        table = registry.kinds[name].components
+        for component in list(table):
+            if component not in before[name]:
+                del table[component]
+
+
 def collect(
     manager: pluggy.PluginManager, errors: dict[str, str], sources: dict[str, str]
 ) -> Registry:
-    """Ask every plugin (built-in first) to register its kinds and components."""
+    """Ask every plugin (built-in first) to register its kinds and components.
+
+    A plugin whose ``dkit_register`` raises (anything but KeyboardInterrupt) is reported in
+    ``registry.plugin_errors`` and everything it had registered, kinds included, is removed."""
     registry = Registry()
     registry.plugin_errors = dict(errors)
     plugins = manager.get_plugins()
     from diffusers_kit import builtin
 
     ordered = sorted(plugins, key=lambda p: p is not builtin)
+    failed: set[int] = set()
+    added: dict[int, dict[str, set[str]]] = {}  # plugin -> the registry before its kinds
     # kinds first, so that a plugin's components may nest any kind, whatever the load order
     for phase in ("kinds", "components"):
         for plugin in ordered:
-            if not hasattr(plugin, "dkit_register"):
+            if not hasattr(plugin, "dkit_register") or id(plugin) in failed:
                 continue
             registry._source = _distribution_of(plugin, sources)
             others = [p for p in plugins if p is not plugin]
             caller = manager.subset_hook_caller("dkit_register", remove_plugins=others)
+            before = _snapshot(registry)
+            if phase == "kinds":
+                added[id(plugin)] = before
             try:
                 if phase == "kinds":
                     caller(registry=_KindsOnly(registry))
                 else:
                     caller(registry=_ComponentsOnly(registry))
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
                 name = manager.get_name(plugin) or registry._source
-                registry.plugin_errors[f"{registry._source}:{name}"] = (
-                    f"{type(exc).__name__}: {exc}"
-                )
+                registry.plugin_errors[f"{registry._source}:{name}"] = _describe(exc)
+                failed.add(id(plugin))
+                _roll_back(registry, before)
+                if phase == "components":  # its kinds too, unless another plugin filled them
+                    for kind in set(registry.kinds) - set(added[id(plugin)]):
+                        if not registry.kinds[kind].components:
+                            del registry.kinds[kind]
     registry._source = BUILTIN_SOURCE
     return registry
+
+
+# -- life-cycle hooks: a plugin that raises is reported, the run goes on ----------------------
+@dataclass
+class HookFailure:
+    plugin: str
+    hook: str
+    error: str
+
+
+HOOK_FAILURES: list[HookFailure] = []
+
+
+def _contained(plugin: str, hook: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            failure = HookFailure(plugin, hook, _describe(exc))
+            HOOK_FAILURES.append(failure)
+            import sys
+
+            print(f"warning: plugin {plugin!r} failed in {hook}: {failure.error} (the run goes "
+                  "on without it)", file=sys.stderr)
+            return None
+
+    return call
+
+
+class _IsolatingManager(pluggy.PluginManager):
+    """A plugin manager whose plugins' life-cycle hooks cannot break a run.
+
+    Every implementation of a hook other than ``dkit_register`` (which :func:`collect` contains
+    and rolls back) is wrapped: an exception is recorded in :data:`HOOK_FAILURES`, printed, and
+    the run continues; ``dkit`` then exits with status 5. Wrappers (``wrapper=True``) are left
+    alone: they must yield, which a catch-all cannot do for them."""
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        registered = super().register(plugin, name)
+        from diffusers_kit import builtin
+
+        if plugin is builtin:
+            return registered
+        label = self.get_name(plugin) or str(registered)
+        for caller in self.get_hookcallers(plugin) or []:
+            if caller.name == "dkit_register":
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.hookwrapper or impl.wrapper):
+                    impl.function = _contained(label, caller.name, impl.function)
+        return registered
 
 
 class _KindsOnly:

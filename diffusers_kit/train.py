@@ -201,7 +201,12 @@ def load_optimizer_state(optim: torch.optim.Optimizer, tensors: dict[str, torch.
             state.setdefault(int(index), {})[key] = value
     for index, values in meta.get("scalars", {}).items():
         state.setdefault(int(index), {}).update(values)
+    # the moments come from the checkpoint, the hyperparameters from this run's optimizer: the
+    # same unless a resume changed them on purpose (--allow-change train.optimizer.lr)
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optim.param_groups]
     optim.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for group, settings in zip(optim.param_groups, fresh, strict=True):
+        group.update(settings)
 
 
 class _StopFlag:
