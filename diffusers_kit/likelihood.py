@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-from diffusers_kit.processes.base import expand
 from diffusers_kit.solvers.ode import integrate_probability_flow, probability_flow
 
 if TYPE_CHECKING:
@@ -175,7 +174,7 @@ def variational_bound(
     x0: Tensor,
     *,
     steps: int | None = None,
-    variance: Literal["posterior", "transition"] = "transition",
+    variance: Literal["auto", "posterior", "transition", "learned"] = "auto",
     bins: int | None = 256,
     generator: torch.Generator | None = None,
 ) -> Tensor:
@@ -184,26 +183,42 @@ def variational_bound(
 
     Each ``L_{t-1}`` uses one fresh ``x_t ~ q(x_t | x_0)`` (an unbiased single-sample estimate);
     ``L_0`` is the discretized-Gaussian decoder with ``bins`` levels (``None``: continuous).
+    The reverse variance is ``transition`` (beta), ``posterior`` (beta~) or ``learned`` (the
+    network's ``v``, Nichol & Dhariwal 2021, eq. 15); ``auto`` is ``learned`` for a network with
+    ``learned_variance`` and ``transition`` otherwise. Where ``beta~ = 0`` (the decoder step) the
+    clipped ``beta~`` of the step above is used (``beta~_2`` at DDPM's step 1).
     """
-    from diffusers_kit.solvers.grids import sampling_times
+    from diffusers_kit.processes.gaussian import learned_log_variance
+    from diffusers_kit.solvers.tables import step_table
 
     process = model.process
-    times = sampling_times(process, steps, "uniform").to(x0.device)
+    if variance == "auto":
+        variance = "learned" if getattr(model.network, "learned_variance", False) else "transition"
+    if variance == "learned" and not getattr(model.network, "learned_variance", False):
+        raise ValueError("variance 'learned' needs a network with learned_variance = True")
+    table = step_table(process, steps, "uniform")
+    rows = table.rows
     total = process.prior_kl(x0.double()).to(x0.device)
     batch = x0.shape[0]
-    for i in range(len(times) - 1):
-        t = torch.full((batch,), float(times[i]), device=x0.device, dtype=torch.float64)
-        s = torch.full_like(t, float(times[i + 1]))
+    x0d = x0.double()
+    for i in range(table.steps):
+        t = torch.full((batch,), rows["t"][i], device=x0.device, dtype=torch.float64)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t, _ = process.marginal_sample(x0.double(), t, noise.double())
-        x0_hat = model.predict(x_t.to(x0.dtype), t.to(x0.dtype), "x0").double()
-        c_t, c_0, posterior_var = process.posterior_coefficients(t, s)
-        mean = expand(c_t, x_t) * x_t + expand(c_0, x_t) * x0_hat
-        transition_var = process.transition(t, s)[1] ** 2
-        last = i == len(times) - 2
-        var = transition_var if (variance == "transition" or last) else posterior_var
-        if last:
-            total = total + process.decoder_nll(x0.double(), mean, var, bins=bins)
+        x_t = rows["alpha_t"][i] * x0d + rows["sigma_t"][i] * noise.double()
+        tt = t.to(x0.dtype)
+        prediction, v = model.split(model(x_t.to(x0.dtype), tt))
+        x0_hat = model.convert(prediction, x_t.to(x0.dtype), tt, "x0").double()
+        mean = rows["c_t"][i] * x_t + rows["c_0"][i] * x0_hat
+        if variance == "learned":
+            assert v is not None
+            var = learned_log_variance(v.double(), rows["log_transition"][i],
+                                       rows["log_posterior_clipped"][i]).exp()
         else:
-            total = total + process.posterior_kl(x0.double(), x_t, t, mean, var, s)
+            name = "log_transition" if variance == "transition" else "log_posterior"
+            var = math.exp(rows[name][i])
+        if i == table.steps - 1:
+            total = total + process.decoder_nll(x0d, mean, var, bins=bins)
+        else:
+            s = torch.full_like(t, rows["t"][i] - rows["dt"][i])
+            total = total + process.posterior_kl(x0d, x_t, t, mean, var, s)
     return total.to(x0.dtype)

@@ -18,6 +18,7 @@ from diffusers_kit.solvers import (
     EulerODE,
     HeunODE,
     PredictorCorrector,
+    Record,
     ReverseDiffusion,
     ScipyODE,
 )
@@ -139,9 +140,20 @@ def test_nfe_counts_and_recording():
     before = model.nfe
     result = ScipyODE().sample(model, SHAPE, generator=gen)
     assert result.nfe == model.nfe - before > 10
-    recorded = DPMSolver2M(keep_trajectory=True, keep_x0=True, snapshots=5).sample(
+    recorded = DPMSolver2M(record=Record(what=("x", "x0"), snapshots=5)).sample(
         model, SHAPE, generator=gen)
     assert len(recorded.trajectory) == len(recorded.x0_predictions) == len(recorded.times) == 5
     assert recorded.times[0] == 1.0 and recorded.times == sorted(recorded.times, reverse=True)
     # the last x0 prediction is (nearly) the sample itself: the last step lands on x0_hat
     torch.testing.assert_close(recorded.x0_predictions[-1], recorded.samples)
+
+
+def test_deprecated_recording_names_still_work_and_warn():
+    model = exact_model(MIXTURE, VP())
+    with pytest.warns(DeprecationWarning, match="record"):
+        solver = DDIM(steps=6, keep_x0=True, snapshots=3)
+    assert solver.record == Record(what=("x0",), snapshots=3)
+    result = solver.sample(model, SHAPE, generator=torch.Generator().manual_seed(7))
+    assert len(result.x0_predictions) == 3 and result.trajectory == []
+    with pytest.raises(ValueError, match="not both"), pytest.warns(DeprecationWarning):
+        DDIM(record=Record(), keep_x0=True)

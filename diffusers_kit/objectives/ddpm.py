@@ -18,7 +18,9 @@ With ``t = i / T``, ``i`` uniform on ``{1..T}``, ``x_t = sqrt(abar_t) x_0 + sqrt
 * ``ddpm_hybrid`` — ``L_simple + lambda L_vlb`` with lambda = 0.001 and the mean's gradient stopped
   inside ``L_vlb``, so that L_vlb trains only the variance (Nichol & Dhariwal 2021, section 3.1).
 
-``beta~_1 = 0``: like the ancestral sampler, the log-variance tables use ``beta_1`` at step 1.
+``beta~_1 = 0``: a learned variance's lower bound at step 1 is the clipped ``beta~_2`` (Nichol &
+Dhariwal 2021's ``posterior_log_variance_clipped``), so ``v`` gets a gradient there too; the fixed
+``beta_tilde`` variance keeps ``beta_1`` for its decoder at step 1.
 """
 
 from __future__ import annotations
@@ -64,14 +66,17 @@ def reverse_log_variance(process: NoiseProcess, t: Tensor, variance: str,
     beta = process.reverse_variance(t, kind="transition")
     beta_tilde = process.reverse_variance(t, kind="posterior")
     log_beta = beta.log()
-    log_beta_tilde = torch.where(beta_tilde > 0, beta_tilde, beta).log()
+    # beta~_1 = 0: step 1 takes beta~_2, the step above's (Nichol & Dhariwal's clipped log
+    # variance), so that a learned v still moves the decoder's variance at step 1
+    step = 1.0 / process.num_steps  # type: ignore[operator]
+    above = process.reverse_variance((t + step).clamp(max=1.0), kind="posterior")
     if variance == "beta":
         return log_beta
-    if variance == "beta_tilde":
-        return log_beta_tilde
+    if variance == "beta_tilde":  # fixed: beta_1 at step 1, as Ho et al.'s eq. 12 weights
+        return gaussian.clipped_log_variance(beta_tilde, beta)
     assert v is not None, "a learned variance needs the network's v output"
-    frac = (v + 1.0) / 2.0
-    return frac * expand(log_beta, v) + (1.0 - frac) * expand(log_beta_tilde, v)
+    lower = gaussian.clipped_log_variance(beta_tilde, torch.where(above > 0, above, beta))
+    return gaussian.learned_log_variance(v, expand(log_beta, v), expand(lower, v))
 
 
 def vlb_term(process: NoiseProcess, x0: Tensor, x_t: Tensor, t: Tensor, model_mean: Tensor,

@@ -37,6 +37,21 @@ def widen(t: Tensor) -> Tensor:
     return t if t.device.type == "mps" else t.double()
 
 
+def posterior_of(a: Tensor, b2: Tensor, alpha_s: Tensor, sigma_s: Tensor, sigma_t: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(c_t, c_0, var)`` of ``q(x_s | x_t, x_0)`` from the transition ``q(x_t | x_s) =
+    N(a x_s, b2)`` and the marginals (Bayes' rule; Kingma et al. 2021, eq. 29 and following)::
+
+        c_t = a sigma_s^2 / sigma_t^2,   c_0 = alpha_s b2 / sigma_t^2,
+        var = b2 sigma_s^2 / sigma_t^2
+
+    With ``sigma_s = 0`` (a sampler's last move, onto noise level 0) it is ``(0, alpha_s, 0)``:
+    the move lands on ``alpha_s x0``.
+    """
+    ratio = sigma_s**2 / sigma_t**2
+    return a * ratio, alpha_s * b2 / sigma_t**2, b2 * ratio
+
+
 def expand(coefficient: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-sample coefficient ``(B,)`` to broadcast against ``like`` ``(B, ...)``."""
     return coefficient.reshape(coefficient.shape + (1,) * (like.dim() - coefficient.dim()))
@@ -155,8 +170,7 @@ class NoiseProcess:
         alpha_s, sigma_s = self.marginal(s)
         sigma_t = self.sigma(t)
         a, b = self.transition_coefficients(t, s)
-        ratio = sigma_s**2 / sigma_t**2
-        coefficients = (a * ratio, alpha_s * b**2 / sigma_t**2, b**2 * ratio)
+        coefficients = posterior_of(a, b**2, alpha_s, sigma_s, sigma_t)
         return tuple(c.to(dtype) for c in coefficients)  # type: ignore[return-value]
 
     def posterior(

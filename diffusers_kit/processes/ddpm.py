@@ -6,8 +6,10 @@ The marginal is ``q(x_i | x_0) = N(sqrt(abar_i) x_0, (1 - abar_i) I)`` with
 
 Between grid points ``log alpha(t)`` is interpolated linearly, which makes DDPM a
 variance-preserving process with the piecewise-constant rate ``beta(t) = -T log(1 - beta_i)`` on
-``[(i - 1) / T, i / T)``: the continuous view (SDE drift and diffusion, probability flow) agrees
-with the discrete chain exactly at every step, and tends to the VP SDE when
+``((i - 1) / T, i / T]`` (left-continuous: at a step's own time ``i / T`` the rate is that of the
+step ``i`` a reverse move from ``i / T`` crosses): the continuous view (SDE drift and
+diffusion, probability flow) agrees with the discrete chain exactly at every step, and tends to
+the VP SDE when
 ``beta_i = beta_vp(i / T) / T`` and T grows.
 
 Schedules:
@@ -144,9 +146,15 @@ class DDPM(VariancePreserving):
         return value.to(t.dtype)
 
     def beta(self, t: Tensor) -> Tensor:
-        """``-T log(1 - beta_i)`` on the step interval ``[(i - 1) / T, i / T)`` holding ``t``."""
+        """``-T log(1 - beta_i)`` on the step interval ``((i - 1) / T, i / T]`` holding ``t``.
+
+        Left-continuous, so that the SDE coefficients a sampler reads at a grid time ``i / T``
+        belong to step ``i``, the step its reverse move to ``(i - 1) / T`` crosses. Positions
+        within ``1e-4`` of a step count as on it (float32 times such as ``0.999`` are not exact).
+        """
         _, rates = self._tables(t)
-        index = (t.to(rates.dtype) * self.num_steps).floor().long().clamp(0, self.num_steps - 1)
+        position = t.to(rates.dtype) * self.num_steps
+        index = (position - 1e-4).ceil().long().sub(1).clamp(0, self.num_steps - 1)
         return rates[index].to(t.dtype)
 
     # -- the discrete chain -------------------------------------------------------------------

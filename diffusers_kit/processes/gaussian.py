@@ -79,3 +79,21 @@ def nats_to_bits_per_dim(nats: Tensor | float, dims: int) -> Tensor | float:
     """Convert a negative log-likelihood in nats (per example) to bits per dimension:
     ``nats / (dims * log 2)`` (the unit of Ho et al. 2020, Table 2)."""
     return nats / (dims * math.log(2.0))
+
+
+def learned_log_variance(v: Tensor, log_upper: Tensor | float, log_lower: Tensor | float
+                         ) -> Tensor:
+    """Nichol & Dhariwal 2021, eq. 15: the reverse step's log variance interpolated by the
+    network's output ``v`` in ``[-1, 1]`` between the bounds ``beta`` (upper) and ``beta~``::
+
+        log sigma^2 = frac log beta + (1 - frac) log beta~,    frac = (v + 1) / 2
+    """
+    frac = (v + 1.0) / 2.0
+    return frac * log_upper + (1.0 - frac) * log_lower
+
+
+def clipped_log_variance(var: Tensor, fallback: Tensor) -> Tensor:
+    """``log var`` where ``var > 0``, else ``log fallback``: the "clipped" log posterior variance of
+    Nichol & Dhariwal 2021 (their code's ``posterior_log_variance_clipped``), where DDPM's step 1,
+    whose ``beta~_1 = 0``, takes ``beta~_2``, the posterior variance of the step above."""
+    return torch.where(var > 0, var, fallback).log()

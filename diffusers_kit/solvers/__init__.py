@@ -2,10 +2,18 @@
 predictor-corrector sampling composes (kinds ``predictor`` and ``corrector``)."""
 
 from diffusers_kit.solvers.ancestral import Ancestral
-from diffusers_kit.solvers.base import Recorder, SampleResult, Solver
+from diffusers_kit.solvers.base import Record, Recorder, SampleResult, Solver
 from diffusers_kit.solvers.ddim import DDIM
 from diffusers_kit.solvers.langevin import AnnealedLangevin, Langevin
-from diffusers_kit.solvers.ode import DPMSolver2M, EulerODE, HeunODE, ScipyODE
+from diffusers_kit.solvers.noise import GeneratorNoise, Noise, PerSampleNoise
+from diffusers_kit.solvers.ode import (
+    DPMSolver2M,
+    DPMSolver3M,
+    EDMStochastic,
+    EulerODE,
+    HeunODE,
+    ScipyODE,
+)
 from diffusers_kit.solvers.sde import (
     AncestralPredictor,
     Corrector,
@@ -28,6 +36,8 @@ REGISTER = [
     ("solver", "euler", EulerODE),
     ("solver", "heun", HeunODE),
     ("solver", "dpm_solver_2m", DPMSolver2M),
+    ("solver", "dpm_solver_3m", DPMSolver3M),
+    ("solver", "edm_stochastic", EDMStochastic),
     ("predictor", "euler_maruyama", EulerMaruyama),
     ("predictor", "reverse_diffusion", ReverseDiffusion),
     ("predictor", "ancestral", AncestralPredictor),
@@ -44,15 +54,21 @@ __all__ = [
     "AnnealedLangevin",
     "Corrector",
     "DPMSolver2M",
+    "DPMSolver3M",
+    "EDMStochastic",
     "EulerMaruyama",
     "EulerODE",
+    "GeneratorNoise",
     "HeunODE",
     "Langevin",
     "LangevinCorrector",
     "NoCorrector",
     "NoPredictor",
+    "Noise",
+    "PerSampleNoise",
     "Predictor",
     "PredictorCorrector",
+    "Record",
     "Recorder",
     "ReverseDiffusion",
     "SampleResult",

@@ -13,8 +13,10 @@ and whose variance is fixed (section 3.2) to ``beta~_t`` (``posterior``, the low
 
 where ``v`` is the second half of the channels of a network with ``learned_variance = True``
 (its output has twice the data's channels: the prediction, then ``v``). The last step adds no
-noise (Algorithm 2: ``z = 0`` at ``t = 1``). All coefficients come from the process's
-``posterior_coefficients`` and ``transition``, once per grid.
+noise (Algorithm 2: ``z = 0`` at ``t = 1``) and lands on noise level 0 (see
+:mod:`diffusers_kit.solvers.tables`). At that step ``beta~`` is 0: the learned variance's lower
+bound is the clipped ``beta~`` of the step above (``beta~_2`` at DDPM's step 1, Nichol & Dhariwal
+2021), which only the variational bound uses. All coefficients come from the cached table.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import torch
 from pydantic import Field
 
-from diffusers_kit.processes.base import expand
-from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device
-from diffusers_kit.solvers.grids import Spacing, sampling_times
+from diffusers_kit.processes.gaussian import learned_log_variance
+from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
+from diffusers_kit.solvers.grids import Spacing
+from diffusers_kit.solvers.noise import Noise, as_noise
+from diffusers_kit.solvers.tables import step_table
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
@@ -35,32 +39,14 @@ if TYPE_CHECKING:
 Tensor = torch.Tensor
 
 
-def step_coefficients(process: NoiseProcess, times: Tensor) -> dict[str, Tensor]:
-    """Per-step tables (float64, shape ``(N,)``) for the moves ``times[i] -> times[i + 1]``."""
-    t, s = times[:-1], times[1:]
-    c_t, c_0, posterior_var = process.posterior_coefficients(t, s)
-    transition_var = process.transition(t, s)[1] ** 2
-    alpha_t, sigma_t = process.marginal(t)
-    alpha_s, sigma_s = process.marginal(s)
-    return {"t": t, "c_t": c_t, "c_0": c_0, "posterior_var": posterior_var,
-            "transition_var": transition_var, "alpha_t": alpha_t, "sigma_t": sigma_t,
-            "alpha_s": alpha_s, "sigma_s": sigma_s}
-
-
-def on_device(table: dict[str, Tensor], device: torch.device,
-              dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    return {k: v.to(device=device, dtype=dtype) for k, v in table.items()}
-
-
 def predict_x0_and_eps(
-    model: ScoreModel, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor, clip: float | None
+    model: ScoreModel, x: Tensor, t: Tensor, alpha: float, sigma: float, clip: float | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(x0_hat, eps_hat, v)``: ``v`` is the variance output of a learned-variance network."""
-    network = model.network
-    if getattr(network, "learned_variance", False):
-        raw = model(x, t)
-        output, v = raw.chunk(2, dim=1)
-        eps = model.process.convert(output, x, t.to(x.dtype), network.prediction, "eps")
+    """``(x0_hat, eps_hat, v)`` with the step's ``alpha``, ``sigma`` from the table; ``v`` is the
+    variance output of a learned-variance network (``None`` otherwise)."""
+    if getattr(model.network, "learned_variance", False):
+        prediction, v = model.split(model(x, t))
+        eps = model.convert(prediction, x, t, "eps")
     else:
         eps, v = model.predict(x, t, "eps"), None
     x0 = (x - sigma * eps) / alpha
@@ -74,15 +60,13 @@ class Ancestral(Solver):
     """DDPM ancestral sampling with sigma_t^2 = beta~_t, beta_t or learned (Ho et al. 2020).
 
     Args:
-        steps: number of steps (default: all of a discrete process's steps; 1000 otherwise).
-            Fewer steps take a sub-sequence and the posterior between its times.
+        steps: number of steps (= network evaluations; default: all of a discrete process's
+            steps, 1000 otherwise). Fewer steps take a sub-sequence and the posterior between
+            its times.
         spacing: how the times are spaced (``uniform``, ``quadratic``, ``edm``, ``log_snr``).
         variance: ``posterior`` (beta~_t), ``transition`` (beta_t) or ``learned`` (a network
             with ``learned_variance``; Nichol & Dhariwal 2021).
         clip_x0: clip x0_hat to [-clip_x0, clip_x0] (images in [-1, 1]: 1.0).
-        keep_trajectory: also return x at ``snapshots`` evenly spaced steps.
-        keep_x0: also return x0_hat at those steps.
-        snapshots: how many steps to record when asked.
     """
 
     def __init__(
@@ -91,20 +75,14 @@ class Ancestral(Solver):
         spacing: Spacing = "uniform",
         variance: Literal["posterior", "transition", "learned"] = "posterior",
         clip_x0: Annotated[float, Field(gt=0)] | None = None,
-        keep_trajectory: bool = False,
-        keep_x0: bool = False,
-        snapshots: Annotated[int, Field(ge=1)] = 10,
     ) -> None:
         self.steps = steps
         self.spacing = spacing
         self.variance = variance
         self.clip_x0 = clip_x0
-        self.keep_trajectory = keep_trajectory
-        self.keep_x0 = keep_x0
-        self.snapshots = snapshots
 
     def total_steps(self, process: NoiseProcess) -> int:
-        return len(sampling_times(process, self.steps, self.spacing)) - 1
+        return step_table(process, self.steps, self.spacing).steps
 
     @torch.no_grad()
     def sample(
@@ -114,49 +92,39 @@ class Ancestral(Solver):
         *,
         generator: torch.Generator | None = None,
         progress: Progress | None = None,
+        noise: Noise | None = None,
+        x_T: Tensor | None = None,
     ) -> SampleResult:
         process, device = model.process, model_device(model)
         if self.variance == "learned" and not getattr(model.network, "learned_variance", False):
             raise ValueError("variance 'learned' needs a network with learned_variance = True")
-        times = sampling_times(process, self.steps, self.spacing)
-        table = step_coefficients(process, times)
-        steps = len(times) - 1
-        transition_var = table["transition_var"].clone()
-        posterior_var = table["posterior_var"].clone()
-        fixed = posterior_var if self.variance == "posterior" else transition_var
-        std = fixed.sqrt()
-        std[-1] = 0.0  # the last step returns the mean
-        # learned: interpolate log-variances; the last step keeps no noise either way
-        log_transition = transition_var.log()
-        log_posterior = torch.where(posterior_var > 0, posterior_var, transition_var).log()
-        coef = on_device({**table, "std": std, "log_transition": log_transition,
-                          "log_posterior": log_posterior}, device)
-        recorder = Recorder(steps, trajectory=self.keep_trajectory, x0=self.keep_x0,
-                            snapshots=self.snapshots, times=times[:-1].tolist())
-        start = model.nfe
-        x = process.prior_sample(shape, generator=generator, device=device)
-        ones = torch.ones(shape[0], device=device)
+        noise = as_noise(generator, noise)
+        table = step_table(process, self.steps, self.spacing)
+        rows, steps = table.rows, table.steps
+        fixed = rows["posterior_var" if self.variance == "posterior" else "transition_var"]
+        std = [v**0.5 for v in fixed]
+        recorder = Recorder(steps, self.record, table.times[:-1].tolist())
+        begin = model.nfe
+        x = start(model, shape, noise, x_T)
+        times = table.time_vectors(process, shape[0], device)
         for i in range(steps):
-            t = ones * coef["t"][i]
-            x0, _, v = predict_x0_and_eps(model, x, t, coef["alpha_t"][i], coef["sigma_t"][i],
-                                          self.clip_x0)
+            x0, _, v = predict_x0_and_eps(model, x, times[i], rows["alpha_t"][i],
+                                          rows["sigma_t"][i], self.clip_x0)
             if recorder.wants(i):
                 recorder.record(i, x, x0)
-            mean = coef["c_t"][i] * x + coef["c_0"][i] * x0
+            mean = rows["c_t"][i] * x + rows["c_0"][i] * x0
             if i == steps - 1:
-                x = mean
+                x = mean  # the last step returns the mean (Ho et al. 2020, Algorithm 2)
             elif self.variance == "learned":
                 assert v is not None
-                frac = (v + 1.0) / 2.0
-                log_var = frac * coef["log_transition"][i] + (1 - frac) * coef["log_posterior"][i]
-                z = torch.randn(shape, generator=generator, device=device)
-                x = mean + torch.exp(0.5 * log_var) * z
+                log_var = learned_log_variance(v, rows["log_transition"][i],
+                                               rows["log_posterior_clipped"][i])
+                x = mean + torch.exp(0.5 * log_var) * noise.randn(shape, device=device)
             else:
-                z = torch.randn(shape, generator=generator, device=device)
-                x = mean + coef["std"][i] * z
+                x = mean + std[i] * noise.randn(shape, device=device)
             if progress is not None:
                 progress(1)
-        return recorder.result(x, model.nfe - start)
+        return recorder.result(x, model.nfe - begin)
 
 
-__all__ = ["Ancestral", "expand", "on_device", "predict_x0_and_eps", "step_coefficients"]
+__all__ = ["Ancestral", "predict_x0_and_eps"]

@@ -1,24 +1,45 @@
 """Samplers and solvers (kind ``solver``): the base class, the result and what they share.
 
 Every sampler counts its network evaluations (``model.nfe`` is a host integer, so counting needs
-no device synchronisation), and records the trajectory ``x_t`` and / or the predictions
-``x0_hat(x_t)`` at a few evenly spaced steps only when asked (``keep_trajectory``, ``keep_x0``):
-when neither is set nothing is kept.
+no device synchronisation) and takes one recording option, ``record`` (a :class:`Record`:
+``{what: [x, x0], snapshots: 10}`` in a spec): the trajectory ``x_t`` and / or the predictions
+``x0_hat(x_t)`` at a few evenly spaced steps. Nothing is kept unless asked. The option is added
+to every solver's constructor here, once (:meth:`Solver.__init_subclass__`), so no solver
+repeats it; the old names ``keep_trajectory``, ``keep_x0`` and ``snapshots`` still work and warn.
+
+Randomness comes from a :class:`~diffusers_kit.solvers.noise.Noise` source: a torch generator,
+or per-sample streams (sample ``i`` draws the same numbers whatever the batch it is drawn in).
+A sampler starts from given noise ``x_T`` when one is passed.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
+from pydantic import Field
+
+from diffusers_kit.solvers.noise import Noise, as_noise
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
     from diffusers_kit.processes.base import NoiseProcess
 
 Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a sampler keeps while it runs: ``x`` (the state) and / or ``x0`` (its denoised
+    estimate), each at ``snapshots`` evenly spaced steps (the first and the last included)."""
+
+    what: tuple[Literal["x", "x0"], ...] = ("x", "x0")
+    snapshots: Annotated[int, Field(ge=1)] = 10
 
 
 @dataclass
@@ -47,23 +68,23 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 class Recorder:
-    """Keeps ``x`` and / or ``x0_hat`` at ``snapshots`` evenly spaced steps out of ``steps``.
+    """Keeps ``x`` and / or ``x0_hat`` at ``record.snapshots`` evenly spaced steps of ``steps``.
 
     The steps to record are chosen once, on the host; :meth:`wants` is a set lookup, so a loop
     that asks for nothing pays nothing and stores nothing.
     """
 
-    def __init__(
-        self, steps: int, *, trajectory: bool, x0: bool, snapshots: int, times: list[float]
-    ) -> None:
+    def __init__(self, steps: int, record: Record | None, times: list[float]) -> None:
         self.trajectory: list[torch.Tensor] = []
         self.x0: list[torch.Tensor] = []
         self.times: list[float] = []
-        self.keep_trajectory, self.keep_x0 = trajectory, x0
+        what = record.what if record is not None else ()
+        self.keep_trajectory, self.keep_x0 = "x" in what, "x0" in what
         self._times = times
         self.marks: set[int] = set()
-        if (trajectory or x0) and steps > 0:
-            count = max(1, min(snapshots, steps))
+        if what and steps > 0:
+            assert record is not None
+            count = max(1, min(record.snapshots, steps))
             self.marks = {round(k * (steps - 1) / max(count - 1, 1)) for k in range(count)}
 
     def wants(self, step: int) -> bool:
@@ -82,11 +103,91 @@ class Recorder:
         return SampleResult(samples, nfe, self.trajectory, self.x0, self.times)
 
 
+LEGACY_RECORDING = ("keep_trajectory", "keep_x0", "snapshots")
+
+
+def merge_legacy_recording(record: Record | None, keep_trajectory: bool | None,
+                           keep_x0: bool | None, snapshots: int | None) -> Record | None:
+    """``record`` from the deprecated ``keep_trajectory`` / ``keep_x0`` / ``snapshots``."""
+    if keep_trajectory is None and keep_x0 is None and snapshots is None:
+        return record
+    warnings.warn("keep_trajectory, keep_x0 and snapshots are deprecated: use "
+                  "record: {what: [x, x0], snapshots: N}", DeprecationWarning, stacklevel=3)
+    if record is not None:
+        raise ValueError("give either record or the deprecated keep_trajectory / keep_x0 / "
+                         "snapshots, not both")
+    what = tuple(name for name, keep in (("x", keep_trajectory), ("x0", keep_x0)) if keep)
+    if not what:
+        return None
+    return Record(what=what, snapshots=10 if snapshots is None else snapshots)  # type: ignore[arg-type]
+
+
+def _with_recording(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` with the keyword-only ``record`` option (and its deprecated spellings) added to
+    its signature, which is also the solver's schema (see :mod:`diffusers_kit.registry`)."""
+    signature = inspect.signature(init)
+    if "record" in signature.parameters:
+        return init
+    extra = {
+        "record": Record | None,
+        "keep_trajectory": bool | None,
+        "keep_x0": bool | None,
+        "snapshots": Annotated[int, Field(ge=1)] | None,
+    }
+    parameters = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                     annotation=hint) for name, hint in extra.items()]
+
+    @functools.wraps(init)
+    def wrapper(self: Solver, *args: object, record: Record | dict | None = None,
+                keep_trajectory: bool | None = None, keep_x0: bool | None = None,
+                snapshots: int | None = None, **kwargs: object) -> None:
+        init(self, *args, **kwargs)
+        if isinstance(record, dict):
+            record = Record(**record)
+        self.record = merge_legacy_recording(record, keep_trajectory, keep_x0, snapshots)
+
+    wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**getattr(init, "__annotations__", {}), **extra}
+    return wrapper
+
+
 class Solver:
     """Base class of samplers: draw ``shape`` samples from a trained :class:`ScoreModel`.
 
     ``progress(k)`` is called as work advances; ``total_steps`` says how many units there are.
+    ``noise`` (a :class:`~diffusers_kit.solvers.noise.Noise`) replaces ``generator`` as the
+    source of every random draw; ``x_T`` is the starting point (default: drawn from the prior).
     """
+
+    record: Record | None = None
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _with_recording(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
+    # the old attribute names, kept for callers that set them (e.g. ``--progressive``)
+    @property
+    def keep_x0(self) -> bool:
+        return self.record is not None and "x0" in self.record.what
+
+    @keep_x0.setter
+    def keep_x0(self, value: bool) -> None:
+        self._set_recorded("x0", value)
+
+    @property
+    def keep_trajectory(self) -> bool:
+        return self.record is not None and "x" in self.record.what
+
+    @keep_trajectory.setter
+    def keep_trajectory(self, value: bool) -> None:
+        self._set_recorded("x", value)
+
+    def _set_recorded(self, name: str, value: bool) -> None:
+        current = self.record or Record(what=())
+        what = tuple(w for w in current.what if w != name) + ((name,) if value else ())
+        self.record = Record(what=what, snapshots=current.snapshots) if what else None  # type: ignore[arg-type]
 
     def check(self, process: NoiseProcess) -> str | None:
         """Return why this solver cannot sample ``process``, or ``None`` if it can."""
@@ -103,5 +204,22 @@ class Solver:
         *,
         generator: torch.Generator | None = None,
         progress: Progress | None = None,
+        noise: Noise | None = None,
+        x_T: torch.Tensor | None = None,
     ) -> SampleResult:
         raise NotImplementedError
+
+
+def start(model: ScoreModel, shape: tuple[int, ...], noise: Noise,
+          x_T: torch.Tensor | None) -> torch.Tensor:
+    """The starting state: ``x_T`` when given (checked against ``shape``), else a prior draw."""
+    device = model_device(model)
+    if x_T is not None:
+        if tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected {tuple(shape)}")
+        return x_T.to(device=device, dtype=torch.float32)
+    return model.process.prior_std() * noise.randn(shape, device=device)
+
+
+__all__ = ["Noise", "Progress", "Record", "Recorder", "SampleResult", "Solver", "as_noise",
+           "model_device", "start"]

@@ -15,12 +15,16 @@ Spacings:
 * ``log_snr``: equal steps in ``lambda = log(alpha / sigma)`` (Lu et al. 2022, DPM-Solver).
 
 Times for the ``edm`` / ``log_snr`` spacings come from inverting the (monotone) log-SNR by
-bisection.
+bisection. Grids and every table built on them are cached per process (:func:`cached`, weakly
+keyed: a table dies with its process), so a second ``sample()`` with the same settings does no
+schedule work at all.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -31,6 +35,19 @@ Spacing = Literal["uniform", "quadratic", "edm", "log_snr"]
 SPACINGS = ("uniform", "quadratic", "edm", "log_snr")
 
 Tensor = torch.Tensor
+
+
+_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+
+
+def cached(process: NoiseProcess, key: tuple, build: Callable[[], Any]) -> Any:
+    """``build()`` once per ``(process, key)``; later calls return the same object. Callers put
+    everything the value depends on in ``key`` (grid settings, device, dtype). Processes are
+    immutable once built, so nothing goes stale."""
+    table = _CACHE.setdefault(process, {})
+    if key not in table:
+        table[key] = build()
+    return table[key]
 
 
 def _f64(values: Tensor | float) -> Tensor:
@@ -64,10 +81,18 @@ def time_of_log_snr(process: NoiseProcess, target: Tensor, t_low: float, t_high:
 def sampling_times(
     process: NoiseProcess, steps: int | None, spacing: Spacing = "uniform", rho: float = 7.0
 ) -> Tensor:
-    """``N + 1`` decreasing times: ``N`` evaluation times from 1 to ``t_min``, then 0.
+    """``N + 1`` decreasing times: ``N`` evaluation times from 1 to ``t_min``, then 0 (cached;
+    the caller gets a copy).
 
     ``steps=None`` means the process's own number of steps (discrete) or 1000 (continuous).
+    A discrete process may return fewer than ``steps`` times (snapped steps that coincide).
     """
+    key = ("times", steps, spacing, float(rho))
+    return cached(process, key, lambda: _sampling_times(process, steps, spacing, rho)).clone()
+
+
+def _sampling_times(process: NoiseProcess, steps: int | None, spacing: Spacing, rho: float
+                    ) -> Tensor:
     discrete = process.num_steps
     if steps is None:
         steps = discrete if discrete is not None else 1000

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device
+from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
+from diffusers_kit.solvers.noise import Noise, as_noise
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
@@ -37,7 +38,8 @@ class AnnealedLangevin(Solver):
         steps_per_level: Langevin steps T at each noise level.
         epsilon: base step size; level i uses epsilon * sigma_i^2 / sigma_L^2.
         denoise: finish with the Tweedie denoising step x + sigma_L^2 * s(x, sigma_L).
-        keep_trajectory: also return x after each noise level.
+
+    Recording ``x`` (``record: {what: [x]}``) keeps x after each noise level.
     """
 
     def __init__(
@@ -45,12 +47,10 @@ class AnnealedLangevin(Solver):
         steps_per_level: Annotated[int, Field(ge=1, le=100_000)] = 100,
         epsilon: Annotated[float, Field(gt=0)] = 2e-5,
         denoise: bool = True,
-        keep_trajectory: bool = False,
     ) -> None:
         self.steps_per_level = steps_per_level
         self.epsilon = epsilon
         self.denoise = denoise
-        self.keep_trajectory = keep_trajectory
 
     def check(self, process: NoiseProcess) -> str | None:
         if not hasattr(process, "levels"):
@@ -68,32 +68,36 @@ class AnnealedLangevin(Solver):
         *,
         generator: torch.Generator | None = None,
         progress: Progress | None = None,
+        noise: Noise | None = None,
+        x_T: torch.Tensor | None = None,
     ) -> SampleResult:
         process = model.process
         device = model_device(model)
-        times = process.level_times(device=device).float()  # type: ignore[attr-defined]
-        sigmas = process.sigma(times)
-        step_sizes = self.epsilon * sigmas**2 / sigmas[-1] ** 2  # the whole table, once
-        noise_scales = step_sizes.sqrt()
-        start = model.nfe
-        x = process.prior_sample(shape, generator=generator, device=device)
-        batch = torch.ones(shape[0], device=device)
+        noise = as_noise(generator, noise)
+        levels = process.level_times()  # type: ignore[attr-defined]
+        sigmas = process.sigma(levels).tolist()  # host floats: the whole table, once
+        step_sizes = [self.epsilon * s**2 / sigmas[-1] ** 2 for s in sigmas]
+        begin = model.nfe
+        x = start(model, shape, noise, x_T)
+        times = levels[:, None].to(device, torch.float32).expand(-1, shape[0])
         trajectory = []
-        for level in range(len(times)):
-            t = batch * times[level]
+        keep = self.keep_trajectory
+        for level in range(len(sigmas)):
+            t, sigma = times[level], sigmas[level]
+            half, scale = 0.5 * step_sizes[level], step_sizes[level] ** 0.5
             for _ in range(self.steps_per_level):
-                z = torch.randn(shape, generator=generator, device=device)
-                x = x + 0.5 * step_sizes[level] * model.score(x, t) + noise_scales[level] * z
+                z = noise.randn(shape, device=device)
+                # s = -eps / sigma: the level's sigma from the table, no per-step schedule work
+                x = x + (-half / sigma) * model.predict(x, t, "eps") + scale * z
             if progress is not None:
                 progress(self.steps_per_level)
-            if self.keep_trajectory:
+            if keep:
                 trajectory.append(x.clone())
         if self.denoise:
-            t = batch * times[-1]
-            x = x + sigmas[-1] ** 2 * model.score(x, t)
+            x = x - sigmas[-1] * model.predict(x, times[-1], "eps")  # x + sigma^2 s
             if progress is not None:
                 progress(1)
-        return SampleResult(x, model.nfe - start, trajectory)
+        return SampleResult(x, model.nfe - begin, trajectory)
 
 
 class Langevin(Solver):
@@ -110,9 +114,6 @@ class Langevin(Solver):
         init: start from N(0, init_std^2 I) (``normal``) or from the process's prior.
         init_std: standard deviation of the ``normal`` start.
         denoise: finish with Tweedie's estimate x0_hat = (x + sigma(t)^2 s(x, t)) / alpha(t).
-        keep_trajectory: also return x at ``snapshots`` evenly spaced steps.
-        keep_x0: also return the denoised estimates x0_hat at those steps.
-        snapshots: how many steps to record when asked.
     """
 
     def __init__(
@@ -123,9 +124,6 @@ class Langevin(Solver):
         init: Literal["normal", "prior"] = "normal",
         init_std: Annotated[float, Field(gt=0)] = 1.0,
         denoise: bool = False,
-        keep_trajectory: bool = False,
-        keep_x0: bool = False,
-        snapshots: Annotated[int, Field(ge=1)] = 10,
     ) -> None:
         self.steps = steps
         self.step_size = step_size
@@ -133,9 +131,6 @@ class Langevin(Solver):
         self.init = init
         self.init_std = init_std
         self.denoise = denoise
-        self.keep_trajectory = keep_trajectory
-        self.keep_x0 = keep_x0
-        self.snapshots = snapshots
 
     def total_steps(self, process: NoiseProcess) -> int:
         return self.steps
@@ -148,27 +143,29 @@ class Langevin(Solver):
         *,
         generator: torch.Generator | None = None,
         progress: Progress | None = None,
+        noise: Noise | None = None,
+        x_T: torch.Tensor | None = None,
     ) -> SampleResult:
         process = model.process
         device = model_device(model)
+        noise = as_noise(generator, noise)
         time = process.t_min if self.time is None else self.time
         t = torch.full((shape[0],), time, device=device)
-        if self.init == "prior":
-            x = process.prior_sample(shape, generator=generator, device=device)
+        if self.init == "prior" or x_T is not None:
+            x = start(model, shape, noise, x_T)
         else:
-            x = self.init_std * torch.randn(shape, generator=generator, device=device)
+            x = self.init_std * noise.randn(shape, device=device)
         half_step, noise_scale = 0.5 * self.step_size, self.step_size**0.5
-        recorder = Recorder(self.steps, trajectory=self.keep_trajectory, x0=self.keep_x0,
-                            snapshots=self.snapshots, times=[time] * self.steps)
+        recorder = Recorder(self.steps, self.record, [time] * self.steps)
         alpha, sigma = (float(c) for c in process.marginal(torch.tensor([time],
                                                                          dtype=torch.float64)))
-        start = model.nfe
+        begin = model.nfe
         score = None
         for step in range(self.steps):
             score = model.score(x, t)
             if recorder.wants(step):
                 recorder.record(step, x, (x + sigma**2 * score) / alpha)
-            z = torch.randn(shape, generator=generator, device=device)
+            z = noise.randn(shape, device=device)
             x = x + half_step * score + noise_scale * z
             if progress is not None and (step + 1) % 100 == 0:
                 progress(100)
@@ -177,4 +174,4 @@ class Langevin(Solver):
         if self.denoise:
             # Tweedie: E[x0 | x_t] = (x_t + sigma^2 grad log q_t(x_t)) / alpha
             x = (x + sigma**2 * model.score(x, t)) / alpha
-        return recorder.result(x, model.nfe - start)
+        return recorder.result(x, model.nfe - begin)

@@ -9,26 +9,40 @@ The torch solvers run wholly on the device and use the change of variables of DD
 ``varsigma = sigma / alpha``, for every process with marginal ``x_t = alpha x0 + sigma eps`` the
 ODE becomes::
 
-    dy / d varsigma = eps_hat(alpha y, t(varsigma))
+    dy / d varsigma = eps_hat(alpha y, t(varsigma)),      x0_hat = y - varsigma eps_hat
 
 * ``euler``: one Euler step per grid interval (equals DDIM with eta = 0);
 * ``heun``: Heun's second-order method (Karras et al. 2022, Algorithm 1 without churn), an Euler
   step for the last interval, so N steps cost 2N - 1 evaluations;
-* ``dpm_solver_2m``: the two-step multistep method in log-SNR of DPM-Solver++(2M) (Lu et al. 2022,
-  Algorithm 2). With ``lambda = -log varsigma``, ``r_i = varsigma_{i+1} / varsigma_i``,
-  ``h_i = lambda_{i+1} - lambda_i``::
+* ``edm_stochastic``: Karras et al. 2022, Algorithm 2: before each Heun step the noise level is
+  raised from ``varsigma_i`` to ``varsigma_hat = (1 + gamma_i) varsigma_i`` by adding fresh noise
+  of variance ``varsigma_hat^2 - varsigma_i^2`` (times ``S_noise^2``), with
+  ``gamma_i = min(S_churn / N, sqrt(2) - 1)`` on ``S_tmin <= varsigma_i <= S_tmax``;
+* ``dpm_solver_2m`` / ``dpm_solver_3m``: the multistep DPM-Solver++ in log-SNR
+  (Lu et al. 2022, "DPM-Solver++", Algorithm 2 and its third-order multistep form). With
+  ``lambda = -log varsigma``, ``h = lambda_{i+1} - lambda_i``, ``r = varsigma_{i+1} / varsigma_i
+  = e^-h`` and the last x0 predictions ``m_0, m_1, m_2`` (``r_0 = h_{i-1} / h``,
+  ``r_1 = h_{i-2} / h``)::
 
-      y_{i+1} = r_i y_i + (1 - r_i) D_i,
-      D_i = (1 + 1 / (2 q)) x0_hat_i - 1 / (2 q) x0_hat_{i-1},   q = h_{i-1} / h_i
+      y_{i+1} = r y_i + (1 - r) D_0 + ((r - 1) / h + 1) D_1 - ((r - 1 + h) / h^2 - 1/2) D_2
+      D_0 = m_0,   d_0 = (m_0 - m_1) / r_0,   d_1 = (m_1 - m_2) / r_1
+      order 2: D_1 = d_0 / 2 ... written as y_{i+1} = r y_i + (1 - r)(m_0 + d_0 / 2), D_2 = 0
+      order 3: D_1 = d_0 + r_0 / (r_0 + r_1) (d_0 - d_1),  D_2 = (d_0 - d_1) / (r_0 + r_1)
 
-  (first order, ``D_i = x0_hat_i``, on the first and the last step).
+  The first steps use the orders their history allows; the last step (onto ``varsigma = 0``,
+  ``h = inf``) is first order, ``y = m_0``; with fewer than 15 steps the step into
+  ``varsigma_min`` is lowered by one order too (``lower_order_final``, as DPM-Solver++ and UniPC
+  do: a higher-order step there extrapolates with large weights across an uneven grid).
 
-Every grid ends at ``varsigma = 0``: the last step lands on the denoised estimate without an
-extra evaluation.
+The default grid is equal steps in log-SNR (``log_snr``), which adapts to any data scale and
+process; the EDM grid (rho = 7, Karras et al. 2022) suits data in [-1, 1]. Every grid ends at
+``varsigma = 0``: the last step lands on the denoised estimate without an extra evaluation.
+``steps`` counts grid points; ``nfe`` in the result is the true number of evaluations.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
@@ -36,9 +50,10 @@ import torch
 from pydantic import Field
 from scipy.integrate import solve_ivp
 
-from diffusers_kit.solvers.ancestral import on_device
-from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device
-from diffusers_kit.solvers.grids import Spacing, noise_level, sampling_times
+from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
+from diffusers_kit.solvers.grids import Spacing, cached, time_of_log_snr
+from diffusers_kit.solvers.noise import Noise, as_noise
+from diffusers_kit.solvers.tables import ODETable, ode_table
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
@@ -97,9 +112,9 @@ class ScipyODE(Solver):
         atol: absolute tolerance.
         t_end: where to stop (default: the process's t_min).
         denoise: finish with Tweedie's x0_hat at t_end (one more evaluation).
-        keep_trajectory: also return x at ``snapshots`` evenly spaced times.
-        keep_x0: also return x0_hat at those times (one evaluation each, counted in nfe).
-        snapshots: how many times to record when asked.
+
+    Recording (``record``) keeps x at ``snapshots`` evenly spaced times, and x0_hat at those
+    times at one evaluation each (counted in nfe).
     """
 
     def __init__(
@@ -109,18 +124,12 @@ class ScipyODE(Solver):
         atol: Annotated[float, Field(gt=0)] = 1e-5,
         t_end: Annotated[float, Field(ge=0, lt=1)] | None = None,
         denoise: bool = True,
-        keep_trajectory: bool = False,
-        keep_x0: bool = False,
-        snapshots: Annotated[int, Field(ge=2)] = 10,
     ) -> None:
         self.method = method
         self.rtol = rtol
         self.atol = atol
         self.t_end = t_end
         self.denoise = denoise
-        self.keep_trajectory = keep_trajectory
-        self.keep_x0 = keep_x0
-        self.snapshots = snapshots
 
     @torch.no_grad()
     def sample(
@@ -130,13 +139,15 @@ class ScipyODE(Solver):
         *,
         generator: torch.Generator | None = None,
         progress: Progress | None = None,
+        noise: Noise | None = None,
+        x_T: Tensor | None = None,
     ) -> SampleResult:
         process, device = model.process, model_device(model)
         t_end = process.t_min if self.t_end is None else self.t_end
-        start = model.nfe
-        x = process.prior_sample(shape, generator=generator, device=device)
-        record = self.keep_trajectory or self.keep_x0
-        t_eval = list(np.linspace(1.0, t_end, self.snapshots)) if record else None
+        begin = model.nfe
+        x = start(model, shape, as_noise(generator, noise), x_T)
+        snapshots = max(2, self.record.snapshots) if self.record is not None else 0
+        t_eval = list(np.linspace(1.0, t_end, snapshots)) if self.record is not None else None
         x, states, times = integrate_probability_flow(model, x, 1.0, t_end, method=self.method,
                                                       rtol=self.rtol, atol=self.atol,
                                                       t_eval=t_eval)
@@ -150,45 +161,23 @@ class ScipyODE(Solver):
             x = model.predict(x, torch.full((shape[0],), t_end, device=device), "x0")
         if progress is not None:
             progress(1)
-        return SampleResult(x, model.nfe - start, trajectory, x0_predictions, times)
+        return SampleResult(x, model.nfe - begin, trajectory, x0_predictions, times)
 
-
-def ode_grid(process: NoiseProcess, steps: int, spacing: Spacing, rho: float
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    """Times, noise levels ``varsigma`` (last one 0) and ``alpha`` of an ODE grid (float64)."""
-    times = sampling_times(process, steps, spacing, rho)
-    level = noise_level(process, times)
-    level[-1] = 0.0  # land on the denoised estimate
-    alpha = process.alpha(times)
-    return times, level, alpha
 
 
 class _FixedStepODE(Solver):
     """Shared set-up of the torch-native probability-flow ODE solvers (see the module doc)."""
 
-    evaluations_per_step = 1
-
-    def __init__(
-        self,
-        steps: int,
-        spacing: Spacing,
-        rho: float,
-        keep_trajectory: bool,
-        keep_x0: bool,
-        snapshots: int,
-    ) -> None:
+    def __init__(self, steps: int, spacing: Spacing, rho: float) -> None:
         self.steps = steps
         self.spacing = spacing
         self.rho = rho
-        self.keep_trajectory = keep_trajectory
-        self.keep_x0 = keep_x0
-        self.snapshots = snapshots
+
+    def table(self, process: NoiseProcess) -> ODETable:
+        return ode_table(process, self.steps, self.spacing, self.rho)
 
     def total_steps(self, process: NoiseProcess) -> int:
-        return len(sampling_times(process, self.steps, self.spacing, self.rho)) - 1
-
-    def coefficients(self, times: Tensor, level: Tensor, alpha: Tensor) -> dict[str, Tensor]:
-        return {"t": times, "level": level, "alpha": alpha}
+        return self.table(process).steps
 
     @torch.no_grad()
     def sample(
@@ -198,36 +187,38 @@ class _FixedStepODE(Solver):
         *,
         generator: torch.Generator | None = None,
         progress: Progress | None = None,
+        noise: Noise | None = None,
+        x_T: Tensor | None = None,
     ) -> SampleResult:
         process, device = model.process, model_device(model)
-        times, level, alpha = ode_grid(process, self.steps, self.spacing, self.rho)
-        coef = on_device(self.coefficients(times, level, alpha), device)
-        steps = len(times) - 1
-        recorder = Recorder(steps, trajectory=self.keep_trajectory, x0=self.keep_x0,
-                            snapshots=self.snapshots, times=times[:-1].tolist())
-        start = model.nfe
-        x = process.prior_sample(shape, generator=generator, device=device)
-        y = x / coef["alpha"][0]
-        ones = torch.ones(shape[0], device=device)
-        state: dict[str, Tensor] = {}
+        noise = as_noise(generator, noise)
+        table = self.table(process)
+        steps, rows = table.steps, table.rows
+        recorder = Recorder(steps, self.record, rows["t"][:-1])
+        begin = model.nfe
+        y = start(model, shape, noise, x_T) * (1.0 / rows["alpha"][0])
+        times = table.time_vectors(process, shape[0], device)
+        state: dict = {"noise": noise, "times": times}
         for i in range(steps):
-            y = self.step(model, y, ones, coef, i, steps, state, recorder)
+            y = self.step(model, y, rows, i, steps, state, recorder)
             if progress is not None:
                 progress(1)
-        return recorder.result(coef["alpha"][-1] * y, model.nfe - start)
+        return recorder.result(rows["alpha"][-1] * y, model.nfe - begin)
 
-    def eps(self, model: ScoreModel, y: Tensor, ones: Tensor, coef: dict[str, Tensor], i: int
-            ) -> Tensor:
-        return model.predict(coef["alpha"][i] * y, ones * coef["t"][i], "eps")
+    @staticmethod
+    def eps(model: ScoreModel, y: Tensor, t: Tensor, alpha: float) -> Tensor:
+        """``eps_hat(alpha y, t)``."""
+        return model.predict(alpha * y, t, "eps")
 
-    def step(self, model, y, ones, coef, i, steps, state, recorder):  # type: ignore[no-untyped-def]
+    def step(self, model: ScoreModel, y: Tensor, rows: dict[str, list[float]], i: int,
+             steps: int, state: dict, recorder: Recorder) -> Tensor:
         raise NotImplementedError
 
     @staticmethod
-    def record(recorder: Recorder, i: int, y: Tensor, eps: Tensor, coef: dict[str, Tensor]
-               ) -> None:
-        x0 = coef["alpha"][-1] * (y - coef["level"][i] * eps)
-        recorder.record(i, coef["alpha"][i] * y, x0)
+    def record_step(recorder: Recorder, i: int, y: Tensor, eps: Tensor,
+                    rows: dict[str, list[float]]) -> None:
+        x0 = rows["alpha"][-1] * (y - rows["level"][i] * eps)
+        recorder.record(i, rows["alpha"][i] * y, x0)
 
 
 class EulerODE(_FixedStepODE):
@@ -235,110 +226,249 @@ class EulerODE(_FixedStepODE):
 
     Args:
         steps: number of steps (= network evaluations).
-        spacing: ``edm`` (Karras et al. 2022, rho = 7), ``log_snr``, ``uniform``, ``quadratic``.
+        spacing: ``log_snr`` (default), ``edm`` (Karras et al. 2022), ``uniform``, ``quadratic``.
         rho: the exponent of the ``edm`` spacing.
-        keep_trajectory: also return x at ``snapshots`` evenly spaced steps.
-        keep_x0: also return x0_hat at those steps.
-        snapshots: how many steps to record when asked.
     """
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1, le=100_000)] = 100,
-        spacing: Spacing = "edm",
+        steps: Annotated[int, Field(ge=1)] = 100,
+        spacing: Spacing = "log_snr",
         rho: Annotated[float, Field(gt=0)] = 7.0,
-        keep_trajectory: bool = False,
-        keep_x0: bool = False,
-        snapshots: Annotated[int, Field(ge=1)] = 10,
     ) -> None:
-        super().__init__(steps, spacing, rho, keep_trajectory, keep_x0, snapshots)
+        super().__init__(steps, spacing, rho)
 
-    def step(self, model, y, ones, coef, i, steps, state, recorder):  # type: ignore[no-untyped-def]
-        eps = self.eps(model, y, ones, coef, i)
+    def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
+        eps = self.eps(model, y, state["times"][i], rows["alpha"][i])
         if recorder.wants(i):
-            self.record(recorder, i, y, eps, coef)
-        return y + (coef["level"][i + 1] - coef["level"][i]) * eps
+            self.record_step(recorder, i, y, eps, rows)
+        return y + (rows["level"][i + 1] - rows["level"][i]) * eps
 
 
 class HeunODE(_FixedStepODE):
     """Heun's second-order method for the probability-flow ODE (Karras et al. 2022, Alg. 1).
 
     Args:
-        steps: number of steps; network evaluations are 2 * steps - 1.
-        spacing: ``edm`` (Karras et al. 2022, rho = 7), ``log_snr``, ``uniform``, ``quadratic``.
+        steps: number of grid points; network evaluations are 2 * steps - 1.
+        spacing: ``log_snr`` (default), ``edm`` (Karras et al. 2022), ``uniform``, ``quadratic``.
         rho: the exponent of the ``edm`` spacing.
-        keep_trajectory: also return x at ``snapshots`` evenly spaced steps.
-        keep_x0: also return x0_hat at those steps.
-        snapshots: how many steps to record when asked.
     """
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1, le=100_000)] = 18,
-        spacing: Spacing = "edm",
+        steps: Annotated[int, Field(ge=1)] = 18,
+        spacing: Spacing = "log_snr",
         rho: Annotated[float, Field(gt=0)] = 7.0,
-        keep_trajectory: bool = False,
-        keep_x0: bool = False,
-        snapshots: Annotated[int, Field(ge=1)] = 10,
     ) -> None:
-        super().__init__(steps, spacing, rho, keep_trajectory, keep_x0, snapshots)
+        super().__init__(steps, spacing, rho)
 
-    def step(self, model, y, ones, coef, i, steps, state, recorder):  # type: ignore[no-untyped-def]
-        eps = self.eps(model, y, ones, coef, i)
+    def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
+        times = state["times"]
+        eps = self.eps(model, y, times[i], rows["alpha"][i])
         if recorder.wants(i):
-            self.record(recorder, i, y, eps, coef)
-        delta = coef["level"][i + 1] - coef["level"][i]
+            self.record_step(recorder, i, y, eps, rows)
+        delta = rows["level"][i + 1] - rows["level"][i]
         euler = y + delta * eps
         if i == steps - 1:
             return euler
-        eps_next = self.eps(model, euler, ones, coef, i + 1)
-        return y + delta * 0.5 * (eps + eps_next)
+        eps_next = self.eps(model, euler, times[i + 1], rows["alpha"][i + 1])
+        return y + (0.5 * delta) * (eps + eps_next)
 
 
-class DPMSolver2M(_FixedStepODE):
+class EDMStochastic(_FixedStepODE):
+    """The EDM stochastic sampler (Karras et al. 2022, Algorithm 2): Heun steps with churn.
+
+    Args:
+        steps: number of grid points N; network evaluations are 2N - 1.
+        spacing: ``log_snr`` (default), ``edm`` (the paper's), ``uniform``, ``quadratic``.
+        rho: the exponent of the ``edm`` spacing.
+        S_churn: overall stochasticity; each step raises the noise by ``gamma = min(S_churn / N,
+            sqrt(2) - 1)``. 0 is Heun's deterministic method.
+        S_tmin: churn only where ``varsigma_i >= S_tmin``.
+        S_tmax: churn only where ``varsigma_i <= S_tmax`` (and, always, where the raised level
+            stays within the process's range ``varsigma(1)``).
+        S_noise: scale of the added noise (the paper's 1.003 offsets a trained denoiser's bias;
+            1 for an exact score).
+    """
+
+    def __init__(
+        self,
+        steps: Annotated[int, Field(ge=2)] = 40,
+        spacing: Spacing = "log_snr",
+        rho: Annotated[float, Field(gt=0)] = 7.0,
+        S_churn: Annotated[float, Field(ge=0)] = 30.0,
+        S_tmin: Annotated[float, Field(ge=0)] = 0.05,
+        S_tmax: Annotated[float, Field(gt=0)] = 50.0,
+        S_noise: Annotated[float, Field(gt=0)] = 1.0,
+    ) -> None:
+        super().__init__(steps, spacing, rho)
+        self.S_churn, self.S_tmin, self.S_tmax, self.S_noise = S_churn, S_tmin, S_tmax, S_noise
+
+    def churn(self, process: NoiseProcess) -> dict[str, list[float]]:
+        """Per step: the raised level ``varsigma_hat``, its time and ``alpha``, and the std of
+        the added noise in ``y`` units (cached with the grid)."""
+        key = ("edm_churn", self.steps, self.spacing, float(self.rho), self.S_churn,
+               self.S_tmin, self.S_tmax, self.S_noise)
+
+        def build() -> dict[str, list[float]]:
+            table = self.table(process)
+            level, n = table.level[:-1], table.steps
+            top = float(table.level[0])
+            gamma = torch.where((level >= self.S_tmin) & (level <= self.S_tmax),
+                                min(self.S_churn / n, math.sqrt(2.0) - 1.0), 0.0)
+            raised = level * (1.0 + gamma)
+            gamma = torch.where(raised <= top * (1 + 1e-12), gamma, torch.zeros_like(gamma))
+            raised = level * (1.0 + gamma)
+            t_min = float(table.times[n - 1])
+            times = torch.where(gamma > 0, time_of_log_snr(process, -2.0 * torch.log(raised),
+                                                           t_min, 1.0), table.times[:-1])
+            return {"level": raised.tolist(), "t": times.tolist(),
+                    "alpha": process.alpha(times).tolist(),
+                    "std": (self.S_noise * (raised**2 - level**2).clamp_min(0).sqrt()).tolist(),
+                    "gamma": gamma.tolist()}
+
+        return cached(process, key, build)
+
+    def sample(self, model, shape, **kwargs):  # type: ignore[no-untyped-def,override]
+        self._churn = self.churn(model.process)
+        return super().sample(model, shape, **kwargs)
+
+    def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
+        churn, times = self._churn, state["times"]
+        if churn["gamma"][i] > 0:
+            y = y + churn["std"][i] * state["noise"].randn(y.shape, device=y.device)
+            t = torch.full_like(times[i], churn["t"][i])
+        else:
+            t = times[i]
+        level, alpha = churn["level"][i], churn["alpha"][i]
+        eps = self.eps(model, y, t, alpha)
+        if recorder.wants(i):
+            recorder.record(i, alpha * y, rows["alpha"][-1] * (y - level * eps))
+        delta = rows["level"][i + 1] - level
+        euler = y + delta * eps
+        if i == steps - 1:
+            return euler
+        eps_next = self.eps(model, euler, times[i + 1], rows["alpha"][i + 1])
+        return y + (0.5 * delta) * (eps + eps_next)
+
+
+def multistep_weights(lam: list[float], order: int, lower_order_final: bool
+                      ) -> list[tuple[float, list[float]]]:
+    """Per step of DPM-Solver++(kM) (see the module doc): ``(r, [w_0, w_1, ...])`` with
+    ``y_{i+1} = r y_i + sum_j w_j m_j`` over the x0 predictions ``m_j`` made ``j`` steps ago.
+
+    ``lam`` holds ``lambda`` at the grid points (``inf`` at the final ``varsigma = 0``).
+    """
+    steps = len(lam) - 1
+    weights = []
+    for i in range(steps):
+        usable = min(order, i + 1)
+        if i == steps - 1:
+            usable = 1  # onto varsigma = 0: h = inf
+        elif lower_order_final and steps < 15 and i == steps - 2:
+            usable = min(usable, order - 1)
+        if usable == 1:
+            r = 0.0 if i == steps - 1 else math.exp(-(lam[i + 1] - lam[i]))
+            weights.append((r, [1.0 - r]))
+            continue
+        h = lam[i + 1] - lam[i]
+        r = math.exp(-h)
+        r0 = (lam[i] - lam[i - 1]) / h
+        d0 = [1.0 / r0, -1.0 / r0, 0.0]  # (m_0 - m_1) / r_0
+        if usable == 2:
+            w = [1.0 - r, 0.0, 0.0]
+            w = [a + (1.0 - r) * 0.5 * b for a, b in zip(w, d0, strict=True)]
+            weights.append((r, w[:2]))
+            continue
+        r1 = (lam[i - 1] - lam[i - 2]) / h
+        d1 = [0.0, 1.0 / r1, -1.0 / r1]  # (m_1 - m_2) / r_1
+        diff = [a - b for a, b in zip(d0, d1, strict=True)]
+        big_d1 = [a + r0 / (r0 + r1) * b for a, b in zip(d0, diff, strict=True)]
+        big_d2 = [b / (r0 + r1) for b in diff]
+        c1, c2 = (r - 1.0) / h + 1.0, (r - 1.0 + h) / h**2 - 0.5
+        w = [(1.0 - r) * (j == 0) + c1 * a - c2 * b for j, (a, b) in
+             enumerate(zip(big_d1, big_d2, strict=True))]
+        weights.append((r, w))
+    return weights
+
+
+class _DPMSolverMultistep(_FixedStepODE):
+    """DPM-Solver++ multistep of a fixed order (see the module doc); one evaluation per step."""
+
+    order = 2
+
+    def __init__(self, steps: int, spacing: Spacing, rho: float, lower_order_final: bool
+                 ) -> None:
+        super().__init__(steps, spacing, rho)
+        self.lower_order_final = lower_order_final
+
+    def weights(self, process: NoiseProcess) -> list[tuple[float, list[float]]]:
+        key = ("dpm_weights", self.order, self.steps, self.spacing, float(self.rho),
+               self.lower_order_final)
+        return cached(process, key, lambda: multistep_weights(
+            self.table(process).rows["lam"], self.order, self.lower_order_final))
+
+    def sample(self, model, shape, **kwargs):  # type: ignore[no-untyped-def,override]
+        self._weights = self.weights(model.process)
+        return super().sample(model, shape, **kwargs)
+
+    def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
+        eps = self.eps(model, y, state["times"][i], rows["alpha"][i])
+        x0 = y - rows["level"][i] * eps
+        if recorder.wants(i):
+            recorder.record(i, rows["alpha"][i] * y, rows["alpha"][-1] * x0)
+        history = state.setdefault("x0", [])
+        history.insert(0, x0)
+        del history[self.order:]
+        r, w = self._weights[i]
+        out = y * r if r else None
+        for weight, m in zip(w, history, strict=False):
+            if weight:
+                out = m * weight if out is None else out + weight * m
+        return out if out is not None else torch.zeros_like(y)
+
+
+class DPMSolver2M(_DPMSolverMultistep):
     """DPM-Solver++(2M): a second-order multistep solver in log-SNR for few-step sampling
     (Lu et al. 2022, Algorithm 2); one evaluation per step.
 
     Args:
         steps: number of steps (= network evaluations).
-        spacing: ``edm`` (Karras et al. 2022, rho = 7), ``log_snr``, ``uniform``, ``quadratic``.
+        spacing: ``log_snr`` (default), ``edm`` (Karras et al. 2022), ``uniform``, ``quadratic``.
         rho: the exponent of the ``edm`` spacing.
-        keep_trajectory: also return x at ``snapshots`` evenly spaced steps.
-        keep_x0: also return x0_hat at those steps.
-        snapshots: how many steps to record when asked.
+        lower_order_final: below 15 steps, take the step into varsigma_min at first order.
     """
+
+    order = 2
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1, le=100_000)] = 20,
-        spacing: Spacing = "edm",
+        steps: Annotated[int, Field(ge=1)] = 20,
+        spacing: Spacing = "log_snr",
         rho: Annotated[float, Field(gt=0)] = 7.0,
-        keep_trajectory: bool = False,
-        keep_x0: bool = False,
-        snapshots: Annotated[int, Field(ge=1)] = 10,
+        lower_order_final: bool = True,
     ) -> None:
-        super().__init__(steps, spacing, rho, keep_trajectory, keep_x0, snapshots)
+        super().__init__(steps, spacing, rho, lower_order_final)
 
-    def coefficients(self, times: Tensor, level: Tensor, alpha: Tensor) -> dict[str, Tensor]:
-        steps = len(times) - 1
-        ratio = level[1:] / level[:-1]  # r_i = varsigma_{i+1} / varsigma_i (0 on the last step)
-        lam = -torch.log(level[:-1])
-        current = torch.ones(steps, dtype=torch.float64)
-        previous = torch.zeros(steps, dtype=torch.float64)
-        for i in range(1, steps - 1):  # second order where both neighbours exist
-            q = (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])
-            current[i], previous[i] = 1 + 1 / (2 * q), 1 / (2 * q)
-        return {"t": times, "level": level, "alpha": alpha, "ratio": ratio,
-                "current": current, "previous": previous}
 
-    def step(self, model, y, ones, coef, i, steps, state, recorder):  # type: ignore[no-untyped-def]
-        eps = self.eps(model, y, ones, coef, i)
-        x0 = y - coef["level"][i] * eps
-        if recorder.wants(i):
-            recorder.record(i, coef["alpha"][i] * y, coef["alpha"][-1] * x0)
-        if "x0" in state:
-            d = coef["current"][i] * x0 - coef["previous"][i] * state["x0"]
-        else:
-            d = x0
-        state["x0"] = x0
-        return coef["ratio"][i] * y + (1 - coef["ratio"][i]) * d
+class DPMSolver3M(_DPMSolverMultistep):
+    """DPM-Solver++(3M): the third-order multistep solver in log-SNR (Lu et al. 2022);
+    one evaluation per step.
+
+    Args:
+        steps: number of steps (= network evaluations).
+        spacing: ``log_snr`` (default), ``edm`` (Karras et al. 2022), ``uniform``, ``quadratic``.
+        rho: the exponent of the ``edm`` spacing.
+        lower_order_final: below 15 steps, take the step into varsigma_min at second order.
+    """
+
+    order = 3
+
+    def __init__(
+        self,
+        steps: Annotated[int, Field(ge=1)] = 20,
+        spacing: Spacing = "log_snr",
+        rho: Annotated[float, Field(gt=0)] = 7.0,
+        lower_order_final: bool = True,
+    ) -> None:
+        super().__init__(steps, spacing, rho, lower_order_final)

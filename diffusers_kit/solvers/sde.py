@@ -20,7 +20,14 @@ The Langevin corrector (Algorithm 4 for VP, 5 for VE) runs at each time before t
 with signal-to-noise ratio ``r`` and ``a_i = a^2`` the squared transition coefficient of the
 step (``1 - beta_i`` for VP, 1 for VE). As in Song et al.'s code the norms are averaged over the
 batch: per-sample norms make the step explode in low dimension. The last predictor
-step returns its mean, without noise (Song et al.'s "noise removal").
+step returns its mean, without noise (Song et al.'s "noise removal"), and lands on noise level 0
+(:mod:`diffusers_kit.solvers.tables`): reverse diffusion and ancestral sampling do so through
+their own formulas with ``sigma_s = 0``; Euler-Maruyama, whose step has no target noise level,
+ends with Tweedie's ``x0_hat = alpha_s (x + sigma_t^2 s) / alpha_t`` (on VE ``t_min = 0``, where
+its step would be empty).
+
+The score comes from the network's ``eps`` and the table's ``sigma_t``: ``s = -eps / sigma_t``,
+with no per-step evaluation of the schedule.
 """
 
 from __future__ import annotations
@@ -30,57 +37,47 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.ancestral import on_device
-from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device
-from diffusers_kit.solvers.grids import Spacing, sampling_times
+from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
+from diffusers_kit.solvers.grids import Spacing
+from diffusers_kit.solvers.noise import Noise, as_noise
+from diffusers_kit.solvers.tables import step_table
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
     from diffusers_kit.processes.base import NoiseProcess
 
 Tensor = torch.Tensor
+Rows = dict[str, list[float]]
 
 
-def sde_coefficients(process: NoiseProcess, times: Tensor) -> dict[str, Tensor]:
-    """Everything a predictor or corrector needs for the steps ``times[i] -> times[i + 1]``.
-
-    The drift of every process here is linear, ``f(x, t) = f_t x``; ``f_t`` is read off the
-    process's ``drift`` once per grid.
-    """
-    t, s = times[:-1], times[1:]
-    drift = process.drift(torch.ones(len(t), 1, dtype=torch.float64), t)[:, 0]
-    g = process.diffusion(t)
-    a, b = process.transition(t, s)
-    c_t, c_0, posterior_var = process.posterior_coefficients(t, s)
-    alpha_t, sigma_t = process.marginal(t)
-    return {"t": t, "dt": t - s, "drift": drift, "g2": g * g, "a": a, "b2": b * b,
-            "c_t": c_t, "c_0": c_0, "posterior_var": posterior_var, "alpha_t": alpha_t,
-            "sigma_t": sigma_t}
+def table_score(model: ScoreModel, x: Tensor, t: Tensor, sigma: float) -> Tensor:
+    """``s(x, t) = -eps_hat(x, t) / sigma_t`` with the step's ``sigma_t`` from the table."""
+    return model.predict(x, t, "eps") * (-1.0 / sigma)
 
 
 class Predictor:
     """Base of predictors: one step of a reverse-time SDE solver from ``times[i]`` to ``[i+1]``.
 
-    ``step`` gets the score at ``(x, t_i)`` (computed once by the sampler) and returns
-    ``(x, mean)``: the next state and its noise-free mean.
+    ``step`` gets the score at ``(x, t_i)`` (computed once by the sampler), the table rows ``c``
+    and the noise ``z`` (``None`` on the last step) and returns the next state.
     """
 
     uses_score = True
 
-    def step(self, x: Tensor, score: Tensor, c: dict[str, Tensor], i: int, z: Tensor | None
-             ) -> tuple[Tensor, Tensor]:
+    def step(self, x: Tensor, score: Tensor, c: Rows, i: int, z: Tensor | None) -> Tensor:
         raise NotImplementedError
 
 
 class EulerMaruyama(Predictor):
-    """Euler-Maruyama step of the reverse-time SDE (Song et al. 2021, eq. 6)."""
+    """Euler-Maruyama step of the reverse-time SDE (Song et al. 2021, eq. 6); the last step is
+    Tweedie's denoising step onto noise level 0."""
 
     def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
-        dt = c["dt"][i]
-        mean = x - (c["drift"][i] * x - c["g2"][i] * score) * dt
         if z is None:
-            return mean, mean
-        return mean + torch.sqrt(c["g2"][i] * dt) * z, mean
+            return (c["alpha_s"][i] / c["alpha_t"][i]) * (x + c["sigma_t"][i] ** 2 * score)
+        dt = c["dt"][i]
+        mean = (1.0 - c["drift"][i] * dt) * x + (c["g2"][i] * dt) * score
+        return mean + (c["g2"][i] * dt) ** 0.5 * z
 
 
 class ReverseDiffusion(Predictor):
@@ -88,9 +85,7 @@ class ReverseDiffusion(Predictor):
 
     def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
         mean = (2.0 - c["a"][i]) * x + c["b2"][i] * score
-        if z is None:
-            return mean, mean
-        return mean + torch.sqrt(c["b2"][i]) * z, mean
+        return mean if z is None else mean + c["b2"][i] ** 0.5 * z
 
 
 class AncestralPredictor(Predictor):
@@ -106,13 +101,12 @@ class AncestralPredictor(Predictor):
         self.variance = variance
 
     def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
-        sigma2 = c["sigma_t"][i] ** 2
-        x0 = (x + sigma2 * score) / c["alpha_t"][i]
+        x0 = (x + c["sigma_t"][i] ** 2 * score) * (1.0 / c["alpha_t"][i])
         mean = c["c_t"][i] * x + c["c_0"][i] * x0
         if z is None:
-            return mean, mean
+            return mean
         var = c["posterior_var"][i] if self.variance == "posterior" else c["b2"][i]
-        return mean + torch.sqrt(var) * z, mean
+        return mean + var**0.5 * z
 
 
 class NoPredictor(Predictor):
@@ -121,7 +115,7 @@ class NoPredictor(Predictor):
     uses_score = False
 
     def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
-        return x, x
+        return x
 
 
 class Corrector:
@@ -129,8 +123,8 @@ class Corrector:
 
     steps: int = 0
 
-    def correct(self, model: ScoreModel, x: Tensor, t: Tensor, c: dict[str, Tensor], i: int,
-                generator: torch.Generator | None) -> Tensor:
+    def correct(self, model: ScoreModel, x: Tensor, t: Tensor, c: Rows, i: int,
+                noise: Noise) -> Tensor:
         return x
 
 
@@ -150,11 +144,11 @@ class LangevinCorrector(Corrector):
         self.snr = snr
         self.steps = steps
 
-    def correct(self, model, x, t, c, i, generator):  # type: ignore[no-untyped-def]
+    def correct(self, model, x, t, c, i, noise):  # type: ignore[no-untyped-def]
         scale = 2.0 * c["a"][i] ** 2 * self.snr**2
         for _ in range(self.steps):
-            score = model.score(x, t)
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            score = table_score(model, x, t, c["sigma_t"][i])
+            z = noise.randn(x.shape, device=x.device, dtype=x.dtype)
             # batch-averaged norms (as Song et al.): a per-sample ratio explodes in low
             # dimensions, where a sample at a mode's centre has a score near zero
             ratio = z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean()
@@ -176,11 +170,9 @@ class PredictorCorrector(Solver):
     Args:
         predictor: the predictor (default: reverse diffusion).
         corrector: the corrector (default: none, i.e. predictor-only sampling).
-        steps: number of predictor steps (default: a discrete process's steps; 1000 otherwise).
+        steps: number of predictor steps (default: a discrete process's steps; 1000 otherwise);
+            network evaluations are ``steps * (1 + corrector steps)``.
         spacing: how the times are spaced.
-        keep_trajectory: also return x at ``snapshots`` evenly spaced steps.
-        keep_x0: also return Tweedie's x0_hat at those steps.
-        snapshots: how many steps to record when asked.
     """
 
     def __init__(
@@ -189,20 +181,14 @@ class PredictorCorrector(Solver):
         corrector: Corrector | None = None,
         steps: Annotated[int, Field(ge=1)] | None = None,
         spacing: Spacing = "uniform",
-        keep_trajectory: bool = False,
-        keep_x0: bool = False,
-        snapshots: Annotated[int, Field(ge=1)] = 10,
     ) -> None:
         self.predictor = predictor if predictor is not None else ReverseDiffusion()
         self.corrector = corrector if corrector is not None else NoCorrector()
         self.steps = steps
         self.spacing = spacing
-        self.keep_trajectory = keep_trajectory
-        self.keep_x0 = keep_x0
-        self.snapshots = snapshots
 
     def total_steps(self, process: NoiseProcess) -> int:
-        return len(sampling_times(process, self.steps, self.spacing)) - 1
+        return step_table(process, self.steps, self.spacing).steps
 
     @torch.no_grad()
     def sample(
@@ -212,28 +198,28 @@ class PredictorCorrector(Solver):
         *,
         generator: torch.Generator | None = None,
         progress: Progress | None = None,
+        noise: Noise | None = None,
+        x_T: Tensor | None = None,
     ) -> SampleResult:
         process, device = model.process, model_device(model)
-        times = sampling_times(process, self.steps, self.spacing)
-        coef = on_device(sde_coefficients(process, times), device)
-        steps = len(times) - 1
-        recorder = Recorder(steps, trajectory=self.keep_trajectory, x0=self.keep_x0,
-                            snapshots=self.snapshots, times=times[:-1].tolist())
-        start = model.nfe
-        x = process.prior_sample(shape, generator=generator, device=device)
-        ones = torch.ones(shape[0], device=device)
-        zero = torch.zeros((), device=device)
+        noise = as_noise(generator, noise)
+        table = step_table(process, self.steps, self.spacing)
+        rows, steps = table.rows, table.steps
+        recorder = Recorder(steps, self.record, table.times[:-1].tolist())
+        begin = model.nfe
+        x = start(model, shape, noise, x_T)
+        times = table.time_vectors(process, shape[0], device)
+        uses_score = self.predictor.uses_score
         for i in range(steps):
-            t = ones * coef["t"][i]
-            x = self.corrector.correct(model, x, t, coef, i, generator)
-            score = model.score(x, t) if self.predictor.uses_score else zero
+            t = times[i]
+            x = self.corrector.correct(model, x, t, rows, i, noise)
+            score = table_score(model, x, t, rows["sigma_t"][i]) if uses_score else x
             if recorder.wants(i):
-                x0 = ((x + coef["sigma_t"][i] ** 2 * score) / coef["alpha_t"][i]
-                      if self.predictor.uses_score else None)
+                x0 = ((x + rows["sigma_t"][i] ** 2 * score) / rows["alpha_t"][i]
+                      if uses_score else None)
                 recorder.record(i, x, x0)
-            last = i == steps - 1
-            z = None if last else torch.randn(shape, generator=generator, device=device)
-            x, _ = self.predictor.step(x, score, coef, i, z)
+            z = None if i == steps - 1 else noise.randn(shape, device=device)
+            x = self.predictor.step(x, score, rows, i, z)
             if progress is not None:
                 progress(1)
-        return recorder.result(x, model.nfe - start)
+        return recorder.result(x, model.nfe - begin)

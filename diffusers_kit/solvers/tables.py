@@ -1,0 +1,123 @@
+"""Per-step coefficient tables of the grid-based samplers, built once per (process, grid).
+
+Row ``i`` describes the move ``t = times[i] -> s = times[i + 1]``. Every table is built in float64
+from the process's own formulas (marginal, transition, posterior, drift, diffusion) and cached
+with the grid (:func:`diffusers_kit.solvers.grids.cached`); the loops read its rows as Python
+floats, which multiply device tensors without any host synchronisation and need no per-step
+indexing on the device.
+
+**The last move lands on noise level 0.** Its target is the clean end ``x = alpha(0) x0``
+(``sigma_s = 0``), as the ODE solvers' grids end at ``sigma / alpha = 0``: posterior
+``(c_t, c_0, var) = (0, alpha_s, 0)``, transition ``a = alpha_t / alpha_s``, ``b^2 = sigma_t^2``.
+For DDPM, VP, sub-VP and OU (``sigma(0) = 0``) this is what the formulas give anyway; for VE
+(``sigma(0) = sigma_min``) it makes the last step Tweedie's denoising step instead of a no-op
+from ``t = 0`` to ``t = 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from diffusers_kit.processes.base import posterior_of
+from diffusers_kit.processes.gaussian import clipped_log_variance
+from diffusers_kit.solvers.grids import Spacing, cached, noise_level, sampling_times
+
+if TYPE_CHECKING:
+    from diffusers_kit.processes.base import NoiseProcess
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """``times`` (``N + 1``, float64) and per-move rows: ``tensors`` (float64, ``(N,)``) and the
+    same values as Python floats in ``rows`` (what the loops read)."""
+
+    times: Tensor
+    tensors: dict[str, Tensor]
+    rows: dict[str, list[float]]
+
+    @property
+    def steps(self) -> int:
+        return len(self.times) - 1
+
+    def time_vectors(self, process: NoiseProcess, batch: int, device: torch.device) -> Tensor:
+        """``(N, batch)`` evaluation times on ``device`` (float32), cached with the table by batch
+        size and device: row ``i`` is the ``t`` the network sees at step ``i``."""
+        return cached(process, ("time_vectors", id(self), batch, str(device)),
+                      lambda: self.times[:-1, None].to(device=device, dtype=torch.float32)
+                      .expand(-1, batch).contiguous())
+
+
+def _build(process: NoiseProcess, times: Tensor) -> StepTable:
+    t, s = times[:-1], times[1:].clone()
+    alpha_t, sigma_t = process.marginal(t)
+    alpha_s, sigma_s = process.marginal(s)
+    a, b = process.transition(t, s)
+    b2 = b**2
+    # the last move lands on the clean end: sigma_s = 0
+    sigma_s[-1] = 0.0
+    a[-1] = alpha_t[-1] / alpha_s[-1]
+    b2[-1] = sigma_t[-1] ** 2
+    c_t, c_0, posterior_var = posterior_of(a, b2, alpha_s, sigma_s, sigma_t)
+    # where beta~ = 0 (the last move): fixed variances fall back on beta (Ho et al.), a learned
+    # one's lower bound on the move above's beta~ (Nichol & Dhariwal's clipped log variance)
+    above = torch.cat([posterior_var[:1], posterior_var[:-1]])
+    above = torch.where(above > 0, above, b2)
+    drift = process.drift(torch.ones(len(t), 1, dtype=torch.float64), t)[:, 0]
+    g = process.diffusion(t)
+    tensors = {
+        "t": t, "dt": t - times[1:], "alpha_t": alpha_t, "sigma_t": sigma_t,
+        "alpha_s": alpha_s, "sigma_s": sigma_s, "a": a, "b2": b2,
+        "c_t": c_t, "c_0": c_0, "posterior_var": posterior_var, "transition_var": b2,
+        "log_posterior": clipped_log_variance(posterior_var, b2),
+        "log_posterior_clipped": clipped_log_variance(posterior_var, above),
+        "log_transition": b2.log(), "drift": drift, "g2": g * g,
+    }
+    rows = {name: value.tolist() for name, value in tensors.items()}
+    return StepTable(times, tensors, rows)
+
+
+def step_table(process: NoiseProcess, steps: int | None, spacing: Spacing = "uniform",
+               rho: float = 7.0) -> StepTable:
+    """The cached :class:`StepTable` of ``sampling_times(process, steps, spacing, rho)``."""
+    key = ("step_table", steps, spacing, float(rho))
+    return cached(process, key,
+                  lambda: _build(process, sampling_times(process, steps, spacing, rho)))
+
+
+@dataclass(frozen=True)
+class ODETable:
+    """The grid of the probability-flow solvers in ``y = x / alpha``, ``varsigma = sigma / alpha``:
+    ``times``, ``level`` (``varsigma``, the last one 0), ``alpha`` and ``lam = -log varsigma``
+    (``inf`` at the end), float64 tensors, with Python-float copies in ``rows``."""
+
+    times: Tensor
+    level: Tensor
+    alpha: Tensor
+    rows: dict[str, list[float]]
+
+    @property
+    def steps(self) -> int:
+        return len(self.times) - 1
+
+    time_vectors = StepTable.time_vectors
+
+
+def ode_table(process: NoiseProcess, steps: int, spacing: Spacing, rho: float) -> ODETable:
+    """The cached :class:`ODETable` of a grid."""
+
+    def build() -> ODETable:
+        times = sampling_times(process, steps, spacing, rho)
+        level = noise_level(process, times)
+        level[-1] = 0.0  # land on the denoised estimate
+        alpha = process.alpha(times)
+        lam = -torch.log(level)
+        rows = {"t": times.tolist(), "level": level.tolist(), "alpha": alpha.tolist(),
+                "lam": lam.tolist()}
+        return ODETable(times, level, alpha, rows)
+
+    return cached(process, ("ode_table", steps, spacing, float(rho)), build)
