@@ -35,6 +35,7 @@ from diffusers_kit.solvers.ode import integrate_probability_flow, probability_fl
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
+    from diffusers_kit.processes.base import NoiseProcess
 
 Tensor = torch.Tensor
 Divergence = Literal["exact", "hutchinson"]
@@ -48,6 +49,24 @@ class LikelihoodResult:
     log_prob: Tensor
     latent: Tensor
     nfe: int
+
+
+PAPER_EPS = 1e-5  # Song et al. 2021, appendix D.2: likelihoods integrate from t = 1e-5
+
+
+def start_time(process: NoiseProcess, t_start: float | str | None) -> float:
+    """The likelihood's starting time: ``None`` / ``t_min`` -> the process's ``t_min``,
+    ``paper`` -> :data:`PAPER_EPS` (continuous processes only), a float -> itself."""
+    if t_start is None or t_start == "t_min":
+        return float(process.t_min)
+    if t_start == "paper":
+        if process.num_steps is not None:
+            raise ValueError("t_start 'paper' (eps = 1e-5) is for continuous processes; a "
+                             f"discrete one starts at its first step, t_min = {process.t_min:g}")
+        return PAPER_EPS
+    if isinstance(t_start, str):
+        raise ValueError(f"unknown t_start {t_start!r}; expected a number, 't_min' or 'paper'")
+    return float(t_start)
 
 
 def drift_and_divergence(
@@ -86,16 +105,20 @@ def log_likelihood(
     method: str = "RK45",
     rtol: float = 1e-5,
     atol: float = 1e-5,
-    t_start: float | None = None,
+    t_start: float | Literal["t_min", "paper"] | None = None,
     generator: torch.Generator | None = None,
 ) -> LikelihoodResult:
     """``log p(x0)`` in nats per example via the probability-flow ODE (see the module doc).
 
-    Integration starts at ``t_start`` (default: the process's ``t_min``, where the score is
-    still well defined), treating ``x0`` as a sample of ``q_{t_start}``.
+    Integration starts at ``t_start``, treating ``x0`` as a sample of ``q_{t_start}``: the
+    result is the log-density of the data convolved with ``N(0, sigma(t_start)^2)``, so the start
+    must be small against the data's resolution. ``t_min`` (the default, ``None``) is the
+    process's ``t_min``: ``1 / T`` for DDPM, 1e-3 for VP (``sigma ~ 0.01``, wider than an 8-bit
+    bin of ``2 / 255``); ``paper`` is Song et al. 2021's ``eps = 1e-5`` (appendix D.2; ``sigma ~
+    1e-3`` on VP), for continuous processes; a float is taken as is.
     """
     process = model.process
-    t0 = process.t_min if t_start is None else t_start
+    t0 = start_time(process, t_start)
     shape, device, dtype = x0.shape, x0.device, x0.dtype
     batch, size = shape[0], x0[0].numel()
     z = None
@@ -138,17 +161,18 @@ def bits_per_dim(log_prob: Tensor, dims: int, bins: int | None = None,
 
 
 def encode(model: ScoreModel, x0: Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
-           method: str = "RK45") -> Tensor:
-    """``x_0 -> x_1`` through the probability-flow ODE (from the process's ``t_min``)."""
-    end, _, _ = integrate_probability_flow(model, x0, model.process.t_min, 1.0, method=method,
-                                           rtol=rtol, atol=atol)
+           method: str = "RK45", t_start: float | str | None = None) -> Tensor:
+    """``x_0 -> x_1`` through the probability-flow ODE (from ``t_start``, as for
+    :func:`log_likelihood`)."""
+    end, _, _ = integrate_probability_flow(model, x0, start_time(model.process, t_start), 1.0,
+                                           method=method, rtol=rtol, atol=atol)
     return end
 
 
 def decode(model: ScoreModel, latent: Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
-           method: str = "RK45") -> Tensor:
+           method: str = "RK45", t_start: float | str | None = None) -> Tensor:
     """``x_1 -> x_0`` through the probability-flow ODE: the inverse of :func:`encode`."""
-    end, _, _ = integrate_probability_flow(model, latent, 1.0, model.process.t_min,
+    end, _, _ = integrate_probability_flow(model, latent, 1.0, start_time(model.process, t_start),
                                            method=method, rtol=rtol, atol=atol)
     return end
 
