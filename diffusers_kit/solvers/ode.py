@@ -13,7 +13,8 @@ ODE becomes::
 
 * ``euler``: one Euler step per grid interval (equals DDIM with eta = 0);
 * ``heun``: Heun's second-order method (Karras et al. 2022, Algorithm 1 without churn), an Euler
-  step for the last interval, so N steps cost 2N - 1 evaluations;
+  step for the last interval, so N steps cost 2N - 1 evaluations; by default its correction is
+  taken on the x0 predictions in exponential-integrator form (bounded weights; see the class);
 * ``edm_stochastic``: Karras et al. 2022, Algorithm 2: before each Heun step the noise level is
   raised from ``varsigma_i`` to ``varsigma_hat = (1 + gamma_i) varsigma_i`` by adding fresh noise
   of variance ``varsigma_hat^2 - varsigma_i^2`` (times ``S_noise^2``), with
@@ -248,10 +249,20 @@ class EulerODE(_FixedStepODE):
 class HeunODE(_FixedStepODE):
     """Heun's second-order method for the probability-flow ODE (Karras et al. 2022, Alg. 1).
 
+    Each step takes an Euler (DDIM) step to ``varsigma_{i+1}``, evaluates there, and corrects.
+    ``form: data`` (default) corrects in the exponential-integrator form on the x0 predictions,
+    ``y_{i+1} = y_euler + ((r - 1) / h + 1) (m_{i+1} - m_i)`` (``r = varsigma_{i+1} /
+    varsigma_i = e^-h``; second order, as Lu et al. 2022's DPM-Solver++ with the endpoint as
+    its intermediate point): its weights lie in [0, 1], so a long last step into
+    ``varsigma_min`` cannot blow up. ``form: noise`` is Karras et al.'s trapezoid on ``eps``,
+    ``y_{i+1} = y_i + (varsigma_{i+1} - varsigma_i) (eps_i + eps_{i+1}) / 2``, which at few
+    steps multiplies a large ``eps`` at ``varsigma_min`` by the whole step (it diverged at 5 NFE).
+
     Args:
         steps: number of grid points; network evaluations are 2 * steps - 1.
         spacing: ``log_snr`` (default), ``edm`` (Karras et al. 2022), ``uniform``, ``quadratic``.
         rho: the exponent of the ``edm`` spacing.
+        form: ``data`` (exponential-integrator correction) or ``noise`` (Karras et al.'s).
     """
 
     def __init__(
@@ -259,20 +270,27 @@ class HeunODE(_FixedStepODE):
         steps: Annotated[int, Field(ge=1)] = 18,
         spacing: Spacing = "log_snr",
         rho: Annotated[float, Field(gt=0)] = 7.0,
+        form: Literal["data", "noise"] = "data",
     ) -> None:
         super().__init__(steps, spacing, rho)
+        self.form = form
 
     def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
         times = state["times"]
         eps = self.eps(model, y, times[i], rows["alpha"][i])
         if recorder.wants(i):
             self.record_step(recorder, i, y, eps, rows)
-        delta = rows["level"][i + 1] - rows["level"][i]
-        euler = y + delta * eps
+        level, level_next = rows["level"][i], rows["level"][i + 1]
+        euler = y + (level_next - level) * eps
         if i == steps - 1:
             return euler
         eps_next = self.eps(model, euler, times[i + 1], rows["alpha"][i + 1])
-        return y + (0.5 * delta) * (eps + eps_next)
+        if self.form == "noise":
+            return y + (0.5 * (level_next - level)) * (eps + eps_next)
+        h = rows["lam"][i + 1] - rows["lam"][i]
+        weight = (level_next / level - 1.0) / h + 1.0
+        # m_{i+1} - m_i = (euler - level_next eps_next) - (y - level eps)
+        return euler + weight * ((euler - level_next * eps_next) - (y - level * eps))
 
 
 class EDMStochastic(_FixedStepODE):
