@@ -7,6 +7,7 @@ compare order statistics, ``W_2^2 = mean_k (a_(k) - b_(k))^2``.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Annotated
 
 import torch
@@ -14,6 +15,7 @@ from pydantic import Field
 
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.base import Metric
+from diffusers_kit.metrics.floor import ErrorBars, Level, Resamples, compare_with_floor, real_sets
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
@@ -27,25 +29,58 @@ def random_directions(
     return (theta / theta.norm(dim=0, keepdim=True)).to(device)
 
 
+def sorted_projections(x: torch.Tensor, directions: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projections of ``x`` (flattened) on each direction, sorted: ``(values, order)``, both
+    ``(directions, n)``; ``order`` holds the example index of each sorted value."""
+    projected = (x.flatten(1).to(directions.dtype) @ directions).T.contiguous()
+    return projected.sort(dim=1)
+
+
+def resample_sorted(values: torch.Tensor, order: torch.Tensor, index: torch.Tensor
+                    ) -> torch.Tensor:
+    """The sorted projections of ``x[index]`` from those of ``x``, without sorting again.
+
+    Drawing with replacement repeats example i ``c_i`` times, so in each direction the sorted
+    resample is the sorted sample with every value repeated by its example's count.
+    """
+    counts = torch.bincount(index, minlength=values.shape[1])[order]  # in sorted order
+    repeated = values.flatten().repeat_interleave(counts.flatten())
+    return repeated.view(values.shape[0], len(index))
+
+
+def wasserstein_of_sorted(pa: torch.Tensor, pb: torch.Tensor) -> float:
+    """``(mean over directions and ranks of (a_(k) - b_(k))^2)^(1/2)`` of sorted projections."""
+    return float((pa - pb).pow(2).mean().sqrt())
+
+
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tensor) -> float:
     """SWD between equally sized samples ``a`` and ``b`` (flattened to vectors)."""
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"samples must have the same size, got {a.shape[0]} and {b.shape[0]}")
-    pa = torch.sort(a.flatten(1).double() @ directions, dim=0).values
-    pb = torch.sort(b.flatten(1).double() @ directions, dim=0).values
-    return float((pa - pb).pow(2).mean().sqrt())
+    return wasserstein_of_sorted(sorted_projections(a.double(), directions)[0],
+                                 sorted_projections(b.double(), directions)[0])
 
 
 class SlicedWasserstein(Metric):
     """Sliced Wasserstein distance to held-out data, beside its real-vs-real noise floor.
 
     Reports ``swd`` (samples vs held-out), ``swd_floor`` (a same-size random subset of the
-    training data vs the same held-out points, same directions) and ``swd_ratio`` = swd / floor.
-    A ratio near 1 means the samples are as close to the held-out data as real data is.
+    training data vs the same held-out points, same directions), their bootstrap intervals
+    (``swd_low`` / ``swd_high``, ``swd_floor_low`` / ``swd_floor_high``; see
+    :mod:`diffusers_kit.metrics.floor`) and ``swd_ratio`` = swd / floor. A ratio near 1 means the
+    samples are as close to the held-out data as real data is.
+
+    Args:
+        projections: random directions.
+        resamples: bootstrap resamples for the intervals (0: none).
+        level: confidence level of the intervals.
     """
 
-    def __init__(self, projections: Annotated[int, Field(ge=1, le=65_536)] = 1024) -> None:
+    def __init__(self, projections: Annotated[int, Field(ge=1, le=65_536)] = 1024,
+                 resamples: Resamples = 100, level: Level = 0.95) -> None:
         self.projections = projections
+        self.bars = ErrorBars(resamples, level)
 
     def evaluate(
         self,
@@ -54,10 +89,26 @@ class SlicedWasserstein(Metric):
         generator: torch.Generator,
         model: ScoreModel | None = None,
     ) -> dict[str, float]:
-        n = min(len(samples), len(data.heldout), len(data.train))
-        reference = data.heldout[:n]
-        real = data.train[torch.randperm(len(data.train), generator=generator)[:n]]
-        directions = random_directions(reference[0].numel(), self.projections, generator)
-        swd = sliced_wasserstein(samples[:n].cpu(), reference, directions)
-        floor = sliced_wasserstein(real, reference, directions)
-        return {"swd": swd, "swd_floor": floor, "swd_ratio": swd / floor, "swd_n": float(n)}
+        sets = real_sets(samples, data, generator)
+        directions = random_directions(sets.reference[0].numel(), self.projections, generator)
+
+        reference = sorted_projections(sets.reference, directions)
+        projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def sorted_of(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if id(a) not in projected:
+                projected[id(a)] = sorted_projections(a, directions)
+            return projected[id(a)]
+
+        def statistic(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+            return {"swd": wasserstein_of_sorted(sorted_of(a)[0], sorted_of(b)[0])}
+
+        def replicates(a: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor) -> dict[str, float]:
+            # the same statistic on (a[ia], reference[ib]), from the sorted projections
+            return {"swd": wasserstein_of_sorted(resample_sorted(*sorted_of(a), ia),
+                                                 resample_sorted(*reference, ib))}
+
+        out = compare_with_floor("swd", statistic, sets, generator, self.bars,
+                                 replicates=replicates, bounds={"swd": (0.0, float("inf"))})
+        out["swd_ratio"] = out["swd"] / out["swd_floor"] if out["swd_floor"] > 0 else math.nan
+        return out

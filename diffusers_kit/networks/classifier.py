@@ -89,6 +89,14 @@ class NoiseAwareClassifier(Network):
         self.head = nn.Linear(current, num_classes)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x, t))
+
+    def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The penultimate layer, ``(B, width)``: what the logits are a linear map of.
+
+        Distribution metrics (:mod:`diffusers_kit.metrics.fd` and its siblings) compare samples
+        in this space, as FID compares them in Inception's pool layer (Heusel et al. 2017).
+        """
         emb = self.time(t)
         h = self.conv_in(x)
         for i, level in enumerate(self.levels):
@@ -99,4 +107,4 @@ class NoiseAwareClassifier(Network):
         h = nn.functional.silu(self.norm_out(h))
         if h.dim() == 4:
             h = h.mean(dim=(2, 3))
-        return self.head(h)
+        return h

@@ -1,0 +1,159 @@
+"""``dkit evaluate RUN_DIR [--metrics ...]``: recompute metrics on a finished run's saved samples.
+
+Nothing is sampled again: the samples are the run's ``samples.npz`` (or ``--samples FILE``, e.g.
+one written by ``dkit sample`` under ``RUN_DIR/sampling/``). ``--metrics`` chooses metrics by
+name (``fd``: the run's own settings for it when its spec has one, the defaults otherwise) or as
+YAML mappings (``"{kind: fd, features: features_digits.yaml, resamples: 500}"``); without it,
+the run's own metrics are recomputed. A model a metric refers to (the feature network) is built
+or reused as in ``dkit run``. The figures are merged into the ``metrics.json`` beside the
+samples (and into ``run.json`` for the run's own samples), and printed: value, interval, floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from diffusers_kit.spec.errors import SpecError, SpecIssue
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("evaluate", help="recompute metrics on a finished run's "
+                                                    "samples, without sampling again")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (or its "
+                                                           "'latest')")
+    parser.add_argument("--metrics", nargs="+", metavar="METRIC",
+                        help="metric names or YAML mappings, e.g. fd kid "
+                             "'{kind: prdc, features: features_digits.yaml}' (default: the "
+                             "run's own)")
+    parser.add_argument("--samples", metavar="FILE", help="an .npz with a 'samples' array "
+                        "(default: RUN_DIR/samples.npz)")
+    parser.add_argument("--quiet", action="store_true", help="print no table")
+    parser.set_defaults(func=evaluate_command)
+
+
+def _command_error(option: str, expected: str, given: Any) -> SpecError:
+    return SpecError([SpecIssue((option,), expected, given, None, "command line")])
+
+
+def metric_configs(chosen: list[str], own: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``--metrics`` items as metric mappings: a name takes the run's own settings for that
+    kind when its spec has them; a YAML mapping is used as written."""
+    configs = []
+    for text in chosen:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = None
+        if isinstance(value, str):
+            value = next((dict(m) for m in own if m.get("kind") == value), {"kind": value})
+        if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
+            raise _command_error("--metrics", "metric names or YAML mappings such as "
+                                 "'{kind: fd, features: features_digits.yaml}'", text)
+        configs.append(value)
+    return configs
+
+
+def load_samples(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(samples, labels)`` of an .npz written by a run or ``dkit sample`` (labels: the
+    requested class of each sample, when the samples are class-conditional)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "samples" not in npz.files:
+                raise _command_error("--samples", "an .npz holding a 'samples' array",
+                                     f"{path} (arrays: {', '.join(npz.files) or 'none'})")
+            samples = torch.from_numpy(np.asarray(npz["samples"], dtype=np.float32))
+            labels = torch.from_numpy(np.asarray(npz["labels"])).long() if (
+                "labels" in npz.files) else None
+    except (OSError, ValueError) as exc:
+        raise _command_error("--samples", "a readable .npz file", f"{path} ({exc})") from None
+    return samples, labels
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from diffusers_kit.graph import build_components, load_previous
+    from diffusers_kit.metrics.floor import summarize
+    from diffusers_kit.pipeline import (
+        CHECKPOINT,
+        SPEC_FILE,
+        BuildSettings,
+        build_references,
+        follow_latest,
+        read_record,
+        write_record,
+    )
+    from diffusers_kit.registry import get_registry
+    from diffusers_kit.spec.loader import apply_overrides, load_file
+    from diffusers_kit.spec.validate import validate
+
+    err = Console(stderr=True)
+    folder = follow_latest(Path(args.run_dir).expanduser())
+    if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():
+        raise _command_error("RUN_DIR", f"a finished run folder holding {SPEC_FILE} and "
+                             f"{CHECKPOINT}", args.run_dir)
+    samples_path = Path(args.samples) if args.samples else folder / "samples.npz"
+    document = load_file(folder / SPEC_FILE)
+    if args.metrics:
+        section = document.data.get("evaluate")
+        own = section.get("metrics") if isinstance(section, dict) else None
+        configs = metric_configs(args.metrics, own if isinstance(own, list) else [])
+        apply_overrides(document, [f"evaluate.metrics={json.dumps(configs)}"])
+    registry = get_registry()
+    spec = validate(document, registry)
+    build_references(spec, registry, BuildSettings(Path(spec.output.root), console=err,
+                                                   quiet=args.quiet))
+    components = build_components(spec, document, registry, stages={"evaluate"})
+    load_previous(components.diffusion, folder, "RUN_DIR")
+    samples = labels = None
+    if samples_path.is_file():
+        samples, labels = load_samples(samples_path)
+    elif args.samples or any(m.needs_samples for _, m in components.metrics):
+        raise _command_error("--samples" if args.samples else "RUN_DIR",
+                             "samples to evaluate (this run folder has no samples.npz; a "
+                             "spec that only trains has only metrics that need none)",
+                             str(samples_path))
+    if samples is not None and tuple(samples.shape[1:]) != components.data.shape:
+        raise _command_error("--samples", f"samples of shape {components.data.shape}",
+                             f"{samples_path} with shape {tuple(samples.shape[1:])}")
+    generator = torch.Generator().manual_seed(spec.seed)
+    metrics: dict[str, float] = {}
+    with components.diffusion.sampling_weights() as model:
+        for name, metric in components.metrics:
+            if samples is None and metric.needs_samples:
+                continue
+            extra = {"labels": labels} if labels is not None and name == "class_accuracy" else {}
+            metrics.update(metric.evaluate(samples, components.data, generator, model, **extra))
+    # NaN / infinity are not JSON: null (as the run's report stage writes them)
+    finite = json.loads(json.dumps(metrics), parse_constant=lambda _: None)
+    target = samples_path.parent / "metrics.json" if samples is not None else (
+        folder / "metrics.json")
+    previous: dict[str, Any] = {}
+    if target.is_file():
+        try:
+            previous = json.loads(target.read_text(encoding="utf-8"))
+        except ValueError:
+            previous = {}
+    merged = {**(previous if isinstance(previous, dict) else {}), **finite}
+    target.write_text(json.dumps(merged, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    record = read_record(folder)
+    if record is not None and target.parent == folder:
+        record["metrics"] = {**(record.get("metrics") or {}), **finite}
+        write_record(folder, record)
+    if not args.quiet:
+        table = Table(title=f"dkit evaluate {folder}", header_style="bold")
+        table.add_column("metric")
+        table.add_column(Text("value [interval]  floor [interval]  n"), justify="right")
+        for key, text in summarize(metrics):
+            table.add_row(key, Text(text))
+        Console().print(table)
+        err.print(f"metrics written to {target}", soft_wrap=True)
+    return 0

@@ -1,0 +1,89 @@
+"""Fréchet distance in a trained classifier's feature space (Heusel et al. 2017, "FID").
+
+Both sets of features are summarised by a Gaussian, ``N(mu_1, S_1)`` and ``N(mu_2, S_2)`` (sample
+mean and unbiased sample covariance), and compared by the Fréchet (2-Wasserstein) distance
+between those Gaussians (Dowson & Landau 1982):
+
+    FD = ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))
+
+The matrix square root is torchmetrics' (``FrechetInceptionDistance`` with this project's
+feature network in place of Inception): the trace of ``(S_1 S_2)^(1/2)`` is the sum of the
+square roots of the eigenvalues of ``S_1 S_2``, in float64. FD is biased upwards at finite n
+(two samples of one distribution give FD > 0), which is why it is read beside its floor.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from diffusers_kit.data.base import DataSplits
+from diffusers_kit.metrics.features import FeatureMetric
+from diffusers_kit.metrics.floor import Level, Resamples, compare_with_floor, real_sets
+from diffusers_kit.pipeline import TrainedModel
+
+if TYPE_CHECKING:
+    from diffusers_kit.model import ScoreModel
+
+
+class Precomputed(nn.Module):
+    """The identity, as torchmetrics' feature extractor: features are computed once, by
+    :class:`~diffusers_kit.metrics.features.FeatureSpace`, and resampled for the bootstrap."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FD between the Gaussians fitted to feature sets ``a`` and ``b`` (``(n, d)``, n >= 2)."""
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    metric = FrechetInceptionDistance(feature=Precomputed(a.shape[1]))
+    metric.update(a, real=True)
+    metric.update(b, real=False)
+    return float(metric.compute())
+
+
+class FrechetDistance(FeatureMetric):
+    """Fréchet distance of samples to held-out data in a classifier's feature space, beside its
+    real-vs-real floor, with a bootstrap interval (``fd``, ``fd_floor``, ``fd_low``, ...).
+
+    Args:
+        features: the trained classifier whose penultimate layer is the feature space (a spec
+            such as ``features_digits.yaml``, or a run folder).
+        resamples: bootstrap resamples for the intervals (0: none).
+        level: confidence level of the intervals.
+    """
+
+    name = "fd"
+
+    def __init__(self, features: TrainedModel, resamples: Resamples = 200,
+                 level: Level = 0.95) -> None:
+        super().__init__(features, resamples, level)
+
+    def evaluate(
+        self,
+        samples: torch.Tensor,
+        data: DataSplits,
+        generator: torch.Generator,
+        model: ScoreModel | None = None,
+    ) -> dict[str, float]:
+        self.space.check(samples, data)
+        sets = real_sets(samples, data, generator)
+        embed = self.space.embed
+
+        def statistic(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+            return {"fd": frechet_distance(a, b)}
+
+        return compare_with_floor(self.name, statistic, sets, generator, self.bars,
+                                  samples=embed(sets.samples), reference=embed(sets.reference),
+                                  real=embed(sets.real), bounds={"fd": (0.0, float("inf"))})
+
+
+__all__ = ["FrechetDistance", "Precomputed", "frechet_distance"]

@@ -1,0 +1,245 @@
+"""Noise floors and bootstrap error bars: the one place every metric takes them from.
+
+A distribution metric ``D(samples, reference)`` compares ``n`` generated examples with ``n``
+held-out real ones. A single figure means little until it stands beside two others:
+
+- the **noise floor** ``D(real, reference)``: ``real`` is ``n`` training examples, disjoint from
+  the held-out ``reference``, so the floor is what a perfect generator would score at this ``n``
+  (finite-sample noise alone). Every metric of a run draws the same ``real`` subset (seeded by
+  the run's seed), so floors of different metrics describe the same pair of sets.
+- the **interval**: a bootstrap (Efron 1979). Both sets are resampled with replacement ``B``
+  times and ``D`` recomputed. These statistics are biased at finite ``n`` (a Fréchet distance of
+  two sets from one distribution is positive) and resampling with replacement, which duplicates
+  points, shifts the bias further; so the interval is the bootstrap distribution re-centred on
+  the estimate: ``[D + q_lo(D* - mean D*), D + q_hi(D* - mean D*)]`` with ``q_lo``, ``q_hi`` the
+  ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles, clipped to the metric's range. It states
+  how much the figure would move with other draws of the same size, whatever its bias.
+
+Per-item metrics (a classifier's accuracy, the PSNR of each restoration) report a mean, and the
+percentile bootstrap interval of the mean (no re-centring: a mean is unbiased).
+
+Keys written (flat and numeric, for ``metrics.json``): ``X``, ``X_floor``, ``X_low``, ``X_high``,
+``X_floor_low``, ``X_floor_high`` and ``X_n`` for every statistic ``X``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import torch
+from pydantic import Field
+
+from diffusers_kit.data.base import DataSplits
+
+# a statistic of two sets; returns one or more named numbers (PRDC returns four)
+Statistic = Callable[[torch.Tensor, torch.Tensor], Mapping[str, float]]
+# the same statistic evaluated on index vectors into the two sets (a faster or duplicate-aware
+# route for the bootstrap; ``None``: ``statistic(a[ia], b[ib])``)
+IndexStatistic = Callable[[torch.Tensor, torch.Tensor], Mapping[str, float]]
+
+Resamples = Annotated[int, Field(ge=0, le=100_000)]
+Level = Annotated[float, Field(gt=0, lt=1)]
+
+SUFFIXES = ("_floor", "_low", "_high", "_floor_low", "_floor_high", "_n", "_std", "_ratio")
+
+
+@dataclass(frozen=True)
+class ErrorBars:
+    """How intervals are computed: ``resamples`` bootstrap draws (0: no interval) at ``level``."""
+
+    resamples: int = 200
+    level: float = 0.95
+
+
+@dataclass
+class RealSets:
+    """The sets a distribution metric compares: ``samples`` and ``real`` against ``reference``,
+    all of size ``n``."""
+
+    samples: torch.Tensor
+    reference: torch.Tensor
+    real: torch.Tensor
+    n: int
+    real_index: torch.Tensor  # rows of data.train in ``real``
+
+
+def real_sets(samples: torch.Tensor, data: DataSplits, generator: torch.Generator) -> RealSets:
+    """``n = min(samples, held-out, train)``: the first ``n`` samples, the first ``n`` held-out
+    examples (the reference) and ``n`` training examples drawn without replacement (for the
+    floor). The draw uses a fresh generator seeded like ``generator``: the same subset for every
+    metric of a run, whatever their order."""
+    n = min(len(samples), len(data.heldout), len(data.train))
+    if n < 2:
+        raise ValueError(f"a distribution metric needs at least 2 samples and 2 held-out "
+                         f"examples; there are {len(samples)} and {len(data.heldout)}")
+    draw = torch.Generator().manual_seed(generator.initial_seed())
+    index = torch.randperm(len(data.train), generator=draw)[:n]
+    return RealSets(samples[:n].detach().float().cpu(), data.heldout[:n].float().cpu(),
+                    data.train[index].float().cpu(), n, index)
+
+
+def bootstrap_generator(generator: torch.Generator, name: str) -> torch.Generator:
+    """A generator for ``name``'s resampling: seeded by the run's seed and the metric's name, so
+    a metric's interval does not depend on which metrics ran before it."""
+    return torch.Generator().manual_seed(generator.initial_seed() + zlib.crc32(name.encode()))
+
+
+def _quantiles(values: torch.Tensor, level: float) -> tuple[float, float]:
+    probabilities = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    low, high = torch.quantile(values.double(), probabilities).tolist()
+    return low, high
+
+
+def _clip(value: float, bounds: tuple[float, float] | None) -> float:
+    if bounds is None:
+        return value
+    return min(max(value, bounds[0]), bounds[1])
+
+
+def recentred_interval(
+    estimate: Mapping[str, float],
+    replicates: Callable[[torch.Tensor, torch.Tensor], Mapping[str, float]],
+    sizes: tuple[int, int],
+    generator: torch.Generator,
+    bars: ErrorBars,
+    bounds: Mapping[str, tuple[float, float]] | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Bootstrap interval of each statistic in ``estimate``, re-centred on it (module docstring).
+
+    ``replicates(ia, ib)`` evaluates the statistics on index vectors drawn with replacement from
+    ``range(sizes[0])`` and ``range(sizes[1])``. NaN bounds when ``bars.resamples`` is 0.
+    """
+    if bars.resamples == 0:
+        return {key: (math.nan, math.nan) for key in estimate}
+    draws: dict[str, list[float]] = {key: [] for key in estimate}
+    for _ in range(bars.resamples):
+        ia = torch.randint(sizes[0], (sizes[0],), generator=generator)
+        ib = torch.randint(sizes[1], (sizes[1],), generator=generator)
+        values = replicates(ia, ib)
+        for key in draws:
+            draws[key].append(float(values[key]))
+    out = {}
+    for key, value in estimate.items():
+        spread = torch.tensor(draws[key], dtype=torch.float64)
+        low, high = _quantiles(spread - spread.mean(), bars.level)
+        limits = (bounds or {}).get(key)
+        out[key] = (_clip(value + low, limits), _clip(value + high, limits))
+    return out
+
+
+def compare_with_floor(
+    name: str,
+    statistic: Statistic,
+    sets: RealSets,
+    generator: torch.Generator,
+    bars: ErrorBars,
+    *,
+    samples: torch.Tensor | None = None,
+    reference: torch.Tensor | None = None,
+    real: torch.Tensor | None = None,
+    replicates: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Mapping[str, float]]
+    | None = None,
+    bounds: Mapping[str, tuple[float, float]] | None = None,
+) -> dict[str, float]:
+    """``statistic(samples, reference)`` beside ``statistic(real, reference)``, each with its
+    re-centred bootstrap interval; the flat keys of the module docstring for every statistic.
+
+    ``samples`` / ``reference`` / ``real`` replace the raw sets of ``sets`` (e.g. by their
+    features); ``replicates(a, ia, ib)`` evaluates the statistic of ``(a[ia], reference[ib])``
+    by another route (faster, or aware of duplicated points). ``name`` seeds the resampling.
+    """
+    samples = sets.samples if samples is None else samples
+    reference = sets.reference if reference is None else reference
+    real = sets.real if real is None else real
+    draw = bootstrap_generator(generator, name)
+    out: dict[str, float] = {}
+    for role, a in (("", samples), ("_floor", real)):
+        estimate = {key: float(v) for key, v in statistic(a, reference).items()}
+        if replicates is None:
+            def resampled(ia: torch.Tensor, ib: torch.Tensor, a: torch.Tensor = a
+                          ) -> Mapping[str, float]:
+                return statistic(a[ia], reference[ib])
+        else:
+            def resampled(ia: torch.Tensor, ib: torch.Tensor, a: torch.Tensor = a
+                          ) -> Mapping[str, float]:
+                return replicates(a, ia, ib)
+        intervals = recentred_interval(estimate, resampled, (len(a), len(reference)), draw,
+                                       bars, bounds)
+        for key, value in estimate.items():
+            out[f"{key}{role}"] = value
+            out[f"{key}{role}_low"] = intervals[key][0]
+            out[f"{key}{role}_high"] = intervals[key][1]
+    for key in list(out):
+        if not key.endswith(("_floor", "_low", "_high")):
+            out[f"{key}_n"] = float(sets.n)
+    return _ordered(out)
+
+
+def mean_with_interval(name: str, values: torch.Tensor, generator: torch.Generator,
+                       bars: ErrorBars) -> dict[str, float]:
+    """Mean of per-item ``values`` (``X``), their standard deviation (``X_std``), the percentile
+    bootstrap interval of the mean (``X_low``, ``X_high``) and the count (``X_n``)."""
+    values = values.detach().double().cpu().flatten()
+    n = len(values)
+    if n == 0:
+        raise ValueError(f"{name}: no items to average")
+    mean = float(values.mean())
+    low = high = math.nan
+    if bars.resamples > 0:
+        draw = bootstrap_generator(generator, name)
+        index = torch.randint(n, (bars.resamples, n), generator=draw)
+        low, high = _quantiles(values[index].mean(dim=1), bars.level)
+    std = float(values.std(unbiased=False))
+    return {name: mean, f"{name}_std": std, f"{name}_low": low, f"{name}_high": high,
+            f"{name}_n": float(n)}
+
+
+def _ordered(out: dict[str, float]) -> dict[str, float]:
+    """Keys grouped per statistic: ``X, X_floor, X_low, X_high, X_floor_low, ..., X_n``."""
+    bases = [k for k in out if not k.endswith(SUFFIXES)]
+    order = {}
+    for base in bases:
+        for suffix in ("", "_floor", "_low", "_high", "_floor_low", "_floor_high", "_n"):
+            if f"{base}{suffix}" in out:
+                order[f"{base}{suffix}"] = out[f"{base}{suffix}"]
+    order.update({k: v for k, v in out.items() if k not in order})
+    return order
+
+
+# -- reading them back: the run summary, the log line, dkit evaluate ---------------------------
+def _number(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, (int, float)):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def summarize(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """One ``(name, text)`` row per statistic: ``value (floor F) [low, high] n=N``, its
+    companions (``_floor``, ``_low``, ... ) folded into the row; other keys as they are."""
+    rows: list[tuple[str, str]] = []
+    for key, value in metrics.items():
+        if any(key.endswith(s) and key[: -len(s)] in metrics for s in SUFFIXES):
+            continue  # a companion, folded into its statistic's row
+        companions = {s: metrics[f"{key}{s}"] for s in SUFFIXES if f"{key}{s}" in metrics}
+        text = _number(value)
+        if "_std" in companions:
+            text += f" ± {_number(companions['_std'])}"
+        if "_low" in companions and "_high" in companions:
+            text += f" [{_number(companions['_low'])}, {_number(companions['_high'])}]"
+        if "_floor" in companions:
+            text += f"  floor {_number(companions['_floor'])}"
+            if "_floor_low" in companions and "_floor_high" in companions:
+                text += (f" [{_number(companions['_floor_low'])}, "
+                         f"{_number(companions['_floor_high'])}]")
+        if "_ratio" in companions:
+            text += f"  ratio {_number(companions['_ratio'])}"
+        if "_n" in companions:
+            text += f"  n={_number(companions['_n'])}"
+        rows.append((key, text))
+    return rows
