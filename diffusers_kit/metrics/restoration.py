@@ -9,7 +9,8 @@ deviation and the percentile bootstrap interval of the mean (:mod:`diffusers_kit
   ``(2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))`` with
   ``C1 = (0.01 R)^2`` and ``C2 = (0.03 R)^2``; 1 for identical images.
 
-Both are torchmetrics' (``peak_signal_noise_ratio``, ``structural_similarity_index_measure``).
+Both are torchmetrics' (``peak_signal_noise_ratio``, ``structural_similarity_index_measure``),
+given the range ``R`` as a number: values outside ``[low, high]`` are not clipped first.
 """
 
 from __future__ import annotations
@@ -43,14 +44,15 @@ def _pairs(samples: torch.Tensor, data: DataSplits, name: str
 def psnr_per_image(x: torch.Tensor, target: torch.Tensor, low: float, high: float
                    ) -> torch.Tensor:
     """PSNR of each image of ``x`` against the same row of ``target`` (dB); inf when equal."""
-    return peak_signal_noise_ratio(x, target, data_range=(low, high), reduction="none",
+    # a float range, not (low, high): torchmetrics would clip the images to a tuple range
+    return peak_signal_noise_ratio(x, target, data_range=high - low, reduction="none",
                                    dim=(1, 2, 3))
 
 
 def ssim_per_image(x: torch.Tensor, target: torch.Tensor, low: float, high: float,
                    kernel_size: int, sigma: float) -> torch.Tensor:
     """SSIM of each image of ``x`` against the same row of ``target``."""
-    return structural_similarity_index_measure(x, target, data_range=(low, high),
+    return structural_similarity_index_measure(x, target, data_range=high - low,
                                                kernel_size=kernel_size, sigma=sigma,
                                                reduction="none")
 
