@@ -14,6 +14,7 @@ square roots of the eigenvalues of ``S_1 S_2``, in float64. FD is biased upwards
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,10 +42,18 @@ class Precomputed(nn.Module):
         return x
 
 
+@functools.lru_cache(maxsize=8)
+def _metric(dim: int) -> FrechetInceptionDistance:
+    # one torchmetrics object per feature width, reset between uses: building one costs as much
+    # as the computation itself, and the bootstrap calls this hundreds of times
+    return FrechetInceptionDistance(feature=Precomputed(dim))
+
+
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """FD between the Gaussians fitted to feature sets ``a`` and ``b`` (``(n, d)``, n >= 2)."""
     a, b = a.double().flatten(1), b.double().flatten(1)
-    metric = FrechetInceptionDistance(feature=Precomputed(a.shape[1]))
+    metric = _metric(a.shape[1])
+    metric.reset()
     metric.update(a, real=True)
     metric.update(b, real=False)
     return float(metric.compute())

@@ -87,7 +87,7 @@ class PrecisionRecall(FeatureMetric):
     name = "prdc"
 
     def __init__(self, features: TrainedModel, k: Annotated[int, Field(ge=1, le=100)] = 5,
-                 resamples: Resamples = 200, level: Level = 0.95) -> None:
+                 resamples: Resamples = 100, level: Level = 0.95) -> None:
         super().__init__(features, resamples, level)
         self.k = k
 
