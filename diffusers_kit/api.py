@@ -28,6 +28,7 @@ from diffusers_kit.objectives.base import Objective
 from diffusers_kit.optim import Adam, Optimizer
 from diffusers_kit.processes.base import NoiseProcess
 from diffusers_kit.solvers.base import Progress, SampleResult, Solver
+from diffusers_kit.solvers.noise import PerSampleNoise
 from diffusers_kit.train import EMA, Distributed, Trainer, TrainLog, TrainSettings
 
 
@@ -146,25 +147,36 @@ class Diffusion:
         batch_size: int | None = None,
         use_ema: bool = True,
         progress: Progress | None = None,
+        x_T: torch.Tensor | None = None,
     ) -> SampleResult:
-        """Draw ``n`` samples with ``solver``; uses the EMA weights when there are some."""
+        """Draw ``n`` samples with ``solver``; uses the EMA weights when there are some.
+
+        Every sample has its own random stream (:class:`~diffusers_kit.solvers.PerSampleNoise`
+        keyed by ``seed`` and the sample's index), so sample ``i`` is the same whatever
+        ``batch_size`` is. ``x_T`` (``n`` samples' start noise) replaces the prior draw.
+        """
         reason = solver.check(self.process)
         if reason is not None:
             raise ValueError(f"{type(solver).__name__} needs {reason}")
         shape = tuple(self.network.data_shape)
-        generator = torch.Generator(self.device).manual_seed(seed)
-        chunks, nfe, trajectory = [], 0, []
+        if x_T is not None and tuple(x_T.shape) != (n, *shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected {(n, *shape)}")
+        chunks, nfe, trajectory, x0_predictions, times = [], 0, [], [], []
         size = batch_size or n
         with self.sampling_weights(use_ema):
             for start in range(0, n, size):
                 count = min(size, n - start)
-                result = solver.sample(self.model, (count, *shape), generator=generator,
-                                       progress=progress)
+                init = None if x_T is None else x_T[start:start + count]
+                result = solver.sample(self.model, (count, *shape), progress=progress,
+                                       noise=PerSampleNoise(seed, start), x_T=init)
                 chunks.append(result.samples)
                 nfe += result.nfe
                 trajectory.append(result.trajectory)
+                x0_predictions.append(result.x0_predictions)
+                times = result.times
         merged = [torch.cat(level) for level in zip(*trajectory, strict=True)]
-        return SampleResult(torch.cat(chunks), nfe, merged)
+        merged_x0 = [torch.cat(level) for level in zip(*x0_predictions, strict=True)]
+        return SampleResult(torch.cat(chunks), nfe, merged, merged_x0, times)
 
     @contextlib.contextmanager
     def sampling_weights(self, use_ema: bool = True) -> Iterator[ScoreModel]:
@@ -213,3 +225,27 @@ class Diffusion:
                 raise ValueError(f"{path} holds weights only, no training state to resume from")
             self.trainer.load_state(unprefixed("train", tensors), metadata["training"])
         return metadata
+
+    # -- runs -------------------------------------------------------------------------------
+    @classmethod
+    def from_run(
+        cls,
+        source: str | Path,
+        *,
+        root: str | Path = "runs",
+        rebuild: bool = False,
+        quiet: bool = True,
+    ) -> Diffusion:
+        """The trained model of a run folder (``runs/NAME/latest`` works), or of a spec file —
+        trained under ``root`` first when no finished run has its training hash (the same
+        content-addressed reuse as ``dkit run``; see :mod:`diffusers_kit.pipeline`)."""
+        from diffusers_kit.graph import open_run
+        from diffusers_kit.pipeline import SPEC_SUFFIXES, TrainedModel
+
+        folder = Path(source)
+        if folder.suffix in SPEC_SUFFIXES:
+            model = TrainedModel.resolve(str(source), root=root, rebuild=rebuild, quiet=quiet)
+            assert model.run_dir is not None
+            folder = model.run_dir
+        _, components = open_run(folder)
+        return components.diffusion

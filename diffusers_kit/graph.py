@@ -8,12 +8,14 @@ so a trained model can be sampled again without retraining.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,27 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from diffusers_kit.api import Diffusion, resolve_device
 from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.metrics.base import Metric
+from diffusers_kit.metrics.floor import summarize
+from diffusers_kit.outputs import checked_root, make_run_dir
+from diffusers_kit.pipeline import (
+    BuildSettings,
+    TrainedModel,
+    alive_marker,
+    build_lock,
+    build_references,
+    find_finished,
+    now,
+    point_latest,
+    read_record,
+    resolve_spec,
+    spec_hash,
+    write_record,
+)
 from diffusers_kit.registry import Registry, get_plugin_manager, get_registry
 from diffusers_kit.report import image_grid, scatter_plot
 from diffusers_kit.solvers.base import Solver
@@ -59,7 +78,7 @@ class Components:
     dataset: Dataset
     data: DataSplits
     diffusion: Diffusion
-    solver: Solver
+    solver: Solver | None
     metrics: list[tuple[str, Metric]]
     optimizer: Any
     resolved: dict[str, Any]
@@ -108,7 +127,11 @@ def build_components(
     distributed: Distributed | None = None,
     stages: set[str] | None = None,
 ) -> Components:
-    """Build every component of ``spec`` (loading the data for the network's shape)."""
+    """Build every component of ``spec`` (loading the data for the network's shape).
+
+    When ``spec.model`` names a trained model, the data set, process, network, objective and
+    optimizer are those of the model's own run, and its checkpoint is loaded.
+    """
     registry = registry or get_registry()
     builder = Builder(registry, document)
     device = resolve_device(spec.device)
@@ -117,14 +140,21 @@ def build_components(
                       spec.device)
     elif device.type == "cuda" and distributed is not None and distributed.active:
         device = torch.device("cuda", distributed.local_rank)  # one GPU per rank
-    if spec.train.precision == "fp16" and device.type != "cuda":
+    trained = spec.model if isinstance(spec.model, TrainedModel) else None
+    source = spec if trained is None else trained.spec
+    assert source is not None, "the model reference was planned by validate()"
+    if source.train.precision == "fp16" and device.type != "cuda":
         builder.issue(("train", "precision"), "fp32 or bf16 on this device (fp16 with a "
-                      "gradient scaler needs CUDA)", spec.train.precision)
-    dataset = builder.build(("data",), "dataset", spec.data)
-    process = builder.build(("process",), "process", spec.process)
-    objective = builder.build(("objective",), "objective", spec.objective)
-    solver = builder.build(("sample", "solver"), "solver", spec.sample.solver)
-    optimizer = builder.build(("train", "optimizer"), "optimizer", spec.train.optimizer)
+                      "gradient scaler needs CUDA)", source.train.precision)
+    # a trained model's own sections were validated with its own spec; errors point there
+    model_builder = builder if trained is None else Builder(registry, trained.document)
+    dataset = model_builder.build(("data",), "dataset", source.data)
+    process = model_builder.build(("process",), "process", source.process)
+    objective = model_builder.build(("objective",), "objective", source.objective)
+    optimizer = model_builder.build(("train", "optimizer"), "optimizer", source.train.optimizer)
+    solver = None
+    if spec.sample is not None:
+        solver = builder.build(("sample", "solver"), "solver", spec.sample.solver)
     metrics = [(m["kind"], builder.build(("evaluate", "metrics", i), "metric", m))
                for i, m in enumerate(spec.evaluate.metrics)]
     if solver is not None and process is not None and (reason := solver.check(process)):
@@ -134,50 +164,49 @@ def build_components(
         try:
             data = dataset.load()
         except (OSError, ValueError) as exc:
-            builder.issue(("data",), f"a data set that loads ({exc})", spec.data)
+            model_builder.issue(("data",), f"a data set that loads ({exc})", source.data)
     network = None
     if data is not None:
-        torch.manual_seed(spec.seed)  # the network's initial weights follow the spec's seed
-        network = builder.build(("network",), "network", spec.network, data_shape=data.shape)
+        torch.manual_seed(source.seed)  # the network's initial weights follow the spec's seed
+        network = model_builder.build(("network",), "network", source.network,
+                                      data_shape=data.shape)
     if network is not None and objective is not None and process is not None:
         if reason := objective.check(process, network):
-            builder.issue(("objective", "kind"), reason, spec.objective["kind"])
+            model_builder.issue(("objective", "kind"), reason, source.objective["kind"])
         if network.num_classes is not None and data is not None and (
                 data.train_labels is None):
-            builder.issue(("network", "num_classes"), "a data set with class labels (this one "
-                          "has none); leave num_classes out", network.num_classes)
-        if spec.train.compile and objective.differentiates_twice:
-            builder.issue(("train", "compile"), f"false with objective {spec.objective['kind']!r}"
-                          " (it differentiates twice, which compiled graphs cannot)", True)
+            model_builder.issue(("network", "num_classes"), "a data set with class labels "
+                                "(this one has none); leave num_classes out",
+                                network.num_classes)
+        if source.train.compile and objective.differentiates_twice:
+            model_builder.issue(("train", "compile"), f"false with objective "
+                                f"{source.objective['kind']!r} (it differentiates twice, which "
+                                "compiled graphs cannot)", True)
         if objective.needs_labels and data is not None and data.train_labels is None:
-            builder.issue(("data", "kind"), f"a data set with class labels for objective "
-                          f"{spec.objective['kind']!r}", spec.data["kind"])
-        if network.prediction == "logits" and stages is not None and "sample" in stages:
-            builder.issue(("network", "kind"), "a denoising network to sample from (train a "
-                          "classifier with --only train)", spec.network["kind"])
-    if builder.issues:
-        raise SpecError(builder.issues, document.origin if document else None)
-    resolved = spec.model_dump()
-    resolved["data"] = builder.resolve("dataset", spec.data)
-    resolved["process"] = builder.resolve("process", spec.process)
-    resolved["network"] = builder.resolve("network", spec.network)
-    resolved["objective"] = builder.resolve("objective", spec.objective)
-    resolved["sample"]["solver"] = builder.resolve("solver", spec.sample.solver)
-    resolved["train"]["optimizer"] = builder.resolve("optimizer", spec.train.optimizer)
-    resolved["evaluate"]["metrics"] = [builder.resolve("metric", m) for m in spec.evaluate.metrics]
+            model_builder.issue(("data", "kind"), f"a data set with class labels for objective "
+                                f"{source.objective['kind']!r}", source.data["kind"])
+        if network.prediction == "logits" and spec.sample is not None and (
+                stages is None or "sample" in stages):
+            builder.issue(("sample",) if trained is None else ("model",),
+                          "no sample section: a classifier is not a model to sample from "
+                          "(leave 'sample' out, or run with --only train)",
+                          spec.sample.solver["kind"])
+    issues = builder.issues + (model_builder.issues if model_builder is not builder else [])
+    if issues:
+        raise SpecError(issues, document.origin if document else None)
+    resolved = resolve_spec(spec, registry)
+    resolved["model"] = trained.to_config() if trained is not None else None
+    if trained is not None:  # the model's own sections live in its run's spec.yaml
+        for section in ("data", "process", "network", "objective", "train"):
+            resolved.pop(section, None)
     diffusion = Diffusion(process, network, objective, device=device)
+    if trained is not None and trained.run_dir is not None:
+        load_previous(diffusion, trained.run_dir, "model")
     return Components(dataset, data, diffusion, solver, metrics, optimizer, resolved)
 
 
 def _new_run_dir(root: Path, name: str) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = root / name / stamp
-    candidate, suffix = base, 1
-    while candidate.exists():
-        candidate = base.with_name(f"{stamp}-{suffix}")
-        suffix += 1
-    candidate.mkdir(parents=True)
-    return candidate
+    return make_run_dir(root, name)  # race-free, contained (diffusers_kit/outputs.py)
 
 
 @dataclass
@@ -270,17 +299,66 @@ def _stage_train(run: Run) -> None:
         run.log.info("checkpoint written to %s", checkpoint)
 
 
-def load_previous(diffusion: Diffusion, from_dir: Path) -> int:
-    """Load ``from_dir``'s checkpoint into ``diffusion``; a mismatch is a spec error."""
+def load_previous(diffusion: Diffusion, from_dir: Path, field: str = "--from",
+                  resolved: dict[str, Any] | None = None, note: Console | None = None) -> int:
+    """Load ``from_dir``'s checkpoint into ``diffusion``; a mismatch is a spec error naming
+    ``field`` (the option or spec field that chose the folder), a corrupt file a
+    :class:`~diffusers_kit.checkpoint.CheckpointError`. With ``resolved`` (this run's resolved
+    spec) the training fields that differ from the checkpoint's run are printed on ``note``."""
     source = from_dir / CHECKPOINT
+    if resolved is not None and note is not None:
+        changed = previous_differences(from_dir, resolved)
+        if changed:
+            note.print(f"note: the checkpoint in {from_dir} was trained with a spec that differs "
+                       f"in {', '.join(changed)}", soft_wrap=True, markup=False)
     try:
         diffusion.load(source)
     except (RuntimeError, KeyError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         expected = f"a checkpoint whose weights fit this spec's network ({first})"
-        issue = SpecIssue(("--from",), expected, str(source), None, "command line")
+        issue = SpecIssue((field,), expected, str(source), None,
+                          "command line" if field.startswith("-") else None)
         raise SpecError([issue]) from None
     return diffusion.step
+
+
+def open_run(run_dir: str | Path, overrides: list[str] | None = None,
+             solver: str | None = None) -> tuple[Spec, Components]:
+    """Rebuild a finished run's components from its resolved ``spec.yaml`` and load its
+    checkpoint. ``RUN_DIR/../latest`` is followed; ``overrides`` change fields of that spec;
+    ``solver`` (a registered name or a YAML mapping) replaces its solver."""
+    from diffusers_kit.pipeline import SPEC_FILE, follow_latest
+    from diffusers_kit.spec.loader import apply_overrides, load_file
+    from diffusers_kit.spec.validate import validate
+
+    folder = follow_latest(Path(run_dir).expanduser())
+    if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():
+        raise SpecError([SpecIssue(("RUN_DIR",), f"a run folder holding {SPEC_FILE} and "
+                                   f"{CHECKPOINT} (relative to the working directory "
+                                   f"{Path.cwd()})", str(run_dir), None, "command line")])
+    document = load_file(folder / SPEC_FILE)
+    if solver is not None:
+        try:
+            value = yaml.safe_load(solver)
+        except yaml.YAMLError:
+            value = None
+        if isinstance(value, str):
+            value = {"kind": value}
+        if not isinstance(value, dict):
+            raise SpecError([SpecIssue(("--solver",), "a solver name or a YAML mapping such as "
+                                       "'{kind: ddim, steps: 20}'", solver, None,
+                                       "command line")])
+        section = document.data.get("sample")
+        if not isinstance(section, dict):
+            section = document.data["sample"] = {}
+        section["solver"] = value
+        document.overridden[("sample", "solver")] = f"--solver {solver}"
+    if overrides:
+        apply_overrides(document, overrides)
+    spec = validate(document, get_registry())
+    components = build_components(spec, document)
+    load_previous(components.diffusion, folder, "RUN_DIR")
+    return spec, components
 
 
 def _stage_sample(run: Run) -> None:
@@ -302,15 +380,18 @@ def _stage_sample(run: Run) -> None:
 
 
 def _stage_evaluate(run: Run) -> None:
-    samples = run.results["samples"]
+    samples = run.results.get("samples")  # None when the spec only trains
     generator = torch.Generator().manual_seed(run.spec.seed)
     metrics: dict[str, float] = {}
     with run.diffusion.sampling_weights() as model:
-        for _, metric in run.components.metrics:
+        for name, metric in run.components.metrics:
+            if samples is None and metric.needs_samples:
+                run.log.info("metric %s skipped: this run draws no samples", name)
+                continue
             metrics.update(metric.evaluate(samples, run.components.data, generator, model))
     run.results["metrics"] = metrics
-    for key, value in metrics.items():
-        run.log.info("metric %s = %.6g", key, value)
+    for key, text in summarize(metrics):  # value [interval] floor [interval] n, per statistic
+        run.log.info("metric %s = %s", key, text)
 
 
 def _stage_report(run: Run) -> None:
@@ -325,7 +406,9 @@ def _stage_report(run: Run) -> None:
     summary = {k: v for k, v in run.results.items() if k != "samples"}
     summary.update({f"time_{k}_s": round(v, 3) for k, v in run.timings.items()})
     metrics = summary.pop("metrics", {})
-    (run.dir / "metrics.json").write_text(json.dumps({**metrics, **summary}, indent=2) + "\n")
+    # NaN / infinity are not JSON: written as null (parse_constant maps them on the way back)
+    finite = json.loads(json.dumps({**metrics, **summary}), parse_constant=lambda _: None)
+    (run.dir / "metrics.json").write_text(json.dumps(finite, indent=2, allow_nan=False) + "\n")
 
 
 GRAPH = (
@@ -364,34 +447,107 @@ def _differences(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[str]:
     return [] if old == new else [".".join(path)]
 
 
-def check_resumable(resume_dir: Path, resolved: dict[str, Any], world: int = 1) -> int:
-    """The step of ``resume_dir``'s checkpoint, after checking it was trained by this spec."""
+def previous_differences(run_dir: Path, resolved: dict[str, Any]) -> list[str]:
+    """The training fields (seed, data, process, network, objective, train) in which
+    ``resolved`` differs from the spec.yaml of ``run_dir`` ([] when that file is unreadable)."""
+    try:
+        previous = yaml.safe_load((run_dir / "spec.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    if not isinstance(previous, dict):
+        return []
+    return [d for section in TRAINING_SECTIONS
+            for d in _differences(previous.get(section), resolved.get(section), (section,))]
+
+
+def _allowed(field: str, allow_change: tuple[str, ...]) -> bool:
+    return any(field == a or field.startswith(a + ".") for a in allow_change)
+
+
+# what a resumable checkpoint must hold besides the weights (see Trainer.state)
+TRAINING_META = ("train_step", "micro", "since", "optimizer", "log")
+TRAINING_TENSORS = ("trainer.order", "trainer.running", "trainer.first_bad", "rng.data",
+                    "rng.torch")
+
+
+def check_resumable(resume_dir: Path, resolved: dict[str, Any], world: int = 1,
+                    allow_change: tuple[str, ...] = (), diffusion: Diffusion | None = None) -> int:
+    """The step of ``resume_dir``'s checkpoint, after checking it was trained by this spec.
+
+    The checkpoint is read whole and its checksum verified (a corrupt one raises
+    :class:`~diffusers_kit.checkpoint.CheckpointError`); temporary files a killed write left in
+    the folder are removed. Spec fields that differ from the run's are listed; those named in
+    ``allow_change`` (a field or a section: ``train.optimizer.lr``, ``train.optimizer``) may
+    differ, for example to recover from divergence with a smaller learning rate. With
+    ``diffusion``, its network must load the checkpoint's weights."""
+    from diffusers_kit.checkpoint import (
+        CheckpointError,
+        load_checkpoint,
+        remove_orphans,
+        unprefixed,
+    )
+
     def refuse(expected: str) -> SpecError:
         return SpecError([SpecIssue(("--resume",), expected, str(resume_dir), None,
                                     "command line")])
 
     if not (resume_dir / CHECKPOINT).is_file():
         raise refuse(f"a run folder holding {CHECKPOINT}")
+    remove_orphans(resume_dir, CHECKPOINT)
+    tensors, metadata = load_checkpoint(resume_dir / CHECKPOINT)
     try:
-        from diffusers_kit.checkpoint import load_metadata
-
-        metadata = load_metadata(resume_dir / CHECKPOINT)
         previous = yaml.safe_load((resume_dir / "spec.yaml").read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise refuse(f"a readable run folder ({exc})") from None
-    if "training" not in metadata:
+        raise refuse(f"a readable run folder with its spec.yaml ({exc})") from None
+    if not isinstance(previous, dict):
+        raise CheckpointError(resume_dir / "spec.yaml", "not the resolved spec of a run "
+                              "(a YAML mapping)")
+    training = metadata.get("training")
+    if training is None:
         raise refuse("a checkpoint with training state (this one holds weights only)")
+    missing = [k for k in TRAINING_META if not isinstance(training, dict) or k not in training]
+    missing += [k for k in TRAINING_TENSORS if f"train.{k}" not in tensors]
+    if missing:
+        raise CheckpointError(resume_dir / CHECKPOINT, "its training state lacks "
+                              f"{', '.join(missing)}: not a checkpoint dkit can resume")
+    try:
+        step = int(training["train_step"])
+        ranks = int(training.get("world", 1))
+        json.loads(training["optimizer"])["param_groups"]
+    except (TypeError, ValueError, KeyError):
+        raise CheckpointError(resume_dir / CHECKPOINT, "its training state is malformed "
+                              "(train_step, world or optimizer)") from None
     changed = [d for section in TRAINING_SECTIONS
                for d in _differences(previous.get(section), resolved.get(section), (section,))]
-    ranks = int(metadata["training"].get("world", 1))
     if ranks != world:
         raise refuse(f"as many data-parallel ranks as the run was trained with ({ranks}; this "
                      f"run has {world}), so that the data order continues")
-    if changed:
+    refused = [d for d in changed if not _allowed(d, allow_change)]
+    if refused:
         raise refuse("a run of this same spec: only train.steps, train.log_every, "
                      "train.checkpoint_every and the sampling / evaluation sections may change; "
-                     f"this spec differs in {', '.join(changed)}")
-    return int(metadata["training"]["train_step"])
+                     f"this spec differs in {', '.join(refused)} (to change them on purpose, "
+                     f"add --allow-change {' --allow-change '.join(refused)})")
+    if diffusion is not None and changed:
+        try:
+            diffusion.network.load_state_dict(unprefixed("network", tensors))
+        except (RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise refuse(f"a checkpoint whose weights fit this spec's network, changed in "
+                         f"{', '.join(changed)} ({first})") from None
+    return step
+
+
+
+
+def _link_checkpoint(source: Path, run_dir: Path) -> None:
+    """Give ``run_dir`` the checkpoint it sampled from: a hard link (no copy) where the file
+    system allows, else a copy; either way the folder is self-contained for later references."""
+    target = run_dir / CHECKPOINT
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def execute(
@@ -403,20 +559,38 @@ def execute(
     resume: str | Path | None = None,
     console: Console | None = None,
     quiet: bool = False,
+    root: str | Path | None = None,
+    rebuild: bool = False,
+    dependency: bool = False,
+    allow_change: tuple[str, ...] = (),
 ) -> Run:
     """Validate-and-build, create the run folder, run the chosen stages; returns the Run.
 
-    ``resume``: continue the killed or finished run in that folder (its checkpoint and spec).
-    Under ``torchrun`` every rank trains; only rank 0 creates the folder, writes, samples.
+    Models the spec refers to are built first (or reused: :mod:`diffusers_kit.pipeline`). When a
+    finished run under the output root has this spec's training hash, its checkpoint is reused
+    and the train stage skipped, unless ``rebuild``. ``resume``: continue the killed or finished
+    run in that folder (its checkpoint and spec). ``root`` replaces ``output.root`` (a
+    dependency is built under its dependent's root). Under ``torchrun`` every rank trains; only
+    rank 0 creates the folder, writes, samples.
     """
     stages = parse_only(only)
+    if spec.sample is None:
+        stages.discard("sample")  # a spec that only trains (a classifier, a feature network)
     from_path = Path(from_dir) if from_dir else None
     resume_path = Path(resume) if resume else None
+    trained = spec.model if isinstance(spec.model, TrainedModel) else None
+    if trained is not None:
+        for option, value in (("--resume", resume_path), ("--from", from_path)):
+            if value is not None:
+                raise SpecError([SpecIssue((option,), "no such option for a spec whose 'model' "
+                                           "names the trained model", str(value), None,
+                                           "command line")])
+        stages.discard("train")
     if resume_path is not None and ("train" not in stages or from_path is not None):
         raise SpecError([SpecIssue(("--resume",), "the train stage, without --from (a resumed "
                                    "run continues training)", str(resume_path), None,
                                    "command line")])
-    if "train" not in stages and "sample" in stages:
+    if trained is None and "train" not in stages and "sample" in stages:
         if from_path is None:
             raise SpecError([SpecIssue(("--from",), "a run folder to take the checkpoint from "
                                        "when the train stage is skipped", None, None,
@@ -424,26 +598,86 @@ def execute(
         if not (from_path / CHECKPOINT).is_file():
             raise SpecError([SpecIssue(("--from",), f"a run folder holding {CHECKPOINT}",
                                        str(from_path), None, "command line")])
+    console = console or Console(stderr=True)
+    root_path = Path(root) if root is not None else Path(spec.output.root)
+    root_path = checked_root(root_path, spec.name, document, resume_path)  # before any mkdir
+    registry = get_registry()
     distributed = distributed_from_env(resolve_device(spec.device).type)
-    components = build_components(spec, document, distributed=distributed, stages=stages)
+    settings = BuildSettings(root_path, rebuild, console, quiet)
+    build_references(spec, registry, settings)  # each in its own run folder, before this one
+    components = build_components(spec, document, registry, distributed=distributed,
+                                  stages=stages)
+    components.resolved["output"]["root"] = str(root_path)
+    digest = spec_hash(spec)
     resume_step = 0
     if resume_path is not None:
-        resume_step = check_resumable(resume_path, components.resolved, distributed.world)
-    if from_path is not None and "train" not in stages:
-        load_previous(components.diffusion, from_path)  # before any folder is created
-    console = console or Console(stderr=True)
+        resume_step = check_resumable(resume_path, components.resolved, distributed.world,
+                                      allow_change, components.diffusion)
+    if from_path is not None:  # before any folder is created; with train: a warm start
+        load_previous(components.diffusion, from_path, resolved=components.resolved, note=console)
     if not distributed.main:  # a data-parallel helper: train, write nothing
         run = Run(spec, components, None, console, True, None,
                   resume_path / CHECKPOINT if resume_path else None, resume_step, distributed)
         _stage_train(run)
         leave_distributed(distributed)
         return run
-    if resume_path is not None:
-        run_dir = resume_path
-    else:
-        run_dir = _new_run_dir(Path(spec.output.root), spec.name)
-    run = Run(spec, components, run_dir, console, quiet, from_path,
-              resume_path / CHECKPOINT if resume_path else None, resume_step, distributed)
+    trains = "train" in stages
+    # concurrent runs that would train the same model wait for one another, then reuse
+    lock = (build_lock(root_path, digest, console, spec.name)
+            if trains and not distributed.active and not dependency
+            else contextlib.nullcontext())  # a dependency's builder already holds it
+    with lock:
+        reused = None
+        if trains and resume_path is None and from_path is None and not rebuild and (
+                not distributed.active):
+            reused = find_finished(root_path, digest)
+        if reused is not None:
+            load_previous(components.diffusion, reused, "train")
+            stages.discard("train")
+        run_dir = resume_path if resume_path is not None else _new_run_dir(root_path, spec.name)
+        checkpoint_from = reused or (trained.run_dir if trained is not None else None)
+        if checkpoint_from is not None:
+            _link_checkpoint(checkpoint_from / CHECKPOINT, run_dir)
+        run = Run(spec, components, run_dir, console, quiet, from_path,
+                  resume_path / CHECKPOINT if resume_path else None, resume_step, distributed)
+        run.results["train_hash"] = digest
+        run.results["dependencies"] = [d.as_dict() for d in settings.dependencies]
+        if checkpoint_from is not None:
+            run.results["checkpoint_from"] = str(checkpoint_from)
+        record = read_record(run_dir) if resume_path is not None else None
+        record = {**(record or {}), "name": spec.name, "status": "running",
+                  "train_hash": digest, "started": now(), "finished": None,
+                  "trained": "train" in stages or bool(record and record.get("trained")),
+                  "checkpoint_from": str(checkpoint_from) if checkpoint_from else None,
+                  "dependency": dependency, "stages": sorted(stages),
+                  "dependencies": run.results["dependencies"]}
+        with alive_marker(run_dir):
+            write_record(run_dir, record)
+            try:
+                _run_stages(run, stages, reused, trained)
+            except (TrainingInterrupted, KeyboardInterrupt):
+                record.update(status="interrupted", step=components.diffusion.step)
+                write_record(run_dir, record)
+                raise
+            except BaseException:
+                record.update(status="failed", step=components.diffusion.step)
+                write_record(run_dir, record)
+                raise
+            record.update(status="finished", finished=now(), step=components.diffusion.step,
+                          metrics=_scalar_metrics(run.results.get("metrics", {})))
+            write_record(run_dir, record)
+        point_latest(run_dir)
+    return run
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+
+
+def _run_stages(run: Run, stages: set[str], reused: Path | None,
+                trained: TrainedModel | None) -> None:
+    spec, components, run_dir = run.spec, run.components, run.dir
+    assert run_dir is not None
     handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     run.log.setLevel(logging.INFO)
@@ -456,12 +690,26 @@ def execute(
         run.log.info("run %s on %s; network %s with %d parameters", spec.name,
                      components.diffusion.device, type(network).__name__,
                      network.parameter_count())
-        if distributed.active:
-            run.log.info("data parallel over %d ranks", distributed.world)
-        if not quiet:
-            console.print(f"network: {network.describe()}")
-        if from_path is not None and "train" not in stages:
-            run.log.info("weights loaded from %s (step %d)", from_path / CHECKPOINT,
+        run.log.info("training hash %s", run.results["train_hash"])
+        for dep in run.results["dependencies"]:
+            how = "reused" if dep["reused"] else "built" if dep["reused"] is False else "given"
+            run.log.info("%s: model %s (%s, hash %s)", dep["field"], dep["run"], how,
+                         dep["hash"][:12])
+        if run.distributed.active:
+            run.log.info("data parallel over %d ranks", run.distributed.world)
+        if not run.quiet:
+            run.console.print(f"network: {network.describe()}")
+        if reused is not None:
+            message = (f"train stage skipped: a finished run with the same training hash "
+                       f"exists, reusing its checkpoint {reused / CHECKPOINT} (step "
+                       f"{components.diffusion.step}; --rebuild trains again)")
+            run.log.info(message)
+            if not run.quiet:
+                run.console.print(message, soft_wrap=True)
+        if trained is not None:
+            run.log.info("model %s (step %d)", trained.run_dir, components.diffusion.step)
+        if run.from_dir is not None and "train" not in stages:
+            run.log.info("weights loaded from %s (step %d)", run.from_dir / CHECKPOINT,
                          components.diffusion.step)
         get_plugin_manager().hook.dkit_run_started(run=run)
         for stage in GRAPH:
@@ -472,11 +720,10 @@ def execute(
             run.timings[stage.name] = time.perf_counter() - started
         get_plugin_manager().hook.dkit_run_finished(run=run,
                                                      metrics=run.results.get("metrics", {}))
-        leave_distributed(distributed)
+        leave_distributed(run.distributed)
     finally:
         run.log.removeHandler(handler)
         handler.close()
-    return run
 
 
 def summary_table(run: Run) -> Table:
@@ -488,10 +735,15 @@ def summary_table(run: Run) -> Table:
     table.add_row("parameters", f"{run.diffusion.network.parameter_count():,}")
     for stage, seconds in run.timings.items():
         table.add_row(f"{stage} time", f"{seconds:.1f} s")
+    if "checkpoint_from" in run.results:
+        table.add_row("checkpoint from", str(run.results["checkpoint_from"]))
+    for dep in run.results.get("dependencies", []):
+        how = "reused" if dep["reused"] else "built" if dep["reused"] is False else "given"
+        table.add_row(dep["field"], f"{how} {dep['run']}")
     if "train_loss" in run.results:
         table.add_row("final train loss", f"{run.results['train_loss']:.4f}")
     if "nfe" in run.results:
         table.add_row("network evaluations", str(run.results["nfe"]))
-    for key, value in run.results.get("metrics", {}).items():
-        table.add_row(key, f"{value:.4g}")
+    for key, text in summarize(run.results.get("metrics", {})):
+        table.add_row(key, Text(text))  # value [low, high]  floor F [low, high]  n=N
     return table

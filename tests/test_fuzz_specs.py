@@ -106,6 +106,9 @@ def mutated(draw: st.DrawFn, text: str) -> tuple[str, list[str]]:
 
 def validate_and_build(text: str, overrides: list[str]) -> tuple[int, str]:
     with tempfile.TemporaryDirectory() as folder:
+        for sibling in SPECS:  # references to sibling specs resolve as next to the original
+            (Path(folder) / sibling.name).write_text(sibling.read_text(encoding="utf-8"),
+                                                     encoding="utf-8")
         path = Path(folder) / "spec.yaml"
         path.write_text(text, encoding="utf-8")
         out, err = io.StringIO(), io.StringIO()

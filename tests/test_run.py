@@ -19,12 +19,13 @@ from diffusers_kit import (
     Digits,
     hookimpl,
 )
+from diffusers_kit.pipeline import run_folders
 from diffusers_kit.registry import get_plugin_manager
 from tests.helpers import run_cli, write_spec
 
 
 def only_run(tmp_path):
-    runs = list((tmp_path / "runs" / "tiny").iterdir())
+    runs = run_folders(tmp_path / "runs", "tiny")
     assert len(runs) == 1
     return runs[0]
 
@@ -59,7 +60,7 @@ def test_sample_again_from_a_checkpoint_without_training(tmp_path, capsys):
     code, _, err = run_cli(["run", str(spec), "--only", "sample,evaluate", "--from", str(first),
                             "--quiet"], capsys)
     assert code == 0, err
-    second = next(p for p in (tmp_path / "runs" / "tiny").iterdir() if p != first)
+    second = next(p for p in run_folders(tmp_path / "runs", "tiny") if p != first)
     assert not (second / "checkpoint.safetensors").exists(), "no training happened"
     assert "weights loaded from" in (second / "run.log").read_text()
     with np.load(first / "samples.npz") as a, np.load(second / "samples.npz") as b:
@@ -127,4 +128,4 @@ def test_checkpoint_that_does_not_fit_the_network_is_a_spec_error(tmp_path, caps
                             "network.channels=16"], capsys)
     assert code == 2
     assert "--from" in err and "fit this spec's network" in " ".join(err.split())
-    assert len(list((tmp_path / "runs" / "tiny").iterdir())) == 1, "no new run folder"
+    assert len(run_folders(tmp_path / "runs", "tiny")) == 1, "no new run folder"

@@ -25,6 +25,7 @@ from diffusers_kit.data import TwoMoons
 from diffusers_kit.networks import MLP
 from diffusers_kit.objectives import DenoisingScoreMatching
 from diffusers_kit.objectives.base import Objective
+from diffusers_kit.pipeline import run_folders
 from diffusers_kit.registry import get_plugin_manager
 from diffusers_kit.train import TrainingDiverged, TrainSettings, learning_rate_factor
 from tests.helpers import run_cli
@@ -63,8 +64,7 @@ def moons_spec(tmp_path: Path, steps: int = 120, name: str = "moons.yaml") -> Pa
 
 
 def run_dirs(tmp_path: Path) -> list[Path]:
-    root = tmp_path / "runs" / "moons"
-    return sorted(root.iterdir()) if root.exists() else []
+    return run_folders(tmp_path / "runs", "moons")
 
 
 def checkpoint_step(path: Path) -> int:
@@ -311,8 +311,8 @@ def test_two_data_parallel_cpu_ranks_end_identical_and_only_rank_zero_writes(tmp
         assert torch.equal(rank0[key], rank1[key]), key
     (run_dir,) = run_dirs(tmp_path)
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "checkpoint.safetensors", "metrics.json", "run.log", "samples.npz", "samples.png",
-        "spec.yaml"]
+        "checkpoint.safetensors", "metrics.json", "run.json", "run.log", "samples.npz",
+        "samples.png", "spec.yaml"]
     assert "data parallel over 2 ranks" in (run_dir / "run.log").read_text()
     saved = load_file(run_dir / "checkpoint.safetensors")
     assert "train.rng.noise.1" in saved

@@ -7,7 +7,9 @@ its parser and sets ``func`` (``args -> exit status``).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from rich.console import Console
@@ -15,9 +17,19 @@ from rich.markup import escape
 
 from diffusers_kit.spec.errors import SpecError
 
-COMMANDS = ("run", "validate", "schema", "plugins", "process", "sample", "likelihood")
+COMMANDS = ("run", "validate", "schema", "plugins", "process", "sample", "likelihood", "runs",
+            "evaluate")
 
+# exit statuses (docs/errors.md): 1 training stopped (NaN), 2 a mistake in a spec or on the
+# command line, 3 the environment (file system, memory, a plugin that cannot load), 4 a corrupt
+# or foreign file (checkpoint, run folder), 5 the run finished but a plugin's hook failed,
+# 70 a bug in dkit (re-run with --debug for the traceback), 130 interrupted
+TRAINING_STOPPED = 1
 USER_ERROR = 2
+ENVIRONMENT_ERROR = 3
+CORRUPT_FILE = 4
+PLUGIN_HOOK_FAILED = 5
+INTERNAL_ERROR = 70
 
 
 class UsageError(Exception):
@@ -32,6 +44,12 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dkit", description="Declarative diffusion and score-based models.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--threads", default="auto", metavar="N|auto",
+                        help="CPU threads for torch (default auto: the free cores; see "
+                             "diffusers_kit.threads)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of any error (also after the command, or "
+                             "DKIT_DEBUG=1), for bug reports")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         importlib.import_module(f"diffusers_kit.cli.{name}").register(subparsers)
@@ -50,8 +68,36 @@ def print_spec_error(error: SpecError, console: Console) -> None:
         console.print(text, soft_wrap=True)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _environment_message(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        reason = exc.strerror or _first_line(exc)
+        hint = ""
+        if exc.errno == errno.ENOSPC:
+            hint = "; free some space: the last checkpoint written is intact"
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = "; choose a writable output.root"
+        return f"{reason}{escape(where)}{hint}"
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return "out of memory: lower sample.n, sample.batch_size or train.batch_size"
+    return escape(_first_line(exc))
+
+
 def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere on the line (dkit run s.yaml --debug) and shows tracebacks
+    debug = "--debug" in argv or os.environ.get("DKIT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    from diffusers_kit.checkpoint import CheckpointError
+    from diffusers_kit.registry import HOOK_FAILURES
+
+    failures_before = len(HOOK_FAILURES)
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -69,16 +115,66 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return USER_ERROR
-        return int(args.func(args) or 0)
+        from diffusers_kit.threads import apply_thread_policy
+
+        try:
+            apply_thread_policy(args.threads)
+        except ValueError as exc:
+            parser.error(str(exc))
+        code = int(args.func(args) or 0)
+        failures = HOOK_FAILURES[failures_before:]
+        if failures and code == 0:
+            for failure in failures:
+                err.print(f"[bold red]error:[/] plugin {escape(failure.plugin)!r} failed in "
+                          f"{failure.hook}: {escape(failure.error)}", soft_wrap=True)
+            err.print("the command finished without those hooks; exit status "
+                      f"{PLUGIN_HOOK_FAILED}")
+            return PLUGIN_HOOK_FAILED
+        return code
     except SpecError as exc:
+        _debug_trace(err, debug)
         print_spec_error(exc, err)
         return USER_ERROR
     except UsageError as exc:
+        _debug_trace(err, debug)
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
         return USER_ERROR
+    except CheckpointError as exc:
+        _debug_trace(err, debug)
+        err.print(f"[bold red]error:[/] checkpoint {escape(exc.path)} cannot be used: "
+                  f"{escape(exc.problem)}", soft_wrap=True)
+        return CORRUPT_FILE
     except KeyboardInterrupt:
+        _debug_trace(err, debug)
         err.print("[yellow]interrupted[/]")
         return 130
+    except (OSError, MemoryError) as exc:
+        _debug_trace(err, debug)
+        err.print(f"[bold red]error:[/] {_environment_message(exc)}", soft_wrap=True)
+        return ENVIRONMENT_ERROR
+    except Exception as exc:
+        if _is_out_of_memory(exc):
+            _debug_trace(err, debug)
+            err.print(f"[bold red]error:[/] {_environment_message(exc)}", soft_wrap=True)
+            return ENVIRONMENT_ERROR
+        if debug:
+            raise
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: "
+                  f"{escape(_first_line(exc))}\nThis is a bug in dkit or a plugin: please re-run "
+                  "with --debug and report the traceback.", soft_wrap=True)
+        return INTERNAL_ERROR
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def _debug_trace(console: Console, debug: bool) -> None:
+    if debug:
+        console.print_exception()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue the interrupted (or finished) run in RUN_DIR from its "
                              "checkpoint; train.steps may be raised to train longer")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="train again even when a finished run (of this spec or of a model "
+                             "it refers to) has the same training hash")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="FIELD",
+                        help="with --resume: let this spec field (or section) differ from the "
+                             "run's, e.g. train.optimizer.lr after a NaN stop; repeatable")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_command)
 
@@ -35,7 +41,8 @@ def run_command(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     try:
         run = execute(spec, document, only=args.only, from_dir=args.from_dir,
-                      resume=args.resume, console=console, quiet=args.quiet)
+                      resume=args.resume, console=console, quiet=args.quiet,
+                      rebuild=args.rebuild, allow_change=tuple(args.allow_change))
     except TrainingDiverged as exc:
         console.print(f"[bold red]training stopped:[/] {escape(str(exc))}", soft_wrap=True)
         return 1

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from rich.console import Console
 
 from diffusers_kit.spec.errors import SpecError, SpecIssue
@@ -25,35 +24,10 @@ from diffusers_kit.spec.errors import SpecError, SpecIssue
 
 def load_run(run_dir: str | Path, overrides: list[str] | None = None,
              solver: str | None = None):  # type: ignore[no-untyped-def]
-    """Rebuild a finished run's components from its resolved ``spec.yaml`` and load its
-    checkpoint. ``solver`` (a name or YAML mapping) replaces the spec's solver."""
-    from diffusers_kit.graph import CHECKPOINT, build_components, load_previous
-    from diffusers_kit.registry import get_registry
-    from diffusers_kit.spec.loader import apply_overrides, load_file
-    from diffusers_kit.spec.validate import validate
+    """A finished run's spec and components, its checkpoint loaded (see ``graph.open_run``)."""
+    from diffusers_kit.graph import open_run
 
-    folder = Path(run_dir)
-    if not (folder / "spec.yaml").is_file() or not (folder / CHECKPOINT).is_file():
-        raise SpecError([SpecIssue(("RUN_DIR",), f"a run folder holding spec.yaml and {CHECKPOINT}",
-                                   str(folder), None, "command line")])
-    document = load_file(folder / "spec.yaml")
-    if solver is not None:
-        try:
-            value = yaml.safe_load(solver)
-        except yaml.YAMLError:
-            value = None
-        if isinstance(value, str):
-            value = {"kind": value}
-        if not isinstance(value, dict):
-            raise SpecError([SpecIssue(("--solver",), "a solver name or a YAML mapping such as "
-                                       "'{kind: ddim, steps: 20}'", solver, None, "command line")])
-        document.data.setdefault("sample", {})["solver"] = value
-    if overrides:
-        apply_overrides(document, overrides)
-    spec = validate(document, get_registry())
-    components = build_components(spec, document)
-    load_previous(components.diffusion, folder)
-    return spec, components
+    return open_run(run_dir, overrides, solver)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

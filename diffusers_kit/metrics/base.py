@@ -17,7 +17,12 @@ class Metric:
 
     ``model`` is the trained :class:`ScoreModel` (with its sampling weights, the EMA when there
     is one), for metrics such as likelihoods that need it; sample-only metrics ignore it.
+
+    ``needs_samples``: False for metrics of the model alone (a likelihood, a classifier's
+    held-out accuracy); those also run for a spec that only trains, with ``samples=None``.
     """
+
+    needs_samples: bool = True
 
     def evaluate(
         self,

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from diffusers_kit.devices import device_available
+from diffusers_kit.pipeline import TrainedModel
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,10 @@ def component(kind: str) -> Any:
     return Annotated[ComponentConfig, ComponentOf(kind)]
 
 
+def optional_component(kind: str) -> Any:
+    return Annotated[ComponentConfig | None, ComponentOf(kind)]
+
+
 def components(kind: str) -> Any:
     return Annotated[list[ComponentConfig], ComponentOf(kind, many=True)]
 
@@ -39,32 +46,39 @@ class Section(BaseModel):
 class TrainSection(Section):
     """How the network is fitted."""
 
-    steps: Annotated[int, Field(ge=0, description="optimisation steps (0 skips training)")] = 2000
-    batch_size: Annotated[int, Field(ge=1)] = 128
+    steps: Annotated[int, Field(ge=0, le=10**9, strict=True,
+                                 description="optimisation steps (0 skips training)")] = 2000
+    batch_size: Annotated[int, Field(ge=1, le=1_000_000, strict=True)] = 128
     optimizer: component("optimizer") = Field(  # type: ignore[valid-type]
         default_factory=lambda: {"kind": "adam", "lr": 1e-3}
     )
-    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0, description="0 disables the EMA")] = 0.999
-    grad_clip: Annotated[float | None, Field(gt=0.0)] = 1.0
-    log_every: Annotated[int, Field(ge=1)] = 50
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0, strict=True,
+                                     description="0 disables the EMA")] = 0.999
+    grad_clip: Annotated[float | None, Field(gt=0.0, allow_inf_nan=False, strict=True)] = 1.0
+    log_every: Annotated[int, Field(ge=1, le=10**9, strict=True)] = 50
     checkpoint_every: Annotated[int, Field(
-        ge=0, description="write the resumable checkpoint every N steps (0: only at the end)")] = 0
+        ge=0, le=10**9, strict=True,
+        description="write the resumable checkpoint every N steps (0: only at the end)")] = 0
     lr_schedule: Annotated[Literal["constant", "cosine"], Field(
         description="after warm-up: constant, or cosine decay to min_lr_ratio x lr")] = "constant"
-    warmup_steps: Annotated[int, Field(ge=0, description="linear learning-rate warm-up")] = 0
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1, description="cosine decay's floor")] = 0.0
+    warmup_steps: Annotated[int, Field(ge=0, le=10**9, strict=True,
+                                        description="linear learning-rate warm-up")] = 0
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1, strict=True,
+                                          description="cosine decay's floor")] = 0.0
     grad_accumulation: Annotated[int, Field(
-        ge=1, description="micro-batches of batch_size per optimizer step")] = 1
+        ge=1, le=65536, strict=True,
+        description="micro-batches of batch_size per optimizer step")] = 1
     precision: Annotated[Literal["fp32", "bf16", "fp16"], Field(
         description="mixed precision (fp16 with a gradient scaler, CUDA only)")] = "fp32"
-    compile: Annotated[bool, Field(description="torch.compile the network")] = False
+    compile: Annotated[bool, Field(strict=True, description="torch.compile the network")] = False
 
 
 class SampleSection(Section):
     """How samples are drawn from the trained model."""
 
-    n: Annotated[int, Field(ge=1, description="number of samples")] = 64
-    batch_size: Annotated[int | None, Field(ge=1, description="default: all at once")] = None
+    n: Annotated[int, Field(ge=1, le=1_000_000, strict=True, description="number of samples")] = 64
+    batch_size: Annotated[int | None, Field(ge=1, le=1_000_000, strict=True,
+                                             description="default: all at once")] = None
     solver: component("solver")  # type: ignore[valid-type]
 
 
@@ -79,21 +93,33 @@ class EvaluateSection(Section):
 class OutputSection(Section):
     """Where and how results are written."""
 
-    root: str = Field(default="runs", description="run folders go to <root>/<name>/<timestamp>")
-    grid_columns: Annotated[int | None, Field(ge=1, description="default: square grid")] = None
+    root: str = Field(default="runs", min_length=1, max_length=1024, pattern=r"^[^\x00]*$",
+                      description="run folders go to <root>/<name>/<timestamp> (~ is your home)")
+    grid_columns: Annotated[int | None, Field(ge=1, le=10_000, strict=True,
+                                               description="default: square grid")] = None
 
 
 class Spec(Section):
-    """A complete dkit run: data -> train -> sample -> evaluate -> report."""
+    """A complete dkit run: data -> train -> sample -> evaluate -> report.
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", description="run name")]
-    seed: Annotated[int, Field(ge=0)] = 0
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")] = "auto"
-    data: component("dataset")  # type: ignore[valid-type]
-    process: component("process")  # type: ignore[valid-type]
-    network: component("network")  # type: ignore[valid-type]
-    objective: component("objective")  # type: ignore[valid-type]
+    ``model`` names a model trained by another run or spec (see :mod:`diffusers_kit.pipeline`):
+    the run then samples and evaluates that model, and ``data``, ``process``, ``network``,
+    ``objective`` and ``train`` come from it. Without ``model`` those sections are required.
+    Without ``sample`` the run trains only (a classifier, a feature network, an autoencoder).
+    """
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$", description="run "
+                                "name: letters, digits, _ . - (not first), at most 100")]
+    model: Annotated[TrainedModel | None, Field(
+        description="sample a model trained elsewhere: a run folder or a spec file")] = None
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)] = 0
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d{1,4}|mps)$"),
+                      AfterValidator(device_available)] = "auto"
+    data: optional_component("dataset") = None  # type: ignore[valid-type]
+    process: optional_component("process") = None  # type: ignore[valid-type]
+    network: optional_component("network") = None  # type: ignore[valid-type]
+    objective: optional_component("objective") = None  # type: ignore[valid-type]
     train: TrainSection = Field(default_factory=TrainSection)
-    sample: SampleSection
+    sample: SampleSection | None = None
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     output: OutputSection = Field(default_factory=OutputSection)

@@ -12,6 +12,7 @@ from typing import Any
 
 from diffusers_kit.registry import Component, Registry
 from diffusers_kit.spec.models import ComponentOf, Section, Spec
+from diffusers_kit.spec.validate import _section_model
 
 SCHEMA_DIALECT = "http://json-schema.org/draft-07/schema#"
 
@@ -52,9 +53,11 @@ def _section_schema(model: type[Section], defs: dict[str, Any]) -> dict[str, Any
         if marker is not None:
             ref: dict[str, Any] = {"$ref": f"#/$defs/{marker.kind}"}
             properties[name] = {"type": "array", "items": ref} if marker.many else ref
-        elif isinstance(annotation, type) and issubclass(annotation, Section):
-            defs[annotation.__name__] = _section_schema(annotation, defs)
-            properties[name] = {"$ref": f"#/$defs/{annotation.__name__}"}
+        elif (section := _section_model(annotation)) is not None:
+            defs[section.__name__] = _section_schema(section, defs)
+            ref = {"$ref": f"#/$defs/{section.__name__}"}
+            properties[name] = ref if section is annotation else {"anyOf": [ref,
+                                                                            {"type": "null"}]}
     return schema
 
 

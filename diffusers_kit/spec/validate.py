@@ -5,6 +5,7 @@ All problems are collected and raised together as one :class:`SpecError`.
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Any
 
@@ -14,6 +15,7 @@ from diffusers_kit.registry import Registry, RegistryError, suggest
 from diffusers_kit.spec.errors import Path, SpecError, SpecIssue, missing
 from diffusers_kit.spec.loader import Document
 from diffusers_kit.spec.models import ComponentOf, Section, Spec
+from diffusers_kit.spec.strict import strict_issues
 
 
 def _clean_message(message: str) -> str:
@@ -32,6 +34,10 @@ def _field_info(model: type[pydantic.BaseModel], name: str) -> tuple[Any, Compon
 
 
 def _section_model(annotation: Any) -> type[Section] | None:
+    """The Section model of a field's annotation (``Section | None`` included)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = inner[0] if len(inner) == 1 else None
     if isinstance(annotation, type) and issubclass(annotation, Section):
         return annotation
     return None
@@ -112,6 +118,7 @@ def validate_component(
         component.params.model_validate(params)
     except pydantic.ValidationError as exc:
         issues.extend(_pydantic_issues(exc, document, path, lambda loc: known))
+    issues.extend(strict_issues(component.params, params, path, document, issues))
     for pname, sub in component.nested.items():
         if pname not in params or params[pname] is None:
             continue
@@ -155,8 +162,37 @@ def _walk_sections(
             _walk_sections(section, value, path + (name,), registry, document, issues)
 
 
-def validate(document: Document, registry: Registry) -> Spec:
-    """Validate ``document`` fully; raises :class:`SpecError` listing every problem."""
+MODEL_SECTIONS = ("data", "process", "network", "objective")
+
+
+def _model_sections(document: Document, spec: Spec) -> list[SpecIssue]:
+    """Without ``model`` the model's sections are required; with it they come from the model."""
+    issues = []
+    if spec.model is None:
+        for name in MODEL_SECTIONS:
+            if getattr(spec, name) is None:
+                line, origin = document.locate((name,))
+                issues.append(SpecIssue((name,), "a value (this section is required unless "
+                                        "'model' names a trained model)", missing(), line,
+                                        origin))
+        return issues
+    for name in (*MODEL_SECTIONS, "train"):
+        if isinstance(document.data, dict) and document.data.get(name) is not None:
+            line, origin = document.locate((name,))
+            issues.append(SpecIssue((name,), f"no {name!r} section: 'model' names a trained "
+                                    "model, which brings its own", document.data[name], line,
+                                    origin))
+    return issues
+
+
+def validate(document: Document, registry: Registry,
+             _stack: tuple[tuple[str, ...], ...] = ()) -> Spec:
+    """Validate ``document`` fully; raises :class:`SpecError` listing every problem.
+
+    Model references (:mod:`diffusers_kit.pipeline`) are checked too: each referenced spec is
+    validated (its problems reported with its own file and lines), reference cycles are errors.
+    ``_stack`` is the chain of spec files being validated through references.
+    """
     issues: list[SpecIssue] = []
     spec: Spec | None = None
     try:
@@ -167,6 +203,12 @@ def validate(document: Document, registry: Registry) -> Spec:
     if spec is not None and not issues:
         # defaults filled in by pydantic (e.g. train.optimizer) are checked the same way
         _walk_sections(Spec, spec.model_dump(), (), registry, document, issues)
+    if spec is not None and not issues:
+        issues.extend(_model_sections(document, spec))
+    if spec is not None and not issues:
+        from diffusers_kit.pipeline import check_references
+
+        issues.extend(check_references(spec, document, registry, _stack))
     if issues:
         issues.sort(key=lambda i: (i.line is None, i.line or 0))
         raise SpecError(issues, document.origin)
@@ -182,7 +224,7 @@ def component_paths(spec: Spec) -> list[tuple[Path, str, dict[str, Any]]]:
         for name in type(model).model_fields:
             _, marker = _field_info(type(model), name)
             value = getattr(model, name)
-            if marker is not None:
+            if marker is not None and value is not None:
                 if marker.many:
                     found.extend((path + (name, i), marker.kind, v) for i, v in enumerate(value))
                 else:
