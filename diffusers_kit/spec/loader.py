@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 from typing import Any
@@ -15,6 +16,22 @@ from diffusers_kit.spec.errors import Path, SpecError, SpecIssue
 MAX_SPEC_BYTES = 1 << 20
 MAX_DEPTH = 48
 MAX_NODES = 200_000  # scalars, mappings and sequences, counting every alias expanded
+
+
+class SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading floats as YAML 1.2 does: ``1e-5`` is a number (YAML 1.1,
+    which PyYAML follows, wants a dot, and would hand ``1e-5`` over as a string)."""
+
+
+SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
 
 
 @dataclass
@@ -118,15 +135,15 @@ def _check_structure(text: str, origin: str) -> None:
 def parse_value(raw: str, origin: str) -> Any:
     """One YAML value (a command-line override or option), under the same limits as a file."""
     _check_structure(raw, origin)
-    return yaml.safe_load(raw)
+    return yaml.load(raw, Loader=SpecLoader)
 
 
 def parse_yaml(text: str, origin: str) -> Document:
     """Parse spec text with PyYAML's safe loader; malformed or unsafe YAML is a spec error."""
     try:
         _check_structure(text, origin)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=SpecLoader)
+        data = yaml.load(text, Loader=SpecLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
