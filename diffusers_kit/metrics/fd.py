@@ -23,7 +23,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.features import FeatureMetric
-from diffusers_kit.metrics.floor import Level, Resamples, compare_with_floor, real_sets
+from diffusers_kit.metrics.floor import Level, Resamples, compare_with_floor
 from diffusers_kit.pipeline import TrainedModel
 
 if TYPE_CHECKING:
@@ -83,16 +83,14 @@ class FrechetDistance(FeatureMetric):
         generator: torch.Generator,
         model: ScoreModel | None = None,
     ) -> dict[str, float]:
-        self.space.check(samples, data)
-        sets = real_sets(samples, data, generator)
-        embed = self.space.embed
+        sets, fake, reference, real = self.embedded_sets(samples, data, generator)
 
         def statistic(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
             return {"fd": frechet_distance(a, b)}
 
         return compare_with_floor(self.name, statistic, sets, generator, self.bars,
-                                  samples=embed(sets.samples), reference=embed(sets.reference),
-                                  real=embed(sets.real), bounds={"fd": (0.0, float("inf"))})
+                                  samples=fake, reference=reference, real=real,
+                                  bounds={"fd": (0.0, float("inf"))})
 
 
 __all__ = ["FrechetDistance", "Precomputed", "frechet_distance"]

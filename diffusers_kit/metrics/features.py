@@ -16,7 +16,7 @@ import torch
 
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.base import Metric
-from diffusers_kit.metrics.floor import ErrorBars
+from diffusers_kit.metrics.floor import ErrorBars, RealSets, real_sets
 from diffusers_kit.pipeline import TrainedModel
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 
@@ -117,3 +117,14 @@ class FeatureMetric(Metric):
             network = features.network()
             if (reason := self.space.problem(network)) is not None:
                 raise ValueError(f"features must name {reason}")
+
+    def embedded_sets(self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator
+                      ) -> tuple[RealSets, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Check the samples, draw the real sets (the floor's), and embed samples, held-out
+        reference and real set in the feature space: ``(sets, fake, reference, real)``."""
+        self.space.check(samples, data)
+        sets = real_sets(samples, data, generator)
+        fake, reference, real = (self.space.embed(x) for x in
+                                 (sets.samples, sets.reference, sets.real))
+        return sets, fake, reference, real
+

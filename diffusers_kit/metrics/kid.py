@@ -37,7 +37,6 @@ from diffusers_kit.metrics.floor import (
     Resamples,
     bootstrap_generator,
     compare_with_floor,
-    real_sets,
 )
 from diffusers_kit.pipeline import TrainedModel
 
@@ -119,8 +118,7 @@ class KernelDistance(FeatureMetric):
         generator: torch.Generator,
         model: ScoreModel | None = None,
     ) -> dict[str, float]:
-        self.space.check(samples, data)
-        sets = real_sets(samples, data, generator)
+        sets, fake, reference, real = self.embedded_sets(samples, data, generator)
         size = self.subset_size or max(2, sets.n // 2)
         draw = bootstrap_generator(generator, "kid subsets")
         spreads: dict[int, float] = {}
@@ -138,8 +136,6 @@ class KernelDistance(FeatureMetric):
                 kernels[id(a)] = Kernels(a, reference)
             return {"kid": kernels[id(a)].kid(ia, ib)}
 
-        fake, reference, real = (self.space.embed(x) for x in
-                                 (sets.samples, sets.reference, sets.real))
         out = compare_with_floor(self.name, statistic, sets, generator, self.bars,
                                  samples=fake, reference=reference, real=real,
                                  replicates=replicates)

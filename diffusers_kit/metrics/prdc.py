@@ -26,7 +26,7 @@ from pydantic import Field
 
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.features import FeatureMetric
-from diffusers_kit.metrics.floor import Level, Resamples, compare_with_floor, real_sets
+from diffusers_kit.metrics.floor import Level, Resamples, compare_with_floor
 from diffusers_kit.pipeline import TrainedModel
 
 if TYPE_CHECKING:
@@ -98,10 +98,7 @@ class PrecisionRecall(FeatureMetric):
         generator: torch.Generator,
         model: ScoreModel | None = None,
     ) -> dict[str, float]:
-        self.space.check(samples, data)
-        sets = real_sets(samples, data, generator)
-        fake, reference, real = (self.space.embed(x) for x in
-                                 (sets.samples, sets.reference, sets.real))
+        sets, fake, reference, real = self.embedded_sets(samples, data, generator)
 
         within_reference = torch.cdist(reference, reference)
         distances: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
