@@ -33,6 +33,8 @@ from diffusers_kit.metrics.base import Metric
 from diffusers_kit.metrics.floor import summarize
 from diffusers_kit.outputs import checked_root, make_run_dir
 from diffusers_kit.pipeline import (
+    CHECKPOINT,
+    TRAINING_SECTIONS,
     BuildSettings,
     TrainedModel,
     alive_marker,
@@ -62,7 +64,6 @@ from diffusers_kit.train import (
 )
 
 STAGES = ("data", "train", "sample", "evaluate", "report")
-CHECKPOINT = "checkpoint.safetensors"
 
 
 @dataclass
@@ -434,7 +435,6 @@ def parse_only(only: str | None) -> set[str]:
 
 # the spec fields a resumed run may change: how long, how often to log / save, what comes after
 RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "checkpoint_every")}
-TRAINING_SECTIONS = ("seed", "data", "process", "network", "objective", "train")
 
 
 def _differences(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[str]:

@@ -70,7 +70,7 @@ REFERENCE_FORMS = ("a trained model: a run folder ('runs/NAME/latest'), a spec f
                    "{field.path: value}}")
 
 
-class ReferenceError(ValueError):
+class ModelReferenceError(ValueError):
     """A reference that cannot be resolved (raised with a message naming what is wrong)."""
 
 
@@ -229,7 +229,7 @@ class TrainedModel:
         try:
             plan_reference(model, base=Path.cwd(), stack=())
         except _PlanFailed as exc:
-            raise ReferenceError(exc.message) from None
+            raise ModelReferenceError(exc.message) from None
         build_reference(model, root=Path(root), rebuild=rebuild, console=console, quiet=quiet)
         return model
 
@@ -373,21 +373,22 @@ def _spec_candidates(text: str, base: Path) -> list[Path]:
 
 
 def find_run_folder(text: str) -> Path:
-    """A run folder named by a reference (``latest`` followed); ReferenceError if unusable."""
+    """A run folder named by a reference (``latest`` followed); ModelReferenceError if not
+    usable."""
     folder = Path(text).expanduser()
     if folder.name == LATEST and not folder.exists() and folder.parent.is_dir():
-        raise ReferenceError(f"no finished run of {folder.parent.name!r} yet "
+        raise ModelReferenceError(f"no finished run of {folder.parent.name!r} yet "
                              f"({folder} does not exist)")
     folder = follow_latest(folder)
     if not folder.is_dir():
-        raise ReferenceError(f"an existing run folder (relative to the working directory "
+        raise ModelReferenceError(f"an existing run folder (relative to the working directory "
                              f"{Path.cwd()}); {folder} does not exist")
     missing = [name for name in (SPEC_FILE, CHECKPOINT) if not (folder / name).is_file()]
     if missing:
-        raise ReferenceError(f"a run folder holding {' and '.join(missing)}; {folder} has none")
+        raise ModelReferenceError(f"a run folder holding {' and '.join(missing)}; {folder} has none")
     record = read_record(folder)
     if record is not None and record.get("status") != "finished":
-        raise ReferenceError(f"a finished run; {folder} is {record.get('status')!r} (a failed "
+        raise ModelReferenceError(f"a finished run; {folder} is {record.get('status')!r} (a failed "
                              "or interrupted run is never used)")
     return folder
 
@@ -428,7 +429,7 @@ def plan_reference(model: TrainedModel, base: Path, stack: tuple[tuple[str, ...]
         return
     try:
         folder = find_run_folder(ref.run or "")
-    except ReferenceError as exc:
+    except ModelReferenceError as exc:
         raise _PlanFailed(str(exc)) from None
     try:
         document = load_file(folder / SPEC_FILE)
