@@ -385,7 +385,8 @@ def find_run_folder(text: str) -> Path:
                              f"{Path.cwd()}); {folder} does not exist")
     missing = [name for name in (SPEC_FILE, CHECKPOINT) if not (folder / name).is_file()]
     if missing:
-        raise ModelReferenceError(f"a run folder holding {' and '.join(missing)}; {folder} has none")
+        raise ModelReferenceError(f"a run folder holding {' and '.join(missing)}; "
+                                  f"{folder} has none")
     record = read_record(folder)
     if record is not None and record.get("status") != "finished":
         raise ModelReferenceError(f"a finished run; {folder} is {record.get('status')!r} (a failed "
