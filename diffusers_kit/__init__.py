@@ -8,6 +8,7 @@ from diffusers_kit.api import Diffusion, resolve_device
 from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.data.digits import Digits
 from diffusers_kit.data.toy2d import Checkerboard, GaussianMixture, SwissRoll, TwoMoons
+from diffusers_kit.guidance import ClassifierFree, ClassifierGuidance, GradientGuidance, Guidance
 from diffusers_kit.hookspecs import hookimpl
 from diffusers_kit.metrics.base import Metric
 from diffusers_kit.metrics.swd import SlicedWasserstein, sliced_wasserstein
@@ -23,6 +24,7 @@ from diffusers_kit.objectives.ddpm import HybridLoss, SimpleLoss, VariationalBou
 from diffusers_kit.objectives.dsm import DenoisingScoreMatching
 from diffusers_kit.objectives.score_matching import ImplicitScoreMatching, SlicedScoreMatching
 from diffusers_kit.optim import Adam, AdamW, Optimizer
+from diffusers_kit.pipeline import TrainedModel
 from diffusers_kit.processes.base import NoiseProcess
 from diffusers_kit.processes.ve import VE
 from diffusers_kit.registry import Registry, get_registry
@@ -41,12 +43,16 @@ __all__ = [
     "AdamW",
     "AnnealedLangevin",
     "Checkerboard",
+    "ClassifierFree",
+    "ClassifierGuidance",
     "DataSplits",
     "Dataset",
     "DenoisingScoreMatching",
     "Diffusion",
     "Digits",
     "GaussianMixture",
+    "GradientGuidance",
+    "Guidance",
     "HybridLoss",
     "ImplicitScoreMatching",
     "Metric",
@@ -64,6 +70,7 @@ __all__ = [
     "SlicedWasserstein",
     "Solver",
     "SwissRoll",
+    "TrainedModel",
     "Trainer",
     "TrainingDiverged",
     "TrainingInterrupted",

@@ -14,7 +14,7 @@ seed gives the same samples either way.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ import torch
 from diffusers_kit.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
 from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.devices import device_problem
+from diffusers_kit.guidance.base import Guidance, requested_labels
 from diffusers_kit.model import ScoreModel
 from diffusers_kit.networks.base import Network
 from diffusers_kit.objectives.base import Objective
@@ -148,16 +149,32 @@ class Diffusion:
         use_ema: bool = True,
         progress: Progress | None = None,
         x_T: torch.Tensor | None = None,
+        guidance: Sequence[Guidance] = (),
+        labels: str | int | Sequence[int] | torch.Tensor | None = None,
     ) -> SampleResult:
         """Draw ``n`` samples with ``solver``; uses the EMA weights when there are some.
 
         Every sample has its own random stream (:class:`~diffusers_kit.solvers.PerSampleNoise`
         keyed by ``seed`` and the sample's index), so sample ``i`` is the same whatever
         ``batch_size`` is. ``x_T`` (``n`` samples' start noise) replaces the prior draw.
+
+        ``labels`` are the classes to draw (``"all"``, a class, a list of classes in equal
+        blocks, or ``n`` labels; see :func:`~diffusers_kit.guidance.requested_labels`): a
+        class-conditional network is given them, and ``guidance`` terms
+        (:mod:`diffusers_kit.guidance`) are added to the model's prediction for every solver.
+        The labels used are in the result's ``labels``.
         """
         reason = solver.check(self.process)
         if reason is not None:
             raise ValueError(f"{type(solver).__name__} needs {reason}")
+        for term in guidance:
+            if (reason := term.check(self.model)) is not None:
+                raise ValueError(f"{type(term).__name__} needs {reason}")
+        chosen = requested_labels(labels, n, self.num_classes(guidance))
+        if chosen is None and any(term.needs_labels for term in guidance):
+            raise ValueError("guidance needs labels: pass labels='all', a class or a list")
+        if chosen is not None:
+            chosen = chosen.to(self.device)
         shape = tuple(self.network.data_shape)
         if x_T is not None and tuple(x_T.shape) != (n, *shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected {(n, *shape)}")
@@ -167,7 +184,11 @@ class Diffusion:
             for start in range(0, n, size):
                 count = min(size, n - start)
                 init = None if x_T is None else x_T[start:start + count]
-                result = solver.sample(self.model, (count, *shape), progress=progress,
+                model = self.model
+                if guidance or chosen is not None:
+                    model = model.guided(guidance, None if chosen is None
+                                         else chosen[start:start + count])
+                result = solver.sample(model, (count, *shape), progress=progress,
                                        noise=PerSampleNoise(seed, start), x_T=init)
                 chunks.append(result.samples)
                 nfe += result.nfe
@@ -176,7 +197,17 @@ class Diffusion:
                 times = result.times
         merged = [torch.cat(level) for level in zip(*trajectory, strict=True)]
         merged_x0 = [torch.cat(level) for level in zip(*x0_predictions, strict=True)]
-        return SampleResult(torch.cat(chunks), nfe, merged, merged_x0, times)
+        result = SampleResult(torch.cat(chunks), nfe, merged, merged_x0, times)
+        result.labels = None if chosen is None else chosen.cpu()
+        return result
+
+    def num_classes(self, guidance: Sequence[Guidance] = ()) -> int | None:
+        """The classes labels may name: a class-conditional network's, else the first that a
+        guidance term knows (a classifier's outputs); None when nothing knows."""
+        known = getattr(self.network, "num_classes", None)
+        for term in guidance:
+            known = known if known is not None else term.num_classes()
+        return known
 
     @contextlib.contextmanager
     def sampling_weights(self, use_ema: bool = True) -> Iterator[ScoreModel]:

@@ -7,7 +7,16 @@ component is one new file plus one line in its package's ``__init__``.
 
 from __future__ import annotations
 
-from diffusers_kit import data, metrics, networks, objectives, optim, processes, solvers
+from diffusers_kit import (
+    data,
+    guidance,
+    metrics,
+    networks,
+    objectives,
+    optim,
+    processes,
+    solvers,
+)
 from diffusers_kit.hookspecs import hookimpl
 
 KINDS = {
@@ -18,11 +27,13 @@ KINDS = {
     "solver": (solvers.Solver, "Samplers: SDE/ODE solvers and Markov chains."),
     "predictor": (solvers.Predictor, "Predictors of predictor-corrector sampling."),
     "corrector": (solvers.Corrector, "Correctors of predictor-corrector sampling."),
+    "guidance": (guidance.Guidance, "Guidance terms added to the model's prediction when "
+                 "sampling: classifier-free, classifier, measurement terms."),
     "metric": (metrics.Metric, "Sample-quality metrics."),
     "optimizer": (optim.Optimizer, "Optimizers."),
 }
 
-PACKAGES = (data, processes, networks, objectives, solvers, metrics, optim)
+PACKAGES = (data, processes, networks, objectives, solvers, guidance, metrics, optim)
 
 
 @hookimpl

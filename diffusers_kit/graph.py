@@ -29,6 +29,7 @@ from rich.text import Text
 
 from diffusers_kit.api import Diffusion, resolve_device
 from diffusers_kit.data.base import Dataset, DataSplits
+from diffusers_kit.guidance.base import Guidance, LabelsError, requested_labels
 from diffusers_kit.metrics.base import Metric
 from diffusers_kit.metrics.floor import summarize
 from diffusers_kit.outputs import checked_root, make_run_dir
@@ -49,7 +50,7 @@ from diffusers_kit.pipeline import (
     write_record,
 )
 from diffusers_kit.registry import Registry, get_plugin_manager, get_registry
-from diffusers_kit.report import image_grid, scatter_plot
+from diffusers_kit.report import columns_per_class, image_grid, scatter_plot
 from diffusers_kit.solvers.base import Solver
 from diffusers_kit.spec.errors import Path as SpecPath
 from diffusers_kit.spec.errors import SpecError, SpecIssue
@@ -83,6 +84,8 @@ class Components:
     metrics: list[tuple[str, Metric]]
     optimizer: Any
     resolved: dict[str, Any]
+    guidance: list[Guidance] = field(default_factory=list)
+    labels: torch.Tensor | None = None  # one requested class per sample (sample.labels)
 
 
 class Builder:
@@ -203,7 +206,47 @@ def build_components(
     diffusion = Diffusion(process, network, objective, device=device)
     if trained is not None and trained.run_dir is not None:
         load_previous(diffusion, trained.run_dir, "model")
-    return Components(dataset, data, diffusion, solver, metrics, optimizer, resolved)
+    guidance, labels = _conditioning(spec, builder, diffusion, data, stages)
+    return Components(dataset, data, diffusion, solver, metrics, optimizer, resolved, guidance,
+                      labels)
+
+
+def _conditioning(spec: Spec, builder: Builder, diffusion: Diffusion, data: DataSplits | None,
+                  stages: set[str] | None) -> tuple[list[Guidance], torch.Tensor | None]:
+    """``sample.guidance`` built and checked against the model, ``sample.labels`` expanded to
+    one class per sample (checked against the classes the model, its guidance or its data
+    know)."""
+    if spec.sample is None or (stages is not None and "sample" not in stages):
+        return [], None
+    guidance = []
+    for index, config in enumerate(spec.sample.guidance):
+        term = builder.build(("sample", "guidance", index), "guidance", config)
+        if term is None:
+            continue
+        try:
+            reason = term.check(diffusion.model)
+        except (OSError, ValueError) as exc:  # a referenced model that does not load
+            reason = f"a term whose models load ({exc})"
+        if reason is not None:
+            builder.issue(("sample", "guidance", index, "kind"), reason, config["kind"])
+        guidance.append(term)
+    labels = None
+    if not builder.issues:
+        classes = diffusion.num_classes(guidance)
+        if classes is None and data is not None and data.train_labels is not None:
+            classes = int(data.train_labels.max()) + 1
+        try:
+            labels = requested_labels(spec.sample.labels, spec.sample.n, classes)
+        except LabelsError as exc:
+            builder.issue(("sample", "labels"), exc.expected, spec.sample.labels)
+        needing = [spec.sample.guidance[i]["kind"] for i, term in enumerate(guidance)
+                   if term.needs_labels]
+        if spec.sample.labels is None and needing:
+            builder.issue(("sample", "labels"), f"the classes to draw for guidance "
+                          f"{', '.join(needing)}: 'all', a class or a list of classes", None)
+    if builder.issues:
+        raise SpecError(builder.issues, builder.document.origin if builder.document else None)
+    return guidance, labels
 
 
 def _new_run_dir(root: Path, name: str) -> Path:
@@ -370,13 +413,19 @@ def _stage_sample(run: Run) -> None:
         task = progress.add_task("sample", total=solver.total_steps(diffusion.process) * batches,
                                  status=spec.sample.solver["kind"])
         result = diffusion.sample(n, solver, seed=spec.seed, batch_size=spec.sample.batch_size,
-                                  progress=lambda k: progress.advance(task, k))
+                                  progress=lambda k: progress.advance(task, k),
+                                  guidance=run.components.guidance,
+                                  labels=run.components.labels)
     samples = result.samples.float().cpu()
     get_plugin_manager().hook.dkit_samples_ready(run=run, samples=samples)
     run.results["samples"] = samples
     run.results["nfe"] = result.nfe
-    np.savez_compressed(run.dir / "samples.npz", samples=samples.numpy(),
-                        display=run.components.dataset.to_display(samples).numpy())
+    arrays = {"samples": samples.numpy(),
+              "display": run.components.dataset.to_display(samples).numpy()}
+    if result.labels is not None:
+        run.results["labels"] = result.labels
+        arrays["labels"] = result.labels.numpy()
+    np.savez_compressed(run.dir / "samples.npz", **arrays)
     run.log.info("%d samples, %d network evaluations", n, result.nfe)
 
 
@@ -389,7 +438,9 @@ def _stage_evaluate(run: Run) -> None:
             if samples is None and metric.needs_samples:
                 run.log.info("metric %s skipped: this run draws no samples", name)
                 continue
-            metrics.update(metric.evaluate(samples, run.components.data, generator, model))
+            extra = {"labels": run.results.get("labels")} if metric.uses_labels else {}
+            metrics.update(metric.evaluate(samples, run.components.data, generator, model,
+                                           **extra))
     run.results["metrics"] = metrics
     for key, text in summarize(metrics):  # value [interval] floor [interval] n, per statistic
         run.log.info("metric %s = %s", key, text)
@@ -400,11 +451,13 @@ def _stage_report(run: Run) -> None:
     dataset = run.components.dataset
     if samples is not None:
         if dataset.modality == "image":
-            picture = image_grid(dataset.to_display(samples), run.spec.output.grid_columns)
+            columns = run.spec.output.grid_columns or columns_per_class(
+                run.results.get("labels"))
+            picture = image_grid(dataset.to_display(samples), columns)
         else:
             picture = scatter_plot(samples, run.components.data.heldout)
         picture.save(run.dir / "samples.png")
-    summary = {k: v for k, v in run.results.items() if k != "samples"}
+    summary = {k: v for k, v in run.results.items() if k not in ("samples", "labels")}
     summary.update({f"time_{k}_s": round(v, 3) for k, v in run.timings.items()})
     metrics = summary.pop("metrics", {})
     # NaN / infinity are not JSON: written as null (parse_constant maps them on the way back)
@@ -726,6 +779,14 @@ def _run_stages(run: Run, stages: set[str], reused: Path | None,
         handler.close()
 
 
+def _grouped(dependencies: list[dict[str, Any]]) -> list[tuple[list[str], dict[str, Any]]]:
+    """Dependencies on the same run folder, once each, with every field that named it."""
+    groups: dict[str, tuple[list[str], dict[str, Any]]] = {}
+    for dep in dependencies:
+        groups.setdefault(dep["run"], ([], dep))[0].append(dep["field"])
+    return list(groups.values())
+
+
 def summary_table(run: Run) -> Table:
     """A rich table of the run: where it is, how long each stage took, the metrics."""
     table = Table(title=f"dkit run {run.spec.name}", show_header=True, header_style="bold")
@@ -737,9 +798,10 @@ def summary_table(run: Run) -> Table:
         table.add_row(f"{stage} time", f"{seconds:.1f} s")
     if "checkpoint_from" in run.results:
         table.add_row("checkpoint from", str(run.results["checkpoint_from"]))
-    for dep in run.results.get("dependencies", []):
+    for fields, dep in _grouped(run.results.get("dependencies", [])):
         how = "reused" if dep["reused"] else "built" if dep["reused"] is False else "given"
-        table.add_row(dep["field"], f"{how} {dep['run']}")
+        label = fields[0] if len(fields) == 1 else f"{fields[0]} (+{len(fields) - 1} more)"
+        table.add_row(label, f"{how} {dep['run']}")
     if "train_loss" in run.results:
         table.add_row("final train loss", f"{run.results['train_loss']:.4f}")
     if "nfe" in run.results:

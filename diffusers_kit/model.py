@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 
 from diffusers_kit.networks.base import Network
 from diffusers_kit.processes.base import NoiseProcess
+
+if TYPE_CHECKING:
+    from diffusers_kit.guidance.base import Evaluate, Guidance
 
 
 class ScoreModel(torch.nn.Module):
@@ -16,7 +22,13 @@ class ScoreModel(torch.nn.Module):
     A network with ``learned_variance`` outputs twice the data's channels (dimension 1): the
     prediction, then the variance output ``v``; :meth:`split` separates them and the conversions
     use the prediction only. ``y`` (class labels) is passed to class-conditional networks only.
-    ``nfe`` counts network evaluations (a host integer: counting needs no device sync).
+    ``nfe`` counts network evaluations (a host integer: counting needs no device sync); a
+    batched call counts once, whatever its batch.
+
+    **Guidance** is composed here and nowhere else: :meth:`guided` returns a view of the same
+    network with guidance terms (:mod:`diffusers_kit.guidance`) and the requested labels bound
+    in. Its :meth:`forward` is the guided output, so :meth:`predict`, :meth:`score` and
+    :meth:`eps` — everything a solver calls — are guided, and no solver knows about it.
     """
 
     def __init__(self, process: NoiseProcess, network: Network) -> None:
@@ -24,14 +36,42 @@ class ScoreModel(torch.nn.Module):
         self.process = process
         self.network = network
         self.nfe = 0
+        self.guidance: tuple[Guidance, ...] = ()
+        self.labels: torch.Tensor | None = None
+        self._evaluate: Evaluate = self._network_output
+
+    def guided(self, guidance: Sequence[Guidance] = (), labels: torch.Tensor | None = None
+               ) -> ScoreModel:
+        """This model with ``guidance`` terms applied (in order: the first wraps the network)
+        and ``labels`` (one per sample of the batches it will be called on; None: no label)
+        bound as the condition. The network and process are shared, not copied."""
+        view = ScoreModel(self.process, self.network)
+        view.train(self.training)
+        view.guidance = tuple(guidance)
+        view.labels = labels
+        evaluate: Evaluate = view._network_output
+        for term in view.guidance:
+            evaluate = term.wrap(evaluate, view)
+        view._evaluate = evaluate
+        return view
+
+    def _network_output(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
+                        ) -> torch.Tensor:
+        self.nfe += 1
+        if getattr(self.network, "num_classes", None) is not None:
+            return self.network(x, t.to(x.dtype), y)
+        return self.network(x, t.to(x.dtype))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """Raw network output at ``(x_t, t)`` (both halves for a learned-variance network)."""
-        self.nfe += 1
-        if y is not None or getattr(self.network, "num_classes", None) is not None:
-            return self.network(x, t.to(x.dtype), y)
-        return self.network(x, t.to(x.dtype))
+        """Network output at ``(x_t, t)`` (both halves for a learned-variance network), guided
+        when this is a :meth:`guided` view; ``y`` defaults to the bound labels."""
+        if y is None and self.labels is not None:
+            y = self.labels
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"{y.shape[0]} labels bound for a batch of {x.shape[0]}")
+            y = y.to(x.device)
+        return self._evaluate(x, t, y)
 
     def split(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(prediction, v)``: ``v`` is None unless the network learns its variance."""

@@ -556,6 +556,8 @@ def resolve_spec(spec: Spec, registry: Registry) -> dict[str, Any]:
     resolved["train"]["optimizer"] = builder.resolve("optimizer", spec.train.optimizer)
     if spec.sample is not None:
         resolved["sample"]["solver"] = builder.resolve("solver", spec.sample.solver)
+        resolved["sample"]["guidance"] = [builder.resolve("guidance", g)
+                                          for g in spec.sample.guidance]
     resolved["evaluate"]["metrics"] = [builder.resolve("metric", m)
                                        for m in spec.evaluate.metrics]
     return resolved
@@ -789,10 +791,15 @@ def build_references(spec: Spec, registry: Registry, settings: BuildSettings) ->
     """Build (or reuse) every model ``spec`` refers to, depth first; records the dependencies."""
     from diffusers_kit.spec.errors import dotted
 
+    done: dict[str, tuple[Path, bool | None]] = {}  # one build (and one message) per model
     for path, model in references(spec, registry):
-        build_reference(model, root=settings.root, rebuild=settings.rebuild,
-                        console=settings.console, quiet=settings.quiet)
+        if model.run_dir is None and model.hash in done:
+            model.run_dir, model.reused = done[model.hash]
+        else:
+            build_reference(model, root=settings.root, rebuild=settings.rebuild,
+                            console=settings.console, quiet=settings.quiet)
         assert model.run_dir is not None and model.hash is not None
+        done[model.hash] = (model.run_dir, model.reused)
         settings.dependencies.append(Dependency(dotted(path), model.ref.to_config(),
                                                 str(model.run_dir), model.hash, model.reused))
 

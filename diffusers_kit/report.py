@@ -60,3 +60,18 @@ def scatter_plot(
         for x, y in xy.tolist():
             draw.ellipse([x - 1.5, size - y - 1.5, x + 1.5, size - y + 1.5], fill=colour)
     return canvas
+
+
+def columns_per_class(labels: torch.Tensor | None) -> int | None:
+    """Grid columns that put each block of equal labels on its own row (labels drawn in equal
+    contiguous blocks, as ``sample.labels: all`` lays them out); None otherwise."""
+    if labels is None or len(labels) < 2:
+        return None
+    labels = labels.flatten()
+    blocks = int((labels[1:] != labels[:-1]).sum()) + 1
+    if blocks < 2 or len(labels) % blocks:
+        return None
+    size = len(labels) // blocks
+    if not torch.equal(labels, labels[::size].repeat_interleave(size)):
+        return None
+    return size

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from diffusers_kit.hookspecs import hookimpl
+from diffusers_kit.metrics.base import Metric
 from diffusers_kit.outputs import checked_root, make_run_dir, output_issues
 from diffusers_kit.registry import get_plugin_manager
 from diffusers_kit.spec import SpecError
@@ -89,7 +90,7 @@ def test_a_root_that_is_a_file_is_a_spec_error_in_dkit_run(tmp_path, capsys):
     assert afile.read_text() == "not a folder" and "Traceback" not in out + err
 
 
-class NaNMetric:
+class NaNMetric(Metric):  # a metric like any registered one: derives from the base
     def evaluate(self, samples, data, generator, model):  # type: ignore[no-untyped-def]
         return {"swd": math.nan, "spread": math.inf}
 

@@ -127,10 +127,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(spec.seed)
     metrics: dict[str, float] = {}
     with components.diffusion.sampling_weights() as model:
-        for name, metric in components.metrics:
+        for _, metric in components.metrics:
             if samples is None and metric.needs_samples:
                 continue
-            extra = {"labels": labels} if labels is not None and name == "class_accuracy" else {}
+            extra = {"labels": labels} if metric.uses_labels else {}
             metrics.update(metric.evaluate(samples, components.data, generator, model, **extra))
     # NaN / infinity are not JSON: null (as the run's report stage writes them)
     finite = json.loads(json.dumps(metrics), parse_constant=lambda _: None)

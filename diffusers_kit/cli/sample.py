@@ -1,6 +1,8 @@
 """``dkit sample RUN_DIR``: draw new samples from a trained run with any solver.
 
 ``--solver`` takes a registered name or an inline YAML mapping (``"{kind: ddim, steps: 20}"``);
+``--guidance`` and ``--labels`` replace the spec's guidance terms and the classes to draw
+(``--labels all`` gives one grid row per class);
 ``--progressive`` writes the x0_hat predictions over time (Ho et al. 2020, fig. 6);
 ``--interpolate K`` encodes pairs of held-out examples through the probability-flow ODE,
 interpolates their latents spherically and decodes K points between them, as an image strip.
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from rich.console import Console
 
 from diffusers_kit.spec.errors import SpecError, SpecIssue
@@ -30,6 +33,44 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None,
     return open_run(run_dir, overrides, solver)
 
 
+def conditioning_overrides(guidance: list[str] | None, labels: str | None) -> list[str]:
+    """``--guidance`` / ``--labels`` as overrides of ``sample.guidance`` / ``sample.labels``."""
+    overrides = []
+    if guidance:
+        terms: list[dict] = []
+        for text in guidance:
+            if text.strip() == "none":
+                continue
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                value = None
+            if isinstance(value, str):
+                value = {"kind": value}
+            if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
+                raise SpecError([SpecIssue(("--guidance",), "a guidance name or a YAML mapping "
+                                           "such as '{kind: classifier_free, scale: 4}'", text,
+                                           None, "command line")])
+            terms.append(value)
+        overrides.append(f"sample.guidance={json.dumps(terms)}")
+    if labels is not None:
+        text = labels.strip()
+        if text == "none":
+            value: object = None
+        elif text == "all":
+            value = "all"
+        else:
+            try:
+                parts = [int(part) for part in text.split(",")]
+            except ValueError:
+                raise SpecError([SpecIssue(("--labels",), "all, none, a class (3) or a list of "
+                                           "classes (0,2,4)", labels, None, "command line")]
+                                ) from None
+            value = parts[0] if len(parts) == 1 and "," not in text else parts
+        overrides.append(f"sample.labels={json.dumps(value)}")
+    return overrides
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("sample", help="sample a trained run again, with any solver")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
@@ -37,6 +78,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="override fields of the run's spec, e.g. sample.n=16")
     parser.add_argument("--solver", help="solver name or YAML mapping, e.g. "
                                          "'{kind: dpm_solver_2m, steps: 10}'")
+    parser.add_argument("--guidance", action="append", metavar="TERM",
+                        help="a guidance term, name or YAML mapping, e.g. "
+                             "'{kind: classifier_free, scale: 4}' (repeat to add terms; "
+                             "'none' samples without the spec's guidance)")
+    parser.add_argument("--labels", metavar="CLASSES",
+                        help="classes to draw: all, one class (3) or a list (0,2,4); "
+                             "'none' for unconditional samples")
     parser.add_argument("--n", type=int, help="number of samples (default: the spec's)")
     parser.add_argument("--seed", type=int, help="sampling seed (default: the spec's)")
     parser.add_argument("--progressive", action="store_true",
@@ -49,14 +97,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def sample_command(args: argparse.Namespace) -> int:
     from diffusers_kit.likelihood import decode, encode, slerp
-    from diffusers_kit.report import image_grid, scatter_plot
+    from diffusers_kit.report import columns_per_class, image_grid, scatter_plot
 
     for flag, value in (("--n", args.n), ("--interpolate", args.interpolate),
                         ("--pairs", args.pairs)):
         if value is not None and value < (0 if flag == "--interpolate" else 1):
             raise SpecError([SpecIssue((flag,), "a positive number", value, None,
                                        "command line")])
-    spec, components = load_run(args.run_dir, args.overrides, args.solver)
+    overrides = list(args.overrides) + conditioning_overrides(args.guidance, args.labels)
+    if args.n is not None:
+        overrides.append(f"sample.n={args.n}")  # labels are laid out for this many samples
+    spec, components = load_run(args.run_dir, overrides, args.solver)
     diffusion, dataset, solver = components.diffusion, components.dataset, components.solver
     if args.progressive:
         solver.keep_x0 = True  # every solver here takes keep_x0
@@ -67,16 +118,22 @@ def sample_command(args: argparse.Namespace) -> int:
     out = Path(args.run_dir) / "sampling" / f"{name}-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result = diffusion.sample(n, solver, seed=seed, batch_size=spec.sample.batch_size)
+    result = diffusion.sample(n, solver, seed=seed, batch_size=spec.sample.batch_size,
+                              guidance=components.guidance, labels=components.labels)
     seconds = time.perf_counter() - started
     samples = result.samples.float().cpu()
     image = dataset.modality == "image"
-    np.savez_compressed(out / "samples.npz", samples=samples.numpy(),
-                        display=dataset.to_display(samples).numpy())
-    picture = (image_grid(dataset.to_display(samples), spec.output.grid_columns) if image
+    arrays = {"samples": samples.numpy(), "display": dataset.to_display(samples).numpy()}
+    if result.labels is not None:
+        arrays["labels"] = result.labels.numpy()
+    np.savez_compressed(out / "samples.npz", **arrays)
+    columns = spec.output.grid_columns or columns_per_class(result.labels)
+    picture = (image_grid(dataset.to_display(samples), columns) if image
                else scatter_plot(samples, components.data.heldout))
     picture.save(out / "samples.png")
     info: dict = {"solver": components.resolved["sample"]["solver"], "n": n, "seed": seed,
+                  "guidance": components.resolved["sample"].get("guidance", []),
+                  "labels": spec.sample.labels,
                   "nfe": result.nfe, "nfe_per_sample_batch": result.nfe, "seconds": seconds}
     if args.progressive:
         # Diffusion.sample merges only trajectories across batches: draw the few progressive

@@ -20,9 +20,13 @@ class Metric:
 
     ``needs_samples``: False for metrics of the model alone (a likelihood, a classifier's
     held-out accuracy); those also run for a spec that only trains, with ``samples=None``.
+
+    ``uses_labels``: the metric judges class-conditional samples; the run passes the requested
+    class of each sample as ``labels=`` (None when the samples were drawn without labels).
     """
 
     needs_samples: bool = True
+    uses_labels: bool = False
 
     def evaluate(
         self,

@@ -56,6 +56,7 @@ class ClassAccuracy(FeatureMetric):
     """
 
     name = "class_accuracy"
+    uses_labels = True
 
     def __init__(self, features: TrainedModel, resamples: Resamples = 1000,
                  level: Level = 0.95) -> None:

@@ -18,13 +18,16 @@ class Network(torch.nn.Module):
     then ``v`` in [-1, 1] that interpolates the reverse-step log-variance between
     ``log beta~_t`` and ``log beta_t`` (Nichol & Dhariwal 2021, eq. 15).
     ``num_classes``: the network is class-conditional; label ``num_classes`` is the null class
-    (no label), which is what ``y=None`` means.
+    (no label), which is what ``y=None`` means. ``class_dropout``: how often the label was
+    replaced by the null class in training; only above 0 does the null class give the
+    unconditional prediction (what classifier-free guidance needs).
     """
 
     dkit_context = ("data_shape",)
     prediction: str = "eps"
     learned_variance: bool = False
     num_classes: int | None = None
+    class_dropout: float = 0.0
 
     def __init__(self, prediction: str = "eps", learned_variance: bool = False) -> None:
         super().__init__()

@@ -71,6 +71,7 @@ class MLP(Network):
         self.time = TimeEmbedding(embedding_dim, embedding, fourier_scale)
         e = self.time.out_dim
         self.num_classes = num_classes
+        self.class_dropout = class_dropout
         self.classes = (ClassEmbedding(num_classes, e, class_dropout)
                         if num_classes is not None else None)
         self.inp = nn.Linear(d, width)

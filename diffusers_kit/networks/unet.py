@@ -132,6 +132,7 @@ class UNet(Network):
         self.time = TimeEmbedding(channels)
         e = self.time.out_dim
         self.num_classes = num_classes
+        self.class_dropout = class_dropout
         self.classes = (ClassEmbedding(num_classes, e, class_dropout)
                         if num_classes is not None else None)
 

@@ -48,7 +48,8 @@ class SampleResult:
 
     ``nfe``: network evaluations; ``trajectory``: ``x`` at the recorded steps;
     ``x0_predictions``: the denoised estimates ``x0_hat`` at the same steps (a progressive-
-    generation figure, Ho et al. 2020, fig. 6); ``times``: the process time of each record.
+    generation figure, Ho et al. 2020, fig. 6); ``times``: the process time of each record;
+    ``labels``: the requested class of each sample (None when none were requested).
     """
 
     samples: torch.Tensor
@@ -56,6 +57,7 @@ class SampleResult:
     trajectory: list[torch.Tensor] = field(default_factory=list)
     x0_predictions: list[torch.Tensor] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
+    labels: torch.Tensor | None = None  # the class of each sample, when labels were requested
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -80,6 +80,17 @@ class SampleSection(Section):
     batch_size: Annotated[int | None, Field(ge=1, le=1_000_000, strict=True,
                                              description="default: all at once")] = None
     solver: component("solver")  # type: ignore[valid-type]
+    guidance: components("guidance") = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="guidance terms added to the model's prediction (they add up, in order)")
+    labels: Annotated[
+        Literal["all"] | Annotated[int, Field(ge=0, le=1_000_000, strict=True)]
+        | Annotated[list[Annotated[int, Field(ge=0, le=1_000_000, strict=True)]],
+                    Field(min_length=1, max_length=10_000)]
+        | None,
+        Field(description="classes to draw: 'all' (equal blocks per class, one grid row "
+                          "each), one class, or a list of classes (equal blocks); default: "
+                          "none (unconditional)")] = None
 
 
 class EvaluateSection(Section):

@@ -1,0 +1,23 @@
+"""Guidance terms (kind ``guidance``): classifier-free, classifier, and the base classes a
+plugin subclasses (see :mod:`diffusers_kit.guidance.base`)."""
+
+from diffusers_kit.guidance.base import (
+    Evaluate,
+    GradientGuidance,
+    Guidance,
+    Interval,
+    LabelsError,
+    add_score,
+    noise_level,
+    requested_labels,
+)
+from diffusers_kit.guidance.classifier import ClassifierGuidance
+from diffusers_kit.guidance.classifier_free import ClassifierFree
+
+REGISTER = [
+    ("guidance", "classifier_free", ClassifierFree),
+    ("guidance", "classifier", ClassifierGuidance),
+]
+
+__all__ = ["REGISTER", "ClassifierFree", "ClassifierGuidance", "Evaluate", "GradientGuidance",
+           "Guidance", "Interval", "LabelsError", "add_score", "noise_level", "requested_labels"]
