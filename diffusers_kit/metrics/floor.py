@@ -68,17 +68,21 @@ class RealSets:
 
 
 def real_sets(samples: torch.Tensor, data: DataSplits, generator: torch.Generator) -> RealSets:
-    """``n = min(samples, held-out, train)``: the first ``n`` samples, the first ``n`` held-out
-    examples (the reference) and ``n`` training examples drawn without replacement (for the
-    floor). The draw uses a fresh generator seeded like ``generator``: the same subset for every
-    metric of a run, whatever their order."""
+    """``n = min(samples, held-out, train)``: ``n`` samples, the first ``n`` held-out examples
+    (the reference) and ``n`` training examples drawn without replacement (for the floor).
+    When there are more samples than ``n``, the ``n`` are drawn without replacement too: samples
+    are often ordered (class-conditional ones in blocks of their label), and their first ``n``
+    would be a biased subset. The draws use a fresh generator seeded like ``generator``: the
+    same subsets for every metric of a run, whatever their order."""
     n = min(len(samples), len(data.heldout), len(data.train))
     if n < 2:
         raise ValueError(f"a distribution metric needs at least 2 samples and 2 held-out "
                          f"examples; there are {len(samples)} and {len(data.heldout)}")
     draw = torch.Generator().manual_seed(generator.initial_seed())
     index = torch.randperm(len(data.train), generator=draw)[:n]
-    return RealSets(samples[:n].detach().float().cpu(), data.heldout[:n].float().cpu(),
+    chosen = samples if len(samples) == n else samples[
+        torch.randperm(len(samples), generator=draw)[:n].sort().values.to(samples.device)]
+    return RealSets(chosen.detach().float().cpu(), data.heldout[:n].float().cpu(),
                     data.train[index].float().cpu(), n, index)
 
 
@@ -242,4 +246,24 @@ def summarize(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
         if "_n" in companions:
             text += f"  n={_number(companions['_n'])}"
         rows.append((key, text))
-    return rows
+    return _per_class_folded(rows)
+
+
+def _per_class_folded(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``name_0 .. name_K`` (a per-class table such as class_accuracy's) as one row
+    ``name per class: 0: v0  1: v1 ...`` right after ``name``'s own row."""
+    names = {key for key, _ in rows}
+    folded: dict[str, list[str]] = {}
+    kept: list[tuple[str, str]] = []
+    for key, text in rows:
+        stem, _, suffix = key.rpartition("_")
+        if stem in names and suffix.isdigit():
+            folded.setdefault(stem, []).append(f"{suffix}: {text}")
+        else:
+            kept.append((key, text))
+    out: list[tuple[str, str]] = []
+    for key, text in kept:
+        out.append((key, text))
+        if key in folded:
+            out.append((f"{key} per class", "  ".join(folded[key])))
+    return out
