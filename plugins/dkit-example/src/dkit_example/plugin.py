@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from diffusers_kit import hookimpl
 from dkit_example.components import Bars, MomentGap
+from dkit_example.guidance import Brightness
 
 
 @hookimpl
 def dkit_register(registry) -> None:  # type: ignore[no-untyped-def]
     registry.add("dataset", "bars", Bars)
     registry.add("metric", "moment_gap", MomentGap)
+    registry.add("guidance", "brightness", Brightness)
