@@ -1,0 +1,350 @@
+"""The guidance trade-off on the 8x8 digits: class accuracy and Fréchet distance against the
+guidance scale, for classifier-free guidance and for classifier guidance.
+
+    OMP_NUM_THREADS=1 python benchmarks/guidance_sweep.py --root runs \\
+        --cfg-run runs/cfg_digits/latest --cg-run runs/ddpm/latest \\
+        --classifier specs/classifier_digits.yaml [--n 500] [--only cfg|classifier] [--out docs]
+
+- classifier-free: the class-conditional model of a finished ``specs/cfg_digits.yaml`` run,
+  ``ClassifierFree(w)`` for w in 0, 1, 2, 3, 4, 8 (0: unconditional, 1: conditional);
+- classifier: the unconditional model of a finished ``specs/ddpm.yaml`` run, guided by the
+  noise-aware classifier ``--classifier`` (a spec, resolved under ``--root`` and trained there
+  first when no finished run has its hash, or a run folder), ``ClassifierGuidance(s)`` for
+  s in 0, 1, 2, 4, 8, 16 (0: unguided).
+
+Every setting draws ``--n`` samples with ``labels="all"`` (equal blocks of the ten digits) by
+DDIM (50 steps, x0 clipped to [-1, 1]) from the same seed, so sample ``i`` starts from the same
+noise at every scale. Metrics, in the feature space of ``--features`` (specs/features_digits.yaml
+by default, resolved under ``--root``): class accuracy (the fraction the feature network
+classifies as requested; its floor is the feature network's own held-out accuracy) and the
+Fréchet distance to the held-out digits (its floor: training vs held-out digits, same n), each
+with its 95 % bootstrap interval. FD compares ``min(n, held-out)`` samples, a seeded random
+subset (the metric draws it), so that the label-ordered samples are not cut short of the last
+digits.
+
+Writes, under ``--out`` (docs/ by default): ``guidance_tradeoff.png`` (one panel per guidance
+kind: class accuracy on the left axis, FD on the right, against the scale),
+``guidance_cfg_grid.png`` (rows w = 0, 1, 3, 8; one sample of each digit 0..9 per row) and
+``guidance_classifier_grid.png`` (rows s = 0, 1, 4, 16). The markdown table goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from diffusers_kit import Diffusion
+from diffusers_kit.data.base import Dataset, DataSplits
+from diffusers_kit.graph import open_run
+from diffusers_kit.guidance import ClassifierFree, ClassifierGuidance, Guidance
+from diffusers_kit.metrics import ClassAccuracy, FrechetDistance
+from diffusers_kit.pipeline import TrainedModel
+from diffusers_kit.report import image_grid
+from diffusers_kit.solvers import DDIM
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG_SCALES = (0.0, 1.0, 2.0, 3.0, 4.0, 8.0)
+CG_SCALES = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+CFG_GRID = (0.0, 1.0, 3.0, 8.0)
+CG_GRID = (0.0, 1.0, 4.0, 16.0)
+CLASSES = 10
+
+
+@dataclass
+class Point:
+    """One setting of a sweep: its scale, metrics, cost, and the samples drawn."""
+
+    scale: float
+    metrics: dict[str, float]
+    nfe: int
+    seconds: float
+    samples: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class Sweep:
+    key: str  # "cfg" or "classifier"
+    title: str
+    symbol: str  # "w" or "s"
+    points: list[Point]
+    grid: tuple[float, ...]
+    dataset: Dataset
+
+
+def evaluate(samples: torch.Tensor, labels: torch.Tensor, data: DataSplits,
+             accuracy: ClassAccuracy, fd: FrechetDistance, seed: int) -> dict[str, float]:
+    """Class accuracy (every sample, against its requested label) and FD (on a seeded random
+    subset of min(n, held-out) samples, drawn by the metric itself: see ``real_sets``)."""
+    out = accuracy.evaluate(samples, data, torch.Generator().manual_seed(seed), labels=labels)
+    out.update(fd.evaluate(samples, data, torch.Generator().manual_seed(seed)))
+    return out
+
+
+def sweep(diffusion: Diffusion, data: DataSplits, term: Callable[[float], Guidance],
+          scales: Sequence[float], args: argparse.Namespace, accuracy: ClassAccuracy,
+          fd: FrechetDistance, name: str) -> list[Point]:
+    solver = DDIM(steps=50, clip_x0=1.0)
+    points = []
+    for scale in scales:
+        started = time.perf_counter()
+        result = diffusion.sample(args.n, solver, seed=args.seed,
+                                  batch_size=args.batch_size or None,
+                                  guidance=[term(scale)], labels="all")
+        seconds = time.perf_counter() - started
+        samples = result.samples.float().cpu()
+        metrics = evaluate(samples, result.labels, data, accuracy, fd, args.seed)
+        points.append(Point(scale, metrics, result.nfe, seconds, samples, result.labels))
+        print(f"{name} {scale:g}: class accuracy {metrics['class_accuracy']:.3f}, "
+              f"fd {metrics['fd']:.3g}, {result.nfe} NFE, {seconds:.1f} s", flush=True)
+    return points
+
+
+# -- output ----------------------------------------------------------------------------------
+def interval(metrics: dict[str, float], key: str, digits: str) -> str:
+    value, low, high = (metrics[f"{key}{s}"] for s in ("", "_low", "_high"))
+    return f"{value:{digits}} [{low:{digits}}, {high:{digits}}]"
+
+
+def markdown(sweeps: list[Sweep], n: int) -> str:
+    lines = ["| guidance | scale | class accuracy [95 % CI] | FD [95 % CI] | NFE | time |",
+             "|---|---:|---|---|---:|---:|"]
+    for s in sweeps:
+        for p in s.points:
+            lines.append(f"| {s.title} | {s.symbol} = {p.scale:g} | "
+                         f"{interval(p.metrics, 'class_accuracy', '.3f')} | "
+                         f"{interval(p.metrics, 'fd', '.2f')} | {p.nfe} | {p.seconds:.0f} s |")
+    lines.append("")
+    for s in sweeps:
+        m = s.points[0].metrics
+        lines.append(
+            f"Floors ({s.title}; n = {n} samples, FD on {int(m['fd_n'])}): class accuracy of "
+            f"the feature network on held-out digits {interval(m, 'class_accuracy_floor', '.3f')}"
+            f"; FD training vs held-out digits {interval(m, 'fd_floor', '.2f')}.")
+    return "\n".join(lines)
+
+
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
+
+def font(size: int) -> Font:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # an old Pillow, or no FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+BLUE, ORANGE, GREY = (31, 119, 180), (255, 127, 14), (200, 200, 200)
+
+
+def text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], words: str, face: Font,
+         anchor: str, fill: tuple[int, int, int] = (0, 0, 0)) -> None:
+    """``words`` placed by ``anchor`` (l/m/r horizontally, t/m/b vertically) at ``xy``."""
+    left, top, right, bottom = draw.textbbox((0, 0), words, font=face)
+    w, h = right - left, bottom - top
+    x = xy[0] - {"l": 0, "m": w / 2, "r": w}[anchor[0]] - left
+    y = xy[1] - {"t": 0, "m": h / 2, "b": h}[anchor[1]] - top
+    draw.text((x, y), words, fill=fill, font=face)
+
+
+def vertical_text(image: Image.Image, centre: tuple[float, float], words: str, face: Font,
+                  fill: tuple[int, int, int]) -> None:
+    probe = ImageDraw.Draw(image)
+    left, top, right, bottom = probe.textbbox((0, 0), words, font=face)
+    strip = Image.new("RGBA", (right - left + 4, bottom - top + 4), (255, 255, 255, 0))
+    ImageDraw.Draw(strip).text((2 - left, 2 - top), words, fill=fill, font=face)
+    strip = strip.rotate(90, expand=True)
+    image.paste(strip, (int(centre[0] - strip.width / 2), int(centre[1] - strip.height / 2)),
+                strip)
+
+
+def dashed(draw: ImageDraw.ImageDraw, y: float, x0: float, x1: float,
+           fill: tuple[int, int, int], dash: int = 6) -> None:
+    x = x0
+    while x < x1:
+        draw.line([x, y, min(x + dash, x1), y], fill=fill, width=1)
+        x += 2 * dash
+
+
+def nice_ticks(top: float) -> list[float]:
+    """About five round ticks from 0 to at least ``top``."""
+    top = max(top, 1e-9)
+    raw = top / 5
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if m * step >= raw)
+    return [k * step for k in range(math.ceil(top / step - 1e-9) + 1)]
+
+
+def panel(s: Sweep, size: tuple[int, int], fd_ticks: list[float]) -> Image.Image:
+    """Class accuracy (left axis, blue) and FD (right axis, orange, ticks ``fd_ticks``) against
+    the scale (evenly spaced), with 95 % intervals and dashed floors."""
+    width, height = size
+    left, right, top, bottom = 70, 70, 44, 92
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    small, normal, large = font(12), font(14), font(16)
+    x0, x1, y0, y1 = left, width - right, top, height - bottom
+    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+    text(draw, ((x0 + x1) / 2, 10), s.title, large, "mt")
+
+    k = len(s.points)
+    xs = [x0 + (i + 0.5) * (x1 - x0) / k for i in range(k)]
+    fd_top = fd_ticks[-1]
+
+    def acc_y(v: float) -> float:
+        return y1 - v * (y1 - y0)
+
+    def fd_y(v: float) -> float:
+        return y1 - v / fd_top * (y1 - y0)
+
+    for v in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        draw.line([x0, acc_y(v), x1, acc_y(v)], fill=(235, 235, 235))
+        text(draw, (x0 - 6, acc_y(v)), f"{v:.1f}", small, "rm", BLUE)
+    for v in fd_ticks:
+        draw.line([x1, fd_y(v), x1 + 5, fd_y(v)], fill=ORANGE)
+        text(draw, (x1 + 8, fd_y(v)), f"{v:g}", small, "lm", ORANGE)
+    for x, p in zip(xs, s.points, strict=True):
+        draw.line([x, y1, x, y1 + 5], fill=(0, 0, 0))
+        text(draw, (x, y1 + 8), f"{p.scale:g}", normal, "mt")
+    text(draw, ((x0 + x1) / 2, y1 + 28), f"guidance scale {s.symbol} (evenly spaced)", normal,
+         "mt")
+    vertical_text(image, (16, (y0 + y1) / 2), "class accuracy", normal, BLUE)
+    vertical_text(image, (width - 14, (y0 + y1) / 2), "Frechet distance (FD)", normal,
+                  ORANGE)
+
+    m = s.points[0].metrics
+    dashed(draw, acc_y(m["class_accuracy_floor"]), x0, x1, BLUE)
+    if m["fd_floor"] <= fd_top:
+        dashed(draw, fd_y(m["fd_floor"]), x0, x1, ORANGE)
+    for key, to_y, colour, above in (("class_accuracy", acc_y, BLUE, True),
+                                     ("fd", fd_y, ORANGE, False)):
+        pixels = [(x, to_y(p.metrics[key])) for x, p in zip(xs, s.points, strict=True)]
+        draw.line(pixels, fill=colour, width=2)
+        for (x, y), p in zip(pixels, s.points, strict=True):
+            low, high = to_y(p.metrics[f"{key}_low"]), to_y(p.metrics[f"{key}_high"])
+            if math.isfinite(low) and math.isfinite(high):
+                draw.line([x, low, x, high], fill=colour, width=1)
+                draw.line([x - 4, low, x + 4, low], fill=colour)
+                draw.line([x - 4, high, x + 4, high], fill=colour)
+            if key == "fd":
+                draw.rectangle([x - 4, y - 4, x + 4, y + 4], fill=colour)
+            else:
+                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+            value = f"{p.metrics[key]:.2f}" if key == "class_accuracy" else f"{p.metrics[key]:.3g}"
+            label_y = min(y, high) - 4 if above else max(y, low) + 4
+            text(draw, (x + 6, label_y), value, small, "lb" if above else "lt", colour)
+
+    legend_y = height - 30
+    entries = [("class accuracy", BLUE, "dot"), ("FD", ORANGE, "square"),
+               ("floors (real digits)", GREY, "dash")]
+    x = x0
+    for label, colour, mark in entries:
+        if mark == "dot":
+            draw.ellipse([x, legend_y - 4, x + 8, legend_y + 4], fill=colour)
+        elif mark == "square":
+            draw.rectangle([x, legend_y - 4, x + 8, legend_y + 4], fill=colour)
+        else:
+            dashed(draw, legend_y - 3, x - 4, x + 14, BLUE, dash=4)
+            dashed(draw, legend_y + 3, x - 4, x + 14, ORANGE, dash=4)
+        text(draw, (x + 18, legend_y), label, normal, "lm")
+        x += 40 + draw.textbbox((0, 0), label, font=normal)[2]
+    return image
+
+
+def tradeoff_plot(sweeps: list[Sweep], path: Path) -> None:
+    """One panel per sweep, side by side, on a common FD axis (so the panels compare)."""
+    size = (600, 440)
+    top = max(max(p.metrics["fd_high"], p.metrics["fd"], p.metrics["fd_floor"])
+              for s in sweeps for p in s.points if math.isfinite(p.metrics["fd_high"]))
+    fd_ticks = nice_ticks(top * 1.05)
+    image = Image.new("RGB", (size[0] * len(sweeps), size[1]), "white")
+    for i, s in enumerate(sweeps):
+        image.paste(panel(s, size, fd_ticks), (i * size[0], 0))
+    image.save(path)
+
+
+def sample_grid(s: Sweep, path: Path) -> None:
+    """One row per scale in ``s.grid``, one column per digit (the first sample drawn for it):
+    sample ``i`` starts from the same noise in every row."""
+    by_scale = {p.scale: p for p in s.points}
+    rows = []
+    for scale in s.grid:
+        p = by_scale[scale]
+        first = [int((p.labels == c).nonzero()[0]) for c in range(CLASSES)]
+        rows.append(p.samples[first])
+    tiles = image_grid(s.dataset.to_display(torch.cat(rows)), CLASSES).convert("RGB")
+    cell = (tiles.height - 2) / len(s.grid)
+    margin, header = 70, 22
+    image = Image.new("RGB", (tiles.width + margin, tiles.height + header), "white")
+    image.paste(tiles, (margin, header))
+    draw = ImageDraw.Draw(image)
+    face = font(14)
+    width = (tiles.width - 2) / CLASSES
+    for c in range(CLASSES):
+        text(draw, (margin + 1 + (c + 0.5) * width, header / 2), str(c), face, "mm")
+    for r, scale in enumerate(s.grid):
+        text(draw, (margin - 8, header + 1 + (r + 0.5) * cell), f"{s.symbol} = {scale:g}", face,
+             "rm")
+    image.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="runs",
+                        help="where referenced specs (features, classifier) are built")
+    parser.add_argument("--cfg-run", default="runs/cfg_digits/latest",
+                        help="a finished run of specs/cfg_digits.yaml")
+    parser.add_argument("--cg-run", default="runs/ddpm/latest",
+                        help="a finished run of an unconditional model (specs/ddpm.yaml)")
+    parser.add_argument("--classifier", default="specs/classifier_digits.yaml",
+                        help="the noise-aware classifier: a spec or a run folder")
+    parser.add_argument("--features", default=str(ROOT / "specs" / "features_digits.yaml"),
+                        help="the metrics' feature network: a spec or a run folder")
+    parser.add_argument("--only", choices=("cfg", "classifier"), default=None)
+    parser.add_argument("--n", type=int, default=500, help="samples per setting")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=0, help="sampling batch (0: all)")
+    parser.add_argument("--out", default=str(ROOT / "docs"), help="where the pictures go")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.n < 2 * CLASSES:
+        parser.error(f"--n must be at least {2 * CLASSES}")
+
+    features = TrainedModel.resolve(args.features, root=args.root)
+    accuracy, fd = ClassAccuracy(features), FrechetDistance(features)
+    sweeps: list[Sweep] = []
+    if args.only in (None, "cfg"):
+        _, run = open_run(args.cfg_run)
+        points = sweep(run.diffusion, run.data, lambda w: ClassifierFree(scale=w), CFG_SCALES,
+                       args, accuracy, fd, "classifier-free w")
+        sweeps.append(Sweep("cfg", "classifier-free guidance", "w", points, CFG_GRID,
+                            run.dataset))
+    if args.only in (None, "classifier"):
+        classifier = TrainedModel.resolve(args.classifier, root=args.root)
+        _, run = open_run(args.cg_run)
+        points = sweep(run.diffusion, run.data,
+                       lambda s: ClassifierGuidance(classifier, scale=s), CG_SCALES, args,
+                       accuracy, fd, "classifier s")
+        sweeps.append(Sweep("classifier", "classifier guidance", "s", points, CG_GRID,
+                            run.dataset))
+
+    print()
+    print(markdown(sweeps, args.n))
+    tradeoff_plot(sweeps, out / "guidance_tradeoff.png")
+    for s in sweeps:
+        sample_grid(s, out / f"guidance_{s.key}_grid.png")
+    print(f"\nwrote {out / 'guidance_tradeoff.png'} and the sample grids "
+          + ", ".join(str(out / f"guidance_{s.key}_grid.png") for s in sweeps))
+
+
+if __name__ == "__main__":
+    main()
