@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from diffusers_kit import (
     data,
+    forward_models,
     guidance,
     metrics,
     networks,
@@ -29,11 +30,14 @@ KINDS = {
     "corrector": (solvers.Corrector, "Correctors of predictor-corrector sampling."),
     "guidance": (guidance.Guidance, "Guidance terms added to the model's prediction when "
                  "sampling: classifier-free, classifier, measurement terms."),
+    "forward_model": (forward_models.ForwardModel, "Measurement operators y = A(x) + noise for "
+                      "inverse problems."),
     "metric": (metrics.Metric, "Sample-quality metrics."),
     "optimizer": (optim.Optimizer, "Optimizers."),
 }
 
-PACKAGES = (data, processes, networks, objectives, solvers, guidance, metrics, optim)
+PACKAGES = (data, processes, networks, objectives, solvers, guidance, forward_models, metrics,
+            optim)
 
 
 @hookimpl

@@ -257,10 +257,10 @@ class Registry:
             sub = component.nested.get(key)
             if sub is None or value is None:
                 kwargs[key] = value
-            elif sub.many:
-                kwargs[key] = [self.build(sub.kind, item) for item in value]
+            elif sub.many:  # nested components get the same context (e.g. data_shape)
+                kwargs[key] = [self.build(sub.kind, item, **context) for item in value]
             else:
-                kwargs[key] = self.build(sub.kind, value)
+                kwargs[key] = self.build(sub.kind, value, **context)
         validated = component.params.model_validate(
             {k: v for k, v in kwargs.items() if k not in component.nested}
         )

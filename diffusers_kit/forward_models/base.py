@@ -1,0 +1,234 @@
+"""Forward models (kind ``forward_model``): measurement operators ``y = A(x) + sigma_y * n``.
+
+One protocol serves every inverse-problem method: the same object simulates the measurement
+``y`` and computes every conditioning term (DPS, ΠGDM, DDRM, replacement), so the operator used
+to measure is the operator used to restore (Chung et al. 2023's reference code drew them apart).
+
+**Shapes.** ``x`` is a batch ``(B, *data_shape)``, ``y`` a batch ``(B, *measurement_shape)``.
+``d = prod(data_shape)``, ``m = prod(measurement_shape)``. Every method is batched, differentiable
+(DPS back-propagates through ``A``) and runs on the input's device and dtype; the tables behind
+an operator (masks, matrices, SVDs) are computed once at construction in float64 on the CPU and
+moved lazily, once per (device, dtype).
+
+**Noise.** ``y = A(x) + sigma_y * n`` with ``n ~ N(0, I_m)``: ``sigma_y`` is in *data units*
+(the units of ``x``; DPS's reference code documented one scale and applied another).
+
+**SVD** (the convention of Kawar et al. 2022, DDRM, sec. 3 / app. A; also ΠGDM, Song et al.
+2023). ``A = U diag(s) V^T`` with ``U`` (m×m) and ``V`` (d×d) orthogonal, applied as operators on
+flattened vectors:
+
+- ``Vt(x)``: ``(B, *data_shape) -> (B, d)``, the spectral coordinates ``V^T x``;
+- ``V(z)``: ``(B, d) -> (B, *data_shape)``, with ``V(Vt(x)) == x`` and ``Vt(V(z)) == z``;
+- ``Ut(y)``: ``(B, *measurement_shape) -> (B, m)``; ``U(z)``: ``(B, m) -> (B, *measurement_shape)``;
+- ``singulars()``: ``s``, shape ``(r,)`` with ``r <= min(m, d)``, paired with the *first* ``r``
+  coordinates of ``Vt(x)`` and of ``Ut(y)``. Every singular value of index ``>= r`` is exactly
+  zero, so ``A(x) == U(pad_m(s * Vt(x)[:, :r]))`` where ``pad_m`` appends ``m - r`` zeros, and
+  ``A_adjoint(y) == V(pad_d(s * Ut(y)[:, :r]))``. ``r = m`` exactly when the operator has full
+  row rank by construction (inpaint: the kept pixels; colorize: ``H*W``; super-resolution:
+  ``d / k^2``; blur and denoise: ``d``); ``matrix`` returns all ``min(m, d)`` values of
+  ``torch.linalg.svd``. The values are >= 0, not necessarily sorted, and may be tiny (blur) or
+  zero (a rank-deficient ``matrix``): treat them with a cutoff, as :meth:`pinv` does.
+
+**Pseudo-inverse.** ``A^+ y = V(pad_d(s^+ * Ut(y)[:, :r]))`` with ``s_i^+ = 1 / s_i`` when
+``s_i > rcond * max(s)`` and 0 otherwise; ``rcond`` is ``pinv_rcond`` when set, else
+``max(m, d) * eps(dtype)`` (the rule of ``numpy.linalg.matrix_rank`` / ``torch.linalg.pinv``), so
+``A(pinv(A(x))) == A(x)`` to working precision. Operators with a closed form override it.
+
+A third-party operator subclasses :class:`ForwardModel`, takes ``sigma_y`` and a keyword
+``data_shape`` (supplied by the run graph: ``dkit_context``), sets ``measurement_shape``, and
+implements either the SVD (then ``A``, ``A_adjoint`` and ``pinv`` come for free) or ``A`` and
+``A_adjoint`` (then ``pinv`` falls back on the dense matrix for small data).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import torch
+from pydantic import Field
+
+SigmaY = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+"""Standard deviation of the Gaussian measurement noise, in data units."""
+
+DENSE_LIMIT = 4096
+"""Largest ``d`` (and ``m``) for which a dense ``(m, d)`` matrix is built."""
+
+
+class ForwardModel:
+    """Base class of measurement operators ``y = A(x) + sigma_y * n`` (see the module doc).
+
+    Subclasses set ``measurement_shape`` and register their tables with :meth:`keep`; the
+    protocol methods are ``A``, ``A_adjoint``, ``pinv``, ``simulate``, ``singulars``, ``Vt``,
+    ``V``, ``Ut``, ``U`` and the test helper ``matrix``.
+    """
+
+    dkit_context = ("data_shape",)
+    sigma_y: float = 0.0
+    data_shape: tuple[int, ...]
+    measurement_shape: tuple[int, ...]
+    pinv_rcond: float | None = None
+    """Relative cutoff of :meth:`pinv`; ``None``: ``max(m, d) * eps(dtype)``."""
+
+    def __init__(self, sigma_y: float = 0.0, *, data_shape: tuple[int, ...]) -> None:
+        if data_shape is None:
+            raise ValueError(f"{type(self).__name__} needs the data shape")
+        shape = tuple(int(s) for s in data_shape)
+        if not shape or any(s < 1 for s in shape):
+            raise ValueError(f"data_shape must be a non-empty shape of positive sizes, given "
+                             f"{tuple(data_shape)}")
+        sigma_y = float(sigma_y)
+        if not (math.isfinite(sigma_y) and sigma_y >= 0):
+            raise ValueError(f"sigma_y: expected a finite standard deviation >= 0 (data units), "
+                             f"given {sigma_y}")
+        self.data_shape = shape
+        self.measurement_shape = shape
+        self.sigma_y = sigma_y
+        self._tables: dict[str, torch.Tensor] = {}
+        self._moved: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    # -- sizes -----------------------------------------------------------------------------
+    @property
+    def d(self) -> int:
+        """Number of entries of one ``x``."""
+        return math.prod(self.data_shape)
+
+    @property
+    def m(self) -> int:
+        """Number of entries of one ``y``."""
+        return math.prod(self.measurement_shape)
+
+    @property
+    def has_svd(self) -> bool:
+        """Whether this operator implements the SVD (``singulars``, ``U``, ``V``...)."""
+        return type(self).singulars is not ForwardModel.singulars
+
+    # -- tables: computed once, moved lazily -----------------------------------------------
+    def keep(self, name: str, table: torch.Tensor) -> torch.Tensor:
+        """Store a table (float64 or integer, on the CPU) for :meth:`table`."""
+        table = table.detach().cpu()
+        self._tables[name] = table
+        self._moved = {k: v for k, v in self._moved.items() if k[0] != name}
+        return table
+
+    def table(self, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Table ``name`` on ``like``'s device and (for floating tables) dtype; cached."""
+        master = self._tables[name]
+        if like is None:
+            return master
+        dtype = like.dtype if master.is_floating_point() else master.dtype
+        key = (name, like.device, dtype)
+        moved = self._moved.get(key)
+        if moved is None:
+            moved = master.to(device=like.device, dtype=dtype)
+            self._moved[key] = moved
+        return moved
+
+    def check(self, x: torch.Tensor, shape: tuple[int, ...], what: str) -> int:
+        """The batch size of ``x``, after checking that it is ``(B, *shape)``."""
+        if tuple(x.shape[1:]) != tuple(shape) or x.dim() != len(shape) + 1:
+            raise ValueError(f"{type(self).__name__}: expected {what} of shape (B, "
+                             f"{', '.join(map(str, shape))}), given {tuple(x.shape)}")
+        return x.shape[0]
+
+    @staticmethod
+    def pad(z: torch.Tensor, n: int) -> torch.Tensor:
+        """``z`` ``(B, r)`` followed by ``n - r`` zeros: ``(B, n)``."""
+        return torch.nn.functional.pad(z, (0, n - z.shape[1]))
+
+    # -- the operator ----------------------------------------------------------------------
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x``: ``(B, *data_shape) -> (B, *measurement_shape)``. Default: via the SVD."""
+        z = self.Vt(x)
+        s = self.singulars(like=z)
+        return self.U(self.pad(s * z[:, : s.numel()], self.m))
+
+    def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """The true adjoint ``A^T y`` (``<A x, y> = <x, A^T y>``). Default: via the SVD."""
+        z = self.Ut(y)
+        s = self.singulars(like=z)
+        return self.V(self.pad(s * z[:, : s.numel()], self.d))
+
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
+        """Moore-Penrose pseudo-inverse ``A^+ y`` via the SVD, with the cutoff of the module
+        doc; without an SVD, through the dense matrix (small data only)."""
+        if not self.has_svd:
+            self.check(y, self.measurement_shape, "a measurement")
+            if "dense_pinv" not in self._tables:
+                self.keep("dense_pinv", torch.linalg.pinv(self.matrix()))
+            flat = y.reshape(y.shape[0], self.m) @ self.table("dense_pinv", y).T
+            return flat.reshape(y.shape[0], *self.data_shape)
+        z = self.Ut(y)
+        s = self.singulars(like=z)
+        rcond = self.pinv_rcond
+        if rcond is None:
+            rcond = max(self.m, self.d) * torch.finfo(z.dtype).eps
+        largest = s.max() if s.numel() else s.new_zeros(())
+        keep = s > rcond * largest
+        inverse = torch.where(keep, 1 / torch.where(keep, s, torch.ones_like(s)),
+                              torch.zeros_like(s))
+        return self.V(self.pad(inverse * z[:, : s.numel()], self.d))
+
+    def simulate(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A measurement ``y = A(x) + sigma_y * n``, ``n ~ N(0, I)`` (drawn with ``generator``,
+        which must live on ``x``'s device)."""
+        y = self.A(x)
+        if self.sigma_y == 0:
+            return y
+        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        return y + self.sigma_y * noise
+
+    # -- the SVD (optional) ----------------------------------------------------------------
+    def _no_svd(self) -> NotImplementedError:
+        return NotImplementedError(f"{type(self).__name__} does not implement the SVD")
+
+    def singulars(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The singular values ``s``, shape ``(r,)``, ``r <= min(m, d)``; on ``like``'s device
+        and dtype when given (else the float64 CPU table)."""
+        raise self._no_svd()
+
+    def Vt(self, x: torch.Tensor) -> torch.Tensor:
+        """Spectral coordinates ``V^T x``: ``(B, *data_shape) -> (B, d)``."""
+        raise self._no_svd()
+
+    def V(self, z: torch.Tensor) -> torch.Tensor:
+        """``V z``: ``(B, d) -> (B, *data_shape)``; ``V(Vt(x)) == x``."""
+        raise self._no_svd()
+
+    def Ut(self, y: torch.Tensor) -> torch.Tensor:
+        """``U^T y``: ``(B, *measurement_shape) -> (B, m)``."""
+        raise self._no_svd()
+
+    def U(self, z: torch.Tensor) -> torch.Tensor:
+        """``U z``: ``(B, m) -> (B, *measurement_shape)``."""
+        raise self._no_svd()
+
+    # -- for tests and small data ----------------------------------------------------------
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense ``(m, d)`` matrix of ``A``, built by applying ``A`` to the identity
+        (small data only: ``d`` and ``m`` at most :data:`DENSE_LIMIT`)."""
+        if self.d > DENSE_LIMIT or self.m > DENSE_LIMIT:
+            raise ValueError(f"{type(self).__name__}.matrix() is for small data (d, m <= "
+                             f"{DENSE_LIMIT}); here d = {self.d}, m = {self.m}")
+        eye = torch.eye(self.d, dtype=dtype).reshape(self.d, *self.data_shape)
+        return self.A(eye).reshape(self.d, self.m).T.contiguous()
+
+    def describe(self) -> str:
+        """One line for logs: the operator, its shapes and its noise."""
+        return (f"{type(self).__name__}: {self.data_shape} -> {self.measurement_shape}, "
+                f"sigma_y = {self.sigma_y:g}")
+
+    def __repr__(self) -> str:
+        return f"<{self.describe()}>"
+
+
+def image_shape(name: str, data_shape: tuple[int, ...], channels: int | None = None
+                ) -> tuple[int, int, int]:
+    """``(C, H, W)`` of image data, or a ValueError naming what ``name`` needs."""
+    shape = tuple(int(s) for s in data_shape)
+    if len(shape) != 3 or (channels is not None and shape[0] != channels):
+        need = f"{channels}-channel images (C, H, W) with C = {channels}" if channels else \
+            "images of shape (C, H, W)"
+        raise ValueError(f"{name} needs {need}; this data set's examples have shape {shape}")
+    c, h, w = shape
+    return c, h, w
