@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from diffusers_kit import Diffusion
 from diffusers_kit.data.base import Dataset, DataSplits
@@ -46,7 +46,7 @@ from diffusers_kit.graph import open_run
 from diffusers_kit.guidance import ClassifierFree, ClassifierGuidance, Guidance
 from diffusers_kit.metrics import ClassAccuracy, FrechetDistance
 from diffusers_kit.pipeline import TrainedModel
-from diffusers_kit.report import image_grid
+from diffusers_kit.report import Series, draw_text, font, image_grid, metric_plot, nice_ticks
 from diffusers_kit.solvers import DDIM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,131 +131,22 @@ def markdown(sweeps: list[Sweep], n: int) -> str:
     return "\n".join(lines)
 
 
-Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
-
-
-def font(size: int) -> Font:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # an old Pillow, or no FreeType: the small bitmap font
-        return ImageFont.load_default()
-
-
-BLUE, ORANGE, GREY = (31, 119, 180), (255, 127, 14), (200, 200, 200)
-
-
-def text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], words: str, face: Font,
-         anchor: str, fill: tuple[int, int, int] = (0, 0, 0)) -> None:
-    """``words`` placed by ``anchor`` (l/m/r horizontally, t/m/b vertically) at ``xy``."""
-    left, top, right, bottom = draw.textbbox((0, 0), words, font=face)
-    w, h = right - left, bottom - top
-    x = xy[0] - {"l": 0, "m": w / 2, "r": w}[anchor[0]] - left
-    y = xy[1] - {"t": 0, "m": h / 2, "b": h}[anchor[1]] - top
-    draw.text((x, y), words, fill=fill, font=face)
-
-
-def vertical_text(image: Image.Image, centre: tuple[float, float], words: str, face: Font,
-                  fill: tuple[int, int, int]) -> None:
-    probe = ImageDraw.Draw(image)
-    left, top, right, bottom = probe.textbbox((0, 0), words, font=face)
-    strip = Image.new("RGBA", (right - left + 4, bottom - top + 4), (255, 255, 255, 0))
-    ImageDraw.Draw(strip).text((2 - left, 2 - top), words, fill=fill, font=face)
-    strip = strip.rotate(90, expand=True)
-    image.paste(strip, (int(centre[0] - strip.width / 2), int(centre[1] - strip.height / 2)),
-                strip)
-
-
-def dashed(draw: ImageDraw.ImageDraw, y: float, x0: float, x1: float,
-           fill: tuple[int, int, int], dash: int = 6) -> None:
-    x = x0
-    while x < x1:
-        draw.line([x, y, min(x + dash, x1), y], fill=fill, width=1)
-        x += 2 * dash
-
-
-def nice_ticks(top: float) -> list[float]:
-    """About five round ticks from 0 to at least ``top``."""
-    top = max(top, 1e-9)
-    raw = top / 5
-    step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 2.5, 5, 10) if m * step >= raw)
-    return [k * step for k in range(math.ceil(top / step - 1e-9) + 1)]
-
-
 def panel(s: Sweep, size: tuple[int, int], fd_ticks: list[float]) -> Image.Image:
-    """Class accuracy (left axis, blue) and FD (right axis, orange, ticks ``fd_ticks``) against
-    the scale (evenly spaced), with 95 % intervals and dashed floors."""
-    width, height = size
-    left, right, top, bottom = 70, 70, 44, 92
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    small, normal, large = font(12), font(14), font(16)
-    x0, x1, y0, y1 = left, width - right, top, height - bottom
-    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    text(draw, ((x0 + x1) / 2, 10), s.title, large, "mt")
+    """Class accuracy (left axis) and FD (right axis, ticks ``fd_ticks``) against the scale
+    (evenly spaced), with 95 % intervals and dashed floors (``report.metric_plot``)."""
+    def series(key: str, name: str, **style: object) -> Series:
+        points = [p.metrics for p in s.points]
+        return Series(name, [m[key] for m in points], [m[f"{key}_low"] for m in points],
+                      [m[f"{key}_high"] for m in points], points[0][f"{key}_floor"],
+                      **style)  # type: ignore[arg-type]
 
-    k = len(s.points)
-    xs = [x0 + (i + 0.5) * (x1 - x0) / k for i in range(k)]
-    fd_top = fd_ticks[-1]
-
-    def acc_y(v: float) -> float:
-        return y1 - v * (y1 - y0)
-
-    def fd_y(v: float) -> float:
-        return y1 - v / fd_top * (y1 - y0)
-
-    for v in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
-        draw.line([x0, acc_y(v), x1, acc_y(v)], fill=(235, 235, 235))
-        text(draw, (x0 - 6, acc_y(v)), f"{v:.1f}", small, "rm", BLUE)
-    for v in fd_ticks:
-        draw.line([x1, fd_y(v), x1 + 5, fd_y(v)], fill=ORANGE)
-        text(draw, (x1 + 8, fd_y(v)), f"{v:g}", small, "lm", ORANGE)
-    for x, p in zip(xs, s.points, strict=True):
-        draw.line([x, y1, x, y1 + 5], fill=(0, 0, 0))
-        text(draw, (x, y1 + 8), f"{p.scale:g}", normal, "mt")
-    text(draw, ((x0 + x1) / 2, y1 + 28), f"guidance scale {s.symbol} (evenly spaced)", normal,
-         "mt")
-    vertical_text(image, (16, (y0 + y1) / 2), "class accuracy", normal, BLUE)
-    vertical_text(image, (width - 14, (y0 + y1) / 2), "Frechet distance (FD)", normal,
-                  ORANGE)
-
-    m = s.points[0].metrics
-    dashed(draw, acc_y(m["class_accuracy_floor"]), x0, x1, BLUE)
-    if m["fd_floor"] <= fd_top:
-        dashed(draw, fd_y(m["fd_floor"]), x0, x1, ORANGE)
-    for key, to_y, colour, above in (("class_accuracy", acc_y, BLUE, True),
-                                     ("fd", fd_y, ORANGE, False)):
-        pixels = [(x, to_y(p.metrics[key])) for x, p in zip(xs, s.points, strict=True)]
-        draw.line(pixels, fill=colour, width=2)
-        for (x, y), p in zip(pixels, s.points, strict=True):
-            low, high = to_y(p.metrics[f"{key}_low"]), to_y(p.metrics[f"{key}_high"])
-            if math.isfinite(low) and math.isfinite(high):
-                draw.line([x, low, x, high], fill=colour, width=1)
-                draw.line([x - 4, low, x + 4, low], fill=colour)
-                draw.line([x - 4, high, x + 4, high], fill=colour)
-            if key == "fd":
-                draw.rectangle([x - 4, y - 4, x + 4, y + 4], fill=colour)
-            else:
-                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-            value = f"{p.metrics[key]:.2f}" if key == "class_accuracy" else f"{p.metrics[key]:.3g}"
-            label_y = min(y, high) - 4 if above else max(y, low) + 4
-            text(draw, (x + 6, label_y), value, small, "lb" if above else "lt", colour)
-
-    legend_y = height - 30
-    entries = [("class accuracy", BLUE, "dot"), ("FD", ORANGE, "square"),
-               ("floors (real digits)", GREY, "dash")]
-    x = x0
-    for label, colour, mark in entries:
-        if mark == "dot":
-            draw.ellipse([x, legend_y - 4, x + 8, legend_y + 4], fill=colour)
-        elif mark == "square":
-            draw.rectangle([x, legend_y - 4, x + 8, legend_y + 4], fill=colour)
-        else:
-            dashed(draw, legend_y - 3, x - 4, x + 14, BLUE, dash=4)
-            dashed(draw, legend_y + 3, x - 4, x + 14, ORANGE, dash=4)
-        text(draw, (x + 18, legend_y), label, normal, "lm")
-        x += 40 + draw.textbbox((0, 0), label, font=normal)[2]
-    return image
+    return metric_plot(
+        [f"{p.scale:g}" for p in s.points],
+        [series("class_accuracy", "class accuracy", axis="left", digits=".2f"),
+         series("fd", "FD", axis="right", title="Frechet distance (FD)", digits=".3g")],
+        s.title, f"guidance scale {s.symbol} (evenly spaced)", size=size,
+        ticks={"left": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], "right": fd_ticks},
+        floor_label="floors (real digits)")
 
 
 def tradeoff_plot(sweeps: list[Sweep], path: Path) -> None:
@@ -288,10 +179,10 @@ def sample_grid(s: Sweep, path: Path) -> None:
     face = font(14)
     width = (tiles.width - 2) / CLASSES
     for c in range(CLASSES):
-        text(draw, (margin + 1 + (c + 0.5) * width, header / 2), str(c), face, "mm")
+        draw_text(draw, (margin + 1 + (c + 0.5) * width, header / 2), str(c), face, "mm")
     for r, scale in enumerate(s.grid):
-        text(draw, (margin - 8, header + 1 + (r + 0.5) * cell), f"{s.symbol} = {scale:g}", face,
-             "rm")
+        draw_text(draw, (margin - 8, header + 1 + (r + 0.5) * cell), f"{s.symbol} = {scale:g}",
+                  face, "rm")
     image.save(path)
 
 

@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +26,11 @@ import yaml
 from rich.console import Console
 
 from diffusers_kit.spec.errors import SpecError, SpecIssue
+
+if TYPE_CHECKING:
+    from diffusers_kit.graph import Components
+    from diffusers_kit.solvers.base import SampleResult
+    from diffusers_kit.spec.models import Spec
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | None = None,
@@ -71,6 +79,50 @@ def conditioning_overrides(guidance: list[str] | None, labels: str | None) -> li
     return overrides
 
 
+@dataclass
+class Drawn:
+    """What :func:`draw_samples` drew: the solver's result, its samples on the CPU, the sampling
+    time and the facts ``sampling.json`` records."""
+
+    result: SampleResult
+    samples: torch.Tensor
+    seconds: float
+    info: dict[str, Any]
+
+
+def draw_samples(spec: Spec, components: Components, out: Path, n: int, seed: int, *,
+                 stem: str = "samples",
+                 progress: Callable[[int], None] | None = None) -> Drawn:
+    """Draw ``n`` samples of a loaded run (``load_run``) as ``dkit sample`` does: its solver,
+    guidance and labels, from ``seed``; write ``out/<stem>.npz`` (samples, display, labels)
+    and ``out/<stem>.png`` (an image grid, or a scatter over the held-out data).
+    ``progress(k)`` is told of every k solver steps done."""
+    from diffusers_kit.report import columns_per_class, image_grid, scatter_plot
+
+    diffusion, dataset = components.diffusion, components.dataset
+    started = time.perf_counter()
+    result = diffusion.sample(n, components.solver, seed=seed,
+                              batch_size=spec.sample.batch_size, progress=progress,
+                              guidance=components.guidance, labels=components.labels)
+    seconds = time.perf_counter() - started
+    samples = result.samples.float().cpu()
+    arrays = {"samples": samples.numpy(), "display": dataset.to_display(samples).numpy()}
+    if result.labels is not None:
+        arrays["labels"] = result.labels.numpy()
+    np.savez_compressed(out / f"{stem}.npz", **arrays)
+    columns = spec.output.grid_columns or columns_per_class(result.labels)
+    picture = (image_grid(dataset.to_display(samples), columns)
+               if dataset.modality == "image"
+               else scatter_plot(samples, components.data.heldout))
+    picture.save(out / f"{stem}.png")
+    info: dict[str, Any] = {"solver": components.resolved["sample"]["solver"], "n": n,
+                            "seed": seed,
+                            "guidance": components.resolved["sample"].get("guidance", []),
+                            "labels": spec.sample.labels, "nfe": result.nfe,
+                            "nfe_per_sample_batch": result.nfe, "seconds": seconds}
+    return Drawn(result, samples, seconds, info)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("sample", help="sample a trained run again, with any solver")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
@@ -97,7 +149,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def sample_command(args: argparse.Namespace) -> int:
     from diffusers_kit.likelihood import decode, encode, slerp
-    from diffusers_kit.report import columns_per_class, image_grid, scatter_plot
+    from diffusers_kit.report import image_grid, scatter_plot
 
     for flag, value in (("--n", args.n), ("--interpolate", args.interpolate),
                         ("--pairs", args.pairs)):
@@ -117,24 +169,9 @@ def sample_command(args: argparse.Namespace) -> int:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.run_dir) / "sampling" / f"{name}-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    result = diffusion.sample(n, solver, seed=seed, batch_size=spec.sample.batch_size,
-                              guidance=components.guidance, labels=components.labels)
-    seconds = time.perf_counter() - started
-    samples = result.samples.float().cpu()
+    drawn = draw_samples(spec, components, out, n, seed)
+    result, seconds, info = drawn.result, drawn.seconds, drawn.info
     image = dataset.modality == "image"
-    arrays = {"samples": samples.numpy(), "display": dataset.to_display(samples).numpy()}
-    if result.labels is not None:
-        arrays["labels"] = result.labels.numpy()
-    np.savez_compressed(out / "samples.npz", **arrays)
-    columns = spec.output.grid_columns or columns_per_class(result.labels)
-    picture = (image_grid(dataset.to_display(samples), columns) if image
-               else scatter_plot(samples, components.data.heldout))
-    picture.save(out / "samples.png")
-    info: dict = {"solver": components.resolved["sample"]["solver"], "n": n, "seed": seed,
-                  "guidance": components.resolved["sample"].get("guidance", []),
-                  "labels": spec.sample.labels,
-                  "nfe": result.nfe, "nfe_per_sample_batch": result.nfe, "seconds": seconds}
     if args.progressive:
         # Diffusion.sample merges only trajectories across batches: draw the few progressive
         # rows directly from the solver, with the sampling weights

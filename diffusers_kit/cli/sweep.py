@@ -1,0 +1,337 @@
+"""``dkit sweep RUN_DIR FIELD=V1,V2,... [overrides]``: a metric against a sampler setting.
+
+For each value of the swept field (any dotted spec field: ``sample.solver.steps=5,10,20``,
+``sample.guidance.0.scale=0,1,3,8`` - a number is a list index - or a whole value,
+``"sample.solver={kind: ddim, steps: 10},{kind: dpm_solver_2m, steps: 10}"``; values are split
+at the commas outside brackets, braces and quotes), the finished run is reloaded with that
+override, samples are drawn exactly as ``dkit sample`` draws them (same seed for every value,
+so sample ``i`` starts from the same noise) and the run's own metrics (or ``--metrics``, as in
+``dkit evaluate``) are computed on them. Everything goes to ``RUN_DIR/sweeps/<field>-<stamp>/``:
+``sweep.json`` (per value: metrics, NFE, seconds), ``sweep.png`` (the first metric on the left
+axis, the second on the right; ``--plot`` chooses), ``samples_<value>.png`` / ``.npz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import json
+import math
+import re
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from diffusers_kit.spec.errors import SpecError, SpecIssue
+
+# metrics whose values lie in a known range (the plot's axis stops there)
+BOUNDED = {"class_accuracy": (0.0, 1.0), "accuracy": (0.0, 1.0), "precision": (0.0, 1.0),
+           "recall": (0.0, 1.0), "coverage": (0.0, 1.0), "class_tv": (0.0, 1.0),
+           "ssim": (-1.0, 1.0)}
+# fields that do not change how samples are drawn from the trained weights
+NO_EFFECT = ("train", "output")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("sweep", help="sample a trained run at several settings of "
+                                                 "one field and plot a metric against it")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (or its "
+                                                           "'latest')")
+    parser.add_argument("sweep", metavar="FIELD=V1,V2,...",
+                        help="the swept field and its values, e.g. sample.solver.steps=5,10,20 "
+                             "or sample.guidance.0.scale=0,1,3 (commas inside [], {} or quotes "
+                             "do not split)")
+    parser.add_argument("overrides", nargs="*", metavar="field.path=value",
+                        help="more overrides of the run's spec, the same for every value")
+    parser.add_argument("--metrics", nargs="+", metavar="METRIC",
+                        help="metric names or YAML mappings, as in dkit evaluate (default: the "
+                             "run's own)")
+    parser.add_argument("--plot", metavar="NAME[,NAME]",
+                        help="the metrics to plot: the first on the left axis, the second on "
+                             "the right (default: the first two)")
+    parser.add_argument("--n", type=int, help="samples per value (default: the spec's)")
+    parser.add_argument("--seed", type=int, help="sampling seed (default: the spec's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=sweep_command)
+
+
+def _command_error(option: str | tuple[str | int, ...], expected: str, given: Any,
+                   suggestions: list[str] | None = None) -> SpecError:
+    path = option if isinstance(option, tuple) else (option,)
+    return SpecError([SpecIssue(path, expected, given, None, "command line",
+                                suggestions or [])])
+
+
+def split_values(text: str) -> list[str]:
+    """``"2,4,{kind: ddim, steps: 5}"`` -> ``["2", "4", "{kind: ddim, steps: 5}"]``: commas
+    inside brackets, braces, parentheses or quotes do not split."""
+    values, depth, quote, current = [], 0, "", []
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    values.append("".join(current).strip())
+    return values
+
+
+def parse_sweep(text: str) -> tuple[str, list[str]]:
+    """``FIELD=V1,V2,...`` -> ``(field, [values])``; a malformed one is a spec error."""
+    field, sep, raw = text.partition("=")
+    field = field.strip()
+    parts = field.split(".") if field else []
+    path = tuple(int(p) if p.isdigit() else p for p in parts if p) or ("FIELD=V1,V2,...",)
+    if not sep or not parts or any(not p for p in parts) or field.startswith("-"):
+        raise _command_error(path, "the swept field and its values, FIELD=V1,V2,... (e.g. "
+                             "sample.solver.steps=5,10,20)", text)
+    values = split_values(raw)
+    if any(not v for v in values):
+        raise _command_error(path, "values separated by commas, none empty (e.g. 5,10,20)",
+                             raw)
+    if len(set(values)) != len(values):
+        raise _command_error(path, "distinct values", raw)
+    return field, values
+
+
+def file_stems(values: list[str]) -> list[str]:
+    """A file-name-safe, distinct stem per value (``{kind: ddim}`` -> ``kind_ddim``)."""
+    stems: list[str] = []
+    for value in values:
+        stem = re.sub(r"[^A-Za-z0-9.+-]+", "_", value).strip("_.")[:40] or "value"
+        while stem in stems:
+            stem += "_"
+        stems.append(stem)
+    return stems
+
+
+def short(text: str, limit: int = 16) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _parsed(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def setting_labels(values: list[str]) -> list[str]:
+    """Short labels for the plot's settings: mappings by what differs between them (the
+    kind's name, then ``key=value``), anything else as written, shortened."""
+    parsed = [_parsed(v) for v in values]
+    if len(parsed) > 1 and all(isinstance(p, dict) for p in parsed):
+        keys = list(dict.fromkeys(k for p in parsed for k in p))
+        differing = [k for k in keys if any(p.get(k) != parsed[0].get(k) for p in parsed)]
+        labels = []
+        for p in parsed:
+            words = [str(p[k]) if k == "kind" else f"{k}={p[k]}" for k in differing if k in p]
+            labels.append(short(" ".join(words) or "{}", 24))
+        if len(set(labels)) == len(labels):
+            return labels
+    return [short(v, 24) for v in values]
+
+
+def metric_names(metrics: dict[str, Any]) -> list[str]:
+    """The statistics of a metrics dict (their companions ``_low``, ``_floor``... and the
+    per-class rows ``name_3`` left out), in order."""
+    from diffusers_kit.metrics.floor import SUFFIXES
+
+    names = [k for k in metrics
+             if not any(k.endswith(s) and k[: -len(s)] in metrics for s in SUFFIXES)]
+    return [k for k in names if not (k.rpartition("_")[2].isdigit()
+                                     and k.rpartition("_")[0] in names)]
+
+
+def _number(value: Any, digits: str = ".4g") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:{digits}}" if isinstance(value, (int, float)) else str(value)
+
+
+def _with_interval(metrics: dict[str, Any], key: str, separator: str = " ") -> str:
+    """``value [low, high]`` (the interval left out when there is none)."""
+    text = _number(metrics.get(key))
+    if metrics.get(f"{key}_low") is not None and metrics.get(f"{key}_high") is not None:
+        text += (f"{separator}[{_number(metrics[f'{key}_low'], '.3g')}, "
+                 f"{_number(metrics[f'{key}_high'], '.3g')}]")
+    return text
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    from diffusers_kit.cli.evaluate import metric_configs
+    from diffusers_kit.cli.sample import draw_samples, load_run
+    from diffusers_kit.pipeline import (
+        CHECKPOINT,
+        SPEC_FILE,
+        BuildSettings,
+        build_references,
+        follow_latest,
+    )
+    from diffusers_kit.registry import get_registry
+    from diffusers_kit.report import Series, metric_plot
+    from diffusers_kit.spec.loader import apply_overrides, load_file
+    from diffusers_kit.spec.validate import validate
+
+    err = Console(stderr=True)
+    field, values = parse_sweep(args.sweep)
+    if args.n is not None and args.n < 1:
+        raise _command_error("--n", "a positive number", args.n)
+    plotted = [p.strip() for p in args.plot.split(",")] if args.plot else None
+    if plotted is not None and (not all(plotted) or not 1 <= len(plotted) <= 2):
+        raise _command_error("--plot", "one or two metric names, e.g. fd,class_accuracy",
+                             args.plot)
+    folder = follow_latest(Path(args.run_dir).expanduser())
+    if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():
+        raise _command_error("RUN_DIR", f"a finished run folder holding {SPEC_FILE} and "
+                             f"{CHECKPOINT}", args.run_dir)
+
+    overrides = list(args.overrides)
+    if args.n is not None:
+        overrides.append(f"sample.n={args.n}")
+    if args.metrics:
+        section = load_file(folder / SPEC_FILE).data.get("evaluate")
+        own = section.get("metrics") if isinstance(section, dict) else None
+        configs = metric_configs(args.metrics, own if isinstance(own, list) else [])
+        overrides.append(f"evaluate.metrics={json.dumps(configs)}")
+    # every value checked before anything is drawn or written: a bad field or value is named
+    registry = get_registry()
+    for value in values:
+        document = load_file(folder / SPEC_FILE)
+        apply_overrides(document, [*overrides, f"{field}={value}"])
+        spec = validate(document, registry)
+        if spec.sample is None:
+            raise _command_error("RUN_DIR", "a run of a spec with a sample section (this one "
+                                 "only trains)", args.run_dir)
+        if not spec.evaluate.metrics:
+            raise _command_error("--metrics", "metrics to compute (the run's spec has none)",
+                                 None)
+    if field.split(".")[0] in NO_EFFECT:
+        err.print(f"note: {field} does not change how samples are drawn from the trained "
+                  "weights", soft_wrap=True, markup=False)
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = folder / "sweeps" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', field)}-{stamp}"
+    out, copy = base, 1
+    while out.exists():
+        copy += 1
+        out = base.with_name(f"{base.name}-{copy}")
+    stems = file_stems(values)
+    points: list[dict[str, Any]] = []
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                        TimeElapsedColumn(), console=err, disable=args.quiet, transient=False)
+    try:
+        out.mkdir(parents=True)
+        with progress:
+            overall = progress.add_task("sweep", total=len(values), status=field)
+            for index, (value, stem) in enumerate(zip(values, stems, strict=True)):
+                progress.update(overall, status=f"{field}={short(value, 30)}: loading")
+                spec, components = load_run(folder, [*overrides, f"{field}={value}"])
+                build_references(spec, registry, BuildSettings(
+                    Path(spec.output.root), console=err, quiet=args.quiet or index > 0))
+                n = spec.sample.n
+                seed = spec.seed if args.seed is None else args.seed
+                size = spec.sample.batch_size or n
+                steps = components.solver.total_steps(components.diffusion.process)
+                task = progress.add_task(f"  {short(value, 30)}", status="sampling",
+                                         total=steps * -(-n // size))
+                drawn = draw_samples(spec, components, out, n, seed, stem=f"samples_{stem}",
+                                     progress=lambda k, task=task: progress.advance(task, k))
+                progress.update(task, status="evaluating")
+                metrics = _evaluate(spec, components, drawn.samples, drawn.result.labels)
+                # NaN / infinity are not JSON: null, as the run's own metrics.json
+                finite = json.loads(json.dumps(metrics), parse_constant=lambda _: None)
+                points.append({"value": _parsed(value), "text": value, "metrics": finite,
+                               "nfe": drawn.result.nfe, "seconds": round(drawn.seconds, 3),
+                               "samples": f"samples_{stem}.png", "sampling": drawn.info})
+                progress.update(task, status=f"{drawn.result.nfe} NFE, {drawn.seconds:.1f} s")
+                progress.advance(overall)
+                if index == 0:
+                    names = metric_names(finite)
+                    if plotted is not None:
+                        for name in plotted:
+                            if name not in names:
+                                raise _command_error(
+                                    "--plot", f"metrics of this sweep ({', '.join(names)})",
+                                    name, difflib.get_close_matches(name, names, 2))
+            progress.update(overall, status=f"{field}: done")
+    except BaseException:  # a mistake found on the way, an interrupt: no half-written sweep
+        shutil.rmtree(out, ignore_errors=True)
+        with contextlib.suppress(OSError):  # RUN_DIR/sweeps too, when this made it
+            out.parent.rmdir()  # only an empty folder is removed
+        raise
+
+    names = metric_names(points[0]["metrics"])
+    shown = plotted or names[:2]
+    record = {"run": str(folder), "field": field, "values": values, "overrides": overrides,
+              "seed": spec.seed if args.seed is None else args.seed, "plot": shown,
+              "points": points}
+    (out / "sweep.json").write_text(json.dumps(record, indent=2, default=str) + "\n",
+                                    encoding="utf-8")
+
+    series = []
+    for name, axis in zip(shown, ("left", "right"), strict=False):
+        rows = [p["metrics"] for p in points]
+        floors = [m.get(f"{name}_floor") for m in rows]
+        same = all(f == floors[0] for f in floors)
+        series.append(Series(name, [m.get(name) for m in rows],
+                             [m.get(f"{name}_low") for m in rows],
+                             [m.get(f"{name}_high") for m in rows],
+                             floors[0] if same else floors, axis=axis,
+                             bounds=BOUNDED.get(name)))
+    numeric = all(isinstance(_parsed(v), (int, float)) for v in values)
+    picture = metric_plot(setting_labels(values), series,
+                          f"{spec.name}: {' and '.join(shown)} vs {field}",
+                          f"{field} (evenly spaced)" if numeric and len(values) > 2 else field)
+    picture.save(out / "sweep.png")
+
+    table = Table(title=Text(f"dkit sweep {folder}: value [interval] per setting of {field}"),
+                  header_style="bold")
+    table.add_column(Text(field))
+    for name in names:
+        table.add_column(Text(name), justify="right")
+    table.add_column("nfe", justify="right")
+    table.add_column("seconds", justify="right")
+    for p in points:
+        table.add_row(Text(p["text"]),
+                      *(Text(_with_interval(p["metrics"], name, "\n")) for name in names),
+                      str(p["nfe"]), f"{p['seconds']:.2f}")
+    floors = [f"{name} {_with_interval(points[0]['metrics'], f'{name}_floor')}"
+              for name in names if points[0]["metrics"].get(f"{name}_floor") is not None]
+    if floors:
+        table.caption = Text("floors (real data): " + "; ".join(floors))
+    Console().print(table)
+    err.print(f"results in {out}", soft_wrap=True, markup=False)
+    return 0
+
+
+def _evaluate(spec: Any, components: Any, samples: Any, labels: Any) -> dict[str, float]:
+    """The metrics of ``components`` on ``samples``, as ``dkit evaluate`` computes them (the
+    spec's seed draws the real sets, so every value is compared with the same floor)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(spec.seed)
+    metrics: dict[str, float] = {}
+    with components.diffusion.sampling_weights() as model:
+        for _, metric in components.metrics:
+            extra = {"labels": labels} if metric.uses_labels else {}
+            metrics.update(metric.evaluate(samples, components.data, generator, model,
+                                           **extra))
+    return metrics
