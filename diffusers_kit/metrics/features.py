@@ -76,13 +76,26 @@ class FeatureSpace:
                                  f"(the {name} of its training data is {float(a):.3g}, of this "
                                  f"run's {float(b):.3g}: another data scale?)")
 
+    def value_range(self) -> tuple[float, float] | None:
+        """The range of the feature network's training data (None when it is not known)."""
+        if self.model._data is None and self.model.run_dir is None:
+            return None
+        own = self.model.data().train
+        return float(own.min()), float(own.max())
+
     @torch.no_grad()
     def _apply(self, x: torch.Tensor, head: bool) -> torch.Tensor:
+        """Examples are clamped to the training data's range first: a normalising network
+        would see a sample at +-80 as a plausible image (and the metrics would call garbage
+        perfect); clamped, it is judged as it looks (the picture clamps too)."""
         network = self.network()
         parameter = next(network.parameters())
+        bounds = self.value_range()
         outputs = []
         for start in range(0, len(x), BATCH):
             chunk = x[start:start + BATCH].to(parameter.device, parameter.dtype)
+            if bounds is not None:
+                chunk = chunk.clamp(*bounds)
             t = torch.zeros(len(chunk), device=parameter.device, dtype=parameter.dtype)
             h = network.features(chunk, t)  # type: ignore[operator]
             outputs.append((network.head(h) if head else h).double().cpu())
