@@ -151,6 +151,7 @@ class Diffusion:
         x_T: torch.Tensor | None = None,
         guidance: Sequence[Guidance] = (),
         labels: str | int | Sequence[int] | torch.Tensor | None = None,
+        measurements: torch.Tensor | None = None,
     ) -> SampleResult:
         """Draw ``n`` samples with ``solver``; uses the EMA weights when there are some.
 
@@ -162,7 +163,9 @@ class Diffusion:
         blocks, or ``n`` labels; see :func:`~diffusers_kit.guidance.requested_labels`): a
         class-conditional network is given them, and ``guidance`` terms
         (:mod:`diffusers_kit.guidance`) are added to the model's prediction for every solver.
-        The labels used are in the result's ``labels``.
+        The labels used are in the result's ``labels``. ``measurements`` (``n`` of them, one
+        ``y`` per sample) are what the measurement terms (:mod:`diffusers_kit.guidance.
+        measurement`) condition on; :func:`diffusers_kit.restore.restore` simulates them.
         """
         reason = solver.check(self.process)
         if reason is not None:
@@ -175,6 +178,13 @@ class Diffusion:
             raise ValueError("guidance needs labels: pass labels='all', a class or a list")
         if chosen is not None:
             chosen = chosen.to(self.device)
+        if any(term.needs_measurement for term in guidance) and measurements is None:
+            raise ValueError("guidance needs measurements: one y per sample (see "
+                             "diffusers_kit.restore.restore)")
+        if measurements is not None:
+            if len(measurements) != n:
+                raise ValueError(f"{len(measurements)} measurements for {n} samples")
+            measurements = measurements.to(self.device)
         shape = tuple(self.network.data_shape)
         if x_T is not None and tuple(x_T.shape) != (n, *shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected {(n, *shape)}")
@@ -186,8 +196,9 @@ class Diffusion:
                 init = None if x_T is None else x_T[start:start + count]
                 model = self.model
                 if guidance or chosen is not None:
-                    model = model.guided(guidance, None if chosen is None
-                                         else chosen[start:start + count])
+                    model = model.guided(
+                        guidance, None if chosen is None else chosen[start:start + count],
+                        None if measurements is None else measurements[start:start + count])
                 result = solver.sample(model, (count, *shape), progress=progress,
                                        noise=PerSampleNoise(seed, start), x_T=init)
                 chunks.append(result.samples)

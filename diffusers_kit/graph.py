@@ -49,7 +49,12 @@ from diffusers_kit.pipeline import (
     spec_hash,
     write_record,
 )
-from diffusers_kit.registry import Registry, get_plugin_manager, get_registry
+from diffusers_kit.registry import (
+    NestedBuildError,
+    Registry,
+    get_plugin_manager,
+    get_registry,
+)
 from diffusers_kit.report import columns_per_class, image_grid, scatter_plot
 from diffusers_kit.solvers.base import Solver
 from diffusers_kit.spec.errors import Path as SpecPath
@@ -64,7 +69,7 @@ from diffusers_kit.train import (
     leave_distributed,
 )
 
-STAGES = ("data", "train", "sample", "evaluate", "report")
+STAGES = ("data", "train", "sample", "restore", "evaluate", "report")
 
 
 @dataclass
@@ -86,6 +91,8 @@ class Components:
     resolved: dict[str, Any]
     guidance: list[Guidance] = field(default_factory=list)
     labels: torch.Tensor | None = None  # one requested class per sample (sample.labels)
+    restore_method: Guidance | None = None  # restore.method, its forward model inside
+    restore_solver: Solver | None = None
 
 
 class Builder:
@@ -103,6 +110,11 @@ class Builder:
     def build(self, path: SpecPath, kind: str, config: dict[str, Any], **context: Any) -> Any:
         try:
             return self.registry.build(kind, config, **context)
+        except NestedBuildError as exc:  # name the nested component that failed, not its parent
+            name = exc.config.get("kind") if isinstance(exc.config, dict) else None
+            self.issue(path + exc.path, f"parameters that {name!r} accepts: {exc.error}",
+                       exc.config)
+            return None
         except (ValueError, TypeError) as exc:
             self.issue(path, f"parameters that {config.get('kind')!r} accepts: {exc}", config)
             return None
@@ -110,9 +122,10 @@ class Builder:
     def resolve(self, kind: str, config: dict[str, Any]) -> dict[str, Any]:
         """``config`` with every default filled in (for the resolved spec in the run folder)."""
         component = self.registry.get(kind, config["kind"])
-        plain = {k: v for k, v in config.items() if k != "kind" and k not in component.nested}
-        full: dict[str, Any] = {"kind": config["kind"],
-                                **component.params.model_validate(plain).model_dump()}
+        plain = {k: v for k, v in config.items() if k != "kind"}
+        dumped = component.params.model_validate(plain).model_dump()
+        full: dict[str, Any] = {"kind": config["kind"], **{
+            k: v for k, v in dumped.items() if k not in component.nested}}
         for key, sub in component.nested.items():
             value = config.get(key)
             if value is None:
@@ -207,8 +220,40 @@ def build_components(
     if trained is not None and trained.run_dir is not None:
         load_previous(diffusion, trained.run_dir, "model")
     guidance, labels = _conditioning(spec, builder, diffusion, data, stages)
+    method, restore_solver = _restoration(spec, builder, diffusion, data, solver, stages)
     return Components(dataset, data, diffusion, solver, metrics, optimizer, resolved, guidance,
-                      labels)
+                      labels, method, restore_solver)
+
+
+def _restoration(spec: Spec, builder: Builder, diffusion: Diffusion, data: DataSplits | None,
+                 solver: Solver | None, stages: set[str] | None
+                 ) -> tuple[Guidance | None, Solver | None]:
+    """``restore.method`` (a measurement term, its operator built for the data's shape) and
+    the solver it samples with, checked against the model."""
+    section = spec.restore
+    if section is None or (stages is not None and "restore" not in stages) or data is None:
+        return None, None
+    method = builder.build(("restore", "method"), "guidance", section.method,
+                           data_shape=data.shape)
+    if method is not None:
+        if not method.needs_measurement:
+            builder.issue(("restore", "method", "kind"), "a measurement method (replacement, "
+                          "pigdm, dps, or a plugin's measurement term)", section.method["kind"])
+        elif (reason := method.check(diffusion.model)) is not None:
+            builder.issue(("restore", "method", "kind"), reason, section.method["kind"])
+    chosen = solver
+    if section.solver is not None:
+        chosen = builder.build(("restore", "solver"), "solver", section.solver)
+        if chosen is not None and (reason := chosen.check(diffusion.process)):
+            builder.issue(("restore", "solver", "kind"), reason, section.solver["kind"])
+    elif chosen is None:
+        builder.issue(("restore", "solver"), "a solver (here or in the sample section)", None)
+    if section.images != "heldout" and not Path(section.images).expanduser().is_file():
+        builder.issue(("restore", "images"), "'heldout' or an existing .npz / .npy file of "
+                      "images", section.images)
+    if builder.issues:
+        raise SpecError(builder.issues, builder.document.origin if builder.document else None)
+    return method, chosen
 
 
 def _conditioning(spec: Spec, builder: Builder, diffusion: Diffusion, data: DataSplits | None,
@@ -429,6 +474,29 @@ def _stage_sample(run: Run) -> None:
     run.log.info("%d samples, %d network evaluations", n, result.nfe)
 
 
+def _stage_restore(run: Run) -> None:
+    from diffusers_kit.restore import restoration_images, restore, write_restoration
+
+    section, components = run.spec.restore, run.components
+    assert section is not None and components.restore_method is not None
+    images = restoration_images(section.images, components.data, section.n)
+    solver = components.restore_solver
+    assert solver is not None
+    count = len(images) * section.samples_per_image
+    batches = -(-count // (section.batch_size or count))
+    with run.progress() as progress:
+        task = progress.add_task("restore", status=section.method["kind"],
+                                 total=solver.total_steps(run.diffusion.process) * batches)
+        result = restore(run.diffusion, components.restore_method, images, solver,
+                         samples_per_image=section.samples_per_image, seed=run.spec.seed,
+                         batch_size=section.batch_size,
+                         progress=lambda k: progress.advance(task, k))
+    write_restoration(result, run.dir, components.dataset)
+    run.results["restore"] = result.metrics
+    for key, text in summarize(result.metrics):
+        run.log.info("restore %s = %s", key, text)
+
+
 def _stage_evaluate(run: Run) -> None:
     samples = run.results.get("samples")  # None when the spec only trains
     generator = torch.Generator().manual_seed(run.spec.seed)
@@ -441,9 +509,24 @@ def _stage_evaluate(run: Run) -> None:
             extra = {"labels": run.results.get("labels")} if metric.uses_labels else {}
             metrics.update(metric.evaluate(samples, run.components.data, generator, model,
                                            **extra))
+    if samples is not None and run.components.data is not None:
+        metrics.update(out_of_range(samples, run.components.data.train))
     run.results["metrics"] = metrics
     for key, text in summarize(metrics):  # value [interval] floor [interval] n, per statistic
         run.log.info("metric %s = %s", key, text)
+
+
+def out_of_range(samples: torch.Tensor, train: torch.Tensor, tolerance: float = 0.05
+                 ) -> dict[str, float]:
+    """``{"out_of_range": share}``: the share of samples with a value beyond the training
+    data's range by more than ``tolerance`` of that range (only when some are; a diverged
+    sampler shows here even when a metric that clamps or normalises would not)."""
+    low, high = float(train.min()), float(train.max())
+    margin = tolerance * (high - low)
+    flat = samples.detach().float().cpu().flatten(1)
+    outside = ((flat < low - margin) | (flat > high + margin) | ~torch.isfinite(flat)).any(1)
+    share = float(outside.double().mean()) if len(flat) else 0.0
+    return {"out_of_range": share} if share > 0 else {}
 
 
 def _stage_report(run: Run) -> None:
@@ -469,6 +552,7 @@ GRAPH = (
     Stage("data", (), ("dataset",), _stage_data),
     Stage("train", ("dataset",), ("checkpoint",), _stage_train),
     Stage("sample", ("checkpoint",), ("samples",), _stage_sample),
+    Stage("restore", ("checkpoint", "dataset"), ("restore.png",), _stage_restore),
     Stage("evaluate", ("samples", "dataset"), ("metrics",), _stage_evaluate),
     Stage("report", (), ("samples.png", "metrics.json"), _stage_report),
 )
@@ -629,6 +713,8 @@ def execute(
     stages = parse_only(only)
     if spec.sample is None:
         stages.discard("sample")  # a spec that only trains (a classifier, a feature network)
+    if spec.restore is None:
+        stages.discard("restore")
     from_path = Path(from_dir) if from_dir else None
     resume_path = Path(resume) if resume else None
     trained = spec.model if isinstance(spec.model, TrainedModel) else None
@@ -643,7 +729,7 @@ def execute(
         raise SpecError([SpecIssue(("--resume",), "the train stage, without --from (a resumed "
                                    "run continues training)", str(resume_path), None,
                                    "command line")])
-    if trained is None and "train" not in stages and "sample" in stages:
+    if trained is None and "train" not in stages and stages & {"sample", "restore"}:
         if from_path is None:
             raise SpecError([SpecIssue(("--from",), "a run folder to take the checkpoint from "
                                        "when the train stage is skipped", None, None,
@@ -808,4 +894,6 @@ def summary_table(run: Run) -> Table:
         table.add_row("network evaluations", str(run.results["nfe"]))
     for key, text in summarize(run.results.get("metrics", {})):
         table.add_row(key, Text(text))  # value [low, high]  floor F [low, high]  n=N
+    for key, text in summarize(run.results.get("restore", {})):
+        table.add_row(f"restore {key}", Text(text))
     return table

@@ -38,17 +38,20 @@ class ScoreModel(torch.nn.Module):
         self.nfe = 0
         self.guidance: tuple[Guidance, ...] = ()
         self.labels: torch.Tensor | None = None
+        self.measurements: torch.Tensor | None = None
         self._evaluate: Evaluate = self._network_output
 
-    def guided(self, guidance: Sequence[Guidance] = (), labels: torch.Tensor | None = None
-               ) -> ScoreModel:
+    def guided(self, guidance: Sequence[Guidance] = (), labels: torch.Tensor | None = None,
+               measurements: torch.Tensor | None = None) -> ScoreModel:
         """This model with ``guidance`` terms applied (in order: the first wraps the network)
         and ``labels`` (one per sample of the batches it will be called on; None: no label)
-        bound as the condition. The network and process are shared, not copied."""
+        bound as the condition, and ``measurements`` (one ``y`` per sample) for the terms that
+        condition on a measurement. The network and process are shared, not copied."""
         view = ScoreModel(self.process, self.network)
         view.train(self.training)
         view.guidance = tuple(guidance)
         view.labels = labels
+        view.measurements = measurements
         evaluate: Evaluate = view._network_output
         for term in view.guidance:
             evaluate = term.wrap(evaluate, view)

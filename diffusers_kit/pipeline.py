@@ -558,6 +558,10 @@ def resolve_spec(spec: Spec, registry: Registry) -> dict[str, Any]:
         resolved["sample"]["solver"] = builder.resolve("solver", spec.sample.solver)
         resolved["sample"]["guidance"] = [builder.resolve("guidance", g)
                                           for g in spec.sample.guidance]
+    if spec.restore is not None:
+        resolved["restore"]["method"] = builder.resolve("guidance", spec.restore.method)
+        if spec.restore.solver is not None:
+            resolved["restore"]["solver"] = builder.resolve("solver", spec.restore.solver)
     resolved["evaluate"]["metrics"] = [builder.resolve("metric", m)
                                        for m in spec.evaluate.metrics]
     return resolved

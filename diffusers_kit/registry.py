@@ -27,6 +27,15 @@ ENTRY_POINT_GROUP = "diffusers_kit"
 BUILTIN_SOURCE = "diffusers_kit"
 
 
+class NestedBuildError(ValueError):
+    """A nested component (``path`` below its parent, e.g. ``("operator",)``) could not be
+    built: ``error`` is what its constructor or its parameters' validation raised."""
+
+    def __init__(self, path: tuple[Any, ...], config: Any, error: Exception) -> None:
+        super().__init__(str(error))
+        self.path, self.config, self.error = path, config, error
+
+
 class RegistryError(LookupError):
     """An unknown kind or component name (carries suggestions)."""
 
@@ -258,16 +267,25 @@ class Registry:
             if sub is None or value is None:
                 kwargs[key] = value
             elif sub.many:  # nested components get the same context (e.g. data_shape)
-                kwargs[key] = [self.build(sub.kind, item, **context) for item in value]
+                kwargs[key] = [self._build_nested(sub.kind, item, (key, i), context)
+                               for i, item in enumerate(value)]
             else:
-                kwargs[key] = self.build(sub.kind, value, **context)
-        validated = component.params.model_validate(
-            {k: v for k, v in kwargs.items() if k not in component.nested}
-        )
-        final = {k: getattr(validated, k) for k in validated.model_fields_set}
+                kwargs[key] = self._build_nested(sub.kind, value, (key,), context)
+        validated = component.params.model_validate(kwargs)  # nested ones: present or not
+        final = {k: getattr(validated, k) for k in validated.model_fields_set
+                 if k not in component.nested}
         final.update({k: v for k, v in kwargs.items() if k in component.nested})
         final.update({k: v for k, v in context.items() if k in component.context})
         return component.factory(**final)
+
+    def _build_nested(self, kind: str, config: dict[str, Any], path: tuple[Any, ...],
+                      context: dict[str, Any]) -> Any:
+        try:
+            return self.build(kind, config, **context)
+        except NestedBuildError as exc:
+            raise NestedBuildError(path + exc.path, exc.config, exc.error) from exc.error
+        except (ValueError, TypeError) as exc:
+            raise NestedBuildError(path, config, exc) from exc
 
 
 # -- plugin manager --------------------------------------------------------------------------

@@ -178,3 +178,65 @@ def overlapping_modes() -> GaussianMixture:
     return GaussianMixture(weights=[0.6, 0.4], means=[[-0.5, 0.0], [0.5, 0.2]],
                            stds=[[0.4, 0.3], [0.35, 0.45]])
 
+
+
+class GaussianPosterior:
+    """The exact posterior of a Gaussian-mixture prior (diagonal components) given a linear
+    measurement ``y = A x + sigma_y n`` (``A`` dense, ``(m, d)``): again a mixture, of full-
+    covariance Gaussians, with
+
+        Sigma_k' = (Sigma_k^-1 + A^T A / sigma_y^2)^-1,
+        mu_k'    = Sigma_k' (Sigma_k^-1 mu_k + A^T y / sigma_y^2),
+        w_k'     ∝ w_k N(y; A mu_k, A Sigma_k A^T + sigma_y^2 I).
+
+    ``sigma_y = 0`` is handled as the limit (the known directions fixed), through a tiny
+    ``sigma_y`` of 1e-6."""
+
+    def __init__(self, prior: GaussianMixture, A: torch.Tensor, y: torch.Tensor,
+                 sigma_y: float) -> None:
+        A = A.double()
+        y = y.double().flatten()
+        s2 = max(sigma_y, 1e-6) ** 2
+        means, covs, logw = [], [], []
+        for k in range(len(prior.weights)):
+            prior_cov = torch.diag(prior.stds[k] ** 2)
+            precision = torch.linalg.inv(prior_cov) + A.T @ A / s2
+            cov = torch.linalg.inv(precision)
+            cov = (cov + cov.T) / 2
+            mean = cov @ (torch.linalg.solve(prior_cov, prior.means[k]) + A.T @ y / s2)
+            evidence = torch.distributions.MultivariateNormal(
+                A @ prior.means[k], A @ prior_cov @ A.T + s2 * torch.eye(A.shape[0],
+                                                                        dtype=torch.float64))
+            means.append(mean)
+            covs.append(cov)
+            logw.append(prior.weights[k].log() + evidence.log_prob(y))
+        self.means = torch.stack(means)
+        self.covs = torch.stack(covs)
+        self.weights = torch.softmax(torch.stack(logw), 0)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        chol = torch.linalg.cholesky(self.covs + 1e-12 * torch.eye(self.means.shape[1]))
+        return (self.means[k] + (chol[k] @ z[..., None])[..., 0]).float()
+
+
+class ExactGaussianNetwork(Network):
+    """The exact score of a full-covariance Gaussian ``N(mu, Sigma)`` under ``process``:
+    ``-(alpha^2 Sigma + sigma^2 I)^-1 (x - alpha mu)``."""
+
+    def __init__(self, mean: torch.Tensor, cov: torch.Tensor, process: NoiseProcess,
+                 prediction: str = "eps") -> None:
+        super().__init__(prediction)
+        self.mean, self.cov, self.process = mean.double(), cov.double(), process
+        self.data_shape = (len(mean),)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tt = t.double()
+        alpha, sigma = self.process.marginal(tt)
+        eye = torch.eye(len(self.mean), dtype=torch.float64)
+        cov = alpha[:, None, None] ** 2 * self.cov + sigma[:, None, None] ** 2 * eye
+        diff = x.double() - alpha[:, None] * self.mean
+        score = -torch.linalg.solve(cov, diff[..., None])[..., 0]
+        return self.process.convert(score, x.double(), tt, "score",
+                                    self.prediction).to(x.dtype)

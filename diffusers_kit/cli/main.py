@@ -18,7 +18,7 @@ from rich.markup import escape
 from diffusers_kit.spec.errors import SpecError
 
 COMMANDS = ("run", "validate", "schema", "plugins", "process", "sample", "likelihood", "runs",
-            "evaluate", "sweep")
+            "evaluate", "sweep", "restore")
 
 # exit statuses (docs/errors.md): 1 training stopped (NaN), 2 a mistake in a spec or on the
 # command line, 3 the environment (file system, memory, a plugin that cannot load), 4 a corrupt

@@ -56,6 +56,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     out = Console()
     out.print(summary_table(run))
-    out.print(f"results in [bold]{run.dir}[/] (samples.png, metrics.json, checkpoint.safetensors)",
-              soft_wrap=True)
+    written = [name for name in ("samples.png", "restore.png", "metrics.json",
+                                 "checkpoint.safetensors") if (run.dir / name).exists()]
+    out.print(f"results in [bold]{run.dir}[/] ({', '.join(written)})", soft_wrap=True)
     return 0

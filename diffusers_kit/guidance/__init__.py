@@ -13,11 +13,30 @@ from diffusers_kit.guidance.base import (
 )
 from diffusers_kit.guidance.classifier import ClassifierGuidance
 from diffusers_kit.guidance.classifier_free import ClassifierFree
+from diffusers_kit.guidance.measurement import DPS, MeasurementGuidance, PiGDM, Replacement
 
 REGISTER = [
     ("guidance", "classifier_free", ClassifierFree),
     ("guidance", "classifier", ClassifierGuidance),
+    ("guidance", "replacement", Replacement),
+    ("guidance", "pigdm", PiGDM),
+    ("guidance", "dps", DPS),
 ]
 
-__all__ = ["REGISTER", "ClassifierFree", "ClassifierGuidance", "Evaluate", "GradientGuidance",
-           "Guidance", "Interval", "LabelsError", "add_score", "noise_level", "requested_labels"]
+__all__ = [
+    "DPS",
+    "REGISTER",
+    "ClassifierFree",
+    "ClassifierGuidance",
+    "Evaluate",
+    "GradientGuidance",
+    "Guidance",
+    "Interval",
+    "LabelsError",
+    "MeasurementGuidance",
+    "PiGDM",
+    "Replacement",
+    "add_score",
+    "noise_level",
+    "requested_labels",
+]

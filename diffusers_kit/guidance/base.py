@@ -69,7 +69,9 @@ class Guidance:
 
     Capabilities a term declares (read by the run graph, never guessed):
     ``needs_labels`` — it is meaningless without requested labels (``sample.labels``);
-    ``differentiates`` — it takes gradients (autograd is on inside it).
+    ``differentiates`` — it takes gradients (autograd is on inside it);
+    ``needs_measurement`` — it conditions on a measurement ``y`` per sample (an inverse problem:
+    :mod:`diffusers_kit.guidance.measurement`), bound with the model like labels.
 
     Args:
         interval: act only for noise levels ``sigma/alpha`` in ``[lo, hi]`` (default: always).
@@ -77,6 +79,7 @@ class Guidance:
 
     needs_labels: bool = True
     differentiates: bool = False
+    needs_measurement: bool = False
 
     def __init__(self, interval: Interval | None = None) -> None:
         if interval is not None:

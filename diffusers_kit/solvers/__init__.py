@@ -14,6 +14,7 @@ from diffusers_kit.solvers.ode import (
     HeunODE,
     ScipyODE,
 )
+from diffusers_kit.solvers.repaint import RePaint
 from diffusers_kit.solvers.sde import (
     AncestralPredictor,
     Corrector,
@@ -38,6 +39,7 @@ REGISTER = [
     ("solver", "dpm_solver_2m", DPMSolver2M),
     ("solver", "dpm_solver_3m", DPMSolver3M),
     ("solver", "edm_stochastic", EDMStochastic),
+    ("solver", "repaint", RePaint),
     ("predictor", "euler_maruyama", EulerMaruyama),
     ("predictor", "reverse_diffusion", ReverseDiffusion),
     ("predictor", "ancestral", AncestralPredictor),
@@ -68,6 +70,7 @@ __all__ = [
     "PerSampleNoise",
     "Predictor",
     "PredictorCorrector",
+    "RePaint",
     "Record",
     "Recorder",
     "ReverseDiffusion",

@@ -93,6 +93,26 @@ class SampleSection(Section):
                           "none (unconditional)")] = None
 
 
+class RestoreSection(Section):
+    """Inverse problems: measure known images through the method's forward model, restore them
+    (see :mod:`diffusers_kit.restore`)."""
+
+    method: component("guidance") = Field(  # type: ignore[valid-type]
+        description="a measurement method (replacement, pigdm, dps) with its operator: "
+                    "{kind: dps, operator: {kind: inpaint, mask: box}}")
+    n: Annotated[int, Field(ge=1, le=100_000, strict=True,
+                            description="images to restore")] = 8
+    samples_per_image: Annotated[int, Field(ge=1, le=1000, strict=True,
+                                            description="restorations per image")] = 1
+    images: Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]*$",
+                                 description="'heldout' (the data set's held-out examples, in "
+                                             "order) or an .npz / .npy file of images")] = "heldout"
+    solver: optional_component("solver") = Field(  # type: ignore[valid-type]
+        default=None, description="default: the sample section's solver")
+    batch_size: Annotated[int | None, Field(ge=1, le=1_000_000, strict=True,
+                                             description="default: all at once")] = None
+
+
 class EvaluateSection(Section):
     """Metrics computed on the samples against held-out data."""
 
@@ -132,5 +152,6 @@ class Spec(Section):
     objective: optional_component("objective") = None  # type: ignore[valid-type]
     train: TrainSection = Field(default_factory=TrainSection)
     sample: SampleSection | None = None
+    restore: RestoreSection | None = None
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     output: OutputSection = Field(default_factory=OutputSection)

@@ -77,3 +77,45 @@ def test_brightness_guidance_moves_samples_to_the_target():
     # 0.05) is 0.48; the term's x_t / alpha estimate is an approximation (measured: 0.42)
     posterior_mean = 0.5 * (1 / 16) / (1 / 16 + 0.05**2)
     assert abs(float(guided.samples.mean()) - posterior_mean) < 0.1
+
+
+def test_column_sums_is_a_registered_operator_with_a_true_adjoint():
+    from diffusers_kit import get_registry
+
+    op = get_registry().build("forward_model", {"kind": "column_sums", "sigma_y": 0.1},
+                              data_shape=(1, 8, 8))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 1, 8, generator=g, dtype=torch.float64)
+    assert torch.allclose((op.A(x) * y).sum(), (x * op.A_adjoint(y)).sum())
+    assert torch.allclose(op.A(op.pinv(op.A(x))), op.A(x))  # the dense fallback
+
+
+def test_dps_restores_through_the_plugin_operator_and_replacement_refuses_it():
+    """DPS needs only A: a Gaussian prior's restorations move to the measurement; the SVD
+    methods say why they cannot use an operator without an SVD."""
+    from diffusers_kit import Network, ScoreModel, get_registry
+    from diffusers_kit.guidance import DPS, Replacement
+    from diffusers_kit.processes import VP
+    from diffusers_kit.solvers import DDIM
+
+    class StandardNormal(Network):
+        def __init__(self):
+            super().__init__("eps")
+            self.data_shape = (1, 4, 4)
+
+        def forward(self, x, t):
+            _, sigma = VP().marginal(t)
+            return sigma.reshape(-1, 1, 1, 1) * x
+
+    op = get_registry().build("forward_model", {"kind": "column_sums", "sigma_y": 0.05},
+                              data_shape=(1, 4, 4))
+    model = ScoreModel(VP(), StandardNormal())
+    truth = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = op.simulate(truth, torch.Generator().manual_seed(2))
+    samples = DDIM(steps=50).sample(model.guided([DPS(op)], None, y), (64, 1, 4, 4),
+                                    generator=torch.Generator().manual_seed(3)).samples
+    prior = DDIM(steps=50).sample(model, (64, 1, 4, 4),
+                                  generator=torch.Generator().manual_seed(3)).samples
+    assert (op.A(samples) - y).norm() < 0.5 * (op.A(prior) - y).norm()
+    assert "SVD" in Replacement(op).check(model)

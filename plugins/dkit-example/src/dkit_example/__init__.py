@@ -2,5 +2,6 @@
 
 from dkit_example.components import Bars, MomentGap
 from dkit_example.guidance import Brightness
+from dkit_example.projection import ColumnSums
 
-__all__ = ["Bars", "Brightness", "MomentGap"]
+__all__ = ["Bars", "Brightness", "ColumnSums", "MomentGap"]

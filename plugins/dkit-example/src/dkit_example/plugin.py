@@ -5,6 +5,7 @@ from __future__ import annotations
 from diffusers_kit import hookimpl
 from dkit_example.components import Bars, MomentGap
 from dkit_example.guidance import Brightness
+from dkit_example.projection import ColumnSums
 
 
 @hookimpl
@@ -12,3 +13,4 @@ def dkit_register(registry) -> None:  # type: ignore[no-untyped-def]
     registry.add("dataset", "bars", Bars)
     registry.add("metric", "moment_gap", MomentGap)
     registry.add("guidance", "brightness", Brightness)
+    registry.add("forward_model", "column_sums", ColumnSums)

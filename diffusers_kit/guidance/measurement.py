@@ -1,0 +1,223 @@
+"""Guidance by a measurement ``y = A(x_0) + noise`` through a forward model: the inverse-problem
+methods (kind ``guidance``: ``replacement``, ``pigdm``, ``dps``).
+
+Every method holds **one** forward model (kind ``forward_model``, ``diffusers_kit/forward_models``):
+the same object simulates the measurement (``dkit restore``, :func:`diffusers_kit.restore.restore`)
+and computes the guidance, so the two can never disagree. The measurement of each sample is
+bound to the guided model with :meth:`ScoreModel.guided` (``measurements=``) and sliced with the
+batch like labels.
+
+Notation: ``x0_hat(x_t)`` is the model's denoised estimate, ``sigma = sigma_t / alpha_t`` the
+noise level and ``r_t^2 = c^2 sigma^2 / (c^2 + sigma^2)`` the variance of ``x_0`` given ``x_t``
+for a Gaussian prior ``N(., c^2 I)`` (``c``: ``data_std``). With ``A = U diag(s) V^T`` the
+operator's SVD, the Gaussian measurement likelihood of ``x0_hat`` has covariance
+``r_t^2 A A^T + sigma_y^2 I = U diag(r_t^2 s^2 + sigma_y^2) U^T`` — diagonal in the SVD basis,
+so every inverse below is an elementwise division.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Annotated
+
+import torch
+from pydantic import Field
+
+from diffusers_kit.forward_models.base import ForwardModel
+from diffusers_kit.guidance.base import Evaluate, Guidance, Interval, add_score, noise_level
+
+if TYPE_CHECKING:
+    from diffusers_kit.model import ScoreModel
+
+DataStd = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+
+
+class MeasurementGuidance(Guidance):
+    """Base of the terms that condition on a measurement through ``operator``.
+
+    Args:
+        operator: the forward model ``y = A(x) + noise`` (its ``sigma_y`` in data units).
+        data_std: ``c``, the prior's scale in ``r_t^2`` (1 for unit-variance data).
+        interval: act only for noise levels ``sigma/alpha`` in ``[lo, hi]``.
+    """
+
+    needs_labels = False
+    needs_measurement = True
+
+    def __init__(self, operator: ForwardModel, data_std: DataStd = 1.0,
+                 interval: Interval | None = None) -> None:
+        super().__init__(interval)
+        self.operator = operator
+        self.data_std = data_std
+
+    needs_svd = False  # a method that works in the operator's SVD basis says so
+
+    def check(self, model: ScoreModel) -> str | None:
+        if self.needs_svd and not self.operator.has_svd:
+            return (f"an operator with an SVD ({type(self.operator).__name__} has only A and "
+                    f"its adjoint: use dps)")
+        shape = tuple(getattr(model.network, "data_shape", ()) or ())
+        if shape and tuple(self.operator.data_shape) != shape:
+            return (f"an operator for data of shape {shape} (this one was built for "
+                    f"{tuple(self.operator.data_shape)})")
+        return None
+
+    def measurement(self, model: ScoreModel, x: torch.Tensor) -> torch.Tensor:
+        y = model.measurements
+        if y is None:
+            raise ValueError(f"{type(self).__name__} needs a measurement: use dkit restore, a "
+                             "spec's restore section or diffusers_kit.restore.restore")
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"{y.shape[0]} measurements bound for a batch of {x.shape[0]}")
+        return y.to(device=x.device, dtype=x.dtype)
+
+    def posterior_variance(self, model: ScoreModel, t: torch.Tensor) -> torch.Tensor:
+        """``r_t^2 = c^2 sigma^2 / (c^2 + sigma^2)`` per sample, ``sigma = sigma_t / alpha_t``."""
+        level = noise_level(model, t).double()
+        c2 = self.data_std**2
+        return c2 * level**2 / (c2 + level**2)
+
+    def singulars(self, like: torch.Tensor) -> torch.Tensor:
+        """The operator's singular values on ``like``'s device and dtype (cached there)."""
+        return self.operator.singulars(like=like)
+
+    def precision_weights(self, r2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``s / (r_t^2 s^2 + sigma_y^2)`` per sample and singular value, ``(B, r)``: the SVD-
+        basis form of ``A^T (r_t^2 A A^T + sigma_y^2 I)^{-1}`` (the denominator floored at
+        1e-12 for a noiseless measurement at ``t -> 0``)."""
+        s = self.singulars(r2)
+        denominator = r2[:, None] * s**2 + self.operator.sigma_y**2
+        return (s / denominator.clamp_min(1e-12)).to(dtype)
+
+    def spectral(self, residual: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``V [weights * (U^T residual)]``: a measurement-space residual weighted in the SVD
+        basis and brought back to data space."""
+        z = self.operator.Ut(residual)
+        r = weights.shape[1]
+        full = z.new_zeros(z.shape[0], math.prod(self.operator.data_shape))
+        full[:, :r] = weights * z[:, :r]
+        return self.operator.V(full)
+
+
+class Replacement(MeasurementGuidance):
+    """Data consistency of the denoised estimate: score-SDE imputation (Song et al. 2021,
+    app. I.2) done on ``x0_hat`` for any operator, process and sampler.
+
+    ``x0_hat <- x0_hat + r_t^2 A^T (r_t^2 A A^T + sigma_y^2 I)^{-1} (y - A x0_hat)``: the
+    posterior mean of ``x_0`` given ``x0_hat`` and ``y`` when ``x_0 | x_t`` is taken as
+    ``N(x0_hat, r_t^2 I)``. Without measurement noise it is ``x0_hat + A^+ (y - A x0_hat)``
+    (the range / null-space decomposition of Wang et al. 2023): the known part becomes exactly
+    ``y`` and the rest is the model's. For inpainting that is the replacement of the known
+    pixels — but through ``x0_hat``, so every solver's own update then noises ``y`` correctly to
+    the next time (DDIM keeps the known pixels on ``alpha_s y + sigma_s eps``, ancestral
+    sampling draws them from ``q(x_s | x_t, x_0 = y)``), the start is the prior, and the final
+    denoise returns ``y`` exactly on the known part. score_sde's version noised ``y`` with the
+    prior's scale and left the last step noisy. No network gradient: cheap.
+
+    Args:
+        operator: the forward model.
+        data_std: ``c`` in ``r_t^2`` (only matters with measurement noise).
+        interval: act only for noise levels in ``[lo, hi]``.
+    """
+
+    needs_svd = True
+
+    def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
+              y: torch.Tensor | None) -> torch.Tensor:
+        output = evaluate(x, t, y)
+        prediction, v = model.split(output)
+        x0 = model.convert(prediction, x, t, "x0")
+        measured = self.measurement(model, x)
+        s = self.singulars(x)
+        if self.operator.sigma_y == 0:  # the limit r^2 s / (r^2 s^2) = 1 / s: A^+ (y - A x0)
+            kept = s > 1e-6 * s.max()  # directions A cannot see stay the model's
+            weights = torch.where(kept, 1 / s.clamp_min(1e-300), 0.0).expand(x.shape[0], -1)
+        else:
+            r2 = self.posterior_variance(model, t)[:, None].to(x.dtype)
+            weights = r2 * s / (r2 * s**2 + self.operator.sigma_y**2)
+        x0 = x0 + self.spectral(measured - self.operator.A(x0), weights.to(x0.dtype))
+        prediction = model.process.convert(x0, x, t.to(x.dtype), "x0", model.network.prediction)
+        return prediction if v is None else torch.cat([prediction, v], dim=1)
+
+
+class PiGDM(MeasurementGuidance):
+    """Pseudo-inverse guided diffusion (ΠGDM; Song, Vahdat, Mardani & Kautz 2023, eq. 7):
+
+    ``grad log p(y | x_t) ~ J^T A^T (r_t^2 A A^T + sigma_y^2 I)^{-1} (y - A x0_hat)``,
+    ``J = d x0_hat / d x_t``:
+
+    one vector-Jacobian product through the network per step. Exact when ``x_0 | x_t`` is
+    Gaussian with covariance ``r_t^2 I`` — a Gaussian prior ``N(0, c^2 I)`` with ``c = data_std``
+    (tested); an approximation otherwise.
+
+    Args:
+        operator: the forward model.
+        scale: multiplies the term (1: as derived).
+        data_std: ``c`` in ``r_t^2``.
+        interval: act only for noise levels in ``[lo, hi]``.
+    """
+
+    differentiates = True
+    needs_svd = True
+
+    def __init__(self, operator: ForwardModel,
+                 scale: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 1.0,
+                 data_std: DataStd = 1.0, interval: Interval | None = None) -> None:
+        super().__init__(operator, data_std, interval)
+        self.scale = scale
+
+    def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
+              y: torch.Tensor | None) -> torch.Tensor:
+        measured = self.measurement(model, x)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            output = evaluate(xg, t, y)
+            prediction, _ = model.split(output)
+            x0 = model.convert(prediction, xg, t, "x0")
+            weights = self.precision_weights(self.posterior_variance(model, t), x0.dtype)
+            direction = self.spectral(measured - self.operator.A(x0.detach()), weights)
+            (grad,) = torch.autograd.grad(x0, xg, grad_outputs=direction)
+        return add_score(model, output.detach(), x, t, self.scale * grad)
+
+
+class DPS(MeasurementGuidance):
+    """Diffusion posterior sampling (Chung, Kim, McCann, Klasky & Ye 2023, alg. 1):
+
+    ``grad log p(y | x_t) ~ -zeta grad_x ||y - A(x0_hat(x_t))||^2 / (2 (sigma_y^2 + r_t^2))``
+
+    the gradient of the measurement misfit of ``x0_hat`` through the network. The paper's step
+    ``zeta' / ||y - A x0_hat||`` is solver-specific (a state correction per ancestral step); we
+    keep the Gaussian likelihood's variance, with ``r_t^2`` added so that it stays finite for
+    noiseless measurements and the term has score units for every solver. Approximate for any
+    prior (its bias is measured in the docs); ``zeta`` trades consistency for realism.
+
+    Args:
+        operator: the forward model.
+        zeta: the step scale (1: the likelihood as written).
+        data_std: ``c`` in ``r_t^2``.
+        interval: act only for noise levels in ``[lo, hi]``.
+    """
+
+    differentiates = True
+
+    def __init__(self, operator: ForwardModel,
+                 zeta: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 1.0,
+                 data_std: DataStd = 1.0, interval: Interval | None = None) -> None:
+        super().__init__(operator, data_std, interval)
+        self.zeta = zeta
+
+    def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
+              y: torch.Tensor | None) -> torch.Tensor:
+        measured = self.measurement(model, x)
+        variance = (self.operator.sigma_y**2 + self.posterior_variance(model, t)).to(x.dtype)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            output = evaluate(xg, t, y)
+            prediction, _ = model.split(output)
+            x0 = model.convert(prediction, xg, t, "x0")
+            misfit = (measured - self.operator.A(x0)).flatten(1).pow(2).sum(1)
+            (grad,) = torch.autograd.grad((misfit / (2 * variance)).sum(), xg)
+        return add_score(model, output.detach(), x, t, -self.zeta * grad)
+
+
+__all__ = ["DPS", "MeasurementGuidance", "PiGDM", "Replacement"]

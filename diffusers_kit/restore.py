@@ -1,0 +1,186 @@
+"""Restoration: simulate a measurement of known images through a forward model, sample the
+posterior with a measurement-guidance method, and judge the result.
+
+``restore(diffusion, method, images, solver)`` is what ``dkit restore`` and a spec's
+``restore:`` section run:
+
+1. ``y = method.operator.simulate(images)`` — the **same** operator object the method guides
+   with (``A(x) + sigma_y n``, ``sigma_y`` in data units, seeded);
+2. ``samples_per_image`` posterior samples per image, by any solver, with the method bound to
+   its ``y`` (:meth:`ScoreModel.guided`);
+3. metrics per restoration: PSNR and SSIM against the ground truth (images only), the
+   **consistency** ``||y - A x||_2 / sqrt(m)`` (RMS residual over the ``m`` measured values, in
+   data units: an exact method leaves about ``sigma_y``), each as mean, std and bootstrap
+   interval; NFE and seconds.
+
+:func:`figure` draws one row per image: the measurement (shown as ``A^+ y``, in data space) |
+the restorations | the ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from diffusers_kit.data.base import DataSplits
+from diffusers_kit.metrics.floor import ErrorBars, mean_with_interval
+from diffusers_kit.metrics.restoration import psnr_per_image, ssim_per_image
+from diffusers_kit.report import draw_text, font, image_grid, scatter_plot
+
+if TYPE_CHECKING:
+    from diffusers_kit.api import Diffusion
+    from diffusers_kit.guidance.measurement import MeasurementGuidance
+    from diffusers_kit.solvers.base import Progress, Solver
+
+
+@dataclass
+class Restoration:
+    """What :func:`restore` produced: ``truth`` (n images), their ``measurement`` y, the naive
+    ``A^+ y`` (``pseudo_inverse``), ``samples`` (``n * samples_per_image``, image ``i``'s
+    restorations at rows ``i * k .. i * k + k - 1``) and the metrics."""
+
+    truth: torch.Tensor
+    measurement: torch.Tensor
+    pseudo_inverse: torch.Tensor
+    samples: torch.Tensor
+    samples_per_image: int
+    nfe: int
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def consistency(operator, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """``||y - A x||_2 / sqrt(m)`` per row: the RMS measurement residual in data units."""
+    residual = (y.to(x.dtype) - operator.A(x)).flatten(1)
+    return residual.pow(2).mean(1).sqrt()
+
+
+def restore(
+    diffusion: Diffusion,
+    method: MeasurementGuidance,
+    images: torch.Tensor,
+    solver: Solver,
+    *,
+    samples_per_image: int = 1,
+    seed: int = 0,
+    batch_size: int | None = None,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    extra_guidance: tuple = (),
+    progress: Progress | None = None,
+) -> Restoration:
+    """Restore ``images`` (ground truth, ``(n, *data_shape)``) from their simulated
+    measurements with ``method``; see the module docstring."""
+    if samples_per_image < 1:
+        raise ValueError(f"samples_per_image must be at least 1, got {samples_per_image}")
+    truth = images.detach().float().cpu()
+    operator = method.operator
+    generator = torch.Generator().manual_seed(seed)
+    measurement = operator.simulate(truth, generator)
+    k = samples_per_image
+    repeated = measurement.repeat_interleave(k, dim=0)
+    started = time.perf_counter()
+    result = diffusion.sample(len(truth) * k, solver, seed=seed, batch_size=batch_size,
+                              guidance=[method, *extra_guidance], measurements=repeated,
+                              progress=progress)
+    seconds = time.perf_counter() - started
+    samples = result.samples.float().cpu()
+    reference = truth.repeat_interleave(k, dim=0)
+    bars = ErrorBars()
+    metrics: dict[str, float] = {}
+    metric_generator = torch.Generator().manual_seed(seed)
+    if samples.dim() == 4:
+        low, high = value_range
+        metrics.update(mean_with_interval("psnr", psnr_per_image(
+            samples.double(), reference.double(), low, high), metric_generator, bars))
+        size = min(7, samples.shape[-1] - (1 - samples.shape[-1] % 2))
+        metrics.update(mean_with_interval("ssim", ssim_per_image(
+            samples.double(), reference.double(), low, high, max(3, size), 1.5),
+            metric_generator, bars))
+    metrics.update(mean_with_interval("consistency", consistency(operator, samples.double(),
+                                                                  repeated.double()),
+                                      metric_generator, bars))
+    metrics["consistency_sigma_y"] = float(operator.sigma_y)
+    naive = operator.pinv(measurement.double())
+    if samples.dim() == 4:  # the baseline a method must beat: A^+ y
+        metrics["pinv_psnr"] = float(psnr_per_image(naive, truth.double(), *value_range).mean())
+    metrics["nfe"] = float(result.nfe)
+    metrics["seconds"] = seconds
+    return Restoration(truth, measurement, naive.float(), samples, k, result.nfe, seconds,
+                       metrics)
+
+
+def figure(restoration: Restoration, to_display, cell: int = 48) -> Image.Image:  # type: ignore[no-untyped-def]
+    """One column per image; rows: the measurement (shown as ``A^+ y``, in data space), the
+    restorations, the ground truth — each row labelled on the left."""
+    r = restoration
+    k, n = r.samples_per_image, len(r.truth)
+    restored = r.samples.reshape(n, k, *r.samples.shape[1:]).transpose(0, 1).flatten(0, 1)
+    tiles = to_display(torch.cat([r.pseudo_inverse, restored, r.truth]))
+    grid = image_grid(tiles, n, cell=cell).convert("RGB")
+    labels = ["measurement"] + [f"restoration {i + 1}" if k > 1 else "restoration"
+                                for i in range(k)] + ["truth"]
+    face = font(13)
+    margin = 8 + max(int(ImageDraw.Draw(grid).textlength(label, font=face)) for label in labels)
+    canvas = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
+    canvas.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row = (grid.height - 2) / len(labels)
+    for i, label in enumerate(labels):
+        draw_text(draw, (margin - 4, 1 + (i + 0.5) * row), label, face, anchor="rm")
+    return canvas
+
+
+def restoration_images(source: str, data: DataSplits, n: int) -> torch.Tensor:
+    """The images to restore: the first ``n`` held-out examples (``"heldout"``) or the first
+    ``n`` of an .npz (array ``x``, ``images`` or its only array) / .npy file, checked against
+    the data's shape."""
+    if source == "heldout":
+        images = data.heldout
+    else:
+        path = Path(source).expanduser()
+        try:
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                with loaded:
+                    names = [k for k in ("x", "images") if k in loaded.files] or loaded.files
+                    if len(names) != 1 and not {"x", "images"} & set(loaded.files):
+                        raise ValueError(f"arrays {loaded.files}: name one 'x' or 'images'")
+                    array = loaded[names[0]]
+            else:
+                array = loaded
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"a readable .npz / .npy file of images ({path}: {exc})") from None
+        images = torch.from_numpy(np.asarray(array, dtype=np.float32))
+    if tuple(images.shape[1:]) != tuple(data.shape):
+        raise ValueError(f"images of shape {tuple(data.shape)} (the model's data); given "
+                         f"{tuple(images.shape[1:])}")
+    if not torch.isfinite(images).all():
+        raise ValueError("finite images (these hold NaN or infinity)")
+    return images[:n].float()
+
+
+def write_restoration(result: Restoration, folder: Path, dataset) -> None:  # type: ignore[no-untyped-def]
+    """``restore.png`` (:func:`figure`, or a scatter of the restorations for vector data),
+    ``restore.npz`` (truth, measurement, pseudo_inverse, samples) and ``restore.json``."""
+    if result.samples.dim() == 4:
+        figure(result, dataset.to_display).save(folder / "restore.png")
+    else:
+        scatter_plot(result.samples, result.truth).save(folder / "restore.png")
+    np.savez_compressed(folder / "restore.npz", truth=result.truth.numpy(),
+                        measurement=result.measurement.float().numpy(),
+                        pseudo_inverse=result.pseudo_inverse.numpy(),
+                        samples=result.samples.numpy())
+    finite = json.loads(json.dumps(result.metrics), parse_constant=lambda _: None)
+    (folder / "restore.json").write_text(json.dumps(finite, indent=2, allow_nan=False) + "\n",
+                                         encoding="utf-8")
+
+
+__all__ = ["Restoration", "consistency", "figure", "restoration_images", "restore",
+           "write_restoration"]

@@ -1,0 +1,126 @@
+"""RePaint's resampling (Lugmayr et al. 2022, alg. 1 and sec. 4.2): ancestral sampling that
+goes back in time to harmonise a conditioned region with the rest.
+
+The descent is DDPM ancestral sampling (Ho et al. 2020, alg. 2; :mod:`diffusers_kit.solvers.
+ancestral`) on the process's steps or a sub-sequence. Every ``jump_length`` steps, the state
+jumps back up those steps through the process's **forward** kernel, one exact transition
+``q(x_t | x_s) = N(a x_s, b^2 I)`` per step (:meth:`NoiseProcess.transition`), and descends
+again; each block is traversed ``resampling`` times in all. The network sees every re-noised
+state, so information flows between the measured and the generated parts of the image.
+
+The conditioning itself is not here: RePaint's "known region from ``q(x_{t-1} | y)``" is the
+``replacement`` guidance term (:class:`diffusers_kit.guidance.Replacement`), which puts ``y``
+into ``x0_hat`` so that each ancestral step draws the known part from the bridge
+``q(x_s | x_t, x_0 = y)``. ``restore: {method: {kind: replacement, ...}, solver: {kind:
+repaint}}`` is RePaint; with any other term the jumps resample that term's posterior.
+``resampling: 1`` is plain ancestral sampling.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import torch
+from pydantic import Field
+
+from diffusers_kit.solvers.ancestral import predict_x0_and_eps
+from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
+from diffusers_kit.solvers.grids import Spacing
+from diffusers_kit.solvers.noise import Noise, as_noise
+from diffusers_kit.solvers.tables import step_table
+
+if TYPE_CHECKING:
+    from diffusers_kit.model import ScoreModel
+    from diffusers_kit.processes.base import NoiseProcess
+
+Tensor = torch.Tensor
+
+
+def jump_schedule(steps: int, jump_length: int, resampling: int) -> list[tuple[str, int]]:
+    """The moves: ``("down", i)`` is the step ``times[i] -> times[i + 1]``, ``("up", i)`` its
+    forward re-noising ``times[i + 1] -> times[i]``. Blocks of ``jump_length`` steps, each
+    descended ``resampling`` times with a jump back up between descents."""
+    moves: list[tuple[str, int]] = []
+    for begin in range(0, steps, jump_length):
+        block = range(begin, min(begin + jump_length, steps))
+        for round_ in range(resampling):
+            moves += [("down", i) for i in block]
+            if round_ < resampling - 1:
+                moves += [("up", i) for i in reversed(block)]
+    return moves
+
+
+class RePaint(Solver):
+    """Ancestral sampling with RePaint's jumps back in time (Lugmayr et al. 2022).
+
+    Args:
+        steps: descent steps (default: 250 of a discrete process's, as RePaint used; 250
+            otherwise). Network evaluations: ``steps * resampling``.
+        jump_length: steps per jump (RePaint: 10).
+        resampling: descents per block (RePaint: 10; 1 is plain ancestral sampling).
+        spacing: how the times are spaced.
+        clip_x0: clip x0_hat to [-clip_x0, clip_x0] (images in [-1, 1]: 1.0).
+    """
+
+    def __init__(
+        self,
+        steps: Annotated[int, Field(ge=1, le=100_000)] = 250,
+        jump_length: Annotated[int, Field(ge=1, le=10_000)] = 10,
+        resampling: Annotated[int, Field(ge=1, le=100)] = 10,
+        spacing: Spacing = "uniform",
+        clip_x0: Annotated[float, Field(gt=0)] | None = None,
+    ) -> None:
+        self.steps = steps
+        self.jump_length = jump_length
+        self.resampling = resampling
+        self.spacing = spacing
+        self.clip_x0 = clip_x0
+
+    def total_steps(self, process: NoiseProcess) -> int:
+        table = step_table(process, self.steps, self.spacing)
+        return sum(1 for kind, _ in jump_schedule(table.steps, self.jump_length,
+                                                  self.resampling) if kind == "down")
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: ScoreModel,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None = None,
+        progress: Progress | None = None,
+        noise: Noise | None = None,
+        x_T: Tensor | None = None,
+    ) -> SampleResult:
+        process, device = model.process, model_device(model)
+        noise = as_noise(generator, noise)
+        table = step_table(process, self.steps, self.spacing)
+        rows, steps = table.rows, table.steps
+        std = [v**0.5 for v in rows["posterior_var"]]
+        up = [v**0.5 for v in rows["b2"]]
+        recorder = Recorder(steps, self.record, table.times[:-1].tolist())
+        begin = model.nfe
+        x = start(model, shape, noise, x_T)
+        times = table.time_vectors(process, shape[0], device)
+        last = {i: n for n, (kind, i) in enumerate(jump_schedule(
+            steps, self.jump_length, self.resampling)) if kind == "down"}
+        for n, (kind, i) in enumerate(jump_schedule(steps, self.jump_length, self.resampling)):
+            if kind == "up":  # x_t ~ q(x_t | x_s): the forward kernel, exact
+                x = rows["a"][i] * x + up[i] * noise.randn(shape, device=device)
+                continue
+            x0, _, _ = predict_x0_and_eps(model, x, times[i], rows["alpha_t"][i],
+                                          rows["sigma_t"][i], self.clip_x0)
+            final = last[i] == n  # the block's last descent: what is recorded
+            if final and recorder.wants(i):
+                recorder.record(i, x, x0)
+            mean = rows["c_t"][i] * x + rows["c_0"][i] * x0
+            if i == steps - 1 and final:
+                x = mean  # the very last step returns the mean (Ho et al. 2020, alg. 2)
+            else:
+                x = mean + std[i] * noise.randn(shape, device=device)
+            if progress is not None:
+                progress(1)
+        return recorder.result(x, model.nfe - begin)
+
+
+__all__ = ["RePaint", "jump_schedule"]
