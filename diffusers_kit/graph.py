@@ -172,8 +172,6 @@ def build_components(
     solver = None
     if spec.sample is not None:
         solver = builder.build(("sample", "solver"), "solver", spec.sample.solver)
-    metrics = [(m["kind"], builder.build(("evaluate", "metrics", i), "metric", m))
-               for i, m in enumerate(spec.evaluate.metrics)]
     if solver is not None and process is not None and (reason := solver.check(process)):
         builder.issue(("sample", "solver", "kind"), reason, spec.sample.solver["kind"])
     data = None
@@ -182,6 +180,9 @@ def build_components(
             data = dataset.load()
         except (OSError, ValueError) as exc:
             model_builder.issue(("data",), f"a data set that loads ({exc})", source.data)
+    shape = {} if data is None else {"data_shape": data.shape}  # for nested operators
+    metrics = [(m["kind"], builder.build(("evaluate", "metrics", i), "metric", m, **shape))
+               for i, m in enumerate(spec.evaluate.metrics)]
     network = None
     if data is not None:
         torch.manual_seed(source.seed)  # the network's initial weights follow the spec's seed
@@ -725,6 +726,11 @@ def execute(
                                            "names the trained model", str(value), None,
                                            "command line")])
         stages.discard("train")
+    if allow_change and resume_path is None:  # --from never refuses a changed spec
+        raise SpecError([SpecIssue(("--allow-change",), "--resume RUN_DIR as well: it only lets "
+                                   "a resumed run's spec differ from that run's (--from takes "
+                                   "the weights whatever changed, and lists the differences)",
+                                   " ".join(allow_change), None, "command line")])
     if resume_path is not None and ("train" not in stages or from_path is not None):
         raise SpecError([SpecIssue(("--resume",), "the train stage, without --from (a resumed "
                                    "run continues training)", str(resume_path), None,

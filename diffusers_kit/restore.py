@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffusers_kit.data.base import DataSplits
+from diffusers_kit.metrics.consistency import consistency
 from diffusers_kit.metrics.floor import ErrorBars, mean_with_interval
 from diffusers_kit.metrics.restoration import psnr_per_image, ssim_per_image
 from diffusers_kit.report import draw_text, font, image_grid, scatter_plot
@@ -54,12 +55,6 @@ class Restoration:
     nfe: int
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def consistency(operator, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """``||y - A x||_2 / sqrt(m)`` per row: the RMS measurement residual in data units."""
-    residual = (y.to(x.dtype) - operator.A(x)).flatten(1)
-    return residual.pow(2).mean(1).sqrt()
 
 
 def restore(

@@ -132,3 +132,24 @@ def test_restore_in_python_without_a_spec():
     assert result.samples.shape == (20, 2)
     assert torch.allclose(result.samples[:, 0], truth[:, 0].repeat_interleave(4), atol=1e-5)
     assert result.metrics["consistency"] < 1e-5 and "psnr" not in result.metrics
+
+
+def test_the_consistency_metric_in_a_spec(tmp_path, capsys):
+    """`consistency` as an evaluate metric: restorations of held-out example i against its
+    measurement; the held-out examples themselves score 0, random images do not."""
+    from diffusers_kit.data.base import DataSplits
+    from diffusers_kit.metrics import Consistency
+    from diffusers_kit.registry import get_registry
+
+    forward = get_registry().build("forward_model", {"kind": "inpaint", "mask": "center"},
+                                   data_shape=(1, 8, 8))
+    heldout = torch.rand(10, 1, 8, 8) * 2 - 1
+    data = DataSplits(train=heldout, heldout=heldout)
+    metric = Consistency(forward, resamples=50)
+    assert metric.evaluate(heldout, data, torch.Generator())["consistency"] == 0
+    noisy = metric.evaluate(torch.rand(10, 1, 8, 8) * 2 - 1, data, torch.Generator())
+    assert noisy["consistency"] > 0.3 and noisy["consistency_low"] <= noisy["consistency"]
+    spec = SPEC.replace("evaluate: {metrics: []}", "evaluate: {metrics: [{kind: consistency, "
+                        "operator: {kind: inpaint, mask: center, box_size: 2.0}}]}")
+    code, _, err = run_cli(["validate", "--build", str(write_spec(tmp_path, spec))], capsys)
+    assert code == 2 and "evaluate.metrics[0].operator.box_size" in err, err

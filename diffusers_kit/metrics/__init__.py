@@ -8,6 +8,7 @@ computed in a feature space name a trained classifier (:mod:`diffusers_kit.metri
 from diffusers_kit.metrics.accuracy import Accuracy
 from diffusers_kit.metrics.base import Metric
 from diffusers_kit.metrics.class_accuracy import ClassAccuracy
+from diffusers_kit.metrics.consistency import Consistency
 from diffusers_kit.metrics.fd import FrechetDistance, frechet_distance
 from diffusers_kit.metrics.features import FeatureSpace
 from diffusers_kit.metrics.floor import ErrorBars, compare_with_floor, mean_with_interval
@@ -27,9 +28,11 @@ REGISTER = [
     ("metric", "accuracy", Accuracy),
     ("metric", "psnr", PSNR),
     ("metric", "ssim", SSIM),
+    ("metric", "consistency", Consistency),
 ]
 
-__all__ = ["PSNR", "REGISTER", "SSIM", "Accuracy", "ClassAccuracy", "ErrorBars", "FeatureSpace",
+__all__ = ["PSNR", "REGISTER", "SSIM", "Accuracy", "ClassAccuracy", "Consistency", "ErrorBars",
+           "FeatureSpace",
            "FrechetDistance", "KernelDistance", "Metric", "NegativeLogLikelihood",
            "PrecisionRecall", "SlicedWasserstein", "compare_with_floor", "frechet_distance",
            "kernel_distance", "mean_with_interval", "prdc", "sliced_wasserstein"]
