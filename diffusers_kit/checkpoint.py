@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -56,7 +57,21 @@ def save_checkpoint(
         seen.add(where)
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     meta[CHECKSUM_KEY] = checksum(flat, meta)
-    atomic_write_bytes(Path(path), lambda tmp: save_file(flat, tmp, metadata=meta))
+    atomic_write_bytes(Path(path), lambda tmp: _save_file(flat, tmp, meta))
+
+
+def _save_file(flat: dict[str, torch.Tensor], tmp: str, meta: dict[str, str]) -> None:
+    """``safetensors``' writer, whose I/O failures (disk full, read-only) arrive as a
+    ``SafetensorError`` naming ``os error N``: turned back into the ``OSError`` they are, so the
+    CLI reports them as the environment's (exit 3) with the file and the hint."""
+    try:
+        save_file(flat, tmp, metadata=meta)
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), tmp) from exc
 
 
 class CheckpointError(Exception):

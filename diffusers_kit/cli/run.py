@@ -27,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="train again even when a finished run (of this spec or of a model "
                              "it refers to) has the same training hash")
     parser.add_argument("--allow-change", action="append", default=[], metavar="FIELD",
-                        help="with --resume: let this spec field (or section) differ from the "
-                             "run's, e.g. train.optimizer.lr after a NaN stop; repeatable")
+                        help="only with --resume: let this spec field (or section) differ from "
+                             "the run's, e.g. train.optimizer.lr after a NaN stop; repeatable")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_command)
 

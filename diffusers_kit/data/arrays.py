@@ -55,7 +55,7 @@ class NpzArrays(Dataset):
         modality: Literal["image", "vector"] = "image",
         scale: Literal["none", "symmetric"] = "symmetric",
         heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1,
-        seed: Annotated[int, Field(ge=0)] = 0,
+        seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0,
     ) -> None:
         self.path = Path(os.path.expanduser(path))
         self.key, self.labels_key = key, labels_key

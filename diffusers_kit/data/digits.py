@@ -23,9 +23,10 @@ class Digits(Dataset):
 
     def __init__(
         self,
-        heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2,
+        # of 1,797 images: at least 18 held out (for metrics) and 180 to train on
+        heldout_fraction: Annotated[float, Field(ge=0.01, le=0.9)] = 0.2,
         scale: Literal["symmetric", "unit"] = "symmetric",
-        split_seed: Annotated[int, Field(ge=0)] = 0,
+        split_seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0,
     ) -> None:
         self.heldout_fraction = heldout_fraction
         self.scale = scale

@@ -62,8 +62,8 @@ class ImageFolder(Dataset):
         recursive: bool = False,
         labels: Literal["subfolders"] | None = None,
         heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1,
-        seed: Annotated[int, Field(ge=0)] = 0,
-        limit: Annotated[int, Field(ge=2)] | None = None,
+        seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0,
+        limit: Annotated[int, Field(ge=2, le=10_000_000)] | None = None,
     ) -> None:
         self.path = Path(os.path.expanduser(path))
         self.size, self.channels, self.recursive, self.labels = size, channels, recursive, labels

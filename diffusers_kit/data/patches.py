@@ -105,7 +105,7 @@ class Patches(Dataset):
         zoom: Annotated[int, Field(ge=1, le=24)] = 4,
         count: Annotated[int, Field(ge=2, le=1_000_000)] = 8000,
         heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2,
-        seed: Annotated[int, Field(ge=0)] = 0,
+        seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0,
         images: Annotated[list[Photo], Field(min_length=1)] = ["china", "flower"],  # noqa: B006
     ) -> None:
         if size * zoom > MAX_CROP:

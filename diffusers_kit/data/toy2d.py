@@ -20,6 +20,11 @@ from pydantic import Field
 from diffusers_kit.data.base import Dataset, DataSplits
 
 Count = Annotated[int, Field(ge=1, le=10_000_000)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+# a length in data units: the sets span a few units, so 1,000 is far beyond any use and
+# keeps float32 data finite
+Length = Annotated[float, Field(ge=0, le=1000)]
+PositiveLength = Annotated[float, Field(gt=0, le=1000)]
 
 
 class Toy2D(Dataset):
@@ -61,8 +66,8 @@ class TwoMoons(Toy2D):
     """
 
     def __init__(self, n_train: Count = 8000, n_heldout: Count = 2000,
-                 noise: Annotated[float, Field(ge=0)] = 0.05,
-                 seed: Annotated[int, Field(ge=0)] = 0) -> None:
+                 noise: Length = 0.05,
+                 seed: Seed = 0) -> None:
         super().__init__(n_train, n_heldout, noise, seed)
 
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -84,8 +89,8 @@ class SwissRoll(Toy2D):
     """
 
     def __init__(self, n_train: Count = 8000, n_heldout: Count = 2000,
-                 noise: Annotated[float, Field(ge=0)] = 0.1,
-                 seed: Annotated[int, Field(ge=0)] = 0) -> None:
+                 noise: Length = 0.1,
+                 seed: Seed = 0) -> None:
         super().__init__(n_train, n_heldout, noise, seed)
 
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -104,8 +109,8 @@ class Checkerboard(Toy2D):
     """
 
     def __init__(self, n_train: Count = 8000, n_heldout: Count = 2000,
-                 noise: Annotated[float, Field(ge=0)] = 0.0,
-                 seed: Annotated[int, Field(ge=0)] = 0) -> None:
+                 noise: Length = 0.0,
+                 seed: Seed = 0) -> None:
         super().__init__(n_train, n_heldout, noise, seed)
 
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -128,10 +133,10 @@ class GaussianMixture(Toy2D):
     """
 
     def __init__(self, components: Annotated[int, Field(ge=1, le=1000)] = 8,
-                 radius: Annotated[float, Field(gt=0)] = 2.0,
-                 std: Annotated[float, Field(gt=0)] = 0.15,
+                 radius: PositiveLength = 2.0,
+                 std: PositiveLength = 0.15,
                  n_train: Count = 8000, n_heldout: Count = 2000,
-                 seed: Annotated[int, Field(ge=0)] = 0) -> None:
+                 seed: Seed = 0) -> None:
         super().__init__(n_train, n_heldout, 0.0, seed)
         self.components, self.radius, self.std = components, radius, std
         self.num_classes = components

@@ -37,13 +37,13 @@ class NoiseAwareClassifier(Network):
 
     def __init__(
         self,
-        num_classes: Annotated[int, Field(ge=2)] = 10,
+        num_classes: Annotated[int, Field(ge=2, le=100_000)] = 10,
         channels: Annotated[int, Field(ge=1, le=1024)] = 32,
         channel_mult: Annotated[list[Annotated[int, Field(ge=1, le=16)]],
                                 Field(min_length=1, max_length=8)] = [1, 2],  # noqa: B006
         blocks: Annotated[int, Field(ge=1, le=8)] = 1,
         dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
-        norm_groups: Annotated[int, Field(ge=1)] = 8,
+        norm_groups: Annotated[int, Field(ge=1, le=1024)] = 8,
         pooling: Literal["mean"] = "mean",
         *,
         data_shape: tuple[int, ...],

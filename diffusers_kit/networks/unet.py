@@ -96,13 +96,14 @@ class UNet(Network):
         channel_mult: Annotated[list[Annotated[int, Field(ge=1, le=16)]],
                                 Field(min_length=1, max_length=8)] = [1, 2],  # noqa: B006
         res_blocks: Annotated[int, Field(ge=1, le=8)] = 2,
-        attention_resolutions: list[Annotated[int, Field(ge=1)]] = [4],  # noqa: B006
-        heads: Annotated[int, Field(ge=1)] = 1,
+        attention_resolutions: Annotated[list[Annotated[int, Field(ge=1, le=4096)]],
+                                       Field(max_length=8)] = [4],  # noqa: B006
+        heads: Annotated[int, Field(ge=1, le=1024)] = 1,
         dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1,
-        norm_groups: Annotated[int, Field(ge=1)] = 8,
+        norm_groups: Annotated[int, Field(ge=1, le=1024)] = 8,
         prediction: Literal["eps", "score", "x0", "v", "mu"] = "eps",
         learned_variance: bool = False,
-        num_classes: Annotated[int, Field(ge=1)] | None = None,
+        num_classes: Annotated[int, Field(ge=1, le=100_000)] | None = None,
         class_dropout: Annotated[float, Field(ge=0, le=1)] = 0.0,
         *,
         data_shape: tuple[int, ...],
