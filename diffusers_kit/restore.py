@@ -11,7 +11,7 @@ posterior with a measurement-guidance method, and judge the result.
 3. metrics per restoration: PSNR and SSIM against the ground truth (images only), the
    **consistency** ``||y - A x||_2 / sqrt(m)`` (RMS residual over the ``m`` measured values, in
    data units: an exact method leaves about ``sigma_y``), each as mean, std and bootstrap
-   interval; NFE and seconds.
+   interval; NFE (network evaluations of one restoration) and seconds.
 
 :func:`figure` draws one row per image: the measurement (shown as ``A^+ y``, in data space) |
 the restorations | the ground truth.
@@ -85,6 +85,8 @@ def restore(
                               guidance=[method, *extra_guidance], measurements=repeated,
                               progress=progress)
     seconds = time.perf_counter() - started
+    count = len(truth) * k
+    nfe = result.nfe // -(-count // (batch_size or count))  # per restoration, not per batch sum
     samples = result.samples.float().cpu()
     reference = truth.repeat_interleave(k, dim=0)
     bars = ErrorBars()
@@ -105,10 +107,9 @@ def restore(
     naive = operator.pinv(measurement.double())
     if samples.dim() == 4:  # the baseline a method must beat: A^+ y
         metrics["pinv_psnr"] = float(psnr_per_image(naive, truth.double(), *value_range).mean())
-    metrics["nfe"] = float(result.nfe)
+    metrics["nfe"] = float(nfe)
     metrics["seconds"] = seconds
-    return Restoration(truth, measurement, naive.float(), samples, k, result.nfe, seconds,
-                       metrics)
+    return Restoration(truth, measurement, naive.float(), samples, k, nfe, seconds, metrics)
 
 
 def figure(restoration: Restoration, to_display, cell: int = 48) -> Image.Image:  # type: ignore[no-untyped-def]

@@ -128,8 +128,10 @@ def test_restore_in_python_without_a_spec():
     forward = get_registry().build("forward_model", {"kind": "inpaint", "mask": "half"},
                                    data_shape=(2,))
     truth = mixture.sample(5, torch.Generator().manual_seed(0))
-    result = restore(diffusion, Replacement(forward), truth, DDIM(steps=20), samples_per_image=4)
+    result = restore(diffusion, Replacement(forward), truth, DDIM(steps=20), samples_per_image=4,
+                     batch_size=7)
     assert result.samples.shape == (20, 2)
+    assert result.nfe == result.metrics["nfe"] == 20  # per restoration, whatever the batches
     assert torch.allclose(result.samples[:, 0], truth[:, 0].repeat_interleave(4), atol=1e-5)
     assert result.metrics["consistency"] < 1e-5 and "psnr" not in result.metrics
 

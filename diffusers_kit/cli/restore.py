@@ -69,9 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="override fields of the run's spec")
     parser.add_argument("--operator", help="forward model, name or YAML mapping, e.g. "
                                            "'{kind: inpaint, mask: box, sigma_y: 0.05}'")
-    parser.add_argument("--method", default="dps",
-                        help="replacement, pigdm or dps (or a YAML mapping with options, e.g. "
-                             "'{kind: dps, zeta: 2}'; default dps)")
+    parser.add_argument("--method", default="pigdm",
+                        help="replacement, pigdm or dps (default pigdm: the best 50-step method "
+                             "in docs/inverse.md; or a YAML mapping with options, e.g. "
+                             "'{kind: dps, zeta: 2}')")
     parser.add_argument("--n", type=int, help="images to restore (default 8)")
     parser.add_argument("--samples-per-image", type=int, help="restorations per image")
     parser.add_argument("--images", help="an .npz / .npy file of images (default: the data "
