@@ -1,85 +1,251 @@
 """diffusers_kit: declarative, plugin-based diffusion and score-based generative models.
 
 The public Python API (re-exports only). See :class:`Diffusion` for composing a model in Python,
-and ``dkit run SPEC`` for the same thing from a YAML spec.
+and ``dkit run SPEC`` for the same thing from a YAML spec. Every built-in component a spec can
+name is importable from here by its class name (``from diffusers_kit import VP, UNet, DDIM``):
+processes, networks, objectives, solvers (with the predictors and correctors of
+predictor-corrector sampling), guidance terms, forward models, metrics, data sets and
+optimizers; plus :class:`Restoration` (restorations come from
+``from diffusers_kit.restore import restore``: a top-level function of the same name would hide
+the module) and the probability-flow ODE's :func:`log_likelihood`, :func:`encode`,
+:func:`decode` and :func:`slerp`.
 """
 
-from diffusers_kit.api import Diffusion, resolve_device
-from diffusers_kit.data.base import Dataset, DataSplits
-from diffusers_kit.data.digits import Digits
-from diffusers_kit.data.toy2d import Checkerboard, GaussianMixture, SwissRoll, TwoMoons
-from diffusers_kit.guidance import ClassifierFree, ClassifierGuidance, GradientGuidance, Guidance
+from diffusers_kit.api import (
+    Diffusion,
+    SamplingOutOfMemory,
+    default_batch_size,
+    progress_bar,
+    resolve_device,
+)
+from diffusers_kit.data import (
+    Checkerboard,
+    Dataset,
+    DataSplits,
+    Digits,
+    GaussianMixture,
+    ImageFolder,
+    NpzArrays,
+    Patches,
+    SwissRoll,
+    Toy2D,
+    TwoMoons,
+)
+from diffusers_kit.forward_models import (
+    Colorize,
+    Denoise,
+    ForwardModel,
+    GaussianBlur,
+    Inpaint,
+    MatrixOperator,
+    SigmaY,
+    SuperResolution,
+)
+from diffusers_kit.guidance import (
+    DPS,
+    ClassifierFree,
+    ClassifierGuidance,
+    GradientGuidance,
+    Guidance,
+    MeasurementGuidance,
+    PiGDM,
+    Replacement,
+    requested_labels,
+)
 from diffusers_kit.hookspecs import hookimpl
-from diffusers_kit.metrics.base import Metric
-from diffusers_kit.metrics.swd import SlicedWasserstein, sliced_wasserstein
+from diffusers_kit.likelihood import decode, encode, log_likelihood, slerp
+from diffusers_kit.metrics import (
+    PSNR,
+    SSIM,
+    Accuracy,
+    ClassAccuracy,
+    Consistency,
+    FeatureSpace,
+    FrechetDistance,
+    KernelDistance,
+    Metric,
+    NegativeLogLikelihood,
+    PrecisionRecall,
+    SlicedWasserstein,
+    frechet_distance,
+    kernel_distance,
+    prdc,
+    sliced_wasserstein,
+)
 from diffusers_kit.model import ScoreModel
-from diffusers_kit.networks.base import Network
-from diffusers_kit.networks.classifier import NoiseAwareClassifier
-from diffusers_kit.networks.mlp import MLP
-from diffusers_kit.networks.ncsn import NCSN
-from diffusers_kit.networks.unet import UNet
-from diffusers_kit.objectives.base import Objective
-from diffusers_kit.objectives.classification import NoisyClassification
-from diffusers_kit.objectives.ddpm import HybridLoss, SimpleLoss, VariationalBound
-from diffusers_kit.objectives.dsm import DenoisingScoreMatching
-from diffusers_kit.objectives.score_matching import ImplicitScoreMatching, SlicedScoreMatching
+from diffusers_kit.networks import MLP, NCSN, Network, NoiseAwareClassifier, UNet
+from diffusers_kit.objectives import (
+    DenoisingScoreMatching,
+    HybridLoss,
+    ImplicitScoreMatching,
+    NoisyClassification,
+    Objective,
+    SimpleLoss,
+    SlicedScoreMatching,
+    VariationalBound,
+)
 from diffusers_kit.optim import Adam, AdamW, Optimizer
 from diffusers_kit.pipeline import TrainedModel
-from diffusers_kit.processes.base import NoiseProcess
-from diffusers_kit.processes.ve import VE
+from diffusers_kit.processes import (
+    DDPM,
+    OU,
+    VE,
+    VP,
+    ConstantSigma,
+    NoiseProcess,
+    SubVP,
+    VariancePreserving,
+)
 from diffusers_kit.registry import Registry, get_registry
-from diffusers_kit.solvers.base import SampleResult, Solver
-from diffusers_kit.solvers.langevin import AnnealedLangevin
+from diffusers_kit.restore import Restoration
+from diffusers_kit.solvers import (
+    DDIM,
+    Ancestral,
+    AncestralPredictor,
+    AnnealedLangevin,
+    Corrector,
+    DPMSolver2M,
+    DPMSolver3M,
+    EDMStochastic,
+    EulerMaruyama,
+    EulerODE,
+    HeunODE,
+    Langevin,
+    LangevinCorrector,
+    NoCorrector,
+    NoPredictor,
+    PerSampleNoise,
+    Predictor,
+    PredictorCorrector,
+    Record,
+    RePaint,
+    ReverseDiffusion,
+    SampleResult,
+    ScipyODE,
+    Solver,
+)
 from diffusers_kit.train import EMA, Trainer, TrainingDiverged, TrainingInterrupted
+
+# the metrics' short names, as a spec names them (kind: swd, fd, kid, prdc)
+SWD, FD, KID, PRDC = SlicedWasserstein, FrechetDistance, KernelDistance, PrecisionRecall
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DDIM",
+    "DDPM",
+    "DPS",
     "EMA",
+    "FD",
+    "KID",
     "MLP",
     "NCSN",
+    "OU",
+    "PRDC",
+    "PSNR",
+    "SSIM",
+    "SWD",
     "VE",
+    "VP",
+    "Accuracy",
     "Adam",
     "AdamW",
+    "Ancestral",
+    "AncestralPredictor",
     "AnnealedLangevin",
     "Checkerboard",
+    "ClassAccuracy",
     "ClassifierFree",
     "ClassifierGuidance",
+    "Colorize",
+    "Consistency",
+    "ConstantSigma",
+    "Corrector",
+    "DPMSolver2M",
+    "DPMSolver3M",
     "DataSplits",
     "Dataset",
+    "Denoise",
     "DenoisingScoreMatching",
     "Diffusion",
     "Digits",
+    "EDMStochastic",
+    "EulerMaruyama",
+    "EulerODE",
+    "FeatureSpace",
+    "ForwardModel",
+    "FrechetDistance",
+    "GaussianBlur",
     "GaussianMixture",
     "GradientGuidance",
     "Guidance",
+    "HeunODE",
     "HybridLoss",
+    "ImageFolder",
     "ImplicitScoreMatching",
+    "Inpaint",
+    "KernelDistance",
+    "Langevin",
+    "LangevinCorrector",
+    "MatrixOperator",
+    "MeasurementGuidance",
     "Metric",
+    "NegativeLogLikelihood",
     "Network",
+    "NoCorrector",
+    "NoPredictor",
     "NoiseAwareClassifier",
     "NoiseProcess",
     "NoisyClassification",
+    "NpzArrays",
     "Objective",
     "Optimizer",
+    "Patches",
+    "PerSampleNoise",
+    "PiGDM",
+    "PrecisionRecall",
+    "Predictor",
+    "PredictorCorrector",
+    "RePaint",
+    "Record",
     "Registry",
+    "Replacement",
+    "Restoration",
+    "ReverseDiffusion",
     "SampleResult",
+    "SamplingOutOfMemory",
+    "ScipyODE",
     "ScoreModel",
+    "SigmaY",
     "SimpleLoss",
     "SlicedScoreMatching",
     "SlicedWasserstein",
     "Solver",
+    "SubVP",
+    "SuperResolution",
     "SwissRoll",
+    "Toy2D",
     "TrainedModel",
     "Trainer",
     "TrainingDiverged",
     "TrainingInterrupted",
     "TwoMoons",
     "UNet",
+    "VariancePreserving",
     "VariationalBound",
     "__version__",
+    "decode",
+    "default_batch_size",
+    "encode",
+    "frechet_distance",
     "get_registry",
     "hookimpl",
+    "kernel_distance",
+    "log_likelihood",
+    "prdc",
+    "progress_bar",
+    "requested_labels",
     "resolve_device",
+    "slerp",
     "sliced_wasserstein",
 ]

@@ -1,4 +1,4 @@
-"""The Python API: compose a process, a network and an objective; fit; sample.
+"""The Python API: compose a process, a network and an objective; fit; sample; evaluate; save.
 
 >>> import torch
 >>> from diffusers_kit import VE, NCSN, DenoisingScoreMatching, AnnealedLangevin, Digits, Diffusion
@@ -8,14 +8,26 @@
 >>> model.fit(Digits(), steps=2000, seed=0).sample(64, AnnealedLangevin(), seed=0)  # doctest: +SKIP
 
 ``dkit run`` builds exactly these objects from a spec and calls the same methods, so the same
-seed gives the same samples either way.
+seed gives the same samples either way. A notebook gets what the command line shows and writes:
+``progress=True`` draws the same rich progress bar, :meth:`Diffusion.evaluate` computes a run's
+metrics and :meth:`SampleResult.save <diffusers_kit.solvers.base.SampleResult.save>` writes its
+``samples.png``, ``samples.npz`` and ``metrics.json``.
+
+Without ``batch_size``, :meth:`Diffusion.sample` draws at most :func:`default_batch_size`
+samples at once (so a large ``n`` does not exhaust memory) and halves the batch when the device
+runs out of memory anyway; an explicit ``batch_size`` is used as given. Memory that runs out at
+the smallest batch tried raises :class:`SamplingOutOfMemory` (a ``MemoryError``) that says what
+to change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +35,7 @@ from diffusers_kit.checkpoint import load_checkpoint, prefixed, save_checkpoint,
 from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.devices import device_problem
 from diffusers_kit.guidance.base import Guidance, requested_labels
+from diffusers_kit.metrics.base import Metric
 from diffusers_kit.model import ScoreModel
 from diffusers_kit.networks.base import Network
 from diffusers_kit.objectives.base import Objective
@@ -31,6 +44,116 @@ from diffusers_kit.processes.base import NoiseProcess
 from diffusers_kit.solvers.base import Progress, SampleResult, Solver
 from diffusers_kit.solvers.noise import PerSampleNoise
 from diffusers_kit.train import EMA, Distributed, Trainer, TrainLog, TrainSettings
+
+#: Without ``batch_size``, :meth:`Diffusion.sample` draws at most this many samples at once ...
+DEFAULT_MAX_BATCH = 4096
+#: ... and at most this many values of state (samples x values per sample: 4,096 8x8 digits,
+#: 1,365 32x32 RGB images, 21 256x256 RGB images), which keeps the network's activations in
+#: the hundreds of megabytes for the built-in networks.
+DEFAULT_BATCH_VALUES = 2**22
+
+log = logging.getLogger("diffusers_kit.sample")
+
+
+def default_batch_size(n: int, data_shape: Sequence[int]) -> int:
+    """The batch :meth:`Diffusion.sample` draws at once when it is given no ``batch_size``:
+    ``n`` capped at :data:`DEFAULT_MAX_BATCH` samples and :data:`DEFAULT_BATCH_VALUES` values.
+    Samples do not depend on the batch (every sample has its own noise stream)."""
+    values = max(1, math.prod(int(d) for d in data_shape))
+    return max(1, min(int(n), DEFAULT_MAX_BATCH, DEFAULT_BATCH_VALUES // values))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out: a ``MemoryError``, CUDA's ``OutOfMemoryError`` or
+    the ``RuntimeError`` torch's CPU allocator raises (``can't allocate memory``)."""
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                              or "can't allocate memory" in text)
+
+
+class SamplingOutOfMemory(MemoryError):
+    """:meth:`Diffusion.sample` ran out of memory at the smallest batch it tried.
+
+    ``n``: the samples asked for; ``batch_size``: the batch that failed; ``automatic``: whether
+    the batch was chosen (and already halved) by :meth:`Diffusion.sample`."""
+
+    def __init__(self, n: int, batch_size: int, automatic: bool, device: torch.device) -> None:
+        self.n, self.batch_size, self.automatic, self.device = n, batch_size, automatic, device
+        if automatic:
+            hint = (f"even {batch_size} sample(s) at a time do not fit: free memory on "
+                    f"{device} or use a smaller network")
+        else:
+            smaller = max(1, batch_size // 4)
+            hint = (f"pass a smaller batch_size (in a spec or an override: "
+                    f"sample.batch_size={smaller}), or leave it unset to let dkit choose")
+        super().__init__(f"out of memory on {device} drawing {n} samples {batch_size} at a "
+                         f"time: {hint}")
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, status: str = "",
+                 completed: int = 0) -> Iterator[ProgressBar]:
+    """A rich progress bar on standard error (in a notebook: below the cell), as ``dkit run``
+    draws; the :class:`ProgressBar` it yields is a ``progress(k)`` callable."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.progress import Progress as RichProgress
+
+    bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                       console=Console(stderr=True), transient=False)
+    with bar:
+        task = bar.add_task(description, total=total, status=status, completed=completed)
+        yield ProgressBar(bar, task)
+
+
+class ProgressBar:
+    """``progress(k)`` for one rich task, which can also restate its total and status."""
+
+    def __init__(self, bar: Any, task: Any) -> None:
+        self.bar, self.task = bar, task
+
+    def __call__(self, k: int) -> None:
+        self.bar.advance(self.task, k)
+
+    def update(self, **fields: Any) -> None:
+        self.bar.update(self.task, **fields)
+
+    def print(self, text: str) -> None:
+        """``text`` above the bar (plain, no markup)."""
+        self.bar.console.print(text, soft_wrap=True, markup=False)
+
+
+@contextlib.contextmanager
+def _reporter(progress: Progress | bool | None, description: str, total: int, status: str = "",
+              completed: int = 0) -> Iterator[Progress | None]:
+    """``progress`` as a callable: True draws a bar, False / None report nothing."""
+    if progress is True:
+        with progress_bar(description, total, status, completed) as bar:
+            yield bar
+    elif progress is False or progress is None:
+        yield None
+    else:
+        yield progress
+
+
+def _showing_loss(bar: ProgressBar, on_log: Callable[[int, float], None] | None
+                  ) -> Callable[[int, float], None]:
+    """``on_log`` that also shows the last logged loss in the bar's status."""
+
+    def logged(step: int, loss: float) -> None:
+        bar.update(status=f"loss {loss:.4f}")
+        if on_log is not None:
+            on_log(step, loss)
+
+    return logged
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -92,7 +215,7 @@ class Diffusion:
         distributed: Distributed | None = None,
         on_log: Callable[[int, float], None] | None = None,
         on_checkpoint: Callable[[int], None] | None = None,
-        progress: Progress | None = None,
+        progress: Progress | bool | None = None,
     ) -> Diffusion:
         """Train on ``data`` (a dataset component, its splits, or a tensor of examples).
 
@@ -100,7 +223,9 @@ class Diffusion:
         ``resume`` (a checkpoint written by :meth:`save` during an earlier fit with the same
         settings) training continues from the checkpoint's step and ends exactly where an
         uninterrupted run would have. ``batch_size`` is per micro-batch and per rank: an optimizer
-        step sees ``batch_size * grad_accumulation * ranks`` examples.
+        step sees ``batch_size * grad_accumulation * ranks`` examples. ``progress=True`` draws
+        ``dkit run``'s progress bar (steps done, the last logged loss); a callable is told of
+        every step done (``progress(1)``).
         """
         if self.objective is None:
             raise ValueError("this Diffusion has no objective to train with")
@@ -127,8 +252,13 @@ class Diffusion:
         if resume is not None:
             self.load(resume, training_state=True)
             start = 0
-        log = self.trainer.run(start + steps if resume is None else steps, on_log=on_log,
-                               on_checkpoint=on_checkpoint, progress=progress)
+        until = start + steps if resume is None else steps
+        with _reporter(progress, "train", until, completed=min(self.trainer.step, until)
+                       ) as report:
+            logged = (_showing_loss(report, on_log) if isinstance(report, ProgressBar)
+                      else on_log)
+            log = self.trainer.run(until, on_log=logged, on_checkpoint=on_checkpoint,
+                                   progress=report)
         self.train_log, self.step = log, start + self.trainer.step
         return self
 
@@ -147,7 +277,7 @@ class Diffusion:
         seed: int = 0,
         batch_size: int | None = None,
         use_ema: bool = True,
-        progress: Progress | None = None,
+        progress: Progress | bool | None = None,
         x_T: torch.Tensor | None = None,
         guidance: Sequence[Guidance] = (),
         labels: str | int | Sequence[int] | torch.Tensor | None = None,
@@ -157,7 +287,13 @@ class Diffusion:
 
         Every sample has its own random stream (:class:`~diffusers_kit.solvers.PerSampleNoise`
         keyed by ``seed`` and the sample's index), so sample ``i`` is the same whatever
-        ``batch_size`` is. ``x_T`` (``n`` samples' start noise) replaces the prior draw.
+        ``batch_size`` is. Without ``batch_size`` at most :func:`default_batch_size` samples are
+        drawn at once, and a batch that runs out of memory is drawn again in halves; a given
+        ``batch_size`` is used as is. Memory that still runs out raises
+        :class:`SamplingOutOfMemory`, saying what to change. ``x_T`` (``n`` samples' start
+        noise) replaces the prior draw. ``progress=True`` draws ``dkit run``'s progress bar; a
+        callable ``progress(k)`` is told of every ``k`` solver steps done, over all batches
+        (:meth:`Solver.total_steps <diffusers_kit.solvers.base.Solver.total_steps>` per batch).
 
         ``labels`` are the classes to draw (``"all"``, a class, a list of classes in equal
         blocks, or ``n`` labels; see :func:`~diffusers_kit.guidance.requested_labels`): a
@@ -189,9 +325,14 @@ class Diffusion:
         if x_T is not None and tuple(x_T.shape) != (n, *shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected {(n, *shape)}")
         chunks, nfe, trajectory, x0_predictions, times = [], 0, [], [], []
-        size = batch_size or n
-        with self.sampling_weights(use_ema):
-            for start in range(0, n, size):
+        automatic = batch_size is None
+        size = default_batch_size(n, shape) if batch_size is None else batch_size
+        largest = 0
+        steps = solver.total_steps(self.process)
+        with _reporter(progress, "sample", steps * -(-n // size),
+                       type(solver).__name__) as report, self.sampling_weights(use_ema):
+            start = 0
+            while start < n:
                 count = min(size, n - start)
                 init = None if x_T is None else x_T[start:start + count]
                 model = self.model
@@ -199,18 +340,74 @@ class Diffusion:
                     model = model.guided(
                         guidance, None if chosen is None else chosen[start:start + count],
                         None if measurements is None else measurements[start:start + count])
-                result = solver.sample(model, (count, *shape), progress=progress,
-                                       noise=PerSampleNoise(seed, start), x_T=init)
+                try:
+                    result = solver.sample(model, (count, *shape), progress=report,
+                                           noise=PerSampleNoise(seed, start), x_T=init)
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    if not automatic or count == 1:
+                        raise SamplingOutOfMemory(n, count, automatic, self.device) from exc
+                    result = None  # retried below, once the failed batch's memory is free
+                if result is None:
+                    size = max(1, count // 2)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    message = (f"out of memory drawing {count} samples at once on "
+                               f"{self.device}; drawing {size} at a time")
+                    if isinstance(report, ProgressBar):  # the failed batch's steps do not count
+                        done = len(chunks)
+                        report.update(completed=steps * done,
+                                      total=steps * (done + -(-(n - start) // size)))
+                        report.print(f"note: {message}")
+                    else:
+                        log.warning(message)
+                    continue
                 chunks.append(result.samples)
                 nfe += result.nfe
                 trajectory.append(result.trajectory)
                 x0_predictions.append(result.x0_predictions)
                 times = result.times
+                largest = max(largest, count)
+                start += count
         merged = [torch.cat(level) for level in zip(*trajectory, strict=True)]
         merged_x0 = [torch.cat(level) for level in zip(*x0_predictions, strict=True)]
         result = SampleResult(torch.cat(chunks), nfe, merged, merged_x0, times)
         result.labels = None if chosen is None else chosen.cpu()
+        result.batch_size = largest
         return result
+
+    def evaluate(
+        self,
+        samples: SampleResult | torch.Tensor,
+        data: Dataset | DataSplits,
+        metrics: Metric | Sequence[Metric],
+        *,
+        seed: int = 0,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, float]:
+        """The figures ``dkit run``'s evaluate stage computes for ``samples`` against ``data``
+        (a data set component or its splits): each metric's value beside its noise floor with
+        intervals, in the run's order, with the run's sampling weights and generator (so
+        ``seed`` = the spec's seed gives the run's ``metrics.json``), plus ``out_of_range``
+        when some samples leave the training data's range. A result's labels are used by
+        metrics that take labels (``class_accuracy``)."""
+        from diffusers_kit.graph import out_of_range
+
+        if isinstance(samples, SampleResult):
+            labels = samples.labels if labels is None else labels
+            samples = samples.samples
+        samples = samples.detach().float().cpu()
+        splits = data.load() if isinstance(data, Dataset) else data
+        chosen = [metrics] if isinstance(metrics, Metric) else list(metrics)
+        generator = torch.Generator().manual_seed(seed)
+        figures: dict[str, float] = {}
+        with self.sampling_weights() as model:
+            for metric in chosen:
+                extra = {"labels": labels} if metric.uses_labels else {}
+                figures.update(metric.evaluate(samples, splits, generator, model, **extra))
+        figures.update(out_of_range(samples, splits.train))
+        return figures
 
     def num_classes(self, guidance: Sequence[Guidance] = ()) -> int | None:
         """The classes labels may name: a class-conditional network's, else the first that a

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from diffusers_kit.api import Diffusion, resolve_device
+from diffusers_kit.api import Diffusion, default_batch_size, resolve_device
 from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.guidance.base import Guidance, LabelsError, requested_labels
 from diffusers_kit.metrics.base import Metric
@@ -453,7 +453,8 @@ def open_run(run_dir: str | Path, overrides: list[str] | None = None,
 
 def _stage_sample(run: Run) -> None:
     spec, diffusion, solver = run.spec, run.diffusion, run.components.solver
-    n, size = spec.sample.n, spec.sample.batch_size or spec.sample.n
+    n = spec.sample.n
+    size = spec.sample.batch_size or default_batch_size(n, diffusion.network.data_shape)
     batches = -(-n // size)
     with run.progress() as progress:
         task = progress.add_task("sample", total=solver.total_steps(diffusion.process) * batches,
@@ -484,7 +485,7 @@ def _stage_restore(run: Run) -> None:
     solver = components.restore_solver
     assert solver is not None
     count = len(images) * section.samples_per_image
-    batches = -(-count // (section.batch_size or count))
+    batches = -(-count // (section.batch_size or default_batch_size(count, images.shape[1:])))
     with run.progress() as progress:
         task = progress.add_task("restore", status=section.method["kind"],
                                  total=solver.total_steps(run.diffusion.process) * batches)
@@ -563,11 +564,16 @@ def parse_only(only: str | None) -> set[str]:
     """``"sample,evaluate"`` -> the stage set (data and report always run)."""
     if not only:
         return set(STAGES)
+    import difflib
+
     chosen = {s.strip() for s in only.split(",") if s.strip()}
     unknown = chosen - set(STAGES)
     if unknown:
+        close = [match for name in sorted(unknown)
+                 for match in difflib.get_close_matches(name, STAGES, 1)]
         raise SpecError([SpecIssue(("--only",), f"stage names from {', '.join(STAGES)}",
-                                   ",".join(sorted(unknown)), None, "command line")])
+                                   ",".join(sorted(unknown)), None, "command line",
+                                   list(dict.fromkeys(close)))])
     return chosen | {"data", "report"}
 
 
@@ -741,7 +747,9 @@ def execute(
                                        "when the train stage is skipped", None, None,
                                        "command line")])
         if not (from_path / CHECKPOINT).is_file():
-            raise SpecError([SpecIssue(("--from",), f"a run folder holding {CHECKPOINT}",
+            where = ("" if from_path.is_absolute()
+                     else f" (relative to the working directory {Path.cwd()})")
+            raise SpecError([SpecIssue(("--from",), f"a run folder holding {CHECKPOINT}{where}",
                                        str(from_path), None, "command line")])
     console = console or Console(stderr=True)
     root_path = Path(root) if root is not None else Path(spec.output.root)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from diffusers_kit.api import default_batch_size
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.consistency import consistency
 from diffusers_kit.metrics.floor import ErrorBars, mean_with_interval
@@ -86,7 +87,8 @@ def restore(
                               progress=progress)
     seconds = time.perf_counter() - started
     count = len(truth) * k
-    nfe = result.nfe // -(-count // (batch_size or count))  # per restoration, not per batch sum
+    size = batch_size or default_batch_size(count, truth.shape[1:])
+    nfe = result.nfe // -(-count // size)  # per restoration, not summed over the batches
     samples = result.samples.float().cpu()
     reference = truth.repeat_interleave(k, dim=0)
     bars = ErrorBars()

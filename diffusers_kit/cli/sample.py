@@ -3,16 +3,22 @@
 ``--solver`` takes a registered name or an inline YAML mapping (``"{kind: ddim, steps: 20}"``);
 ``--guidance`` and ``--labels`` replace the spec's guidance terms and the classes to draw
 (``--labels all`` gives one grid row per class);
-``--progressive`` writes the x0_hat predictions over time (Ho et al. 2020, fig. 6);
-``--interpolate K`` encodes pairs of held-out examples through the probability-flow ODE,
+``--progressive`` writes the x0_hat predictions over time (Ho et al. 2020, fig. 6; for a
+solver that predicts no x0_hat, such as annealed Langevin, the state x over time, and it says
+so); ``--interpolate K`` encodes pairs of held-out examples through the probability-flow ODE,
 interpolates their latents spherically and decodes K points between them, as an image strip.
-Results go to ``RUN_DIR/sampling/<solver>-<timestamp>/``; the run's own files are not touched.
+Results go to ``RUN_DIR/sampling/<solver>-<timestamp>/``, created once the samples exist and
+removed again when the command fails, so a failed command leaves no folder; the run's own files
+are not touched. Without ``sample.batch_size`` the samples are drawn in batches that fit in
+memory (:func:`diffusers_kit.api.default_batch_size`); memory that still runs out is exit
+status 3 with the batch to try.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,10 +26,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 
@@ -92,13 +98,13 @@ class Drawn:
 
 def draw_samples(spec: Spec, components: Components, out: Path, n: int, seed: int, *,
                  stem: str = "samples",
-                 progress: Callable[[int], None] | None = None) -> Drawn:
+                 progress: Callable[[int], None] | bool | None = None) -> Drawn:
     """Draw ``n`` samples of a loaded run (``load_run``) as ``dkit sample`` does: its solver,
-    guidance and labels, from ``seed``; write ``out/<stem>.npz`` (samples, display, labels)
-    and ``out/<stem>.png`` (an image grid, or a scatter over the held-out data).
-    ``progress(k)`` is told of every k solver steps done."""
-    from diffusers_kit.report import columns_per_class, image_grid, scatter_plot
-
+    guidance and labels, from ``seed``; then create ``out`` when missing and write
+    ``out/<stem>.npz`` (samples, display, labels) and ``out/<stem>.png`` (an image grid, or a
+    scatter over the held-out data) with :meth:`SampleResult.save
+    <diffusers_kit.solvers.base.SampleResult.save>`. ``progress(k)`` is told of every k solver
+    steps done; ``progress=True`` draws a progress bar."""
     diffusion, dataset = components.diffusion, components.dataset
     started = time.perf_counter()
     result = diffusion.sample(n, components.solver, seed=seed,
@@ -106,20 +112,14 @@ def draw_samples(spec: Spec, components: Components, out: Path, n: int, seed: in
                               guidance=components.guidance, labels=components.labels)
     seconds = time.perf_counter() - started
     samples = result.samples.float().cpu()
-    arrays = {"samples": samples.numpy(), "display": dataset.to_display(samples).numpy()}
-    if result.labels is not None:
-        arrays["labels"] = result.labels.numpy()
-    np.savez_compressed(out / f"{stem}.npz", **arrays)
-    columns = spec.output.grid_columns or columns_per_class(result.labels)
-    picture = (image_grid(dataset.to_display(samples), columns)
-               if dataset.modality == "image"
-               else scatter_plot(samples, components.data.heldout))
-    picture.save(out / f"{stem}.png")
+    result.save(out, dataset, columns=spec.output.grid_columns, stem=stem,
+                reference=components.data.heldout if components.data is not None else None)
     info: dict[str, Any] = {"solver": components.resolved["sample"]["solver"], "n": n,
                             "seed": seed,
                             "guidance": components.resolved["sample"].get("guidance", []),
                             "labels": spec.sample.labels, "nfe": result.nfe,
-                            "nfe_per_sample_batch": result.nfe, "seconds": seconds}
+                            "nfe_per_sample_batch": result.nfe, "seconds": seconds,
+                            "batch_size": result.batch_size}
     return Drawn(result, samples, seconds, info)
 
 
@@ -148,9 +148,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def sample_command(args: argparse.Namespace) -> int:
-    from diffusers_kit.likelihood import decode, encode, slerp
-    from diffusers_kit.report import image_grid, scatter_plot
-
     for flag, value in (("--n", args.n), ("--interpolate", args.interpolate),
                         ("--pairs", args.pairs)):
         if value is not None and value < (0 if flag == "--interpolate" else 1):
@@ -160,35 +157,94 @@ def sample_command(args: argparse.Namespace) -> int:
     if args.n is not None:
         overrides.append(f"sample.n={args.n}")  # labels are laid out for this many samples
     spec, components = load_run(args.run_dir, overrides, args.solver)
+    name = spec.sample.solver["kind"]
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(args.run_dir).expanduser() / "sampling" / f"{name}-{stamp}"
+    out, copy = base, 1
+    while out.exists():  # two commands in the same second: each its own folder
+        copy += 1
+        out = base.with_name(f"{base.name}-{copy}")
+    # the folders this command creates: removed again when it fails, so no empty folder is left
+    created = [folder for folder in (out.parent, out) if not folder.exists()]
+    try:
+        return _sample_into(args, spec, components, out)
+    except BaseException as exc:
+        for folder in reversed(created):
+            shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(exc, Exception) and _out_of_memory(exc):
+            return _report_out_of_memory(exc, spec)
+        raise
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    from diffusers_kit.api import is_out_of_memory
+
+    return is_out_of_memory(exc)
+
+
+def _report_out_of_memory(exc: Exception, spec: Spec) -> int:
+    """Exit status 3 (the environment: docs/errors.md) with what to change, no traceback."""
+    from diffusers_kit.api import SamplingOutOfMemory
+    from diffusers_kit.cli.main import ENVIRONMENT_ERROR
+
+    if isinstance(exc, SamplingOutOfMemory):
+        text = str(exc)
+    else:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = (f"out of memory with {spec.sample.n} samples ({first}): lower --n or set "
+                "sample.batch_size")
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(text)}; nothing was written",
+                               soft_wrap=True)
+    return ENVIRONMENT_ERROR
+
+
+def _sample_into(args: argparse.Namespace, spec: Spec, components: Components,
+                 out: Path) -> int:
+    import numpy as np
+
+    from diffusers_kit.likelihood import decode, encode, slerp
+    from diffusers_kit.report import image_grid, scatter_plot
+
     diffusion, dataset, solver = components.diffusion, components.dataset, components.solver
-    if args.progressive:
-        solver.keep_x0 = True  # every solver here takes keep_x0
     n = args.n or spec.sample.n
     seed = spec.seed if args.seed is None else args.seed
     name = spec.sample.solver["kind"]
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(args.run_dir) / "sampling" / f"{name}-{stamp}"
-    out.mkdir(parents=True, exist_ok=True)
-    drawn = draw_samples(spec, components, out, n, seed)
+    drawn = draw_samples(spec, components, out, n, seed, progress=True)
     result, seconds, info = drawn.result, drawn.seconds, drawn.info
     image = dataset.modality == "image"
+    notes: list[str] = []
     if args.progressive:
         # Diffusion.sample merges only trajectories across batches: draw the few progressive
-        # rows directly from the solver, with the sampling weights
+        # rows directly from the solver, with the sampling weights; recording x too shows
+        # something for a solver that predicts no x0_hat (annealed Langevin)
         rows = min(8, n)
         shape = (rows, *diffusion.network.data_shape)
+        solver.keep_x0 = solver.keep_trajectory = True  # every solver here takes them
         with diffusion.sampling_weights() as model, torch.no_grad():
             generator = torch.Generator(diffusion.device).manual_seed(seed)
             progressive = solver.sample(model, shape, generator=generator)
-        if progressive.x0_predictions:
-            frames = torch.stack([x.float().cpu() for x in progressive.x0_predictions], 1)
-            columns = len(progressive.x0_predictions)
+        frames_kept, shown = progressive.x0_predictions, "x0_hat"
+        if not frames_kept and progressive.trajectory:
+            frames_kept, shown = progressive.trajectory, "x"
+            notes.append(f"note: --progressive: {name} predicts no x0_hat, so progressive.png "
+                         f"shows the state x as it is refined instead")
+        if frames_kept:
+            every = _evenly(len(frames_kept), 10)
+            frames = torch.stack([frames_kept[i].float().cpu() for i in every], 1)
+            columns = len(every)
             if image:
                 strip = image_grid(dataset.to_display(frames.flatten(0, 1)), columns)
             else:
                 strip = scatter_plot(frames[:, -1], components.data.heldout)
             strip.save(out / "progressive.png")
-            info["progressive_times"] = progressive.times
+            times = progressive.times
+            info["progressive"] = shown
+            if len(times) == len(frames_kept):
+                info["progressive_times"] = [times[i] for i in every]
+        else:
+            notes.append(f"note: --progressive: {name} records neither x0_hat nor x while it "
+                         "samples, so no progressive.png was written (solvers such as "
+                         "ancestral, ddim or euler record x0_hat)")
     if args.interpolate:
         held = components.data.heldout
         pairs = min(args.pairs, len(held) // 2)
@@ -216,5 +272,14 @@ def sample_command(args: argparse.Namespace) -> int:
     if "reconstruction_max_abs_error" in info:
         console.print(f"encode -> decode: max abs error "
                       f"{info['reconstruction_max_abs_error']:.2e}", soft_wrap=True)
-    console.print(f"results in [bold]{out}[/]", soft_wrap=True)
+    for note in notes:
+        Console(stderr=True).print(note, soft_wrap=True, markup=False)
+    console.print(f"results in [bold]{escape(str(out))}[/]", soft_wrap=True)
     return 0
+
+
+def _evenly(count: int, most: int) -> list[int]:
+    """At most ``most`` indices of ``range(count)``, evenly spaced, the first and last kept."""
+    if count <= most:
+        return list(range(count))
+    return sorted({round(k * (count - 1) / (most - 1)) for k in range(most)})

@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from diffusers_kit.api import default_batch_size
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 
 # metrics whose values lie in a known range (the plot's axis stops there)
@@ -248,7 +249,8 @@ def sweep_command(args: argparse.Namespace) -> int:
                     Path(spec.output.root), console=err, quiet=args.quiet or index > 0))
                 n = spec.sample.n
                 seed = spec.seed if args.seed is None else args.seed
-                size = spec.sample.batch_size or n
+                size = spec.sample.batch_size or default_batch_size(
+                    n, components.diffusion.network.data_shape)
                 steps = components.solver.total_steps(components.diffusion.process)
                 task = progress.add_task(f"  {short(value, 30)}", status="sampling",
                                          total=steps * -(-n // size))

@@ -16,21 +16,32 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
+from diffusers_kit.data.base import DataSplits
 from diffusers_kit.solvers.noise import Noise, as_noise
 
 if TYPE_CHECKING:
+    from PIL import Image
+
+    from diffusers_kit.data.base import Dataset
     from diffusers_kit.model import ScoreModel
     from diffusers_kit.processes.base import NoiseProcess
 
 Progress = Callable[[int], None]
+
+#: The most samples a grid picture shows (``samples.png``): a grid of 200,000 digits is 22,400
+#: pixels wide, too large to look at; ``samples.npz`` holds them all.
+GRID_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,72 @@ class SampleResult:
     x0_predictions: list[torch.Tensor] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     labels: torch.Tensor | None = None  # the class of each sample, when labels were requested
+    batch_size: int | None = None  # the most samples drawn at once (set by Diffusion.sample)
+
+    # -- what dkit run / dkit sample write, for a notebook ----------------------------------
+    def display(self, dataset: Dataset | None = None) -> torch.Tensor:
+        """The samples on the CPU in display space: ``dataset.to_display`` (``[0, 1]`` for
+        images); without a data set, images (``(N, C, H, W)``) are taken to lie in
+        ``[-1, 1]``, the built-in image data sets' range, and vectors are left as they are."""
+        samples = self.samples.detach().float().cpu()
+        if dataset is not None:
+            return dataset.to_display(samples)
+        return ((samples + 1) / 2).clamp(0, 1) if samples.dim() == 4 else samples
+
+    def picture(self, dataset: Dataset | None = None, columns: int | None = None, *,
+                reference: torch.Tensor | DataSplits | None = None,
+                limit: int | None = GRID_LIMIT) -> Image.Image:
+        """The picture ``dkit run`` saves as ``samples.png`` (a PIL image; a notebook shows it
+        inline): an image grid of the first ``limit`` samples (None: all), one row per class
+        when labels were drawn in blocks (``columns`` overrides, as ``output.grid_columns``), or
+        for vectors a scatter plot over ``reference`` (held-out data; by default ``dataset``'s)."""
+        from diffusers_kit.report import columns_per_class, image_grid, scatter_plot
+
+        image = (dataset.modality == "image" if dataset is not None
+                 else self.samples.dim() == 4)
+        if image:
+            shown = self.display(dataset)[:limit]
+            labels = None if self.labels is None else self.labels[:limit]
+            return image_grid(shown, columns or columns_per_class(labels))
+        if isinstance(reference, DataSplits):
+            reference = reference.heldout
+        elif reference is None and dataset is not None:
+            reference = dataset.load().heldout
+        return scatter_plot(self.samples.detach().float().cpu(), reference)
+
+    def save_grid(self, path: str | Path, dataset: Dataset | None = None,
+                  columns: int | None = None, *,
+                  reference: torch.Tensor | DataSplits | None = None,
+                  limit: int | None = GRID_LIMIT) -> Path:
+        """Write :meth:`picture` to ``path`` (PNG by its suffix); returns the path."""
+        path = Path(path).expanduser()
+        self.picture(dataset, columns, reference=reference, limit=limit).save(path)
+        return path
+
+    def save(self, folder: str | Path, dataset: Dataset | None = None, *,
+             columns: int | None = None, reference: torch.Tensor | DataSplits | None = None,
+             metrics: Mapping[str, Any] | None = None, stem: str = "samples",
+             limit: int | None = GRID_LIMIT) -> Path:
+        """Write what a run writes, into ``folder`` (created when missing): ``<stem>.npz``
+        (``samples``, ``display`` and, when labels were drawn, ``labels``; what ``dkit
+        evaluate --samples`` reads), ``<stem>.png`` (:meth:`picture`) and, with ``metrics``
+        (e.g. from :meth:`Diffusion.evaluate <diffusers_kit.api.Diffusion.evaluate>`),
+        ``metrics.json`` (NaN and infinity written as null). Returns the folder."""
+        folder = Path(folder).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {"samples": self.samples.detach().float().cpu().numpy(),
+                  "display": self.display(dataset).numpy()}
+        if self.labels is not None:
+            arrays["labels"] = self.labels.cpu().numpy()
+        np.savez_compressed(folder / f"{stem}.npz", **arrays)
+        self.save_grid(folder / f"{stem}.png", dataset, columns, reference=reference,
+                       limit=limit)
+        if metrics is not None:
+            finite = json.loads(json.dumps(dict(metrics), default=float),
+                                parse_constant=lambda _: None)
+            (folder / "metrics.json").write_text(
+                json.dumps(finite, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        return folder
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -223,5 +300,5 @@ def start(model: ScoreModel, shape: tuple[int, ...], noise: Noise,
     return model.process.prior_std() * noise.randn(shape, device=device)
 
 
-__all__ = ["Noise", "Progress", "Record", "Recorder", "SampleResult", "Solver", "as_noise",
-           "model_device", "start"]
+__all__ = ["GRID_LIMIT", "Noise", "Progress", "Record", "Recorder", "SampleResult", "Solver",
+           "as_noise", "model_device", "start"]

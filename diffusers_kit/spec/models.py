@@ -7,6 +7,7 @@ parameters against the component's own signature-derived model (see :mod:`regist
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,17 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from diffusers_kit.devices import device_available
 from diffusers_kit.pipeline import TrainedModel
+
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d{1,4}|mps)$"
+
+
+def _device_name(device: str) -> str:
+    """``device`` when it is a device name; else a ValueError that names the allowed values in
+    words (the JSON schema keeps the pattern, for editors)."""
+    if re.fullmatch(DEVICE_PATTERN, device) is None:
+        raise ValueError("a device name matching the pattern auto, cpu, cuda, cuda:<index> "
+                         "(up to 4 digits) or mps")
+    return device
 
 
 @dataclass(frozen=True)
@@ -144,8 +156,8 @@ class Spec(Section):
     model: Annotated[TrainedModel | None, Field(
         description="sample a model trained elsewhere: a run folder or a spec file")] = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)] = 0
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d{1,4}|mps)$"),
-                      AfterValidator(device_available)] = "auto"
+    device: Annotated[str, Field(json_schema_extra={"pattern": DEVICE_PATTERN}),
+                      AfterValidator(_device_name), AfterValidator(device_available)] = "auto"
     data: optional_component("dataset") = None  # type: ignore[valid-type]
     process: optional_component("process") = None  # type: ignore[valid-type]
     network: optional_component("network") = None  # type: ignore[valid-type]
