@@ -285,3 +285,13 @@ cp -a "$1/mnt/run" "$1/after"
     assert "output.root" in new_err and "not writable" in new_err
     assert "Traceback" not in new_err
     assert (tmp_path / "listing").read_text().split() == ["run"], "nothing was created"
+
+
+@pytest.mark.parametrize("override", ["sample.solver.steps_per_level=1000000000000",
+                                      "sample.solver={kind: ddim, steps: 1000000000000}",
+                                      "sample.solver={kind: dpm_solver_2m, steps: 200000}"])
+def test_solver_step_counts_are_bounded(tmp_path, capsys, override):
+    """A step count that would run for ever is refused by validate, naming the field."""
+    code, _, err = run_cli(["validate", str(write_spec(tmp_path)), override], capsys)
+    assert code == 2, err
+    assert "sample.solver" in err and "less than or equal to 100000" in err, err

@@ -122,7 +122,7 @@ class ImplicitScoreMatching(_NoiseFreeObjective):
         trace: Literal["auto", "exact", "hutchinson"] = "auto",
         probes: Annotated[int, Field(ge=1, le=1024)] = 1,
         probe: Literal["rademacher", "gaussian"] = "rademacher",
-        exact_max_dim: Annotated[int, Field(ge=1)] = 16,
+        exact_max_dim: Annotated[int, Field(ge=1, le=4096)] = 16,
         time: Annotated[float, Field(ge=0, le=1)] | None = None,
     ) -> None:
         self.trace = trace

@@ -71,7 +71,7 @@ class Ancestral(Solver):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1)] | None = None,
+        steps: Annotated[int, Field(ge=1, le=100_000)] | None = None,
         spacing: Spacing = "uniform",
         variance: Literal["posterior", "transition", "learned"] = "posterior",
         clip_x0: Annotated[float, Field(gt=0)] | None = None,

@@ -50,7 +50,7 @@ class Record:
     estimate), each at ``snapshots`` evenly spaced steps (the first and the last included)."""
 
     what: tuple[Literal["x", "x0"], ...] = ("x", "x0")
-    snapshots: Annotated[int, Field(ge=1)] = 10
+    snapshots: Annotated[int, Field(ge=1, le=10_000)] = 10
 
 
 @dataclass
@@ -211,7 +211,7 @@ def _with_recording(init: Callable[..., None]) -> Callable[..., None]:
         "record": Record | None,
         "keep_trajectory": bool | None,
         "keep_x0": bool | None,
-        "snapshots": Annotated[int, Field(ge=1)] | None,
+        "snapshots": Annotated[int, Field(ge=1, le=10_000)] | None,
     }
     parameters = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
     parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,

@@ -44,7 +44,7 @@ class DDIM(Solver):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1)] = 50,
+        steps: Annotated[int, Field(ge=1, le=100_000)] = 50,
         eta: Annotated[float, Field(ge=0, le=1)] = 0.0,
         spacing: Spacing = "uniform",
         clip_x0: Annotated[float, Field(gt=0)] | None = None,

@@ -233,7 +233,7 @@ class EulerODE(_FixedStepODE):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1)] = 100,
+        steps: Annotated[int, Field(ge=1, le=100_000)] = 100,
         spacing: Spacing = "log_snr",
         rho: Annotated[float, Field(gt=0)] = 7.0,
     ) -> None:
@@ -267,7 +267,7 @@ class HeunODE(_FixedStepODE):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1)] = 18,
+        steps: Annotated[int, Field(ge=1, le=100_000)] = 18,
         spacing: Spacing = "log_snr",
         rho: Annotated[float, Field(gt=0)] = 7.0,
         form: Literal["data", "noise"] = "data",
@@ -461,7 +461,7 @@ class DPMSolver2M(_DPMSolverMultistep):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1)] = 20,
+        steps: Annotated[int, Field(ge=1, le=100_000)] = 20,
         spacing: Spacing = "log_snr",
         rho: Annotated[float, Field(gt=0)] = 7.0,
         lower_order_final: bool = True,
@@ -484,7 +484,7 @@ class DPMSolver3M(_DPMSolverMultistep):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1)] = 20,
+        steps: Annotated[int, Field(ge=1, le=100_000)] = 20,
         spacing: Spacing = "log_snr",
         rho: Annotated[float, Field(gt=0)] = 7.0,
         lower_order_final: bool = True,

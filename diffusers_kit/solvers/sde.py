@@ -139,7 +139,7 @@ class LangevinCorrector(Corrector):
     def __init__(
         self,
         snr: Annotated[float, Field(gt=0)] = 0.16,
-        steps: Annotated[int, Field(ge=1)] = 1,
+        steps: Annotated[int, Field(ge=1, le=100_000)] = 1,
     ) -> None:
         self.snr = snr
         self.steps = steps
@@ -179,7 +179,7 @@ class PredictorCorrector(Solver):
         self,
         predictor: Predictor | None = None,
         corrector: Corrector | None = None,
-        steps: Annotated[int, Field(ge=1)] | None = None,
+        steps: Annotated[int, Field(ge=1, le=100_000)] | None = None,
         spacing: Spacing = "uniform",
     ) -> None:
         self.predictor = predictor if predictor is not None else ReverseDiffusion()
