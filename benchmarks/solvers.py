@@ -45,6 +45,7 @@ from diffusers_kit.solvers import (  # noqa: E402
     LangevinCorrector,
     PredictorCorrector,
     ScipyODE,
+    UniPC,
 )
 from tests.gaussian_mixture import exact_model, three_modes  # noqa: E402
 
@@ -78,6 +79,7 @@ SWEEPS = {
                                             [5, 8, 10, 15, 20]),
     "dpm-solver++(3m), log-snr grid (VP)": (lambda k: DPMSolver3M(steps=k), VP,
                                             [5, 8, 10, 15, 20]),
+    "unipc (order 2), log-snr grid (VP)": (lambda k: UniPC(steps=k), VP, [5, 8, 10, 15, 20]),
     "edm stochastic, S_churn=30 (VP)": (lambda k: EDMStochastic(steps=k), VP, [5, 10, 20, 40]),
     "scipy RK45, rtol=atol (VP)": (lambda k: ScipyODE(rtol=10.0**-k, atol=10.0**-k), VP,
                                    [2, 3, 4, 5]),
@@ -169,6 +171,7 @@ def overhead(n: int = 64, steps: int = 20) -> list[tuple[str, float, float]]:
         "ddim": DDIM(steps=steps), "ancestral": Ancestral(steps=steps),
         "euler": EulerODE(steps=steps), "heun": HeunODE(steps=steps // 2),
         "dpm_solver_2m": DPMSolver2M(steps=steps), "dpm_solver_3m": DPMSolver3M(steps=steps),
+        "unipc": UniPC(steps=steps),
         "edm_stochastic": EDMStochastic(steps=steps // 2),
         "predictor_corrector (ancestral + langevin)": PredictorCorrector(
             AncestralPredictor(), LangevinCorrector(), steps=steps // 2),
@@ -237,6 +240,8 @@ def ode_errors(n: int = 20000, seeds: tuple[int, ...] = (0, 1, 2),
         "heun (log-snr)": lambda k: HeunODE(steps=(k + 1) // 2),
         "dpm_solver_2m (log-snr)": lambda k: DPMSolver2M(steps=k),
         "dpm_solver_3m (log-snr)": lambda k: DPMSolver3M(steps=k),
+        "unipc (log-snr)": lambda k: UniPC(steps=k),
+        "unipc order 3 (log-snr)": lambda k: UniPC(steps=k, order=3),
         "dpm_solver_2m (edm grid)": lambda k: DPMSolver2M(steps=k, spacing="edm"),
     }
     try:

@@ -21,11 +21,11 @@ class Adam(Optimizer):
 
     def __init__(
         self,
-        lr: Annotated[float, Field(gt=0)] = 1e-3,
+        lr: Annotated[float, Field(gt=0, le=100)] = 1e-3,
         beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9,
         beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999,
-        eps: Annotated[float, Field(gt=0)] = 1e-8,
-        weight_decay: Annotated[float, Field(ge=0)] = 0.0,
+        eps: Annotated[float, Field(gt=0, le=1)] = 1e-8,
+        weight_decay: Annotated[float, Field(ge=0, le=100)] = 0.0,
     ) -> None:
         self.lr, self.betas, self.eps, self.weight_decay = lr, (beta1, beta2), eps, weight_decay
 
@@ -39,11 +39,11 @@ class AdamW(Adam):
 
     def __init__(
         self,
-        lr: Annotated[float, Field(gt=0)] = 1e-3,
+        lr: Annotated[float, Field(gt=0, le=100)] = 1e-3,
         beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9,
         beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999,
-        eps: Annotated[float, Field(gt=0)] = 1e-8,
-        weight_decay: Annotated[float, Field(ge=0)] = 0.01,
+        eps: Annotated[float, Field(gt=0, le=1)] = 1e-8,
+        weight_decay: Annotated[float, Field(ge=0, le=100)] = 0.01,
     ) -> None:
         super().__init__(lr, beta1, beta2, eps, weight_decay)
 

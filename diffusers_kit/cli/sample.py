@@ -5,13 +5,15 @@
 (``--labels all`` gives one grid row per class);
 ``--progressive`` writes the x0_hat predictions over time (Ho et al. 2020, fig. 6; for a
 solver that predicts no x0_hat, such as annealed Langevin, the state x over time, and it says
-so); ``--interpolate K`` encodes pairs of held-out examples through the probability-flow ODE,
-interpolates their latents spherically and decodes K points between them, as an image strip.
-Results go to ``RUN_DIR/sampling/<solver>-<timestamp>/``, created once the samples exist and
-removed again when the command fails, so a failed command leaves no folder; the run's own files
-are not touched. Without ``sample.batch_size`` the samples are drawn in batches that fit in
-memory (:func:`diffusers_kit.api.default_batch_size`); memory that still runs out is exit
-status 3 with the batch to try.
+so); ``--init FILE`` starts from given noise ``x_T`` (an ``.npz`` / ``.npy`` array of shape
+``(n, *data_shape)``: key ``x_T`` or the only array; it sets ``n``) instead of the prior draw
+from the seed; ``--interpolate K`` encodes pairs of held-out examples through the
+probability-flow ODE, interpolates their latents spherically and decodes K points between
+them, as an image strip. Results go to ``RUN_DIR/sampling/<solver>-<timestamp>/``, created
+once the samples exist and removed again when the command fails, so a failed command leaves
+no folder; the run's own files are not touched. Without ``sample.batch_size`` the samples are
+drawn in batches that fit in memory (:func:`diffusers_kit.api.default_batch_size`); memory
+that still runs out is exit status 3 with the batch to try.
 """
 
 from __future__ import annotations
@@ -98,18 +100,21 @@ class Drawn:
 
 def draw_samples(spec: Spec, components: Components, out: Path, n: int, seed: int, *,
                  stem: str = "samples",
-                 progress: Callable[[int], None] | bool | None = None) -> Drawn:
+                 progress: Callable[[int], None] | bool | None = None,
+                 x_T: torch.Tensor | None = None) -> Drawn:
     """Draw ``n`` samples of a loaded run (``load_run``) as ``dkit sample`` does: its solver,
     guidance and labels, from ``seed``; then create ``out`` when missing and write
     ``out/<stem>.npz`` (samples, display, labels) and ``out/<stem>.png`` (an image grid, or a
     scatter over the held-out data) with :meth:`SampleResult.save
     <diffusers_kit.solvers.base.SampleResult.save>`. ``progress(k)`` is told of every k solver
-    steps done; ``progress=True`` draws a progress bar."""
+    steps done; ``progress=True`` draws a progress bar. ``x_T`` (``n`` start points) replaces
+    the prior draw."""
     diffusion, dataset = components.diffusion, components.dataset
     started = time.perf_counter()
     result = diffusion.sample(n, components.solver, seed=seed,
                               batch_size=spec.sample.batch_size, progress=progress,
-                              guidance=components.guidance, labels=components.labels)
+                              guidance=components.guidance, labels=components.labels,
+                              x_T=x_T)
     seconds = time.perf_counter() - started
     samples = result.samples.float().cpu()
     result.save(out, dataset, columns=spec.output.grid_columns, stem=stem,
@@ -139,6 +144,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "'none' for unconditional samples")
     parser.add_argument("--n", type=int, help="number of samples (default: the spec's)")
     parser.add_argument("--seed", type=int, help="sampling seed (default: the spec's)")
+    parser.add_argument("--init", metavar="FILE",
+                        help="start from this noise x_T instead of the prior: an .npz (key "
+                             "x_T or its only array) or .npy of shape (n, *data_shape); sets n")
     parser.add_argument("--progressive", action="store_true",
                         help="also write x0_hat over time for a few samples")
     parser.add_argument("--interpolate", type=int, default=0, metavar="K",
@@ -154,9 +162,23 @@ def sample_command(args: argparse.Namespace) -> int:
             raise SpecError([SpecIssue((flag,), "a positive number", value, None,
                                        "command line")])
     overrides = list(args.overrides) + conditioning_overrides(args.guidance, args.labels)
+    init = None if args.init is None else read_init(args.init)
+    if init is not None:
+        if args.n is not None and args.n != len(init):
+            raise SpecError([SpecIssue(("--n",), f"the number of start points in --init "
+                                       f"({len(init)}), or no --n", args.n, None,
+                                       "command line")])
+        args.n = len(init)
     if args.n is not None:
         overrides.append(f"sample.n={args.n}")  # labels are laid out for this many samples
     spec, components = load_run(args.run_dir, overrides, args.solver)
+    if init is not None:
+        expected = (len(init), *components.diffusion.network.data_shape)
+        if tuple(init.shape) != tuple(expected):
+            raise SpecError([SpecIssue(("--init",), f"start noise of shape (n, *data_shape) = "
+                                       f"{expected}", f"shape {tuple(init.shape)}",
+                                       None, "command line")])
+        args.init_noise = init
     name = spec.sample.solver["kind"]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(args.run_dir).expanduser() / "sampling" / f"{name}-{stamp}"
@@ -174,6 +196,39 @@ def sample_command(args: argparse.Namespace) -> int:
         if isinstance(exc, Exception) and _out_of_memory(exc):
             return _report_out_of_memory(exc, spec)
         raise
+
+
+def read_init(path: str) -> torch.Tensor:
+    """The start noise of ``--init``: an ``.npy`` array, or an ``.npz`` with key ``x_T`` or a
+    single array; float32, finite, at least 2-D (``(n, *data_shape)``). Mistakes are exit 2."""
+    import numpy as np
+
+    def fail(expected: str, given: object) -> SpecError:
+        return SpecError([SpecIssue(("--init",), expected, given, None, "command line")])
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise fail("an existing .npz or .npy file of start noise", f"no such file: {path}")
+    try:
+        loaded = np.load(file, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise fail("an .npz or .npy file of start noise", f"unreadable ({exc}): {path}") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            names = list(loaded.files)
+            if "x_T" not in names and len(names) != 1:
+                raise fail("an .npz with an array named x_T, or a single array",
+                           f"arrays {', '.join(names) or 'none'} in {path}")
+            array = loaded["x_T" if "x_T" in names else names[0]]
+    else:
+        array = np.asarray(loaded)
+    if array.dtype.kind not in "fiu" or array.ndim < 2:
+        raise fail("a numeric array of shape (n, *data_shape)",
+                   f"a {array.dtype} array of shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise fail("finite start noise (no NaN or infinity)", f"{int((~np.isfinite(array)).sum())} "
+                   f"non-finite values in {path}")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
 def _out_of_memory(exc: Exception) -> bool:
@@ -209,8 +264,11 @@ def _sample_into(args: argparse.Namespace, spec: Spec, components: Components,
     n = args.n or spec.sample.n
     seed = spec.seed if args.seed is None else args.seed
     name = spec.sample.solver["kind"]
-    drawn = draw_samples(spec, components, out, n, seed, progress=True)
+    init = getattr(args, "init_noise", None)
+    drawn = draw_samples(spec, components, out, n, seed, progress=True, x_T=init)
     result, seconds, info = drawn.result, drawn.seconds, drawn.info
+    if init is not None:
+        info["init"] = str(Path(args.init).expanduser().resolve())
     image = dataset.modality == "image"
     notes: list[str] = []
     if args.progressive:
@@ -222,7 +280,8 @@ def _sample_into(args: argparse.Namespace, spec: Spec, components: Components,
         solver.keep_x0 = solver.keep_trajectory = True  # every solver here takes them
         with diffusion.sampling_weights() as model, torch.no_grad():
             generator = torch.Generator(diffusion.device).manual_seed(seed)
-            progressive = solver.sample(model, shape, generator=generator)
+            progressive = solver.sample(model, shape, generator=generator,
+                                        x_T=None if init is None else init[:rows])
         frames_kept, shown = progressive.x0_predictions, "x0_hat"
         if not frames_kept and progressive.trajectory:
             frames_kept, shown = progressive.trajectory, "x"

@@ -48,7 +48,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-SigmaY = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+SigmaY = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 """Standard deviation of the Gaussian measurement noise, in data units."""
 
 DENSE_LIMIT = 4096

@@ -51,7 +51,7 @@ class GaussianBlur(ForwardModel):
     def __init__(
         self,
         sigma: Annotated[float, Field(gt=0, le=1000)] = 1.0,
-        size: Annotated[int, Field(ge=1)] | None = None,
+        size: Annotated[int, Field(ge=1, le=4095)] | None = None,
         sigma_y: SigmaY = 0.0,
         *,
         data_shape: tuple[int, ...],

@@ -60,7 +60,7 @@ class Inpaint(ForwardModel):
         rate: Annotated[float, Field(gt=0, le=1)] = 0.5,
         box_size: Annotated[float, Field(gt=0, le=1)] = 0.5,
         box_position: list[Fraction] | None = None,
-        seed: int = 0,
+        seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0,
         sigma_y: SigmaY = 0.0,
         *,
         data_shape: tuple[int, ...],

@@ -32,7 +32,7 @@ class MatrixOperator(ForwardModel):
         self,
         rows: Annotated[int, Field(ge=1, le=DENSE_LIMIT)] | None = None,
         path: str | None = None,
-        seed: int = 0,
+        seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0,
         sigma_y: SigmaY = 0.0,
         *,
         data_shape: tuple[int, ...],

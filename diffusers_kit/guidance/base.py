@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 Evaluate = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 """``evaluate(x, t, y)``: a model output at ``(x_t, t)`` for labels ``y`` (or None)."""
 
-NoiseLevel = Annotated[float, Field(ge=0, allow_inf_nan=True)]
+NoiseLevel = Annotated[float, Field(ge=0, le=float("inf"), allow_inf_nan=True)]
 Interval = tuple[NoiseLevel, NoiseLevel]
 
 
@@ -149,7 +149,7 @@ class GradientGuidance(Guidance):
 
     differentiates = True
 
-    def __init__(self, scale: Annotated[float, Field(allow_inf_nan=False)] = 1.0,
+    def __init__(self, scale: Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False)] = 1.0,
                  interval: Interval | None = None) -> None:
         super().__init__(interval)
         self.scale = scale

@@ -47,7 +47,7 @@ class ClassifierGuidance(GradientGuidance):
     """
 
     def __init__(self, classifier: TrainedModel,
-                 scale: Annotated[float, Field(allow_inf_nan=False)] = 1.0,
+                 scale: Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False)] = 1.0,
                  interval: Interval | None = None) -> None:
         super().__init__(scale, interval)
         self.classifier = classifier

@@ -49,7 +49,7 @@ class ClassifierFree(Guidance):
             plain conditional prediction is used (Kynkäänniemi et al. 2024).
     """
 
-    def __init__(self, scale: Annotated[float, Field(allow_inf_nan=False)] = 3.0,
+    def __init__(self, scale: Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False)] = 3.0,
                  rescale: Annotated[float, Field(ge=0, le=1)] = 0.0,
                  interval: Interval | None = None) -> None:
         super().__init__(interval)

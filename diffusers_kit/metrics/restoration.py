@@ -31,6 +31,8 @@ from diffusers_kit.metrics.floor import ErrorBars, Level, Resamples, mean_with_i
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
 
+DataValue = Annotated[float, Field(ge=-1e6, le=1e6)]
+
 
 def _pairs(samples: torch.Tensor, data: DataSplits, name: str
            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +78,7 @@ class PSNR(_Restoration):
         level: confidence level of the interval.
     """
 
-    def __init__(self, low: float = -1.0, high: float = 1.0, resamples: Resamples = 1000,
+    def __init__(self, low: DataValue = -1.0, high: DataValue = 1.0, resamples: Resamples = 1000,
                  level: Level = 0.95) -> None:
         super().__init__(low, high, resamples, level)
 
@@ -100,9 +102,9 @@ class SSIM(_Restoration):
         level: confidence level of the interval.
     """
 
-    def __init__(self, low: float = -1.0, high: float = 1.0,
+    def __init__(self, low: DataValue = -1.0, high: DataValue = 1.0,
                  kernel_size: Annotated[int, Field(ge=3, le=31)] = 7,
-                 sigma: Annotated[float, Field(gt=0)] = 1.5,
+                 sigma: Annotated[float, Field(gt=0, le=100)] = 1.5,
                  resamples: Resamples = 1000, level: Level = 0.95) -> None:
         super().__init__(low, high, resamples, level)
         if kernel_size % 2 == 0:

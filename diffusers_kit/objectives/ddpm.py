@@ -214,7 +214,7 @@ class VariationalBound(_DDPMObjective):
     def __init__(
         self,
         variance: Literal["beta_tilde", "beta", "learned"] = "beta_tilde",
-        decoder_bins: Annotated[int, Field(ge=2)] | None = 256,
+        decoder_bins: Annotated[int, Field(ge=2, le=65_536)] | None = 256,
     ) -> None:
         self.variance = variance
         self.decoder_bins = decoder_bins
@@ -245,8 +245,8 @@ class HybridLoss(_DDPMObjective):
 
     def __init__(
         self,
-        vlb_weight: Annotated[float, Field(ge=0)] = 0.001,
-        decoder_bins: Annotated[int, Field(ge=2)] | None = 256,
+        vlb_weight: Annotated[float, Field(ge=0, le=1e6)] = 0.001,
+        decoder_bins: Annotated[int, Field(ge=2, le=65_536)] | None = 256,
     ) -> None:
         self.vlb_weight = vlb_weight
         self.decoder_bins = decoder_bins

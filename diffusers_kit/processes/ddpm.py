@@ -72,7 +72,7 @@ class DDPM(VariancePreserving):
         schedule: Literal["linear", "cosine"] = "linear",
         beta_start: Beta = 1e-4,
         beta_end: Beta = 0.02,
-        cosine_offset: Annotated[float, Field(ge=0)] = 0.008,
+        cosine_offset: Annotated[float, Field(ge=0, le=1)] = 0.008,
         max_beta: Beta = 0.999,
         betas: Annotated[list[Beta], Field(min_length=1)] | None = None,
     ) -> None:

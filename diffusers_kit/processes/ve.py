@@ -36,8 +36,8 @@ class VE(NoiseProcess):
 
     def __init__(
         self,
-        sigma_min: Annotated[float, Field(gt=0)] = 0.01,
-        sigma_max: Annotated[float, Field(gt=0)] = 50.0,
+        sigma_min: Annotated[float, Field(gt=0, le=1e6)] = 0.01,
+        sigma_max: Annotated[float, Field(gt=0, le=1e6)] = 50.0,
         num_levels: Annotated[int, Field(ge=2, le=100_000)] = 10,
     ) -> None:
         if sigma_max <= sigma_min:

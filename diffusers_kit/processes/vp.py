@@ -84,8 +84,8 @@ class VP(VariancePreserving):
 
     def __init__(
         self,
-        beta_min: Annotated[float, Field(ge=0)] = 0.1,
-        beta_max: Annotated[float, Field(gt=0)] = 20.0,
+        beta_min: Annotated[float, Field(ge=0, le=1000)] = 0.1,
+        beta_max: Annotated[float, Field(gt=0, le=1000)] = 20.0,
     ) -> None:
         if beta_max < beta_min:
             raise ValueError(f"beta_max ({beta_max}) must be at least beta_min ({beta_min})")

@@ -26,6 +26,7 @@ from diffusers_kit.solvers.sde import (
     PredictorCorrector,
     ReverseDiffusion,
 )
+from diffusers_kit.solvers.unipc import UniPC
 
 REGISTER = [
     ("solver", "annealed_langevin", AnnealedLangevin),
@@ -38,6 +39,7 @@ REGISTER = [
     ("solver", "heun", HeunODE),
     ("solver", "dpm_solver_2m", DPMSolver2M),
     ("solver", "dpm_solver_3m", DPMSolver3M),
+    ("solver", "unipc", UniPC),
     ("solver", "edm_stochastic", EDMStochastic),
     ("solver", "repaint", RePaint),
     ("predictor", "euler_maruyama", EulerMaruyama),
@@ -77,4 +79,5 @@ __all__ = [
     "SampleResult",
     "ScipyODE",
     "Solver",
+    "UniPC",
 ]

@@ -121,8 +121,8 @@ class ScipyODE(Solver):
     def __init__(
         self,
         method: Method = "RK45",
-        rtol: Annotated[float, Field(gt=0)] = 1e-5,
-        atol: Annotated[float, Field(gt=0)] = 1e-5,
+        rtol: Annotated[float, Field(gt=0, le=1)] = 1e-5,
+        atol: Annotated[float, Field(gt=0, le=1)] = 1e-5,
         t_end: Annotated[float, Field(ge=0, lt=1)] | None = None,
         denoise: bool = True,
     ) -> None:
@@ -196,6 +196,7 @@ class _FixedStepODE(Solver):
         table = self.table(process)
         steps, rows = table.steps, table.rows
         recorder = Recorder(steps, self.record, rows["t"][:-1])
+        self.prepare(process)
         begin = model.nfe
         y = start(model, shape, noise, x_T) * (1.0 / rows["alpha"][0])
         times = table.time_vectors(process, shape[0], device)
@@ -206,10 +207,23 @@ class _FixedStepODE(Solver):
                 progress(1)
         return recorder.result(rows["alpha"][-1] * y, model.nfe - begin)
 
+    def prepare(self, process: NoiseProcess) -> None:
+        """Per-grid set-up before the loop (cached tables of weights); nothing by default."""
+
     @staticmethod
     def eps(model: ScoreModel, y: Tensor, t: Tensor, alpha: float) -> Tensor:
         """``eps_hat(alpha y, t)``."""
         return model.predict(alpha * y, t, "eps")
+
+    def denoised(self, model: ScoreModel, y: Tensor, rows: dict[str, list[float]], i: int,
+                 state: dict, recorder: Recorder) -> Tensor:
+        """``x0_hat`` at step ``i`` in ``y`` units (one network evaluation; recorded when the
+        recorder asks): ``y - varsigma eps_hat``."""
+        eps = self.eps(model, y, state["times"][i], rows["alpha"][i])
+        x0 = y - rows["level"][i] * eps
+        if recorder.wants(i):
+            recorder.record(i, rows["alpha"][i] * y, rows["alpha"][-1] * x0)
+        return x0
 
     def step(self, model: ScoreModel, y: Tensor, rows: dict[str, list[float]], i: int,
              steps: int, state: dict, recorder: Recorder) -> Tensor:
@@ -235,7 +249,7 @@ class EulerODE(_FixedStepODE):
         self,
         steps: Annotated[int, Field(ge=1, le=100_000)] = 100,
         spacing: Spacing = "log_snr",
-        rho: Annotated[float, Field(gt=0)] = 7.0,
+        rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
     ) -> None:
         super().__init__(steps, spacing, rho)
 
@@ -269,7 +283,7 @@ class HeunODE(_FixedStepODE):
         self,
         steps: Annotated[int, Field(ge=1, le=100_000)] = 18,
         spacing: Spacing = "log_snr",
-        rho: Annotated[float, Field(gt=0)] = 7.0,
+        rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
         form: Literal["data", "noise"] = "data",
     ) -> None:
         super().__init__(steps, spacing, rho)
@@ -311,13 +325,13 @@ class EDMStochastic(_FixedStepODE):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=2)] = 40,
+        steps: Annotated[int, Field(ge=2, le=100_000)] = 40,
         spacing: Spacing = "log_snr",
-        rho: Annotated[float, Field(gt=0)] = 7.0,
-        S_churn: Annotated[float, Field(ge=0)] = 30.0,
-        S_tmin: Annotated[float, Field(ge=0)] = 0.05,
-        S_tmax: Annotated[float, Field(gt=0)] = 50.0,
-        S_noise: Annotated[float, Field(gt=0)] = 1.0,
+        rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
+        S_churn: Annotated[float, Field(ge=0, le=1e6)] = 30.0,
+        S_tmin: Annotated[float, Field(ge=0, le=1e6)] = 0.05,
+        S_tmax: Annotated[float, Field(gt=0, le=1e6)] = 50.0,
+        S_noise: Annotated[float, Field(gt=0, le=100)] = 1.0,
     ) -> None:
         super().__init__(steps, spacing, rho)
         self.S_churn, self.S_tmin, self.S_tmax, self.S_noise = S_churn, S_tmin, S_tmax, S_noise
@@ -370,6 +384,22 @@ class EDMStochastic(_FixedStepODE):
         return y + (0.5 * delta) * (eps + eps_next)
 
 
+def usable_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
+    """The order each step of a multistep solver can use: as many past predictions as there
+    are (up to ``order``), first order for the last step onto ``varsigma = 0`` (``h = inf``),
+    and one order lower for the step before it below 15 steps (DPM-Solver++'s and UniPC's
+    ``lower_order_final``, which keeps few-step sampling stable)."""
+    usable = []
+    for i in range(steps):
+        k = min(order, i + 1)
+        if i == steps - 1:
+            k = 1
+        elif lower_order_final and steps < 15 and i == steps - 2:
+            k = max(1, min(k, order - 1))
+        usable.append(k)
+    return usable
+
+
 def multistep_weights(lam: list[float], order: int, lower_order_final: bool
                       ) -> list[tuple[float, list[float]]]:
     """Per step of DPM-Solver++(kM) (see the module doc): ``(r, [w_0, w_1, ...])`` with
@@ -379,12 +409,7 @@ def multistep_weights(lam: list[float], order: int, lower_order_final: bool
     """
     steps = len(lam) - 1
     weights = []
-    for i in range(steps):
-        usable = min(order, i + 1)
-        if i == steps - 1:
-            usable = 1  # onto varsigma = 0: h = inf
-        elif lower_order_final and steps < 15 and i == steps - 2:
-            usable = min(usable, order - 1)
+    for i, usable in enumerate(usable_orders(steps, order, lower_order_final)):
         if usable == 1:
             r = 0.0 if i == steps - 1 else math.exp(-(lam[i + 1] - lam[i]))
             weights.append((r, [1.0 - r]))
@@ -426,15 +451,11 @@ class _DPMSolverMultistep(_FixedStepODE):
         return cached(process, key, lambda: multistep_weights(
             self.table(process).rows["lam"], self.order, self.lower_order_final))
 
-    def sample(self, model, shape, **kwargs):  # type: ignore[no-untyped-def,override]
-        self._weights = self.weights(model.process)
-        return super().sample(model, shape, **kwargs)
+    def prepare(self, process: NoiseProcess) -> None:
+        self._weights = self.weights(process)
 
     def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
-        eps = self.eps(model, y, state["times"][i], rows["alpha"][i])
-        x0 = y - rows["level"][i] * eps
-        if recorder.wants(i):
-            recorder.record(i, rows["alpha"][i] * y, rows["alpha"][-1] * x0)
+        x0 = self.denoised(model, y, rows, i, state, recorder)
         history = state.setdefault("x0", [])
         history.insert(0, x0)
         del history[self.order:]
@@ -463,7 +484,7 @@ class DPMSolver2M(_DPMSolverMultistep):
         self,
         steps: Annotated[int, Field(ge=1, le=100_000)] = 20,
         spacing: Spacing = "log_snr",
-        rho: Annotated[float, Field(gt=0)] = 7.0,
+        rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
         lower_order_final: bool = True,
     ) -> None:
         super().__init__(steps, spacing, rho, lower_order_final)
@@ -486,7 +507,7 @@ class DPMSolver3M(_DPMSolverMultistep):
         self,
         steps: Annotated[int, Field(ge=1, le=100_000)] = 20,
         spacing: Spacing = "log_snr",
-        rho: Annotated[float, Field(gt=0)] = 7.0,
+        rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
         lower_order_final: bool = True,
     ) -> None:
         super().__init__(steps, spacing, rho, lower_order_final)
