@@ -70,7 +70,7 @@ def test_example_plugin_components_are_registered_with_their_distribution(exampl
 def test_spec_using_the_example_plugin_runs(example_plugin, tmp_path):
     spec, document = load_spec(
         EXAMPLE / "specs" / "bars.yaml",
-        ["train.steps=4", "sample.n=8", "sample.solver.steps_per_level=1",
+        ["train.steps=4", "sample.n=8", "sample.solver.steps=2",
          f"output.root={tmp_path / 'runs'}", "device=cpu", "network.channels=8"],
     )
     run = execute(spec, document, quiet=True)
