@@ -504,13 +504,18 @@ def _stage_evaluate(run: Run) -> None:
     generator = torch.Generator().manual_seed(run.spec.seed)
     metrics: dict[str, float] = {}
     with run.diffusion.sampling_weights() as model:
-        for name, metric in run.components.metrics:
+        for index, (name, metric) in enumerate(run.components.metrics):
             if samples is None and metric.needs_samples:
                 run.log.info("metric %s skipped: this run draws no samples", name)
                 continue
             extra = {"labels": run.results.get("labels")} if metric.uses_labels else {}
-            metrics.update(metric.evaluate(samples, run.components.data, generator, model,
-                                           **extra))
+            try:
+                metrics.update(metric.evaluate(samples, run.components.data, generator, model,
+                                               **extra))
+            except ValueError as exc:  # the metric does not apply to these samples / this data
+                raise SpecError([SpecIssue(("evaluate", "metrics", index), f"a metric that "
+                                           f"applies to this run ({exc})", name, None,
+                                           None)]) from exc
     if samples is not None and run.components.data is not None:
         metrics.update(out_of_range(samples, run.components.data.train))
     run.results["metrics"] = metrics

@@ -297,3 +297,16 @@ def test_solver_step_counts_are_bounded(tmp_path, capsys, override):
     code, _, err = run_cli(["validate", str(write_spec(tmp_path)), override], capsys)
     assert code == 2, err
     assert "sample.solver" in err and "less than or equal to 100000" in err, err
+
+
+def test_a_metric_that_does_not_apply_is_a_spec_error_naming_it(tmp_path, capsys):
+    """class_accuracy on a data set without labels fails inside the metric (a ValueError):
+    exit 2 naming evaluate.metrics[i], the run's checkpoint kept, no traceback."""
+    spec = TINY_SPEC.replace("data: {kind: digits}", "data: {kind: two_moons}").replace(
+        "network: {kind: ncsn, channels: 8, blocks: 1}", "network: {kind: mlp, width: 16}")
+    spec = spec.replace("    - {kind: swd, projections: 64}",
+                        "    - {kind: swd, projections: 64}\n    - {kind: psnr}")
+    code, _, err = run_cli(["run", str(write_spec(tmp_path, spec))], capsys)
+    assert code == 2, err
+    assert "evaluate.metrics[1]" in err and "psnr" in err and "Traceback" not in err
+    assert list((tmp_path / "runs").rglob("checkpoint.safetensors"))
