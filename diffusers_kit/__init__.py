@@ -123,6 +123,7 @@ from diffusers_kit.solvers import (
     SampleResult,
     ScipyODE,
     Solver,
+    UniPC,
 )
 from diffusers_kit.train import EMA, Trainer, TrainingDiverged, TrainingInterrupted
 
@@ -231,6 +232,7 @@ __all__ = [
     "TrainingInterrupted",
     "TwoMoons",
     "UNet",
+    "UniPC",
     "VariancePreserving",
     "VariationalBound",
     "__version__",

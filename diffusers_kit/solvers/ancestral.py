@@ -74,7 +74,7 @@ class Ancestral(Solver):
         steps: Annotated[int, Field(ge=1, le=100_000)] | None = None,
         spacing: Spacing = "uniform",
         variance: Literal["posterior", "transition", "learned"] = "posterior",
-        clip_x0: Annotated[float, Field(gt=0)] | None = None,
+        clip_x0: Annotated[float, Field(gt=0, le=1e6)] | None = None,
     ) -> None:
         self.steps = steps
         self.spacing = spacing

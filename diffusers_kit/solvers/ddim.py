@@ -47,7 +47,7 @@ class DDIM(Solver):
         steps: Annotated[int, Field(ge=1, le=100_000)] = 50,
         eta: Annotated[float, Field(ge=0, le=1)] = 0.0,
         spacing: Spacing = "uniform",
-        clip_x0: Annotated[float, Field(gt=0)] | None = None,
+        clip_x0: Annotated[float, Field(gt=0, le=1e6)] | None = None,
     ) -> None:
         self.steps = steps
         self.eta = eta

@@ -45,7 +45,7 @@ class AnnealedLangevin(Solver):
     def __init__(
         self,
         steps_per_level: Annotated[int, Field(ge=1, le=100_000)] = 100,
-        epsilon: Annotated[float, Field(gt=0)] = 2e-5,
+        epsilon: Annotated[float, Field(gt=0, le=10)] = 2e-5,
         denoise: bool = True,
     ) -> None:
         self.steps_per_level = steps_per_level
@@ -119,10 +119,10 @@ class Langevin(Solver):
     def __init__(
         self,
         steps: Annotated[int, Field(ge=1, le=100_000)] = 1000,
-        step_size: Annotated[float, Field(gt=0)] = 1e-3,
+        step_size: Annotated[float, Field(gt=0, le=10)] = 1e-3,
         time: Annotated[float, Field(ge=0, le=1)] | None = None,
         init: Literal["normal", "prior"] = "normal",
-        init_std: Annotated[float, Field(gt=0)] = 1.0,
+        init_std: Annotated[float, Field(gt=0, le=1e6)] = 1.0,
         denoise: bool = False,
     ) -> None:
         self.steps = steps

@@ -68,7 +68,7 @@ class RePaint(Solver):
         jump_length: Annotated[int, Field(ge=1, le=10_000)] = 10,
         resampling: Annotated[int, Field(ge=1, le=100)] = 10,
         spacing: Spacing = "uniform",
-        clip_x0: Annotated[float, Field(gt=0)] | None = None,
+        clip_x0: Annotated[float, Field(gt=0, le=1e6)] | None = None,
     ) -> None:
         self.steps = steps
         self.jump_length = jump_length

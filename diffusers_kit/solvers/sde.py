@@ -138,7 +138,7 @@ class LangevinCorrector(Corrector):
 
     def __init__(
         self,
-        snr: Annotated[float, Field(gt=0)] = 0.16,
+        snr: Annotated[float, Field(gt=0, le=100)] = 0.16,
         steps: Annotated[int, Field(ge=1, le=100_000)] = 1,
     ) -> None:
         self.snr = snr
