@@ -269,10 +269,14 @@ class Solver:
         self.record = Record(what=what, snapshots=current.snapshots) if what else None  # type: ignore[arg-type]
 
     def check(self, process: NoiseProcess) -> str | None:
-        """Return why this solver cannot sample ``process``, or ``None`` if it can."""
+        """Return why this solver cannot sample ``process``, or ``None`` if it can (e.g. a
+        sampler that needs discrete noise levels); the run graph reports it as a spec error
+        on ``sample.solver.kind`` before anything is trained."""
         return None
 
     def total_steps(self, process: NoiseProcess) -> int:
+        """How many progress units one :meth:`sample` call reports (the progress bar's total
+        per batch): usually the number of steps. Call ``progress(k)`` as ``k`` of them end."""
         return 1
 
     @torch.no_grad()
@@ -286,6 +290,24 @@ class Solver:
         noise: Noise | None = None,
         x_T: torch.Tensor | None = None,
     ) -> SampleResult:
+        """Draw ``shape[0]`` samples from ``model`` (a :class:`~diffusers_kit.model.ScoreModel`,
+        possibly a guided view: ask it for ``model.predict(x, t, "eps" | "score" | "x0")`` and
+        it returns the guided prediction; never convert parameterisations yourself).
+
+        Conventions a solver follows:
+
+        - ``t`` is a tensor of shape ``(B,)`` (one time per sample) on the model's device, in
+          ``[0, 1]`` (``process.time_grid`` / :mod:`diffusers_kit.solvers.grids` give grids;
+          discrete processes map step ``i`` to ``t = i / T``);
+        - start from :func:`start` (the prior draw, or ``x_T`` when given) and draw every random
+          number from ``noise`` (:func:`~diffusers_kit.solvers.noise.as_noise` merges
+          ``generator`` and ``noise``), so samples do not depend on the batch;
+        - count network evaluations as ``model.nfe`` after minus before (a host integer);
+        - keep what ``self.record`` asks with a :class:`Recorder` and return
+          ``recorder.result(samples, nfe)``;
+        - call ``progress(k)`` as work ends (``total_steps`` units per call); no host
+          synchronisation in the loop (read coefficient tables as Python floats).
+        """
         raise NotImplementedError
 
 
