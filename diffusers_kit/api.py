@@ -63,6 +63,27 @@ def default_batch_size(n: int, data_shape: Sequence[int]) -> int:
     return max(1, min(int(n), DEFAULT_MAX_BATCH, DEFAULT_BATCH_VALUES // values))
 
 
+class PluginOutputError(TypeError):
+    """A component returned something its kind's protocol does not allow (a bug in it, named
+    with the component: the user learns whose it is)."""
+
+
+def checked_output(solver: Solver, result: object, shape: tuple[int, ...]) -> None:
+    """A solver's result must be a :class:`SampleResult` of exactly the requested ``shape``
+    (half a batch would otherwise be accepted, and the metrics would look better)."""
+    name = type(solver).__name__
+    if not isinstance(result, SampleResult):
+        raise PluginOutputError(f"solver {name}.sample returned a {type(result).__name__}; "
+                                "expected a SampleResult (see Solver.sample)")
+    got = tuple(getattr(result.samples, "shape", ()))
+    if got != tuple(shape):
+        raise PluginOutputError(f"solver {name}.sample returned samples of shape {got} for a "
+                                f"batch of shape {tuple(shape)}")
+    if not isinstance(result.nfe, int) or result.nfe < 0:
+        raise PluginOutputError(f"solver {name}.sample returned nfe={result.nfe!r}; expected "
+                                "the count of network evaluations (an int)")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` says memory ran out: a ``MemoryError``, CUDA's ``OutOfMemoryError`` or
     the ``RuntimeError`` torch's CPU allocator raises (``can't allocate memory``)."""
@@ -363,6 +384,7 @@ class Diffusion:
                     else:
                         log.warning(message)
                     continue
+                checked_output(solver, result, (count, *shape))
                 chunks.append(result.samples)
                 nfe += result.nfe
                 trajectory.append(result.trajectory)

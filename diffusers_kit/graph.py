@@ -27,7 +27,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from diffusers_kit.api import Diffusion, default_batch_size, resolve_device
+from diffusers_kit.api import (
+    Diffusion,
+    PluginOutputError,
+    default_batch_size,
+    resolve_device,
+)
 from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.guidance.base import Guidance, LabelsError, requested_labels
 from diffusers_kit.metrics.base import Metric
@@ -510,17 +515,41 @@ def _stage_evaluate(run: Run) -> None:
                 continue
             extra = {"labels": run.results.get("labels")} if metric.uses_labels else {}
             try:
-                metrics.update(metric.evaluate(samples, run.components.data, generator, model,
-                                               **extra))
+                values = metric.evaluate(samples, run.components.data, generator, model,
+                                         **extra)
             except ValueError as exc:  # the metric does not apply to these samples / this data
                 raise SpecError([SpecIssue(("evaluate", "metrics", index), f"a metric that "
                                            f"applies to this run ({exc})", name, None,
                                            None)]) from exc
+            metrics.update(checked_metric(name, metric, values))
     if samples is not None and run.components.data is not None:
         metrics.update(out_of_range(samples, run.components.data.train))
     run.results["metrics"] = metrics
     for key, text in summarize(metrics):  # value [interval] floor [interval] n, per statistic
         run.log.info("metric %s = %s", key, text)
+
+
+def checked_metric(name: str, metric: Metric, values: Any) -> dict[str, Any]:
+    """A metric's result must map names to numbers (or None, or a short string): anything else
+    (a tensor, a list) is a bug in the metric, named here rather than when metrics.json is
+    written at the end of the run. Numbers are made plain floats."""
+    cls = type(metric).__name__
+    if not isinstance(values, dict):
+        raise PluginOutputError(f"metric {name} ({cls}).evaluate returned a "
+                                f"{type(values).__name__}; expected a dict of numbers")
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(key, str):
+            raise PluginOutputError(f"metric {name} ({cls}): {key!r} = {value!r} is not a "
+                                    "number under a string name")
+        if value is None or isinstance(value, str):
+            out[key] = value
+        elif isinstance(value, (int, float)):
+            out[key] = float(value) if isinstance(value, float) else value
+        else:
+            raise PluginOutputError(f"metric {name} ({cls}): {key!r} is a "
+                                    f"{type(value).__name__}; expected a number (use float())")
+    return out
 
 
 def out_of_range(samples: torch.Tensor, train: torch.Tensor, tolerance: float = 0.25

@@ -310,3 +310,39 @@ def test_a_metric_that_does_not_apply_is_a_spec_error_naming_it(tmp_path, capsys
     assert code == 2, err
     assert "evaluate.metrics[1]" in err and "psnr" in err and "Traceback" not in err
     assert list((tmp_path / "runs").rglob("checkpoint.safetensors"))
+
+
+def test_a_solver_returning_half_a_batch_is_named():
+    """Outputs are checked: a plugin solver returning the wrong shape is named at once (half a
+    batch would otherwise be accepted, and the metrics would look better)."""
+    import torch
+
+    from diffusers_kit import NCSN, VE, Diffusion
+    from diffusers_kit.api import PluginOutputError
+    from diffusers_kit.solvers import DDIM
+
+    class Half(DDIM):
+        def sample(self, model, shape, **kwargs):  # type: ignore[no-untyped-def]
+            result = super().sample(model, shape, **kwargs)
+            result.samples = result.samples[: shape[0] // 2]
+            return result
+
+    diffusion = Diffusion(VE(), NCSN(channels=8, blocks=1, data_shape=(1, 8, 8)), device="cpu")
+    with pytest.raises(PluginOutputError, match=r"Half.sample returned samples of shape"):
+        diffusion.sample(4, Half(steps=2))
+    assert diffusion.sample(4, DDIM(steps=2)).samples.shape == torch.Size([4, 1, 8, 8])
+
+
+def test_a_metric_returning_a_tensor_is_named():
+    import torch
+
+    from diffusers_kit.api import PluginOutputError
+    from diffusers_kit.graph import checked_metric
+    from diffusers_kit.metrics.base import Metric
+
+    assert checked_metric("ok", Metric(), {"a": 1.0, "b": 2, "c": None}) == {
+        "a": 1.0, "b": 2, "c": None}
+    with pytest.raises(PluginOutputError, match=r"'score' is a Tensor"):
+        checked_metric("mine", Metric(), {"score": torch.tensor(1.0)})
+    with pytest.raises(PluginOutputError, match="returned a list"):
+        checked_metric("mine", Metric(), [1.0])
