@@ -346,3 +346,23 @@ def test_a_metric_returning_a_tensor_is_named():
         checked_metric("mine", Metric(), {"score": torch.tensor(1.0)})
     with pytest.raises(PluginOutputError, match="returned a list"):
         checked_metric("mine", Metric(), [1.0])
+
+
+def test_capabilities_name_what_a_process_lacks():
+    """A plugin process with only part of the noise ladder is refused by the solver's check,
+    which names the missing members (it used to pass and crash mid-run)."""
+    import torch
+
+    from diffusers_kit.objectives.ddpm import SimpleLoss
+    from diffusers_kit.processes import VP
+    from diffusers_kit.solvers import AnnealedLangevin
+
+    class HalfLadder(VP):
+        def levels(self, *, device=None):  # type: ignore[no-untyped-def]
+            return torch.tensor([1.0, 0.1])
+
+    reason = AnnealedLangevin().check(HalfLadder())
+    assert reason is not None and "num_levels, level_times" in reason
+    assert VP().lacks(VP.DISCRETE_STEPS) == ["num_steps", "step_index"]
+    network = type("N", (), {"prediction": "eps", "learned_variance": False})()
+    assert "lacks num_steps" in SimpleLoss().check(VP(), network)

@@ -125,8 +125,9 @@ class _DDPMObjective(Objective):
     def check(self, process: NoiseProcess, network: Network) -> str | None:
         if reason := super().check(process, network):
             return reason
-        if process.num_steps is None or not hasattr(process, "step_index"):
-            return "a discrete process with steps i / T (ddpm or constant_sigma)"
+        if missing := process.lacks(process.DISCRETE_STEPS):
+            return (f"a discrete process with steps i / T (ddpm or constant_sigma); this one "
+                    f"lacks {', '.join(missing)}")
         return None
 
     def draw(self, model: ScoreModel, x0: Tensor, generator: torch.Generator | None

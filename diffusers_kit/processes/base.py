@@ -65,10 +65,25 @@ class NoiseProcess:
     ``t_min`` is the smallest time samplers integrate to (a positive value avoids the
     singular score at ``t = 0``). Discrete processes (DDPM) set ``num_steps`` to their number of
     steps T (step ``i`` sits at ``t = i / T``); continuous ones leave it ``None``.
+
+    **Optional capabilities** — components that need one check for it with :meth:`lacks`, which
+    names what is missing (so a plugin process learns it at validation, not mid-run):
+
+    - ``DISCRETE_STEPS`` (``num_steps`` set, ``step_index(t)``): the ``ddpm_*`` objectives;
+    - ``NOISE_LADDER`` (``levels()``, ``num_levels``, ``level_times()``): NCSN's annealed
+      Langevin dynamics and the ``levels`` time sampling of objectives.
     """
 
     t_min: float = 0.0
     num_steps: int | None = None
+
+    DISCRETE_STEPS = ("num_steps", "step_index")
+    NOISE_LADDER = ("levels", "num_levels", "level_times")
+
+    def lacks(self, capability: tuple[str, ...]) -> list[str]:
+        """The members of ``capability`` (e.g. :attr:`NOISE_LADDER`) this process does not
+        provide (``None`` counts as missing); empty when it has them all."""
+        return [name for name in capability if getattr(self, name, None) is None]
 
     # -- marginal -----------------------------------------------------------------------------
     def alpha(self, t: Tensor) -> Tensor:

@@ -53,8 +53,9 @@ class AnnealedLangevin(Solver):
         self.denoise = denoise
 
     def check(self, process: NoiseProcess) -> str | None:
-        if not hasattr(process, "levels"):
-            return "a process with a discrete noise ladder (such as ve)"
+        if missing := process.lacks(process.NOISE_LADDER):
+            return (f"a process with a discrete noise ladder (such as ve); this one lacks "
+                    f"{', '.join(missing)}")
         return None
 
     def total_steps(self, process: NoiseProcess) -> int:
