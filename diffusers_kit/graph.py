@@ -300,6 +300,28 @@ def _conditioning(spec: Spec, builder: Builder, diffusion: Diffusion, data: Data
     return guidance, labels
 
 
+def check_construction(spec: Spec, document: Document | None = None,
+                       registry: Registry | None = None) -> None:
+    """Construct what needs no data — the process, objective, optimizer and solver (checked
+    against the process) — so that a constructor's own ``ValueError`` (``sigma_max`` below
+    ``sigma_min``, a solver the process cannot drive) is a spec error at ``dkit validate``
+    time, not at run time. ``dkit validate --build`` builds everything (it loads the data)."""
+    builder = Builder(registry or get_registry(), document)
+    process = None
+    if spec.model is None:  # a trained model's own sections were checked with its own spec
+        if spec.process is not None:
+            process = builder.build(("process",), "process", spec.process)
+        if spec.objective is not None:
+            builder.build(("objective",), "objective", spec.objective)
+        builder.build(("train", "optimizer"), "optimizer", spec.train.optimizer)
+    if spec.sample is not None:
+        solver = builder.build(("sample", "solver"), "solver", spec.sample.solver)
+        if solver is not None and process is not None and (reason := solver.check(process)):
+            builder.issue(("sample", "solver", "kind"), reason, spec.sample.solver["kind"])
+    if builder.issues:
+        raise SpecError(builder.issues, document.origin if document else None)
+
+
 def _new_run_dir(root: Path, name: str) -> Path:
     return make_run_dir(root, name)  # race-free, contained (diffusers_kit/outputs.py)
 

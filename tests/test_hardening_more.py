@@ -366,3 +366,13 @@ def test_capabilities_name_what_a_process_lacks():
     assert VP().lacks(VP.DISCRETE_STEPS) == ["num_steps", "step_index"]
     network = type("N", (), {"prediction": "eps", "learned_variance": False})()
     assert "lacks num_steps" in SimpleLoss().check(VP(), network)
+
+
+def test_validate_constructs_what_needs_no_data(tmp_path, capsys):
+    """A constructor's own check (VE's sigma_max below sigma_min) fails dkit validate, naming
+    the section; before, validate said ok and the run failed."""
+    spec = write_spec(tmp_path)
+    code, _, err = run_cli(["validate", str(spec), "process.sigma_min=9.0"], capsys)
+    assert code == 2 and "process" in err and "sigma" in err, err
+    code, out, _ = run_cli(["validate", str(spec)], capsys)
+    assert code == 0 and "is valid" in out

@@ -19,10 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def validate_command(args: argparse.Namespace) -> int:
+    from diffusers_kit.graph import build_components, check_construction
+
     spec, document = load_spec(args.spec, args.overrides)
     if args.build:
-        from diffusers_kit.graph import build_components
-
         build_components(spec, document)
+    else:
+        check_construction(spec, document)  # the components that need no data
     Console().print(f"[green]ok[/] {args.spec}: spec {spec.name!r} is valid")
     return 0
