@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jsonschema
@@ -67,3 +68,41 @@ def test_cli_schema_prints_json(capsys):
     code, out, _ = run_cli(["schema"], capsys)
     assert code == 0
     assert json.loads(out)["title"] == "diffusers_kit spec"
+
+
+def test_parameter_docs_reach_the_schema_description():
+    """An editor's hover shows what a parameter means (the docstring's Args:), not a title."""
+    schema = spec_schema(get_registry())
+    ve = next(o for o in schema["$defs"]["process"]["oneOf"]
+              if o["properties"]["kind"]["const"] == "ve")
+    assert "largest noise level" in ve["properties"]["sigma_max"]["description"]
+    cfg = next(o for o in schema["$defs"]["guidance"]["oneOf"]
+               if o["properties"]["kind"]["const"] == "classifier_free")
+    assert "guidance weight" in cfg["properties"]["scale"]["description"]
+
+
+@pytest.fixture
+def fresh_registry():
+    from diffusers_kit import registry as registry_module
+
+    registry_module.reset_registry()
+    yield
+    registry_module.reset_registry()
+
+
+def test_one_unschemable_component_does_not_cost_everybody_the_schema(fresh_registry):
+    """A plugin parameter pydantic cannot write as JSON Schema leaves that component out, with
+    a warning naming it; every other component is still in the schema."""
+    from diffusers_kit.metrics.base import Metric
+
+    class Odd(Metric):
+        def __init__(self, hook: Callable[[int], int] | None = None) -> None:
+            self.hook = hook
+
+    registry = get_registry()
+    registry.add("metric", "odd", Odd)
+    problems: list[str] = []
+    schema = spec_schema(registry, problems=problems)
+    names = {o["properties"]["kind"]["const"] for o in schema["$defs"]["metric"]["oneOf"]}
+    assert "odd" not in names and "swd" in names
+    assert problems and "'odd'" in problems[0]

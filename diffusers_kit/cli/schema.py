@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from diffusers_kit.registry import get_registry
@@ -21,7 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def schema_command(args: argparse.Namespace) -> int:
     sources = set(args.source) if args.source else None
-    text = json.dumps(spec_schema(get_registry(), sources), indent=2) + "\n"
+    problems: list[str] = []
+    text = json.dumps(spec_schema(get_registry(), sources, problems), indent=2) + "\n"
+    for problem in problems:  # a plugin's unschemable annotation: named, the rest still served
+        print(f"warning: {problem}", file=sys.stderr)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
     else:

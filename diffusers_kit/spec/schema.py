@@ -8,6 +8,8 @@ whose ``kind`` is a constant.
 from __future__ import annotations
 
 import copy
+import inspect
+import re
 from typing import Any
 
 from diffusers_kit.registry import Component, Registry
@@ -17,6 +19,39 @@ from diffusers_kit.spec.validate import _section_model
 SCHEMA_DIALECT = "http://json-schema.org/draft-07/schema#"
 
 
+def argument_docs(factory: Any) -> dict[str, str]:
+    """``{parameter: text}`` from the ``Args:`` section of a component's docstring (Google
+    style: ``name: text`` lines, continuation lines indented further), so that an editor's
+    hover shows what a parameter means, not just its title."""
+    doc = inspect.getdoc(factory) or ""
+    docs: dict[str, str] = {}
+    inside, current, indent = False, None, None
+    for line in doc.splitlines():
+        stripped = line.strip()
+        if stripped in ("Args:", "Arguments:", "Parameters:"):
+            inside, current, indent = True, None, None
+            continue
+        if not inside:
+            continue
+        if not stripped:
+            current = None
+            continue
+        depth = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = depth
+        if depth < indent or (depth == indent and stripped.endswith(":") and " " not in
+                              stripped):
+            inside = False  # the next section
+            continue
+        match = re.match(r"^(\w+)(?: \([^)]*\))?: (.*)$", stripped)
+        if depth == indent and match:
+            current = match.group(1)
+            docs[current] = match.group(2).strip()
+        elif current is not None:
+            docs[current] += " " + stripped
+    return docs
+
+
 def _component_schema(component: Component) -> tuple[dict[str, Any], dict[str, Any]]:
     schema = component.params.model_json_schema(ref_template="#/$defs/{model}")
     defs = schema.pop("$defs", {})
@@ -24,6 +59,9 @@ def _component_schema(component: Component) -> tuple[dict[str, Any], dict[str, A
         "kind": {"const": component.name, "description": component.summary},
         **schema.get("properties", {}),
     }
+    for pname, text in argument_docs(component.factory).items():
+        if pname in properties and "description" not in properties[pname]:
+            properties[pname] = {**properties[pname], "description": text}
     for pname, sub in component.nested.items():
         ref: dict[str, Any] = {"$ref": f"#/$defs/{sub.kind}"}
         if sub.many:
@@ -61,10 +99,14 @@ def _section_schema(model: type[Section], defs: dict[str, Any]) -> dict[str, Any
     return schema
 
 
-def spec_schema(registry: Registry, sources: set[str] | None = None) -> dict[str, Any]:
+def spec_schema(registry: Registry, sources: set[str] | None = None,
+                problems: list[str] | None = None) -> dict[str, Any]:
     """The JSON Schema (draft 7) of a spec file for the components in ``registry``.
 
-    ``sources`` keeps only components from those distributions (``None``: all of them).
+    ``sources`` keeps only components from those distributions (``None``: all of them). A
+    component whose parameters cannot be written as JSON Schema (an annotation pydantic cannot
+    express) is left out with a line in ``problems``: one plugin's annotation must not cost
+    everybody the schema.
     """
     defs: dict[str, Any] = {}
     for kind in sorted(registry.kinds.values(), key=lambda k: k.name):
@@ -72,7 +114,14 @@ def spec_schema(registry: Registry, sources: set[str] | None = None) -> dict[str
         for component in registry.components(kind.name):
             if sources is not None and component.source not in sources:
                 continue
-            schema, sub_defs = _component_schema(component)
+            try:
+                schema, sub_defs = _component_schema(component)
+            except Exception as exc:  # pydantic's schema errors have no common base
+                if problems is not None:
+                    problems.append(f"{kind.name} {component.name!r} from {component.source}: "
+                                    f"left out ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0]})")
+                continue
             options.append(schema)
             defs.update(sub_defs)
         defs[kind.name] = {"description": kind.doc.splitlines()[0] if kind.doc else kind.name,
