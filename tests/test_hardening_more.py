@@ -376,3 +376,10 @@ def test_validate_constructs_what_needs_no_data(tmp_path, capsys):
     assert code == 2 and "process" in err and "sigma" in err, err
     code, out, _ = run_cli(["validate", str(spec)], capsys)
     assert code == 0 and "is valid" in out
+
+
+def test_plugins_show_spells_out_literal_and_optional(capsys):
+    code, out, _ = run_cli(["plugins", "show", "solver", "ddim"], capsys)
+    assert code == 0
+    flat = " ".join(out.split())
+    assert "one of 'uniform'" in flat and "float or none" in flat and "> 0" in flat

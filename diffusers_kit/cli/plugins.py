@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import collections.abc
+import types
+import typing
 from typing import Any
 
 from pydantic_core import PydanticUndefined
@@ -25,18 +28,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _type_name(annotation: Any) -> str:
+    """A readable type: ``one of 'a', 'b'`` for a Literal, ``X or none`` for an Optional,
+    ``list of X``, and the class name otherwise (Annotated metadata is shown as constraints)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        text = " or ".join(names)
+        return f"{text} or none" if type(None) in args else text
+    if origin in (list, collections.abc.Sequence):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is tuple:
+        return "(" + ", ".join(_type_name(a) for a in args if a is not Ellipsis) + ")"
     text = getattr(annotation, "__name__", None) or str(annotation)
     return text.replace("typing.", "")
 
 
-def _constraints(info: Any) -> str:
+def _bounds(items: list[Any]) -> list[str]:
     parts = []
-    for item in info.metadata:
+    for item in items:
+        inner = getattr(item, "metadata", None)
+        if isinstance(inner, list):
+            parts += _bounds(inner)
         for attr, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
             value = getattr(item, attr, None)
             if value is not None:
                 parts.append(f"{symbol} {value}")
-    return ", ".join(parts)
+    return parts
+
+
+def _constraints(info: Any) -> str:
+    """Bounds from the field and from Annotated types inside it (an Optional's, a list's)."""
+    parts = _bounds(list(info.metadata))
+
+    def inner(annotation: Any) -> None:
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is typing.Annotated:
+            parts.extend(_bounds(list(args[1:])))
+            inner(args[0])
+        elif origin in (typing.Union, types.UnionType):
+            for arg in args:
+                inner(arg)
+
+    inner(info.annotation)
+    return ", ".join(dict.fromkeys(parts))
 
 
 def show_component(component: Component, console: Console) -> None:
