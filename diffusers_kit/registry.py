@@ -143,6 +143,7 @@ class Registry:
         self._check_base(kind, name, factory)
         context = tuple(getattr(factory, "dkit_context", ()))
         params, nested = self._params_model(kind, name, factory, context)
+        self._check_defaults(kind, name, params, nested)
         component = Component(
             kind=kind,
             name=name,
@@ -177,6 +178,24 @@ class Registry:
         if not issubclass(made, base):
             raise TypeError(f"{kind} {name!r} from {self._source}: {made.__qualname__} does not "
                             f"derive from {wanted}, the base class of kind {kind!r}")
+
+    def _check_defaults(self, kind: str, name: str, params: type[pydantic.BaseModel],
+                        nested: dict[str, NestedParam]) -> None:
+        """Every default must satisfy its own parameter's type and bounds: a default the
+        schema refuses would be accepted silently (it is never validated) and a user who
+        writes the same value gets an error."""
+        for pname, info in params.model_fields.items():
+            if pname in nested or info.is_required() or info.default is None:
+                continue
+            try:
+                annotation = (typing.Annotated[(info.annotation, *info.metadata)]
+                              if info.metadata else info.annotation)
+                pydantic.TypeAdapter(annotation).validate_python(info.default)
+            except pydantic.ValidationError as exc:
+                problem = exc.errors()[0].get("msg", str(exc))
+                raise TypeError(f"{kind} {name!r} from {self._source}: the default of "
+                                f"{pname!r}, {info.default!r}, violates its own constraint "
+                                f"({problem})") from None
 
     def _nested_kind(self, annotation: Any) -> NestedParam | None:
         annotation = _strip_annotated(annotation)

@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 
 import pytest
+from pydantic import Field
 from pydantic.fields import FieldInfo
 
 from diffusers_kit.checkpoint import load_checkpoint
@@ -383,3 +384,17 @@ def test_plugins_show_spells_out_literal_and_optional(capsys):
     assert code == 0
     flat = " ".join(out.split())
     assert "one of 'uniform'" in flat and "float or none" in flat and "> 0" in flat
+
+
+def test_a_default_that_violates_its_own_constraint_is_refused_at_registration():
+    from diffusers_kit.metrics.base import Metric
+    from diffusers_kit.registry import Registry
+
+    class Bad(Metric):
+        def __init__(self, k: typing.Annotated[int, Field(ge=1)] = 0) -> None:
+            self.k = k
+
+    registry = Registry()
+    registry.add_kind("metric", Metric)
+    with pytest.raises(TypeError, match=r"default of 'k', 0, violates its own constraint"):
+        registry.add("metric", "bad", Bad)
