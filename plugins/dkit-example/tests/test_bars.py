@@ -139,3 +139,18 @@ def test_the_shipped_spec_learns_bars(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["swd_ratio"] < 4, metrics["swd_ratio"]
     assert "out_of_range" not in metrics
+
+
+def test_the_plugin_passes_dkits_testing_kit():
+    """What dkit checks of its own components, applied to this plugin's (diffusers_kit.testing):
+    registered through the entry point, buildable, in the schema; a true adjoint; a metric whose
+    held-out set beats a shifted copy."""
+    from dkit_example import Bars
+
+    from diffusers_kit.testing import check_forward_model, check_metric, check_registered
+
+    check_registered("dataset", "bars")
+    check_registered("metric", "moment_gap")
+    check_registered("guidance", "brightness")
+    check_forward_model(check_registered("forward_model", "column_sums", data_shape=(1, 8, 8)))
+    check_metric(check_registered("metric", "moment_gap"), Bars(count=400).load())
