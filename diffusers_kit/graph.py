@@ -529,26 +529,39 @@ def _stage_restore(run: Run) -> None:
 def _stage_evaluate(run: Run) -> None:
     samples = run.results.get("samples")  # None when the spec only trains
     generator = torch.Generator().manual_seed(run.spec.seed)
-    metrics: dict[str, float] = {}
     with run.diffusion.sampling_weights() as model:
-        for index, (name, metric) in enumerate(run.components.metrics):
-            if samples is None and metric.needs_samples:
-                run.log.info("metric %s skipped: this run draws no samples", name)
-                continue
-            extra = {"labels": run.results.get("labels")} if metric.uses_labels else {}
-            try:
-                values = metric.evaluate(samples, run.components.data, generator, model,
-                                         **extra)
-            except ValueError as exc:  # the metric does not apply to these samples / this data
-                raise SpecError([SpecIssue(("evaluate", "metrics", index), f"a metric that "
-                                           f"applies to this run ({exc})", name, None,
-                                           None)]) from exc
-            metrics.update(checked_metric(name, metric, values))
-    if samples is not None and run.components.data is not None:
-        metrics.update(out_of_range(samples, run.components.data.train))
+        metrics = evaluate_metrics(run.components.metrics, samples, run.components.data,
+                                   generator, model, run.results.get("labels"), run.log)
     run.results["metrics"] = metrics
     for key, text in summarize(metrics):  # value [interval] floor [interval] n, per statistic
         run.log.info("metric %s = %s", key, text)
+
+
+def evaluate_metrics(metrics: list[tuple[str, Metric]], samples: torch.Tensor | None,
+                     data: DataSplits, generator: torch.Generator, model: Any,
+                     labels: torch.Tensor | None = None, log: logging.Logger | None = None
+                     ) -> dict[str, Any]:
+    """Every metric on ``samples`` (those that need none when there are none), each result
+    checked (:func:`checked_metric`), a metric that does not apply reported as a spec error
+    naming ``evaluate.metrics[i]``, and the out-of-range share of the samples: what a run's
+    evaluate stage and ``dkit evaluate`` both compute."""
+    out: dict[str, Any] = {}
+    for index, (name, metric) in enumerate(metrics):
+        if samples is None and metric.needs_samples:
+            if log is not None:
+                log.info("metric %s skipped: this run draws no samples", name)
+            continue
+        extra = {"labels": labels} if metric.uses_labels else {}
+        try:
+            values = metric.evaluate(samples, data, generator, model, **extra)
+        except ValueError as exc:  # the metric does not apply to these samples / this data
+            raise SpecError([SpecIssue(("evaluate", "metrics", index), f"a metric that "
+                                       f"applies to this run ({exc})", name, None,
+                                       None)]) from exc
+        out.update(checked_metric(name, metric, values))
+    if samples is not None and data is not None:
+        out.update(out_of_range(samples, data.train))
+    return out
 
 
 def checked_metric(name: str, metric: Metric, values: Any) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def load_samples(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    from diffusers_kit.graph import build_components, load_previous
+    from diffusers_kit.graph import build_components, evaluate_metrics, load_previous
     from diffusers_kit.metrics.floor import summarize
     from diffusers_kit.pipeline import (
         CHECKPOINT,
@@ -125,13 +125,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
         raise _command_error("--samples", f"samples of shape {components.data.shape}",
                              f"{samples_path} with shape {tuple(samples.shape[1:])}")
     generator = torch.Generator().manual_seed(spec.seed)
-    metrics: dict[str, float] = {}
     with components.diffusion.sampling_weights() as model:
-        for _, metric in components.metrics:
-            if samples is None and metric.needs_samples:
-                continue
-            extra = {"labels": labels} if metric.uses_labels else {}
-            metrics.update(metric.evaluate(samples, components.data, generator, model, **extra))
+        metrics = evaluate_metrics(components.metrics, samples, components.data, generator,
+                                   model, labels)
     # NaN / infinity are not JSON: null (as the run's report stage writes them)
     finite = json.loads(json.dumps(metrics), parse_constant=lambda _: None)
     target = samples_path.parent / "metrics.json" if samples is not None else (
@@ -142,7 +138,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
             previous = json.loads(target.read_text(encoding="utf-8"))
         except ValueError:
             previous = {}
-    merged = {**(previous if isinstance(previous, dict) else {}), **finite}
+    previous = previous if isinstance(previous, dict) else {}
+    if samples is not None:
+        previous.pop("out_of_range", None)  # recomputed: absent now means none are
+    merged = {**previous, **finite}
     target.write_text(json.dumps(merged, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     record = read_record(folder)
     if record is not None and target.parent == folder:
