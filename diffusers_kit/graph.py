@@ -445,7 +445,7 @@ def open_run(run_dir: str | Path, overrides: list[str] | None = None,
     checkpoint. ``RUN_DIR/../latest`` is followed; ``overrides`` change fields of that spec;
     ``solver`` (a registered name or a YAML mapping) replaces its solver."""
     from diffusers_kit.pipeline import SPEC_FILE, follow_latest
-    from diffusers_kit.spec.loader import apply_overrides, load_file
+    from diffusers_kit.spec.loader import apply_overrides, component_option, load_file
     from diffusers_kit.spec.validate import validate
 
     folder = follow_latest(Path(run_dir).expanduser())
@@ -455,16 +455,8 @@ def open_run(run_dir: str | Path, overrides: list[str] | None = None,
                                    f"{Path.cwd()})", str(run_dir), None, "command line")])
     document = load_file(folder / SPEC_FILE)
     if solver is not None:
-        try:
-            value = yaml.safe_load(solver)
-        except yaml.YAMLError:
-            value = None
-        if isinstance(value, str):
-            value = {"kind": value}
-        if not isinstance(value, dict):
-            raise SpecError([SpecIssue(("--solver",), "a solver name or a YAML mapping such as "
-                                       "'{kind: ddim, steps: 20}'", solver, None,
-                                       "command line")])
+        value = component_option("--solver", solver, "a solver name or a YAML mapping such as "
+                                 "'{kind: ddim, steps: 20}'")
         section = document.data.get("sample")
         if not isinstance(section, dict):
             section = document.data["sample"] = {}

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from diffusers_kit.spec.errors import SpecError, SpecIssue
+from diffusers_kit.spec.loader import component_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,19 +48,12 @@ def _command_error(option: str, expected: str, given: Any) -> SpecError:
 def metric_configs(chosen: list[str], own: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``--metrics`` items as metric mappings: a name takes the run's own settings for that
     kind when its spec has them; a YAML mapping is used as written."""
-    configs = []
-    for text in chosen:
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = None
-        if isinstance(value, str):
-            value = next((dict(m) for m in own if m.get("kind") == value), {"kind": value})
-        if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
-            raise _command_error("--metrics", "metric names or YAML mappings such as "
-                                 "'{kind: fd, features: features_digits.yaml}'", text)
-        configs.append(value)
-    return configs
+    def named(kind: str) -> dict[str, Any]:
+        return next((dict(m) for m in own if m.get("kind") == kind), {"kind": kind})
+
+    return [component_option("--metrics", text, "metric names or YAML mappings such as "
+                             "'{kind: fd, features: features_digits.yaml}'", named)
+            for text in chosen]
 
 
 def load_samples(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -16,25 +16,16 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from diffusers_kit.spec.errors import SpecError, SpecIssue
+from diffusers_kit.spec.loader import component_option
 
 
 def _mapping(flag: str, text: str, example: str) -> dict:
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = None
-    if isinstance(value, str):
-        value = {"kind": value}
-    if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
-        raise SpecError([SpecIssue((flag,), f"a name or a YAML mapping such as {example}",
-                                   text, None, "command line")])
-    return value
+    return component_option(flag, text, f"a name or a YAML mapping such as {example}")
 
 
 def restore_overrides(args: argparse.Namespace) -> list[str]:

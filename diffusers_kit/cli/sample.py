@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 from rich.console import Console
 from rich.markup import escape
 
 from diffusers_kit.spec.errors import SpecError, SpecIssue
+from diffusers_kit.spec.loader import component_option
 
 if TYPE_CHECKING:
     from diffusers_kit.graph import Components
@@ -57,17 +57,8 @@ def conditioning_overrides(guidance: list[str] | None, labels: str | None) -> li
         for text in guidance:
             if text.strip() == "none":
                 continue
-            try:
-                value = yaml.safe_load(text)
-            except yaml.YAMLError:
-                value = None
-            if isinstance(value, str):
-                value = {"kind": value}
-            if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
-                raise SpecError([SpecIssue(("--guidance",), "a guidance name or a YAML mapping "
-                                           "such as '{kind: classifier_free, scale: 4}'", text,
-                                           None, "command line")])
-            terms.append(value)
+            terms.append(component_option("--guidance", text, "a guidance name or a YAML "
+                                          "mapping such as '{kind: classifier_free, scale: 4}'"))
         overrides.append(f"sample.guidance={json.dumps(terms)}")
     if labels is not None:
         text = labels.strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 from typing import Any
@@ -178,6 +179,24 @@ def load_file(path: str | FilePath) -> Document:
         raise SpecError([SpecIssue((), "a readable UTF-8 spec file", str(exc), None, str(path))],
                         str(path)) from None
     return parse_yaml(text, str(path))
+
+
+def component_option(flag: str, text: str, expected: str,
+                     named: Callable[[str], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A command-line option that names a component (``--solver``, ``--guidance``,
+    ``--metrics``, ``--method``, ``--operator``): a registered name (``ddim``) or a YAML
+    mapping (``'{kind: ddim, steps: 20}'``). ``named`` turns a bare name into its mapping
+    (default ``{kind: name}``). Anything else is a spec error naming ``flag``, with
+    ``expected`` as what was expected."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if isinstance(value, str):
+        value = named(value) if named is not None else {"kind": value}
+    if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
+        raise SpecError([SpecIssue((flag,), expected, text, None, "command line")])
+    return value
 
 
 def _parse_key(part: str) -> str | int:
