@@ -222,6 +222,21 @@ class ForwardModel:
         return f"<{self.describe()}>"
 
 
+class IdentityMeasurementBasis:
+    """For an operator whose SVD has ``U = I`` (the measurement's own coordinates are the
+    spectral ones: inpainting's kept pixels, colorization's gray pixels, super-resolution's
+    blocks): ``Ut`` flattens a measurement and ``U`` reshapes coordinates back. Put it before
+    :class:`ForwardModel` among the bases."""
+
+    def Ut(self, y: torch.Tensor) -> torch.Tensor:
+        b = self.check(y, self.measurement_shape, "a measurement")  # type: ignore[attr-defined]
+        return y.reshape(b, self.m)  # type: ignore[attr-defined]
+
+    def U(self, z: torch.Tensor) -> torch.Tensor:
+        b = self.check(z, (self.m,), "spectral coordinates")  # type: ignore[attr-defined]
+        return z.reshape(b, *self.measurement_shape)  # type: ignore[attr-defined]
+
+
 def image_shape(name: str, data_shape: tuple[int, ...], channels: int | None = None
                 ) -> tuple[int, int, int]:
     """``(C, H, W)`` of image data, or a ValueError naming what ``name`` needs."""

@@ -14,10 +14,15 @@ import math
 
 import torch
 
-from diffusers_kit.forward_models.base import ForwardModel, SigmaY, image_shape
+from diffusers_kit.forward_models.base import (
+    ForwardModel,
+    IdentityMeasurementBasis,
+    SigmaY,
+    image_shape,
+)
 
 
-class Colorize(ForwardModel):
+class Colorize(IdentityMeasurementBasis, ForwardModel):
     """Colorization: the measurement is the gray image, the mean of the three channels.
 
     Args:
@@ -57,11 +62,3 @@ class Colorize(ForwardModel):
         b = self.check(z, (self.d,), "spectral coordinates")
         coords = z.reshape(b, *self.data_shape)
         return torch.einsum("jc,bjhw->bchw", self.table("basis", z), coords)
-
-    def Ut(self, y: torch.Tensor) -> torch.Tensor:
-        b = self.check(y, self.measurement_shape, "a measurement")
-        return y.reshape(b, self.m)
-
-    def U(self, z: torch.Tensor) -> torch.Tensor:
-        b = self.check(z, (self.m,), "spectral coordinates")
-        return z.reshape(b, *self.measurement_shape)

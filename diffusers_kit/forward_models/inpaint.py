@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from diffusers_kit.forward_models.base import ForwardModel, SigmaY
+from diffusers_kit.forward_models.base import ForwardModel, IdentityMeasurementBasis, SigmaY
 
 MASKS = ("box", "random", "half", "left", "center")
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
-class Inpaint(ForwardModel):
+class Inpaint(IdentityMeasurementBasis, ForwardModel):
     """Inpainting: the measurement is the vector of kept pixels (all channels).
 
     Works for images ``(C, H, W)`` (the mask is over ``(H, W)``, shared by the channels) and for
@@ -130,14 +130,6 @@ class Inpaint(ForwardModel):
     def V(self, z: torch.Tensor) -> torch.Tensor:
         b = self.check(z, (self.d,), "spectral coordinates")
         return z.index_select(1, self.table("inverse", z)).reshape(b, *self.data_shape)
-
-    def Ut(self, y: torch.Tensor) -> torch.Tensor:
-        b = self.check(y, self.measurement_shape, "a measurement")
-        return y.reshape(b, self.m)
-
-    def U(self, z: torch.Tensor) -> torch.Tensor:
-        b = self.check(z, (self.m,), "spectral coordinates")
-        return z.reshape(b, *self.measurement_shape)
 
 
 def _random_mask(spatial: tuple[int, ...], rate: float, seed: int) -> torch.Tensor:

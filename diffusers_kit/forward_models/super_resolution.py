@@ -15,10 +15,15 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from diffusers_kit.forward_models.base import ForwardModel, SigmaY, image_shape
+from diffusers_kit.forward_models.base import (
+    ForwardModel,
+    IdentityMeasurementBasis,
+    SigmaY,
+    image_shape,
+)
 
 
-class SuperResolution(ForwardModel):
+class SuperResolution(IdentityMeasurementBasis, ForwardModel):
     """Super-resolution: the measurement is the image averaged over ``scale x scale`` blocks.
 
     Args:
@@ -81,11 +86,3 @@ class SuperResolution(ForwardModel):
         blocks = coords @ self.table("basis", z).T  # (B, C, h, w, k^2)
         return blocks.reshape(b, c, h, w, k, k).permute(0, 1, 2, 4, 3, 5).reshape(
             b, *self.data_shape)
-
-    def Ut(self, y: torch.Tensor) -> torch.Tensor:
-        b = self.check(y, self.measurement_shape, "a measurement")
-        return y.reshape(b, self.m)
-
-    def U(self, z: torch.Tensor) -> torch.Tensor:
-        b = self.check(z, (self.m,), "spectral coordinates")
-        return z.reshape(b, *self.measurement_shape)
