@@ -63,6 +63,14 @@ def default_batch_size(n: int, data_shape: Sequence[int]) -> int:
     return max(1, min(int(n), DEFAULT_MAX_BATCH, DEFAULT_BATCH_VALUES // values))
 
 
+def batch_count(n: int, batch_size: int | None, data_shape: Sequence[int]) -> int:
+    """How many batches :meth:`Diffusion.sample` draws ``n`` samples in (``batch_size``, or
+    :func:`default_batch_size` without one): the progress bar's total is this many solver
+    runs, and a per-sample NFE is the summed ``nfe`` over this many."""
+    size = batch_size or default_batch_size(n, data_shape)
+    return -(-int(n) // size)
+
+
 class PluginOutputError(TypeError):
     """A component returned something its kind's protocol does not allow (a bug in it, named
     with the component: the user learns whose it is)."""

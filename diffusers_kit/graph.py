@@ -30,7 +30,7 @@ from rich.text import Text
 from diffusers_kit.api import (
     Diffusion,
     PluginOutputError,
-    default_batch_size,
+    batch_count,
     resolve_device,
 )
 from diffusers_kit.data.base import Dataset, DataSplits
@@ -473,8 +473,7 @@ def open_run(run_dir: str | Path, overrides: list[str] | None = None,
 def _stage_sample(run: Run) -> None:
     spec, diffusion, solver = run.spec, run.diffusion, run.components.solver
     n = spec.sample.n
-    size = spec.sample.batch_size or default_batch_size(n, diffusion.network.data_shape)
-    batches = -(-n // size)
+    batches = batch_count(n, spec.sample.batch_size, diffusion.network.data_shape)
     with run.progress() as progress:
         task = progress.add_task("sample", total=solver.total_steps(diffusion.process) * batches,
                                  status=spec.sample.solver["kind"])
@@ -504,7 +503,7 @@ def _stage_restore(run: Run) -> None:
     solver = components.restore_solver
     assert solver is not None
     count = len(images) * section.samples_per_image
-    batches = -(-count // (section.batch_size or default_batch_size(count, images.shape[1:])))
+    batches = batch_count(count, section.batch_size, images.shape[1:])
     with run.progress() as progress:
         task = progress.add_task("restore", status=section.method["kind"],
                                  total=solver.total_steps(run.diffusion.process) * batches)

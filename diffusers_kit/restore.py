@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from diffusers_kit.api import default_batch_size
+from diffusers_kit.api import batch_count
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.consistency import consistency
 from diffusers_kit.metrics.floor import ErrorBars, mean_with_interval
@@ -87,8 +87,7 @@ def restore(
                               progress=progress)
     seconds = time.perf_counter() - started
     count = len(truth) * k
-    size = batch_size or default_batch_size(count, truth.shape[1:])
-    nfe = result.nfe // -(-count // size)  # per restoration, not summed over the batches
+    nfe = result.nfe // batch_count(count, batch_size, truth.shape[1:])  # per restoration
     samples = result.samples.float().cpu()
     reference = truth.repeat_interleave(k, dim=0)
     bars = ErrorBars()

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from diffusers_kit.api import default_batch_size
+from diffusers_kit.api import batch_count
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 
 # metrics whose values lie in a known range (the plot's axis stops there)
@@ -249,11 +249,11 @@ def sweep_command(args: argparse.Namespace) -> int:
                     Path(spec.output.root), console=err, quiet=args.quiet or index > 0))
                 n = spec.sample.n
                 seed = spec.seed if args.seed is None else args.seed
-                size = spec.sample.batch_size or default_batch_size(
-                    n, components.diffusion.network.data_shape)
+                batches = batch_count(n, spec.sample.batch_size,
+                                      components.diffusion.network.data_shape)
                 steps = components.solver.total_steps(components.diffusion.process)
                 task = progress.add_task(f"  {short(value, 30)}", status="sampling",
-                                         total=steps * -(-n // size))
+                                         total=steps * batches)
                 drawn = draw_samples(spec, components, out, n, seed, stem=f"samples_{stem}",
                                      progress=lambda k, task=task: progress.advance(task, k))
                 progress.update(task, status="evaluating")
@@ -325,15 +325,14 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def _evaluate(spec: Any, components: Any, samples: Any, labels: Any) -> dict[str, float]:
-    """The metrics of ``components`` on ``samples``, as ``dkit evaluate`` computes them (the
-    spec's seed draws the real sets, so every value is compared with the same floor)."""
+    """The metrics of ``components`` on ``samples``, as a run and ``dkit evaluate`` compute
+    them (the spec's seed draws the real sets, so every value is compared with the same
+    floor)."""
     import torch
 
+    from diffusers_kit.graph import evaluate_metrics
+
     generator = torch.Generator().manual_seed(spec.seed)
-    metrics: dict[str, float] = {}
     with components.diffusion.sampling_weights() as model:
-        for _, metric in components.metrics:
-            extra = {"labels": labels} if metric.uses_labels else {}
-            metrics.update(metric.evaluate(samples, components.data, generator, model,
-                                           **extra))
-    return metrics
+        return evaluate_metrics(components.metrics, samples, components.data, generator, model,
+                                labels)
