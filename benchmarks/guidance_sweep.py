@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from diffusers_kit import Diffusion
 from diffusers_kit.data.base import Dataset, DataSplits
@@ -46,7 +46,7 @@ from diffusers_kit.graph import open_run
 from diffusers_kit.guidance import ClassifierFree, ClassifierGuidance, Guidance
 from diffusers_kit.metrics import ClassAccuracy, FrechetDistance
 from diffusers_kit.pipeline import TrainedModel
-from diffusers_kit.report import Series, draw_text, font, image_grid, metric_plot, nice_ticks
+from diffusers_kit.report import Series, labelled_grid, metric_plot, nice_ticks
 from diffusers_kit.solvers import DDIM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,21 +169,8 @@ def sample_grid(s: Sweep, path: Path) -> None:
     for scale in s.grid:
         p = by_scale[scale]
         first = [int((p.labels == c).nonzero()[0]) for c in range(CLASSES)]
-        rows.append(p.samples[first])
-    tiles = image_grid(s.dataset.to_display(torch.cat(rows)), CLASSES).convert("RGB")
-    cell = (tiles.height - 2) / len(s.grid)
-    margin, header = 70, 22
-    image = Image.new("RGB", (tiles.width + margin, tiles.height + header), "white")
-    image.paste(tiles, (margin, header))
-    draw = ImageDraw.Draw(image)
-    face = font(14)
-    width = (tiles.width - 2) / CLASSES
-    for c in range(CLASSES):
-        draw_text(draw, (margin + 1 + (c + 0.5) * width, header / 2), str(c), face, "mm")
-    for r, scale in enumerate(s.grid):
-        draw_text(draw, (margin - 8, header + 1 + (r + 0.5) * cell), f"{s.symbol} = {scale:g}",
-                  face, "rm")
-    image.save(path)
+        rows.append((f"{s.symbol} = {scale:g}", s.dataset.to_display(p.samples[first])))
+    labelled_grid(rows, column_labels=[str(c) for c in range(CLASSES)], size=14).save(path)
 
 
 def main() -> None:

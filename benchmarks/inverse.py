@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from diffusers_kit.forward_models.base import ForwardModel
 from diffusers_kit.graph import open_run
@@ -52,7 +52,7 @@ from diffusers_kit.metrics.floor import ErrorBars, mean_with_interval
 from diffusers_kit.metrics.restoration import psnr_per_image, ssim_per_image
 from diffusers_kit.pipeline import TrainedModel
 from diffusers_kit.registry import get_registry
-from diffusers_kit.report import draw_text, font, image_grid
+from diffusers_kit.report import labelled_grid
 from diffusers_kit.restore import Restoration, consistency, restore
 from diffusers_kit.solvers import DDIM, RePaint
 from diffusers_kit.solvers.base import Solver
@@ -129,23 +129,10 @@ def picture(task: str, operator: ForwardModel, results: dict[str, Restoration], 
         shown, label = first.measurement[:k], "measurement y"
     else:
         shown, label = first.pseudo_inverse[:k], "measurement A^+ y"
-    rows = [shown.float()] + [r.samples[:k] for r in results.values()]
-    tiles = to_display(torch.cat([*rows, first.truth[:k]]))
-    grid = image_grid(tiles, k, cell=cell).convert("RGB")
-    labels = [label, *results, "truth"]
-    face = font(13)
-    margin = 8 + max(int(ImageDraw.Draw(grid).textlength(label, font=face)) for label in labels)
-    title = f"{task}: {operator.describe()}"
-    top = 22
-    width = max(grid.width + margin, 8 + int(ImageDraw.Draw(grid).textlength(title, font=face)))
-    canvas = Image.new("RGB", (width, grid.height + top), (255, 255, 255))
-    canvas.paste(grid, (margin, top))
-    draw = ImageDraw.Draw(canvas)
-    draw_text(draw, (4, top / 2), title, face, anchor="lm")
-    row = (grid.height - 2) / len(labels)
-    for i, label in enumerate(labels):
-        draw_text(draw, (margin - 4, top + 1 + (i + 0.5) * row), label, face, anchor="rm")
-    return canvas
+    rows = [(label, to_display(shown.float()))]
+    rows += [(name, to_display(r.samples[:k])) for name, r in results.items()]
+    rows.append(("truth", to_display(first.truth[:k])))
+    return labelled_grid(rows, title=f"{task}: {operator.describe()}", cell=cell)
 
 
 def main() -> None:

@@ -403,3 +403,34 @@ def metric_plot(settings: Sequence[str], series: Sequence[Series], title: str, x
             draw_text(draw, (x + 18, legend_y), words, normal, "lm")
             x += 40 + text_width(probe, words, normal)
     return image
+
+
+def labelled_grid(rows: list[tuple[str, torch.Tensor]], *, title: str | None = None,
+                  column_labels: list[str] | None = None, cell: int = 48,
+                  size: int = 13) -> Image.Image:
+    """Rows of images (each ``(k, C, H, W)`` in [0, 1], the same ``k``) as one picture, each
+    row labelled on the left; an optional ``title`` above and labels above the columns (a
+    restoration's measurement | restorations | truth, a guidance sweep's rows per scale)."""
+    columns = rows[0][1].shape[0]
+    grid = image_grid(torch.cat([images for _, images in rows]), columns, cell=cell)
+    grid = grid.convert("RGB")
+    face = font(size)
+    measure = ImageDraw.Draw(grid)
+    margin = 8 + max(int(measure.textlength(label, font=face)) for label, _ in rows)
+    top = 22 if title is not None or column_labels is not None else 0
+    width = grid.width + margin
+    if title is not None:
+        width = max(width, 8 + int(measure.textlength(title, font=face)))
+    canvas = Image.new("RGB", (width, grid.height + top), (255, 255, 255))
+    canvas.paste(grid, (margin, top))
+    draw = ImageDraw.Draw(canvas)
+    if title is not None:
+        draw_text(draw, (4, top / 2), title, face, anchor="lm")
+    if column_labels is not None:
+        step = (grid.width - 2) / columns
+        for c, label in enumerate(column_labels):
+            draw_text(draw, (margin + 1 + (c + 0.5) * step, top / 2), label, face, "mm")
+    height = (grid.height - 2) / len(rows)
+    for i, (label, _) in enumerate(rows):
+        draw_text(draw, (margin - 4, top + 1 + (i + 0.5) * height), label, face, anchor="rm")
+    return canvas

@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from diffusers_kit.api import batch_count
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.consistency import consistency
 from diffusers_kit.metrics.floor import ErrorBars, mean_with_interval
 from diffusers_kit.metrics.restoration import psnr_per_image, ssim_per_image
-from diffusers_kit.report import draw_text, font, image_grid, scatter_plot
+from diffusers_kit.report import labelled_grid, scatter_plot
 
 if TYPE_CHECKING:
     from diffusers_kit.api import Diffusion
@@ -118,20 +118,12 @@ def figure(restoration: Restoration, to_display, cell: int = 48) -> Image.Image:
     restorations, the ground truth — each row labelled on the left."""
     r = restoration
     k, n = r.samples_per_image, len(r.truth)
-    restored = r.samples.reshape(n, k, *r.samples.shape[1:]).transpose(0, 1).flatten(0, 1)
-    tiles = to_display(torch.cat([r.pseudo_inverse, restored, r.truth]))
-    grid = image_grid(tiles, n, cell=cell).convert("RGB")
-    labels = ["measurement"] + [f"restoration {i + 1}" if k > 1 else "restoration"
-                                for i in range(k)] + ["truth"]
-    face = font(13)
-    margin = 8 + max(int(ImageDraw.Draw(grid).textlength(label, font=face)) for label in labels)
-    canvas = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
-    canvas.paste(grid, (margin, 0))
-    draw = ImageDraw.Draw(canvas)
-    row = (grid.height - 2) / len(labels)
-    for i, label in enumerate(labels):
-        draw_text(draw, (margin - 4, 1 + (i + 0.5) * row), label, face, anchor="rm")
-    return canvas
+    restored = r.samples.reshape(n, k, *r.samples.shape[1:]).transpose(0, 1)
+    rows = [("measurement", to_display(r.pseudo_inverse))]
+    rows += [(f"restoration {i + 1}" if k > 1 else "restoration", to_display(restored[i]))
+             for i in range(k)]
+    rows.append(("truth", to_display(r.truth)))
+    return labelled_grid(rows, cell=cell)
 
 
 def restoration_images(source: str, data: DataSplits, n: int) -> torch.Tensor:
