@@ -31,11 +31,13 @@ from typing import Any
 
 import torch
 
+from diffusers_kit.autoencoders.base import Autoencoder
 from diffusers_kit.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
 from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.devices import device_problem
 from diffusers_kit.guidance.base import Guidance, requested_labels
-from diffusers_kit.metrics.base import Metric
+from diffusers_kit.latent import LatentCache, decode
+from diffusers_kit.metrics.base import Metric, metric_figures
 from diffusers_kit.model import ScoreModel
 from diffusers_kit.networks.base import Network
 from diffusers_kit.objectives.base import Objective
@@ -199,20 +201,41 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 class Diffusion:
-    """A diffusion / score-based model: ``process`` + ``network`` (+ ``objective`` to train)."""
+    """A diffusion / score-based model: ``process`` + ``network`` (+ ``objective`` to train).
+
+    With ``autoencoder`` (a trained first stage, :mod:`diffusers_kit.latent`) it is a latent
+    diffusion model: ``network`` works on the autoencoder's latents (its ``data_shape`` is the
+    autoencoder's ``latent_shape``), :meth:`fit` takes images and encodes them once,
+    :meth:`sample` returns decoded images (the latents in the result's ``latents``). The
+    autoencoder is frozen. The same class trains a first stage itself: ``process=None``, an
+    autoencoder as ``network`` and the objective ``reconstruction``; :meth:`fit` then sets the
+    autoencoder's latent scale factor at the end (:meth:`Autoencoder.calibrate`).
+    """
 
     def __init__(
         self,
-        process: NoiseProcess,
+        process: NoiseProcess | None,
         network: Network,
         objective: Objective | None = None,
         *,
         device: str | torch.device = "auto",
+        autoencoder: Autoencoder | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.process = process
         self.objective = objective
-        self.model = ScoreModel(process, network).to(self.device)
+        self.model = ScoreModel(process, network).to(self.device)  # type: ignore[arg-type]
+        self.autoencoder = autoencoder
+        self.latents: LatentCache | None = None
+        if autoencoder is not None:
+            shape = tuple(getattr(network, "data_shape", ()) or ())
+            if shape and shape != tuple(autoencoder.latent_shape):
+                raise ValueError(f"the network works on data of shape {shape}; the "
+                                 f"autoencoder's latents have shape "
+                                 f"{tuple(autoencoder.latent_shape)}")
+            autoencoder.to(self.device).eval().requires_grad_(False)
+            self.model.autoencoder = autoencoder
+            self.latents = LatentCache(autoencoder)
         self.ema: EMA | None = None
         self.trainer: Trainer | None = None
         self.train_log = TrainLog()
@@ -271,6 +294,8 @@ class Diffusion:
         elif labels is not None:
             labels = labels.to(self.device)
         train = train.to(self.device, torch.float32)
+        if self.latents is not None:  # latent diffusion: the images are encoded once
+            train = self.latents.latents(train)
         self.ema = EMA(self.network, ema_decay) if ema_decay > 0 else None
         settings = TrainSettings(steps, batch_size, ema_decay, grad_clip, log_every,
                                  checkpoint_every, lr_schedule, warmup_steps, min_lr_ratio,
@@ -289,7 +314,25 @@ class Diffusion:
             log = self.trainer.run(until, on_log=logged, on_checkpoint=on_checkpoint,
                                    progress=report)
         self.train_log, self.step = log, start + self.trainer.step
+        if isinstance(self.network, Autoencoder):
+            self.calibrate(train)
         return self
+
+    def calibrate(self, images: torch.Tensor) -> float:
+        """Set a first stage's latent scale factor ``1 / std(z)`` over ``images`` with its
+        sampling (EMA) weights, in both the live and the EMA weights; returns it."""
+        if not isinstance(self.network, Autoencoder):
+            raise ValueError("only an autoencoder has a latent scale factor to calibrate")
+        with self.sampling_weights():
+            scale = self.network.calibrate(images.to(self.device, torch.float32))
+        self.network.scale.fill_(scale)  # the block restored the pre-calibration buffer
+        return scale
+
+    def model_data(self, data: DataSplits) -> DataSplits:
+        """The data as the network sees it: ``data`` itself, or its latents for a latent
+        diffusion model (encoded once; the figures of metrics of the model alone are computed
+        on these)."""
+        return data if self.latents is None else self.latents.splits(data)
 
     def sampling_state(self) -> dict[str, torch.Tensor]:
         """Weights used for sampling: the EMA when there is one."""
@@ -402,7 +445,14 @@ class Diffusion:
                 start += count
         merged = [torch.cat(level) for level in zip(*trajectory, strict=True)]
         merged_x0 = [torch.cat(level) for level in zip(*x0_predictions, strict=True)]
-        result = SampleResult(torch.cat(chunks), nfe, merged, merged_x0, times)
+        samples, latents = torch.cat(chunks), None
+        if self.autoencoder is not None:  # what a person looks at and metrics judge: images
+            latents = samples
+            samples = decode(self.autoencoder, latents)
+            merged = [decode(self.autoencoder, level) for level in merged]
+            merged_x0 = [decode(self.autoencoder, level) for level in merged_x0]
+        result = SampleResult(samples, nfe, merged, merged_x0, times)
+        result.latents = latents
         result.labels = None if chosen is None else chosen.cpu()
         result.batch_size = largest
         return result
@@ -432,10 +482,11 @@ class Diffusion:
         chosen = [metrics] if isinstance(metrics, Metric) else list(metrics)
         generator = torch.Generator().manual_seed(seed)
         figures: dict[str, float] = {}
+        model_data = self.model_data(splits)
         with self.sampling_weights() as model:
             for metric in chosen:
-                extra = {"labels": labels} if metric.uses_labels else {}
-                figures.update(metric.evaluate(samples, splits, generator, model, **extra))
+                figures.update(metric_figures(metric, samples, splits, generator, model, labels,
+                                              model_data))
         figures.update(out_of_range(samples, splits.train))
         return figures
 

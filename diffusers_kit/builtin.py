@@ -8,6 +8,8 @@ component is one new file plus one line in its package's ``__init__``.
 from __future__ import annotations
 
 from diffusers_kit import (
+    autoencoders,
+    conditioners,
     data,
     forward_models,
     guidance,
@@ -33,11 +35,15 @@ KINDS = {
     "forward_model": (forward_models.ForwardModel, "Measurement operators y = A(x) + noise for "
                       "inverse problems."),
     "metric": (metrics.Metric, "Sample-quality metrics."),
+    "autoencoder": (autoencoders.Autoencoder, "First stages of latent diffusion: image <-> "
+                    "latent, with the latent scale factor applied automatically."),
+    "conditioner": (conditioners.Conditioner, "Context sequences (class tokens, text) that "
+                    "networks attend to through cross-attention."),
     "optimizer": (optim.Optimizer, "Optimizers."),
 }
 
 PACKAGES = (data, processes, networks, objectives, solvers, guidance, forward_models, metrics,
-            optim)
+            optim, autoencoders, conditioners)
 
 
 @hookimpl

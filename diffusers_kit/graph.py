@@ -33,9 +33,10 @@ from diffusers_kit.api import (
     batch_count,
     resolve_device,
 )
+from diffusers_kit.autoencoders.base import Autoencoder
 from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.guidance.base import Guidance, LabelsError, requested_labels
-from diffusers_kit.metrics.base import Metric
+from diffusers_kit.metrics.base import Metric, metric_figures
 from diffusers_kit.metrics.floor import summarize
 from diffusers_kit.outputs import checked_root, make_run_dir
 from diffusers_kit.pipeline import (
@@ -60,7 +61,7 @@ from diffusers_kit.registry import (
     get_plugin_manager,
     get_registry,
 )
-from diffusers_kit.report import columns_per_class, image_grid, scatter_plot
+from diffusers_kit.report import columns_per_class, image_grid, labelled_grid, scatter_plot
 from diffusers_kit.solvers.base import Solver
 from diffusers_kit.spec.errors import Path as SpecPath
 from diffusers_kit.spec.errors import SpecError, SpecIssue
@@ -171,8 +172,12 @@ def build_components(
     # a trained model's own sections were validated with its own spec; errors point there
     model_builder = builder if trained is None else Builder(registry, trained.document)
     dataset = model_builder.build(("data",), "dataset", source.data)
-    process = model_builder.build(("process",), "process", source.process)
-    objective = model_builder.build(("objective",), "objective", source.objective)
+    process = (model_builder.build(("process",), "process", source.process)
+               if source.process is not None else None)  # an autoencoder spec has none
+    objective_config = source.objective
+    if objective_config is None and source.autoencoder is not None:
+        objective_config = {"kind": "reconstruction"}
+    objective = model_builder.build(("objective",), "objective", objective_config)
     optimizer = model_builder.build(("train", "optimizer"), "optimizer", source.train.optimizer)
     solver = None
     if spec.sample is not None:
@@ -188,11 +193,26 @@ def build_components(
     shape = {} if data is None else {"data_shape": data.shape}  # for nested operators
     metrics = [(m["kind"], builder.build(("evaluate", "metrics", i), "metric", m, **shape))
                for i, m in enumerate(spec.evaluate.metrics)]
-    network = None
-    if data is not None:
+    network, autoencoder = None, None
+    if data is not None and source.latent is not None:
+        autoencoder = _first_stage(source.latent, data.shape, model_builder)
+    if data is not None and source.autoencoder is not None:
         torch.manual_seed(source.seed)  # the network's initial weights follow the spec's seed
-        network = model_builder.build(("network",), "network", source.network,
+        network = model_builder.build(("autoencoder",), "autoencoder", source.autoencoder,
                                       data_shape=data.shape)
+        if objective is not None and not objective.first_stage:
+            model_builder.issue(("objective", "kind"), "an objective that trains an "
+                                "autoencoder (reconstruction), or no objective section",
+                                objective_config["kind"])
+    elif data is not None and (source.latent is None or autoencoder is not None):
+        torch.manual_seed(source.seed)  # the network's initial weights follow the spec's seed
+        shape = data.shape if autoencoder is None else tuple(autoencoder.latent_shape)
+        network = model_builder.build(("network",), "network", source.network,
+                                      data_shape=shape)
+        if objective is not None and objective.first_stage:
+            model_builder.issue(("objective", "kind"), "an objective that trains a diffusion "
+                                "model (reconstruction trains a spec's 'autoencoder')",
+                                objective_config["kind"])
     if network is not None and objective is not None and process is not None:
         if reason := objective.check(process, network):
             model_builder.issue(("objective", "kind"), reason, source.objective["kind"])
@@ -208,27 +228,52 @@ def build_components(
         if objective.needs_labels and data is not None and data.train_labels is None:
             model_builder.issue(("data", "kind"), f"a data set with class labels for objective "
                                 f"{source.objective['kind']!r}", source.data["kind"])
-        if network.prediction == "logits" and spec.sample is not None and (
-                stages is None or "sample" in stages):
-            builder.issue(("sample",) if trained is None else ("model",),
-                          "no sample section: a classifier is not a model to sample from "
-                          "(leave 'sample' out, or run with --only train)",
-                          spec.sample.solver["kind"])
+    if network is not None and network.prediction in ("logits", "reconstruction") and (
+            spec.sample is not None and (stages is None or "sample" in stages)):
+        what = "a classifier" if network.prediction == "logits" else "an autoencoder"
+        builder.issue(("sample",) if trained is None else ("model",),
+                      f"no sample section: {what} is not a model to sample from "
+                      "(leave 'sample' out, or run with --only train)",
+                      spec.sample.solver["kind"])
     issues = builder.issues + (model_builder.issues if model_builder is not builder else [])
     if issues:
         raise SpecError(issues, document.origin if document else None)
     resolved = resolve_spec(spec, registry)
     resolved["model"] = trained.to_config() if trained is not None else None
     if trained is not None:  # the model's own sections live in its run's spec.yaml
-        for section in ("data", "process", "network", "objective", "train"):
+        for section in ("data", "autoencoder", "latent", "process", "network", "objective",
+                        "train"):
             resolved.pop(section, None)
-    diffusion = Diffusion(process, network, objective, device=device)
+    diffusion = Diffusion(process, network, objective, device=device, autoencoder=autoencoder)
     if trained is not None and trained.run_dir is not None:
         load_previous(diffusion, trained.run_dir, "model")
     guidance, labels = _conditioning(spec, builder, diffusion, data, stages)
     method, restore_solver = _restoration(spec, builder, diffusion, data, solver, stages)
     return Components(dataset, data, diffusion, solver, metrics, optimizer, resolved, guidance,
                       labels, method, restore_solver)
+
+
+def _first_stage(reference: TrainedModel, data_shape: tuple[int, ...], builder: Builder
+                 ) -> Autoencoder | None:
+    """The trained autoencoder ``latent`` names (its sampling weights, frozen), checked against
+    the images of this spec's data set; None (with the issue recorded) when it does not fit."""
+    try:
+        network = reference.network()
+    except (OSError, ValueError) as exc:
+        builder.issue(("latent",), f"a trained autoencoder that loads ({exc})",
+                      reference.ref.describe())
+        return None
+    if not isinstance(network, Autoencoder):
+        builder.issue(("latent",), "a trained autoencoder (a run of a spec with an "
+                      f"'autoencoder' section); this one trained a {type(network).__name__}",
+                      reference.ref.describe())
+        return None
+    if tuple(network.data_shape) != tuple(data_shape):
+        builder.issue(("latent",), f"an autoencoder of images of shape {tuple(data_shape)} "
+                      f"(this data set's); it was trained on {tuple(network.data_shape)}",
+                      reference.ref.describe())
+        return None
+    return network
 
 
 def _restoration(spec: Spec, builder: Builder, diffusion: Diffusion, data: DataSplits | None,
@@ -408,7 +453,11 @@ def _stage_train(run: Run) -> None:
                 exc.run_dir = run.dir
             raise
     trainer = diffusion.trainer
-    if trainer is not None and trainer.last_checkpoint != trainer.step:
+    first_stage = isinstance(diffusion.network, Autoencoder)
+    if first_stage:  # fit calibrated the latent scale after the last checkpoint: save it
+        run.results["latent_scale"] = float(diffusion.network.scale)
+        run.log.info("latent scale factor 1/std(z) = %.6g", float(diffusion.network.scale))
+    if trainer is not None and (trainer.last_checkpoint != trainer.step or first_stage):
         trainer.checkpoint(save)  # the final state, resumable (e.g. with more steps)
     losses = diffusion.train_log.losses
     run.results["train_loss"] = losses[-1] if losses else float("nan")
@@ -503,7 +552,7 @@ def _stage_restore(run: Run) -> None:
     solver = components.restore_solver
     assert solver is not None
     count = len(images) * section.samples_per_image
-    batches = batch_count(count, section.batch_size, images.shape[1:])
+    batches = batch_count(count, section.batch_size, run.diffusion.network.data_shape)
     with run.progress() as progress:
         task = progress.add_task("restore", status=section.method["kind"],
                                  total=solver.total_steps(run.diffusion.process) * batches)
@@ -522,7 +571,8 @@ def _stage_evaluate(run: Run) -> None:
     generator = torch.Generator().manual_seed(run.spec.seed)
     with run.diffusion.sampling_weights() as model:
         metrics = evaluate_metrics(run.components.metrics, samples, run.components.data,
-                                   generator, model, run.results.get("labels"), run.log)
+                                   generator, model, run.results.get("labels"), run.log,
+                                   run.diffusion.model_data(run.components.data))
     run.results["metrics"] = metrics
     for key, text in summarize(metrics):  # value [interval] floor [interval] n, per statistic
         run.log.info("metric %s = %s", key, text)
@@ -530,21 +580,22 @@ def _stage_evaluate(run: Run) -> None:
 
 def evaluate_metrics(metrics: list[tuple[str, Metric]], samples: torch.Tensor | None,
                      data: DataSplits, generator: torch.Generator, model: Any,
-                     labels: torch.Tensor | None = None, log: logging.Logger | None = None
-                     ) -> dict[str, Any]:
+                     labels: torch.Tensor | None = None, log: logging.Logger | None = None,
+                     model_data: DataSplits | None = None) -> dict[str, Any]:
     """Every metric on ``samples`` (those that need none when there are none), each result
     checked (:func:`checked_metric`), a metric that does not apply reported as a spec error
     naming ``evaluate.metrics[i]``, and the out-of-range share of the samples: what a run's
-    evaluate stage and ``dkit evaluate`` both compute."""
+    evaluate stage and ``dkit evaluate`` both compute. ``model_data``: the data as the model
+    sees it (a latent model's encoded data; :func:`~diffusers_kit.metrics.base.metric_figures`)."""
     out: dict[str, Any] = {}
     for index, (name, metric) in enumerate(metrics):
         if samples is None and metric.needs_samples:
             if log is not None:
                 log.info("metric %s skipped: this run draws no samples", name)
             continue
-        extra = {"labels": labels} if metric.uses_labels else {}
         try:
-            values = metric.evaluate(samples, data, generator, model, **extra)
+            values = metric_figures(metric, samples, data, generator, model, labels,
+                                    model_data)
         except ValueError as exc:  # the metric does not apply to these samples / this data
             raise SpecError([SpecIssue(("evaluate", "metrics", index), f"a metric that "
                                        f"applies to this run ({exc})", name, None,
@@ -603,12 +654,32 @@ def _stage_report(run: Run) -> None:
         else:
             picture = scatter_plot(samples, run.components.data.heldout)
         picture.save(run.dir / "samples.png")
+    if isinstance(run.diffusion.network, Autoencoder) and dataset.modality == "image":
+        reconstructions_figure(run.diffusion, run.components.data.heldout,
+                               dataset).save(run.dir / "reconstructions.png")
     summary = {k: v for k, v in run.results.items() if k not in ("samples", "labels")}
     summary.update({f"time_{k}_s": round(v, 3) for k, v in run.timings.items()})
     metrics = summary.pop("metrics", {})
     # NaN / infinity are not JSON: written as null (parse_constant maps them on the way back)
     finite = json.loads(json.dumps({**metrics, **summary}), parse_constant=lambda _: None)
     (run.dir / "metrics.json").write_text(json.dumps(finite, indent=2, allow_nan=False) + "\n")
+
+
+def reconstructions_figure(diffusion: Diffusion, images: torch.Tensor, dataset: Any,
+                           count: int = 12, rows: int = 2) -> Any:
+    """An autoencoder run's picture: ``rows`` pairs of rows, held-out originals above their
+    reconstructions ``decode(encode(x))`` (the EMA weights, the posterior mean)."""
+    count = max(1, min(count, len(images)))
+    shown = images[:count * min(rows, len(images) // count)].float()  # whole rows only
+    with diffusion.sampling_weights() as model, torch.no_grad():
+        network = model.network
+        back = network.reconstruct(shown.to(diffusion.device)).cpu()
+    pairs: list[tuple[str, torch.Tensor]] = []
+    for r in range(len(shown) // count):
+        part = slice(r * count, (r + 1) * count)
+        pairs += [("original", dataset.to_display(shown[part])),
+                  ("reconstruction", dataset.to_display(back[part]))]
+    return labelled_grid(pairs, title="held-out images and their reconstructions")
 
 
 GRAPH = (

@@ -11,6 +11,7 @@ from diffusers_kit.networks.base import Network
 from diffusers_kit.processes.base import NoiseProcess
 
 if TYPE_CHECKING:
+    from diffusers_kit.autoencoders.base import Autoencoder
     from diffusers_kit.guidance.base import Evaluate, Guidance
 
 
@@ -29,6 +30,10 @@ class ScoreModel(torch.nn.Module):
     network with guidance terms (:mod:`diffusers_kit.guidance`) and the requested labels bound
     in. Its :meth:`forward` is the guided output, so :meth:`predict`, :meth:`score` and
     :meth:`eps` — everything a solver calls — are guided, and no solver knows about it.
+
+    ``autoencoder``: set for a latent diffusion model (:mod:`diffusers_kit.latent`): the
+    network works on the autoencoder's latents, and the terms that measure images (DPS) measure
+    ``decode(x0_hat)``.
     """
 
     def __init__(self, process: NoiseProcess, network: Network) -> None:
@@ -39,6 +44,7 @@ class ScoreModel(torch.nn.Module):
         self.guidance: tuple[Guidance, ...] = ()
         self.labels: torch.Tensor | None = None
         self.measurements: torch.Tensor | None = None
+        self.autoencoder: Autoencoder | None = None
         self._evaluate: Evaluate = self._network_output
 
     def guided(self, guidance: Sequence[Guidance] = (), labels: torch.Tensor | None = None,
@@ -49,6 +55,7 @@ class ScoreModel(torch.nn.Module):
         condition on a measurement. The network and process are shared, not copied."""
         view = ScoreModel(self.process, self.network)
         view.train(self.training)
+        view.autoencoder = self.autoencoder
         view.guidance = tuple(guidance)
         view.labels = labels
         view.measurements = measurements

@@ -62,7 +62,8 @@ SPEC_FILE = "spec.yaml"
 SPEC_SUFFIXES = (".yaml", ".yml")
 STATUSES = ("running", "finished", "failed", "interrupted")
 # the sections that decide the trained weights; logging and checkpoint cadence do not
-TRAINING_SECTIONS = ("seed", "data", "process", "network", "objective", "train")
+TRAINING_SECTIONS = ("seed", "data", "autoencoder", "latent", "process", "network", "objective",
+                     "train")
 NOT_HASHED = {("train", "log_every"), ("train", "checkpoint_every")}
 
 REFERENCE_FORMS = ("a trained model: a run folder ('runs/NAME/latest'), a spec file "
@@ -515,8 +516,8 @@ def _versions(resolved: dict[str, Any], registry: Registry) -> dict[str, str]:
                     for item in (value if sub.many and isinstance(value, list) else [value]):
                         walk(sub.kind, item)
 
-    kinds = {"data": "dataset", "process": "process", "network": "network",
-             "objective": "objective"}
+    kinds = {"data": "dataset", "autoencoder": "autoencoder", "process": "process",
+             "network": "network", "objective": "objective"}
     for section, kind in kinds.items():
         walk(kind, resolved.get(section))
     walk("optimizer", (resolved.get("train") or {}).get("optimizer"))
@@ -549,7 +550,8 @@ def resolve_spec(spec: Spec, registry: Registry) -> dict[str, Any]:
 
     builder = Builder(registry, None)
     resolved = spec.model_dump()
-    for section, kind in (("data", "dataset"), ("process", "process"), ("network", "network"),
+    for section, kind in (("data", "dataset"), ("autoencoder", "autoencoder"),
+                          ("process", "process"), ("network", "network"),
                           ("objective", "objective")):
         if resolved.get(section) is not None:
             resolved[section] = builder.resolve(kind, getattr(spec, section))

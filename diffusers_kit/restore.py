@@ -87,7 +87,7 @@ def restore(
                               progress=progress)
     seconds = time.perf_counter() - started
     count = len(truth) * k
-    nfe = result.nfe // batch_count(count, batch_size, truth.shape[1:])  # per restoration
+    nfe = result.nfe // batch_count(count, batch_size, diffusion.network.data_shape)  # each
     samples = result.samples.float().cpu()
     reference = truth.repeat_interleave(k, dim=0)
     bars = ErrorBars()

@@ -120,7 +120,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(spec.seed)
     with components.diffusion.sampling_weights() as model:
         metrics = evaluate_metrics(components.metrics, samples, components.data, generator,
-                                   model, labels)
+                                   model, labels,
+                                   model_data=components.diffusion.model_data(components.data))
     # NaN / infinity are not JSON: null (as the run's report stage writes them)
     finite = json.loads(json.dumps(metrics), parse_constant=lambda _: None)
     target = samples_path.parent / "metrics.json" if samples is not None else (

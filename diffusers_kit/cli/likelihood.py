@@ -39,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def likelihood_command(args: argparse.Namespace) -> int:
     from diffusers_kit.cli.sample import load_run
+    from diffusers_kit.latent import LATENT_PREFIX
     from diffusers_kit.likelihood import decode, encode
+    from diffusers_kit.metrics.base import metric_figures
     from diffusers_kit.registry import get_registry
     from diffusers_kit.spec.errors import SpecError, SpecIssue
 
@@ -62,13 +64,16 @@ def likelihood_command(args: argparse.Namespace) -> int:
     diffusion = components.diffusion
     generator = torch.Generator().manual_seed(args.seed)
     started = time.perf_counter()
+    seen = diffusion.model_data(components.data)  # a latent model's encoded data
+    prefix = LATENT_PREFIX if seen is not components.data else ""
     with diffusion.sampling_weights() as model:
-        metrics = metric.evaluate(torch.empty(0), components.data, generator, model)
+        metrics = metric_figures(metric, torch.empty(0), components.data, generator, model,
+                                 model_data=seen)
         with torch.no_grad():
-            x = components.data.heldout[: min(metric.n, 32)].to(diffusion.device, torch.float32)
+            x = seen.heldout[: min(metric.n, 32)].to(diffusion.device, torch.float32)
             back = decode(model, encode(model, x))
-        metrics["reconstruction_max_abs_error"] = float((back - x).abs().max())
-        metrics["reconstruction_rms_error"] = float((back - x).pow(2).mean().sqrt())
+        metrics[f"{prefix}reconstruction_max_abs_error"] = float((back - x).abs().max())
+        metrics[f"{prefix}reconstruction_rms_error"] = float((back - x).pow(2).mean().sqrt())
     metrics["seconds"] = time.perf_counter() - started
     path = Path(args.run_dir) / "likelihood.json"
     path.write_text(json.dumps({"settings": settings, **metrics}, indent=2) + "\n")

@@ -32,6 +32,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
+from diffusers_kit import latent
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import component_option
 
@@ -278,6 +279,8 @@ def _sample_into(args: argparse.Namespace, spec: Spec, components: Components,
             frames_kept, shown = progressive.trajectory, "x"
             notes.append(f"note: --progressive: {name} predicts no x0_hat, so progressive.png "
                          f"shows the state x as it is refined instead")
+        if frames_kept and diffusion.autoencoder is not None:  # latents: show their images
+            frames_kept = [latent.decode(diffusion.autoencoder, frame) for frame in frames_kept]
         if frames_kept:
             every = _evenly(len(frames_kept), 10)
             frames = torch.stack([frames_kept[i].float().cpu() for i in every], 1)
@@ -299,15 +302,19 @@ def _sample_into(args: argparse.Namespace, spec: Spec, components: Components,
         held = components.data.heldout
         pairs = min(args.pairs, len(held) // 2)
         device = diffusion.device
+        seen = diffusion.model_data(components.data).heldout  # a latent model's latents
         with diffusion.sampling_weights() as model, torch.no_grad():
-            ends = held[: 2 * pairs].to(device, torch.float32)
+            ends = seen[: 2 * pairs].to(device, torch.float32)
             latents = encode(model, ends)
             reconstruction = decode(model, latents)
             info["reconstruction_max_abs_error"] = float((reconstruction - ends).abs().max())
             info["reconstruction_rms_error"] = float((reconstruction - ends).pow(2).mean().sqrt())
             weights = torch.linspace(0, 1, args.interpolate)
             path = slerp(latents[:pairs], latents[pairs:], weights)  # (P, K, ...)
-            decoded = decode(model, path.flatten(0, 1)).float().cpu()
+            decoded = decode(model, path.flatten(0, 1))
+            if diffusion.autoencoder is not None:
+                decoded = latent.decode(diffusion.autoencoder, decoded)
+            decoded = decoded.float().cpu()
         if image:
             strip = image_grid(dataset.to_display(decoded), args.interpolate)
             strip.save(out / "interpolation.png")

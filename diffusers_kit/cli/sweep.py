@@ -335,4 +335,5 @@ def _evaluate(spec: Any, components: Any, samples: Any, labels: Any) -> dict[str
     generator = torch.Generator().manual_seed(spec.seed)
     with components.diffusion.sampling_weights() as model:
         return evaluate_metrics(components.metrics, samples, components.data, generator, model,
-                                labels)
+                                labels,
+                                model_data=components.diffusion.model_data(components.data))

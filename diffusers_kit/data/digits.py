@@ -15,7 +15,15 @@ class Digits(Dataset):
     """8x8 grayscale digits from scikit-learn, with a seeded held-out split.
 
     Pixel values 0..16 are scaled to ``[-1, 1]`` (``scale: symmetric``) or ``[0, 1]``
-    (``scale: unit``). Images have shape ``(1, 8, 8)``.
+    (``scale: unit``). Images have shape ``(1, size, size)``: the 8x8 originals, or enlarged
+    by bilinear interpolation to 16x16 or 32x32 (smooth strokes at the same information, for
+    models with several downsamplings such as latent diffusion's autoencoder).
+
+    Args:
+        heldout_fraction: share of the images held out for metrics (seeded split).
+        scale: ``symmetric`` ([-1, 1]) or ``unit`` ([0, 1]) pixel values.
+        split_seed: seed of the train / held-out split.
+        size: image side in pixels: 8 (the originals), 16 or 32 (bilinear enlargements).
     """
 
     modality = "image"
@@ -27,10 +35,12 @@ class Digits(Dataset):
         heldout_fraction: Annotated[float, Field(ge=0.01, le=0.9)] = 0.2,
         scale: Literal["symmetric", "unit"] = "symmetric",
         split_seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0,
+        size: Literal[8, 16, 32] = 8,
     ) -> None:
         self.heldout_fraction = heldout_fraction
         self.scale = scale
         self.split_seed = split_seed
+        self.size = size
 
     def load(self) -> DataSplits:
         from sklearn.datasets import load_digits
@@ -42,6 +52,9 @@ class Digits(Dataset):
         order = np.random.default_rng(self.split_seed).permutation(len(images))
         n_heldout = round(len(images) * self.heldout_fraction)
         data = torch.from_numpy(images[order]).unsqueeze(1)
+        if self.size != 8:  # bilinear between pixel centres: values stay in the data's range
+            data = torch.nn.functional.interpolate(data, size=(self.size, self.size),
+                                                   mode="bilinear", align_corners=False)
         labels = torch.from_numpy(bunch.target[order].astype(np.int64))
         return DataSplits(train=data[n_heldout:].contiguous(),
                           heldout=data[:n_heldout].contiguous(),

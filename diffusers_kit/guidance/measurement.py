@@ -49,18 +49,37 @@ class MeasurementGuidance(Guidance):
         super().__init__(interval)
         self.operator = operator
         self.data_std = data_std
+        self._decoded: ForwardModel | None = None  # the operator through a latent decoder
 
     needs_svd = False  # a method that works in the operator's SVD basis says so
 
     def check(self, model: ScoreModel) -> str | None:
+        if self.needs_svd and model.autoencoder is not None:
+            return ("a pixel-space model: a latent model measures x0_hat through its decoder, "
+                    "which is not linear (no SVD): use dps")
         if self.needs_svd and not self.operator.has_svd:
             return (f"an operator with an SVD ({type(self.operator).__name__} has only A and "
                     f"its adjoint: use dps)")
         shape = tuple(getattr(model.network, "data_shape", ()) or ())
+        if model.autoencoder is not None:  # the operator measures decoded images
+            shape = tuple(model.autoencoder.data_shape)
         if shape and tuple(self.operator.data_shape) != shape:
             return (f"an operator for data of shape {shape} (this one was built for "
                     f"{tuple(self.operator.data_shape)})")
         return None
+
+    def forward_operator(self, model: ScoreModel) -> ForwardModel:
+        """The operator as ``model``'s state sees it: ``operator`` itself, or for a latent
+        model ``A(decode(z))`` (:class:`diffusers_kit.latent.DecodedOperator`, built once)."""
+        if model.autoencoder is None:
+            return self.operator
+        from diffusers_kit.latent import through_decoder
+
+        cached = self._decoded
+        if cached is None or getattr(cached, "autoencoder", None) is not model.autoencoder:
+            cached = through_decoder(self.operator, model.autoencoder)
+            self._decoded = cached
+        return cached
 
     def measurement(self, model: ScoreModel, x: torch.Tensor) -> torch.Tensor:
         y = model.measurements
@@ -215,7 +234,7 @@ class DPS(MeasurementGuidance):
             output = evaluate(xg, t, y)
             prediction, _ = model.split(output)
             x0 = model.convert(prediction, xg, t, "x0")
-            misfit = (measured - self.operator.A(x0)).flatten(1).pow(2).sum(1)
+            misfit = (measured - self.forward_operator(model).A(x0)).flatten(1).pow(2).sum(1)
             (grad,) = torch.autograd.grad((misfit / (2 * variance)).sum(), xg)
         return add_score(model, output.detach(), x, t, -self.zeta * grad)
 

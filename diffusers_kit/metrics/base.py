@@ -36,3 +36,23 @@ class Metric:
         model: ScoreModel | None = None,
     ) -> dict[str, float]:
         raise NotImplementedError
+
+
+def metric_figures(metric: Metric, samples: torch.Tensor | None, data: DataSplits,
+                   generator: torch.Generator, model: ScoreModel | None = None,
+                   labels: torch.Tensor | None = None, model_data: DataSplits | None = None
+                   ) -> dict[str, float]:
+    """``metric`` evaluated the way every run does it: the samples' labels passed to a metric
+    that ``uses_labels``; a metric of the model alone (``needs_samples`` False) given
+    ``model_data`` — the data as the model sees it — when that differs from ``data``: for a
+    latent diffusion model the encoded data, and its figures are then prefixed ``latent_``
+    (a latent likelihood is not a pixel one; :mod:`diffusers_kit.latent`)."""
+    from diffusers_kit.latent import LATENT_PREFIX
+
+    extra = {"labels": labels} if metric.uses_labels else {}
+    if metric.needs_samples or model_data is None or model_data is data:
+        return metric.evaluate(samples, data, generator, model, **extra)
+    values = metric.evaluate(samples, model_data, generator, model, **extra)
+    if not isinstance(values, dict):
+        return values  # the caller's output check names the mistake
+    return {f"{LATENT_PREFIX}{key}": value for key, value in values.items()}

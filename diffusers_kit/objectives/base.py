@@ -18,10 +18,13 @@ class Objective:
     ``check(process, network)`` returns why the pair cannot be trained with this objective (the
     run graph reports it as a spec error before anything runs), or None.
     ``labels`` are class labels for class-conditional networks (None otherwise); an objective
-    with ``needs_labels`` always gets them (the data set must have some).
+    with ``needs_labels`` always gets them (the data set must have some). ``first_stage``: the
+    objective trains an autoencoder of a spec's ``autoencoder`` section (its ``model.process``
+    is None); every other objective trains a diffusion network.
     """
 
     needs_labels: bool = False
+    first_stage: bool = False  # trains an autoencoder (no process; reconstruction)
     differentiates_twice: bool = False  # grads of grads (torch.compile cannot do that)
 
     def check(self, process: NoiseProcess, network: Network) -> str | None:

@@ -60,7 +60,9 @@ class SampleResult:
     ``nfe``: network evaluations; ``trajectory``: ``x`` at the recorded steps;
     ``x0_predictions``: the denoised estimates ``x0_hat`` at the same steps (a progressive-
     generation figure, Ho et al. 2020, fig. 6); ``times``: the process time of each record;
-    ``labels``: the requested class of each sample (None when none were requested).
+    ``labels``: the requested class of each sample (None when none were requested);
+    ``latents``: for a latent diffusion model, the samples in latent space (``samples``,
+    ``trajectory`` and ``x0_predictions`` are then decoded images).
     """
 
     samples: torch.Tensor
@@ -70,6 +72,7 @@ class SampleResult:
     times: list[float] = field(default_factory=list)
     labels: torch.Tensor | None = None  # the class of each sample, when labels were requested
     batch_size: int | None = None  # the most samples drawn at once (set by Diffusion.sample)
+    latents: torch.Tensor | None = None  # a latent model's samples before decoding
 
     # -- what dkit run / dkit sample write, for a notebook ----------------------------------
     def display(self, dataset: Dataset | None = None) -> torch.Tensor:

@@ -149,6 +149,11 @@ class Spec(Section):
     the run then samples and evaluates that model, and ``data``, ``process``, ``network``,
     ``objective`` and ``train`` come from it. Without ``model`` those sections are required.
     Without ``sample`` the run trains only (a classifier, a feature network, an autoencoder).
+
+    ``autoencoder`` makes the run train a first stage of latent diffusion instead of a
+    diffusion model (no ``process`` / ``network``; the objective defaults to
+    ``reconstruction``). ``latent`` names such a trained autoencoder: the run's diffusion then
+    lives in its latent space (see :mod:`diffusers_kit.latent`).
     """
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$", description="run "
@@ -159,6 +164,12 @@ class Spec(Section):
     device: Annotated[str, Field(json_schema_extra={"pattern": DEVICE_PATTERN}),
                       AfterValidator(_device_name), AfterValidator(device_available)] = "auto"
     data: optional_component("dataset") = None  # type: ignore[valid-type]
+    autoencoder: optional_component("autoencoder") = Field(  # type: ignore[valid-type]
+        default=None, description="train this first stage of latent diffusion (kind "
+        "autoencoder) instead of a diffusion model: leave process and network out")
+    latent: Annotated[TrainedModel | None, Field(
+        description="diffuse in the latent space of this trained autoencoder (a run folder "
+                    "or an autoencoder spec): data are encoded once, samples decoded")] = None
     process: optional_component("process") = None  # type: ignore[valid-type]
     network: optional_component("network") = None  # type: ignore[valid-type]
     objective: optional_component("objective") = None  # type: ignore[valid-type]

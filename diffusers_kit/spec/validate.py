@@ -166,8 +166,28 @@ MODEL_SECTIONS = ("data", "process", "network", "objective")
 
 
 def _model_sections(document: Document, spec: Spec) -> list[SpecIssue]:
-    """Without ``model`` the model's sections are required; with it they come from the model."""
+    """Without ``model`` the model's sections are required; with it they come from the model.
+    A spec that trains an ``autoencoder`` needs data only (its objective defaults to
+    ``reconstruction``) and has no process or network."""
     issues = []
+
+    def present(name: str) -> bool:
+        return isinstance(document.data, dict) and document.data.get(name) is not None
+
+    def refuse(name: str, expected: str) -> None:
+        line, origin = document.locate((name,))
+        issues.append(SpecIssue((name,), expected, document.data[name], line, origin))
+
+    if spec.model is None and spec.autoencoder is not None:
+        for name in ("process", "network", "latent", "sample", "restore"):
+            if present(name):
+                refuse(name, f"no {name!r} section: this spec trains an autoencoder "
+                       "(a first stage; a latent diffusion spec names it under 'latent')")
+        if spec.data is None:
+            line, origin = document.locate(("data",))
+            issues.append(SpecIssue(("data",), "a value (the images the autoencoder learns)",
+                                    missing(), line, origin))
+        return issues
     if spec.model is None:
         for name in MODEL_SECTIONS:
             if getattr(spec, name) is None:
@@ -176,12 +196,10 @@ def _model_sections(document: Document, spec: Spec) -> list[SpecIssue]:
                                         "'model' names a trained model)", missing(), line,
                                         origin))
         return issues
-    for name in (*MODEL_SECTIONS, "train"):
-        if isinstance(document.data, dict) and document.data.get(name) is not None:
-            line, origin = document.locate((name,))
-            issues.append(SpecIssue((name,), f"no {name!r} section: 'model' names a trained "
-                                    "model, which brings its own", document.data[name], line,
-                                    origin))
+    for name in (*MODEL_SECTIONS, "train", "autoencoder", "latent"):
+        if present(name):
+            refuse(name, f"no {name!r} section: 'model' names a trained model, which brings "
+                   "its own")
     return issues
 
 
