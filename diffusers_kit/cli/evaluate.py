@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from diffusers_kit.console import make_console
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import component_option
 
@@ -88,7 +88,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from diffusers_kit.spec.loader import apply_overrides, load_file
     from diffusers_kit.spec.validate import validate
 
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     folder = follow_latest(Path(args.run_dir).expanduser())
     if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():
         raise _command_error("RUN_DIR", f"a finished run folder holding {SPEC_FILE} and "
@@ -147,6 +147,6 @@ def evaluate_command(args: argparse.Namespace) -> int:
         table.add_column(Text("value [interval]  floor [interval]  n"), justify="right")
         for key, text in summarize(metrics):
             table.add_row(key, Text(text))
-        Console().print(table)
+        make_console().print(table)
         err.print(f"metrics written to {target}", soft_wrap=True)
     return 0

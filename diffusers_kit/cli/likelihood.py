@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
+
+from diffusers_kit.console import make_console
 
 OPTIONS = ("n", "divergence", "probe", "method", "rtol", "atol", "bins", "vlb", "vlb_steps")
 
@@ -82,7 +83,7 @@ def likelihood_command(args: argparse.Namespace) -> int:
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4g}")
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print(f"written to [bold]{path}[/]", soft_wrap=True)
     return 0

@@ -15,6 +15,7 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
+from diffusers_kit.console import make_console
 from diffusers_kit.spec.errors import SpecError
 
 COMMANDS = ("run", "validate", "schema", "plugins", "process", "sample", "likelihood", "runs",
@@ -30,6 +31,29 @@ ENVIRONMENT_ERROR = 3
 CORRUPT_FILE = 4
 PLUGIN_HOOK_FAILED = 5
 INTERNAL_ERROR = 70
+
+
+#: the commands that run a network (where the number of CPU threads matters)
+COMPUTING = ("run", "sample", "likelihood", "evaluate", "sweep", "restore")
+
+
+def thread_note(requested: str, threads: int, *, environ: dict[str, str] | None = None,
+                cores: int | None = None, load: float | None = None) -> str | None:
+    """What to tell the user when the automatic thread choice (:mod:`diffusers_kit.threads`)
+    used fewer threads than there are cores because other processes keep some busy; None when
+    the machine was free or the user chose (``--threads N``, ``OMP_NUM_THREADS``)."""
+    from diffusers_kit.threads import busy_cores, usable_cores
+
+    environ = dict(os.environ) if environ is None else environ
+    if requested not in (None, "auto") or environ.get("OMP_NUM_THREADS", "").strip():
+        return None
+    cores = usable_cores() if cores is None else cores
+    if threads >= cores:
+        return None
+    load = busy_cores() if load is None else load
+    return (f"note: other processes keep {load:.1f} of this machine's {cores} cores busy, so "
+            f"torch uses {threads} thread{'s' if threads != 1 else ''} (more threads than free "
+            "cores would slow it down; choose with --threads N or OMP_NUM_THREADS=N)")
 
 
 class UsageError(Exception):
@@ -89,7 +113,7 @@ def _environment_message(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug is accepted anywhere on the line (dkit run s.yaml --debug) and shows tracebacks
     debug = "--debug" in argv or os.environ.get("DKIT_DEBUG", "") not in ("", "0")
@@ -118,9 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         from diffusers_kit.threads import apply_thread_policy
 
         try:
-            apply_thread_policy(args.threads)
+            threads = apply_thread_policy(args.threads)
         except ValueError as exc:
             parser.error(str(exc))
+        note = thread_note(args.threads, threads)
+        if note and args.command in COMPUTING and not getattr(args, "quiet", False):
+            err.print(note, soft_wrap=True, markup=False, highlight=False)
         code = int(args.func(args) or 0)
         failures = HOOK_FAILURES[failures_before:]
         if failures and code == 0:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
+from diffusers_kit.console import make_console
 from diffusers_kit.processes.base import NoiseProcess
 from diffusers_kit.processes.gaussian import nats_to_bits_per_dim
 from diffusers_kit.registry import get_registry
@@ -130,7 +130,7 @@ def show_command(args: argparse.Namespace) -> int:
     table.add_column("note", style="dim")
     for row in key_figures(process):
         table.add_row(*row)
-    console = Console()
+    console = make_console()
     console.print(table)
     if args.plot:
         if args.points < 2:

@@ -16,10 +16,10 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from diffusers_kit.console import make_console
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import component_option
 
@@ -95,7 +95,7 @@ def restore_command(args: argparse.Namespace) -> int:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = follow_latest(Path(args.run_dir).expanduser()) / "restoration" / (
         f"{method}-{operator}-{stamp}")
-    console = Console(stderr=True, quiet=args.quiet)
+    console = make_console(stderr=True, quiet=args.quiet)
     solver = components.restore_solver
     with console.status(f"restoring {len(images)} images with {method} ({operator})"):
         result = restore(components.diffusion, components.restore_method, images, solver,
@@ -112,7 +112,7 @@ def restore_command(args: argparse.Namespace) -> int:
         table.add_column(Text("value [interval]  n"), justify="right")
         for key, text in summarize(result.metrics):
             table.add_row(key, Text(text))
-        Console().print(table)
+        make_console().print(table)
         console.print(f"results in [bold]{out}[/] (restore.png, restore.npz, restore.json)",
                       soft_wrap=True)
     return 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
 from rich.markup import escape
 
+from diffusers_kit.console import make_console
 from diffusers_kit.spec import load_spec
 
 
@@ -38,7 +38,7 @@ def run_command(args: argparse.Namespace) -> int:
     from diffusers_kit.train import TrainingDiverged, TrainingInterrupted
 
     spec, document = load_spec(args.spec, args.overrides)
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     try:
         run = execute(spec, document, only=args.only, from_dir=args.from_dir,
                       resume=args.resume, console=console, quiet=args.quiet,
@@ -54,7 +54,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
     if run.dir is None:  # a data-parallel rank other than 0
         return 0
-    out = Console()
+    out = make_console()
     out.print(summary_table(run))
     written = [name for name in ("samples.png", "restore.png", "metrics.json",
                                  "checkpoint.safetensors") if (run.dir / name).exists()]

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from rich.console import Console
 from rich.table import Table
 
+from diffusers_kit.console import make_console
 from diffusers_kit.pipeline import (
     SPEC_FILE,
     follow_latest,
@@ -147,9 +147,7 @@ def compare_tables(folders: list[Path]) -> tuple[Table, Table]:
 
 
 def runs_command(args: argparse.Namespace) -> int:
-    console = Console()
-    if not console.is_terminal:  # piped: do not wrap rows at 80 columns
-        console = Console(width=200)
+    console = make_console()  # piped: COLUMNS or a wide default, not rich's 80
     if args.compare:
         folders = [_run_folder(text) for text in args.compare]
         for table in compare_tables(folders):

@@ -3,17 +3,18 @@
 ``--solver`` takes a registered name or an inline YAML mapping (``"{kind: ddim, steps: 20}"``);
 ``--guidance`` and ``--labels`` replace the spec's guidance terms and the classes to draw
 (``--labels all`` gives one grid row per class);
-``--progressive`` writes the x0_hat predictions over time (Ho et al. 2020, fig. 6; for a
-solver that predicts no x0_hat, such as annealed Langevin, the state x over time, and it says
-so); ``--init FILE`` starts from given noise ``x_T`` (an ``.npz`` / ``.npy`` array of shape
-``(n, *data_shape)``: key ``x_T`` or the only array; it sets ``n``) instead of the prior draw
-from the seed; ``--interpolate K`` encodes pairs of held-out examples through the
-probability-flow ODE, interpolates their latents spherically and decodes K points between
-them, as an image strip. Results go to ``RUN_DIR/sampling/<solver>-<timestamp>/``, created
-once the samples exist and removed again when the command fails, so a failed command leaves
-no folder; the run's own files are not touched. Without ``sample.batch_size`` the samples are
-drawn in batches that fit in memory (:func:`diffusers_kit.api.default_batch_size`); memory
-that still runs out is exit status 3 with the batch to try.
+``--progressive`` writes the x0_hat predictions over time (Ho et al. 2020, fig. 6; for a solver
+that predicts no x0_hat, such as annealed Langevin, the state x over time, and it says so; for
+2-D data a row of scatter plots, one per recorded step); ``--init FILE`` starts from given
+noise ``x_T`` (an ``.npz`` / ``.npy`` array of shape ``(n, *data_shape)``: key ``x_T`` or the
+only array; it sets ``n``) instead of the prior draw from the seed; ``--interpolate K`` encodes
+pairs of held-out examples through the probability-flow ODE, interpolates their latents
+spherically and decodes K points between them, as an image strip. Results go to
+``RUN_DIR/sampling/<solver>-<timestamp>/``, created once the samples exist and removed again
+when the command fails, so a failed command leaves no folder; the run's own files are not
+touched. Without ``sample.batch_size`` the samples are drawn in batches that fit in memory
+(:func:`diffusers_kit.api.default_batch_size`); memory that still runs out is exit status 3
+with the batch to try.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from rich.console import Console
 from rich.markup import escape
 
 from diffusers_kit import latent
+from diffusers_kit.console import make_console
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import component_option
 
@@ -140,7 +141,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="start from this noise x_T instead of the prior: an .npz (key "
                              "x_T or its only array) or .npy of shape (n, *data_shape); sets n")
     parser.add_argument("--progressive", action="store_true",
-                        help="also write x0_hat over time for a few samples")
+                        help="also write x0_hat over time for a few samples (2-D data: a "
+                             "scatter per step)")
     parser.add_argument("--interpolate", type=int, default=0, metavar="K",
                         help="also write a strip of K slerp points between encoded examples")
     parser.add_argument("--pairs", type=int, default=4, help="rows of the interpolation strip")
@@ -240,14 +242,15 @@ def _report_out_of_memory(exc: Exception, spec: Spec) -> int:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         text = (f"out of memory with {spec.sample.n} samples ({first}): lower --n or set "
                 "sample.batch_size")
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(text)}; nothing was written",
-                               soft_wrap=True)
+    make_console(stderr=True).print(f"[bold red]error:[/] {escape(text)}; nothing was written",
+                                    soft_wrap=True)
     return ENVIRONMENT_ERROR
 
 
 def _sample_into(args: argparse.Namespace, spec: Spec, components: Components,
                  out: Path) -> int:
     import numpy as np
+    from PIL import Image
 
     from diffusers_kit.likelihood import decode, encode, slerp
     from diffusers_kit.report import image_grid, scatter_plot
@@ -267,7 +270,7 @@ def _sample_into(args: argparse.Namespace, spec: Spec, components: Components,
         # Diffusion.sample merges only trajectories across batches: draw the few progressive
         # rows directly from the solver, with the sampling weights; recording x too shows
         # something for a solver that predicts no x0_hat (annealed Langevin)
-        rows = min(8, n)
+        rows = min(8 if image else 256, n)  # a scatter needs more than 8 points to show
         shape = (rows, *diffusion.network.data_shape)
         solver.keep_x0 = solver.keep_trajectory = True  # every solver here takes them
         with diffusion.sampling_weights() as model, torch.no_grad():
@@ -288,7 +291,11 @@ def _sample_into(args: argparse.Namespace, spec: Spec, components: Components,
             if image:
                 strip = image_grid(dataset.to_display(frames.flatten(0, 1)), columns)
             else:
-                strip = scatter_plot(frames[:, -1], components.data.heldout)
+                panels = [scatter_plot(frames[:, j], components.data.heldout, size=240)
+                          for j in range(columns)]  # one panel per recorded step, left to right
+                strip = Image.new("RGB", (240 * columns, 240), "white")
+                for j, panel in enumerate(panels):
+                    strip.paste(panel, (240 * j, 0))
             strip.save(out / "progressive.png")
             times = progressive.times
             info["progressive"] = shown
@@ -323,14 +330,14 @@ def _sample_into(args: argparse.Namespace, spec: Spec, components: Components,
         np.savez_compressed(out / "interpolation.npz", latents=path.cpu().numpy(),
                             decoded=decoded.numpy())
     (out / "sampling.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-    console = Console()
+    console = make_console()
     console.print(f"{n} samples with [bold]{name}[/]: {result.nfe} network evaluations, "
                   f"{seconds:.1f} s", soft_wrap=True)
     if "reconstruction_max_abs_error" in info:
         console.print(f"encode -> decode: max abs error "
                       f"{info['reconstruction_max_abs_error']:.2e}", soft_wrap=True)
     for note in notes:
-        Console(stderr=True).print(note, soft_wrap=True, markup=False)
+        make_console(stderr=True).print(note, soft_wrap=True, markup=False)
     console.print(f"results in [bold]{escape(str(out))}[/]", soft_wrap=True)
     return 0
 

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from diffusers_kit.api import batch_count
+from diffusers_kit.console import make_console
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 
 # metrics whose values lie in a known range (the plot's axis stops there)
@@ -190,7 +190,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     from diffusers_kit.spec.loader import apply_overrides, load_file
     from diffusers_kit.spec.validate import validate
 
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     field, values = parse_sweep(args.sweep)
     if args.n is not None and args.n < 1:
         raise _command_error("--n", "a positive number", args.n)
@@ -319,7 +319,7 @@ def sweep_command(args: argparse.Namespace) -> int:
               for name in names if points[0]["metrics"].get(f"{name}_floor") is not None]
     if floors:
         table.caption = Text("floors (real data): " + "; ".join(floors))
-    Console().print(table)
+    make_console().print(table)
     err.print(f"results in {out}", soft_wrap=True, markup=False)
     return 0
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-
+from diffusers_kit.console import make_console
 from diffusers_kit.spec import load_spec
 
 
@@ -26,5 +25,5 @@ def validate_command(args: argparse.Namespace) -> int:
         build_components(spec, document)
     else:
         check_construction(spec, document)  # the components that need no data
-    Console().print(f"[green]ok[/] {args.spec}: spec {spec.name!r} is valid")
+    make_console().print(f"[green]ok[/] {args.spec}: spec {spec.name!r} is valid")
     return 0
