@@ -128,7 +128,6 @@ def progress_bar(description: str, total: int, status: str = "",
                  completed: int = 0) -> Iterator[ProgressBar]:
     """A rich progress bar on standard error (in a notebook: below the cell), as ``dkit run``
     draws; the :class:`ProgressBar` it yields is a ``progress(k)`` callable."""
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -137,9 +136,11 @@ def progress_bar(description: str, total: int, status: str = "",
     )
     from rich.progress import Progress as RichProgress
 
+    from diffusers_kit.console import make_console
+
     bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                       console=Console(stderr=True), transient=False)
+                       console=make_console(stderr=True), transient=False)
     with bar:
         task = bar.add_task(description, total=total, status=status, completed=completed)
         yield ProgressBar(bar, task)

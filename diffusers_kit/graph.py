@@ -34,6 +34,7 @@ from diffusers_kit.api import (
     resolve_device,
 )
 from diffusers_kit.autoencoders.base import Autoencoder
+from diffusers_kit.console import make_console
 from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.guidance.base import Guidance, LabelsError, requested_labels
 from diffusers_kit.metrics.base import Metric, metric_figures
@@ -883,7 +884,7 @@ def execute(
                      else f" (relative to the working directory {Path.cwd()})")
             raise SpecError([SpecIssue(("--from",), f"a run folder holding {CHECKPOINT}{where}",
                                        str(from_path), None, "command line")])
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     root_path = Path(root) if root is not None else Path(spec.output.root)
     root_path = checked_root(root_path, spec.name, document, resume_path)  # before any mkdir
     registry = get_registry()
@@ -1036,6 +1037,8 @@ def summary_table(run: Run) -> Table:
         table.add_row(label, f"{how} {dep['run']}")
     if "train_loss" in run.results:
         table.add_row("final train loss", f"{run.results['train_loss']:.4f}")
+    if "latent_scale" in run.results:
+        table.add_row("latent scale factor", f"{run.results['latent_scale']:.4g}")
     if "nfe" in run.results:
         table.add_row("network evaluations", str(run.results["nfe"]))
     for key, text in summarize(run.results.get("metrics", {})):
