@@ -12,19 +12,27 @@ from __future__ import annotations
 import difflib
 import importlib.metadata as metadata
 import inspect
+import sys
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 import pydantic
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from diffusers_kit import hookspecs
+from diffusers_kit.hookspecs import PLUGIN_API_VERSION
 
 ENTRY_POINT_GROUP = "diffusers_kit"
 BUILTIN_SOURCE = "diffusers_kit"
+
+#: Old kind names that still work, each with a DeprecationWarning naming its new name: the spec
+#: section is ``data:``, so its kind is ``data`` (it was ``dataset``).
+KIND_ALIASES = {"dataset": "data"}
 
 
 class NestedBuildError(ValueError):
@@ -82,6 +90,15 @@ class Kind:
     components: dict[str, Component] = field(default_factory=dict)
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this module, for a warning that points at
+    the plugin's line rather than at the registry (or its per-pass wrappers)."""
+    level, frame = 2, sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 def suggest(word: str, choices: typing.Iterable[str]) -> list[str]:
     """Close matches for "did you mean ..." messages."""
     return difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
@@ -108,11 +125,28 @@ class Registry:
     def __init__(self) -> None:
         self.kinds: dict[str, Kind] = {}
         self.plugin_errors: dict[str, str] = {}
+        #: what a plugin still does the old way (a renamed kind), once per message
+        self.deprecations: dict[str, None] = {}
         self._source = BUILTIN_SOURCE
+
+    def canonical_kind(self, kind: str, where: str = "") -> str:
+        """``kind`` under its current name. An old name in :data:`KIND_ALIASES` still works,
+        with a ``DeprecationWarning`` and a line in :attr:`deprecations` (which ``dkit plugins``
+        prints) naming the change and the call that used it (``where``)."""
+        new = KIND_ALIASES.get(kind)
+        if new is None:
+            return kind
+        message = (f"{where or kind}: the component kind {kind!r} is now {new!r} (the spec "
+                   f"section is {new}:); {kind!r} still works, with this warning, but will be "
+                   f"removed: write {new!r}")
+        self.deprecations.setdefault(message)
+        warnings.warn(message, DeprecationWarning, stacklevel=_caller_level())
+        return new
 
     # -- filling ---------------------------------------------------------------------------
     def add_kind(self, name: str, base: type, doc: str = "") -> None:
         """Declare a kind of component; ``base`` is the class every component of it derives."""
+        name = self.canonical_kind(name, f"{self._source}: registry.add_kind({name!r})")
         if name in self.kinds and self.kinds[name].base is not base:
             raise ValueError(f"kind {name!r} is already registered with another base class")
         self.kinds.setdefault(name, Kind(name, base, doc or (base.__doc__ or "").strip()))
@@ -130,6 +164,7 @@ class Registry:
         Class attribute ``dkit_context`` (a tuple of parameter names) lists parameters the run
         graph supplies (for example a network's ``data_shape``); they are not part of the spec.
         """
+        kind = self.canonical_kind(kind, f"{self._source}: registry.add({kind!r}, {name!r})")
         if kind not in self.kinds:
             raise RegistryError(
                 f"cannot register {name!r}: unknown kind {kind!r}", suggest(kind, self.kinds)
@@ -248,12 +283,14 @@ class Registry:
 
     # -- lookup ----------------------------------------------------------------------------
     def kind(self, kind: str) -> Kind:
+        kind = self.canonical_kind(kind, f"registry.kind({kind!r})")
         if kind not in self.kinds:
             raise RegistryError(f"unknown component kind {kind!r}", suggest(kind, self.kinds),
                                 f"a component kind: {', '.join(sorted(self.kinds))}")
         return self.kinds[kind]
 
     def get(self, kind: str, name: str) -> Component:
+        kind = self.canonical_kind(kind, f"registry.get({kind!r}, {name!r})")
         table = self.kind(kind).components
         if name not in table:
             raise RegistryError(
@@ -279,6 +316,7 @@ class Registry:
     def build(self, kind: str, config: dict[str, Any], **context: Any) -> Any:
         """Instantiate a component from an already validated ``{kind: name, ...}`` mapping."""
         config = dict(config)
+        kind = self.canonical_kind(kind, f"registry.build({kind!r}, ...)")
         component = self.get(kind, config.pop("kind"))
         kwargs: dict[str, Any] = {}
         for key, value in config.items():
@@ -324,6 +362,7 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[str, st
     manager.add_hookspecs(hookspecs)
     errors: dict[str, str] = {}
     sources: dict[str, str] = {}
+    labels: dict[int, str] = {}
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = entry_point.dist.name if entry_point.dist else entry_point.name
         label = f"{dist}:{entry_point.name}"
@@ -331,19 +370,81 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[str, st
             continue
         try:
             plugin = entry_point.load()
+            refusal = api_refusal(plugin)
+            if refusal is not None:
+                errors[label] = refusal
+                continue
             manager.register(plugin, name=entry_point.name)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # sys.exit() or worse in a plugin must not silence dkit
             errors[label] = _describe(exc)
             continue
+        labels[id(plugin)] = label
         sources[entry_point.value.split(":")[0]] = dist
     from diffusers_kit import builtin
 
     if not manager.is_registered(builtin):  # running from a source tree that is not installed
         manager.register(builtin, name="builtin")
         sources[builtin.__name__] = BUILTIN_SOURCE
+    check_pending(manager, errors, labels)
     return manager, errors, sources
+
+
+def api_refusal(plugin: Any) -> str | None:
+    """Why ``plugin`` cannot be loaded by this dkit, or None: its module-level
+    ``DKIT_PLUGIN_API`` (a version specifier such as ``">=1.0,<2"``, checked with
+    ``packaging.specifiers``) must admit :data:`~diffusers_kit.hookspecs.PLUGIN_API_VERSION`.
+    A plugin that declares nothing is loaded (it predates the declaration)."""
+    required = getattr(plugin, "DKIT_PLUGIN_API", None)
+    if required is None:
+        return None
+    try:
+        specifier = SpecifierSet(str(required))
+    except InvalidSpecifier:
+        return (f"DKIT_PLUGIN_API = {required!r} is not a version specifier (write e.g. "
+                f"'>={PLUGIN_API_VERSION},<{int(PLUGIN_API_VERSION.split('.')[0]) + 1}'); "
+                "the plugin is not loaded")
+    if specifier.contains(PLUGIN_API_VERSION, prereleases=True):
+        return None
+    return (f"requires the dkit plugin API {specifier}, and this dkit provides "
+            f"{PLUGIN_API_VERSION}: the plugin is not loaded (install a version of the plugin "
+            "made for this dkit, or a dkit that provides that API)")
+
+
+def _hook_names() -> list[str]:
+    return [name for name in vars(hookspecs) if name.startswith("dkit_")]
+
+
+def check_pending(manager: pluggy.PluginManager, errors: dict[str, str],
+                  labels: dict[int, str] | None = None) -> None:
+    """pluggy's ``check_pending``: every hook implementation must match a hook of
+    :mod:`~diffusers_kit.hookspecs` (a misspelled ``dkit_run_finish`` would otherwise never be
+    called, silently). A plugin that implements an unknown hook is unregistered and reported in
+    ``errors`` under its label (``distribution:entry-point``) with the hook's name and the
+    closest real one; the other plugins keep working. An implementation marked
+    ``@hookimpl(optionalhook=True)`` (a hook of a newer dkit) is allowed."""
+    labels = labels or {}
+    while True:
+        try:
+            manager.check_pending()
+            return
+        except pluggy.PluginValidationError as exc:
+            plugin = exc.plugin
+            unknown = sorted(
+                name for name, caller in vars(manager.hook).items()
+                if not name.startswith("_") and not caller.has_spec()
+                and any(impl.plugin is plugin and not impl.optionalhook
+                        for impl in caller.get_hookimpls()))
+            hooks = []
+            for name in unknown:
+                close = suggest(name, _hook_names())
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                hooks.append(f"{name!r}{hint}")
+            label = labels.get(id(plugin)) or manager.get_name(plugin) or repr(plugin)
+            errors[label] = (f"implements unknown hook {', '.join(hooks)}: the plugin is not "
+                             f"loaded; the hooks are {', '.join(_hook_names())}")
+            manager.unregister(plugin)
 
 
 def _describe(exc: BaseException) -> str:
@@ -435,8 +536,6 @@ def _contained(plugin: str, hook: str, function: Callable[..., Any]) -> Callable
         except BaseException as exc:
             failure = HookFailure(plugin, hook, _describe(exc))
             HOOK_FAILURES.append(failure)
-            import sys
-
             print(f"warning: plugin {plugin!r} failed in {hook}: {failure.error} (the run goes "
                   "on without it)", file=sys.stderr)
             return None

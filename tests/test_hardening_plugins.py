@@ -143,3 +143,165 @@ def test_a_hook_that_raises_is_reported_and_the_run_finishes_with_status_5(tmp_p
     (run_dir,) = [p for p in (tmp_path / "runs" / "tiny").iterdir() if not p.is_symlink()]
     assert (run_dir / "checkpoint.safetensors").is_file(), "the trained model is kept"
     assert json.loads((run_dir / "metrics.json").read_text())["swd"] > 0
+
+
+# -- issue 15: hook names checked, a plugin API version, the data kind's old name --------------
+def test_a_misspelled_hook_is_reported_by_plugin_and_hook_and_the_rest_still_work(
+        tmp_path, monkeypatch, capsys):
+    """pluggy's check_pending: dkit_run_finish (for dkit_run_finished) would never be called;
+    the plugin is named with the hook and its closest real name, and not loaded."""
+    install(tmp_path, monkeypatch, "dkit_typo", """
+        from diffusers_kit import hookimpl
+        from diffusers_kit.processes.ve import VE
+
+        class TypoVE(VE):
+            '''registered by a plugin with a misspelled hook'''
+
+        @hookimpl
+        def dkit_register(registry):
+            registry.add("process", "typo_ve", TypoVE)
+
+        @hookimpl
+        def dkit_run_finish(run, metrics):
+            pass
+    """)
+    (tmp_path / "other").mkdir()
+    install(tmp_path / "other", monkeypatch, "dkit_future", """
+        from diffusers_kit import hookimpl
+        from diffusers_kit.processes.ve import VE
+
+        class FutureVE(VE):
+            '''registered by a plugin implementing a hook of a newer dkit, marked optional'''
+
+        @hookimpl
+        def dkit_register(registry):
+            registry.add("process", "future_ve", FutureVE)
+
+        @hookimpl(optionalhook=True)
+        def dkit_stage_finished(run, stage):
+            pass
+    """)
+    registry = registry_module.get_registry()
+    error = registry.plugin_errors["dkit-dkit_typo:dkit_typo"]
+    assert "unknown hook 'dkit_run_finish' (did you mean 'dkit_run_finished'?)" in error
+    assert "not loaded" in error
+    assert "typo_ve" not in registry.kind("process").components
+    assert registry.get("process", "future_ve").source == "dkit-dkit_future"
+    assert registry.get("process", "ve").source == "diffusers_kit"
+    assert not registry_module.get_plugin_manager().has_plugin("dkit_typo")
+    code, out, _ = run_cli(["plugins"], capsys)
+    flat = " ".join(out.split())
+    assert code == 0
+    assert "dkit-dkit_typo:dkit_typo failed to load: implements unknown hook 'dkit_run_finish'" \
+        in flat
+
+
+@pytest.mark.parametrize(("required", "loads", "message"), [
+    (">=1.0,<2", True, ""),
+    ("~=1.0", True, ""),
+    (">=2", False, "requires the dkit plugin API >=2, and this dkit provides 1.0"),
+    ("<1.0", False, "requires the dkit plugin API <1.0"),
+    ("one point oh", False, "is not a version specifier"),
+])
+def test_a_plugin_requires_a_plugin_api_version(tmp_path, monkeypatch, capsys, required, loads,
+                                                message):
+    from diffusers_kit.hookspecs import PLUGIN_API_VERSION
+
+    assert PLUGIN_API_VERSION == "1.0"
+    install(tmp_path, monkeypatch, "dkit_versioned", f"""
+        from diffusers_kit import hookimpl
+        from diffusers_kit.processes.ve import VE
+
+        DKIT_PLUGIN_API = {required!r}
+
+        class VersionedVE(VE):
+            '''a process of a plugin that states its plugin API'''
+
+        @hookimpl
+        def dkit_register(registry):
+            registry.add("process", "versioned_ve", VersionedVE)
+    """)
+    registry = registry_module.get_registry()
+    label = "dkit-dkit_versioned:dkit_versioned"
+    if loads:
+        assert label not in registry.plugin_errors
+        assert registry.get("process", "versioned_ve").source == "dkit-dkit_versioned"
+    else:
+        assert message in registry.plugin_errors[label]
+        assert "versioned_ve" not in registry.kind("process").components
+        assert registry.get("process", "ve") is not None
+    code, out, _ = run_cli(["plugins", "--kind", "process"], capsys)
+    flat = " ".join(out.split())
+    assert code == 0 and 'plugin API 1.0 (a plugin module declares DKIT_PLUGIN_API = ">=1.0,<2")' \
+        in flat
+    if not loads:
+        assert f"{label} failed to load" in flat
+
+
+def test_the_old_kind_name_dataset_still_works_with_a_deprecation_message(tmp_path, monkeypatch,
+                                                                         capsys):
+    """The spec section is data:, so the kind is data; a plugin written for 'dataset' keeps
+    working, warned, and dkit plugins says what to change."""
+    install(tmp_path, monkeypatch, "dkit_old_kind", """
+        import torch
+        from diffusers_kit import Dataset, DataSplits, hookimpl
+
+        class Line(Dataset):
+            '''points on a line'''
+            modality = "points"
+
+            def load(self):
+                x = torch.linspace(-1, 1, 200)[:, None].repeat(1, 2)
+                return DataSplits(train=x[:150], heldout=x[150:])
+
+        @hookimpl
+        def dkit_register(registry):
+            registry.add("dataset", "old_line", Line)
+    """)
+    with pytest.warns(DeprecationWarning, match=r"registry.add\('dataset', 'old_line'\): the "
+                                                r"component kind 'dataset' is now 'data'"):
+        registry = registry_module.get_registry()
+    assert "dkit-dkit_old_kind:dkit_old_kind" not in registry.plugin_errors
+    component = registry.get("data", "old_line")
+    assert component.kind == "data" and component.source == "dkit-dkit_old_kind"
+    with pytest.warns(DeprecationWarning, match="'dataset' is now 'data'"):
+        assert registry.get("dataset", "old_line") is component
+    with pytest.warns(DeprecationWarning):
+        assert registry.build("dataset", {"kind": "old_line"}).load().train.shape == (150, 2)
+    code, out, _ = run_cli(["plugins", "--kind", "data"], capsys)
+    flat = " ".join(out.split())
+    assert code == 0 and "old_line" in flat and "digits" in flat
+    assert "deprecated: dkit-dkit_old_kind: registry.add('dataset', 'old_line'): the component " \
+           "kind 'dataset' is now 'data'" in flat
+    spec = write_spec(tmp_path, TINY_2D_SPEC.replace("{data}", "{kind: old_line}"))
+    code, out, err = run_cli(["validate", str(spec), "--build"], capsys)
+    assert code == 0, err
+
+
+def test_a_registry_takes_the_old_kind_name_as_an_alias():
+    from diffusers_kit.data.base import Dataset
+    from diffusers_kit.data.toy2d import TwoMoons
+
+    registry = Registry()
+    with pytest.warns(DeprecationWarning, match="registry.add_kind\\('dataset'\\)"):
+        registry.add_kind("dataset", Dataset)
+    assert list(registry.kinds) == ["data"]
+    registry.add("data", "two_moons", TwoMoons)
+    with pytest.warns(DeprecationWarning, match="registry.kind\\('dataset'\\)"):
+        assert registry.kind("dataset") is registry.kind("data")
+    assert [c.name for c in registry.components("data")] == ["two_moons"]
+    assert len(registry.deprecations) == 2
+
+
+TINY_2D_SPEC = """\
+name: tiny2d
+seed: 0
+device: cpu
+data: {data}
+process: {kind: vp}
+network: {kind: mlp, width: 16, blocks: 1}
+objective: {kind: dsm}
+train: {steps: 2, batch_size: 16}
+sample: {n: 8, solver: {kind: ddim, steps: 2}}
+output: {root: {root}}
+"""

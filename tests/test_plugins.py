@@ -62,7 +62,7 @@ def test_builtin_components_come_through_the_entry_point_hook(fresh_registry):
 
 def test_example_plugin_components_are_registered_with_their_distribution(example_plugin):
     registry = registry_module.get_registry()
-    assert registry.get("dataset", "bars").source == "dkit-example"
+    assert registry.get("data", "bars").source == "dkit-example"
     assert registry.get("metric", "moment_gap").source == "dkit-example"
     assert not registry.plugin_errors
 

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from diffusers_kit.registry import Component, RegistryError, get_registry
+from diffusers_kit.hookspecs import PLUGIN_API_VERSION
+from diffusers_kit.registry import Component, Registry, RegistryError, get_registry
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 
 
@@ -101,6 +102,9 @@ def show_component(component: Component, console: Console) -> None:
 def plugins_command(args: argparse.Namespace) -> int:
     registry = get_registry()
     console = Console()
+    if args.kind:  # an old kind name still works here, with a note
+        command = "show" if args.plugins_command == "show" else "--kind"
+        args.kind = registry.canonical_kind(args.kind, f"dkit plugins {command} {args.kind}")
     if args.plugins_command == "show":
         try:
             component = registry.get(args.kind, args.name)
@@ -108,12 +112,15 @@ def plugins_command(args: argparse.Namespace) -> int:
             raise SpecError([SpecIssue((args.kind,), exc.expected, args.name, None,
                                        "command line", exc.suggestions)]) from None
         show_component(component, console)
+        _print_deprecations(registry, console)
         return 0
     try:
         listed = registry.components(args.kind)
     except RegistryError as exc:
         raise SpecError([SpecIssue(("--kind",), exc.expected, args.kind, None, "command line",
                                    exc.suggestions)]) from None
+    console.print(f"plugin API {PLUGIN_API_VERSION} (a plugin module declares "
+                  f"DKIT_PLUGIN_API = \"{api_requirement()}\")", highlight=False, soft_wrap=True)
     table = Table(title="dkit components", header_style="bold")
     for column in ("kind", "name", "from", "description"):
         table.add_column(column)
@@ -121,5 +128,19 @@ def plugins_command(args: argparse.Namespace) -> int:
         table.add_row(component.kind, component.name, component.source, escape(component.summary))
     console.print(table)
     for label, error in registry.plugin_errors.items():
-        console.print(f"[bold red]plugin {escape(label)} failed to load:[/] {escape(error)}")
+        console.print(f"[bold red]plugin {escape(label)} failed to load:[/] {escape(error)}",
+                      soft_wrap=True)
+    _print_deprecations(registry, console)
     return 0
+
+
+def _print_deprecations(registry: Registry, console: Console) -> None:
+    for message in registry.deprecations:  # e.g. a plugin registering kind 'dataset'
+        console.print(f"[yellow]deprecated:[/] {escape(message)}", soft_wrap=True)
+
+
+def api_requirement() -> str:
+    """The ``DKIT_PLUGIN_API`` specifier a plugin written today declares: this API version or a
+    later minor one, ``>=1.0,<2``."""
+    major = int(PLUGIN_API_VERSION.split(".")[0])
+    return f">={PLUGIN_API_VERSION},<{major + 1}"

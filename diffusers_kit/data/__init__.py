@@ -1,4 +1,4 @@
-"""Data sets (kind ``dataset``)."""
+"""Data sets (kind ``data``)."""
 
 from diffusers_kit.data.arrays import NpzArrays
 from diffusers_kit.data.base import Dataset, DataSplits
@@ -8,14 +8,14 @@ from diffusers_kit.data.patches import Patches
 from diffusers_kit.data.toy2d import Checkerboard, GaussianMixture, SwissRoll, Toy2D, TwoMoons
 
 REGISTER = [
-    ("dataset", "digits", Digits),
-    ("dataset", "two_moons", TwoMoons),
-    ("dataset", "swiss_roll", SwissRoll),
-    ("dataset", "checkerboard", Checkerboard),
-    ("dataset", "gaussian_mixture", GaussianMixture),
-    ("dataset", "patches", Patches),
-    ("dataset", "image_folder", ImageFolder),
-    ("dataset", "npz", NpzArrays),
+    ("data", "digits", Digits),
+    ("data", "two_moons", TwoMoons),
+    ("data", "swiss_roll", SwissRoll),
+    ("data", "checkerboard", Checkerboard),
+    ("data", "gaussian_mixture", GaussianMixture),
+    ("data", "patches", Patches),
+    ("data", "image_folder", ImageFolder),
+    ("data", "npz", NpzArrays),
 ]
 
 __all__ = ["REGISTER", "Checkerboard", "DataSplits", "Dataset", "Digits", "GaussianMixture",

@@ -1,4 +1,4 @@
-"""Arrays from a ``.npz`` or ``.npy`` file (kind ``dataset``, name ``npz``).
+"""Arrays from a ``.npz`` or ``.npy`` file (kind ``data``, name ``npz``).
 
 The file is read with ``allow_pickle=False`` (no code in a data file is ever run). From a
 ``.npz`` archive the data are the array named ``key`` (by default the one named ``x``, or the

@@ -25,7 +25,7 @@ class DataSplits:
 
 
 class Dataset:
-    """Base class of data sets (kind ``dataset``).
+    """Base class of data sets (kind ``data``, the spec's ``data:`` section).
 
     ``modality`` tells the report stage how to draw samples: ``"image"`` (a grid; examples are
     ``(C, H, W)``) or ``"points"`` (a scatter plot; examples are vectors).

@@ -1,4 +1,4 @@
-"""Images from a folder (kind ``dataset``, name ``image_folder``): the user's own pictures.
+"""Images from a folder (kind ``data``, name ``image_folder``): the user's own pictures.
 
 Every file whose extension is one Pillow can open (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``,
 ``.gif``, ``.tif``, ``.webp``, ...) is read; other files and hidden files (names starting with a

@@ -12,7 +12,7 @@ import inspect
 import re
 from typing import Any
 
-from diffusers_kit.registry import Component, Registry
+from diffusers_kit.registry import KIND_ALIASES, Component, Registry
 from diffusers_kit.spec.models import ComponentOf, Section, Spec
 from diffusers_kit.spec.validate import _section_model
 
@@ -89,7 +89,8 @@ def _section_schema(model: type[Section], defs: dict[str, Any]) -> dict[str, Any
         marker = next((m for m in info.metadata if isinstance(m, ComponentOf)), None)
         annotation = info.annotation
         if marker is not None:
-            ref: dict[str, Any] = {"$ref": f"#/$defs/{marker.kind}"}
+            kind = KIND_ALIASES.get(marker.kind, marker.kind)  # $defs has the current names
+            ref: dict[str, Any] = {"$ref": f"#/$defs/{kind}"}
             properties[name] = {"type": "array", "items": ref} if marker.many else ref
         elif (section := _section_model(annotation)) is not None:
             defs[section.__name__] = _section_schema(section, defs)

@@ -149,7 +149,7 @@ def test_the_plugin_passes_dkits_testing_kit():
 
     from diffusers_kit.testing import check_forward_model, check_metric, check_registered
 
-    check_registered("dataset", "bars")
+    check_registered("data", "bars")
     check_registered("metric", "moment_gap")
     check_registered("guidance", "brightness")
     check_forward_model(check_registered("forward_model", "column_sums", data_shape=(1, 8, 8)))
