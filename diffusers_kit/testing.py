@@ -8,10 +8,17 @@ callable from a plugin's tests.
 Each check raises ``AssertionError`` with a message that says what the protocol expects. They
 use exact answers, so a pass means the component is right, not merely that it runs:
 
+- :func:`check_process` checks a noise process's identities: its forward SDE integrates to its
+  marginal ``(alpha, sigma)``, the transition composes the marginals, the posterior
+  ``q(x_s | x_t, x_0)`` is Bayes' rule (in closed form and by Monte Carlo), the
+  parameterisations (eps, score, x0, v, mu) describe one prediction, the prior is a density;
 - :func:`check_solver` drives the solver with the exact score of standard normal data (any
   process: the noised marginal of ``N(0, I)`` is ``N(0, alpha^2 + sigma^2)``), so its samples
   must have mean 0 and variance 1; it also checks the shape, ``nfe`` and that guidance reaches
   it through the model (a term that shifts the score must shift the samples);
+- :func:`check_solver_on_mixture` drives it with the exact score of a three-mode Gaussian
+  mixture (:class:`ExactMixture`) and asks its samples to be within ``factor`` times the
+  sliced Wasserstein noise floor of exact samples (a solver that stays at the prior fails);
 - :func:`check_forward_model` checks ``<A x, y> = <x, A^T y>``, the SVD when there is one and
   the pseudo-inverse;
 - :func:`check_metric` checks that the result is a dict of numbers, that a set scored against
@@ -22,6 +29,8 @@ use exact answers, so a pass means the component is right, not merely that it ru
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,12 +39,16 @@ from diffusers_kit.data.base import DataSplits
 from diffusers_kit.guidance.base import GradientGuidance
 from diffusers_kit.model import ScoreModel
 from diffusers_kit.networks.base import Network
+from diffusers_kit.processes.base import PREDICTIONS, NoiseProcess
 
 if TYPE_CHECKING:
     from diffusers_kit.forward_models.base import ForwardModel
     from diffusers_kit.metrics.base import Metric
-    from diffusers_kit.processes.base import NoiseProcess
     from diffusers_kit.solvers.base import Solver
+
+#: z-bound of the statistical checks: a two-sided tail of about 2e-9, so they do not flake
+Z = 6.0
+LOG_2PI = math.log(2 * math.pi)
 
 
 class StandardNormalScore(Network):
@@ -67,18 +80,7 @@ def check_solver(solver: Solver, process: NoiseProcess | None = None, n: int = 2
     ``nfe`` counted, mean 0 and variance 1 within a tolerance set for ``n``, and guidance
     reaching it through the model. ``process`` defaults to the first built-in one the solver's
     ``check`` accepts (``ddpm``, ``vp``, ``ve`` with levels)."""
-    from diffusers_kit.processes import DDPM, VE, VP
-
-    if process is None:
-        for candidate in (DDPM(), VP(), VE(sigma_min=0.01, sigma_max=20.0, num_levels=20)):
-            if solver.check(candidate) is None:
-                process = candidate
-                break
-        assert process is not None, (f"{type(solver).__name__}.check refuses ddpm, vp and ve: "
-                                     "pass the process it samples")
-    reason = solver.check(process)
-    assert reason is None, f"{type(solver).__name__}.check refuses {type(process).__name__}: "\
-                           f"{reason}"
+    process = accepted_process(solver, process)
     model = ScoreModel(process, StandardNormalScore(process, data_shape))
     shape = (n, *data_shape)
     result = solver.sample(model, shape, generator=torch.Generator().manual_seed(seed))
@@ -102,6 +104,426 @@ def check_solver(solver: Solver, process: NoiseProcess | None = None, n: int = 2
     assert guided.double().mean() > samples.double().mean() + 0.2, \
         f"{name}: a guidance term that pulls every sample up changed nothing: the solver must " \
         "ask the model it is given (model.predict / model.score), not the network"
+
+
+def accepted_process(solver: Solver, process: NoiseProcess | None = None) -> NoiseProcess:
+    """``process`` when the solver's ``check`` accepts it; by default the first built-in one it
+    accepts (``ddpm``, ``vp``, ``ve`` with levels)."""
+    from diffusers_kit.processes import DDPM, VE, VP
+
+    if process is None:
+        for candidate in (DDPM(), VP(), VE(sigma_min=0.01, sigma_max=20.0, num_levels=20)):
+            if solver.check(candidate) is None:
+                process = candidate
+                break
+        assert process is not None, (f"{type(solver).__name__}.check refuses ddpm, vp and ve: "
+                                     "pass the process it samples")
+    reason = solver.check(process)
+    assert reason is None, f"{type(solver).__name__}.check refuses {type(process).__name__}: "\
+                           f"{reason}"
+    return process
+
+
+# -- the analytic target: a Gaussian mixture whose noised marginals have an exact score ---------
+class ExactMixture:
+    """``sum_k weights[k] N(means[k], diag(stds[k]^2))`` in ``d`` dimensions (float64).
+
+    Under any process ``x_t = alpha x0 + sigma eps`` the marginal is again a mixture,
+    ``q_t = sum_k w_k N(alpha mu_k, diag(alpha^2 s_k^2 + sigma^2))``, so its log-density and its
+    score ``grad log q_t(x) = sum_k r_k(x) (alpha mu_k - x) / (alpha^2 s_k^2 + sigma^2)``
+    (``r_k`` the responsibilities, by log-sum-exp) are exact.
+    """
+
+    def __init__(self, weights: Sequence[float] | torch.Tensor,
+                 means: Sequence[Sequence[float]] | torch.Tensor,
+                 stds: Sequence[Any] | torch.Tensor | float) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.weights = self.weights / self.weights.sum()
+        self.means = torch.as_tensor(means, dtype=torch.float64)  # (K, d)
+        stds = torch.as_tensor(stds, dtype=torch.float64)
+        self.stds = stds.expand_as(self.means).clone() if stds.dim() < 2 else stds  # (K, d)
+        self.dim = self.means.shape[1]
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return (self.means[k] + self.stds[k] * z).float()
+
+    def _components(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = x.double()
+        alpha = alpha.double().reshape(-1, 1, 1)
+        sigma = sigma.double().reshape(-1, 1, 1)
+        mean = alpha * self.means.to(x.device)  # (B, K, d)
+        var = alpha**2 * self.stds.to(x.device) ** 2 + sigma**2
+        diff = x[:, None, :] - mean
+        log_n = -0.5 * (diff**2 / var + var.log() + LOG_2PI).sum(-1)  # (B, K)
+        log_joint = log_n + self.weights.to(x.device).log()
+        return diff, var, log_joint
+
+    def _times(self, x: torch.Tensor, alpha: torch.Tensor | None, sigma: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        alpha = torch.ones(n, dtype=torch.float64) if alpha is None else alpha
+        sigma = torch.zeros(n, dtype=torch.float64) if sigma is None else sigma
+        return alpha, sigma
+
+    def log_prob(self, x: torch.Tensor, alpha: torch.Tensor | None = None,
+                 sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """``log q_t(x)`` (``alpha = 1, sigma = 0``: the data density)."""
+        _, _, log_joint = self._components(x, *self._times(x, alpha, sigma))
+        return torch.logsumexp(log_joint, dim=1)
+
+    def score(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``grad log q_t(x)``, exact."""
+        diff, var, log_joint = self._components(x, alpha, sigma)
+        resp = torch.softmax(log_joint, dim=1)  # (B, K)
+        return (resp[..., None] * (-diff / var)).sum(1).to(x.dtype)
+
+    def component_score(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                        k: torch.Tensor) -> torch.Tensor:
+        """``grad log q_t(x | y = k)``: the score of component ``k`` alone (one ``k`` per row)."""
+        diff, var, _ = self._components(x, alpha, sigma)
+        rows = torch.arange(x.shape[0], device=x.device)
+        return (-diff[rows, k.long()] / var[rows.clamp_max(var.shape[0] - 1), k.long()]
+                ).to(x.dtype)
+
+    def posterior(self, x: torch.Tensor, alpha: torch.Tensor | None = None,
+                  sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """``p(y = k | x)`` under ``q_t`` (default: the data), shape ``(B, K)``."""
+        _, _, log_joint = self._components(x, *self._times(x, alpha, sigma))
+        return torch.softmax(log_joint, dim=1)
+
+    def sample_labelled(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One draw of component ``labels[i]`` per row (the exact class-conditional samples)."""
+        z = torch.randn(len(labels), self.dim, generator=generator, dtype=torch.float64)
+        return (self.means[labels] + self.stds[labels] * z).float()
+
+
+class ExactScoreNetwork(Network):
+    """The mixture's exact marginal score under ``process``, in the ``prediction`` requested:
+    a perfect network, so a solver driven by it can only err by its own discretisation."""
+
+    def __init__(self, mixture: ExactMixture, process: NoiseProcess,
+                 prediction: str = "eps") -> None:
+        super().__init__(prediction)
+        self.mixture, self.process = mixture, process
+        self.data_shape = (mixture.dim,)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tt = t.double()
+        alpha, sigma = self.process.marginal(tt)
+        score = self.mixture.score(x, alpha, sigma)
+        return self.process.convert(score.double(), x.double(), tt, "score",
+                                    self.prediction).to(x.dtype)
+
+
+def three_modes() -> ExactMixture:
+    """The standard 2-D target: three anisotropic modes with unequal weights."""
+    return ExactMixture(
+        weights=[0.5, 0.3, 0.2],
+        means=[[-1.0, -0.5], [1.2, 0.0], [0.0, 1.3]],
+        stds=[[0.30, 0.20], [0.25, 0.40], [0.20, 0.20]],
+    )
+
+
+class MixtureTarget:
+    """``n`` exact reference samples of ``mixture`` and the sliced Wasserstein noise floor: the
+    SWD between two exact sample sets of that size, averaged over ``floor_pairs`` independent
+    pairs (so one lucky draw cannot set it), along ``projections`` fixed random directions.
+    :meth:`ratio` is a sample set's SWD to the reference over that floor: near 1 for exact
+    samples, well above for a wrong sampler."""
+
+    def __init__(self, mixture: ExactMixture, n: int = 2000, projections: int = 128,
+                 floor_pairs: int = 3, seed: int = 11, direction_seed: int = 7) -> None:
+        from diffusers_kit.metrics.swd import random_directions, sliced_wasserstein
+
+        self.mixture, self.n = mixture, n
+        self.directions = random_directions(mixture.dim, projections,
+                                            torch.Generator().manual_seed(direction_seed))
+        generator = torch.Generator().manual_seed(seed)
+        self.reference = mixture.sample(n, generator)
+        floors = [sliced_wasserstein(mixture.sample(n, generator), self.reference,
+                                     self.directions) for _ in range(floor_pairs)]
+        self.floor = sum(floors) / len(floors)
+
+    def ratio(self, samples: torch.Tensor) -> float:
+        from diffusers_kit.metrics.swd import sliced_wasserstein
+
+        assert torch.isfinite(samples).all(), "the samples have non-finite values"
+        return sliced_wasserstein(samples, self.reference, self.directions) / self.floor
+
+
+def check_solver_on_mixture(solver: Solver, process: NoiseProcess | None = None,
+                            n: int = 2000, factor: float = 1.5, seed: int = 3) -> float:
+    """The solver, driven by the exact score of :func:`three_modes` (three anisotropic modes
+    with unequal weights), draws ``n`` samples whose SWD to exact samples is below ``factor``
+    times the noise floor (:class:`MixtureTarget`): sampling error well below the Monte-Carlo
+    error of the comparison. Every built-in solver passes at its defaults with the default
+    ``factor`` 1.5; a solver that leaves the prior, or one step short of denoising, does not.
+    ``process`` as for :func:`check_solver`. Returns the ratio."""
+    process = accepted_process(solver, process)
+    mixture = three_modes()
+    model = ScoreModel(process, ExactScoreNetwork(mixture, process))
+    result = solver.sample(model, (n, mixture.dim), generator=torch.Generator().manual_seed(seed))
+    name = type(solver).__name__
+    assert tuple(result.samples.shape) == (n, mixture.dim), \
+        f"{name}.sample returned shape {tuple(result.samples.shape)} for {(n, mixture.dim)}"
+    target = MixtureTarget(mixture, n)
+    ratio = target.ratio(result.samples)
+    assert ratio < factor, (
+        f"{name} on {type(process).__name__}: the samples of the exact three-mode mixture are "
+        f"{ratio:.2f} times the noise floor ({target.floor:.4f}) away from exact samples, "
+        f"above {factor}: a wrong step, too few steps, or a last step that does not denoise")
+    return ratio
+
+
+# -- noise processes: the identities of the math layer ------------------------------------------
+def on_grid(process: NoiseProcess, t: float) -> float:
+    """``t``, or for a discrete process (rates jumping at the steps ``i / T``) the nearest step
+    (at least ``1 / T``): an integration of its SDE ends on one."""
+    if process.num_steps is None:
+        return t
+    return max(1, round(t * process.num_steps)) / process.num_steps
+
+
+def sde_step_count(process: NoiseProcess, minimum: int, t1: float = 1.0) -> int:
+    """At least ``minimum`` steps over ``[0, t1]``; for a discrete process a multiple of its
+    steps in ``[0, t1]``, so that no Euler-Maruyama step straddles a jump of the rate."""
+    if process.num_steps is None:
+        return minimum
+    chain_steps = round(t1 * process.num_steps)
+    return chain_steps * math.ceil(minimum / chain_steps)
+
+
+def euler_maruyama_moments(process: NoiseProcess, t0: float, t1: float, steps: int, m0: float,
+                           v0: float) -> tuple[float, float]:
+    """Exact mean and variance after ``steps`` Euler-Maruyama steps of the process's forward
+    SDE from ``N(m0, v0)`` at ``t0`` to ``t1``. The SDE is linear, ``f(x, t) = a(t) x``, so the
+    result is Gaussian: ``m <- (1 + a h) m``, ``v <- (1 + a h)^2 v + g^2 h``."""
+    h = (t1 - t0) / steps
+    t = t0 + h * torch.arange(steps, dtype=torch.float64)
+    a = process.drift(torch.ones(steps, 1, dtype=torch.float64), t)[:, 0]  # f(x, t) = a(t) x
+    g2 = process.diffusion(t) ** 2
+    gain = 1.0 + a * h
+    mean = m0 * torch.prod(gain)
+    # noise injected at step k is amplified by the gains of the later steps
+    later = torch.flip(torch.cumprod(torch.flip(gain**2, [0]), 0), [0])
+    later = torch.cat([later[1:], torch.ones(1, dtype=torch.float64)])
+    var = v0 * torch.prod(gain**2) + torch.sum(g2 * h * later)
+    return mean.item(), var.item()
+
+
+def assert_first_order_convergence(iterates: Sequence[Any], target: torch.Tensor,
+                                   what: str = "") -> None:
+    """``iterates`` after K, 2K and 4K steps of a first-order scheme converge to ``target``.
+
+    Euler's iterates are ``x_K = x* + A / K + B / K^2 + O(K^-3)``; Richardson extrapolation
+    ``(8 x_4K - 6 x_2K + x_K) / 3`` removes both terms, leaving ``x*`` up to ``O(K^-3)``, while
+    the iterates themselves still spread by ``O(1 / K)``. So the extrapolated limit must sit far
+    closer to ``target`` than the spread of the iterates: a scheme converging to another limit
+    is an O(1) distance away. No tolerance is tuned.
+    """
+    first, second, third = (torch.as_tensor(x, dtype=torch.float64) for x in iterates)
+    limit = (8 * third - 6 * second + first) / 3
+    spread = (first - third).norm().item()
+    scale = 1.0 + target.norm().item()
+    assert (limit - target).norm().item() <= 0.1 * spread + 1e-10 * scale, (
+        f"{what}converges to {limit.tolist()}, not {target.tolist()} (iterates spread by "
+        f"{spread:.3g})")
+
+
+def assert_sde_matches_marginal(process: NoiseProcess, t1: float, x0: float,
+                                min_steps: int = 200) -> None:
+    """The forward SDE ``dx = f dt + g dw`` (``drift``, ``diffusion``) integrates to the
+    marginal: Euler-Maruyama's exact moments from ``x_0`` converge, at first order, to
+    ``alpha(t1) x0`` and ``sigma(t1)^2``."""
+    t0, t1 = 0.0, on_grid(process, t1)
+    t = torch.tensor([t0, t1], dtype=torch.float64)
+    alpha, sigma = process.marginal(t)
+    m0, v0 = alpha[0].item() * x0, sigma[0].item() ** 2
+    exact = torch.tensor([alpha[1].item() * x0, sigma[1].item() ** 2], dtype=torch.float64)
+    k = sde_step_count(process, min_steps, t1)
+    iterates = [euler_maruyama_moments(process, t0, t1, steps, m0, v0)
+                for steps in (k, 2 * k, 4 * k)]
+    assert_first_order_convergence(
+        iterates, exact, f"{type(process).__name__}: the forward SDE (drift, diffusion) from "
+        f"x0 = {x0} to t = {t1} has mean and variance that ")
+
+
+def assert_transition_composes(process: NoiseProcess, s: float, t: float) -> None:
+    """``q(x_t | x_0) = int q(x_t | x_s) q(x_s | x_0)``: ``alpha_t = a alpha_s`` and
+    ``sigma_t^2 = a^2 sigma_s^2 + b^2`` for the transition ``(a, b)`` from ``s`` to ``t``."""
+    s_t = torch.tensor([s], dtype=torch.float64)
+    t_t = torch.tensor([t], dtype=torch.float64)
+    a, b = process.transition(t_t, s_t)
+    alpha_s, sigma_s = process.marginal(s_t)
+    alpha_t, sigma_t = process.marginal(t_t)
+    name = type(process).__name__
+    assert math.isclose((a * alpha_s).item(), alpha_t.item(), rel_tol=1e-9, abs_tol=1e-12), \
+        f"{name}.transition({t}, {s}): a alpha_s = {(a * alpha_s).item()} but alpha_t = " \
+        f"{alpha_t.item()}"
+    assert math.isclose((a**2 * sigma_s**2 + b**2).item(), sigma_t.item() ** 2, rel_tol=1e-9,
+                        abs_tol=1e-14), \
+        f"{name}.transition({t}, {s}): a^2 sigma_s^2 + b^2 = " \
+        f"{(a**2 * sigma_s**2 + b**2).item()} but sigma_t^2 = {sigma_t.item() ** 2}"
+
+
+def process_times(process: NoiseProcess, u: float, v: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t, s)`` with ``0 < s < t <= 1`` from ``u, v`` in ``[0, 1]``: adjacent steps for a
+    discrete process (``s`` its previous step), else ``t`` in ``[0.02, 1]`` and ``s`` in
+    ``(0, t)``; each a float64 tensor of shape ``(1,)``."""
+    if process.num_steps is not None:
+        i = 2 + round(u * (process.num_steps - 2))
+        t = torch.tensor([i / process.num_steps], dtype=torch.float64)
+        return t, process.previous_time(t)
+    t = 0.02 + 0.98 * u
+    return (torch.tensor([t], dtype=torch.float64),
+            torch.tensor([t * (0.02 + 0.96 * v)], dtype=torch.float64))
+
+
+def assert_posterior_is_bayes_rule(process: NoiseProcess, t: torch.Tensor, s: torch.Tensor,
+                                   x0: torch.Tensor, x_t: torch.Tensor) -> None:
+    """``N(x_s; alpha_s x0, sigma_s^2) N(x_t; a x_s, b^2)`` is, in ``x_s``, proportional to
+    ``N(mean, var)`` with ``1/var = 1/sigma_s^2 + a^2/b^2`` and
+    ``mean = var (alpha_s x0 / sigma_s^2 + a x_t / b^2)``: ``posterior`` must say so
+    (``t``, ``s`` of shape ``(1,)``, ``x0``, ``x_t`` of shape ``(1, d)``, float64)."""
+    alpha_s, sigma_s = process.marginal(s)
+    a, b = process.transition(t, s)
+    var = 1 / (1 / sigma_s**2 + a**2 / b**2)
+    expected = var * (alpha_s * x0 / sigma_s**2 + a * x_t / b**2)
+    mean, got_var = process.posterior(x_t, x0, t, s)
+    name = type(process).__name__
+    assert math.isclose(got_var.item(), var.item(), rel_tol=1e-9, abs_tol=1e-12), \
+        f"{name}.posterior: variance {got_var.item()}, Bayes' rule says {var.item()}"
+    assert torch.allclose(mean, expected, rtol=1e-9, atol=1e-12), \
+        f"{name}.posterior: mean {mean.tolist()}, Bayes' rule says {expected.tolist()}"
+
+
+def assert_posterior_matches_monte_carlo(process: NoiseProcess, t: torch.Tensor,
+                                         s: torch.Tensor, x0: torch.Tensor, n: int,
+                                         generator: torch.Generator) -> None:
+    """Forward pairs ``x_s ~ q(x_s | x0)``, ``x_t ~ q(x_t | x_s)`` (``marginal_sample``,
+    ``transition_sample``): the residual ``x_s - mean(x_t, x0)`` has mean 0, the posterior's
+    variance and no correlation with ``x_t``, within z-bounds for ``n`` samples (``x0``:
+    ``(1, d)``)."""
+    dim = x0.shape[-1]
+    x0 = x0.expand(n, dim)
+    tt, ss = t.expand(n), s.expand(n)
+    x_s, _ = process.marginal_sample(x0, ss, torch.randn(n, dim, generator=generator,
+                                                         dtype=torch.float64))
+    x_t = process.transition_sample(x_s, ss, tt, torch.randn(n, dim, generator=generator,
+                                                            dtype=torch.float64))
+    mean, var = process.posterior(x_t, x0, tt, ss)
+    residual = x_s - mean
+    var = var[0].item()
+    name = f"{type(process).__name__}.posterior at t={t.item():.4g}, s={s.item():.4g}"
+    assert (residual.mean(0).abs() <= Z * math.sqrt(var / n)).all(), \
+        f"{name}: forward-sampled x_s miss the posterior mean by {residual.mean(0).tolist()}"
+    assert ((residual.var(0) - var).abs() <= Z * var * math.sqrt(2 / (n - 1))).all(), \
+        f"{name}: forward-sampled x_s spread by {residual.var(0).tolist()}, not {var}"
+    x_t_centered = x_t - x_t.mean(0)
+    covariance = (residual * x_t_centered).mean(0)
+    assert (covariance.abs() <= Z * math.sqrt(var) * x_t.std(0) / math.sqrt(n)).all(), \
+        f"{name}: the residual x_s - mean correlates with x_t ({covariance.tolist()}): " \
+        "the coefficient of x_t is wrong"
+
+
+def assert_parameterisations_agree(process: NoiseProcess, t: torch.Tensor, s: torch.Tensor,
+                                   x0: torch.Tensor, eps: torch.Tensor, source: str,
+                                   target: str) -> None:
+    """From a known ``(x0, eps)``: ``score = -eps / sigma``, ``x0``, ``v = alpha eps - sigma
+    x0`` and ``mu = mean of q(x_s | x_t, x0)`` all describe it, and ``convert`` maps ``source``
+    to ``target`` (``t``, ``s``: ``(B,)``; ``x0``, ``eps``: ``(B, d)``)."""
+    x_t, _ = process.marginal_sample(x0, t, eps)
+    alpha, sigma = (c[:, None] for c in process.marginal(t))
+    views = {
+        "eps": eps,
+        "score": -eps / sigma,
+        "x0": x0,
+        "v": alpha * eps - sigma * x0,
+        "mu": process.posterior(x_t, x0, t, s)[0],
+    }
+    got = process.convert(views[source], x_t, t, source, target, s=s)
+    scale = 1 + views[target].abs().max()
+    assert torch.allclose(got, views[target], rtol=1e-6, atol=1e-6 * scale), \
+        f"{type(process).__name__}.convert({source} -> {target}) differs from the {target} " \
+        "of the same (x0, eps)"
+
+
+def assert_prior_is_a_density(process: NoiseProcess, n: int = 4000,
+                              generator: torch.Generator | None = None) -> None:
+    """In one dimension ``int p(x_1) dx = 1`` numerically (``prior_log_prob``), and
+    ``prior_sample`` draws have the prior's mean 0 and variance ``prior_std^2``."""
+    from scipy import integrate
+
+    def density(x: float) -> float:
+        return math.exp(process.prior_log_prob(torch.tensor([[x]], dtype=torch.float64)).item())
+
+    name = type(process).__name__
+    std = process.prior_std()
+    total, error = integrate.quad(density, -40 * std, 40 * std, points=[0.0], limit=200)
+    assert abs(total - 1.0) <= max(10 * error, 1e-9), \
+        f"{name}.prior_log_prob integrates to {total}, not 1"
+    generator = generator or torch.Generator().manual_seed(0)
+    samples = process.prior_sample((n, 1), generator=generator, dtype=torch.float64)
+    assert abs(samples.var().item() - std**2) <= Z * std**2 * math.sqrt(2.0 / (n - 1)), \
+        f"{name}.prior_sample has variance {samples.var().item()}, prior_std^2 is {std**2}"
+    assert abs(samples.mean().item()) <= Z * std / math.sqrt(n), \
+        f"{name}.prior_sample has mean {samples.mean().item()}, not 0"
+
+
+def check_process(process: NoiseProcess, seed: int = 0, n: int = 20000) -> None:
+    """The identities every noise process must satisfy (DESIGN.md, "the math layer"):
+
+    - ``marginal(t)`` gives finite ``(alpha, sigma)`` of shape ``(B,)``, ``alpha > 0`` and
+      ``sigma > 0`` for ``t > 0``;
+    - the drift is linear in ``x`` (Gaussian marginals need ``f(x, t) = a(t) x``) and the SDE
+      integrates to the marginal (:func:`assert_sde_matches_marginal`, first-order convergence
+      of Euler-Maruyama's exact moments, no tuned tolerance);
+    - the transition composes the marginals (:func:`assert_transition_composes`);
+    - the posterior ``q(x_s | x_t, x_0)`` is Bayes' rule, in closed form and by Monte Carlo
+      with ``n`` pairs;
+    - ``convert`` maps every parameterisation to every other;
+    - the prior is a normalised density that ``prior_sample`` draws from.
+
+    The same functions check dkit's own processes (its tests draw the times with hypothesis).
+    """
+    name = type(process).__name__
+    generator = torch.Generator().manual_seed(seed)
+    times = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
+    alpha, sigma = process.marginal(times)
+    assert tuple(alpha.shape) == tuple(sigma.shape) == (11,), \
+        f"{name}.marginal(t) must return two tensors shaped like t, got " \
+        f"{tuple(alpha.shape)} and {tuple(sigma.shape)}"
+    assert torch.isfinite(alpha).all() and torch.isfinite(sigma).all(), \
+        f"{name}.marginal has non-finite values on [0, 1]: {alpha.tolist()}, {sigma.tolist()}"
+    assert (alpha > 0).all() and (sigma[1:] > 0).all(), \
+        f"{name}.marginal: alpha must be > 0 on [0, 1] and sigma > 0 for t > 0"
+    x, y = torch.randn(2, 4, 3, generator=generator, dtype=torch.float64)
+    t = times[2:6]
+    assert torch.allclose(process.drift(2 * x - 3 * y, t),
+                          2 * process.drift(x, t) - 3 * process.drift(y, t), atol=1e-12), \
+        f"{name}.drift is not linear in x: a Gaussian process x_t = alpha x0 + sigma eps " \
+        "needs f(x, t) = a(t) x"
+    for t1 in (0.5, 1.0):
+        for x0 in (-1.5, 2.0):
+            assert_sde_matches_marginal(process, t1, x0)
+    for s_value, t_value in ((0.1, 0.4), (0.3, 0.9), (0.5, 1.0)):
+        assert_transition_composes(process, on_grid(process, s_value),
+                                   on_grid(process, t_value))
+    for u, v in ((0.1, 0.5), (0.6, 0.2), (1.0, 0.9)):
+        t_pair, s_pair = process_times(process, u, v)
+        x0_one, x_t_one = torch.randn(2, 1, 2, generator=generator, dtype=torch.float64)
+        assert_posterior_is_bayes_rule(process, t_pair, s_pair, x0_one, x_t_one)
+        assert_posterior_matches_monte_carlo(process, t_pair, s_pair, 2 * x0_one, n, generator)
+        x0_batch, eps = torch.randn(2, 3, 2, generator=generator, dtype=torch.float64)
+        for source in PREDICTIONS:
+            for target in PREDICTIONS:
+                assert_parameterisations_agree(process, t_pair.expand(3), s_pair.expand(3),
+                                               x0_batch, eps, source, target)
+    assert_prior_is_a_density(process, generator=generator)
 
 
 def check_forward_model(operator: ForwardModel, batch: int = 3, seed: int = 0) -> None:
@@ -173,5 +595,10 @@ def check_registered(kind: str, name: str, **context: Any) -> Any:
     return built
 
 
-__all__ = ["StandardNormalScore", "check_forward_model", "check_metric", "check_registered",
-           "check_solver"]
+__all__ = ["ExactMixture", "ExactScoreNetwork", "MixtureTarget", "StandardNormalScore",
+           "accepted_process", "assert_first_order_convergence", "assert_parameterisations_agree",
+           "assert_posterior_is_bayes_rule", "assert_posterior_matches_monte_carlo",
+           "assert_prior_is_a_density", "assert_sde_matches_marginal",
+           "assert_transition_composes", "check_forward_model", "check_metric", "check_process",
+           "check_registered", "check_solver", "check_solver_on_mixture",
+           "euler_maruyama_moments", "on_grid", "process_times", "sde_step_count", "three_modes"]

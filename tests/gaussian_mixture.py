@@ -9,99 +9,25 @@ so its log-density and its score
 
 are exact. :class:`ExactScoreNetwork` wraps that score as a dkit network, so every sampler can be
 driven by it through the ordinary :class:`diffusers_kit.model.ScoreModel`.
+
+The mixture, its exact-score network and the three-mode target live in
+:mod:`diffusers_kit.testing` (plugin authors check their solvers against them, with
+``check_solver_on_mixture``); this module adds what only dkit's own tests use.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 from diffusers_kit.model import ScoreModel
 from diffusers_kit.networks.base import Network
 from diffusers_kit.processes.base import NoiseProcess
+from diffusers_kit.testing import LOG_2PI, ExactScoreNetwork, three_modes
+from diffusers_kit.testing import ExactMixture as GaussianMixture
 
-LOG_2PI = math.log(2 * math.pi)
-
-
-class GaussianMixture:
-    """``sum_k weights[k] N(means[k], diag(stds[k]^2))`` in ``d`` dimensions (float64)."""
-
-    def __init__(self, weights, means, stds) -> None:  # type: ignore[no-untyped-def]
-        self.weights = torch.as_tensor(weights, dtype=torch.float64)
-        self.weights = self.weights / self.weights.sum()
-        self.means = torch.as_tensor(means, dtype=torch.float64)  # (K, d)
-        stds = torch.as_tensor(stds, dtype=torch.float64)
-        self.stds = stds.expand_as(self.means).clone() if stds.dim() < 2 else stds  # (K, d)
-        self.dim = self.means.shape[1]
-
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        return (self.means[k] + self.stds[k] * z).float()
-
-    def _components(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):  # type: ignore[no-untyped-def]
-        x = x.double()
-        alpha = alpha.double().reshape(-1, 1, 1)
-        sigma = sigma.double().reshape(-1, 1, 1)
-        mean = alpha * self.means.to(x.device)  # (B, K, d)
-        var = alpha**2 * self.stds.to(x.device) ** 2 + sigma**2
-        diff = x[:, None, :] - mean
-        log_n = -0.5 * (diff**2 / var + var.log() + LOG_2PI).sum(-1)  # (B, K)
-        log_joint = log_n + self.weights.to(x.device).log()
-        return diff, var, log_joint
-
-    def log_prob(self, x: torch.Tensor, alpha=None, sigma=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        """``log q_t(x)`` (``alpha = 1, sigma = 0``: the data density)."""
-        n = x.shape[0]
-        alpha = torch.ones(n, dtype=torch.float64) if alpha is None else alpha
-        sigma = torch.zeros(n, dtype=torch.float64) if sigma is None else sigma
-        _, _, log_joint = self._components(x, alpha, sigma)
-        return torch.logsumexp(log_joint, dim=1)
-
-    def score(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """``grad log q_t(x)``, exact."""
-        diff, var, log_joint = self._components(x, alpha, sigma)
-        resp = torch.softmax(log_joint, dim=1)  # (B, K)
-        return (resp[..., None] * (-diff / var)).sum(1).to(x.dtype)
-
-    def component_score(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
-                        k: torch.Tensor) -> torch.Tensor:
-        """``grad log q_t(x | y = k)``: the score of component ``k`` alone (one ``k`` per row)."""
-        diff, var, _ = self._components(x, alpha, sigma)
-        rows = torch.arange(x.shape[0], device=x.device)
-        return (-diff[rows, k.long()] / var[rows.clamp_max(var.shape[0] - 1), k.long()]
-                ).to(x.dtype)
-
-    def posterior(self, x: torch.Tensor, alpha=None, sigma=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        """``p(y = k | x)`` under ``q_t`` (default: the data), shape ``(B, K)``."""
-        n = x.shape[0]
-        alpha = torch.ones(n, dtype=torch.float64) if alpha is None else alpha
-        sigma = torch.zeros(n, dtype=torch.float64) if sigma is None else sigma
-        _, _, log_joint = self._components(x, alpha, sigma)
-        return torch.softmax(log_joint, dim=1)
-
-    def sample_labelled(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One draw of component ``labels[i]`` per row (the exact class-conditional samples)."""
-        z = torch.randn(len(labels), self.dim, generator=generator, dtype=torch.float64)
-        return (self.means[labels] + self.stds[labels] * z).float()
-
-
-class ExactScoreNetwork(Network):
-    """The mixture's exact marginal score under ``process``, in the ``prediction`` requested."""
-
-    def __init__(self, mixture: GaussianMixture, process: NoiseProcess,
-                 prediction: str = "eps") -> None:
-        super().__init__(prediction)
-        self.mixture, self.process = mixture, process
-        self.data_shape = (mixture.dim,)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tt = t.double()
-        alpha, sigma = self.process.marginal(tt)
-        score = self.mixture.score(x, alpha, sigma)
-        return self.process.convert(score.double(), x.double(), tt, "score",
-                                    self.prediction).to(x.dtype)
+__all__ = ["LOG_2PI", "ExactClassifierNetwork", "ExactConditionalNetwork",
+           "ExactGaussianNetwork", "ExactScoreNetwork", "GaussianMixture", "GaussianPosterior",
+           "exact_model", "overlapping_modes", "separated_modes", "three_modes"]
 
 
 class ExactConditionalNetwork(Network):
@@ -152,15 +78,6 @@ class ExactClassifierNetwork(Network):
 def exact_model(mixture: GaussianMixture, process: NoiseProcess,
                 prediction: str = "eps") -> ScoreModel:
     return ScoreModel(process, ExactScoreNetwork(mixture, process, prediction))
-
-
-def three_modes() -> GaussianMixture:
-    """The standard 2-D test target: three anisotropic modes with unequal weights."""
-    return GaussianMixture(
-        weights=[0.5, 0.3, 0.2],
-        means=[[-1.0, -0.5], [1.2, 0.0], [0.0, 1.3]],
-        stds=[[0.30, 0.20], [0.25, 0.40], [0.20, 0.20]],
-    )
 
 
 def separated_modes() -> GaussianMixture:

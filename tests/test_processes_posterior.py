@@ -16,8 +16,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from diffusers_kit.processes import DDPM, OU, VE, VP, ConstantSigma, NoiseProcess, SubVP
+from diffusers_kit.testing import (
+    assert_parameterisations_agree,
+    assert_posterior_is_bayes_rule,
+    assert_posterior_matches_monte_carlo,
+    process_times,
+)
 
-Z = 6.0
 N = 20000
 
 
@@ -42,33 +47,15 @@ def processes(draw: st.DrawFn) -> NoiseProcess:
     return DDPM(num_steps=steps, beta_start=start, beta_end=draw(st.floats(start, 0.5)))
 
 
-def draw_times(process: NoiseProcess, u: float, v: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(t, s)`` with ``0 < s < t <= 1``: adjacent steps for a discrete process."""
-    if process.num_steps is not None:
-        i = 2 + round(u * (process.num_steps - 2))
-        t = torch.tensor([i / process.num_steps], dtype=torch.float64)
-        return t, process.previous_time(t)
-    t = 0.02 + 0.98 * u
-    return (torch.tensor([t], dtype=torch.float64),
-            torch.tensor([t * (0.02 + 0.96 * v)], dtype=torch.float64))
-
-
 @given(process=processes(), u=st.floats(0, 1), v=st.floats(0, 1), dim=st.integers(1, 4),
        seed=st.integers(0, 2**16))
 def test_posterior_is_bayes_rule_of_the_two_gaussians(process, u, v, dim, seed):
     """N(x_s; alpha_s x0, sigma_s^2) N(x_t; a x_s, b^2) is, in x_s, proportional to N(mean, var)
     with 1/var = 1/sigma_s^2 + a^2/b^2 and mean = var (alpha_s x0 / sigma_s^2 + a x_t / b^2)."""
-    t, s = draw_times(process, u, v)
+    t, s = process_times(process, u, v)
     gen = torch.Generator().manual_seed(seed)
     x0, x_t = torch.randn(2, 1, dim, generator=gen, dtype=torch.float64)
-    alpha_s, sigma_s = process.marginal(s)
-    a, b = process.transition(t, s)
-    precision = 1 / sigma_s**2 + a**2 / b**2
-    var = 1 / precision
-    expected = var * (alpha_s * x0 / sigma_s**2 + a * x_t / b**2)
-    mean, got_var = process.posterior(x_t, x0, t, s)
-    assert got_var.item() == pytest.approx(var.item(), rel=1e-9)
-    assert torch.allclose(mean, expected, rtol=1e-9, atol=1e-12)
+    assert_posterior_is_bayes_rule(process, t, s, x0, x_t)
 
 
 @given(process=processes().filter(lambda p: p.num_steps is not None), u=st.floats(0, 1))
@@ -94,25 +81,10 @@ def test_posterior_is_ho_et_al_equation_7(process, u):
 def test_posterior_matches_monte_carlo(process, u, v, dim, seed):
     """Forward pairs x_s ~ q(x_s | x0), x_t ~ q(x_t | x_s): the residual x_s - mu~(x_t, x0) has mean
     0, variance var and no correlation with x_t, within z-bounds for N samples."""
-    t, s = draw_times(process, u, v)
+    t, s = process_times(process, u, v)
     gen = torch.Generator().manual_seed(seed)
     x0 = 2 * torch.randn(1, dim, generator=gen, dtype=torch.float64)
-    x0 = x0.expand(N, dim)
-    tt, ss = t.expand(N), s.expand(N)
-    x_s, _ = process.marginal_sample(x0, ss, torch.randn(N, dim, generator=gen,
-                                                         dtype=torch.float64))
-    x_t = process.transition_sample(x_s, ss, tt, torch.randn(N, dim, generator=gen,
-                                                            dtype=torch.float64))
-    mean, var = process.posterior(x_t, x0, tt, ss)
-    residual = x_s - mean
-    var = var[0].item()
-    assert (residual.mean(0).abs() <= Z * math.sqrt(var / N)).all()
-    assert ((residual.var(0) - var).abs() <= Z * var * math.sqrt(2 / (N - 1))).all()
-    # independence of the residual from x_t (the regression slope is right)
-    x_t_centered = x_t - x_t.mean(0)
-    covariance = (residual * x_t_centered).mean(0)
-    sd_xt = x_t.std(0)
-    assert (covariance.abs() <= Z * math.sqrt(var) * sd_xt / math.sqrt(N)).all()
+    assert_posterior_matches_monte_carlo(process, t, s, x0, N, gen)
 
 
 @given(process=processes(), u=st.floats(0, 1), v=st.floats(0, 1), dim=st.integers(1, 4),
@@ -122,22 +94,10 @@ def test_posterior_matches_monte_carlo(process, u, v, dim, seed):
 def test_parameterisations_describe_the_same_prediction(process, u, v, dim, seed, source, target):
     """From a known (x0, eps): score = -eps / sigma, x0, v = alpha eps - sigma x0 and
     mu = mu~(x_t, x0) all describe it, and convert() maps any one to any other."""
-    t, s = draw_times(process, u, v)
+    t, s = process_times(process, u, v)
     gen = torch.Generator().manual_seed(seed)
     x0, eps = torch.randn(2, 3, dim, generator=gen, dtype=torch.float64)
-    tt, ss = t.expand(3), s.expand(3)
-    x_t, _ = process.marginal_sample(x0, tt, eps)
-    alpha, sigma = (c[:, None] for c in process.marginal(tt))
-    views = {
-        "eps": eps,
-        "score": -eps / sigma,
-        "x0": x0,
-        "v": alpha * eps - sigma * x0,
-        "mu": process.posterior(x_t, x0, tt, ss)[0],
-    }
-    got = process.convert(views[source], x_t, tt, source, target, s=ss)
-    scale = 1 + views[target].abs().max()
-    assert torch.allclose(got, views[target], rtol=1e-6, atol=1e-6 * scale)
+    assert_parameterisations_agree(process, t.expand(3), s.expand(3), x0, eps, source, target)
 
 
 @given(process=processes().filter(lambda p: p.num_steps is not None), u=st.floats(0, 1),

@@ -18,11 +18,18 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from scipy import integrate
 
 from diffusers_kit.processes import DDPM, OU, VE, VP, ConstantSigma, NoiseProcess, SubVP
+from diffusers_kit.testing import (
+    Z,
+    assert_prior_is_a_density,
+    assert_sde_matches_marginal,
+    assert_transition_composes,
+    euler_maruyama_moments,
+    on_grid,
+    sde_step_count,
+)
 
-Z = 6.0
 N = 4000
 
 
@@ -43,66 +50,11 @@ def sde_processes(draw: st.DrawFn) -> NoiseProcess:
                 beta_end=draw(st.floats(start, 0.5)))
 
 
-def assert_converges_at_first_order(iterates, target) -> None:
-    """``iterates`` after K, 2K and 4K steps of a first-order scheme converge to ``target``.
-
-    Euler's iterates are ``x_K = x* + A / K + B / K^2 + O(K^-3)``; Richardson extrapolation
-    ``(8 x_4K - 6 x_2K + x_K) / 3`` removes both terms, leaving ``x*`` up to ``O(K^-3)``, while the
-    iterates themselves still spread by ``O(1 / K)``. So the extrapolated limit must sit far closer
-    to the closed form than the spread of the iterates: a wrong drift or diffusion converges to
-    another limit, an O(1) distance away.
-    """
-    first, second, third = (torch.as_tensor(x, dtype=torch.float64) for x in iterates)
-    limit = (8 * third - 6 * second + first) / 3
-    spread = (first - third).norm().item()
-    scale = 1.0 + target.norm().item()
-    assert (limit - target).norm().item() <= 0.1 * spread + 1e-10 * scale, (
-        limit, target, spread)
-
-
-def on_grid(process: NoiseProcess, t: float) -> float:
-    """DDPM's rate jumps at the steps i / T: end the integration on one (at least 1 / T)."""
-    if process.num_steps is None:
-        return t
-    return max(1, round(t * process.num_steps)) / process.num_steps
-
-
-def step_count(process: NoiseProcess, minimum: int, t1: float = 1.0) -> int:
-    """At least ``minimum`` steps over [0, t1]; for DDPM a multiple of the steps in [0, t1], so
-    that no Euler-Maruyama step straddles a jump of the rate."""
-    if process.num_steps is None:
-        return minimum
-    chain_steps = round(t1 * process.num_steps)
-    return chain_steps * math.ceil(minimum / chain_steps)
-
-
-def em_moments(process: NoiseProcess, t0: float, t1: float, steps: int, m0: float, v0: float):
-    """Exact mean and variance after ``steps`` Euler-Maruyama steps of a linear SDE, t0 -> t1."""
-    h = (t1 - t0) / steps
-    t = t0 + h * torch.arange(steps, dtype=torch.float64)
-    a = process.drift(torch.ones(steps, 1, dtype=torch.float64), t)[:, 0]  # f(x, t) = a(t) x
-    g2 = process.diffusion(t) ** 2
-    gain = 1.0 + a * h
-    mean = m0 * torch.prod(gain)
-    # noise injected at step k is amplified by the gains of the later steps
-    later = torch.flip(torch.cumprod(torch.flip(gain**2, [0]), 0), [0])
-    later = torch.cat([later[1:], torch.ones(1, dtype=torch.float64)])
-    var = v0 * torch.prod(gain**2) + torch.sum(g2 * h * later)
-    return mean.item(), var.item()
-
-
 @given(process=sde_processes(), t1=st.floats(0.2, 1.0), x0=st.floats(-3.0, 3.0))
 def test_euler_maruyama_moments_converge_to_the_marginal(process, t1, x0):
-    """The exact EM moments converge (first order) to alpha(t) x0 and sigma(t)^2."""
-    t0, t1 = 0.0, on_grid(process, t1)
-    t = torch.tensor([t0, t1], dtype=torch.float64)
-    alpha, sigma = process.marginal(t)
-    m0, v0 = alpha[0].item() * x0, sigma[0].item() ** 2
-    exact_mean, exact_var = alpha[1].item() * x0, sigma[1].item() ** 2
-    k = step_count(process, 200, t1)
-    iterates = [em_moments(process, t0, t1, steps, m0, v0) for steps in (k, 2 * k, 4 * k)]
-    assert_converges_at_first_order(iterates, torch.tensor([exact_mean, exact_var],
-                                                           dtype=torch.float64))
+    """The exact EM moments converge (first order) to alpha(t) x0 and sigma(t)^2 (the check
+    diffusers_kit.testing.check_process applies to a plugin's process)."""
+    assert_sde_matches_marginal(process, t1, x0)
 
 
 @given(process=sde_processes(), t1=st.floats(0.2, 1.0), seed=st.integers(0, 2**16),
@@ -112,7 +64,7 @@ def test_euler_maruyama_samples_match_the_marginal(process, t1, seed, dim):
     t1 = on_grid(process, t1)
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(dim, generator=gen, dtype=torch.float64) * 2.0
-    steps = step_count(process, 400, t1)
+    steps = sde_step_count(process, 400, t1)
     h = t1 / steps
     start = torch.zeros(N, dtype=torch.float64)
     x, _ = process.marginal_sample(x0.expand(N, dim), start,
@@ -123,7 +75,7 @@ def test_euler_maruyama_samples_match_the_marginal(process, t1, seed, dim):
                                                             dtype=torch.float64))
     alpha, sigma = process.marginal(torch.tensor([0.0, t1], dtype=torch.float64))
     for j in range(dim):
-        mean, var = em_moments(process, 0.0, t1, steps, alpha[0].item() * x0[j].item(),
+        mean, var = euler_maruyama_moments(process, 0.0, t1, steps, alpha[0].item() * x0[j].item(),
                                sigma[0].item() ** 2)
         exact_mean, exact_var = alpha[1].item() * x0[j].item(), sigma[1].item() ** 2
         sample_mean, sample_var = x[:, j].mean().item(), x[:, j].var().item()
@@ -138,15 +90,7 @@ def test_euler_maruyama_samples_match_the_marginal(process, t1, seed, dim):
 def test_transition_composes_the_marginals(process, s, gap):
     """q(x_t | x_0) = int q(x_t | x_s) q(x_s | x_0):
     alpha_t = a alpha_s and sigma_t^2 = a^2 sigma_s^2 + b^2."""
-    t_val = min(1.0, s + gap)
-    s_t = torch.tensor([s], dtype=torch.float64)
-    t_t = torch.tensor([t_val], dtype=torch.float64)
-    a, b = process.transition(t_t, s_t)
-    alpha_s, sigma_s = process.marginal(s_t)
-    alpha_t, sigma_t = process.marginal(t_t)
-    assert (a * alpha_s).item() == pytest.approx(alpha_t.item(), rel=1e-9)
-    assert (a**2 * sigma_s**2 + b**2).item() == pytest.approx(sigma_t.item() ** 2, rel=1e-9,
-                                                              abs=1e-14)
+    assert_transition_composes(process, s, min(1.0, s + gap))
 
 
 @given(process=sde_processes(), t=st.floats(0.05, 1.0))
@@ -183,13 +127,4 @@ def test_ou_is_the_ttic_closed_form():
 )
 def test_prior_density_is_normalized_in_one_dimension(process):
     """int p(x_1) dx = 1 numerically, and prior samples have the prior's variance."""
-    def density(x: float) -> float:
-        return math.exp(process.prior_log_prob(torch.tensor([[x]], dtype=torch.float64)).item())
-
-    std = process.prior_std()
-    total, error = integrate.quad(density, -40 * std, 40 * std, points=[0.0], limit=200)
-    assert abs(total - 1.0) <= max(10 * error, 1e-9)
-    gen = torch.Generator().manual_seed(0)
-    samples = process.prior_sample((N, 1), generator=gen, dtype=torch.float64)
-    assert abs(samples.var().item() - std**2) <= Z * std**2 * math.sqrt(2.0 / (N - 1))
-    assert abs(samples.mean().item()) <= Z * std / math.sqrt(N)
+    assert_prior_is_a_density(process, N)

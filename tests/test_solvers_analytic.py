@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusers_kit.metrics.swd import random_directions, sliced_wasserstein
 from diffusers_kit.processes import DDPM, VE, VP, SubVP
 from diffusers_kit.solvers import (
     DDIM,
@@ -31,6 +30,7 @@ from diffusers_kit.solvers import (
     PredictorCorrector,
     ScipyODE,
 )
+from diffusers_kit.testing import MixtureTarget
 from tests.gaussian_mixture import exact_model, three_modes
 
 N = 2000
@@ -38,23 +38,13 @@ FACTOR = 1.5
 FLOOR_PAIRS = 3
 
 MIXTURE = three_modes()
-DIRECTIONS = random_directions(2, 128, torch.Generator().manual_seed(7))
-
-
-def _reference_and_floor() -> tuple[torch.Tensor, float]:
-    generator = torch.Generator().manual_seed(11)
-    reference = MIXTURE.sample(N, generator)
-    floors = [sliced_wasserstein(MIXTURE.sample(N, generator), reference, DIRECTIONS)
-              for _ in range(FLOOR_PAIRS)]
-    return reference, sum(floors) / len(floors)
-
-
-REFERENCE, FLOOR = _reference_and_floor()
+# the reference set and floor diffusers_kit.testing.check_solver_on_mixture uses for plugins
+TARGET = MixtureTarget(MIXTURE, N, floor_pairs=FLOOR_PAIRS)
+FLOOR = TARGET.floor
 
 
 def swd_ratio(samples: torch.Tensor) -> float:
-    assert torch.isfinite(samples).all()
-    return sliced_wasserstein(samples, REFERENCE, DIRECTIONS) / FLOOR
+    return TARGET.ratio(samples)
 
 
 CASES = [

@@ -1,5 +1,7 @@
 """The plugin authors' testing kit (diffusers_kit.testing) passes every built-in component and
-fails broken ones with a message that says what the protocol expects."""
+fails broken ones with a message that says what the protocol expects. (The process identities
+are also what tests/test_processes_*.py check, with hypothesis-drawn times; the mixture target
+is tests/test_solvers_analytic.py's.)"""
 
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ import torch
 from diffusers_kit.data.toy2d import TwoMoons
 from diffusers_kit.forward_models.base import ForwardModel
 from diffusers_kit.metrics import SlicedWasserstein
+from diffusers_kit.processes import VP
 from diffusers_kit.registry import get_registry
 from diffusers_kit.solvers import DDIM
 from diffusers_kit.testing import (
     check_forward_model,
     check_metric,
+    check_process,
     check_registered,
     check_solver,
+    check_solver_on_mixture,
 )
 
 FAST = {"ancestral": {"steps": 200}, "predictor_corrector": {"steps": 200},
@@ -78,3 +83,33 @@ def test_the_kit_catches_a_solver_with_the_wrong_variance():
 
     with pytest.raises(AssertionError, match="variance"):
         check_solver(Hot(steps=20), n=1000)
+
+
+@pytest.mark.parametrize("name", [c.name for c in get_registry().components("process")])
+def test_every_registered_process_passes_the_process_identities(name):
+    check_process(get_registry().build("process", {"kind": name}))
+
+
+def test_the_kit_catches_a_process_whose_sde_disagrees_with_its_marginal():
+    class FastNoise(VP):  # the SDE of a process twice as fast as its marginal says
+        def beta(self, t):  # type: ignore[no-untyped-def]
+            return 2 * super().beta(t)
+
+    with pytest.raises(AssertionError, match=r"the forward SDE .* converges to"):
+        check_process(FastNoise())
+
+
+def test_the_kit_catches_a_wrong_posterior():
+    class Overconfident(VP):
+        def posterior_coefficients(self, t, s):  # type: ignore[no-untyped-def]
+            c_t, c_0, var = super().posterior_coefficients(t, s)
+            return c_t, c_0, var / 2
+
+    with pytest.raises(AssertionError, match="posterior: variance"):
+        check_process(Overconfident())
+
+
+def test_check_solver_on_mixture_passes_ddim_and_catches_one_step():
+    assert check_solver_on_mixture(DDIM()) < 1.5
+    with pytest.raises(AssertionError, match="times the noise floor"):
+        check_solver_on_mixture(DDIM(steps=1))
