@@ -19,7 +19,7 @@ from diffusers_kit.console import make_console
 from diffusers_kit.spec.errors import SpecError
 
 COMMANDS = ("run", "validate", "schema", "plugins", "process", "sample", "likelihood", "runs",
-            "evaluate", "sweep", "restore")
+            "evaluate", "sweep", "restore", "new_plugin")
 
 # exit statuses (docs/errors.md): 1 training stopped (NaN), 2 a mistake in a spec or on the
 # command line, 3 the environment (file system, memory, a plugin that cannot load), 4 a corrupt

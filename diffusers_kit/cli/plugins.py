@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from diffusers_kit.console import make_console
 from diffusers_kit.hookspecs import PLUGIN_API_VERSION
 from diffusers_kit.registry import Component, Registry, RegistryError, get_registry
 from diffusers_kit.spec.errors import SpecError, SpecIssue
@@ -101,7 +102,7 @@ def show_component(component: Component, console: Console) -> None:
 
 def plugins_command(args: argparse.Namespace) -> int:
     registry = get_registry()
-    console = Console()
+    console = make_console()
     if args.kind:  # an old kind name still works here, with a note
         command = "show" if args.plugins_command == "show" else "--kind"
         args.kind = registry.canonical_kind(args.kind, f"dkit plugins {command} {args.kind}")
