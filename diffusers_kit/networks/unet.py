@@ -5,6 +5,11 @@ GroupNorm everywhere, the time embedding added inside every residual block, self
 chosen resolutions and in the middle, dropout inside the blocks, and skip connections from every
 block on the way down to the matching block on the way up. The last convolution of every block
 and of the output starts at zero, so a fresh network is the identity plus zero.
+
+Conditioning: ``num_classes`` adds a learned class embedding to the time embedding (the DDPM /
+ADM way); a ``conditioner`` instead turns the condition into a context sequence that the
+attention blocks attend to by cross-attention (latent diffusion, Rombach et al. 2022): every
+attention block becomes a :class:`~diffusers_kit.networks.attention.SpatialTransformer`.
 """
 
 from __future__ import annotations
@@ -15,14 +20,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from diffusers_kit.conditioners.base import Conditioner
+from diffusers_kit.networks.attention import SelfAttention, SpatialTransformer, zero
 from diffusers_kit.networks.base import Network, check_data_shape
 from diffusers_kit.networks.embeddings import ClassEmbedding, TimeEmbedding
-
-
-def zero(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
 
 
 class ResBlock(nn.Module):
@@ -43,24 +44,6 @@ class ResBlock(nn.Module):
         h = h + self.emb(nn.functional.silu(emb))[:, :, None, None]
         h = self.conv2(self.dropout(nn.functional.silu(self.norm2(h))))
         return h + self.skip(x)
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over the pixels of a feature map, with a residual connection."""
-
-    def __init__(self, channels: int, heads: int, groups: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.GroupNorm(groups, channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = zero(nn.Conv2d(channels, channels, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        out = nn.functional.scaled_dot_product_attention(
-            q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
 class Level(nn.Module):
@@ -86,8 +69,16 @@ class UNet(Network):
         prediction: what the output means (``eps``, ``score``, ``x0``, ``v`` or ``mu``).
         learned_variance: also output ``v`` for a learned reverse variance (doubles the output
             channels; Nichol & Dhariwal 2021).
-        num_classes: class-conditional with this many classes (plus a null class).
-        class_dropout: probability of training on the null class (classifier-free guidance).
+        num_classes: class-conditional with this many classes (plus a null class): a class
+            embedding added to the time embedding. With a ``conditioner`` it may be left out
+            (the conditioner's ``num_classes`` is used) or must equal the conditioner's.
+        class_dropout: probability of training on the null class (classifier-free guidance);
+            with a conditioner, its label dropout.
+        conditioner: a nested conditioner (e.g. ``{kind: class_tokens, num_classes: 10}``):
+            the label becomes a context sequence and the attention blocks (at
+            ``attention_resolutions`` and in the middle) become spatial transformers that
+            cross-attend to it, instead of a class embedding added to the time embedding.
+        transformer_depth: transformer layers in each spatial transformer (with a conditioner).
     """
 
     def __init__(
@@ -105,6 +96,8 @@ class UNet(Network):
         learned_variance: bool = False,
         num_classes: Annotated[int, Field(ge=1, le=100_000)] | None = None,
         class_dropout: Annotated[float, Field(ge=0, le=1)] = 0.0,
+        conditioner: Conditioner | None = None,
+        transformer_depth: Annotated[int, Field(ge=1, le=8)] = 1,
         *,
         data_shape: tuple[int, ...],
     ) -> None:
@@ -132,17 +125,30 @@ class UNet(Network):
         self.data_shape = (c, h, w)
         self.time = TimeEmbedding(channels)
         e = self.time.out_dim
+        if conditioner is not None:
+            if num_classes is not None and num_classes != conditioner.num_classes:
+                raise ValueError(f"unet num_classes ({num_classes}) and its conditioner's "
+                                 f"num_classes ({conditioner.num_classes}) differ; leave "
+                                 "num_classes out, the conditioner's is used")
+            num_classes = conditioner.num_classes
+            conditioner.drop_prob = class_dropout
         self.num_classes = num_classes
         self.class_dropout = class_dropout
+        # with a conditioner the label enters through cross-attention only
         self.classes = (ClassEmbedding(num_classes, e, class_dropout)
-                        if num_classes is not None else None)
+                        if num_classes is not None and conditioner is None else None)
+        self.conditioner = conditioner
 
         def block(a: int, b: int) -> ResBlock:
             return ResBlock(a, b, e, dropout, norm_groups)
 
         def attention(width: int, res: int) -> nn.Module | None:
-            return (SelfAttention(width, heads, norm_groups)
-                    if res in attention_resolutions else None)
+            if res not in attention_resolutions:
+                return None
+            if conditioner is not None:
+                return SpatialTransformer(width, heads, conditioner.dim, transformer_depth,
+                                          norm_groups)
+            return SelfAttention(width, heads, norm_groups)
 
         self.conv_in = nn.Conv2d(c, channels, 3, padding=1)
         skips = [channels]
@@ -161,7 +167,9 @@ class UNet(Network):
                 self.downsample.append(nn.Conv2d(current, current, 3, stride=2, padding=1))
                 skips.append(current)
         self.mid1 = block(current, current)
-        self.mid_attn = SelfAttention(current, heads, norm_groups)
+        self.mid_attn = (SpatialTransformer(current, heads, conditioner.dim, transformer_depth,
+                                            norm_groups)
+                         if conditioner is not None else SelfAttention(current, heads, norm_groups))
         self.mid2 = block(current, current)
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
@@ -182,19 +190,25 @@ class UNet(Network):
         emb = self.time(t)
         if self.classes is not None:
             emb = emb + self.classes(y, x.shape[0], x.device)
+        context = (self.conditioner(y, x.shape[0], x.device)
+                   if self.conditioner is not None else None)
+
+        def attend(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            return attn(h, context) if isinstance(attn, SpatialTransformer) else attn(h)
+
         h = self.conv_in(x)
         stack = [h]
         for i, level in enumerate(self.down):
             for block, attn in zip(level.blocks, level.attention, strict=True):
-                h = attn(block(h, emb))
+                h = attend(attn, block(h, emb))
                 stack.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)
                 stack.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        h = self.mid2(attend(self.mid_attn, self.mid1(h, emb)), emb)
         for i, level in enumerate(self.up):
             for block, attn in zip(level.blocks, level.attention, strict=True):
-                h = attn(block(torch.cat([h, stack.pop()], dim=1), emb))
+                h = attend(attn, block(torch.cat([h, stack.pop()], dim=1), emb))
             if i < len(self.upsample):
                 h = nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")
                 h = self.upsample[i](h)
