@@ -15,6 +15,7 @@ from diffusers_kit.metrics.floor import ErrorBars, compare_with_floor, mean_with
 from diffusers_kit.metrics.kid import KernelDistance, kernel_distance
 from diffusers_kit.metrics.nll import NegativeLogLikelihood
 from diffusers_kit.metrics.prdc import PrecisionRecall, prdc
+from diffusers_kit.metrics.reconstruction import ReconstructionQuality
 from diffusers_kit.metrics.restoration import PSNR, SSIM
 from diffusers_kit.metrics.swd import SlicedWasserstein, sliced_wasserstein
 
@@ -29,10 +30,12 @@ REGISTER = [
     ("metric", "psnr", PSNR),
     ("metric", "ssim", SSIM),
     ("metric", "consistency", Consistency),
+    ("metric", "reconstruction", ReconstructionQuality),
 ]
 
 __all__ = ["PSNR", "REGISTER", "SSIM", "Accuracy", "ClassAccuracy", "Consistency", "ErrorBars",
            "FeatureSpace",
            "FrechetDistance", "KernelDistance", "Metric", "NegativeLogLikelihood",
-           "PrecisionRecall", "SlicedWasserstein", "compare_with_floor", "frechet_distance",
+           "PrecisionRecall", "ReconstructionQuality", "SlicedWasserstein", "compare_with_floor",
+           "frechet_distance",
            "kernel_distance", "mean_with_interval", "prdc", "sliced_wasserstein"]

@@ -4,6 +4,7 @@ from diffusers_kit.objectives.base import Objective
 from diffusers_kit.objectives.classification import NoisyClassification
 from diffusers_kit.objectives.ddpm import HybridLoss, SimpleLoss, VariationalBound
 from diffusers_kit.objectives.dsm import DenoisingScoreMatching
+from diffusers_kit.objectives.reconstruction import Reconstruction
 from diffusers_kit.objectives.score_matching import ImplicitScoreMatching, SlicedScoreMatching
 
 REGISTER = [
@@ -14,6 +15,7 @@ REGISTER = [
     ("objective", "ddpm_vlb", VariationalBound),
     ("objective", "ddpm_hybrid", HybridLoss),
     ("objective", "classification", NoisyClassification),
+    ("objective", "reconstruction", Reconstruction),
 ]
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "ImplicitScoreMatching",
     "NoisyClassification",
     "Objective",
+    "Reconstruction",
     "SimpleLoss",
     "SlicedScoreMatching",
     "VariationalBound",
