@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from diffusers_kit.networks.attention import zero
 from diffusers_kit.networks.base import check_data_shape
-from diffusers_kit.networks.unet import zero
 
 
 class ResidualBlock(nn.Module):
