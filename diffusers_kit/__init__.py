@@ -18,6 +18,8 @@ from diffusers_kit.api import (
     progress_bar,
     resolve_device,
 )
+from diffusers_kit.autoencoders import Autoencoder, KLAutoencoder, VQAutoencoder
+from diffusers_kit.conditioners import ClassTokens, Conditioner, HFTextEncoder, TextConditioner
 from diffusers_kit.data import (
     Checkerboard,
     Dataset,
@@ -52,7 +54,8 @@ from diffusers_kit.guidance import (
     Replacement,
     requested_labels,
 )
-from diffusers_kit.hookspecs import hookimpl
+from diffusers_kit.hookspecs import PLUGIN_API_VERSION, hookimpl
+from diffusers_kit.latent import DecodedOperator, LatentCache
 from diffusers_kit.likelihood import decode, encode, log_likelihood, slerp
 from diffusers_kit.metrics import (
     PSNR,
@@ -66,6 +69,7 @@ from diffusers_kit.metrics import (
     Metric,
     NegativeLogLikelihood,
     PrecisionRecall,
+    ReconstructionQuality,
     SlicedWasserstein,
     frechet_distance,
     kernel_distance,
@@ -80,6 +84,7 @@ from diffusers_kit.objectives import (
     ImplicitScoreMatching,
     NoisyClassification,
     Objective,
+    Reconstruction,
     SimpleLoss,
     SlicedScoreMatching,
     VariationalBound,
@@ -142,6 +147,7 @@ __all__ = [
     "MLP",
     "NCSN",
     "OU",
+    "PLUGIN_API_VERSION",
     "PRDC",
     "PSNR",
     "SSIM",
@@ -154,11 +160,14 @@ __all__ = [
     "Ancestral",
     "AncestralPredictor",
     "AnnealedLangevin",
+    "Autoencoder",
     "Checkerboard",
     "ClassAccuracy",
+    "ClassTokens",
     "ClassifierFree",
     "ClassifierGuidance",
     "Colorize",
+    "Conditioner",
     "Consistency",
     "ConstantSigma",
     "Corrector",
@@ -166,6 +175,7 @@ __all__ = [
     "DPMSolver3M",
     "DataSplits",
     "Dataset",
+    "DecodedOperator",
     "Denoise",
     "DenoisingScoreMatching",
     "Diffusion",
@@ -180,14 +190,17 @@ __all__ = [
     "GaussianMixture",
     "GradientGuidance",
     "Guidance",
+    "HFTextEncoder",
     "HeunODE",
     "HybridLoss",
     "ImageFolder",
     "ImplicitScoreMatching",
     "Inpaint",
+    "KLAutoencoder",
     "KernelDistance",
     "Langevin",
     "LangevinCorrector",
+    "LatentCache",
     "MatrixOperator",
     "MeasurementGuidance",
     "Metric",
@@ -208,6 +221,8 @@ __all__ = [
     "Predictor",
     "PredictorCorrector",
     "RePaint",
+    "Reconstruction",
+    "ReconstructionQuality",
     "Record",
     "Registry",
     "Replacement",
@@ -225,6 +240,7 @@ __all__ = [
     "SubVP",
     "SuperResolution",
     "SwissRoll",
+    "TextConditioner",
     "Toy2D",
     "TrainedModel",
     "Trainer",
@@ -233,6 +249,7 @@ __all__ = [
     "TwoMoons",
     "UNet",
     "UniPC",
+    "VQAutoencoder",
     "VariancePreserving",
     "VariationalBound",
     "__version__",

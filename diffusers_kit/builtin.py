@@ -23,7 +23,7 @@ from diffusers_kit import (
 from diffusers_kit.hookspecs import hookimpl
 
 KINDS = {
-    "dataset": (data.Dataset, "Data sets: training and held-out examples."),
+    "data": (data.Dataset, "Data sets: training and held-out examples."),
     "process": (processes.NoiseProcess, "Noise processes: x_t = alpha(t) x_0 + sigma(t) eps."),
     "network": (networks.Network, "Networks that predict eps, the score, x0 or v from (x_t, t)."),
     "objective": (objectives.Objective, "Training objectives."),

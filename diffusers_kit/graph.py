@@ -172,7 +172,7 @@ def build_components(
                       "gradient scaler needs CUDA)", source.train.precision)
     # a trained model's own sections were validated with its own spec; errors point there
     model_builder = builder if trained is None else Builder(registry, trained.document)
-    dataset = model_builder.build(("data",), "dataset", source.data)
+    dataset = model_builder.build(("data",), "data", source.data)
     process = (model_builder.build(("process",), "process", source.process)
                if source.process is not None else None)  # an autoencoder spec has none
     objective_config = source.objective
@@ -374,7 +374,13 @@ def _new_run_dir(root: Path, name: str) -> Path:
 
 @dataclass
 class Run:
-    """One execution of a spec: its components, its folder and what the stages produced."""
+    """One execution of a spec: its components, its folder and what the stages produced.
+
+    The life-cycle hooks (:mod:`diffusers_kit.hookspecs`) receive it. Part of the plugin API:
+    ``spec``, ``dir`` (None on data-parallel ranks other than 0), ``results`` (``samples``,
+    ``nfe``, ``metrics``, ``train_loss``, ``train_hash``, ``latent_scale`` for an autoencoder),
+    ``components`` (``.diffusion`` — also :attr:`diffusion` —, ``.data``, ``.solver``), ``log``
+    and ``quiet``; anything else may change."""
 
     spec: Spec
     components: Components

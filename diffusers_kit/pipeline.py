@@ -516,7 +516,7 @@ def _versions(resolved: dict[str, Any], registry: Registry) -> dict[str, str]:
                     for item in (value if sub.many and isinstance(value, list) else [value]):
                         walk(sub.kind, item)
 
-    kinds = {"data": "dataset", "autoencoder": "autoencoder", "process": "process",
+    kinds = {"data": "data", "autoencoder": "autoencoder", "process": "process",
              "network": "network", "objective": "objective"}
     for section, kind in kinds.items():
         walk(kind, resolved.get(section))
@@ -550,7 +550,7 @@ def resolve_spec(spec: Spec, registry: Registry) -> dict[str, Any]:
 
     builder = Builder(registry, None)
     resolved = spec.model_dump()
-    for section, kind in (("data", "dataset"), ("autoencoder", "autoencoder"),
+    for section, kind in (("data", "data"), ("autoencoder", "autoencoder"),
                           ("process", "process"), ("network", "network"),
                           ("objective", "objective")):
         if resolved.get(section) is not None:

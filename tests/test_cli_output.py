@@ -26,8 +26,6 @@ def test_a_piped_console_is_wide_unless_columns_says_otherwise(monkeypatch, caps
     assert make_console().width == 132
 
 
-@pytest.mark.xfail(strict=True, reason="cli/plugins.py still makes its own Console(): it must "
-                   "use diffusers_kit.console.make_console (then remove this marker)")
 def test_piped_dkit_plugins_keeps_each_component_on_one_line(capsys):
     code, out, err = run_cli(["plugins"], capsys)
     assert code == 0, err

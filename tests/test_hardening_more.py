@@ -72,9 +72,9 @@ def _unbounded(annotation: typing.Any, metadata: list[typing.Any], where: str) -
     return []
 
 
-@pytest.mark.parametrize("kind", ["dataset", "network", "process", "solver", "predictor",
+@pytest.mark.parametrize("kind", ["data", "network", "process", "solver", "predictor",
                                   "corrector", "objective", "metric", "optimizer", "guidance",
-                                  "forward_model"])
+                                  "forward_model", "autoencoder", "conditioner"])
 def test_every_built_in_number_has_a_lower_and_an_upper_bound(kind):
     """The signature is the spec schema: what it does not bound, validate accepts."""
     found = []

@@ -15,11 +15,10 @@ square roots of the eigenvalues of ``S_1 S_2``, in float64. FD is biased upwards
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.features import FeatureMetric
@@ -43,9 +42,13 @@ class Precomputed(nn.Module):
 
 
 @functools.lru_cache(maxsize=8)
-def _metric(dim: int) -> FrechetInceptionDistance:
+def _metric(dim: int) -> Any:
     # one torchmetrics object per feature width, reset between uses: building one costs as much
     # as the computation itself, and the bootstrap calls this hundreds of times
+    # imported here: torchmetrics' image package imports transformers when it is installed,
+    # seconds that every dkit command would pay at start-up
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     return FrechetInceptionDistance(feature=Precomputed(dim))
 
 

@@ -22,12 +22,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import torch
 from pydantic import Field
-from torchmetrics.image.kid import (
-    KernelInceptionDistance,
-    maximum_mean_discrepancy,
-    poly_kernel,
-    poly_mmd,
-)
 
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.fd import Precomputed
@@ -56,6 +50,8 @@ def kernel_distance(a: torch.Tensor, b: torch.Tensor, subsets: int, subset_size:
                          f"{len(b)}")
     with warnings.catch_warnings():  # torchmetrics warns that it keeps the features: we know
         warnings.simplefilter("ignore", UserWarning)
+        from torchmetrics.image.kid import KernelInceptionDistance
+
         metric = KernelInceptionDistance(feature=Precomputed(a.shape[1]), subsets=subsets,
                                          subset_size=size)
     metric.update(a, real=True)
@@ -69,6 +65,8 @@ def kernel_distance(a: torch.Tensor, b: torch.Tensor, subsets: int, subset_size:
 
 def full_set_kid(a: torch.Tensor, b: torch.Tensor) -> float:
     """The unbiased MMD^2 estimate over all of ``a`` and ``b`` (equal sizes)."""
+    from torchmetrics.image.kid import poly_mmd
+
     return float(poly_mmd(a.double(), b.double(), degree=3, gamma=None, coef=1.0))
 
 
@@ -78,9 +76,13 @@ class Kernels:
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = a.double(), b.double()
+        from torchmetrics.image.kid import poly_kernel
+
         self.aa, self.ab, self.bb = poly_kernel(a, a), poly_kernel(a, b), poly_kernel(b, b)
 
     def kid(self, ia: torch.Tensor, ib: torch.Tensor) -> float:
+        from torchmetrics.image.kid import maximum_mean_discrepancy
+
         return float(maximum_mean_discrepancy(self.aa[ia][:, ia], self.ab[ia][:, ib],
                                               self.bb[ib][:, ib]))
 

@@ -163,7 +163,7 @@ class Spec(Section):
     seed: Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)] = 0
     device: Annotated[str, Field(json_schema_extra={"pattern": DEVICE_PATTERN}),
                       AfterValidator(_device_name), AfterValidator(device_available)] = "auto"
-    data: optional_component("dataset") = None  # type: ignore[valid-type]
+    data: optional_component("data") = None  # type: ignore[valid-type]
     autoencoder: optional_component("autoencoder") = Field(  # type: ignore[valid-type]
         default=None, description="train this first stage of latent diffusion (kind "
         "autoencoder) instead of a diffusion model: leave process and network out")
