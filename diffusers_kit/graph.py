@@ -257,9 +257,18 @@ def build_components(
 def _first_stage(reference: TrainedModel, data_shape: tuple[int, ...], builder: Builder
                  ) -> Autoencoder | None:
     """The trained autoencoder ``latent`` names (its sampling weights, frozen), checked against
-    the images of this spec's data set; None (with the issue recorded) when it does not fit."""
+    the images of this spec's data set; None (with the issue recorded) when it does not fit.
+
+    A reference not built yet (``dkit validate --build``, a spec built without running its
+    dependencies) gives the autoencoder its spec describes, untrained: enough to check shapes
+    and build the network; a run always builds its references first."""
     try:
-        network = reference.network()
+        if not reference.resolved and reference.spec is not None and (
+                reference.spec.autoencoder is not None):
+            network = builder.registry.build("autoencoder", reference.spec.autoencoder,
+                                             data_shape=tuple(data_shape))
+        else:
+            network = reference.network()
     except (OSError, ValueError) as exc:
         builder.issue(("latent",), f"a trained autoencoder that loads ({exc})",
                       reference.ref.describe())
