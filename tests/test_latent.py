@@ -246,3 +246,12 @@ def test_spec_mistakes_name_the_field(tmp_path, capsys, monkeypatch):
         "train: {steps: 1}\n", encoding="utf-8")
     code, out, err = run_cli(["run", str(latent), f"output.root={tmp_path / 'runs'}"], capsys)
     assert code == 2 and "latent" in out + err and "(1, 8, 8)" in out + err
+
+
+def test_dkit_restore_defaults_to_dps_for_a_latent_run(tmp_path):
+    from diffusers_kit.cli.restore import default_method
+
+    (tmp_path / "spec.yaml").write_text("name: a\nlatent: runs/ae/latest\n", encoding="utf-8")
+    assert default_method(str(tmp_path)) == "dps"
+    (tmp_path / "spec.yaml").write_text("name: a\nlatent: null\n", encoding="utf-8")
+    assert default_method(str(tmp_path)) == "pigdm"
