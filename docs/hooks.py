@@ -26,32 +26,7 @@ MARKER = COMPONENTS_MARKER  # the original name
 
 #: Meanings of spec fields whose pydantic ``Field`` has no ``description`` yet (the description,
 #: once written in spec/models.py, wins; the test then asks for the entry here to go).
-FALLBACK_MEANINGS: dict[tuple[str, str], str] = {
-    ("Spec", "seed"): "seeds the network's initial weights, training and sampling",
-    ("Spec", "device"): "`auto` (CUDA when available, else the CPU), `cpu`, `cuda`, `cuda:N` "
-                        "or `mps`",
-    ("Spec", "data"): "the data set; required unless `model` names a trained model",
-    ("Spec", "process"): "the noise process; required unless `model` supplies it (an "
-                         "`autoencoder` run has none)",
-    ("Spec", "network"): "the network (its data shape comes from the data set); required "
-                         "unless `model` supplies it (an `autoencoder` run has none)",
-    ("Spec", "objective"): "the training objective; required unless `model` supplies it (an "
-                           "`autoencoder` run defaults to `reconstruction`)",
-    ("Spec", "train"): "how the network is fitted (below)",
-    ("Spec", "sample"): "how samples are drawn (below); without it the run trains only",
-    ("Spec", "restore"): "inverse problems: restore measured held-out images (below)",
-    ("Spec", "evaluate"): "the metrics computed on the samples (below)",
-    ("Spec", "output"): "where the run folder goes and how the grid is laid out (below)",
-    ("TrainSection", "batch_size"): "examples per step (per micro-batch with "
-                                    "`grad_accumulation`)",
-    ("TrainSection", "optimizer"): "the optimizer and its learning rate",
-    ("TrainSection", "grad_clip"): "clip the global gradient norm to this (`null` disables)",
-    ("TrainSection", "log_every"): "steps between loss reports (the only host "
-                                   "synchronisation of the training loop)",
-    ("SampleSection", "solver"): "the sampler: an SDE / ODE solver or a Markov chain",
-    ("EvaluateSection", "metrics"): "the metrics, each reported with its real-vs-real noise "
-                                    "floor where it has one",
-}
+FALLBACK_MEANINGS: dict[tuple[str, str], str] = {}
 
 
 # -- rendering -------------------------------------------------------------------------------

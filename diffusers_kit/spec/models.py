@@ -60,14 +60,17 @@ class TrainSection(Section):
 
     steps: Annotated[int, Field(ge=0, le=10**9, strict=True,
                                  description="optimisation steps (0 skips training)")] = 2000
-    batch_size: Annotated[int, Field(ge=1, le=1_000_000, strict=True)] = 128
+    batch_size: Annotated[int, Field(ge=1, le=1_000_000, strict=True, description=(
+        "examples per step (per micro-batch with `grad_accumulation`)"))] = 128
     optimizer: component("optimizer") = Field(  # type: ignore[valid-type]
-        default_factory=lambda: {"kind": "adam", "lr": 1e-3}
-    )
+        default_factory=lambda: {"kind": "adam", "lr": 1e-3},
+        description="the optimizer and its learning rate")
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0, strict=True,
                                      description="0 disables the EMA")] = 0.999
-    grad_clip: Annotated[float | None, Field(gt=0.0, allow_inf_nan=False, strict=True)] = 1.0
-    log_every: Annotated[int, Field(ge=1, le=10**9, strict=True)] = 50
+    grad_clip: Annotated[float | None, Field(gt=0.0, allow_inf_nan=False, strict=True, description=(
+        "clip the global gradient norm to this (`null` disables)"))] = 1.0
+    log_every: Annotated[int, Field(ge=1, le=10**9, strict=True, description=(
+        "steps between loss reports (the only host synchronisation of the training loop)"))] = 50
     checkpoint_every: Annotated[int, Field(
         ge=0, le=10**9, strict=True,
         description="write the resumable checkpoint every N steps (0: only at the end)")] = 0
@@ -91,7 +94,8 @@ class SampleSection(Section):
     n: Annotated[int, Field(ge=1, le=1_000_000, strict=True, description="number of samples")] = 64
     batch_size: Annotated[int | None, Field(ge=1, le=1_000_000, strict=True,
                                              description="default: all at once")] = None
-    solver: component("solver")  # type: ignore[valid-type]
+    solver: component("solver") = Field(  # type: ignore[valid-type]
+        description="the sampler: an SDE / ODE solver or a Markov chain")
     guidance: components("guidance") = Field(  # type: ignore[valid-type]
         default_factory=list,
         description="guidance terms added to the model's prediction (they add up, in order)")
@@ -129,8 +133,9 @@ class EvaluateSection(Section):
     """Metrics computed on the samples against held-out data."""
 
     metrics: components("metric") = Field(  # type: ignore[valid-type]
-        default_factory=lambda: [{"kind": "swd"}]
-    )
+        default_factory=lambda: [{"kind": "swd"}],
+        description=("the metrics, each reported with its real-vs-real noise floor where it "
+                     "has one"))
 
 
 class OutputSection(Section):
@@ -160,21 +165,41 @@ class Spec(Section):
                                 "name: letters, digits, _ . - (not first), at most 100")]
     model: Annotated[TrainedModel | None, Field(
         description="sample a model trained elsewhere: a run folder or a spec file")] = None
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)] = 0
-    device: Annotated[str, Field(json_schema_extra={"pattern": DEVICE_PATTERN}),
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1, strict=True, description=(
+        "seeds the network's initial weights, training and sampling"))] = 0
+    device: Annotated[str, Field(json_schema_extra={"pattern": DEVICE_PATTERN}, description=(
+        "`auto` (CUDA when available, else the CPU), `cpu`, `cuda`, `cuda:N` or `mps`")),
                       AfterValidator(_device_name), AfterValidator(device_available)] = "auto"
-    data: optional_component("data") = None  # type: ignore[valid-type]
+    data: optional_component("data") = Field(  # type: ignore[valid-type]
+        default=None, description=(
+            "the data set; required unless `model` names a trained model"))
     autoencoder: optional_component("autoencoder") = Field(  # type: ignore[valid-type]
         default=None, description="train this first stage of latent diffusion (kind "
         "autoencoder) instead of a diffusion model: leave process and network out")
     latent: Annotated[TrainedModel | None, Field(
         description="diffuse in the latent space of this trained autoencoder (a run folder "
                     "or an autoencoder spec): data are encoded once, samples decoded")] = None
-    process: optional_component("process") = None  # type: ignore[valid-type]
-    network: optional_component("network") = None  # type: ignore[valid-type]
-    objective: optional_component("objective") = None  # type: ignore[valid-type]
-    train: TrainSection = Field(default_factory=TrainSection)
-    sample: SampleSection | None = None
-    restore: RestoreSection | None = None
-    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
-    output: OutputSection = Field(default_factory=OutputSection)
+    process: optional_component("process") = Field(  # type: ignore[valid-type]
+        default=None, description=(
+            "the noise process; required unless `model` supplies it (an `autoencoder` run "
+            "has none)"))
+    network: optional_component("network") = Field(  # type: ignore[valid-type]
+        default=None, description=(
+            "the network (its data shape comes from the data set, or the autoencoder's latents "
+            "with `latent`); required unless `model` supplies it (an `autoencoder` run has "
+            "none)"))
+    objective: optional_component("objective") = Field(  # type: ignore[valid-type]
+        default=None, description=(
+            "the training objective; required unless `model` supplies it (an `autoencoder` "
+            "run defaults to `reconstruction`)"))
+    train: TrainSection = Field(default_factory=TrainSection,
+                                description="how the network is fitted (below)")
+    sample: SampleSection | None = Field(
+        default=None, description="how samples are drawn (below); without it the run trains only")
+    restore: RestoreSection | None = Field(
+        default=None, description="inverse problems: restore measured held-out images (below)")
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection,
+                                      description="the metrics computed on the samples (below)")
+    output: OutputSection = Field(
+        default_factory=OutputSection,
+        description="where the run folder goes and how the grid is laid out (below)")
