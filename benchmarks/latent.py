@@ -85,9 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latent-run", type=Path, help="default: ROOT/latent_digits/latest")
+    parser.add_argument("--pixel-run", type=Path, help="default: ROOT/pixel_digits16/latest")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    folders = {k: follow_latest(args.root / name / "latest") for k, name in MODELS.items()}
+    given = {"latent": args.latent_run, "pixel": args.pixel_run}
+    folders = {k: follow_latest(given[k] or args.root / name / "latest")
+               for k, name in MODELS.items()}
     models = {k: Diffusion.from_run(folder) for k, folder in folders.items()}
     metrics = {k: json.loads((folder / "metrics.json").read_text())
                for k, folder in folders.items()}

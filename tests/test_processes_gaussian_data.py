@@ -8,7 +8,7 @@ return the marginal at t = 0, which for variance-preserving processes is N(mu, S
 The drifts are affine in x, so the Euler(-Maruyama) iterates are exactly Gaussian with moments
 given by a recursion (each step's affine map is read off the process's own drift evaluated at
 0 and the unit vectors). The recursion must converge to the target at first order (see
-``assert_converges_at_first_order``); Monte-Carlo runs must match the recursion within z-bounds.
+``assert_first_order_convergence``); Monte-Carlo runs must match the recursion within z-bounds.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from diffusers_kit.processes import DDPM, OU, VE, VP, NoiseProcess, SubVP
-from tests.test_processes_sde import assert_converges_at_first_order
+from diffusers_kit.testing import assert_first_order_convergence
 
 Z = 6.0
 N = 4000
@@ -112,7 +112,7 @@ def test_reverse_dynamics_with_exact_score_recover_the_data(process, data, flow)
         maps = reverse_step_maps(process, mean, cov, times_for(process, steps), flow)
         m, c = integrate_moments(maps, *start)
         iterates.append(torch.cat([m, c.flatten()]))
-    assert_converges_at_first_order(iterates, target)
+    assert_first_order_convergence(iterates, target)
 @given(process=processes(), data=gaussians(), flow=st.booleans(), seed=st.integers(0, 2**16))
 def test_reverse_dynamics_samples_recover_the_data(process, data, flow, seed):
     """Monte Carlo with the process's drifts: samples match the exact iterate moments (z-bounds),
