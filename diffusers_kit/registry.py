@@ -79,9 +79,7 @@ class Component:
 
     @property
     def summary(self) -> str:
-        """The docstring's first paragraph on one line (a summary may wrap in the source)."""
-        paragraph = self.doc.strip().split("\n\n", 1)[0]
-        return " ".join(line.strip() for line in paragraph.splitlines())
+        return self.doc.strip().splitlines()[0] if self.doc.strip() else ""
 
 
 @dataclass
