@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from diffusers_kit.metrics.floor import summarize
-from diffusers_kit.pipeline import follow_latest, read_record, run_folders
+from diffusers_kit.pipeline import ModelRef, follow_latest, read_record, run_folders
 
 DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent
@@ -186,6 +186,12 @@ def locate(reference: str | None, roots: list[Path]) -> Run | None:
 def changed_fields(raw: Any, ran: Any, path: str = "") -> list[str]:
     """Fields of the shipped spec whose value differs from the run's resolved ``spec.yaml``
     (the resolved spec fills every default, so only the shipped spec's own fields count)."""
+    if isinstance(raw, dict) and isinstance(ran, dict) and "spec" in raw and "spec" in ran:
+        # a model reference with overrides: the run records them as a list (and the run it
+        # resolved to, with its hash); compare what was asked for, in one form
+        asked, used = ModelRef.parse(raw), ModelRef.parse({k: v for k, v in ran.items()
+                                                            if k in ("spec", "overrides")})
+        return [] if (asked.spec, asked.overrides) == (used.spec, used.overrides) else [path]
     if isinstance(raw, dict) and isinstance(ran, dict):
         out = []
         for key, value in raw.items():
