@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from diffusers_kit.autoencoders.base import Autoencoder
 from diffusers_kit.networks.attention import zero
 from diffusers_kit.networks.base import check_data_shape
 
@@ -135,11 +136,32 @@ class Decoder(nn.Module):
         return self.conv_out(nn.functional.silu(self.norm_out(h)))
 
 
+class ConvAutoencoder(Autoencoder):
+    """The set-up the built-in families share: the images' shape checked against ``f``, the
+    level widths, ``latent_shape = (c, H/f, W/f)``, an :class:`Encoder` to
+    ``encoder_channels`` (``2c`` for a KL posterior, ``c`` for a VQ code) and a
+    :class:`Decoder` from ``c`` channels. A family's own constructor (its signature is its
+    schema) calls this one with its parameters."""
+
+    def __init__(self, name: str, data_shape: tuple[int, ...], downsample: int,
+                 latent_channels: int, encoder_channels: int, channels: int,
+                 channel_mult: Sequence[int], blocks: int, norm_groups: int, loss: str) -> None:
+        super().__init__()
+        c_img, h, w = image_shape(name, data_shape, downsample)
+        widths = level_widths(name, downsample, channels, channel_mult, norm_groups)
+        self.data_shape = (c_img, h, w)
+        self.latent_shape = (latent_channels, h // downsample, w // downsample)
+        self.downsample = downsample
+        self.reconstruction_loss = loss
+        self.encoder = Encoder(c_img, encoder_channels, widths, blocks, norm_groups)
+        self.decoder = Decoder(latent_channels, c_img, widths, blocks, norm_groups)
+
+
 def reconstruction_error(x: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     """Mean over all elements of ``|x - target|`` (``l1``) or ``(x - target)^2`` (``l2``)."""
     difference = x - target
     return difference.abs().mean() if kind == "l1" else difference.square().mean()
 
 
-__all__ = ["Decoder", "Encoder", "ResidualBlock", "Upsample", "image_shape", "level_widths",
-           "reconstruction_error"]
+__all__ = ["ConvAutoencoder", "Decoder", "Encoder", "ResidualBlock", "Upsample", "image_shape",
+           "level_widths", "reconstruction_error"]

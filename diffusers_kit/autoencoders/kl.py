@@ -24,14 +24,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from diffusers_kit.autoencoders.base import Autoencoder
-from diffusers_kit.autoencoders.blocks import (
-    Decoder,
-    Encoder,
-    image_shape,
-    level_widths,
-    reconstruction_error,
-)
+from diffusers_kit.autoencoders.blocks import ConvAutoencoder, reconstruction_error
 
 LOGVAR_RANGE = (-30.0, 20.0)
 """Clamp of the posterior log-variance (as in Rombach et al.'s DiagonalGaussianDistribution)."""
@@ -43,7 +36,7 @@ def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
 
 
-class KLAutoencoder(Autoencoder):
+class KLAutoencoder(ConvAutoencoder):
     """KL-regularised convolutional autoencoder: a VAE with a small KL weight.
 
     Images ``(C, H, W)`` <-> latents ``(c, H/f, W/f)`` (Kingma & Welling 2014; Rombach et al.
@@ -88,16 +81,9 @@ class KLAutoencoder(Autoencoder):
         *,
         data_shape: tuple[int, ...],
     ) -> None:
-        super().__init__()
-        c_img, h, w = image_shape("kl autoencoder", data_shape, downsample)
-        widths = level_widths("kl autoencoder", downsample, channels, channel_mult, norm_groups)
-        self.data_shape = (c_img, h, w)
-        self.latent_shape = (latent_channels, h // downsample, w // downsample)
-        self.downsample = downsample
-        self.reconstruction_loss = loss
+        super().__init__("kl autoencoder", data_shape, downsample, latent_channels,
+                         2 * latent_channels, channels, channel_mult, blocks, norm_groups, loss)
         self.kl_weight = float(kl_weight)
-        self.encoder = Encoder(c_img, 2 * latent_channels, widths, blocks, norm_groups)
-        self.decoder = Decoder(latent_channels, c_img, widths, blocks, norm_groups)
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mu, log sigma^2)`` of ``q(z | x)``, each of shape ``(B, c, H/f, W/f)``."""

@@ -25,17 +25,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from diffusers_kit.autoencoders.base import Autoencoder
-from diffusers_kit.autoencoders.blocks import (
-    Decoder,
-    Encoder,
-    image_shape,
-    level_widths,
-    reconstruction_error,
-)
+from diffusers_kit.autoencoders.blocks import ConvAutoencoder, reconstruction_error
 
 
-class VQAutoencoder(Autoencoder):
+class VQAutoencoder(ConvAutoencoder):
     """Vector-quantised convolutional autoencoder (VQ-VAE, van den Oord et al. 2017).
 
     Images ``(C, H, W)`` <-> codes ``(c, H/f, W/f)`` from a codebook of ``codebook_size``
@@ -77,16 +70,9 @@ class VQAutoencoder(Autoencoder):
         *,
         data_shape: tuple[int, ...],
     ) -> None:
-        super().__init__()
-        c_img, h, w = image_shape("vq autoencoder", data_shape, downsample)
-        widths = level_widths("vq autoencoder", downsample, channels, channel_mult, norm_groups)
-        self.data_shape = (c_img, h, w)
-        self.latent_shape = (latent_channels, h // downsample, w // downsample)
-        self.downsample = downsample
+        super().__init__("vq autoencoder", data_shape, downsample, latent_channels,
+                         latent_channels, channels, channel_mult, blocks, norm_groups, loss)
         self.commitment = float(commitment)
-        self.reconstruction_loss = loss
-        self.encoder = Encoder(c_img, latent_channels, widths, blocks, norm_groups)
-        self.decoder = Decoder(latent_channels, c_img, widths, blocks, norm_groups)
         self.codebook = nn.Embedding(codebook_size, latent_channels)
         # van den Oord et al.'s reference initialisation: small, so that early encoder outputs
         # spread over many codes rather than collapsing on one far-away vector
