@@ -39,6 +39,7 @@ from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.guidance.base import Guidance, LabelsError, requested_labels
 from diffusers_kit.metrics.base import Metric, metric_figures
 from diffusers_kit.metrics.floor import summarize
+from diffusers_kit.metrics.reconstruction import reconstructions
 from diffusers_kit.outputs import checked_root, make_run_dir
 from diffusers_kit.pipeline import (
     CHECKPOINT,
@@ -687,9 +688,8 @@ def reconstructions_figure(diffusion: Diffusion, images: torch.Tensor, dataset: 
     reconstructions ``decode(encode(x))`` (the EMA weights, the posterior mean)."""
     count = max(1, min(count, len(images)))
     shown = images[:count * min(rows, len(images) // count)].float()  # whole rows only
-    with diffusion.sampling_weights() as model, torch.no_grad():
-        network = model.network
-        back = network.reconstruct(shown.to(diffusion.device)).cpu()
+    with diffusion.sampling_weights() as model:
+        back = reconstructions(model.network, shown)
     pairs: list[tuple[str, torch.Tensor]] = []
     for r in range(len(shown) // count):
         part = slice(r * count, (r + 1) * count)

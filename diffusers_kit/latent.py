@@ -28,6 +28,7 @@ decoder's own likelihood), and is never reported as one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,28 +47,33 @@ LATENT_PREFIX = "latent_"
 
 
 @torch.no_grad()
+def in_batches(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+               autoencoder: Autoencoder, empty_shape: tuple[int, ...],
+               batch_size: int = BATCH) -> torch.Tensor:
+    """``function`` (an autoencoder's map) on ``x`` in batches, each moved to the autoencoder's
+    device as float32, the result returned on ``x``'s device; ``(0, *empty_shape)`` for no
+    input."""
+    device = autoencoder.scale.device
+    parts = [function(x[i:i + batch_size].to(device, torch.float32))
+             for i in range(0, len(x), batch_size)]
+    if not parts:
+        return x.new_zeros((0, *empty_shape))
+    return torch.cat(parts).to(x.device)
+
+
 def encode(autoencoder: Autoencoder, images: torch.Tensor, batch_size: int = BATCH
            ) -> torch.Tensor:
     """``lambda E(x)`` (posterior means) for ``images``, in batches, on the autoencoder's device,
     returned on the images' device."""
-    device = autoencoder.scale.device
-    parts = [autoencoder.encode(images[i:i + batch_size].to(device, torch.float32))
-             for i in range(0, len(images), batch_size)]
-    if not parts:
-        return images.new_zeros((0, *autoencoder.latent_shape))
-    return torch.cat(parts).to(images.device)
+    return in_batches(autoencoder.encode, images, autoencoder, tuple(autoencoder.latent_shape),
+                      batch_size)
 
 
-@torch.no_grad()
 def decode(autoencoder: Autoencoder, latents: torch.Tensor, batch_size: int = BATCH
            ) -> torch.Tensor:
     """``D(z / lambda)`` for diffusion latents ``z``, in batches, returned on ``z``'s device."""
-    device = autoencoder.scale.device
-    parts = [autoencoder.decode(latents[i:i + batch_size].to(device, torch.float32))
-             for i in range(0, len(latents), batch_size)]
-    if not parts:
-        return latents.new_zeros((0, *autoencoder.data_shape))
-    return torch.cat(parts).to(latents.device)
+    return in_batches(autoencoder.decode, latents, autoencoder, tuple(autoencoder.data_shape),
+                      batch_size)
 
 
 class LatentCache:
@@ -123,5 +129,5 @@ def through_decoder(operator: ForwardModel, autoencoder: Autoencoder) -> Forward
     return DecodedOperator(operator, autoencoder)
 
 
-__all__ = ["LATENT_PREFIX", "DecodedOperator", "LatentCache", "decode", "encode",
+__all__ = ["LATENT_PREFIX", "DecodedOperator", "LatentCache", "decode", "encode", "in_batches",
            "through_decoder"]

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from diffusers_kit.autoencoders.base import Autoencoder
 from diffusers_kit.data.base import DataSplits
+from diffusers_kit.latent import in_batches
 from diffusers_kit.metrics.base import Metric
 from diffusers_kit.metrics.floor import Level, Resamples
 from diffusers_kit.metrics.restoration import PSNR, SSIM, DataValue
@@ -30,16 +31,12 @@ BATCH = 256
 PREFIX = "recon_"
 
 
-@torch.no_grad()
 def reconstructions(autoencoder: Autoencoder, images: torch.Tensor, batch_size: int = BATCH
                     ) -> torch.Tensor:
     """``D(E(x))`` (posterior means) of ``images``, in batches on the autoencoder's device,
     returned on the CPU."""
-    parameter = next(autoencoder.parameters())
-    parts = [autoencoder.reconstruct(images[i:i + batch_size].to(parameter.device,
-                                                                   parameter.dtype)).cpu()
-             for i in range(0, len(images), batch_size)]
-    return torch.cat(parts) if parts else images.new_zeros((0, *images.shape[1:]))
+    return in_batches(autoencoder.reconstruct, images.cpu(), autoencoder,
+                      tuple(images.shape[1:]), batch_size)
 
 
 class ReconstructionQuality(Metric):
