@@ -226,7 +226,6 @@ class Diffusion:
         self.process = process
         self.objective = objective
         self.model = ScoreModel(process, network).to(self.device)  # type: ignore[arg-type]
-        self.autoencoder = autoencoder
         self.latents: LatentCache | None = None
         if autoencoder is not None:
             shape = tuple(getattr(network, "data_shape", ()) or ())
@@ -245,6 +244,11 @@ class Diffusion:
     @property
     def network(self) -> Network:
         return self.model.network
+
+    @property
+    def autoencoder(self) -> Autoencoder | None:
+        """The frozen first stage of a latent diffusion model (None: pixel space)."""
+        return self.model.autoencoder
 
     def fit(
         self,

@@ -119,15 +119,4 @@ class DecodedOperator(ForwardModel):
                                   "(use dps, which needs only A)")
 
 
-def through_decoder(operator: ForwardModel, autoencoder: Autoencoder) -> ForwardModel:
-    """``operator`` as seen from ``autoencoder``'s latent space (unchanged when it already is
-    a latent-space operator)."""
-    if isinstance(operator, DecodedOperator) or (
-            tuple(operator.data_shape) == tuple(autoencoder.latent_shape)
-            and tuple(operator.data_shape) != tuple(autoencoder.data_shape)):
-        return operator
-    return DecodedOperator(operator, autoencoder)
-
-
-__all__ = ["LATENT_PREFIX", "DecodedOperator", "LatentCache", "decode", "encode", "in_batches",
-           "through_decoder"]
+__all__ = ["LATENT_PREFIX", "DecodedOperator", "LatentCache", "decode", "encode", "in_batches"]

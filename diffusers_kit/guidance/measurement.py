@@ -27,6 +27,7 @@ from diffusers_kit.forward_models.base import ForwardModel
 from diffusers_kit.guidance.base import Evaluate, Guidance, Interval, add_score, noise_level
 
 if TYPE_CHECKING:
+    from diffusers_kit.latent import DecodedOperator
     from diffusers_kit.model import ScoreModel
 
 DataStd = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
@@ -49,7 +50,7 @@ class MeasurementGuidance(Guidance):
         super().__init__(interval)
         self.operator = operator
         self.data_std = data_std
-        self._decoded: ForwardModel | None = None  # the operator through a latent decoder
+        self._decoded: DecodedOperator | None = None  # the operator through a decoder
 
     needs_svd = False  # a method that works in the operator's SVD basis says so
 
@@ -73,11 +74,11 @@ class MeasurementGuidance(Guidance):
         model ``A(decode(z))`` (:class:`diffusers_kit.latent.DecodedOperator`, built once)."""
         if model.autoencoder is None:
             return self.operator
-        from diffusers_kit.latent import through_decoder
+        from diffusers_kit.latent import DecodedOperator
 
         cached = self._decoded
-        if cached is None or getattr(cached, "autoencoder", None) is not model.autoencoder:
-            cached = through_decoder(self.operator, model.autoencoder)
+        if cached is None or cached.autoencoder is not model.autoencoder:
+            cached = DecodedOperator(self.operator, model.autoencoder)
             self._decoded = cached
         return cached
 
