@@ -135,7 +135,7 @@ from diffusers_kit.train import EMA, Trainer, TrainingDiverged, TrainingInterrup
 # the metrics' short names, as a spec names them (kind: swd, fd, kid, prdc)
 SWD, FD, KID, PRDC = SlicedWasserstein, FrechetDistance, KernelDistance, PrecisionRecall
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DDIM",

@@ -27,7 +27,7 @@ from diffusers_kit.objectives import DenoisingScoreMatching
 from diffusers_kit.objectives.base import Objective
 from diffusers_kit.pipeline import run_folders
 from diffusers_kit.registry import get_plugin_manager
-from diffusers_kit.train import TrainingDiverged, TrainSettings, learning_rate_factor
+from diffusers_kit.train import EMA, TrainingDiverged, TrainSettings, learning_rate_factor
 from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +97,40 @@ def test_warmup_then_cosine_reaches_the_floor_at_the_last_step():
     assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
     constant = TrainSettings(steps=50, warmup_steps=4)
     assert [learning_rate_factor(s, constant) for s in (2, 4, 5, 50)] == [0.5, 1, 1, 1]
+
+
+def test_the_ema_is_the_normalised_average_of_the_trained_weights_only():
+    """a_k = sum_j decay^(k-j) (1 - decay) p_j / (1 - decay^k), computed here in closed form
+    from the parameter sequence; the initial weights carry no weight (before the bias
+    correction they kept decay^k of it)."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    ema, decay = EMA(module, 0.9), 0.9
+    history = []
+    for k in range(1, 8):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
+        history.append([p.detach().clone() for p in module.parameters()])
+        ema.update(module, k)
+        norm = 1 - decay**k
+        for i, shadow in enumerate(ema.shadow):
+            expected = sum(decay ** (k - j) * (1 - decay) * history[j - 1][i]
+                           for j in range(1, k + 1)) / norm
+            torch.testing.assert_close(shadow, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_after_one_step_the_ema_weights_are_the_trained_weights():
+    torch.manual_seed(0)
+    model = Diffusion(VE(), MLP(width=16, blocks=1, data_shape=(2,)), DenoisingScoreMatching(),
+                      device="cpu")
+    initial = {k: v.clone() for k, v in model.network.state_dict().items()}
+    model.fit(TwoMoons(n_train=64, n_heldout=8).load(), steps=1, batch_size=16,
+              optimizer=Adam(lr=0.01), ema_decay=0.999, log_every=1)
+    averaged, trained = model.sampling_state(), model.network.state_dict()
+    assert not torch.equal(trained["out.weight"], initial["out.weight"])
+    for key in trained:
+        torch.testing.assert_close(averaged[key], trained[key], rtol=0, atol=1e-7)
 
 
 class Reconstruct(Objective):

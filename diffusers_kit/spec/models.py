@@ -66,7 +66,10 @@ class TrainSection(Section):
         default_factory=lambda: {"kind": "adam", "lr": 1e-3},
         description="the optimizer and its learning rate")
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0, strict=True,
-                                     description="0 disables the EMA")] = 0.999
+                                     description=(
+        "decay of the exponential moving average of the weights that sampling uses (bias-"
+        "corrected: the initial weights carry no weight); it averages about the last "
+        "1/(1 - decay) steps; 0 disables the EMA"))] = 0.999
     grad_clip: Annotated[float | None, Field(gt=0.0, allow_inf_nan=False, strict=True, description=(
         "clip the global gradient norm to this (`null` disables)"))] = 1.0
     log_every: Annotated[int, Field(ge=1, le=10**9, strict=True, description=(
