@@ -67,10 +67,16 @@ class ScoreModel(torch.nn.Module):
 
     def _network_output(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
                         ) -> torch.Tensor:
-        self.nfe += 1
-        if getattr(self.network, "num_classes", None) is not None:
-            return self.network(x, t.to(x.dtype), y)
-        return self.network(x, t.to(x.dtype))
+        # every sampler step comes through here: the counter and the network are read and
+        # written past nn.Module's __setattr__ / __getattr__ (a plain int attribute and a
+        # registered submodule; the same objects, ~1-3 us less per evaluation)
+        object.__setattr__(self, "nfe", self.nfe + 1)
+        network = self._modules["network"]
+        if t.dtype != x.dtype:
+            t = t.to(x.dtype)
+        if getattr(network, "num_classes", None) is not None:
+            return network(x, t, y)
+        return network(x, t)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -85,7 +91,7 @@ class ScoreModel(torch.nn.Module):
 
     def split(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(prediction, v)``: ``v`` is None unless the network learns its variance."""
-        if self.network.learned_variance:
+        if self._modules["network"].learned_variance:
             prediction, v = output.chunk(2, dim=1)
             return prediction, v
         return output, None
@@ -93,7 +99,10 @@ class ScoreModel(torch.nn.Module):
     def convert(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor, target: str
                 ) -> torch.Tensor:
         """The network's ``prediction`` half converted to ``target``."""
-        return self.process.convert(prediction, x, t.to(x.dtype), self.network.prediction, target)
+        source = self._modules["network"].prediction
+        if source == target:  # nothing to convert (process.convert would return it as well)
+            return prediction
+        return self.process.convert(prediction, x, t.to(x.dtype), source, target)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, target: str,
                 y: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,9 +28,9 @@ from pydantic import Field
 
 from diffusers_kit.processes.gaussian import learned_log_variance
 from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
-from diffusers_kit.solvers.grids import Spacing
+from diffusers_kit.solvers.grids import Spacing, cached
 from diffusers_kit.solvers.noise import Noise, as_noise
-from diffusers_kit.solvers.tables import step_table
+from diffusers_kit.solvers.tables import scalars, step_table
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
@@ -103,16 +103,34 @@ class Ancestral(Solver):
         rows, steps = table.rows, table.steps
         fixed = rows["posterior_var" if self.variance == "posterior" else "transition_var"]
         std = [v**0.5 for v in fixed]
-        recorder = Recorder(steps, self.record, table.times[:-1].tolist())
+        recorder = Recorder(steps, self.record, rows["t"])
         begin = model.nfe
-        x = start(model, shape, noise, x_T)
+        x = start(model, shape, noise, x_T, device=device)
         times = table.time_vectors(process, shape[0], device)
+        # the mean as one map of (x_t, eps_hat), x0_hat substituted (no clip, no learned v):
+        # c_t x + c_0 (x - sigma_t eps) / alpha_t = (c_t + c_0 / alpha_t) x - c_0 sigma_t /
+        # alpha_t eps
+        fused = self.clip_x0 is None and self.variance != "learned"
+        if fused:
+            key = ("ancestral", self.steps, self.spacing)
+            scale = scalars(process, key, lambda: [
+                c_t + c_0 / a for c_t, c_0, a in zip(rows["c_t"], rows["c_0"], rows["alpha_t"],
+                                                     strict=True)], x.device, x.dtype)
+            mix = cached(process, (*key, "eps"), lambda: [
+                -c_0 * s / a for c_0, s, a in zip(rows["c_0"], rows["sigma_t"], rows["alpha_t"],
+                                                  strict=True)])
         for i in range(steps):
-            x0, _, v = predict_x0_and_eps(model, x, times[i], rows["alpha_t"][i],
-                                          rows["sigma_t"][i], self.clip_x0)
-            if recorder.wants(i):
-                recorder.record(i, x, x0)
-            mean = rows["c_t"][i] * x + rows["c_0"][i] * x0
+            if fused:
+                eps = model.predict(x, times[i], "eps")
+                if recorder.wants(i):
+                    recorder.record(i, x, (x - rows["sigma_t"][i] * eps) / rows["alpha_t"][i])
+                mean = torch.mul(x, scale[i]).add_(eps, alpha=mix[i])
+            else:
+                x0, _, v = predict_x0_and_eps(model, x, times[i], rows["alpha_t"][i],
+                                              rows["sigma_t"][i], self.clip_x0)
+                if recorder.wants(i):
+                    recorder.record(i, x, x0)
+                mean = rows["c_t"][i] * x + rows["c_0"][i] * x0
             if i == steps - 1:
                 x = mean  # the last step returns the mean (Ho et al. 2020, Algorithm 2)
             elif self.variance == "learned":
@@ -121,7 +139,7 @@ class Ancestral(Solver):
                                                rows["log_posterior_clipped"][i])
                 x = mean + torch.exp(0.5 * log_var) * noise.randn(shape, device=device)
             else:
-                x = mean + std[i] * noise.randn(shape, device=device)
+                x = mean.add_(noise.randn(shape, device=device), alpha=std[i])
             if progress is not None:
                 progress(1)
         return recorder.result(x, model.nfe - begin)

@@ -315,14 +315,18 @@ class Solver:
 
 
 def start(model: ScoreModel, shape: tuple[int, ...], noise: Noise,
-          x_T: torch.Tensor | None) -> torch.Tensor:
-    """The starting state: ``x_T`` when given (checked against ``shape``), else a prior draw."""
-    device = model_device(model)
+          x_T: torch.Tensor | None, *, device: torch.device | None = None) -> torch.Tensor:
+    """The starting state: ``x_T`` when given (checked against ``shape``), else a prior draw;
+    on ``device`` (default: the model's)."""
+    if device is None:
+        device = model_device(model)
     if x_T is not None:
         if tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected {tuple(shape)}")
         return x_T.to(device=device, dtype=torch.float32)
-    return model.process.prior_std() * noise.randn(shape, device=device)
+    draw = noise.randn(shape, device=device)
+    std = model.process.prior_std()
+    return draw if std == 1.0 else std * draw
 
 
 __all__ = ["GRID_LIMIT", "Noise", "Progress", "Record", "Recorder", "SampleResult", "Solver",

@@ -22,9 +22,9 @@ from pydantic import Field
 
 from diffusers_kit.solvers.ancestral import predict_x0_and_eps
 from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
-from diffusers_kit.solvers.grids import Spacing
+from diffusers_kit.solvers.grids import Spacing, cached
 from diffusers_kit.solvers.noise import Noise, as_noise
-from diffusers_kit.solvers.tables import step_table
+from diffusers_kit.solvers.tables import scalars, step_table
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
@@ -72,23 +72,51 @@ class DDIM(Solver):
         noise = as_noise(generator, noise)
         table = step_table(process, self.steps, self.spacing)
         rows, steps = table.rows, table.steps
-        noise_var = [self.eta**2 * v for v in rows["posterior_var"]]  # 0 on the last step
-        noise_std = [v**0.5 for v in noise_var]
-        eps_coef = [max(s**2 - v, 0.0) ** 0.5 for s, v in zip(rows["sigma_s"], noise_var,
-                                                               strict=True)]
+        coef = self.coefficients(process)
         stochastic = self.eta > 0
-        recorder = Recorder(steps, self.record, table.times[:-1].tolist())
+        recorder = Recorder(steps, self.record, table.rows["t"])
         begin = model.nfe
-        x = start(model, shape, noise, x_T)
+        x = start(model, shape, noise, x_T, device=device)
         times = table.time_vectors(process, shape[0], device)
+        scale = scalars(process, self._key("scale"), lambda: coef["scale"], x.device, x.dtype)
+        mix, noise_std = coef["eps"], coef["noise_std"]
         for i in range(steps):
-            x0, eps, _ = predict_x0_and_eps(model, x, times[i], rows["alpha_t"][i],
-                                            rows["sigma_t"][i], self.clip_x0)
-            if recorder.wants(i):
-                recorder.record(i, x, x0)
-            x = rows["alpha_s"][i] * x0 + eps_coef[i] * eps
+            if self.clip_x0 is None:
+                eps = model.predict(x, times[i], "eps")
+                if recorder.wants(i):
+                    recorder.record(i, x, (x - rows["sigma_t"][i] * eps) / rows["alpha_t"][i])
+                x = torch.mul(x, scale[i]).add_(eps, alpha=mix[i])
+            else:
+                x0, eps, _ = predict_x0_and_eps(model, x, times[i], rows["alpha_t"][i],
+                                                rows["sigma_t"][i], self.clip_x0)
+                if recorder.wants(i):
+                    recorder.record(i, x, x0)
+                x = rows["alpha_s"][i] * x0 + coef["eps_coef"][i] * eps
             if stochastic and i < steps - 1:
-                x = x + noise_std[i] * noise.randn(shape, device=device)
+                x.add_(noise.randn(shape, device=device), alpha=noise_std[i])
             if progress is not None:
                 progress(1)
         return recorder.result(x, model.nfe - begin)
+
+    def _key(self, name: str) -> tuple:
+        return ("ddim", name, self.steps, self.spacing, float(self.eta))
+
+    def coefficients(self, process: NoiseProcess) -> dict[str, list[float]]:
+        """Per step, cached with the grid: ``noise_std`` (``c``), ``eps_coef``
+        (``sqrt(sigma_s^2 - c^2)``) and the step as one map of ``(x_t, eps_hat)``,
+        ``x_s = scale x_t + eps eps_hat`` (``x0_hat`` substituted: ``scale = alpha_s /
+        alpha_t``, ``eps = eps_coef - alpha_s sigma_t / alpha_t``; with ``clip_x0`` the loop
+        forms ``x0_hat`` to clip it)."""
+
+        def build() -> dict[str, list[float]]:
+            rows = step_table(process, self.steps, self.spacing).rows
+            noise_var = [self.eta**2 * v for v in rows["posterior_var"]]  # 0 on the last step
+            eps_coef = [max(s**2 - v, 0.0) ** 0.5
+                        for s, v in zip(rows["sigma_s"], noise_var, strict=True)]
+            ratio = [a_s / a_t for a_s, a_t in zip(rows["alpha_s"], rows["alpha_t"], strict=True)]
+            return {"noise_std": [v**0.5 for v in noise_var], "eps_coef": eps_coef,
+                    "scale": ratio,
+                    "eps": [c - r * s for c, r, s in zip(eps_coef, ratio, rows["sigma_t"],
+                                                         strict=True)]}
+
+        return cached(process, self._key("coefficients"), build)

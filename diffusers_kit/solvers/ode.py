@@ -54,7 +54,7 @@ from scipy.integrate import solve_ivp
 from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
 from diffusers_kit.solvers.grids import Spacing, cached, time_of_log_snr
 from diffusers_kit.solvers.noise import Noise, as_noise
-from diffusers_kit.solvers.tables import ODETable, ode_table
+from diffusers_kit.solvers.tables import ODETable, ode_table, scalars
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
@@ -196,31 +196,36 @@ class _FixedStepODE(Solver):
         table = self.table(process)
         steps, rows = table.steps, table.rows
         recorder = Recorder(steps, self.record, rows["t"][:-1])
-        self.prepare(process)
         begin = model.nfe
-        y = start(model, shape, noise, x_T) * (1.0 / rows["alpha"][0])
+        y = start(model, shape, noise, x_T, device=device) * (1.0 / rows["alpha"][0])
         times = table.time_vectors(process, shape[0], device)
-        state: dict = {"noise": noise, "times": times}
+        alpha = scalars(process, ("ode_alpha", self.steps, self.spacing, float(self.rho)),
+                        lambda: rows["alpha"], y.device, y.dtype)
+        state: dict = {"noise": noise, "times": times, "alpha": alpha}
+        self.prepare(process, state)
         for i in range(steps):
             y = self.step(model, y, rows, i, steps, state, recorder)
             if progress is not None:
                 progress(1)
         return recorder.result(rows["alpha"][-1] * y, model.nfe - begin)
 
-    def prepare(self, process: NoiseProcess) -> None:
-        """Per-grid set-up before the loop (cached tables of weights); nothing by default."""
+    def prepare(self, process: NoiseProcess, state: dict) -> None:
+        """Per-call set-up before the loop: put the cached tables of weights the steps read
+        into ``state`` (which holds ``noise``, the time vectors ``times`` and the 0-dim
+        ``alpha`` scalars, whose device and dtype are the state's); nothing by default."""
 
     @staticmethod
-    def eps(model: ScoreModel, y: Tensor, t: Tensor, alpha: float) -> Tensor:
-        """``eps_hat(alpha y, t)``."""
-        return model.predict(alpha * y, t, "eps")
+    def eps(model: ScoreModel, y: Tensor, t: Tensor, alpha: float | Tensor) -> Tensor:
+        """``eps_hat(alpha y, t)`` (``alpha``: a float or a cached 0-dim tensor,
+        ``state["alpha"][i]``)."""
+        return model.predict(y * alpha, t, "eps")
 
     def denoised(self, model: ScoreModel, y: Tensor, rows: dict[str, list[float]], i: int,
                  state: dict, recorder: Recorder) -> Tensor:
         """``x0_hat`` at step ``i`` in ``y`` units (one network evaluation; recorded when the
         recorder asks): ``y - varsigma eps_hat``."""
-        eps = self.eps(model, y, state["times"][i], rows["alpha"][i])
-        x0 = y - rows["level"][i] * eps
+        eps = self.eps(model, y, state["times"][i], state["alpha"][i])
+        x0 = torch.add(y, eps, alpha=-rows["level"][i])
         if recorder.wants(i):
             recorder.record(i, rows["alpha"][i] * y, rows["alpha"][-1] * x0)
         return x0
@@ -254,10 +259,10 @@ class EulerODE(_FixedStepODE):
         super().__init__(steps, spacing, rho)
 
     def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
-        eps = self.eps(model, y, state["times"][i], rows["alpha"][i])
+        eps = self.eps(model, y, state["times"][i], state["alpha"][i])
         if recorder.wants(i):
             self.record_step(recorder, i, y, eps, rows)
-        return y + (rows["level"][i + 1] - rows["level"][i]) * eps
+        return torch.add(y, eps, alpha=rows["level"][i + 1] - rows["level"][i])
 
 
 class HeunODE(_FixedStepODE):
@@ -289,22 +294,43 @@ class HeunODE(_FixedStepODE):
         super().__init__(steps, spacing, rho)
         self.form = form
 
+    def weights(self, process: NoiseProcess) -> list[tuple[float, float]]:
+        """The ``data`` form's step, cached with the grid: ``(a, b)`` with ``y_{i+1} = y_i +
+        a eps_i + b eps_{i+1}`` (``eps_{i+1}`` evaluated at the Euler point): ``euler + w
+        ((euler - level' eps_{i+1}) - (y - level eps_i))`` with ``euler = y + (level' - level)
+        eps_i`` and ``w = (r - 1) / h + 1`` expands to ``a = (1 + w) (level' - level) + w
+        level``, ``b = -w level'``."""
+
+        def build() -> list[tuple[float, float]]:
+            rows, out = self.table(process).rows, []
+            for i in range(len(rows["level"]) - 2):
+                level, level_next = rows["level"][i], rows["level"][i + 1]
+                delta = level_next - level
+                h = rows["lam"][i + 1] - rows["lam"][i]
+                weight = (level_next / level - 1.0) / h + 1.0
+                out.append(((1.0 + weight) * delta + weight * level, -weight * level_next))
+            return out
+
+        return cached(process, ("heun_weights", self.steps, self.spacing, float(self.rho)),
+                      build)
+
+    def prepare(self, process: NoiseProcess, state: dict) -> None:
+        state["weights"] = self.weights(process)
+
     def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
-        times = state["times"]
-        eps = self.eps(model, y, times[i], rows["alpha"][i])
+        times, alpha = state["times"], state["alpha"]
+        eps = self.eps(model, y, times[i], alpha[i])
         if recorder.wants(i):
             self.record_step(recorder, i, y, eps, rows)
-        level, level_next = rows["level"][i], rows["level"][i + 1]
-        euler = y + (level_next - level) * eps
+        euler = torch.add(y, eps, alpha=rows["level"][i + 1] - rows["level"][i])
         if i == steps - 1:
             return euler
-        eps_next = self.eps(model, euler, times[i + 1], rows["alpha"][i + 1])
+        eps_next = self.eps(model, euler, times[i + 1], alpha[i + 1])
         if self.form == "noise":
-            return y + (0.5 * (level_next - level)) * (eps + eps_next)
-        h = rows["lam"][i + 1] - rows["lam"][i]
-        weight = (level_next / level - 1.0) / h + 1.0
-        # m_{i+1} - m_i = (euler - level_next eps_next) - (y - level eps)
-        return euler + weight * ((euler - level_next * eps_next) - (y - level * eps))
+            return torch.add(y, eps + eps_next,
+                             alpha=0.5 * (rows["level"][i + 1] - rows["level"][i]))
+        a, b = state["weights"][i]
+        return torch.add(y, eps, alpha=a).add_(eps_next, alpha=b)
 
 
 class EDMStochastic(_FixedStepODE):
@@ -365,23 +391,41 @@ class EDMStochastic(_FixedStepODE):
         self._churn = self.churn(model.process)
         return super().sample(model, shape, **kwargs)
 
+    def churned(self, process: NoiseProcess, state: dict, i: int) -> tuple[Tensor, Tensor]:
+        """The time vector and 0-dim ``alpha`` at step ``i``'s raised level (cached per batch
+        size, device and dtype, as the grid's own)."""
+        times, alpha = state["times"], state["alpha"]
+        key = ("edm_churned", self.steps, self.spacing, float(self.rho), self.S_churn,
+               self.S_tmin, self.S_tmax, self.S_noise)
+        churn = self._churn
+
+        def build() -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+            return (tuple(torch.full_like(t, c) for t, c in zip(times, churn["t"], strict=False)),
+                    tuple(torch.full_like(a, c) for a, c in zip(alpha, churn["alpha"],
+                                                                strict=False)))
+
+        vectors, alphas = cached(process, (*key, len(times[0]), str(times[0].device),
+                                           alpha[0].dtype), build)
+        return vectors[i], alphas[i]
+
     def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
         churn, times = self._churn, state["times"]
         if churn["gamma"][i] > 0:
-            y = y + churn["std"][i] * state["noise"].randn(y.shape, device=y.device)
-            t = torch.full_like(times[i], churn["t"][i])
+            y = torch.add(y, state["noise"].randn(y.shape, device=y.device),
+                          alpha=churn["std"][i])
+            t, alpha = self.churned(model.process, state, i)
         else:
-            t = times[i]
-        level, alpha = churn["level"][i], churn["alpha"][i]
+            t, alpha = times[i], state["alpha"][i]
+        level = churn["level"][i]
         eps = self.eps(model, y, t, alpha)
         if recorder.wants(i):
-            recorder.record(i, alpha * y, rows["alpha"][-1] * (y - level * eps))
+            recorder.record(i, churn["alpha"][i] * y, rows["alpha"][-1] * (y - level * eps))
         delta = rows["level"][i + 1] - level
-        euler = y + delta * eps
+        euler = torch.add(y, eps, alpha=delta)
         if i == steps - 1:
             return euler
-        eps_next = self.eps(model, euler, times[i + 1], rows["alpha"][i + 1])
-        return y + (0.5 * delta) * (eps + eps_next)
+        eps_next = self.eps(model, euler, times[i + 1], state["alpha"][i + 1])
+        return torch.add(y, eps + eps_next, alpha=0.5 * delta)
 
 
 def usable_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
@@ -451,20 +495,32 @@ class _DPMSolverMultistep(_FixedStepODE):
         return cached(process, key, lambda: multistep_weights(
             self.table(process).rows["lam"], self.order, self.lower_order_final))
 
-    def prepare(self, process: NoiseProcess) -> None:
-        self._weights = self.weights(process)
+    def prepare(self, process: NoiseProcess, state: dict) -> None:
+        weights = state["weights"] = self.weights(process)
+        alpha = state["alpha"][0]
+        state["r"] = scalars(process, ("dpm_r", self.order, self.steps, self.spacing,
+                                       float(self.rho), self.lower_order_final),
+                             lambda: [r for r, _ in weights], alpha.device, alpha.dtype)
+        state["x0"] = []
 
     def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
         x0 = self.denoised(model, y, rows, i, state, recorder)
-        history = state.setdefault("x0", [])
+        history = state["x0"]
         history.insert(0, x0)
         del history[self.order:]
-        r, w = self._weights[i]
-        out = y * r if r else None
-        for weight, m in zip(w, history, strict=False):
-            if weight:
-                out = m * weight if out is None else out + weight * m
-        return out if out is not None else torch.zeros_like(y)
+        r, w = state["weights"][i]
+        return mix(r, state["r"][i], y, history, w)
+
+
+def mix(r: float, r_scalar: Tensor, y: Tensor, terms: list[Tensor], weights: list[float]
+        ) -> Tensor:
+    """``r y + sum_k weights[k] terms[k]`` as one new tensor (``r_scalar``: ``r`` as a cached
+    0-dim tensor, :func:`~diffusers_kit.solvers.tables.scalars`); zero weights are skipped."""
+    out = torch.mul(y, r_scalar) if r else None
+    for weight, m in zip(weights, terms, strict=False):
+        if weight:
+            out = m * weight if out is None else out.add_(m, alpha=weight)
+    return out if out is not None else torch.zeros_like(y)
 
 
 class DPMSolver2M(_DPMSolverMultistep):

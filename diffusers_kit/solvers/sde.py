@@ -55,6 +55,13 @@ def table_score(model: ScoreModel, x: Tensor, t: Tensor, sigma: float) -> Tensor
     return model.predict(x, t, "eps") * (-1.0 / sigma)
 
 
+def _factor(c: Rows, name: str, i: int) -> float | Tensor:
+    """Row ``name`` at step ``i``: the cached 0-dim tensor when ``c`` offers one
+    (:meth:`~diffusers_kit.solvers.tables.StepTable.rows_on`), else the float."""
+    tensors = c.get(f"{name}:tensor")
+    return tensors[i] if tensors is not None else c[name][i]
+
+
 class Predictor:
     """Base of predictors: one step of a reverse-time SDE solver from ``times[i]`` to ``[i+1]``.
 
@@ -76,16 +83,17 @@ class EulerMaruyama(Predictor):
         if z is None:
             return (c["alpha_s"][i] / c["alpha_t"][i]) * (x + c["sigma_t"][i] ** 2 * score)
         dt = c["dt"][i]
-        mean = (1.0 - c["drift"][i] * dt) * x + (c["g2"][i] * dt) * score
-        return mean + (c["g2"][i] * dt) ** 0.5 * z
+        step = c["g2"][i] * dt
+        mean = torch.add(x * _factor(c, "euler_x", i), score, alpha=step)
+        return mean.add_(z, alpha=step**0.5)
 
 
 class ReverseDiffusion(Predictor):
     """Reverse-diffusion predictor (Song et al. 2021, eq. 46): the forward step, reversed."""
 
     def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
-        mean = (2.0 - c["a"][i]) * x + c["b2"][i] * score
-        return mean if z is None else mean + c["b2"][i] ** 0.5 * z
+        mean = torch.add(x * _factor(c, "reverse_x", i), score, alpha=c["b2"][i])
+        return mean if z is None else mean.add_(z, alpha=c["b2"][i] ** 0.5)
 
 
 class AncestralPredictor(Predictor):
@@ -101,12 +109,13 @@ class AncestralPredictor(Predictor):
         self.variance = variance
 
     def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
-        x0 = (x + c["sigma_t"][i] ** 2 * score) * (1.0 / c["alpha_t"][i])
-        mean = c["c_t"][i] * x + c["c_0"][i] * x0
+        # c_t x + c_0 x0_hat with x0_hat = (x + sigma_t^2 s) / alpha_t, as one fused map
+        mean = torch.add(x * _factor(c, "ancestral_x", i), score,
+                         alpha=c["ancestral_score"][i])
         if z is None:
             return mean
         var = c["posterior_var"][i] if self.variance == "posterior" else c["b2"][i]
-        return mean + var**0.5 * z
+        return mean.add_(z, alpha=var**0.5)
 
 
 class NoPredictor(Predictor):
@@ -146,14 +155,21 @@ class LangevinCorrector(Corrector):
 
     def correct(self, model, x, t, c, i, noise):  # type: ignore[no-untyped-def]
         scale = 2.0 * c["a"][i] ** 2 * self.snr**2
+        sigma = c["sigma_t"][i]
+        dims = tuple(range(1, x.dim()))
         for _ in range(self.steps):
-            score = table_score(model, x, t, c["sigma_t"][i])
+            eps_hat = model.predict(x, t, "eps")
             z = noise.randn(x.shape, device=x.device, dtype=x.dtype)
             # batch-averaged norms (as Song et al.): a per-sample ratio explodes in low
-            # dimensions, where a sample at a mode's centre has a score near zero
-            ratio = z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean()
-            eps = scale * ratio**2
-            x = x + eps * score + torch.sqrt(2.0 * eps) * z
+            # dimensions, where a sample at a mode's centre has a score near zero.
+            # With s = -eps_hat / sigma and q = mean ||z|| / mean ||eps_hat|| (= the ratio of
+            # the sums): the ratio is sigma q, the step eps = scale sigma^2 q^2, and
+            # x + eps s + sqrt(2 eps) z is x - scale sigma q^2 eps_hat + sigma sqrt(2 scale) q z
+            # (no host sync: q stays a 0-dim device tensor)
+            q = (torch.linalg.vector_norm(z, dim=dims).sum()
+                 / torch.linalg.vector_norm(eps_hat, dim=dims).sum())
+            x = torch.addcmul(x, eps_hat, q * q, value=-scale * sigma)
+            x.addcmul_(z, q, value=sigma * (2.0 * scale) ** 0.5)
         return x
 
 
@@ -204,16 +220,18 @@ class PredictorCorrector(Solver):
         process, device = model.process, model_device(model)
         noise = as_noise(generator, noise)
         table = step_table(process, self.steps, self.spacing)
-        rows, steps = table.rows, table.steps
-        recorder = Recorder(steps, self.record, table.times[:-1].tolist())
+        steps = table.steps
+        recorder = Recorder(steps, self.record, table.rows["t"])
         begin = model.nfe
-        x = start(model, shape, noise, x_T)
+        x = start(model, shape, noise, x_T, device=device)
         times = table.time_vectors(process, shape[0], device)
         uses_score = self.predictor.uses_score
+        rows = table.rows_on(process, x.device, x.dtype)  # float rows and 0-dim tensor rows
+        to_score = rows["neg_inv_sigma:tensor"]
         for i in range(steps):
             t = times[i]
             x = self.corrector.correct(model, x, t, rows, i, noise)
-            score = table_score(model, x, t, rows["sigma_t"][i]) if uses_score else x
+            score = model.predict(x, t, "eps") * to_score[i] if uses_score else x
             if recorder.wants(i):
                 x0 = ((x + rows["sigma_t"][i] ** 2 * score) / rows["alpha_t"][i]
                       if uses_score else None)

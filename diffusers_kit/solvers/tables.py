@@ -16,6 +16,7 @@ from ``t = 0`` to ``t = 0``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,12 +45,48 @@ class StepTable:
     def steps(self) -> int:
         return len(self.times) - 1
 
-    def time_vectors(self, process: NoiseProcess, batch: int, device: torch.device) -> Tensor:
-        """``(N, batch)`` evaluation times on ``device`` (float32), cached with the table by batch
-        size and device: row ``i`` is the ``t`` the network sees at step ``i``."""
+    def time_vectors(self, process: NoiseProcess, batch: int, device: torch.device
+                     ) -> tuple[Tensor, ...]:
+        """The ``N`` evaluation-time vectors (each ``(batch,)``, float32, on ``device``), cached
+        with the table by batch size and device: item ``i`` is the ``t`` the network sees at
+        step ``i`` (a tuple of ready tensors, so a step indexes no device tensor)."""
         return cached(process, ("time_vectors", id(self), batch, str(device)),
                       lambda: self.times[:-1, None].to(device=device, dtype=torch.float32)
-                      .expand(-1, batch).contiguous())
+                      .expand(-1, batch).contiguous().unbind(0))
+
+    def rows_on(self, process: NoiseProcess, device: torch.device, dtype: torch.dtype
+                ) -> dict[str, list]:
+        """``rows`` plus, under ``"<name>:tensor"``, the rows in :data:`TENSOR_ROWS` as 0-dim
+        tensors on ``device`` in ``dtype`` (see :func:`scalars`), cached per device and dtype:
+        what the predictors of :mod:`diffusers_kit.solvers.sde` get as ``c`` (a predictor that
+        knows no ``:tensor`` key reads the float rows as before)."""
+
+        def build() -> dict[str, list]:
+            out: dict[str, list] = dict(self.rows)
+            for name in TENSOR_ROWS:
+                out[f"{name}:tensor"] = [torch.tensor(v, dtype=dtype, device=device)
+                                         for v in self.rows[name]]
+            return out
+
+        return cached(process, ("rows_on", id(self), str(device), dtype), build)
+
+
+#: The step-table rows a loop multiplies a state by (offered as 0-dim tensors by ``rows_on``).
+TENSOR_ROWS = ("ancestral_x", "neg_inv_sigma", "reverse_x", "euler_x")
+
+
+def scalars(process: NoiseProcess, key: tuple, values: Callable[[], Sequence[float]],
+            device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+    """``values()`` as 0-dim tensors on ``device`` in ``dtype``, cached per ``(process, key,
+    device, dtype)`` (``key`` names the values: the table and solver settings they come from).
+
+    A loop scales its state by these rather than by Python floats: ``x * 0.5`` wraps the float
+    into a new tensor at every call (about 4 us on the CPU for a 64 x 2 batch), ``x * c`` with a
+    ready ``c`` of the state's dtype does not (about 1.7 us); the value is the same (a float
+    multiplies a float32 tensor in float32 either way). Sums use ``torch.add(..., alpha=w)``
+    with the float ``w``, which wraps nothing."""
+    return cached(process, ("scalars", *key, str(device), dtype),
+                  lambda: [torch.tensor(v, dtype=dtype, device=device) for v in values()])
 
 
 def _build(process: NoiseProcess, times: Tensor) -> StepTable:
@@ -76,6 +113,12 @@ def _build(process: NoiseProcess, times: Tensor) -> StepTable:
         "log_posterior": clipped_log_variance(posterior_var, b2),
         "log_posterior_clipped": clipped_log_variance(posterior_var, above),
         "log_transition": b2.log(), "drift": drift, "g2": g * g,
+        # the posterior mean with Tweedie's x0_hat = (x + sigma_t^2 s) / alpha_t substituted:
+        # c_t x + c_0 x0_hat = ancestral_x x + ancestral_score s (one fused step per move)
+        "ancestral_x": c_t + c_0 / alpha_t, "ancestral_score": c_0 * sigma_t**2 / alpha_t,
+        "neg_inv_sigma": -1.0 / sigma_t,  # s = -eps_hat / sigma_t
+        "reverse_x": 2.0 - a,  # reverse diffusion's factor on x
+        "euler_x": 1.0 - drift * (t - times[1:]),  # Euler-Maruyama's factor on x
     }
     rows = {name: value.tolist() for name, value in tensors.items()}
     return StepTable(times, tensors, rows)

@@ -44,11 +44,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from diffusers_kit.solvers.grids import Spacing, cached
-from diffusers_kit.solvers.ode import _FixedStepODE, usable_orders
+from diffusers_kit.solvers.ode import _FixedStepODE, mix, usable_orders
+from diffusers_kit.solvers.tables import scalars
 
 if TYPE_CHECKING:
     from diffusers_kit.processes.base import NoiseProcess
@@ -163,27 +163,21 @@ class UniPC(_FixedStepODE):
             self.table(process).rows["lam"], self.order, self.lower_order_final, self.variant,
             self.corrector))
 
-    def prepare(self, process: NoiseProcess) -> None:
-        self._weights = self.weights(process)
+    def prepare(self, process: NoiseProcess, state: dict) -> None:
+        weights = state["weights"] = self.weights(process)
+        alpha = state["alpha"][0]
+        state["r"] = scalars(process, ("unipc_r", self.steps, self.spacing, float(self.rho)),
+                             lambda: [step.r for step in weights], alpha.device, alpha.dtype)
+        state["x0"] = []
 
     def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
         x0 = self.denoised(model, y, rows, i, state, recorder)
-        history = state.setdefault("x0", [])
-        if i > 0 and self._weights[i - 1].corrector is not None:
-            previous = self._weights[i - 1]
-            y = _mix(previous.r, state["y"], [x0, *history], previous.corrector)
+        history, weights, r = state["x0"], state["weights"], state["r"]
+        if i > 0 and weights[i - 1].corrector is not None:
+            previous = weights[i - 1]
+            y = mix(previous.r, r[i - 1], state["y"], [x0, *history], previous.corrector)
         history.insert(0, x0)
         del history[self.order:]
         state["y"] = y
-        step = self._weights[i]
-        return _mix(step.r, y, history, step.predictor)
-
-
-def _mix(r: float, y: torch.Tensor, terms: list[torch.Tensor], weights: list[float]
-         ) -> torch.Tensor:
-    """``r y + sum_k weights[k] terms[k]``."""
-    out = y * r if r else None
-    for weight, m in zip(weights, terms, strict=False):
-        if weight:
-            out = m * weight if out is None else torch.add(out, m, alpha=weight)
-    return out if out is not None else torch.zeros_like(y)
+        step = weights[i]
+        return mix(step.r, r[i], y, history, step.predictor)
