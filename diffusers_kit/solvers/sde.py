@@ -56,9 +56,10 @@ def table_score(model: ScoreModel, x: Tensor, t: Tensor, sigma: float) -> Tensor
 
 
 def _factor(c: Rows, name: str, i: int) -> float | Tensor:
-    """Row ``name`` at step ``i``: the cached 0-dim tensor when ``c`` offers one
-    (:meth:`~diffusers_kit.solvers.tables.StepTable.rows_on`), else the float."""
-    tensors = c.get(f"{name}:tensor")
+    """Row ``name`` at step ``i``: the cached 0-dim tensor when ``c`` offers one under
+    ``name + ":tensor"`` (:meth:`~diffusers_kit.solvers.tables.StepTable.rows_on`), else the
+    float."""
+    tensors = c.get(name + ":tensor")
     return tensors[i] if tensors is not None else c[name][i]
 
 
