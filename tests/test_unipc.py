@@ -57,6 +57,28 @@ def test_unipc_is_a_high_order_ode_solver(ode):
     assert third[20] < ours[20]
 
 
+def test_the_quadratic_grid_is_better_on_ddpm_and_worse_on_ve(ode):
+    """The trade-off the docstrings state (and why ``log_snr`` stays the default): on DDPM the
+    quadratic grid is the more accurate at 5, 10 and 20 NFE (measured error ratios to the
+    log-SNR grid 0.52 / 0.66 / 0.45), on VE the less accurate (1.45 / 1.77 / 2.22)."""
+    _, _, error = ode
+    for k in (5, 10, 20):
+        assert error(UniPC(steps=k, spacing="quadratic")) < 0.8 * error(UniPC(steps=k)), k
+        assert error(DPMSolver2M(steps=k, spacing="quadratic")) < 0.8 * error(
+            DPMSolver2M(steps=k)), k
+    process = VE(sigma_min=0.01, sigma_max=20.0)
+    model = exact_model(MIXTURE, process)
+    x_T = process.prior_std() * torch.randn(N, 2, generator=torch.Generator().manual_seed(8))
+    exact = DPMSolver3M(steps=1000).sample(model, (N, 2), x_T=x_T).samples
+
+    def ve_error(solver) -> float:  # type: ignore[no-untyped-def]
+        samples = solver.sample(model, (N, 2), x_T=x_T).samples
+        return float((samples - exact).pow(2).mean().sqrt())
+
+    for k in (5, 10, 20):
+        assert ve_error(UniPC(steps=k, spacing="quadratic")) > 1.2 * ve_error(UniPC(steps=k)), k
+
+
 def test_the_predictor_alone_is_ddim_and_dpm_solver_2m(ode):
     """Without the corrector UniP-1 is DDIM (Euler in log-SNR) and UniP-2 with a_1 = 1/2 and
     B(h) = e^h - 1 is DPM-Solver++(2M): the same samples, to rounding."""

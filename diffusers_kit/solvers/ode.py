@@ -36,8 +36,11 @@ ODE becomes::
   do: a higher-order step there extrapolates with large weights across an uneven grid).
 
 The default grid is equal steps in log-SNR (``log_snr``), which adapts to any data scale and
-process; the EDM grid (rho = 7, Karras et al. 2022) suits data in [-1, 1]. Every grid ends at
-``varsigma = 0``: the last step lands on the denoised estimate without an extra evaluation.
+process; the EDM grid (rho = 7, Karras et al. 2022) suits data in [-1, 1]; the ``quadratic``
+grid in ``t`` (DDIM's, DPM-Solver's "time_quadratic") is the more accurate at 5-20 NFE on DDPM /
+VP with data of unit scale, and the less accurate on VE (see ``UniPC``'s ``spacing``).
+Every grid ends at ``varsigma = 0``: the last step lands on the denoised estimate without an
+extra evaluation.
 ``steps`` counts grid points; ``nfe`` in the result is the true number of evaluations.
 """
 
@@ -529,7 +532,11 @@ class DPMSolver2M(_DPMSolverMultistep):
 
     Args:
         steps: number of steps (= network evaluations).
-        spacing: ``log_snr`` (default), ``edm`` (Karras et al. 2022), ``uniform``, ``quadratic``.
+        spacing: ``log_snr`` (default), ``quadratic``, ``edm`` (Karras et al. 2022),
+            ``uniform``. ``quadratic`` (DPM-Solver's "time_quadratic") is the more accurate
+            grid on DDPM / VP with data of unit scale (error to the exact ODE on the mixture
+            at 5 / 10 / 20 NFE: 0.137 / 0.047 / 0.013 against 0.236 / 0.076 / 0.025) and the
+            less accurate on VE (about 1.5x the ``log_snr`` error): see :class:`UniPC`.
         rho: the exponent of the ``edm`` spacing.
         lower_order_final: below 15 steps, take the step into varsigma_min at first order.
     """
