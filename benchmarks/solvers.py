@@ -12,11 +12,13 @@ over N = 20,000 samples, 3 seeds), side by side with diffusers' schedulers on th
 score (DDPM linear schedule; diffusers is a benchmark-only extra: ``pip install -e .[bench]``);
 and each sampler's overhead outside the network at N = 64 against a hand-written loop.
 
-    python benchmarks/solvers.py            # writes docs/solvers_benchmark.md and the PNG
+    OMP_NUM_THREADS=1 python benchmarks/solvers.py          # writes docs/solvers_benchmark.md + PNG
+    OMP_NUM_THREADS=1 python benchmarks/solvers.py --only overhead   # one part, printed only
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import time
@@ -120,35 +122,21 @@ class Timed(Network):
         return out
 
 
-def best_of(fn, repeats: int = 20) -> float:  # type: ignore[no-untyped-def]
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+ROUNDS = 100
 
 
-def overhead(n: int = 64, steps: int = 20) -> list[tuple[str, float, float]]:
+def overhead(n: int = 64, steps: int = 20, rounds: int = ROUNDS
+             ) -> list[tuple[str, float, float]]:
     """Seconds per ``sample()`` call outside the network (a free network whose own time is
     subtracted), for each sampler with ``steps`` evaluations, against a hand-written DDIM loop
-    with precomputed float coefficients, and against diffusers' schedulers (their own loop)."""
+    with precomputed float coefficients, and against diffusers' schedulers (their own loop).
+
+    Every loop runs once per round, in turn, and keeps its best round: on a shared machine a
+    burst of load then costs every loop a round alike instead of falling on whichever loop was
+    being timed (the ratios of separate best-of-k runs drifted by ~20 % between runs)."""
     process = DDPM()
     network = Timed()
     model = ScoreModel(process, network)
-
-    def outside(fn) -> float:  # type: ignore[no-untyped-def]
-        def run() -> None:
-            network.seconds = 0.0
-            fn()
-            run.network = network.seconds  # type: ignore[attr-defined]
-
-        best = math.inf
-        for _ in range(20):
-            start = time.perf_counter()
-            run()
-            best = min(best, time.perf_counter() - start - run.network)  # type: ignore[attr-defined]
-        return best
 
     from diffusers_kit.solvers.grids import sampling_times
 
@@ -165,8 +153,7 @@ def overhead(n: int = 64, steps: int = 20) -> list[tuple[str, float, float]]:
             x0 = (x - s_t[i] * eps) / a_t[i]
             x = a_s[i] * x0 + s_s[i] * eps
 
-    hand = outside(hand_ddim)
-    rows = [("hand-written DDIM loop", hand, 1.0)]
+    loops = {"hand-written DDIM loop": hand_ddim}
     solvers = {
         "ddim": DDIM(steps=steps), "ancestral": Ancestral(steps=steps),
         "euler": EulerODE(steps=steps), "heun": HeunODE(steps=steps // 2),
@@ -177,16 +164,23 @@ def overhead(n: int = 64, steps: int = 20) -> list[tuple[str, float, float]]:
             AncestralPredictor(), LangevinCorrector(), steps=steps // 2),
     }
     for name, solver in solvers.items():
-        ours = outside(lambda s=solver: s.sample(model, (n, 2)))
-        rows.append((name, ours, ours / hand))
+        loops[name] = lambda s=solver: s.sample(model, (n, 2))
     try:
         schedulers = diffusers_schedulers()
     except ImportError:
-        return rows
+        schedulers = {}
     for name, make in schedulers.items():
-        theirs = outside(lambda m=make: diffusers_sample(m(), network, torch.randn(n, 2), steps))
-        rows.append((f"diffusers {name}", theirs, theirs / hand))
-    return rows
+        loops[f"diffusers {name}"] = lambda m=make: diffusers_sample(m(), network,
+                                                                     torch.randn(n, 2), steps)
+    best = dict.fromkeys(loops, math.inf)
+    for _ in range(rounds):
+        for name, fn in loops.items():
+            network.seconds = 0.0
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start - network.seconds)
+    hand = best["hand-written DDIM loop"]
+    return [(name, seconds, seconds / hand) for name, seconds in best.items()]
 
 
 def diffusers_schedulers() -> dict:
@@ -243,6 +237,8 @@ def ode_errors(n: int = 20000, seeds: tuple[int, ...] = (0, 1, 2),
         "unipc (log-snr)": lambda k: UniPC(steps=k),
         "unipc order 3 (log-snr)": lambda k: UniPC(steps=k, order=3),
         "dpm_solver_2m (edm grid)": lambda k: DPMSolver2M(steps=k, spacing="edm"),
+        "dpm_solver_2m (quadratic)": lambda k: DPMSolver2M(steps=k, spacing="quadratic"),
+        "unipc (quadratic)": lambda k: UniPC(steps=k, spacing="quadratic"),
     }
     try:
         theirs = diffusers_schedulers()
@@ -317,8 +313,23 @@ def plot(curves: dict[str, list[tuple[int, float]]], target: float, path: Path) 
     image.save(path)
 
 
+COMMAND = "OMP_NUM_THREADS=1 python benchmarks/solvers.py"
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=["overhead", "errors"], default=None,
+                        help="run one part and print it (docs/ are written by a full run only)")
+    args = parser.parse_args()
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest and timings are stable
+    if args.only == "overhead":
+        for name, seconds, ratio in overhead():
+            print(f"{name:45s} {seconds * 1e6:7.0f} us  {ratio:.2f}")
+        return
+    if args.only == "errors":
+        for name, row in ode_errors().items():
+            print(name, {k: f"{e:.4f} ({nfe})" for k, (nfe, e) in row.items()}, flush=True)
+        return
     curves: dict[str, list[tuple[int, float]]] = {}
     for name, (make, process, settings) in SWEEPS.items():
         curves[name] = [quality(make(k), process()) for k in settings]
@@ -338,6 +349,8 @@ def main() -> None:
     plot(curves, target, docs / "solvers_swd_vs_nfe.png")
     lines = [
         "<!-- written by benchmarks/solvers.py; do not edit by hand -->",
+        f"Command: `{COMMAND}` (torch {torch.__version__}, one thread).",
+        "",
         f"Target: three-mode 2-D Gaussian mixture, exact score; {N} samples, SWD over 256 "
         f"directions; noise floor (exact vs exact) = {FLOOR:.4f}.",
         "",
@@ -378,7 +391,8 @@ def main() -> None:
     lines += [
         "",
         "Overhead outside the network per `sample()` call (N = 64, 20 evaluations, a free "
-        "network whose own time is subtracted, best of 20; set-up included, tables cached):",
+        f"network whose own time is subtracted, best of {ROUNDS} rounds in which every loop "
+        "runs once in turn; set-up included, tables cached):",
         "",
         "| loop | time outside the network | / hand-written |",
         "|---|---|---|",
