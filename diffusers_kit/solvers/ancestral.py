@@ -137,9 +137,9 @@ class Ancestral(Solver):
                 assert v is not None
                 log_var = learned_log_variance(v, rows["log_transition"][i],
                                                rows["log_posterior_clipped"][i])
-                x = mean + torch.exp(0.5 * log_var) * noise.randn(shape, device=device)
+                x = mean + torch.exp(0.5 * log_var) * noise.randn_like(x)
             else:
-                x = mean.add_(noise.randn(shape, device=device), alpha=std[i])
+                x = mean.add_(noise.randn_like(x), alpha=std[i])
             if progress is not None:
                 progress(1)
         return recorder.result(x, model.nfe - begin)

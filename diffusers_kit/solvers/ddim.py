@@ -93,7 +93,7 @@ class DDIM(Solver):
                     recorder.record(i, x, x0)
                 x = rows["alpha_s"][i] * x0 + coef["eps_coef"][i] * eps
             if stochastic and i < steps - 1:
-                x.add_(noise.randn(shape, device=device), alpha=noise_std[i])
+                x.add_(noise.randn_like(x), alpha=noise_std[i])
             if progress is not None:
                 progress(1)
         return recorder.result(x, model.nfe - begin)

@@ -414,7 +414,7 @@ class EDMStochastic(_FixedStepODE):
     def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
         churn, times = self._churn, state["times"]
         if churn["gamma"][i] > 0:
-            y = torch.add(y, state["noise"].randn(y.shape, device=y.device),
+            y = torch.add(y, state["noise"].randn_like(y),
                           alpha=churn["std"][i])
             t, alpha = self.churned(model.process, state, i)
         else:

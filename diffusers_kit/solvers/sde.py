@@ -32,6 +32,7 @@ with no per-step evaluation of the schedule.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
@@ -68,6 +69,11 @@ class Predictor:
 
     ``step`` gets the score at ``(x, t_i)`` (computed once by the sampler), the table rows ``c``
     and the noise ``z`` (``None`` on the last step) and returns the next state.
+
+    A predictor may also define ``step_eps(x, eps, c, i, z)``, the same step given ``eps_hat``
+    (``s = -eps_hat / sigma_t``, folded into its coefficients): the sampler then skips forming
+    the score. It is used only where the class that defines ``step_eps`` also defines the
+    ``step`` in use, so a subclass that overrides ``step`` alone keeps its own step.
     """
 
     uses_score = True
@@ -76,16 +82,35 @@ class Predictor:
         raise NotImplementedError
 
 
+def eps_step(predictor: Predictor) -> Callable[..., Tensor] | None:
+    """``predictor.step_eps`` when the class that defines it defines the ``step`` in use."""
+    for klass in type(predictor).__mro__:
+        defines = vars(klass)
+        if "step" in defines or "step_eps" in defines:
+            if "step" in defines and "step_eps" in defines:
+                return predictor.step_eps  # type: ignore[attr-defined]
+            return None
+    return None
+
+
 class EulerMaruyama(Predictor):
     """Euler-Maruyama step of the reverse-time SDE (Song et al. 2021, eq. 6); the last step is
     Tweedie's denoising step onto noise level 0."""
 
     def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
+        return self._move(x, score, 1.0, c, i, z)
+
+    def step_eps(self, x, eps, c, i, z):  # type: ignore[no-untyped-def]
+        return self._move(x, eps, c["neg_inv_sigma"][i], c, i, z)
+
+    @staticmethod
+    def _move(x, v, k, c, i, z):  # type: ignore[no-untyped-def]
+        """The step with the score ``k v``."""
         if z is None:
-            return (c["alpha_s"][i] / c["alpha_t"][i]) * (x + c["sigma_t"][i] ** 2 * score)
-        dt = c["dt"][i]
-        step = c["g2"][i] * dt
-        mean = torch.add(x * _factor(c, "euler_x", i), score, alpha=step)
+            return (c["alpha_s"][i] / c["alpha_t"][i]) * torch.add(
+                x, v, alpha=c["sigma_t"][i] ** 2 * k)
+        step = c["g2"][i] * c["dt"][i]
+        mean = torch.add(x * _factor(c, "euler_x", i), v, alpha=step * k)
         return mean.add_(z, alpha=step**0.5)
 
 
@@ -93,7 +118,15 @@ class ReverseDiffusion(Predictor):
     """Reverse-diffusion predictor (Song et al. 2021, eq. 46): the forward step, reversed."""
 
     def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
-        mean = torch.add(x * _factor(c, "reverse_x", i), score, alpha=c["b2"][i])
+        return self._move(x, score, 1.0, c, i, z)
+
+    def step_eps(self, x, eps, c, i, z):  # type: ignore[no-untyped-def]
+        return self._move(x, eps, c["neg_inv_sigma"][i], c, i, z)
+
+    @staticmethod
+    def _move(x, v, k, c, i, z):  # type: ignore[no-untyped-def]
+        """The step with the score ``k v``."""
+        mean = torch.add(x * _factor(c, "reverse_x", i), v, alpha=c["b2"][i] * k)
         return mean if z is None else mean.add_(z, alpha=c["b2"][i] ** 0.5)
 
 
@@ -110,9 +143,14 @@ class AncestralPredictor(Predictor):
         self.variance = variance
 
     def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
+        return self._move(x, score, c["ancestral_score"][i], c, i, z)
+
+    def step_eps(self, x, eps, c, i, z):  # type: ignore[no-untyped-def]
+        return self._move(x, eps, c["ancestral_score"][i] * c["neg_inv_sigma"][i], c, i, z)
+
+    def _move(self, x, v, weight, c, i, z):  # type: ignore[no-untyped-def]
         # c_t x + c_0 x0_hat with x0_hat = (x + sigma_t^2 s) / alpha_t, as one fused map
-        mean = torch.add(x * _factor(c, "ancestral_x", i), score,
-                         alpha=c["ancestral_score"][i])
+        mean = torch.add(x * _factor(c, "ancestral_x", i), v, alpha=weight)
         if z is None:
             return mean
         var = c["posterior_var"][i] if self.variance == "posterior" else c["b2"][i]
@@ -160,7 +198,7 @@ class LangevinCorrector(Corrector):
         dims = tuple(range(1, x.dim()))
         for _ in range(self.steps):
             eps_hat = model.predict(x, t, "eps")
-            z = noise.randn(x.shape, device=x.device, dtype=x.dtype)
+            z = noise.randn_like(x)
             # batch-averaged norms (as Song et al.): a per-sample ratio explodes in low
             # dimensions, where a sample at a mode's centre has a score near zero.
             # With s = -eps_hat / sigma and q = mean ||z|| / mean ||eps_hat|| (= the ratio of
@@ -229,16 +267,20 @@ class PredictorCorrector(Solver):
         uses_score = self.predictor.uses_score
         rows = table.rows_on(process, x.device, x.dtype)  # float rows and 0-dim tensor rows
         to_score = rows["neg_inv_sigma:tensor"]
+        from_eps = eps_step(self.predictor)
         for i in range(steps):
             t = times[i]
             x = self.corrector.correct(model, x, t, rows, i, noise)
-            score = model.predict(x, t, "eps") * to_score[i] if uses_score else x
+            eps = model.predict(x, t, "eps") if uses_score else x
             if recorder.wants(i):
-                x0 = ((x + rows["sigma_t"][i] ** 2 * score) / rows["alpha_t"][i]
+                x0 = ((x - rows["sigma_t"][i] * eps) / rows["alpha_t"][i]
                       if uses_score else None)
                 recorder.record(i, x, x0)
-            z = None if i == steps - 1 else noise.randn(shape, device=device)
-            x = self.predictor.step(x, score, rows, i, z)
+            z = None if i == steps - 1 else noise.randn_like(x)
+            if from_eps is not None:
+                x = from_eps(x, eps, rows, i, z)
+            else:  # s = -eps_hat / sigma_t from the table
+                x = self.predictor.step(x, eps * to_score[i] if uses_score else x, rows, i, z)
             if progress is not None:
                 progress(1)
         return recorder.result(x, model.nfe - begin)
