@@ -56,6 +56,24 @@ def predict_x0_and_eps(
     return x0, eps, v
 
 
+def posterior_mean_map(process: NoiseProcess, grid: tuple, x: Tensor
+                       ) -> tuple[list[Tensor], list[float]]:
+    """The posterior mean as one map of ``(x_t, eps_hat)`` on the grid ``(steps, spacing)``
+    (``x0_hat`` substituted; no clipping): ``c_t x + c_0 (x - sigma_t eps) / alpha_t =
+    scale x + mix eps`` with ``scale = c_t + c_0 / alpha_t`` (0-dim tensors of ``x``'s device and
+    dtype) and ``mix = -c_0 sigma_t / alpha_t`` (floats), cached. Ancestral sampling and RePaint
+    both step ``torch.mul(x, scale[i]).add_(eps, alpha=mix[i])``, so they agree bit for bit."""
+    rows = step_table(process, *grid).rows
+    key = ("ancestral", *grid)
+    scale = scalars(process, key, lambda: [
+        c_t + c_0 / a for c_t, c_0, a in zip(rows["c_t"], rows["c_0"], rows["alpha_t"],
+                                             strict=True)], x.device, x.dtype)
+    mix = cached(process, (*key, "eps"), lambda: [
+        -c_0 * s / a for c_0, s, a in zip(rows["c_0"], rows["sigma_t"], rows["alpha_t"],
+                                          strict=True)])
+    return scale, mix
+
+
 class Ancestral(Solver):
     """DDPM ancestral sampling with sigma_t^2 = beta~_t, beta_t or learned (Ho et al. 2020).
 
@@ -107,18 +125,9 @@ class Ancestral(Solver):
         begin = model.nfe
         x = start(model, shape, noise, x_T, device=device)
         times = table.time_vectors(process, shape[0], device)
-        # the mean as one map of (x_t, eps_hat), x0_hat substituted (no clip, no learned v):
-        # c_t x + c_0 (x - sigma_t eps) / alpha_t = (c_t + c_0 / alpha_t) x - c_0 sigma_t /
-        # alpha_t eps
         fused = self.clip_x0 is None and self.variance != "learned"
         if fused:
-            key = ("ancestral", self.steps, self.spacing)
-            scale = scalars(process, key, lambda: [
-                c_t + c_0 / a for c_t, c_0, a in zip(rows["c_t"], rows["c_0"], rows["alpha_t"],
-                                                     strict=True)], x.device, x.dtype)
-            mix = cached(process, (*key, "eps"), lambda: [
-                -c_0 * s / a for c_0, s, a in zip(rows["c_0"], rows["sigma_t"], rows["alpha_t"],
-                                                  strict=True)])
+            scale, mix = posterior_mean_map(process, (self.steps, self.spacing), x)
         for i in range(steps):
             if fused:
                 eps = model.predict(x, times[i], "eps")
@@ -145,4 +154,4 @@ class Ancestral(Solver):
         return recorder.result(x, model.nfe - begin)
 
 
-__all__ = ["Ancestral", "predict_x0_and_eps"]
+__all__ = ["Ancestral", "posterior_mean_map", "predict_x0_and_eps"]

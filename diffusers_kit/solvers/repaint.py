@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.ancestral import predict_x0_and_eps
+from diffusers_kit.solvers.ancestral import posterior_mean_map, predict_x0_and_eps
 from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
 from diffusers_kit.solvers.grids import Spacing
 from diffusers_kit.solvers.noise import Noise, as_noise
@@ -100,24 +100,32 @@ class RePaint(Solver):
         up = [v**0.5 for v in rows["b2"]]
         recorder = Recorder(steps, self.record, table.times[:-1].tolist())
         begin = model.nfe
-        x = start(model, shape, noise, x_T)
+        x = start(model, shape, noise, x_T, device=device)
         times = table.time_vectors(process, shape[0], device)
+        if self.clip_x0 is None:  # the down-step exactly as ancestral sampling takes it
+            scale, mix = posterior_mean_map(process, (self.steps, self.spacing), x)
         last = {i: n for n, (kind, i) in enumerate(jump_schedule(
             steps, self.jump_length, self.resampling)) if kind == "down"}
         for n, (kind, i) in enumerate(jump_schedule(steps, self.jump_length, self.resampling)):
             if kind == "up":  # x_t ~ q(x_t | x_s): the forward kernel, exact
                 x = rows["a"][i] * x + up[i] * noise.randn(shape, device=device)
                 continue
-            x0, _, _ = predict_x0_and_eps(model, x, times[i], rows["alpha_t"][i],
-                                          rows["sigma_t"][i], self.clip_x0)
             final = last[i] == n  # the block's last descent: what is recorded
-            if final and recorder.wants(i):
-                recorder.record(i, x, x0)
-            mean = rows["c_t"][i] * x + rows["c_0"][i] * x0
+            if self.clip_x0 is None:
+                eps = model.predict(x, times[i], "eps")
+                if final and recorder.wants(i):
+                    recorder.record(i, x, (x - rows["sigma_t"][i] * eps) / rows["alpha_t"][i])
+                mean = torch.mul(x, scale[i]).add_(eps, alpha=mix[i])
+            else:
+                x0, _, _ = predict_x0_and_eps(model, x, times[i], rows["alpha_t"][i],
+                                              rows["sigma_t"][i], self.clip_x0)
+                if final and recorder.wants(i):
+                    recorder.record(i, x, x0)
+                mean = rows["c_t"][i] * x + rows["c_0"][i] * x0
             if i == steps - 1 and final:
                 x = mean  # the very last step returns the mean (Ho et al. 2020, alg. 2)
             else:
-                x = mean + std[i] * noise.randn(shape, device=device)
+                x = mean.add_(noise.randn_like(x), alpha=std[i])
             if progress is not None:
                 progress(1)
         return recorder.result(x, model.nfe - begin)
