@@ -380,14 +380,16 @@ def main() -> None:
     for name, row in errors.items():
         cells = " | ".join(f"{row[k][1]:.4f} ({row[k][0]})" for k in (5, 10, 20))
         lines.append(f"| {name} | {cells} |")
-    ours_best = {k: min(v[k][1] for n, v in errors.items() if not n[0].isupper())
-                 for k in (5, 10, 20)}
-    theirs = [v for n, v in errors.items() if n[0].isupper()]
-    if theirs:
-        theirs_best = {k: min(v[k][1] for v in theirs) for k in (5, 10, 20)}
-        lines += ["", "Best of ours / best of diffusers: " + ", ".join(
-            f"{k} NFE: {ours_best[k]:.4f} / {theirs_best[k]:.4f} = "
-            f"{ours_best[k] / theirs_best[k]:.2f}" for k in (5, 10, 20)) + "."]
+    def best(mine: bool, k: int) -> tuple[float, str]:  # diffusers rows are capitalised
+        return min((v[k][1], n) for n, v in errors.items() if n[0].isupper() != mine)
+
+    if any(n[0].isupper() for n in errors):
+        cells = []
+        for k in (5, 10, 20):
+            (ours, our_name), (theirs, their_name) = best(True, k), best(False, k)
+            cells.append(f"{k} NFE: {ours:.4f} ({our_name}) / {theirs:.4f} ({their_name}) = "
+                         f"{ours / theirs:.2f}")
+        lines += ["", "Best of ours / best of diffusers: " + "; ".join(cells) + "."]
     lines += [
         "",
         "Overhead outside the network per `sample()` call (N = 64, 20 evaluations, a free "
