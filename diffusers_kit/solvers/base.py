@@ -309,7 +309,8 @@ class Solver:
         - keep what ``self.record`` asks with a :class:`Recorder` and return
           ``recorder.result(samples, nfe)``;
         - call ``progress(k)`` as work ends (``total_steps`` units per call); no host
-          synchronisation in the loop (read coefficient tables as Python floats).
+          synchronisation in the loop (read coefficient tables as Python floats, or as the
+          cached 0-dim tensors of :func:`~diffusers_kit.solvers.tables.scalars`).
         """
         raise NotImplementedError
 

@@ -3,8 +3,10 @@
 Row ``i`` describes the move ``t = times[i] -> s = times[i + 1]``. Every table is built in float64
 from the process's own formulas (marginal, transition, posterior, drift, diffusion) and cached
 with the grid (:func:`diffusers_kit.solvers.grids.cached`); the loops read its rows as Python
-floats, which multiply device tensors without any host synchronisation and need no per-step
-indexing on the device.
+floats (the ``alpha=`` of a fused ``torch.add``) or, for the factors they scale the state by, as
+0-dim tensors of the state's device and dtype cached per (process, grid, device, dtype)
+(:func:`scalars`, :meth:`StepTable.rows_on`): no host synchronisation, no per-step indexing on
+the device and no per-step allocation of a scalar tensor.
 
 **The last move lands on noise level 0.** Its target is the clean end ``x = alpha(0) x0``
 (``sigma_s = 0``), as the ODE solvers' grids end at ``sigma / alpha = 0``: posterior
