@@ -118,7 +118,11 @@ def test_a_broken_sampler_is_caught():
 def test_few_step_solvers_stay_near_the_exact_ode_and_no_worse_than_ddim():
     """At 5 NFE every deterministic solver stays within 10 % of 5-step DDIM's distance to the
     exact probability-flow solution from the same start noise (Heun's Karras form diverged
-    there: 15 vs 0.35), and at 10-20 NFE the multistep solvers are well ahead of DDIM."""
+    there: 15 vs 0.35), the multistep solvers well below it, and at 10-20 NFE the multistep
+    solvers are well ahead of DDIM. DPM-Solver++(3M) at 10 steps takes its last two steps
+    before the denoising one at orders 2 and 1 (``lower_order_final``): measured 0.099 against
+    DDIM's 0.133 (0.060 when the staircase ended on the step onto 0, which at 5 steps made it
+    worse than DDIM)."""
     model = exact_model(MIXTURE, DDPM())
     x_T = torch.randn(N, 2, generator=torch.Generator().manual_seed(8))
     exact = DPMSolver3M(steps=1000).sample(model, (N, 2), x_T=x_T).samples
@@ -127,10 +131,11 @@ def test_few_step_solvers_stay_near_the_exact_ode_and_no_worse_than_ddim():
         return float((solver.sample(model, (N, 2), x_T=x_T).samples - exact).pow(2).mean().sqrt())
 
     ddim = error(DDIM(steps=5))
-    for solver in (EulerODE(steps=5), HeunODE(steps=3), DPMSolver2M(steps=5),
-                   DPMSolver3M(steps=5)):
+    for solver in (EulerODE(steps=5), HeunODE(steps=3)):
         assert error(solver) < 1.1 * ddim, type(solver).__name__
-    for steps in (10, 20):
+    for solver in (DPMSolver2M(steps=5), DPMSolver3M(steps=5)):
+        assert error(solver) < 0.8 * ddim, type(solver).__name__
+    for steps, third in ((10, 0.8), (20, 0.5)):
         reference = error(DDIM(steps=steps))
         assert error(DPMSolver2M(steps=steps)) < 0.7 * reference
-        assert error(DPMSolver3M(steps=steps)) < 0.5 * reference
+        assert error(DPMSolver3M(steps=steps)) < third * reference

@@ -8,6 +8,7 @@ import torch
 
 from diffusers_kit.processes import DDPM, VE, VP
 from diffusers_kit.solvers import DDIM, DPMSolver2M, DPMSolver3M, EulerODE, UniPC
+from diffusers_kit.solvers.ode import usable_orders
 from diffusers_kit.solvers.unipc import unipc_weights
 from tests.gaussian_mixture import exact_model, three_modes
 from tests.test_solvers_analytic import FACTOR, N, swd_ratio
@@ -128,3 +129,40 @@ def test_tables_are_cached_and_results_repeat():
         model, (64, 2), generator=torch.Generator().manual_seed(1))
     assert len(recorded.trajectory) == len(recorded.x0_predictions) == 3
     assert torch.equal(recorded.samples, one)
+
+
+def test_lower_order_final_is_the_steps_left_to_sigma_min():
+    """Below 15 steps no step is of a higher order than the steps left to varsigma_min allow
+    (the step onto varsigma = 0 is always first order); from 15 steps, or with the option off,
+    only the history limits the order. Order 2 keeps its schedule (first order into
+    varsigma_min); order 3 at 5 steps is order 2's (it was [1, 2, 3, 2, 1]: the staircase ended
+    on the step onto 0)."""
+    assert usable_orders(5, 3, True) == [1, 2, 2, 1, 1]
+    assert usable_orders(6, 3, True) == [1, 2, 3, 2, 1, 1]
+    assert usable_orders(7, 4, True) == [1, 2, 3, 3, 2, 1, 1]
+    assert usable_orders(5, 2, True) == usable_orders(5, 3, True)
+    assert usable_orders(10, 2, True) == [1, *[2] * 7, 1, 1]
+    assert usable_orders(5, 3, False) == [1, 2, 3, 3, 1]
+    assert usable_orders(15, 3, True) == usable_orders(15, 3, False) == [1, 2, *[3] * 12, 1]
+    assert usable_orders(1, 3, True) == [1] and usable_orders(2, 3, True) == [1, 1]
+
+
+def test_third_order_at_five_steps_is_no_worse_than_second_order_or_ddim(ode):
+    """At 5 NFE the third-order solvers with their default lower-order final steps are as
+    good as their second-order versions and better than 5-step DDIM (measured on the mixture,
+    N = 20,000, 3 seeds: DPM-Solver++(3M) 0.236, UniPC order 3 0.227, DDIM 0.345; the schedule
+    that ended on the step onto 0 gave 0.356 and 0.414); at 20 steps the option changes
+    nothing (bit for bit)."""
+    model, x_T, error = ode
+    ddim = error(DDIM(steps=5))
+    third, second = error(DPMSolver3M(steps=5)), error(DPMSolver2M(steps=5))
+    assert third <= second * (1 + 1e-4) and third < 0.8 * ddim, (third, second, ddim)
+    third, second = error(UniPC(steps=5, order=3)), error(UniPC(steps=5))
+    assert third <= second * (1 + 1e-4) and third < 0.8 * ddim, (third, second, ddim)
+    assert error(DPMSolver3M(steps=5, lower_order_final=False)) > 1.2 * error(
+        DPMSolver3M(steps=5))
+    for make in (lambda **k: DPMSolver3M(steps=20, **k),
+                 lambda **k: UniPC(steps=20, order=3, **k)):
+        on = make().sample(model, (N, 2), x_T=x_T).samples
+        off = make(lower_order_final=False).sample(model, (N, 2), x_T=x_T).samples
+        assert torch.equal(on, off)

@@ -33,8 +33,11 @@ data prediction and ``m_k`` the one made ``k`` steps earlier, ``r_k = (lambda_{i
 The coefficients depend on the grid only and are built once per (process, grid) in float64.
 The first steps use the orders their history allows; the last step (onto ``varsigma = 0``,
 ``h = inf``) is first order, ``y = m_0`` (so no corrector is taken at the last evaluation, whose
-state that step ignores, and ``nfe == steps``); with fewer than 15 steps the step into
-``varsigma_min`` is lowered by one order, as in DPM-Solver++.
+state that step ignores, and ``nfe == steps``); with ``lower_order_final`` and fewer than 15
+steps no step takes a higher order than the steps left to ``varsigma_min`` allow (the step into
+it first order, the one before at most second: the same schedule as DPM-Solver++,
+:func:`diffusers_kit.solvers.ode.usable_orders`; the authors' implementation lowers the final
+orders the same way).
 """
 
 from __future__ import annotations
@@ -130,9 +133,10 @@ class UniPC(_FixedStepODE):
         steps: number of steps (= network evaluations).
         order: the predictor's order ``p`` (the corrector makes each step ``p + 1``); the
             paper recommends 3 for unconditional sampling and 2 for guided sampling; 2 is the
-            default here (as in diffusers) because order 3 is worse at 5-8 NFE (error to the
-            exact ODE on the mixture at 5 NFE: 0.41 against 0.23, above DDIM's 0.35) and only
-            ~20 % better at 10-20 NFE (docs/solvers_benchmark.md).
+            default here (as in diffusers) because order 3 is no better at 5 NFE (with
+            ``lower_order_final`` it takes order 2's steps: 0.227 to the exact ODE on the
+            mixture), worse at 10 (0.076 against 0.066) and only ~25 % better at 20 (0.0115
+            against 0.016; docs/solvers_benchmark.md).
         spacing: ``log_snr`` (default), ``quadratic``, ``edm`` (Karras et al. 2022),
             ``uniform``. ``quadratic`` (DDIM's CIFAR-10 grid; DPM-Solver's "time_quadratic"
             for discrete-time models in pixel space) is the more accurate grid on DDPM / VP /
@@ -143,7 +147,9 @@ class UniPC(_FixedStepODE):
         rho: the exponent of the ``edm`` spacing.
         variant: ``bh2`` (``B(h) = e^h - 1``, default) or ``bh1`` (``B(h) = h``).
         corrector: apply UniC (off: UniP alone, a DPM-Solver++-like multistep method).
-        lower_order_final: below 15 steps, take the step into varsigma_min one order lower.
+        lower_order_final: below 15 steps, no step takes a higher predictor order than
+            the steps left to varsigma_min allow: the step into varsigma_min first order,
+            the one before it at most second (:func:`~diffusers_kit.solvers.ode.usable_orders`).
     """
 
     def __init__(
