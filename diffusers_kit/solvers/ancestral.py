@@ -27,7 +27,16 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.processes.gaussian import learned_log_variance
-from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
+from diffusers_kit.solvers.base import (
+    ClipX0,
+    Progress,
+    Recorder,
+    SampleResult,
+    Solver,
+    clip_data,
+    model_device,
+    start,
+)
 from diffusers_kit.solvers.grids import Spacing, cached
 from diffusers_kit.solvers.noise import Noise, as_noise
 from diffusers_kit.solvers.tables import scalars, step_table
@@ -43,7 +52,9 @@ def predict_x0_and_eps(
     model: ScoreModel, x: Tensor, t: Tensor, alpha: float, sigma: float, clip: float | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(x0_hat, eps_hat, v)`` with the step's ``alpha``, ``sigma`` from the table; ``v`` is the
-    variance output of a learned-variance network (``None`` otherwise)."""
+    variance output of a learned-variance network (``None`` otherwise). With ``clip``,
+    ``x0_hat`` is clamped by :func:`~diffusers_kit.solvers.base.clip_data` and ``eps_hat`` is
+    the one consistent with it."""
     if getattr(model.network, "learned_variance", False):
         prediction, v = model.split(model(x, t))
         eps = model.convert(prediction, x, t, "eps")
@@ -51,7 +62,7 @@ def predict_x0_and_eps(
         eps, v = model.predict(x, t, "eps"), None
     x0 = (x - sigma * eps) / alpha
     if clip is not None:
-        x0 = x0.clamp(-clip, clip)
+        x0 = clip_data(x0, clip)
         eps = (x - alpha * x0) / sigma
     return x0, eps, v
 
@@ -84,7 +95,8 @@ class Ancestral(Solver):
         spacing: how the times are spaced (``uniform``, ``quadratic``, ``edm``, ``log_snr``).
         variance: ``posterior`` (beta~_t), ``transition`` (beta_t) or ``learned`` (a network
             with ``learned_variance``; Nichol & Dhariwal 2021).
-        clip_x0: clip x0_hat to [-clip_x0, clip_x0] (images in [-1, 1]: 1.0).
+        clip_x0: clamp x0_hat to [-clip_x0, clip_x0] before each step (images in [-1, 1]:
+            1.0; :func:`~diffusers_kit.solvers.base.clip_data`). None: off.
     """
 
     def __init__(
@@ -92,7 +104,7 @@ class Ancestral(Solver):
         steps: Annotated[int, Field(ge=1, le=100_000)] | None = None,
         spacing: Spacing = "uniform",
         variance: Literal["posterior", "transition", "learned"] = "posterior",
-        clip_x0: Annotated[float, Field(gt=0, le=1e6)] | None = None,
+        clip_x0: ClipX0 = None,
     ) -> None:
         self.steps = steps
         self.spacing = spacing

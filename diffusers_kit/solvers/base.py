@@ -315,6 +315,23 @@ class Solver:
         raise NotImplementedError
 
 
+#: The type of every solver's ``clip_x0`` option (``None``: off).
+ClipX0 = Annotated[float, Field(gt=0, le=1e6)] | None
+
+
+def clip_data(x0: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """The data prediction ``x0_hat`` clamped to ``[-clip, clip]`` (``clip`` None: ``x0``
+    itself): the ``clip_x0`` option of every solver that forms ``x0_hat`` (DDIM, ancestral,
+    RePaint, Euler, Heun, DPM-Solver++, UniPC), applied here and nowhere else. It is the
+    thresholding of the data prediction that DPM-Solver++ (Lu et al. 2022) applies for
+    pixel-space models, whose data lie in a bounded box (pixels in ``[-1, 1]``: ``clip = 1``),
+    in its static form (Ho et al. 2020's clipping; diffusers' ``clip_sample``), not Imagen's
+    per-sample dynamic thresholding (Saharia et al. 2022; diffusers' ``thresholding`` with
+    ``sample_max_value``). One element-wise op on the device, no host synchronisation; a new
+    tensor, so callers may keep the unclamped one."""
+    return x0 if clip is None else x0.clamp(-clip, clip)
+
+
 def start(model: ScoreModel, shape: tuple[int, ...], noise: Noise,
           x_T: torch.Tensor | None, *, device: torch.device | None = None) -> torch.Tensor:
     """The starting state: ``x_T`` when given (checked against ``shape``), else a prior draw;
@@ -330,5 +347,5 @@ def start(model: ScoreModel, shape: tuple[int, ...], noise: Noise,
     return draw if std == 1.0 else std * draw
 
 
-__all__ = ["GRID_LIMIT", "Noise", "Progress", "Record", "Recorder", "SampleResult", "Solver",
-           "as_noise", "model_device", "start"]
+__all__ = ["GRID_LIMIT", "ClipX0", "Noise", "Progress", "Record", "Recorder", "SampleResult",
+           "Solver", "as_noise", "clip_data", "model_device", "start"]

@@ -21,7 +21,15 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.solvers.ancestral import predict_x0_and_eps
-from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
+from diffusers_kit.solvers.base import (
+    ClipX0,
+    Progress,
+    Recorder,
+    SampleResult,
+    Solver,
+    model_device,
+    start,
+)
 from diffusers_kit.solvers.grids import Spacing, cached
 from diffusers_kit.solvers.noise import Noise, as_noise
 from diffusers_kit.solvers.tables import scalars, step_table
@@ -39,7 +47,8 @@ class DDIM(Solver):
             steps are snapped to, which may merge a few at small ``steps``).
         eta: 0 is deterministic; 1 equals DDPM ancestral sampling with beta~.
         spacing: ``uniform`` or ``quadratic`` (the DDIM paper's two), or ``edm`` / ``log_snr``.
-        clip_x0: clip x0_hat to [-clip_x0, clip_x0] (images in [-1, 1]: 1.0).
+        clip_x0: clamp x0_hat to [-clip_x0, clip_x0] before each step (images in [-1, 1]:
+            1.0; :func:`~diffusers_kit.solvers.base.clip_data`). None: off.
     """
 
     def __init__(
@@ -47,7 +56,7 @@ class DDIM(Solver):
         steps: Annotated[int, Field(ge=1, le=100_000)] = 50,
         eta: Annotated[float, Field(ge=0, le=1)] = 0.0,
         spacing: Spacing = "uniform",
-        clip_x0: Annotated[float, Field(gt=0, le=1e6)] | None = None,
+        clip_x0: ClipX0 = None,
     ) -> None:
         self.steps = steps
         self.eta = eta

@@ -57,7 +57,16 @@ import torch
 from pydantic import Field
 from scipy.integrate import solve_ivp
 
-from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
+from diffusers_kit.solvers.base import (
+    ClipX0,
+    Progress,
+    Recorder,
+    SampleResult,
+    Solver,
+    clip_data,
+    model_device,
+    start,
+)
 from diffusers_kit.solvers.grids import Spacing, cached, time_of_log_snr
 from diffusers_kit.solvers.noise import Noise, as_noise
 from diffusers_kit.solvers.tables import ODETable, ode_table, scalars
@@ -173,12 +182,22 @@ class ScipyODE(Solver):
 
 
 class _FixedStepODE(Solver):
-    """Shared set-up of the torch-native probability-flow ODE solvers (see the module doc)."""
+    """Shared set-up of the torch-native probability-flow ODE solvers (see the module doc).
 
-    def __init__(self, steps: int, spacing: Spacing, rho: float) -> None:
+    ``clip_x0`` (None: off) clamps every data prediction ``x0_hat = y - varsigma eps_hat`` to
+    ``[-clip_x0, clip_x0]`` where :meth:`data` forms it, before any step uses it
+    (:func:`~diffusers_kit.solvers.base.clip_data`, DPM-Solver++'s thresholding of the data
+    prediction for pixel-space models; DDIM's ``clip_x0``). The solvers stepping on ``x0_hat``
+    (DPM-Solver++, UniPC) take it as it is; ``euler`` and ``heun`` take their steps in the
+    same data form when it is set.
+    """
+
+    def __init__(self, steps: int, spacing: Spacing, rho: float,
+                 clip_x0: float | None = None) -> None:
         self.steps = steps
         self.spacing = spacing
         self.rho = rho
+        self.clip_x0 = clip_x0
 
     def table(self, process: NoiseProcess) -> ODETable:
         return ode_table(process, self.steps, self.spacing, self.rho)
@@ -226,12 +245,19 @@ class _FixedStepODE(Solver):
         ``state["alpha"][i]``)."""
         return model.predict(y * alpha, t, "eps")
 
+    def data(self, model: ScoreModel, y: Tensor, rows: dict[str, list[float]], i: int,
+             state: dict) -> Tensor:
+        """``x0_hat = y - varsigma_i eps_hat(alpha_i y, t_i)`` (one network evaluation), clamped
+        to ``[-clip_x0, clip_x0]`` when ``clip_x0`` is set: the one place the fixed-step ODE
+        solvers form the data prediction."""
+        eps = self.eps(model, y, state["times"][i], state["alpha"][i])
+        return clip_data(torch.add(y, eps, alpha=-rows["level"][i]), self.clip_x0)
+
     def denoised(self, model: ScoreModel, y: Tensor, rows: dict[str, list[float]], i: int,
                  state: dict, recorder: Recorder) -> Tensor:
-        """``x0_hat`` at step ``i`` in ``y`` units (one network evaluation; recorded when the
-        recorder asks): ``y - varsigma eps_hat``."""
-        eps = self.eps(model, y, state["times"][i], state["alpha"][i])
-        x0 = torch.add(y, eps, alpha=-rows["level"][i])
+        """:meth:`data` at step ``i`` (``x0_hat`` in ``y`` units, clamped with ``clip_x0``),
+        recorded when the recorder asks."""
+        x0 = self.data(model, y, rows, i, state)
         if recorder.wants(i):
             recorder.record(i, rows["alpha"][i] * y, rows["alpha"][-1] * x0)
         return x0
@@ -254,6 +280,9 @@ class EulerODE(_FixedStepODE):
         steps: number of steps (= network evaluations).
         spacing: ``log_snr`` (default), ``edm`` (Karras et al. 2022), ``uniform``, ``quadratic``.
         rho: the exponent of the ``edm`` spacing.
+        clip_x0: clamp x0_hat to [-clip_x0, clip_x0] before each step (images in [-1, 1]:
+            1.0; DDIM's option). The step is then taken in its data form, ``y_{i+1} = r y_i +
+            (1 - r) x0_hat`` (``r = varsigma_{i+1} / varsigma_i``; the same step). None: off.
     """
 
     def __init__(
@@ -261,10 +290,15 @@ class EulerODE(_FixedStepODE):
         steps: Annotated[int, Field(ge=1, le=100_000)] = 100,
         spacing: Spacing = "log_snr",
         rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
+        clip_x0: ClipX0 = None,
     ) -> None:
-        super().__init__(steps, spacing, rho)
+        super().__init__(steps, spacing, rho, clip_x0)
 
     def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
+        if self.clip_x0 is not None:
+            x0 = self.denoised(model, y, rows, i, state, recorder)
+            r = rows["level"][i + 1] / rows["level"][i]
+            return mix(r, r, y, [x0], [1.0 - r])
         eps = self.eps(model, y, state["times"][i], state["alpha"][i])
         if recorder.wants(i):
             self.record_step(recorder, i, y, eps, rows)
@@ -288,6 +322,10 @@ class HeunODE(_FixedStepODE):
         spacing: ``log_snr`` (default), ``edm`` (Karras et al. 2022), ``uniform``, ``quadratic``.
         rho: the exponent of the ``edm`` spacing.
         form: ``data`` (exponential-integrator correction) or ``noise`` (Karras et al.'s).
+        clip_x0: clamp both x0 predictions of each step to [-clip_x0, clip_x0] (images in
+            [-1, 1]: 1.0; DDIM's option), the step then written on them, ``y_euler = r y_i +
+            (1 - r) m_i``, ``y_{i+1} = y_euler + w (m_{i+1} - m_i)`` (the same step); ``data``
+            form only. None: off.
     """
 
     def __init__(
@@ -296,8 +334,12 @@ class HeunODE(_FixedStepODE):
         spacing: Spacing = "log_snr",
         rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
         form: Literal["data", "noise"] = "data",
+        clip_x0: ClipX0 = None,
     ) -> None:
-        super().__init__(steps, spacing, rho)
+        if clip_x0 is not None and form != "data":
+            raise ValueError("clip_x0 clamps the x0 predictions of the data form: "
+                             "use form: data")
+        super().__init__(steps, spacing, rho, clip_x0)
         self.form = form
 
     def weights(self, process: NoiseProcess) -> list[tuple[float, float]]:
@@ -324,6 +366,8 @@ class HeunODE(_FixedStepODE):
         state["weights"] = self.weights(process)
 
     def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
+        if self.clip_x0 is not None:
+            return self.clipped_step(model, y, rows, i, steps, state, recorder)
         times, alpha = state["times"], state["alpha"]
         eps = self.eps(model, y, times[i], alpha[i])
         if recorder.wants(i):
@@ -337,6 +381,18 @@ class HeunODE(_FixedStepODE):
                              alpha=0.5 * (rows["level"][i + 1] - rows["level"][i]))
         a, b = state["weights"][i]
         return torch.add(y, eps, alpha=a).add_(eps_next, alpha=b)
+
+    def clipped_step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
+        """The ``data`` form's step on clamped x0 predictions (``clip_x0``): ``y_euler = r y +
+        (1 - r) m_i``, ``y_{i+1} = y_euler + w (m_{i+1} - m_i)``, ``w = (r - 1) / h + 1``."""
+        m = self.denoised(model, y, rows, i, state, recorder)
+        r = rows["level"][i + 1] / rows["level"][i]
+        euler = mix(r, r, y, [m], [1.0 - r])
+        if i == steps - 1:
+            return euler
+        w = (r - 1.0) / (rows["lam"][i + 1] - rows["lam"][i]) + 1.0
+        m_next = self.data(model, euler, rows, i + 1, state)
+        return euler.add_(m_next, alpha=w).add_(m, alpha=-w)
 
 
 class EDMStochastic(_FixedStepODE):
@@ -506,9 +562,9 @@ class _DPMSolverMultistep(_FixedStepODE):
 
     order = 2
 
-    def __init__(self, steps: int, spacing: Spacing, rho: float, lower_order_final: bool
-                 ) -> None:
-        super().__init__(steps, spacing, rho)
+    def __init__(self, steps: int, spacing: Spacing, rho: float, lower_order_final: bool,
+                 clip_x0: float | None = None) -> None:
+        super().__init__(steps, spacing, rho, clip_x0)
         self.lower_order_final = lower_order_final
 
     def weights(self, process: NoiseProcess) -> list[tuple[float, list[float]]]:
@@ -559,6 +615,9 @@ class DPMSolver2M(_DPMSolverMultistep):
         rho: the exponent of the ``edm`` spacing.
         lower_order_final: below 15 steps, take the step into varsigma_min at first order
             (:func:`usable_orders`).
+        clip_x0: clamp every x0 prediction to [-clip_x0, clip_x0] before it enters the
+            multistep update (DPM-Solver++'s thresholding of the data prediction for
+            pixel-space models; images in [-1, 1]: 1.0; DDIM's option). None: off.
     """
 
     order = 2
@@ -569,8 +628,9 @@ class DPMSolver2M(_DPMSolverMultistep):
         spacing: Spacing = "log_snr",
         rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
         lower_order_final: bool = True,
+        clip_x0: ClipX0 = None,
     ) -> None:
-        super().__init__(steps, spacing, rho, lower_order_final)
+        super().__init__(steps, spacing, rho, lower_order_final, clip_x0)
 
 
 class DPMSolver3M(_DPMSolverMultistep):
@@ -585,6 +645,9 @@ class DPMSolver3M(_DPMSolverMultistep):
             left to varsigma_min allow: the step into varsigma_min first order, the one
             before it at most second (:func:`usable_orders`; at 5 steps the same steps
             as DPM-Solver++(2M)). Off: every step third order once it has the history.
+        clip_x0: clamp every x0 prediction to [-clip_x0, clip_x0] before it enters the
+            multistep update (DPM-Solver++'s thresholding of the data prediction for
+            pixel-space models; images in [-1, 1]: 1.0; DDIM's option). None: off.
     """
 
     order = 3
@@ -595,5 +658,6 @@ class DPMSolver3M(_DPMSolverMultistep):
         spacing: Spacing = "log_snr",
         rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
         lower_order_final: bool = True,
+        clip_x0: ClipX0 = None,
     ) -> None:
-        super().__init__(steps, spacing, rho, lower_order_final)
+        super().__init__(steps, spacing, rho, lower_order_final, clip_x0)

@@ -24,7 +24,15 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.solvers.ancestral import posterior_mean_map, predict_x0_and_eps
-from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
+from diffusers_kit.solvers.base import (
+    ClipX0,
+    Progress,
+    Recorder,
+    SampleResult,
+    Solver,
+    model_device,
+    start,
+)
 from diffusers_kit.solvers.grids import Spacing
 from diffusers_kit.solvers.noise import Noise, as_noise
 from diffusers_kit.solvers.tables import step_table
@@ -59,7 +67,8 @@ class RePaint(Solver):
         jump_length: steps per jump (RePaint: 10).
         resampling: descents per block (RePaint: 10; 1 is plain ancestral sampling).
         spacing: how the times are spaced.
-        clip_x0: clip x0_hat to [-clip_x0, clip_x0] (images in [-1, 1]: 1.0).
+        clip_x0: clamp x0_hat to [-clip_x0, clip_x0] before each step (images in [-1, 1]:
+            1.0; :func:`~diffusers_kit.solvers.base.clip_data`). None: off.
     """
 
     def __init__(
@@ -68,7 +77,7 @@ class RePaint(Solver):
         jump_length: Annotated[int, Field(ge=1, le=10_000)] = 10,
         resampling: Annotated[int, Field(ge=1, le=100)] = 10,
         spacing: Spacing = "uniform",
-        clip_x0: Annotated[float, Field(gt=0, le=1e6)] | None = None,
+        clip_x0: ClipX0 = None,
     ) -> None:
         self.steps = steps
         self.jump_length = jump_length

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import numpy as np
 from pydantic import Field
 
+from diffusers_kit.solvers.base import ClipX0
 from diffusers_kit.solvers.grids import Spacing, cached
 from diffusers_kit.solvers.ode import _FixedStepODE, mix, usable_orders
 from diffusers_kit.solvers.tables import scalars
@@ -150,6 +151,10 @@ class UniPC(_FixedStepODE):
         lower_order_final: below 15 steps, no step takes a higher predictor order than
             the steps left to varsigma_min allow: the step into varsigma_min first order,
             the one before it at most second (:func:`~diffusers_kit.solvers.ode.usable_orders`).
+        clip_x0: clamp every data prediction (``m_0`` and the corrector's ``m_new``) to
+            [-clip_x0, clip_x0] before it enters the predictor or corrector (DPM-Solver++'s
+            thresholding of the data prediction for pixel-space models; images in [-1, 1]:
+            1.0; DDIM's option). None: off.
     """
 
     def __init__(
@@ -161,8 +166,9 @@ class UniPC(_FixedStepODE):
         variant: Variant = "bh2",
         corrector: bool = True,
         lower_order_final: bool = True,
+        clip_x0: ClipX0 = None,
     ) -> None:
-        super().__init__(steps, spacing, rho)
+        super().__init__(steps, spacing, rho, clip_x0)
         self.order = order
         self.variant = variant
         self.corrector = corrector
