@@ -939,6 +939,10 @@ def execute(
         checkpoint_from = reused or (trained.run_dir if trained is not None else None)
         if checkpoint_from is not None:
             _link_checkpoint(checkpoint_from / CHECKPOINT, run_dir)
+        elif from_path is not None and "train" not in stages:
+            # sampled or evaluated with --from's weights: recorded (so the run says which
+            # training it shows), not linked (the folder holds what this run made)
+            checkpoint_from = from_path
         run = Run(spec, components, run_dir, console, quiet, from_path,
                   resume_path / CHECKPOINT if resume_path else None, resume_step, distributed)
         run.results["train_hash"] = digest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,6 +64,9 @@ def test_sample_again_from_a_checkpoint_without_training(tmp_path, capsys):
     second = next(p for p in run_folders(tmp_path / "runs", "tiny") if p != first)
     assert not (second / "checkpoint.safetensors").exists(), "no training happened"
     assert "weights loaded from" in (second / "run.log").read_text()
+    record = json.loads((second / "run.json").read_text())
+    assert Path(record["checkpoint_from"]).resolve() == first.resolve(), "which weights it shows"
+    assert record["trained"] is False
     with np.load(first / "samples.npz") as a, np.load(second / "samples.npz") as b:
         np.testing.assert_array_equal(a["samples"], b["samples"])
 
