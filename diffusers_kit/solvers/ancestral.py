@@ -85,6 +85,17 @@ def posterior_mean_map(process: NoiseProcess, grid: tuple, x: Tensor
     return scale, mix
 
 
+def eps_map_step(model: ScoreModel, x: Tensor, t: Tensor, i: int, scale: list[Tensor],
+                 mix: list[float], rows: dict, recorder: Recorder, record: bool) -> Tensor:
+    """``scale[i] x + mix[i] eps_hat(x, t)``: a step that is one linear map of ``(x_t, eps_hat)``
+    (ancestral's posterior mean, RePaint's descent, DDIM's update). With ``record``, step ``i``'s
+    ``x0_hat = (x - sigma_t eps_hat) / alpha_t`` goes to ``recorder``."""
+    eps = model.predict(x, t, "eps")
+    if record:
+        recorder.record(i, x, (x - rows["sigma_t"][i] * eps) / rows["alpha_t"][i])
+    return torch.mul(x, scale[i]).add_(eps, alpha=mix[i])
+
+
 class Ancestral(Solver):
     """DDPM ancestral sampling with sigma_t^2 = beta~_t, beta_t or learned (Ho et al. 2020).
 
@@ -142,10 +153,8 @@ class Ancestral(Solver):
             scale, mix = posterior_mean_map(process, (self.steps, self.spacing), x)
         for i in range(steps):
             if fused:
-                eps = model.predict(x, times[i], "eps")
-                if recorder.wants(i):
-                    recorder.record(i, x, (x - rows["sigma_t"][i] * eps) / rows["alpha_t"][i])
-                mean = torch.mul(x, scale[i]).add_(eps, alpha=mix[i])
+                mean = eps_map_step(model, x, times[i], i, scale, mix, rows, recorder,
+                                    recorder.wants(i))
             else:
                 x0, _, v = predict_x0_and_eps(model, x, times[i], rows["alpha_t"][i],
                                               rows["sigma_t"][i], self.clip_x0)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.ancestral import predict_x0_and_eps
+from diffusers_kit.solvers.ancestral import eps_map_step, predict_x0_and_eps
 from diffusers_kit.solvers.base import (
     ClipX0,
     Progress,
@@ -91,10 +91,8 @@ class DDIM(Solver):
         mix, noise_std = coef["eps"], coef["noise_std"]
         for i in range(steps):
             if self.clip_x0 is None:
-                eps = model.predict(x, times[i], "eps")
-                if recorder.wants(i):
-                    recorder.record(i, x, (x - rows["sigma_t"][i] * eps) / rows["alpha_t"][i])
-                x = torch.mul(x, scale[i]).add_(eps, alpha=mix[i])
+                x = eps_map_step(model, x, times[i], i, scale, mix, rows, recorder,
+                                 recorder.wants(i))
             else:
                 x0, eps, _ = predict_x0_and_eps(model, x, times[i], rows["alpha_t"][i],
                                                 rows["sigma_t"][i], self.clip_x0)

@@ -23,7 +23,11 @@ from typing import TYPE_CHECKING, Annotated
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.ancestral import posterior_mean_map, predict_x0_and_eps
+from diffusers_kit.solvers.ancestral import (
+    eps_map_step,
+    posterior_mean_map,
+    predict_x0_and_eps,
+)
 from diffusers_kit.solvers.base import (
     ClipX0,
     Progress,
@@ -121,10 +125,8 @@ class RePaint(Solver):
                 continue
             final = last[i] == n  # the block's last descent: what is recorded
             if self.clip_x0 is None:
-                eps = model.predict(x, times[i], "eps")
-                if final and recorder.wants(i):
-                    recorder.record(i, x, (x - rows["sigma_t"][i] * eps) / rows["alpha_t"][i])
-                mean = torch.mul(x, scale[i]).add_(eps, alpha=mix[i])
+                mean = eps_map_step(model, x, times[i], i, scale, mix, rows, recorder,
+                                    final and recorder.wants(i))
             else:
                 x0, _, _ = predict_x0_and_eps(model, x, times[i], rows["alpha_t"][i],
                                               rows["sigma_t"][i], self.clip_x0)
