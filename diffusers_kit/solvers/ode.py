@@ -342,21 +342,22 @@ class HeunODE(_FixedStepODE):
         super().__init__(steps, spacing, rho, clip_x0)
         self.form = form
 
-    def weights(self, process: NoiseProcess) -> list[tuple[float, float]]:
-        """The ``data`` form's step, cached with the grid: ``(a, b)`` with ``y_{i+1} = y_i +
+    def weights(self, process: NoiseProcess) -> list[tuple[float, float, float]]:
+        """The ``data`` form's step, cached with the grid: ``(a, b, w)`` with ``y_{i+1} = y_i +
         a eps_i + b eps_{i+1}`` (``eps_{i+1}`` evaluated at the Euler point): ``euler + w
         ((euler - level' eps_{i+1}) - (y - level eps_i))`` with ``euler = y + (level' - level)
         eps_i`` and ``w = (r - 1) / h + 1`` expands to ``a = (1 + w) (level' - level) + w
-        level``, ``b = -w level'``."""
+        level``, ``b = -w level'`` (``w`` itself: the step on clamped x0 predictions)."""
 
-        def build() -> list[tuple[float, float]]:
+        def build() -> list[tuple[float, float, float]]:
             rows, out = self.table(process).rows, []
             for i in range(len(rows["level"]) - 2):
                 level, level_next = rows["level"][i], rows["level"][i + 1]
                 delta = level_next - level
                 h = rows["lam"][i + 1] - rows["lam"][i]
                 weight = (level_next / level - 1.0) / h + 1.0
-                out.append(((1.0 + weight) * delta + weight * level, -weight * level_next))
+                out.append(((1.0 + weight) * delta + weight * level, -weight * level_next,
+                            weight))
             return out
 
         return cached(process, ("heun_weights", self.steps, self.spacing, float(self.rho)),
@@ -379,7 +380,7 @@ class HeunODE(_FixedStepODE):
         if self.form == "noise":
             return torch.add(y, eps + eps_next,
                              alpha=0.5 * (rows["level"][i + 1] - rows["level"][i]))
-        a, b = state["weights"][i]
+        a, b, _ = state["weights"][i]
         return torch.add(y, eps, alpha=a).add_(eps_next, alpha=b)
 
     def clipped_step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
@@ -390,7 +391,7 @@ class HeunODE(_FixedStepODE):
         euler = mix(r, r, y, [m], [1.0 - r])
         if i == steps - 1:
             return euler
-        w = (r - 1.0) / (rows["lam"][i + 1] - rows["lam"][i]) + 1.0
+        w = state["weights"][i][2]
         m_next = self.data(model, euler, rows, i + 1, state)
         return euler.add_(m_next, alpha=w).add_(m, alpha=-w)
 
