@@ -1,11 +1,14 @@
-"""First-order solvers at 5 / 10 / 20 NFE: which time grid, for data of which scale.
+"""Which time grid for which process and data scale: the evidence behind ``spacing: auto``.
 
-The three-mode mixture of ``benchmarks/solvers.py`` (exact score) scaled by 0.3, 1 and 3, on the
-DDPM and VP processes; the RMS distance to a tight probability-flow solve (DPM-Solver++(3M),
-1000 steps) from the same start noise, divided by the scale, N = 8,000, one seed. DDIM on its
-uniform grid against Euler and Heun on the log-SNR default, the uniform and the quadratic grids.
+The three-mode mixture of ``benchmarks/solvers.py`` (exact score) scaled by 0.3, 1 and 3, on
+every built-in process; the RMS distance to a tight probability-flow solve from the same start
+noise (:class:`diffusers_kit.testing.ODEReference`), divided by the scale, N = 4,000, one seed.
+Euler, Heun, DPM-Solver++(2M) and UniPC on the ``log_snr`` and the ``quadratic`` grid, with
+5-step DDIM (its uniform grid) as the baseline; cells are 5 / 10 / 20 NFE (Heun: 5 / 9 / 19).
+The last column says which grid ``auto`` takes on that process.
 
-    OMP_NUM_THREADS=1 python benchmarks/grid_scales.py
+    OMP_NUM_THREADS=1 python benchmarks/grid_scales.py            # every process (~6 min)
+    OMP_NUM_THREADS=1 python benchmarks/grid_scales.py ddpm ve    # some of them
 """
 
 from __future__ import annotations
@@ -18,39 +21,51 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers_kit.model import ScoreModel
-from diffusers_kit.processes import DDPM, VP
-from diffusers_kit.solvers import DDIM, DPMSolver3M, EulerODE, HeunODE
-from diffusers_kit.testing import ExactMixture, ExactScoreNetwork, three_modes
+from diffusers_kit.processes import DDPM, OU, VE, VP, ConstantSigma, SubVP
+from diffusers_kit.solvers import DDIM, DPMSolver2M, EulerODE, HeunODE, UniPC
+from diffusers_kit.solvers.grids import resolve_spacing
+from diffusers_kit.testing import ExactMixture, ExactScoreNetwork, ODEReference, three_modes
 
+PROCESSES = {"ddpm": DDPM, "ddpm-cosine": lambda: DDPM(schedule="cosine"), "vp": VP,
+             "subvp": SubVP, "ou": OU, "constant-sigma": ConstantSigma, "ve": VE}
 SOLVERS = {
-    "ddim (uniform)": lambda k: DDIM(steps=k),
-    "euler (log-snr)": lambda k: EulerODE(steps=k),
-    "euler (uniform)": lambda k: EulerODE(steps=k, spacing="uniform"),
-    "euler (quadratic)": lambda k: EulerODE(steps=k, spacing="quadratic"),
-    "heun (log-snr)": lambda k: HeunODE(steps=(k + 1) // 2),
-    "heun (uniform)": lambda k: HeunODE(steps=(k + 1) // 2, spacing="uniform"),
+    "euler": lambda k, grid: EulerODE(steps=k, spacing=grid),
+    "heun": lambda k, grid: HeunODE(steps=(k + 1) // 2, spacing=grid),
+    "dpm_solver_2m": lambda k, grid: DPMSolver2M(steps=k, spacing=grid),
+    "unipc": lambda k, grid: UniPC(steps=k, spacing=grid),
 }
+GRIDS = ("log_snr", "quadratic")
+BUDGETS = (5, 10, 20)
 
 
-def main(n: int = 8000, budgets: tuple[int, ...] = (5, 10, 20)) -> None:
+def row(name: str, scale: float, n: int = 4000) -> list[str]:
+    process = PROCESSES[name]()
     base = three_modes()
-    print("| process | data scale | " + " | ".join(SOLVERS) + " |")
-    print("|---|---|" + "---|" * len(SOLVERS))
-    for name, process in (("ddpm", DDPM()), ("vp", VP())):
+    mixture = ExactMixture(base.weights, base.means * scale, base.stds * scale)
+    model = ScoreModel(process, ExactScoreNetwork(mixture, process))
+    x_T = process.prior_std() * torch.randn(n, 2, generator=torch.Generator().manual_seed(100))
+    reference = ODEReference(model, x_T, scale=scale)
+
+    def cell(make) -> str:  # type: ignore[no-untyped-def]
+        return " / ".join(f"{reference.error(make(k)):.3f}" for k in BUDGETS)
+
+    cells = [cell(lambda k: DDIM(steps=k))]
+    for make in SOLVERS.values():
+        cells += [cell(lambda k, make=make, grid=grid: make(k, grid)) for grid in GRIDS]
+    return [name, f"{scale:g}", *cells, resolve_spacing(process, "auto")]
+
+
+def main(names: list[str]) -> None:
+    header = ["process", "data scale", "ddim (uniform)"]
+    header += [f"{solver} ({grid.replace('_', '-')})" for solver in SOLVERS for grid in GRIDS]
+    header.append("auto")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name in names:
         for scale in (0.3, 1.0, 3.0):
-            mixture = ExactMixture(base.weights, base.means * scale, base.stds * scale)
-            model = ScoreModel(process, ExactScoreNetwork(mixture, process))
-            x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(100))
-            reference = DPMSolver3M(steps=1000).sample(model, (n, 2), x_T=x_T).samples
-            cells = []
-            for make in SOLVERS.values():
-                errors = []
-                for k in budgets:
-                    samples = make(k).sample(model, (n, 2), x_T=x_T).samples
-                    errors.append(float((samples - reference).pow(2).mean().sqrt()) / scale)
-                cells.append(" / ".join(f"{e:.3f}" for e in errors))
-            print(f"| {name} | {scale:g} | " + " | ".join(cells) + " |", flush=True)
+            print("| " + " | ".join(row(name, scale)) + " |", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    torch.set_num_threads(1)
+    main(sys.argv[1:] or list(PROCESSES))

@@ -49,6 +49,7 @@ from diffusers_kit.solvers import (  # noqa: E402
     ScipyODE,
     UniPC,
 )
+from diffusers_kit.testing import ODEReference  # noqa: E402
 from tests.gaussian_mixture import exact_model, three_modes  # noqa: E402
 
 N = 4000
@@ -75,13 +76,13 @@ SWEEPS = {
     "pc: reverse diffusion + langevin (VP)": (
         lambda k: PredictorCorrector(corrector=LangevinCorrector(), steps=k), VP,
         [10, 25, 50, 125, 500]),
-    "euler, log-snr grid (VP)": (lambda k: EulerODE(steps=k), VP, [5, 10, 20, 50, 100]),
-    "heun, log-snr grid (VP)": (lambda k: HeunODE(steps=k), VP, [3, 5, 8, 10, 18]),
-    "dpm-solver++(2m), log-snr grid (VP)": (lambda k: DPMSolver2M(steps=k), VP,
+    "euler, default grid (VP)": (lambda k: EulerODE(steps=k), VP, [5, 10, 20, 50, 100]),
+    "heun, default grid (VP)": (lambda k: HeunODE(steps=k), VP, [3, 5, 8, 10, 18]),
+    "dpm-solver++(2m), default grid (VP)": (lambda k: DPMSolver2M(steps=k), VP,
                                             [5, 8, 10, 15, 20]),
-    "dpm-solver++(3m), log-snr grid (VP)": (lambda k: DPMSolver3M(steps=k), VP,
+    "dpm-solver++(3m), default grid (VP)": (lambda k: DPMSolver3M(steps=k), VP,
                                             [5, 8, 10, 15, 20]),
-    "unipc (order 2), log-snr grid (VP)": (lambda k: UniPC(steps=k), VP, [5, 8, 10, 15, 20]),
+    "unipc (order 2), default grid (VP)": (lambda k: UniPC(steps=k), VP, [5, 8, 10, 15, 20]),
     "edm stochastic, S_churn=30 (VP)": (lambda k: EDMStochastic(steps=k), VP, [5, 10, 20, 40]),
     "scipy RK45, rtol=atol (VP)": (lambda k: ScipyODE(rtol=10.0**-k, atol=10.0**-k), VP,
                                    [2, 3, 4, 5]),
@@ -230,15 +231,19 @@ def ode_errors(n: int = 20000, seeds: tuple[int, ...] = (0, 1, 2),
     ours = {
         "ddim (uniform)": lambda k: DDIM(steps=k),
         "ddim (log-snr)": lambda k: DDIM(steps=k, spacing="log_snr"),
-        "euler (log-snr)": lambda k: EulerODE(steps=k),
-        "heun (log-snr)": lambda k: HeunODE(steps=(k + 1) // 2),
-        "dpm_solver_2m (log-snr)": lambda k: DPMSolver2M(steps=k),
-        "dpm_solver_3m (log-snr)": lambda k: DPMSolver3M(steps=k),
-        "unipc (log-snr)": lambda k: UniPC(steps=k),
-        "unipc order 3 (log-snr)": lambda k: UniPC(steps=k, order=3),
+        "euler": lambda k: EulerODE(steps=k),
+        "euler (log-snr)": lambda k: EulerODE(steps=k, spacing="log_snr"),
+        "heun": lambda k: HeunODE(steps=(k + 1) // 2),
+        "heun (log-snr)": lambda k: HeunODE(steps=(k + 1) // 2, spacing="log_snr"),
+        "dpm_solver_2m": lambda k: DPMSolver2M(steps=k),
+        "dpm_solver_2m (log-snr)": lambda k: DPMSolver2M(steps=k, spacing="log_snr"),
         "dpm_solver_2m (edm grid)": lambda k: DPMSolver2M(steps=k, spacing="edm"),
-        "dpm_solver_2m (quadratic)": lambda k: DPMSolver2M(steps=k, spacing="quadratic"),
-        "unipc (quadratic)": lambda k: UniPC(steps=k, spacing="quadratic"),
+        "dpm_solver_3m": lambda k: DPMSolver3M(steps=k),
+        "dpm_solver_3m (log-snr)": lambda k: DPMSolver3M(steps=k, spacing="log_snr"),
+        "unipc": lambda k: UniPC(steps=k),
+        "unipc (log-snr)": lambda k: UniPC(steps=k, spacing="log_snr"),
+        "unipc order 3": lambda k: UniPC(steps=k, order=3),
+        "unipc order 3 (log-snr)": lambda k: UniPC(steps=k, order=3, spacing="log_snr"),
     }
     try:
         theirs = diffusers_schedulers()
@@ -247,16 +252,14 @@ def ode_errors(n: int = 20000, seeds: tuple[int, ...] = (0, 1, 2),
     table: dict[str, dict[int, list]] = {name: {} for name in [*ours, *theirs]}
     for seed in seeds:
         x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(100 + seed))
-        reference = DPMSolver3M(steps=1000).sample(model, (n, 2), x_T=x_T).samples
+        reference = ODEReference(model, x_T)
         for name, make in ours.items():
             for k in budgets:
-                result = make(k).sample(model, (n, 2), x_T=x_T)
-                error = float((result.samples - reference).pow(2).mean().sqrt())
-                table[name].setdefault(k, []).append((result.nfe, error))
+                table[name].setdefault(k, []).append(reference.run(make(k)))
         for name, make in theirs.items():
             for k in budgets:
                 samples, nfe = diffusers_sample(make(), model.network, x_T, k)
-                error = float((samples - reference).pow(2).mean().sqrt())
+                error = float((samples - reference.exact).pow(2).mean().sqrt())
                 table[f"{name}"].setdefault(k, []).append((nfe, error))
         print("seed", seed, flush=True)
     return {name: {k: (v[0][0], sum(e for _, e in v) / len(v)) for k, v in row.items()}

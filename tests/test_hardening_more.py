@@ -383,7 +383,7 @@ def test_plugins_show_spells_out_literal_and_optional(capsys):
     code, out, _ = run_cli(["plugins", "show", "solver", "ddim"], capsys)
     assert code == 0
     flat = " ".join(out.split())
-    assert "one of 'uniform'" in flat and "float or none" in flat and "> 0" in flat
+    assert "one of 'auto'" in flat and "float or none" in flat and "> 0" in flat
 
 
 def test_a_default_that_violates_its_own_constraint_is_refused_at_registration():

@@ -29,8 +29,9 @@ from diffusers_kit.solvers import (
     NoPredictor,
     PredictorCorrector,
     ScipyODE,
+    UniPC,
 )
-from diffusers_kit.testing import MixtureTarget
+from diffusers_kit.testing import MixtureTarget, ODEReference
 from tests.gaussian_mixture import exact_model, three_modes
 
 N = 2000
@@ -116,26 +117,21 @@ def test_a_broken_sampler_is_caught():
 
 
 def test_few_step_solvers_stay_near_the_exact_ode_and_no_worse_than_ddim():
-    """At 5 NFE every deterministic solver stays within 10 % of 5-step DDIM's distance to the
-    exact probability-flow solution from the same start noise (Heun's Karras form diverged
-    there: 15 vs 0.35), the multistep solvers well below it, and at 10-20 NFE the multistep
-    solvers are well ahead of DDIM. DPM-Solver++(3M) at 10 steps takes its last two steps
-    before the denoising one at orders 2 and 1 (``lower_order_final``): measured 0.099 against
-    DDIM's 0.133 (0.060 when the staircase ended on the step onto 0, which at 5 steps made it
-    worse than DDIM)."""
+    """At 5 NFE every deterministic solver with its defaults is closer than 5-step DDIM to the
+    exact probability-flow solution from the same start noise (measured on DDPM's default
+    quadratic grid: Euler 0.22, Heun 0.27, DPM-Solver++(2M/3M) 0.13, against DDIM's 0.35; on
+    equal log-SNR steps Euler and Heun were 0.36 / 0.35, and Heun's Karras form diverged, 15),
+    and at 10 / 20 NFE the multistep solvers are at most 0.55 / 0.25 times DDIM's error (on
+    equal log-SNR steps DPM-Solver++(3M) was 0.75 times at 10 and (2M) 0.37 times at 20)."""
     model = exact_model(MIXTURE, DDPM())
-    x_T = torch.randn(N, 2, generator=torch.Generator().manual_seed(8))
-    exact = DPMSolver3M(steps=1000).sample(model, (N, 2), x_T=x_T).samples
-
-    def error(solver) -> float:  # type: ignore[no-untyped-def]
-        return float((solver.sample(model, (N, 2), x_T=x_T).samples - exact).pow(2).mean().sqrt())
-
+    reference = ODEReference(model, torch.randn(N, 2, generator=torch.Generator().manual_seed(8)))
+    error = reference.error
     ddim = error(DDIM(steps=5))
     for solver in (EulerODE(steps=5), HeunODE(steps=3)):
-        assert error(solver) < 1.1 * ddim, type(solver).__name__
-    for solver in (DPMSolver2M(steps=5), DPMSolver3M(steps=5)):
-        assert error(solver) < 0.8 * ddim, type(solver).__name__
-    for steps, third in ((10, 0.8), (20, 0.5)):
-        reference = error(DDIM(steps=steps))
-        assert error(DPMSolver2M(steps=steps)) < 0.7 * reference
-        assert error(DPMSolver3M(steps=steps)) < third * reference
+        assert error(solver) < 0.9 * ddim, type(solver).__name__
+    for solver in (DPMSolver2M(steps=5), DPMSolver3M(steps=5), UniPC(steps=5)):
+        assert error(solver) < 0.5 * ddim, type(solver).__name__
+    for steps, factor in ((10, 0.65), (20, 0.3)):  # measured: at most 0.55 and 0.25
+        baseline = error(DDIM(steps=steps))
+        for solver in (DPMSolver2M(steps=steps), DPMSolver3M(steps=steps), UniPC(steps=steps)):
+            assert error(solver) < factor * baseline, (type(solver).__name__, steps)

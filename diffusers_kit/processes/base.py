@@ -65,6 +65,9 @@ class NoiseProcess:
     ``t_min`` is the smallest time samplers integrate to (a positive value avoids the
     singular score at ``t = 0``). Discrete processes (DDPM) set ``num_steps`` to their number of
     steps T (step ``i`` sits at ``t = i / T``); continuous ones leave it ``None``.
+    ``default_spacing`` is the time grid the few-step probability-flow solvers take under their
+    default ``spacing: auto`` (one of ``uniform``, ``quadratic``, ``edm``, ``log_snr``;
+    :mod:`diffusers_kit.solvers.grids`): equal log-SNR steps unless a process knows better.
 
     **Optional capabilities** — components that need one check for it with :meth:`lacks`, which
     names what is missing (so a plugin process learns it at validation, not mid-run):
@@ -76,6 +79,7 @@ class NoiseProcess:
 
     t_min: float = 0.0
     num_steps: int | None = None
+    default_spacing: str = "log_snr"
 
     DISCRETE_STEPS = ("num_steps", "step_index")
     NOISE_LADDER = ("levels", "num_levels", "level_times")

@@ -81,6 +81,9 @@ class VP(VariancePreserving):
     """
 
     t_min = 1e-3  # Song et al. 2021 stop sampling at t = 1e-3
+    #: The ODE solvers' ``spacing: auto``: the quadratic grid in ``t``, as for DDPM (its
+    #: discrete twin); for sub-VP too, whose log-SNR spans 28 nats (``docs/solvers.md``).
+    default_spacing = "quadratic"
 
     def __init__(
         self,

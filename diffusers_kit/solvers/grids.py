@@ -12,7 +12,12 @@ Spacings:
 * ``edm``: the noise level ``varsigma = sigma / alpha`` spaced as in Karras et al. 2022, eq. 5,
   ``varsigma_i = (varsigma_max^(1/rho) + i / (N - 1) (varsigma_min^(1/rho) -
   varsigma_max^(1/rho)))^rho`` with ``rho = 7``;
-* ``log_snr``: equal steps in ``lambda = log(alpha / sigma)`` (Lu et al. 2022, DPM-Solver).
+* ``log_snr``: equal steps in ``lambda = log(alpha / sigma)`` (Lu et al. 2022, DPM-Solver);
+* ``auto``: the process's own :attr:`~diffusers_kit.processes.base.NoiseProcess.default_spacing`
+  (the ODE solvers' default): ``quadratic`` on DDPM (linear and cosine), VP and sub-VP,
+  ``log_snr`` on VE, OU, the constant-sigma chain and, unless it says otherwise, a plugin's
+  process; chosen by measurement on an exact-score mixture at data scales 0.3, 1 and 3
+  (``docs/solvers.md``).
 
 Times for the ``edm`` / ``log_snr`` spacings come from inverting the (monotone) log-SNR by
 bisection. Grids and every table built on them are cached per process (:func:`cached`, weakly
@@ -31,8 +36,20 @@ import torch
 if TYPE_CHECKING:
     from diffusers_kit.processes.base import NoiseProcess
 
-Spacing = Literal["uniform", "quadratic", "edm", "log_snr"]
-SPACINGS = ("uniform", "quadratic", "edm", "log_snr")
+Spacing = Literal["auto", "uniform", "quadratic", "edm", "log_snr"]
+SPACINGS = ("auto", "uniform", "quadratic", "edm", "log_snr")
+
+
+def resolve_spacing(process: NoiseProcess, spacing: str) -> str:
+    """``spacing``, with ``auto`` replaced by the process's ``default_spacing`` (the one place
+    ``auto`` is decided)."""
+    if spacing != "auto":
+        return spacing
+    chosen = getattr(process, "default_spacing", "log_snr")
+    if chosen not in SPACINGS or chosen == "auto":
+        raise ValueError(f"{type(process).__name__}.default_spacing is {chosen!r}; expected "
+                         f"one of {SPACINGS[1:]}")
+    return chosen
 
 Tensor = torch.Tensor
 
@@ -86,7 +103,9 @@ def sampling_times(
 
     ``steps=None`` means the process's own number of steps (discrete) or 1000 (continuous).
     A discrete process may return fewer than ``steps`` times (snapped steps that coincide).
+    ``spacing="auto"`` is the process's ``default_spacing`` (:func:`resolve_spacing`).
     """
+    spacing = resolve_spacing(process, spacing)  # type: ignore[assignment]
     key = ("times", steps, spacing, float(rho))
     return cached(process, key, lambda: _sampling_times(process, steps, spacing, rho)).clone()
 

@@ -38,10 +38,11 @@ ODE becomes::
   count the final denoising step apart; a higher-order step there extrapolates the x0
   predictions with large weights over long steps).
 
-The default grid is equal steps in log-SNR (``log_snr``), which adapts to any data scale and
-process; the EDM grid (rho = 7, Karras et al. 2022) suits data in [-1, 1]; the ``quadratic``
-grid in ``t`` (DDIM's, DPM-Solver's "time_quadratic") is the more accurate at 5-20 NFE on DDPM /
-VP with data of unit scale, and the less accurate on VE (see ``UniPC``'s ``spacing``).
+The default grid (``spacing: auto``) is the process's ``default_spacing``: DDIM's ``quadratic``
+grid in ``t`` (DPM-Solver's "time_quadratic") on DDPM, VP and sub-VP, where it is the more
+accurate at 5-20 NFE, and equal steps in log-SNR (``log_snr``) on VE, OU and the rest, where
+the quadratic grid is the less accurate (see ``UniPC``'s ``spacing`` and ``docs/solvers.md``);
+the EDM grid (rho = 7, Karras et al. 2022) suits data in [-1, 1].
 Every grid ends at ``varsigma = 0``: the last step lands on the denoised estimate without an
 extra evaluation.
 ``steps`` counts grid points; ``nfe`` in the result is the true number of evaluations.
@@ -278,7 +279,9 @@ class EulerODE(_FixedStepODE):
 
     Args:
         steps: number of steps (= network evaluations).
-        spacing: ``log_snr`` (default), ``edm`` (Karras et al. 2022), ``uniform``, ``quadratic``.
+        spacing: ``auto`` (default: the process's ``default_spacing``, ``quadratic`` on DDPM / VP /
+            sub-VP, ``log_snr`` elsewhere), ``log_snr``, ``quadratic``, ``edm`` (Karras et al.
+            2022), ``uniform``.
         rho: the exponent of the ``edm`` spacing.
         clip_x0: clamp x0_hat to [-clip_x0, clip_x0] before each step (images in [-1, 1]:
             1.0; DDIM's option). The step is then taken in its data form, ``y_{i+1} = r y_i +
@@ -288,7 +291,7 @@ class EulerODE(_FixedStepODE):
     def __init__(
         self,
         steps: Annotated[int, Field(ge=1, le=100_000)] = 100,
-        spacing: Spacing = "log_snr",
+        spacing: Spacing = "auto",
         rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
         clip_x0: ClipX0 = None,
     ) -> None:
@@ -319,7 +322,9 @@ class HeunODE(_FixedStepODE):
 
     Args:
         steps: number of grid points; network evaluations are 2 * steps - 1.
-        spacing: ``log_snr`` (default), ``edm`` (Karras et al. 2022), ``uniform``, ``quadratic``.
+        spacing: ``auto`` (default: the process's ``default_spacing``, ``quadratic`` on DDPM / VP /
+            sub-VP, ``log_snr`` elsewhere), ``log_snr``, ``quadratic``, ``edm`` (Karras et al.
+            2022), ``uniform``.
         rho: the exponent of the ``edm`` spacing.
         form: ``data`` (exponential-integrator correction) or ``noise`` (Karras et al.'s).
         clip_x0: clamp both x0 predictions of each step to [-clip_x0, clip_x0] (images in
@@ -331,7 +336,7 @@ class HeunODE(_FixedStepODE):
     def __init__(
         self,
         steps: Annotated[int, Field(ge=1, le=100_000)] = 18,
-        spacing: Spacing = "log_snr",
+        spacing: Spacing = "auto",
         rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
         form: Literal["data", "noise"] = "data",
         clip_x0: ClipX0 = None,
@@ -401,7 +406,9 @@ class EDMStochastic(_FixedStepODE):
 
     Args:
         steps: number of grid points N; network evaluations are 2N - 1.
-        spacing: ``log_snr`` (default), ``edm`` (the paper's), ``uniform``, ``quadratic``.
+        spacing: ``auto`` (default: the process's ``default_spacing``, ``quadratic`` on DDPM / VP /
+            sub-VP, ``log_snr`` elsewhere), ``log_snr``, ``quadratic``, ``edm`` (the paper's),
+            ``uniform``.
         rho: the exponent of the ``edm`` spacing.
         S_churn: overall stochasticity; each step raises the noise by ``gamma = min(S_churn / N,
             sqrt(2) - 1)``. 0 is Heun's deterministic method.
@@ -415,7 +422,7 @@ class EDMStochastic(_FixedStepODE):
     def __init__(
         self,
         steps: Annotated[int, Field(ge=2, le=100_000)] = 40,
-        spacing: Spacing = "log_snr",
+        spacing: Spacing = "auto",
         rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
         S_churn: Annotated[float, Field(ge=0, le=1e6)] = 30.0,
         S_tmin: Annotated[float, Field(ge=0, le=1e6)] = 0.05,
@@ -608,11 +615,12 @@ class DPMSolver2M(_DPMSolverMultistep):
 
     Args:
         steps: number of steps (= network evaluations).
-        spacing: ``log_snr`` (default), ``quadratic``, ``edm`` (Karras et al. 2022),
-            ``uniform``. ``quadratic`` (DPM-Solver's "time_quadratic") is the more accurate
-            grid on DDPM / VP with data of unit scale (error to the exact ODE on the mixture
-            at 5 / 10 / 20 NFE: 0.137 / 0.047 / 0.013 against 0.236 / 0.076 / 0.025) and the
-            less accurate on VE (about 1.5x the ``log_snr`` error): see :class:`UniPC`.
+        spacing: ``auto`` (default: the process's ``default_spacing``, ``quadratic`` on DDPM / VP /
+            sub-VP, ``log_snr`` elsewhere), ``log_snr``, ``quadratic``, ``edm`` (Karras et al.
+            2022), ``uniform``. On DDPM the quadratic grid (DPM-Solver's
+            "time_quadratic") errs 0.137 / 0.047 / 0.013 at 5 / 10 / 20 NFE against 0.236 /
+            0.076 / 0.025 on equal log-SNR steps (the exact-score mixture); on VE it is the
+            less accurate (about 1.5x): see :class:`UniPC`.
         rho: the exponent of the ``edm`` spacing.
         lower_order_final: below 15 steps, take the step into varsigma_min at first order
             (:func:`usable_orders`).
@@ -626,7 +634,7 @@ class DPMSolver2M(_DPMSolverMultistep):
     def __init__(
         self,
         steps: Annotated[int, Field(ge=1, le=100_000)] = 20,
-        spacing: Spacing = "log_snr",
+        spacing: Spacing = "auto",
         rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
         lower_order_final: bool = True,
         clip_x0: ClipX0 = None,
@@ -640,7 +648,9 @@ class DPMSolver3M(_DPMSolverMultistep):
 
     Args:
         steps: number of steps (= network evaluations).
-        spacing: ``log_snr`` (default), ``edm`` (Karras et al. 2022), ``uniform``, ``quadratic``.
+        spacing: ``auto`` (default: the process's ``default_spacing``, ``quadratic`` on DDPM / VP /
+            sub-VP, ``log_snr`` elsewhere), ``log_snr``, ``quadratic``, ``edm`` (Karras et al.
+            2022), ``uniform``.
         rho: the exponent of the ``edm`` spacing.
         lower_order_final: below 15 steps, no step takes a higher order than the steps
             left to varsigma_min allow: the step into varsigma_min first order, the one
@@ -656,7 +666,7 @@ class DPMSolver3M(_DPMSolverMultistep):
     def __init__(
         self,
         steps: Annotated[int, Field(ge=1, le=100_000)] = 20,
-        spacing: Spacing = "log_snr",
+        spacing: Spacing = "auto",
         rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
         lower_order_final: bool = True,
         clip_x0: ClipX0 = None,

@@ -138,13 +138,15 @@ class UniPC(_FixedStepODE):
             ``lower_order_final`` it takes order 2's steps: 0.227 to the exact ODE on the
             mixture), worse at 10 (0.076 against 0.066) and only ~25 % better at 20 (0.0115
             against 0.016; docs/solvers_benchmark.md).
-        spacing: ``log_snr`` (default), ``quadratic``, ``edm`` (Karras et al. 2022),
-            ``uniform``. ``quadratic`` (DDIM's CIFAR-10 grid; DPM-Solver's "time_quadratic"
-            for discrete-time models in pixel space) is the more accurate grid on DDPM / VP /
-            sub-VP with data of unit scale or more (error to the exact ODE on the mixture at
-            5 / 10 / 20 NFE: 0.119 / 0.041 / 0.009 against 0.227 / 0.066 / 0.016 on DDPM) but
-            the less accurate on VE (0.21 / 0.073 / 0.029 against 0.145 / 0.041 / 0.013) and
-            on data of scale 0.3, where equal log-SNR steps win: hence ``log_snr`` by default.
+        spacing: ``auto`` (default: the process's ``default_spacing``, ``quadratic`` on DDPM / VP /
+            sub-VP, ``log_snr`` elsewhere), ``log_snr``, ``quadratic``, ``edm`` (Karras et al.
+            2022), ``uniform``. ``quadratic`` (DDIM's CIFAR-10 grid;
+            DPM-Solver's "time_quadratic" for discrete-time models in pixel space) is the more
+            accurate grid on DDPM / VP / sub-VP with data of unit scale or more (error to the
+            exact ODE on the mixture at 5 / 10 / 20 NFE: 0.119 / 0.041 / 0.009 against 0.227 /
+            0.066 / 0.016 on DDPM) but the less accurate on VE (0.21 / 0.073 / 0.029 against
+            0.145 / 0.041 / 0.013), hence ``auto``'s choice per process; on DDPM with data of
+            scale 0.3 equal log-SNR steps win at 10 NFE (0.058 against 0.078).
         rho: the exponent of the ``edm`` spacing.
         variant: ``bh2`` (``B(h) = e^h - 1``, default) or ``bh1`` (``B(h) = h``).
         corrector: apply UniC (off: UniP alone, a DPM-Solver++-like multistep method).
@@ -161,7 +163,7 @@ class UniPC(_FixedStepODE):
         self,
         steps: Annotated[int, Field(ge=1, le=100_000)] = 20,
         order: Annotated[int, Field(ge=1, le=4)] = 2,
-        spacing: Spacing = "log_snr",
+        spacing: Spacing = "auto",
         rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
         variant: Variant = "bh2",
         corrector: bool = True,
