@@ -48,6 +48,9 @@ def test_show_prints_the_key_figures(capsys):
     assert "4.0358e-05" in out  # abar_T of Ho et al.'s linear schedule
     assert "prior mismatch" in out and "nats/dim" in out
     assert "log-SNR" in out
+    assert "quadratic" in out  # the ODE solvers' grid under spacing: auto
+    code, out, _ = run_cli(["process", "show", "ve"], capsys)
+    assert code == 0 and "log_snr" in out
 
 
 def test_show_takes_parameters_and_writes_a_plot(capsys, tmp_path):

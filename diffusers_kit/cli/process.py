@@ -19,6 +19,7 @@ from diffusers_kit.console import make_console
 from diffusers_kit.processes.base import NoiseProcess
 from diffusers_kit.processes.gaussian import nats_to_bits_per_dim
 from diffusers_kit.registry import get_registry
+from diffusers_kit.solvers.grids import resolve_spacing
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import Document, apply_overrides, load_file
 from diffusers_kit.spec.validate import validate_component
@@ -114,6 +115,8 @@ def key_figures(process: NoiseProcess) -> list[tuple[str, str, str]]:
          f"SNR {math.exp(log_snr[0].item()):.4g} .. {math.exp(log_snr[1].item()):.4g}"),
         ("g", f"{g[0].item():.4g} .. {g[1].item():.4g}", "SDE diffusion at t_min .. 1"),
         ("prior p(x_1)", f"N(0, {process.prior_std():g}^2 I)", ""),
+        ("ODE solvers' grid", resolve_spacing(process, "auto"),
+         "spacing: auto (the process's default_spacing)"),
     ]
     kl = process.expected_prior_kl(1.0)
     rows.append(("prior mismatch", f"{kl:.4e} nats/dim",
