@@ -298,7 +298,9 @@ class Timing:
             seen.add(dep.get("run"))
             found = locate(dep.get("run"), roots)
             took = seconds(found.metrics.get("time_train_s")) if found else "n/a"
-            how = "reused" if dep.get("reused") else "trained by this run"
+            # reused: a finished run of the referenced spec; False: built by this run; None: a
+            # run folder given in the spec or on the command line
+            how = {True: "reused", False: "trained by this run"}.get(dep.get("reused"), "given")
             self.others.append(f"{dep.get('reference')}: {took} ({how})")
         self.stage = "restore" if "time_restore_s" in m else "sample"
         self.sample = seconds(m.get(f"time_{self.stage}_s"))
