@@ -18,7 +18,8 @@ ODE becomes::
 * ``edm_stochastic``: Karras et al. 2022, Algorithm 2: before each Heun step the noise level is
   raised from ``varsigma_i`` to ``varsigma_hat = (1 + gamma_i) varsigma_i`` by adding fresh noise
   of variance ``varsigma_hat^2 - varsigma_i^2`` (times ``S_noise^2``), with
-  ``gamma_i = min(S_churn / N, sqrt(2) - 1)`` on ``S_tmin <= varsigma_i <= S_tmax``;
+  ``gamma_i = min(S_churn / N, sqrt(2) - 1)`` on ``S_tmin <= varsigma_i <= S_tmax``; the Heun
+  step from the raised level takes ``heun``'s ``form`` (``data`` by default);
 * ``dpm_solver_2m`` / ``dpm_solver_3m``: the multistep DPM-Solver++ in log-SNR
   (Lu et al. 2022, "DPM-Solver++", Algorithm 2 and its third-order multistep form). With
   ``lambda = -log varsigma``, ``h = lambda_{i+1} - lambda_i``, ``r = varsigma_{i+1} / varsigma_i
@@ -308,6 +309,20 @@ class EulerODE(_FixedStepODE):
         return torch.add(y, eps, alpha=rows["level"][i + 1] - rows["level"][i])
 
 
+def heun_data_weights(level: float, level_next: float, h: float) -> tuple[float, float, float]:
+    """One Heun step in the ``data`` form from noise level ``level`` to ``level_next > 0``
+    (``h = log(level / level_next)``, the log-SNR step in ``lambda = -log varsigma``): ``(a, b,
+    w)`` with ``y' = y + a eps + b eps'`` (``eps'`` evaluated at the Euler point ``y + (level' -
+    level) eps``). It is ``euler + w (m' - m)`` on the x0 predictions ``m = y - level eps``, ``m'
+    = euler - level' eps'`` with ``w = (r - 1) / h + 1``, ``r = level' / level = e^-h`` (the
+    exponential integrator's weight for ``m`` linear in lambda; Lu et al. 2022), which expands to
+    ``a = (1 + w) (level' - level) + w level``, ``b = -w level'``. ``w`` lies in [0, 1]: the
+    one place the bounded Heun step of :class:`HeunODE` and :class:`EDMStochastic` is formed."""
+    delta = level_next - level
+    weight = (level_next / level - 1.0) / h + 1.0
+    return (1.0 + weight) * delta + weight * level, -weight * level_next, weight
+
+
 class HeunODE(_FixedStepODE):
     """Heun's second-order method for the probability-flow ODE (Karras et al. 2022, Alg. 1).
 
@@ -355,15 +370,10 @@ class HeunODE(_FixedStepODE):
         level``, ``b = -w level'`` (``w`` itself: the step on clamped x0 predictions)."""
 
         def build() -> list[tuple[float, float, float]]:
-            rows, out = self.table(process).rows, []
-            for i in range(len(rows["level"]) - 2):
-                level, level_next = rows["level"][i], rows["level"][i + 1]
-                delta = level_next - level
-                h = rows["lam"][i + 1] - rows["lam"][i]
-                weight = (level_next / level - 1.0) / h + 1.0
-                out.append(((1.0 + weight) * delta + weight * level, -weight * level_next,
-                            weight))
-            return out
+            rows = self.table(process).rows
+            return [heun_data_weights(rows["level"][i], rows["level"][i + 1],
+                                      rows["lam"][i + 1] - rows["lam"][i])
+                    for i in range(len(rows["level"]) - 2)]
 
         return cached(process, ("heun_weights", self.steps, self.spacing, float(self.rho)),
                       build)
@@ -417,6 +427,14 @@ class EDMStochastic(_FixedStepODE):
             stays within the process's range ``varsigma(1)``).
         S_noise: scale of the added noise (the paper's 1.003 offsets a trained denoiser's bias;
             1 for an exact score).
+        form: the Heun correction after the churn, as :class:`HeunODE`'s: ``data`` (default)
+            on the x0 predictions with bounded weights (:func:`heun_data_weights`, from the
+            raised level), or ``noise``, the paper's trapezoid on ``eps``. On the paper's grid
+            (rho = 7, small last steps) they agree; with few steps on other grids the trapezoid
+            multiplies the ``eps`` evaluated near ``varsigma_min`` by a long step: 10 steps on
+            the cosine-schedule DDPM gave 366x the SWD floor on the exact-score mixture (8.7x
+            on equal log-SNR steps), the data form 1.2x (2.6x). With ``S_churn: 0`` each form
+            is :class:`HeunODE`'s, sample for sample.
     """
 
     def __init__(
@@ -428,9 +446,11 @@ class EDMStochastic(_FixedStepODE):
         S_tmin: Annotated[float, Field(ge=0, le=1e6)] = 0.05,
         S_tmax: Annotated[float, Field(gt=0, le=1e6)] = 50.0,
         S_noise: Annotated[float, Field(gt=0, le=100)] = 1.0,
+        form: Literal["data", "noise"] = "data",
     ) -> None:
         super().__init__(steps, spacing, rho)
         self.S_churn, self.S_tmin, self.S_tmax, self.S_noise = S_churn, S_tmin, S_tmax, S_noise
+        self.form = form
 
     def churn(self, process: NoiseProcess) -> dict[str, list[float]]:
         """Per step: the raised level ``varsigma_hat``, its time and ``alpha``, and the std of
@@ -450,10 +470,13 @@ class EDMStochastic(_FixedStepODE):
             t_min = float(table.times[n - 1])
             times = torch.where(gamma > 0, time_of_log_snr(process, -2.0 * torch.log(raised),
                                                            t_min, 1.0), table.times[:-1])
+            following = table.level[1:]
+            heun = [heun_data_weights(float(a), float(b), float(torch.log(a / b)))
+                    for a, b in zip(raised[:-1], following[:-1], strict=True)]
             return {"level": raised.tolist(), "t": times.tolist(),
                     "alpha": process.alpha(times).tolist(),
                     "std": (self.S_noise * (raised**2 - level**2).clamp_min(0).sqrt()).tolist(),
-                    "gamma": gamma.tolist()}
+                    "gamma": gamma.tolist(), "heun": heun}
 
         return cached(process, key, build)
 
@@ -495,7 +518,10 @@ class EDMStochastic(_FixedStepODE):
         if i == steps - 1:
             return euler
         eps_next = self.eps(model, euler, times[i + 1], state["alpha"][i + 1])
-        return torch.add(y, eps + eps_next, alpha=0.5 * delta)
+        if self.form == "noise":
+            return torch.add(y, eps + eps_next, alpha=0.5 * delta)
+        a, b, _ = churn["heun"][i]
+        return torch.add(y, eps, alpha=a).add_(eps_next, alpha=b)
 
 
 #: ``lower_order_final`` lowers the final orders of grids with fewer points than this.
