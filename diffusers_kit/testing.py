@@ -227,7 +227,6 @@ def three_modes() -> ExactMixture:
     )
 
 
-
 class ODEReference:
     """A tight solve of the probability-flow ODE from the start noise ``x_T`` and the RMS
     distance of any solver's samples to it from the same noise: the accuracy measure of a
@@ -256,7 +255,13 @@ class ODEReference:
     def run(self, solver: Solver) -> tuple[int, float]:
         """``(true NFE, error)`` of one ``solver.sample`` from ``x_T``."""
         result = solver.sample(self.model, tuple(self.x_T.shape), x_T=self.x_T)
-        return result.nfe, float((result.samples - self.exact).pow(2).mean().sqrt()) / self.scale
+        return result.nfe, self.distance(result.samples)
+
+    def distance(self, samples: torch.Tensor) -> float:
+        """RMS per coordinate of ``samples`` (drawn from ``x_T`` by any sampler, dkit's or not)
+        to the reference, over ``scale``."""
+        return float((samples - self.exact).pow(2).mean().sqrt()) / self.scale
+
 
 class MixtureTarget:
     """``n`` exact reference samples of ``mixture`` and the sliced Wasserstein noise floor: the
