@@ -26,10 +26,16 @@ ODE becomes::
   = e^-h`` and the last x0 predictions ``m_0, m_1, m_2`` (``r_0 = h_{i-1} / h``,
   ``r_1 = h_{i-2} / h``)::
 
-      y_{i+1} = r y_i + (1 - r) D_0 + ((r - 1) / h + 1) D_1 - ((r - 1 + h) / h^2 - 1/2) D_2
+      y_{i+1} = r y_i + (1 - r) D_0 + ((r - 1) / h + 1) D_1 - 2 ((r - 1 + h) / h^2 - 1/2) D_2
       D_0 = m_0,   d_0 = (m_0 - m_1) / r_0,   d_1 = (m_1 - m_2) / r_1
       order 2: D_1 = d_0 / 2 ... written as y_{i+1} = r y_i + (1 - r)(m_0 + d_0 / 2), D_2 = 0
       order 3: D_1 = d_0 + r_0 / (r_0 + r_1) (d_0 - d_1),  D_2 = (d_0 - d_1) / (r_0 + r_1)
+
+  ``D_1`` approximates ``h m'`` and ``D_2`` approximates ``h^2 m'' / 2`` (derivatives in
+  ``lambda``), so the exponential integrator's ``h^3 phi_3`` term of the data prediction's
+  Taylor expansion weighs ``D_2`` by ``2 ((r - 1 + h) / h^2 - 1/2)``. The DPM-Solver reference
+  code (and diffusers, which follows it) uses half that weight, which leaves the order-3 step
+  second order; here the weight is the expansion's, and a test fits the convergence slope.
 
   The first steps use the orders their history allows; the last step (onto ``varsigma = 0``,
   ``h = inf``) is first order, ``y = m_0``. With ``lower_order_final`` and fewer than 15 steps
@@ -584,7 +590,7 @@ def multistep_weights(lam: list[float], order: int, lower_order_final: bool
         diff = [a - b for a, b in zip(d0, d1, strict=True)]
         big_d1 = [a + r0 / (r0 + r1) * b for a, b in zip(d0, diff, strict=True)]
         big_d2 = [b / (r0 + r1) for b in diff]
-        c1, c2 = (r - 1.0) / h + 1.0, (r - 1.0 + h) / h**2 - 0.5
+        c1, c2 = (r - 1.0) / h + 1.0, 2.0 * ((r - 1.0 + h) / h**2 - 0.5)
         w = [(1.0 - r) * (j == 0) + c1 * a - c2 * b for j, (a, b) in
              enumerate(zip(big_d1, big_d2, strict=True))]
         weights.append((r, w))
