@@ -1,6 +1,6 @@
 """The math layer shared by every Gaussian noise process.
 
-One view of every process (DESIGN.md, "the math layer")::
+One view of every process (docs/processes.md)::
 
     x_t = alpha(t) * x_0 + sigma(t) * eps,    eps ~ N(0, I),    t in [0, 1]
 

@@ -43,8 +43,7 @@ class ConstantSigma(DDPM):
     """
 
     #: Equal log-SNR steps (not DDPM's quadratic grid): ``log alpha`` is linear in ``t`` here,
-    #: as for the OU process, and the log-SNR grid is the more accurate at 5-20 NFE for data of
-    #: scale 0.3 and 1 (``docs/solvers.md``).
+    #: as for the OU process (the comparison of the grids is in ``docs/solvers.md``).
     default_spacing = "log_snr"
 
     def __init__(

@@ -66,11 +66,9 @@ class DDPM(VariancePreserving):
         betas: explicit beta_1..beta_T (overrides ``schedule``).
     """
 
-    #: The ODE solvers' ``spacing: auto``: DDIM's quadratic grid in ``t``, the more accurate at
-    #: 5-20 NFE with the linear and the cosine schedule (measured on an exact-score mixture of
-    #: scale 1 at 5 NFE, Euler / Heun / UniPC: 0.22 / 0.27 / 0.12 against 0.36 / 0.35 / 0.23 on
-    #: equal log-SNR steps with the linear schedule, 0.21 / 0.29 / 0.11 against 0.49 / 0.80 /
-    #: 0.45 with the cosine one, whose log-SNR spans 30 nats; ``docs/solvers.md``).
+    #: The ODE solvers' ``spacing: auto``: DDIM's quadratic grid in ``t`` (Song, Meng & Ermon
+    #: 2021), for the linear and the cosine schedule (the comparison with equal log-SNR steps
+    #: is in ``docs/solvers.md``).
     default_spacing = "quadratic"
 
     def __init__(
