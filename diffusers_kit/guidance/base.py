@@ -1,7 +1,6 @@
 """Guidance terms (kind ``guidance``): what conditional sampling adds to a model's prediction.
 
-Conditional sampling rests on Bayes' rule for scores (Song et al. 2021, eq. 14; the seeds'
-"forward model" slide)::
+Conditional sampling rests on Bayes' rule for scores (Song et al. 2021, eq. 14)::
 
     grad log p_t(x_t | y) = grad log p_t(x_t) + grad log p_t(y | x_t)
 

@@ -14,8 +14,7 @@ guided score in every parameterisation. ``w = 0`` is unconditional, ``w = 1`` co
 implicit classifier raised to the power ``w`` — so for ``w > 1`` the samples concentrate where
 the class is most certain: this is **not** the posterior ``p(x | y)``, it is a sharper
 distribution (the price of the fidelity / diversity trade-off). Ho & Salimans write the same
-rule as ``(1 + w') eps(x_t, y) - w' eps(x_t)``: their ``w'`` is our ``w - 1`` (the seeds' slide
-uses theirs).
+rule as ``(1 + w') eps(x_t, y) - w' eps(x_t)``: their ``w'`` is our ``w - 1``.
 
 Both passes are **one** network call on the doubled batch ``[x; x]`` with labels ``[y; null]``.
 A learned variance keeps the conditional half's variance output (as GLIDE does).

@@ -131,8 +131,8 @@ class Replacement(MeasurementGuidance):
     pixels — but through ``x0_hat``, so every solver's own update then noises ``y`` correctly to
     the next time (DDIM keeps the known pixels on ``alpha_s y + sigma_s eps``, ancestral
     sampling draws them from ``q(x_s | x_t, x_0 = y)``), the start is the prior, and the final
-    denoise returns ``y`` exactly on the known part. score_sde's version noised ``y`` with the
-    prior's scale and left the last step noisy. No network gradient: cheap.
+    denoise returns ``y`` exactly on the known part (how this differs from the imputation as
+    first published: ``docs/inverse.md``). No network gradient: cheap.
 
     Args:
         operator: the forward model.
@@ -209,7 +209,7 @@ class DPS(MeasurementGuidance):
     ``zeta' / ||y - A x0_hat||`` is solver-specific (a state correction per ancestral step); we
     keep the Gaussian likelihood's variance, with ``r_t^2`` added so that it stays finite for
     noiseless measurements and the term has score units for every solver. Approximate for any
-    prior (its bias is measured in the docs); ``zeta`` trades consistency for realism.
+    prior (its bias is measured in ``docs/inverse.md``); ``zeta`` trades consistency for realism.
 
     Args:
         operator: the forward model.
