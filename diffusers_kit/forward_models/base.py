@@ -2,7 +2,7 @@
 
 One protocol serves every inverse-problem method: the same object simulates the measurement
 ``y`` and computes every conditioning term (DPS, ΠGDM, DDRM, replacement), so the operator used
-to measure is the operator used to restore (Chung et al. 2023's reference code drew them apart).
+to measure is the operator used to restore.
 
 **Shapes.** ``x`` is a batch ``(B, *data_shape)``, ``y`` a batch ``(B, *measurement_shape)``.
 ``d = prod(data_shape)``, ``m = prod(measurement_shape)``. Every method is batched, differentiable
@@ -11,7 +11,7 @@ an operator (masks, matrices, SVDs) are computed once at construction in float64
 moved lazily, once per (device, dtype).
 
 **Noise.** ``y = A(x) + sigma_y * n`` with ``n ~ N(0, I_m)``: ``sigma_y`` is in *data units*
-(the units of ``x``; DPS's reference code documented one scale and applied another).
+(the units of ``x``).
 
 **SVD** (the convention of Kawar et al. 2022, DDRM, sec. 3 / app. A; also ΠGDM, Song et al.
 2023). ``A = U diag(s) V^T`` with ``U`` (m×m) and ``V`` (d×d) orthogonal, applied as operators on

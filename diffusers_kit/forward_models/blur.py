@@ -7,8 +7,7 @@ by ``Y = K_H X K_W^T`` with the banded Toeplitz matrices ``K_n[i, j] = g[j - i +
 app. A): with ``K_n = U_n diag(s_n) V_n^T`` (``torch.linalg.svd`` of two small matrices, once),
 ``V^T x = V_H^T X V_W`` per channel, ``s[c, i, j] = s_H[i] s_W[j]`` (``r = m = d``; the values
 are not sorted and the smallest can be tiny, so :meth:`pinv` cuts them off) and
-``U z = U_H Z U_W^T``. The adjoint is the true one, ``K_H^T Y K_W`` (Chung et al. 2023's
-reference code used the identity).
+``U z = U_H Z U_W^T``. The adjoint is the true one, ``K_H^T Y K_W``.
 """
 
 from __future__ import annotations
