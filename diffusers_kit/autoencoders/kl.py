@@ -51,8 +51,7 @@ class KLAutoencoder(ConvAutoencoder):
         downsample: spatial factor f between image and latent (2 or 4; H and W must be
             divisible by it).
         latent_channels: channels c of the latent.
-        channels: width of the first (full-resolution) level (16 by default: a 16x16 digit
-            model with f = 4 trains 2000 steps of batch 64 in about 3 minutes on one CPU core).
+        channels: width of the first (full-resolution) level.
         channel_mult: width multiplier of each of the log2(f) + 1 levels, from the image's
             resolution down to the latent's; a shorter list repeats its last entry.
         blocks: residual blocks per level (in the encoder and in the decoder).
@@ -60,11 +59,9 @@ class KLAutoencoder(ConvAutoencoder):
         loss: reconstruction error, mean absolute (l1, as Rombach et al.) or squared (l2).
         kl_weight: beta, the KL's weight per image element (nats of KL per image divided by
             C H W, against the per-pixel error). Rombach et al. use 1e-6 on 256x256 images; the
-            default 1e-4 is the same light touch for small images: on 16x16 digits (f = 4,
-            c = 4) 1e-6 to 1e-3 give the same held-out PSNR within 1 dB, a latent of standard
-            deviation about 0.8 and posterior sigmas of 0.002 to 0.008 — the KL keeps the
-            latent's scale near 1 and its variance from collapsing, and the scale factor does
-            the rest (0: a plain autoencoder with noise).
+            default 1e-4 is the same light touch for small images (``docs/latent.md``). The KL
+            keeps the latent's scale near 1 and its variance from collapsing; the scale factor
+            does the rest (0: a plain autoencoder with noise).
     """
 
     def __init__(

@@ -46,8 +46,7 @@ class VQAutoencoder(ConvAutoencoder):
         latent_channels: channels c of the latent (the codebook vectors' dimension).
         codebook_size: number K of codebook vectors.
         commitment: beta, the weight of the commitment term (van den Oord et al. use 0.25).
-        channels: width of the first (full-resolution) level (16 by default: a 16x16 digit
-            model with f = 4 trains 2000 steps of batch 64 in about 3 minutes on one CPU core).
+        channels: width of the first (full-resolution) level.
         channel_mult: width multiplier of each of the log2(f) + 1 levels, from the image's
             resolution down to the latent's; a shorter list repeats its last entry.
         blocks: residual blocks per level (in the encoder and in the decoder).
