@@ -79,7 +79,7 @@ class TwoMoons(Toy2D):
 
 
 class SwissRoll(Toy2D):
-    """The 2-D swiss roll ``t (cos t, sin t) / 5``, ``t`` uniform in [1.5 pi, 4.5 pi].
+    """The 2-D swiss roll ``t (cos t, sin t) / 7``, ``t`` uniform in [1.5 pi, 4.5 pi].
 
     Args:
         n_train: training points.
