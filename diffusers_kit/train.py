@@ -66,8 +66,8 @@ class EMA:
     (the bias correction of Adam's moment estimates; Kingma & Ba 2015, sec. 3). Recursively
     ``a_k = a_(k-1) + w_k (p_k - a_(k-1))`` with ``w_k = (1 - decay) / (1 - decay^k)``, so
     ``a_1 = p_1``. The plain recursion ``shadow <- decay * shadow + (1 - decay) * p`` started
-    from the initial weights would leave them a weight ``decay^k`` in the average: 22 % after
-    1,500 steps at ``decay = 0.999``, enough to spoil the samples of a short run. Once
+    from the initial weights would leave them a weight ``decay^k`` in the average (22 % after
+    1,500 steps at ``decay = 0.999``; what that did to samples: ``docs/training.md``). Once
     ``decay^k`` is negligible the two agree.
 
     ``update(module, k)`` takes the 1-based update count ``k`` (the trainer's step), so that a
