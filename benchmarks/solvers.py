@@ -8,21 +8,34 @@ sampling can be judged with this many samples.
 
 Also measured: the scipy probability-flow ODE's NFE at rtol = atol = 1e-5; the deterministic
 solvers' error against a tight solve of the probability-flow ODE from the same start noise (RMS
-over N = 20,000 samples, 3 seeds), side by side with diffusers' schedulers on the same exact
-score (DDPM linear schedule; diffusers is a benchmark-only extra: ``pip install -e .[bench]``);
-and each sampler's overhead outside the network at N = 64 against a hand-written loop.
+over N = 20,000 samples, 3 seeds), side by side with diffusers' schedulers and k-diffusion's
+samplers on the same exact score, in the same process (DDPM linear schedule); and each
+sampler's overhead outside the network at N = 64 against a hand-written loop.
+
+diffusers and k-diffusion are benchmark-only extras, never needed by dkit or its tests:
+``pip install -e .[bench]`` for diffusers and ``pip install --no-deps k-diffusion`` (its
+package ``__init__`` imports torchvision and its training code, and its requirements pull a
+CUDA torch; only ``k_diffusion/sampling.py`` is loaded here, see :func:`k_diffusion_sampling`).
+A library that is not installed is left out of the tables.
 
     OMP_NUM_THREADS=1 python benchmarks/solvers.py          # writes docs/solvers_benchmark.md + PNG
-    OMP_NUM_THREADS=1 python benchmarks/solvers.py --only overhead   # one part, printed only
+    OMP_NUM_THREADS=1 python benchmarks/solvers.py --keep-overhead  # the same, overhead table
+                                                            # carried over from the page (timings
+                                                            # taken on a quiet machine)
+    OMP_NUM_THREADS=1 python benchmarks/solvers.py --only errors     # one part, printed only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import math
 import sys
 import time
+import types
 from pathlib import Path
+from unittest import mock
 
 import torch
 from PIL import Image, ImageDraw
@@ -222,10 +235,114 @@ def diffusers_sample(scheduler, network, x_T: torch.Tensor, nfe: int) -> tuple: 
     return x, count
 
 
+def k_diffusion_sampling() -> types.ModuleType:
+    """``k_diffusion.sampling`` without the rest of the package (``pip install --no-deps
+    k-diffusion``). The package's ``__init__`` imports every submodule, among them ``utils``
+    (torchvision) and the training code; ``sampling.py`` itself needs only ``utils.append_dims``
+    from the package, and ``torchsde`` / ``torchdiffeq`` (imported at its top) only for its
+    Brownian-tree noise and its likelihood, which the deterministic samplers never call. So the
+    file is executed as the module ``k_diffusion.sampling`` of a bare package whose ``utils``
+    holds that one helper, with empty stand-ins for ``torchsde`` / ``torchdiffeq`` when they are
+    not installed; ``sys.modules`` is restored afterwards. Raises ImportError without
+    k-diffusion."""
+    spec = importlib.util.find_spec("k_diffusion")  # locates the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("k-diffusion is not installed: pip install --no-deps k-diffusion")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = [str(folder)]
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, dims: x.reshape(*x.shape, *([1] * (dims - x.ndim)))
+    package.utils = utils
+    stand_ins = {"k_diffusion": package, "k_diffusion.utils": utils}
+    for name in ("torchsde", "torchdiffeq"):
+        if importlib.util.find_spec(name) is None:
+            stand_ins[name] = types.ModuleType(name)
+    if "torchdiffeq" in stand_ins:
+        stand_ins["torchdiffeq"].odeint = None  # sampling.py: from torchdiffeq import odeint
+    module_spec = importlib.util.spec_from_file_location("k_diffusion.sampling",
+                                                         folder / "sampling.py")
+    module = importlib.util.module_from_spec(module_spec)
+    with mock.patch.dict(sys.modules, {**stand_ins, "k_diffusion.sampling": module}):
+        module_spec.loader.exec_module(module)
+    return module
+
+
+def k_diffusion_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("k-diffusion")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+# k-diffusion's samplers: (function name, evaluations per step but the last, settings); the
+# SDE ones with eta = 0 are their ODE limits (DPM++ 2M SDE: the midpoint form, = DPM++ 2M)
+K_SAMPLERS = {
+    "euler": ("sample_euler", 1, {}),
+    "heun": ("sample_heun", 2, {}),
+    "dpm_2": ("sample_dpm_2", 2, {}),
+    "lms": ("sample_lms", 1, {}),
+    "dpmpp_2m": ("sample_dpmpp_2m", 1, {}),
+    "dpmpp_2m_sde eta=0": ("sample_dpmpp_2m_sde", 1, {"eta": 0.0}),
+    "dpmpp_3m_sde eta=0": ("sample_dpmpp_3m_sde", 1, {"eta": 0.0}),
+}
+
+
+def k_diffusion_runs(process) -> dict:  # type: ignore[no-untyped-def]
+    """``name -> run(x_T, nfe) -> (samples, true NFE)`` for every k-diffusion sampler on its
+    ``karras`` (rho = 7) and ``exponential`` grids between the process's smallest and largest
+    noise levels ``varsigma = sigma / alpha`` (DDPM: its first and last step). k-diffusion works
+    in ``y = x / alpha`` against ``varsigma`` with a denoiser ``D(y, varsigma)``; the exact one
+    is ``y + varsigma^2 grad log p(y; varsigma)``, the mixture's score at ``alpha = 1``,
+    ``sigma = varsigma`` (the same exact score as dkit's network, which depends on ``t`` only
+    through ``varsigma``), formed in float64 as dkit's is. It starts from ``x_T / alpha(1)``, as
+    dkit and diffusers' Euler do (``sqrt(1 + varsigma_max^2) x_T``)."""
+    sampling = k_diffusion_sampling()
+    alpha, sigma = process.marginal(torch.tensor([1.0, process.t_min], dtype=torch.float64))
+    level_max, level_min = (sigma / alpha).tolist()
+
+    def denoiser(counter: list[int]):  # type: ignore[no-untyped-def]
+        def denoise(y: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+            counter[0] += 1
+            s = level.double()
+            score = MIXTURE.score(y.double(), torch.ones_like(s), s).double()
+            return (y.double() + s[:, None] ** 2 * score).to(y.dtype)
+        return denoise
+
+    grids = {
+        "karras": lambda n: sampling.get_sigmas_karras(n, level_min, level_max, rho=7.0),
+        "exponential": lambda n: sampling.get_sigmas_exponential(n, level_min, level_max),
+    }
+    runs = {}
+    for name, (function, per_step, settings) in K_SAMPLERS.items():
+        for grid, sigmas_of in grids.items():
+            def run(x_T: torch.Tensor, nfe: int, function=function, per_step=per_step,
+                    settings=settings, sigmas_of=sigmas_of) -> tuple[torch.Tensor, int]:
+                steps = (nfe + 1) // 2 if per_step == 2 else nfe  # the last step: one
+                sigmas = sigmas_of(steps).float()
+                counter = [0]
+                x = x_T * math.sqrt(1.0 + level_max**2)
+                extra = {"noise_sampler": lambda *_: None} if "eta" in settings else {}
+                out = getattr(sampling, function)(denoiser(counter), x, sigmas, disable=True,
+                                                  **settings, **extra)
+                return out, counter[0]
+            runs[f"k-diffusion {name} ({grid})"] = run
+    return runs
+
+
+BUDGETS = (5, 10, 20, 50)
+SWEEP = tuple(range(5, 21))  # the NFE to reach TARGET_ERROR is read off these
+TARGET_ERROR = 0.03
+
+
 def ode_errors(n: int = 20000, seeds: tuple[int, ...] = (0, 1, 2),
-               budgets: tuple[int, ...] = (5, 10, 20)) -> dict[str, dict[int, tuple[int, float]]]:
+               budgets: tuple[int, ...] = tuple(sorted({*SWEEP, *BUDGETS}))
+               ) -> dict[str, dict[int, tuple[int, float]]]:
     """RMS distance (per coordinate, mean over seeds) to the probability-flow ODE solved tightly
-    (DPM-Solver++(3M), all 1000 DDPM steps) from the same start noise, on DDPM linear."""
+    (``ODEReference``) from the same start noise, on DDPM linear, at each NFE budget: dkit's
+    solvers, diffusers' schedulers and k-diffusion's samplers (those installed)."""
     process = DDPM()
     model = exact_model(MIXTURE, process)
     ours = {
@@ -244,11 +361,18 @@ def ode_errors(n: int = 20000, seeds: tuple[int, ...] = (0, 1, 2),
         "unipc (log-snr)": lambda k: UniPC(steps=k, spacing="log_snr"),
         "unipc order 3": lambda k: UniPC(steps=k, order=3),
         "unipc order 3 (log-snr)": lambda k: UniPC(steps=k, order=3, spacing="log_snr"),
+        "dpm_solver_3m (log-snr, lower_order_final off)": lambda k: DPMSolver3M(
+            steps=k, spacing="log_snr", lower_order_final=False),
+        "unipc order 3 (log-snr, lower_order_final off)": lambda k: UniPC(
+            steps=k, order=3, spacing="log_snr", lower_order_final=False),
     }
-    try:
-        theirs = diffusers_schedulers()
-    except ImportError:
-        theirs = {}
+    theirs: dict = {}
+    with contextlib.suppress(ImportError):
+        for name, make in diffusers_schedulers().items():
+            theirs[name] = lambda x_T, k, make=make: diffusers_sample(make(), model.network,
+                                                                       x_T, k)
+    with contextlib.suppress(ImportError):
+        theirs.update(k_diffusion_runs(process))
     table: dict[str, dict[int, list]] = {name: {} for name in [*ours, *theirs]}
     for seed in seeds:
         x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(100 + seed))
@@ -256,13 +380,36 @@ def ode_errors(n: int = 20000, seeds: tuple[int, ...] = (0, 1, 2),
         for name, make in ours.items():
             for k in budgets:
                 table[name].setdefault(k, []).append(reference.run(make(k)))
-        for name, make in theirs.items():
+        for name, run in theirs.items():
             for k in budgets:
-                samples, nfe = diffusers_sample(make(), model.network, x_T, k)
-                table[f"{name}"].setdefault(k, []).append((nfe, reference.distance(samples)))
+                samples, nfe = run(x_T, k)
+                table[name].setdefault(k, []).append((nfe, reference.distance(samples)))
         print("seed", seed, flush=True)
     return {name: {k: (v[0][0], sum(e for _, e in v) / len(v)) for k, v in row.items()}
             for name, row in table.items()}
+
+
+def library(name: str) -> str:
+    """Whose row: diffusers' are capitalised, k-diffusion's prefixed, the rest dkit's."""
+    if name.startswith("k-diffusion"):
+        return "k-diffusion"
+    return "diffusers" if name[0].isupper() else "dkit"
+
+
+def best_of(errors: dict, lib: str, k: int) -> tuple[float, str] | None:
+    """The lowest error of ``lib``'s rows at budget ``k`` (true NFE at most ``k``)."""
+    cells = [(row[k][1], name) for name, row in errors.items()
+             if library(name) == lib and k in row and row[k][0] <= k]
+    return min(cells) if cells else None
+
+
+def nfe_to_reach(errors: dict, lib: str, target: float = TARGET_ERROR
+                 ) -> tuple[int, str] | None:
+    """The fewest true NFE (budgets of :data:`SWEEP`) at which one of ``lib``'s rows has error
+    at most ``target``; None when none within the sweep."""
+    cells = [(nfe, name) for name, row in errors.items() if library(name) == lib
+             for k, (nfe, error) in row.items() if k in SWEEP and error <= target]
+    return min(cells) if cells else None
 
 
 # one colour per curve (the sweep has 11): matplotlib's tab10 and a dark navy
@@ -320,10 +467,71 @@ def plot(curves: dict[str, list[tuple[int, float]]], target: float, path: Path) 
 COMMAND = "OMP_NUM_THREADS=1 python benchmarks/solvers.py"
 
 
+OVERHEAD_HEADING = "Overhead outside the network per `sample()` call"
+
+
+def kept_overhead(page: Path) -> list[str]:
+    """The overhead section of the page as it stands (from its heading to the end), for
+    ``--keep-overhead``: timings are worth recording only from a quiet machine."""
+    lines = page.read_text().splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith(OVERHEAD_HEADING)), None)
+    if first is None:
+        raise SystemExit(f"--keep-overhead: {page} has no overhead section to keep")
+    return lines[first:]
+
+
+def error_lines(errors: dict) -> list[str]:
+    """The page's section on the error against the probability-flow ODE."""
+    libraries = [lib for lib in ("dkit", "diffusers", "k-diffusion")
+                 if any(library(name) == lib for name in errors)]
+    lines = [
+        "Error against the probability-flow ODE (DDPM linear schedule, T = 1000, exact score of "
+        "the three-mode mixture): RMS per coordinate to a tight solve (`ODEReference`: "
+        "DPM-Solver++(3M), 1000 log-SNR steps) from the same start noise, N = 20,000, mean of "
+        "3 seeds; cells are `error (true NFE)`. A row without a grid in brackets is the "
+        "solver with its defaults (`spacing: auto`, DDPM's quadratic grid); diffusers rows "
+        "(capitalised) use its schedulers' defaults on the same exact network; k-diffusion "
+        "rows run its samplers on its karras (rho = 7) and exponential grids between DDPM's "
+        "smallest and largest noise levels with the same exact score as a denoiser (the SDE "
+        "samplers with eta = 0: their ODE limits); all in the same process "
+        f"(diffusers {diffusers_version()}, k-diffusion {k_diffusion_version()}).",
+        "",
+        "| solver | " + " | ".join(f"{k} NFE" for k in BUDGETS) + " |",
+        "|---|" + "---|" * len(BUDGETS),
+    ]
+    for name, row in errors.items():
+        cells = " | ".join(f"{row[k][1]:.4f} ({row[k][0]})" for k in BUDGETS)
+        lines.append(f"| {name} | {cells} |")
+    lines += ["", "Best of each library (true NFE at most the budget):", "",
+              "| NFE | " + " | ".join(libraries) + " | dkit / best peer |",
+              "|---|" + "---|" * (len(libraries) + 1)]
+    for k in BUDGETS:
+        bests = {lib: best_of(errors, lib, k) for lib in libraries}
+        cells = [f"{b[0]:.4f} ({b[1]})" if b else "-" for b in bests.values()]
+        peers = [b[0] for lib, b in bests.items() if lib != "dkit" and b]
+        ratio = f"{bests['dkit'][0] / min(peers):.2f}" if peers and bests.get("dkit") else "-"
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {ratio} |")
+    reach = []
+    for lib in libraries:
+        found = nfe_to_reach(errors, lib)
+        reach.append(f"{lib} **{found[0]}** ({found[1]})" if found else
+                     f"{lib} more than {SWEEP[-1]}")
+    lines += ["", f"Fewest NFE to reach error <= {TARGET_ERROR} (every budget from "
+              f"{SWEEP[0]} to {SWEEP[-1]} swept): " + "; ".join(reach) + "."]
+    defaults = ("euler", "heun", "dpm_solver_2m", "dpm_solver_3m", "unipc")
+    worst = max((errors[name][5][1], name) for name in defaults)
+    lines += ["", f"5 NFE: 5-step DDIM {errors['ddim (uniform)'][5][1]:.4f}; the worst of the "
+              f"other solvers with their defaults: {worst[0]:.4f} ({worst[1]})."]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["overhead", "errors"], default=None,
                         help="run one part and print it (docs/ are written by a full run only)")
+    parser.add_argument("--keep-overhead", action="store_true",
+                        help="full run without timing: carry the page's overhead table over "
+                             "(timings taken on a loaded machine mean nothing)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest and timings are stable
     if args.only == "overhead":
@@ -331,9 +539,14 @@ def main() -> None:
             print(f"{name:45s} {seconds * 1e6:7.0f} us  {ratio:.2f}")
         return
     if args.only == "errors":
-        for name, row in ode_errors().items():
-            print(name, {k: f"{e:.4f} ({nfe})" for k, (nfe, e) in row.items()}, flush=True)
+        errors = ode_errors()
+        for name, row in errors.items():
+            print(name, {k: f"{row[k][1]:.4f} ({row[k][0]})" for k in BUDGETS}, flush=True)
+        print("\n".join(error_lines(errors)))
         return
+    docs = ROOT / "docs"
+    page = docs / "solvers_benchmark.md"
+    kept = kept_overhead(page) if args.keep_overhead else None
     curves: dict[str, list[tuple[int, float]]] = {}
     for name, (make, process, settings) in SWEEPS.items():
         curves[name] = [quality(make(k), process()) for k in settings]
@@ -346,14 +559,14 @@ def main() -> None:
     errors = ode_errors()
     for name, row in errors.items():
         print(name, row, flush=True)
-    rows = overhead()
+    rows = [] if kept is not None else overhead()
     for row in rows:
         print(row, flush=True)
-    docs = ROOT / "docs"
     plot(curves, target, docs / "solvers_swd_vs_nfe.png")
+    command = COMMAND + (" --keep-overhead" if kept is not None else "")
     lines = [
         "<!-- written by benchmarks/solvers.py; do not edit by hand -->",
-        f"Command: `{COMMAND}` (torch {torch.__version__}, one thread).",
+        f"Command: `{command}` (torch {torch.__version__}, one thread).",
         "",
         f"Target: three-mode 2-D Gaussian mixture, exact score; {N} samples, SWD over 256 "
         f"directions; noise floor (exact vs exact) = {FLOOR:.4f}.",
@@ -372,45 +585,22 @@ def main() -> None:
         f"scipy RK45 probability-flow ODE at rtol = atol = 1e-5: **{scipy_nfe} NFE** "
         "(plus one for the final denoising step).",
         "",
-        "Error against the probability-flow ODE (DDPM linear schedule, T = 1000, exact score of "
-        "the three-mode mixture): RMS per coordinate to a tight solve (`ODEReference`: "
-        "DPM-Solver++(3M), 1000 log-SNR steps) from the same start noise, N = 20,000, mean of "
-        "3 seeds; cells are `error (true NFE)`. A row without a grid in brackets is the "
-        "solver with its defaults (`spacing: auto`, DDPM's quadratic grid); diffusers rows "
-        "use its schedulers' defaults on the same exact network, in the same process "
-        f"(diffusers {diffusers_version()}).",
+        *error_lines(errors),
         "",
-        "| solver | 5 NFE | 10 NFE | 20 NFE |",
-        "|---|---|---|---|",
     ]
-    for name, row in errors.items():
-        cells = " | ".join(f"{row[k][1]:.4f} ({row[k][0]})" for k in (5, 10, 20))
-        lines.append(f"| {name} | {cells} |")
-    def best(mine: bool, k: int) -> tuple[float, str]:  # diffusers rows are capitalised
-        return min((v[k][1], n) for n, v in errors.items() if n[0].isupper() != mine)
-
-    if any(n[0].isupper() for n in errors):
-        cells = []
-        for k in (5, 10, 20):
-            (ours, our_name), (theirs, their_name) = best(True, k), best(False, k)
-            cells.append(f"{k} NFE: {ours:.4f} ({our_name}) / {theirs:.4f} ({their_name}) = "
-                         f"{ours / theirs:.2f}")
-        lines += ["", "Best of ours / best of diffusers: " + "; ".join(cells) + "."]
-    defaults = ("euler", "heun", "dpm_solver_2m", "dpm_solver_3m", "unipc")
-    worst = max((errors[name][5][1], name) for name in defaults)
-    lines += ["", f"5 NFE: 5-step DDIM {errors['ddim (uniform)'][5][1]:.4f}; the worst of the "
-              f"other solvers with their defaults: {worst[0]:.4f} ({worst[1]})."]
-    lines += [
-        "",
-        "Overhead outside the network per `sample()` call (N = 64, 20 evaluations, a free "
-        f"network whose own time is subtracted, best of {ROUNDS} rounds in which every loop "
-        "runs once in turn; set-up included, tables cached):",
-        "",
-        "| loop | time outside the network | / hand-written |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {name} | {sec * 1e6:.0f} us | {ratio:.2f} |" for name, sec, ratio in rows]
-    (docs / "solvers_benchmark.md").write_text("\n".join(lines) + "\n")
+    if kept is not None:
+        lines += kept
+    else:
+        lines += [
+            f"{OVERHEAD_HEADING} (N = 64, 20 evaluations, a free network whose own time is "
+            f"subtracted, best of {ROUNDS} rounds in which every loop runs once in turn; "
+            "set-up included, tables cached):",
+            "",
+            "| loop | time outside the network | / hand-written |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {name} | {sec * 1e6:.0f} us | {ratio:.2f} |" for name, sec, ratio in rows]
+    page.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
