@@ -7,10 +7,12 @@ Every model here is a tiny random ``UNet2DModel`` the test builds and saves with
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -99,6 +101,9 @@ def test_zero_terminal_snr_is_refused_as_ddpm_refuses_beta_one(tmp_path):
     assert float(scheduler.betas[-1]) == 1.0
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         DDPM(betas=scheduler.betas.double().tolist())
+    # diffusers' multistep schedulers put 2^-24 in its place (docs/diffusers.md)
+    dpm = diffusers.DPMSolverMultistepScheduler(rescale_betas_zero_snr=True)
+    assert float(dpm.alphas_cumprod[-1]) == 2.0**-24
     scheduler.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"rescale_betas_zero_snr.*zero terminal SNR"):
         DiffusersSchedule(str(tmp_path))
@@ -216,6 +221,40 @@ def test_folder_errors_name_the_folder_and_the_problem(tmp_path):
         {"_class_name": "UNet2DConditionModel"}))
     with pytest.raises(ValueError, match="UNet2DConditionModel, which is not supported"):
         DiffusersUNet(str(conditional), prediction="eps", num_train_timesteps=10)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"out_channels": 2}, "learned variances are not supported"),
+        ({"time_embedding_type": "fourier"}, "time_embedding_type 'fourier' is not supported"),
+        ({"class_embed_type": "timestep"}, "class_embed_type 'timestep' is not supported"),
+        ({"_class_name": "AutoencoderKL"}, "AutoencoderKL, which is not supported"),
+    ],
+)
+def test_unsupported_unet_configs_are_named(tmp_path, change, message):
+    save_pipeline(tmp_path, diffusers.DDIMScheduler())
+    config = tmp_path / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    with pytest.raises(ValueError, match=message):
+        DiffusersUNet(str(tmp_path))
+
+
+def test_weight_variants_alone_are_not_read(tmp_path):
+    save_pipeline(tmp_path, diffusers.DDIMScheduler())
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(ValueError, match=r"only diffusion_pytorch_model\.fp16\.safetensors"):
+        DiffusersUNet(str(tmp_path))
+
+
+def test_the_process_needs_no_diffusers_and_the_network_says_how_to_get_it(tmp_path,
+                                                                          monkeypatch):
+    save_pipeline(tmp_path, diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2"))
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now fails
+    assert DiffusersSchedule(str(tmp_path)).schedule == "cosine"
+    with pytest.raises(ValueError, match=r"pip install diffusers_kit\[diffusers\]"):
+        DiffusersUNet(str(tmp_path))
 
 
 def test_pickle_weights_are_never_read(tmp_path):
@@ -360,3 +399,7 @@ def test_a_spec_samples_the_imported_pipeline(tmp_path, capsys):
     expected = imported(tmp_path / "pipe").sample(6, DDIM(steps=10, clip_x0=1.0), seed=0)
     torch.testing.assert_close(drawn, expected.samples, rtol=0, atol=1e-5)
     assert float(drawn.std()) > 0.05
+    with safe_open(tmp_path / "runs" / "imported" / "latest" / "checkpoint.safetensors",
+                   "pt") as checkpoint:  # the run keeps its own copy of the weights
+        names = set(checkpoint.keys())
+    assert "network.unet.conv_in.weight" in names
