@@ -385,8 +385,9 @@ output: {{root: {root}}}
 
 
 def test_a_spec_samples_the_imported_pipeline(tmp_path, capsys):
-    """``dkit run`` on a spec naming the folder (no training) draws what the Python API
-    draws from the same folder with the same seed and solver."""
+    """``dkit run`` on a spec naming the folder (no training), then ``dkit sample`` on the run
+    with another solver, draw what the Python API draws from the same folder with the same
+    seed and solver."""
     from tests.helpers import run_cli
 
     save_pipeline(tmp_path / "pipe", diffusers.DDIMScheduler(**SHORT))
@@ -403,3 +404,11 @@ def test_a_spec_samples_the_imported_pipeline(tmp_path, capsys):
                    "pt") as checkpoint:  # the run keeps its own copy of the weights
         names = set(checkpoint.keys())
     assert "network.unet.conv_in.weight" in names
+    run = tmp_path / "runs" / "imported" / "latest"
+    code, _, err = run_cli(["sample", str(run), "--solver", "{kind: dpm_solver_2m, steps: 10}",
+                            "--n", "4"], capsys)
+    assert code == 0, err
+    (again,) = (run / "sampling").glob("dpm_solver_2m-*/samples.npz")
+    expected = imported(tmp_path / "pipe").sample(4, DPMSolver2M(steps=10), seed=0)
+    torch.testing.assert_close(torch.from_numpy(np.load(again)["samples"]), expected.samples,
+                               rtol=0, atol=1e-5)
