@@ -161,7 +161,12 @@ def test_the_unet_folder_alone_and_explicit_settings(tmp_path):
     save_pipeline(tmp_path, diffusers.DDIMScheduler(prediction_type="v_prediction"))
     alone = DiffusersUNet(str(tmp_path / "unet"))  # reads ../scheduler
     assert alone.prediction == "v" and alone.num_steps == 1000
-    (tmp_path / "scheduler" / "scheduler_config.json").unlink()
+    minimal = tmp_path / "scheduler" / "scheduler_config.json"
+    minimal.write_text(json.dumps({"_class_name": "DDIMScheduler", "num_train_timesteps": 40}))
+    defaults = DiffusersUNet(str(tmp_path))  # diffusers' default prediction_type
+    assert defaults.prediction == "eps" and defaults.num_steps == 40
+    assert DiffusersSchedule(str(tmp_path)).num_steps == 40
+    minimal.unlink()
     with pytest.raises(ValueError, match="no scheduler config beside it"):
         DiffusersUNet(str(tmp_path / "unet"))
     explicit = DiffusersUNet(str(tmp_path / "unet"), prediction="eps", num_train_timesteps=50)

@@ -20,6 +20,10 @@ SCHEDULER_CONFIG = "scheduler_config.json"
 SAFETENSORS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
+#: The defaults of diffusers' DDPM-family schedulers, for configs written by hand without them.
+SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+                      "beta_schedule": "linear", "prediction_type": "epsilon"}
+
 
 def read_json(file: Path) -> dict[str, Any]:
     """The JSON object in ``file``; a ValueError naming the file when it is not one."""

@@ -30,6 +30,7 @@ from pydantic import Field
 
 from diffusers_kit.interop.diffusers_folder import (
     MODEL_CONFIG,
+    SCHEDULER_DEFAULTS,
     check_class,
     check_safetensors,
     component_folder,
@@ -100,10 +101,18 @@ class DiffusersUNet(Network):
                              f"{config['class_embed_type']!r} is not supported (only class "
                              "labels through num_class_embeds)")
         scheduler = scheduler_near(folder)
-        scheduler_config = read_json(scheduler) if scheduler is not None else {}
+        scheduler_config = None
+        if scheduler is not None:
+            scheduler_config = {**SCHEDULER_DEFAULTS, **read_json(scheduler)}
         prediction = self._prediction(prediction, scheduler_config, folder, user)
-        steps = num_train_timesteps or scheduler_config.get("num_train_timesteps")
-        if steps is None:
+        if num_train_timesteps is not None:
+            steps = num_train_timesteps
+        elif scheduler_config is not None:
+            steps = scheduler_config["num_train_timesteps"]
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+                raise ValueError(f"{user}: {scheduler}: num_train_timesteps must be a positive "
+                                 f"integer, given {steps!r}")
+        else:
             raise ValueError(f"{user}: {folder} has no scheduler config beside it (../scheduler/"
                              "scheduler_config.json) to read num_train_timesteps from; set "
                              "num_train_timesteps (and prediction)")
@@ -139,14 +148,14 @@ class DiffusersUNet(Network):
         self.num_classes = config.get("num_class_embeds")
 
     @staticmethod
-    def _prediction(prediction: str, scheduler: dict, folder: Path, user: str) -> str:
+    def _prediction(prediction: str, scheduler: dict | None, folder: Path, user: str) -> str:
         if prediction != "auto":
             return prediction
-        if not scheduler:
+        if scheduler is None:
             raise ValueError(f"{user}: {folder} has no scheduler config beside it (../scheduler/"
                              "scheduler_config.json) to read prediction_type from; set "
                              "prediction (eps, v or x0)")
-        kind = scheduler.get("prediction_type", "epsilon")
+        kind = scheduler["prediction_type"]
         if kind not in PREDICTION_TYPES:
             raise ValueError(f"{user}: {folder}: the scheduler's prediction_type {kind!r} is not "
                              f"supported (one of {', '.join(PREDICTION_TYPES)})")

@@ -30,6 +30,7 @@ from pydantic import Field
 
 from diffusers_kit.interop.diffusers_folder import (
     SCHEDULER_CONFIG,
+    SCHEDULER_DEFAULTS,
     check_class,
     component_folder,
     read_json,
@@ -46,10 +47,6 @@ SCHEDULERS = (
     "UniPCMultistepScheduler",
 )
 
-#: diffusers' defaults of these schedulers, for configs written by hand without them.
-DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
-            "beta_schedule": "linear"}
-
 #: diffusers' ``beta_schedule`` -> dkit's ``ddpm`` schedule.
 SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
              "squaredcos_cap_v2": "cosine"}
@@ -59,7 +56,7 @@ def scheduler_betas(config: dict[str, Any], where: str) -> tuple[torch.Tensor, s
     """``(betas, schedule)``: the float64 betas a DDPM-family scheduler config defines and the
     name of their dkit schedule (``custom`` for ``trained_betas``). ``where`` names the config
     file in errors."""
-    setting = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    setting = {**SCHEDULER_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
     if setting.get("rescale_betas_zero_snr"):
         raise ValueError(f"{where}: rescale_betas_zero_snr is set: the rescaled schedule has "
                          "zero terminal SNR (abar_T = 0, so alpha(1) = 0 and beta_T = 1 "
