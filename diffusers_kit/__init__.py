@@ -77,7 +77,7 @@ from diffusers_kit.metrics import (
     sliced_wasserstein,
 )
 from diffusers_kit.model import ScoreModel
-from diffusers_kit.networks import MLP, NCSN, Network, NoiseAwareClassifier, UNet
+from diffusers_kit.networks import MLP, NCSN, DiffusersUNet, Network, NoiseAwareClassifier, UNet
 from diffusers_kit.objectives import (
     DenoisingScoreMatching,
     HybridLoss,
@@ -97,6 +97,7 @@ from diffusers_kit.processes import (
     VE,
     VP,
     ConstantSigma,
+    DiffusersSchedule,
     NoiseProcess,
     SubVP,
     VariancePreserving,
@@ -178,6 +179,8 @@ __all__ = [
     "DecodedOperator",
     "Denoise",
     "DenoisingScoreMatching",
+    "DiffusersSchedule",
+    "DiffusersUNet",
     "Diffusion",
     "Digits",
     "EDMStochastic",

@@ -85,7 +85,7 @@ def test_show_reads_the_process_section_of_a_spec(capsys, tmp_path):
     ("args", "expected"),
     [
         (["vpp"], "did you mean 'vp'"),
-        (["ddpm", "schedule=cosin"], "'linear' or 'cosine'"),
+        (["ddpm", "schedule=cosin"], "'linear', 'scaled_linear' or 'cosine'"),
         (["vp", "beta_max=-1"], "greater than 0"),
         (["vp", "bogus=1"], "unknown field 'bogus'"),
         (["vp", "beta_min=5", "beta_max=1"], "beta_max (1.0) must be at least beta_min"),

@@ -16,6 +16,9 @@ Schedules:
 
 * ``linear``: ``beta_i`` evenly spaced from ``beta_start`` to ``beta_end`` (Ho et al. 2020:
   1e-4 to 0.02, T = 1000);
+* ``scaled_linear``: ``sqrt(beta_i)`` evenly spaced from ``sqrt(beta_start)`` to
+  ``sqrt(beta_end)`` (latent diffusion, Rombach et al. 2022: 0.00085 to 0.012, T = 1000;
+  diffusers' ``scaled_linear``);
 * ``cosine``: ``abar_i = f(i) / f(0)``, ``f(i) = cos^2((i / T + s) / (1 + s) * pi / 2)`` and
   ``beta_i = min(1 - abar_i / abar_{i-1}, max_beta)`` (Nichol & Dhariwal 2021, eq. 17);
 * user-given ``betas``.
@@ -45,6 +48,12 @@ def linear_betas(num_steps: int, beta_start: float, beta_end: float) -> Tensor:
     return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
 
 
+def scaled_linear_betas(num_steps: int, beta_start: float, beta_end: float) -> Tensor:
+    """Rombach et al. 2022 (latent diffusion): ``sqrt(beta_i)`` evenly spaced from
+    ``sqrt(beta_start)`` to ``sqrt(beta_end)``."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
+
+
 def cosine_betas(num_steps: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
     """Nichol & Dhariwal 2021, eq. 17: ``abar_i = f(i) / f(0)``, clipped ``beta_i <= max_beta``."""
     i = torch.arange(num_steps + 1, dtype=torch.float64)
@@ -54,13 +63,15 @@ def cosine_betas(num_steps: int, offset: float = 0.008, max_beta: float = 0.999)
 
 
 class DDPM(VariancePreserving):
-    """Discrete DDPM chain with a linear, cosine or user-given beta schedule (Ho et al. 2020).
+    """Discrete DDPM chain with a linear, scaled-linear, cosine or user-given beta schedule
+    (Ho et al. 2020).
 
     Args:
         num_steps: number of steps T (default 1000; with ``betas``, their count).
-        schedule: ``linear`` (Ho et al. 2020) or ``cosine`` (Nichol & Dhariwal 2021).
-        beta_start: first beta of the linear schedule.
-        beta_end: last beta of the linear schedule.
+        schedule: ``linear`` (Ho et al. 2020), ``scaled_linear`` (Rombach et al. 2022: linear
+            in ``sqrt(beta)``) or ``cosine`` (Nichol & Dhariwal 2021).
+        beta_start: first beta of the linear and scaled-linear schedules.
+        beta_end: last beta of the linear and scaled-linear schedules.
         cosine_offset: the offset s of the cosine schedule.
         max_beta: the cosine schedule clips beta_i to at most this.
         betas: explicit beta_1..beta_T (overrides ``schedule``).
@@ -74,7 +85,7 @@ class DDPM(VariancePreserving):
     def __init__(
         self,
         num_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None,
-        schedule: Literal["linear", "cosine"] = "linear",
+        schedule: Literal["linear", "scaled_linear", "cosine"] = "linear",
         beta_start: Beta = 1e-4,
         beta_end: Beta = 0.02,
         cosine_offset: Annotated[float, Field(ge=0, le=1)] = 0.008,
@@ -92,12 +103,15 @@ class DDPM(VariancePreserving):
             steps = DEFAULT_STEPS if num_steps is None else int(num_steps)
             if schedule == "linear":
                 table = linear_betas(steps, beta_start, beta_end)
+            elif schedule == "scaled_linear":
+                table = scaled_linear_betas(steps, beta_start, beta_end)
             elif schedule == "cosine":
                 table = cosine_betas(steps, cosine_offset, max_beta)
             else:
-                raise ValueError(f"unknown schedule {schedule!r}; expected 'linear' or 'cosine'")
+                raise ValueError(f"unknown schedule {schedule!r}; expected 'linear', "
+                                 "'scaled_linear' or 'cosine'")
         self._settings = {"schedule": self.schedule}
-        if self.schedule == "linear":
+        if self.schedule in ("linear", "scaled_linear"):
             self._settings.update(beta_start=beta_start, beta_end=beta_end)
         elif self.schedule == "cosine":
             self._settings.update(cosine_offset=cosine_offset, max_beta=max_beta)

@@ -1,0 +1,109 @@
+"""Reading local diffusers folders: a pipeline saved with ``save_pretrained`` or one component.
+
+A pipeline folder holds ``model_index.json`` (component name -> ``[library, class]``) and one
+subfolder per component: ``unet/config.json`` with ``unet/diffusion_pytorch_model.safetensors``,
+``scheduler/scheduler_config.json``, ... A component folder is one of those subfolders on its
+own. Everything here reads JSON only (no diffusers import), and every failure is a
+``ValueError`` naming the folder and what is wrong, which the run graph reports as a spec error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+MODEL_INDEX = "model_index.json"
+MODEL_CONFIG = "config.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
+SAFETENSORS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+#: The defaults of diffusers' DDPM-family schedulers, for configs written by hand without them.
+SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+                      "beta_schedule": "linear", "prediction_type": "epsilon"}
+
+
+def read_json(file: Path) -> dict[str, Any]:
+    """The JSON object in ``file``; a ValueError naming the file when it is not one."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {file}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} does not hold a JSON object")
+    return value
+
+
+def component_folder(path: str | os.PathLike[str], component: str, config_name: str,
+                     user: str) -> Path:
+    """The folder of ``component`` (``unet``, ``scheduler``) given either a pipeline folder
+    (then its subfolder ``component``, which ``model_index.json`` must list), the component's
+    own folder (holding ``config_name``), or the ``config_name`` file itself.
+
+    ``user`` (the dkit component reading it) starts every error message.
+    """
+    given = Path(os.path.expanduser(os.fspath(path)))
+    if given.is_file():
+        if given.name == config_name:
+            return given.parent
+        raise ValueError(f"{user}: {str(path)!r} is a file; expected a diffusers pipeline "
+                         f"folder or its {component}/ folder (with {config_name})")
+    if not given.is_dir():
+        raise ValueError(f"{user}: {str(path)!r} does not exist; expected a local diffusers "
+                         f"pipeline folder (save_pretrained) or its {component}/ folder")
+    if (given / config_name).is_file():
+        return given
+    index_file = given / MODEL_INDEX
+    if not index_file.is_file():
+        raise ValueError(f"{user}: {str(path)!r} is not a diffusers pipeline folder (no "
+                         f"{MODEL_INDEX}) nor a {component} folder (no {config_name})")
+    index = read_json(index_file)
+    listed = sorted(k for k, v in index.items() if not k.startswith("_") and v is not None)
+    if component not in listed:
+        raise ValueError(f"{user}: the diffusers pipeline in {str(path)!r} has no {component} "
+                         f"(its {MODEL_INDEX} lists {', '.join(listed) or 'no components'})")
+    folder = given / component
+    if not (folder / config_name).is_file():
+        raise ValueError(f"{user}: the diffusers pipeline in {str(path)!r} lists a {component} "
+                         f"but {folder} has no {config_name}")
+    return folder
+
+
+def scheduler_near(unet_folder: Path) -> Path | None:
+    """The ``scheduler_config.json`` of the pipeline a ``unet`` folder belongs to (its
+    sibling ``scheduler/``), or None."""
+    candidate = unet_folder.parent / "scheduler" / SCHEDULER_CONFIG
+    return candidate if candidate.is_file() else None
+
+
+def check_class(config: dict[str, Any], supported: tuple[str, ...], folder: Path, user: str
+                ) -> str:
+    """The config's ``_class_name``, which must be one of ``supported``."""
+    name = config.get("_class_name")
+    if name not in supported:
+        raise ValueError(f"{user}: {folder} holds a {name or 'model of unnamed class'}, which "
+                         f"is not supported; {user} reads {' / '.join(supported)}")
+    return str(name)
+
+
+def check_safetensors(folder: Path, user: str) -> None:
+    """``folder`` must hold its weights as ``diffusion_pytorch_model.safetensors`` (or that
+    file sharded, with its ``.index.json``): pickle files are never read (unpickling can run
+    code)."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    if SAFETENSORS_WEIGHTS in names or f"{SAFETENSORS_WEIGHTS}.index.json" in names:
+        return
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    variants = [n for n in names if n.endswith(".safetensors")]
+    if variants:
+        raise ValueError(f"{user}: {folder} has no {SAFETENSORS_WEIGHTS}, only "
+                         f"{', '.join(variants)} (weight variants are not read)")
+    if pickles:
+        raise ValueError(f"{user}: {folder} holds only pickle weights ({', '.join(pickles)}); "
+                         "dkit reads safetensors only, since unpickling a file can run code. "
+                         "Convert them once, where you trust the file, with diffusers: "
+                         "UNet2DModel.from_pretrained(folder, use_safetensors=False)"
+                         ".save_pretrained(folder)")
+    raise ValueError(f"{user}: {folder} has no weights (no {SAFETENSORS_WEIGHTS})")

@@ -1,0 +1,174 @@
+"""A diffusers ``UNet2DModel`` as a dkit network (``diffusers_unet``).
+
+The U-Net is loaded from a local folder (a pipeline saved with ``save_pretrained``, or its
+``unet/`` folder) with safetensors only, and called as diffusers' pipelines call it, with a
+discrete timestep. dkit's DDPM step ``i`` sits at ``t = i / T`` (:mod:`diffusers_kit.processes.
+ddpm`, ``i = 1..T``) and has ``abar_i = prod_{j <= i} (1 - beta_j)``, which diffusers stores as
+``alphas_cumprod[i - 1]`` at timestep ``i - 1``; so the network is given::
+
+    timestep = t T - 1
+
+snapped to the nearest integer when ``t`` is within float32 rounding of a step (the U-Net then
+sees exactly the integer timestep a diffusers pipeline passes), and fractional between steps
+(the sinusoidal timestep embedding is defined for real timesteps; continuous-time solvers
+evaluate there). T and the parameterisation come from the pipeline's scheduler config:
+``prediction_type`` ``epsilon`` / ``v_prediction`` / ``sample`` is dkit's ``eps`` / ``v`` /
+``x0``; diffusers' velocity ``sqrt(abar) eps - sqrt(1 - abar) x0`` is dkit's
+``v = alpha eps - sigma x0`` (Salimans & Ho 2022).
+
+Needs the optional ``diffusers`` dependency (``pip install diffusers_kit[diffusers]``), imported
+only when a ``diffusers_unet`` is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+
+from diffusers_kit.interop.diffusers_folder import (
+    MODEL_CONFIG,
+    SCHEDULER_DEFAULTS,
+    check_class,
+    check_safetensors,
+    component_folder,
+    read_json,
+    scheduler_near,
+)
+from diffusers_kit.networks.base import Network
+from diffusers_kit.processes.ddpm import MAX_STEPS
+
+MISSING = ("diffusers_unet needs the diffusers library, which is not installed: install the "
+           "optional 'diffusers' extra: pip install diffusers_kit[diffusers]")
+
+#: diffusers' ``prediction_type`` -> dkit's prediction.
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def diffusers_timestep(t: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """``t T - 1`` (float32), snapped to the nearest integer within float32 rounding of ``t``
+    (``t`` is a float32 ``i / T`` on the sampling path: ``|t T - i| <= T 2^-24``)."""
+    dtype = torch.float32 if t.device.type == "mps" else torch.float64
+    position = t.to(dtype) * num_steps
+    nearest = torch.round(position)
+    snapped = torch.where((position - nearest).abs() <= 1e-4 + num_steps * 2.0**-22,
+                          nearest, position)
+    return (snapped - 1.0).to(torch.float32)
+
+
+class DiffusersUNet(Network):
+    """A diffusers ``UNet2DModel`` read from a local folder, called at timestep ``t T - 1``.
+
+    The module doc gives the mapping of ``t`` to the timestep.
+
+    Class-conditional U-Nets (``num_class_embeds``) take labels ``0..num_class_embeds - 1``;
+    they have no null class, so they always need labels (and classifier-free guidance, which
+    needs one, is refused). The weights are the U-Net's own parameters: training fine-tunes
+    them, and a run's checkpoint holds them.
+
+    Args:
+        path: a local diffusers pipeline folder (``save_pretrained``; its ``unet/`` is read) or
+            a ``unet`` folder itself, relative to the working directory. Weights are read from
+            ``diffusion_pytorch_model.safetensors`` only (never pickle files).
+        prediction: ``auto`` reads ``prediction_type`` from the pipeline's scheduler config
+            (``epsilon`` -> ``eps``, ``v_prediction`` -> ``v``, ``sample`` -> ``x0``);
+            or set it here.
+        num_train_timesteps: the scheduler's T, which maps ``t`` to the timestep; default:
+            read from the pipeline's scheduler config. It must equal the process's
+            ``num_steps``.
+    """
+
+    def __init__(
+        self,
+        path: Annotated[str, Field(min_length=1, max_length=4096)],
+        prediction: Literal["auto", "eps", "v", "x0"] = "auto",
+        num_train_timesteps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None,
+        *,
+        data_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        user = "diffusers_unet"
+        folder = component_folder(path, "unet", MODEL_CONFIG, user)
+        config = read_json(folder / MODEL_CONFIG)
+        check_class(config, ("UNet2DModel",), folder, user)
+        if config.get("time_embedding_type", "positional") != "positional":
+            raise ValueError(f"{user}: {folder}: time_embedding_type "
+                             f"{config['time_embedding_type']!r} is not supported (only "
+                             "'positional', the timestep embedding of DDPM-family models)")
+        if config.get("class_embed_type") is not None:
+            raise ValueError(f"{user}: {folder}: class_embed_type "
+                             f"{config['class_embed_type']!r} is not supported (only class "
+                             "labels through num_class_embeds)")
+        scheduler = scheduler_near(folder)
+        scheduler_config = None
+        if scheduler is not None:
+            scheduler_config = {**SCHEDULER_DEFAULTS, **read_json(scheduler)}
+        prediction = self._prediction(prediction, scheduler_config, folder, user)
+        if num_train_timesteps is not None:
+            steps = num_train_timesteps
+        elif scheduler_config is not None:
+            steps = scheduler_config["num_train_timesteps"]
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+                raise ValueError(f"{user}: {scheduler}: num_train_timesteps must be a positive "
+                                 f"integer, given {steps!r}")
+        else:
+            raise ValueError(f"{user}: {folder} has no scheduler config beside it (../scheduler/"
+                             "scheduler_config.json) to read num_train_timesteps from; set "
+                             "num_train_timesteps (and prediction)")
+        channels = int(config.get("in_channels", 3))
+        if int(config.get("out_channels", channels)) != channels:
+            raise ValueError(f"{user}: {folder}: out_channels ({config.get('out_channels')}) "
+                             f"differs from in_channels ({channels}); learned variances are "
+                             "not supported")
+        size = config.get("sample_size")
+        own = (channels, *((size, size) if isinstance(size, int) else tuple(size or ())))
+        shape = own if data_shape is None else tuple(int(s) for s in data_shape)
+        factor = 2 ** (len(config.get("block_out_channels", ())) - 1)
+        if len(shape) != 3 or shape[0] != channels or shape[1] % factor or shape[2] % factor:
+            raise ValueError(f"{user}: the U-Net in {folder} takes images of {channels} "
+                             f"channels with sides divisible by {factor} (it was built for "
+                             f"{own}); this data set's examples have shape {shape}")
+        check_safetensors(folder, user)
+        try:
+            from diffusers import UNet2DModel
+        except ImportError as exc:
+            raise ValueError(MISSING) from exc
+        try:
+            unet = UNet2DModel.from_pretrained(folder, use_safetensors=True,
+                                               local_files_only=True, low_cpu_mem_usage=False)
+        except Exception as exc:  # diffusers raises OSError, ValueError, RuntimeError ...
+            raise ValueError(f"{user}: cannot load the UNet2DModel in {folder}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        super().__init__(prediction)
+        self.unet = unet
+        self.path = str(path)
+        self.num_steps = int(steps)
+        self.data_shape = shape
+        self.num_classes = config.get("num_class_embeds")
+
+    @staticmethod
+    def _prediction(prediction: str, scheduler: dict | None, folder: Path, user: str) -> str:
+        if prediction != "auto":
+            return prediction
+        if scheduler is None:
+            raise ValueError(f"{user}: {folder} has no scheduler config beside it (../scheduler/"
+                             "scheduler_config.json) to read prediction_type from; set "
+                             "prediction (eps, v or x0)")
+        kind = scheduler["prediction_type"]
+        if kind not in PREDICTION_TYPES:
+            raise ValueError(f"{user}: {folder}: the scheduler's prediction_type {kind!r} is not "
+                             f"supported (one of {', '.join(PREDICTION_TYPES)})")
+        return PREDICTION_TYPES[kind]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        labels = None
+        if self.num_classes is not None:
+            if y is None or bool((y >= self.num_classes).any()):
+                raise ValueError(f"the diffusers U-Net in {self.path} needs class labels "
+                                 f"0..{self.num_classes - 1}; it has no null (unconditional) "
+                                 "class")
+            labels = y.long()
+        timestep = diffusers_timestep(t, self.num_steps)
+        return self.unet(x, timestep, class_labels=labels, return_dict=False)[0]
