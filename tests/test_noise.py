@@ -22,6 +22,7 @@ import pytest
 import torch
 from scipy import stats
 
+from diffusers_kit.solvers import noise as noise_module
 from diffusers_kit.solvers.noise import (
     MASK32,
     PerSampleNoise,
@@ -151,12 +152,18 @@ def test_stream_layout_and_box_muller():
     assert out.flatten().tolist() == pytest.approx([math.sqrt(64 * math.log(2)), 0.0, 0.0, 0.0])
 
 
-def test_a_sample_is_the_same_in_any_batch_dtype_and_order():
+def test_a_sample_is_the_same_in_any_batch_dtype_and_order(monkeypatch):
     """One batch of 64, chunks of 7 (groups of four split), single rows, float64 and float16
-    requests (the float32 numbers converted) and draws interleaved with another shape (no
-    look-ahead) give the same numbers for every sample."""
+    requests (the float32 numbers converted), draws interleaved with another shape (no
+    look-ahead) and a draw computed in pieces of 8 counters give the same numbers for every
+    sample."""
     whole = PerSampleNoise(seed=9)
     draws = [whole.randn((64, 2, 5)) for _ in range(5)]
+    monkeypatch.setattr(noise_module, "CHUNK", 8)  # pieces split elements and groups
+    pieces = PerSampleNoise(seed=9)
+    for draw in draws:
+        assert torch.equal(pieces.randn((64, 2, 5)), draw)
+    monkeypatch.undo()
     for first in range(0, 64, 7):
         rows = min(7, 64 - first)
         chunk = PerSampleNoise(seed=9, first=first)

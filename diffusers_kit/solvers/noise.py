@@ -137,6 +137,7 @@ class GeneratorNoise(Noise):
 
 
 AHEAD_ELEMENTS = 1 << 16  # draws computed ahead hold at most this many numbers
+CHUNK = 1 << 17  # a draw is computed in pieces of at most this many Philox counters
 
 
 class PerSampleNoise(Noise):
@@ -162,7 +163,7 @@ class PerSampleNoise(Noise):
         self.first = int(first)
         self.draws = 0  # how many randn calls so far: the stream position, kept on the host
         self._ahead: tuple | None = None  # (signature, first draw held, draws (K, *shape), K)
-        self._work: tuple[Tensor, Tensor] | None = None  # int64 and float64 (6, *size) buffers
+        self._work: dict[tuple, tuple[Tensor, Tensor]] = {}  # see _buffers
 
     def randn(self, shape, *, device=None, dtype=torch.float32):  # type: ignore[no-untyped-def]
         shape = tuple(shape)
@@ -192,21 +193,34 @@ class PerSampleNoise(Noise):
             raise ValueError(f"PerSampleNoise streams hold 2^34 samples, 2^32 draws and 2^32 "
                              f"elements a sample; given samples {self.first}.."
                              f"{self.first + rows - 1}, draw {draw + count - 1}, {size} elements")
-        full = (count, hi - lo, size)
-        if self._work is None or self._work[0].shape[1:] != full or (
-                self._work[0].device != device):
-            self._work = (torch.empty((6, *full), dtype=torch.int64, device=device),
-                          torch.empty((6, *full), dtype=torch.float64, device=device))
-        element = torch.arange(size, device=device, dtype=torch.int64)
-        group = torch.arange(lo, hi, device=device, dtype=torch.int64)[:, None]
+        groups, key = hi - lo, (self.seed & MASK32, self.seed >> 32)
+        z = torch.empty((count, groups, 4, size), dtype=torch.float32, device=device)
         draws = torch.arange(draw, draw + count, device=device,
                              dtype=torch.int64)[:, None, None] if count > 1 else draw
-        words = philox4x32((element, group, draws, 0), (self.seed & MASK32, self.seed >> 32),
-                           work=self._work[0])
-        z = torch.empty((*full[:2], 4, size), dtype=torch.float32, device=device)
-        z = box_muller(words, self._work[1], z).reshape(count, 4 * (hi - lo), size)
+        step_g = max(1, CHUNK // (count * size))  # chunks bound the buffers' memory
+        step_e = max(1, min(size, CHUNK // count))
+        for g in range(0, groups, step_g):
+            g_end = min(groups, g + step_g)
+            group = torch.arange(lo + g, lo + g_end, device=device, dtype=torch.int64)[:, None]
+            for e in range(0, size, step_e):
+                e_end = min(size, e + step_e)
+                element = torch.arange(e, e_end, device=device, dtype=torch.int64)
+                work = self._buffers((count, g_end - g, e_end - e), device)
+                words = philox4x32((element, group, draws, 0), key, work=work[0])
+                box_muller(words, work[1], z[:, g:g_end, :, e:e_end])
         start = self.first - 4 * lo
-        return z[:, start:start + rows].reshape((count, *shape))
+        return z.reshape(count, 4 * groups, size)[:, start:start + rows].reshape((count, *shape))
+
+    def _buffers(self, shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+        """int64 and float64 ``(6, *shape)`` work buffers, kept for the next draw (the last two
+        shapes: a draw's full chunks and its last one)."""
+        key = (shape, device)
+        if key not in self._work:
+            if len(self._work) > 1:
+                self._work.pop(next(iter(self._work)))
+            self._work[key] = (torch.empty((6, *shape), dtype=torch.int64, device=device),
+                               torch.empty((6, *shape), dtype=torch.float64, device=device))
+        return self._work[key]
 
 
 def as_noise(generator: torch.Generator | None = None, noise: Noise | None = None) -> Noise:

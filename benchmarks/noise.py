@@ -1,0 +1,142 @@
+"""The per-sample Philox streams against torch.randn: cost of a standard-normal draw.
+
+Shape (N, 1, 8, 8) (8x8 digits) at N = 64 and N = 20,000, one thread. Rows, side by side in
+one process, timed in interleaved rounds (every row once per round; best round per row):
+
+* ``torch.randn`` (torch's global generator) and ``torch.randn(generator=...)``;
+* ``PerSampleNoise`` drawing a sequence of equal-shape draws, as a sampler's loop does
+  (``--draws`` of them, so its look-ahead works), and drawing one draw alone (a fresh stream
+  per draw: what the start noise costs);
+* where the time goes: the Philox4x32-10 integer rounds and the Box-Muller transform of one
+  draw, timed separately;
+* the hash streams PerSampleNoise used before Philox (read from git at ``--old-commit``);
+* with ``--compile``: the same Philox and Box-Muller functions fused by ``torch.compile``
+  (needs a C++ compiler; the compile time is printed, and the numbers are checked equal to the
+  eager ones). The library does not compile: this row says what a fused kernel would give.
+
+    python benchmarks/noise.py                 # the table in docs/noise.md
+    python benchmarks/noise.py --compile       # plus the fused row (about half a minute more)
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import time
+import types
+from collections.abc import Callable
+
+import torch
+
+from diffusers_kit.solvers.noise import MASK32, PerSampleNoise, box_muller, philox4x32
+
+SIZES = (64, 20000)
+
+
+def old_generator(commit: str) -> type | None:
+    """The hash-based PerSampleNoise as of ``commit`` (None where git cannot show it)."""
+    try:
+        source = subprocess.run(["git", "show", f"{commit}:diffusers_kit/solvers/noise.py"],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    module = types.ModuleType("old_noise")
+    exec(compile(source, f"{commit}:noise.py", "exec"), module.__dict__)
+    return module.PerSampleNoise
+
+
+def fused_draw() -> Callable:
+    """Philox4x32-10 and Box-Muller as one function for torch.compile, laid out as
+    PerSampleNoise lays out a draw (counter (element, group, draw, 0))."""
+    def draw(element: torch.Tensor, group: torch.Tensor, k: torch.Tensor,
+             key: tuple[int, int]) -> torch.Tensor:
+        words = torch.broadcast_tensors(*philox4x32((element, group, k, 0), key))
+        work = torch.empty((6, *words[0].shape), dtype=torch.float64)
+        out = torch.empty((*words[0].shape[:-1], 4, words[0].shape[-1]))
+        return box_muller(words, work, out)
+    return torch.compile(draw, dynamic=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--draws", type=int, default=100, help="draws in a sequence at N = 64 "
+                        "(N = 20,000 takes a tenth, at least 3)")
+    parser.add_argument("--old-commit", default="deaff36")
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    old = old_generator(args.old_commit)
+    cpu = torch.device("cpu")
+    rows: dict[tuple[int, str], list[float]] = {}
+    for n in SIZES:
+        shape = (n, 1, 8, 8)
+        sequence = args.draws if n == SIZES[0] else max(3, args.draws // 10)
+        generator = torch.Generator().manual_seed(0)
+        noise = PerSampleNoise(1)
+        work = torch.empty((6, 1, n // 4, 64), dtype=torch.int64)
+        words = philox4x32((torch.arange(64), torch.arange(n // 4)[:, None], 0, 0), (1, 0),
+                           work=work)
+        floats = torch.empty((6, 1, n // 4, 64), dtype=torch.float64)
+        out = torch.empty((1, n // 4, 4, 64))
+
+        def in_sequence(make: Callable, shape: tuple = shape, count: int = sequence) -> float:
+            stream = make()
+            start = time.perf_counter()
+            for _ in range(count):
+                stream.randn(shape)
+            return (time.perf_counter() - start) / count
+
+        def once(fn: Callable) -> float:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+
+        cases: dict[str, Callable[[], float]] = {
+            "torch.randn": lambda shape=shape: once(lambda: torch.randn(shape)),
+            "torch.randn(generator=)": lambda shape=shape, g=generator: once(
+                lambda: torch.randn(shape, generator=g)),
+            "PerSampleNoise, draws in sequence": lambda: in_sequence(lambda: PerSampleNoise(1)),
+            "PerSampleNoise, one draw alone": lambda shape=shape: once(
+                lambda: PerSampleNoise(1).randn(shape)),
+            "  of which Philox rounds": lambda n=n, work=work: once(lambda: philox4x32(
+                (torch.arange(64), torch.arange(n // 4)[:, None], 0, 0), (1, 0), work=work)),
+            "  of which Box-Muller": lambda w=words, f=floats, o=out: once(
+                lambda: box_muller(w, f, o)),
+        }
+        if old is not None:
+            cases["hash streams (before), in sequence"] = lambda old=old: in_sequence(
+                lambda: old(1))
+        if args.compile:
+            fused = fused_draw()
+            element, group = torch.arange(64), torch.arange(n // 4)[:, None]
+            start = time.perf_counter()
+            z = fused(element, group, torch.tensor(0), (1, 0))
+            seconds = time.perf_counter() - start
+            eager = noise._compute(shape, 0, 1, cpu)[0].reshape(n // 4, 4, 64)
+            print(f"N = {n}: torch.compile took {seconds:.1f} s; equal to eager: "
+                  f"{torch.equal(z.reshape(eager.shape), eager)}")
+            for k in (1, 2):  # the draw index is a tensor: no recompilation per draw
+                fused(element, group, torch.tensor(k), (1, 0))
+            cases["Philox + Box-Muller fused (torch.compile)"] = (
+                lambda f=fused, e=element, g=group: once(
+                    lambda: f(e, g, torch.tensor(3), (1 & MASK32, 0))))
+        for _ in range(args.rounds):
+            for name, case in cases.items():
+                rows.setdefault((n, name), []).append(case())
+    baseline = {n: min(rows[(n, "torch.randn")]) for n in SIZES}
+    print(f"\ntorch {torch.__version__}, one thread, best of {args.rounds} interleaved rounds\n")
+    print("| draw of (N, 1, 8, 8) | N = 64 | x torch.randn | N = 20,000 | x torch.randn |")
+    print("|---|---|---|---|---|")
+    names = dict.fromkeys(name for _, name in rows)
+    for name in names:
+        cells = []
+        for n in SIZES:
+            best = min(rows[(n, name)])
+            value = f"{best * 1e6:.1f} us" if best < 1e-3 else f"{best * 1e3:.2f} ms"
+            cells += [value, f"{best / baseline[n]:.2f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
