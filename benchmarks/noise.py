@@ -1,7 +1,9 @@
 """The per-sample Philox streams against torch.randn: cost of a standard-normal draw.
 
 Shape (N, 1, 8, 8) (8x8 digits) at N = 64 and N = 20,000, one thread. Rows, side by side in
-one process, timed in interleaved rounds (every row once per round; best round per row):
+one process, timed in interleaved rounds (every row once per round; best round per row) by the
+thread's CPU time (one torch thread: every row computes in this thread), so that other processes
+on a shared machine do not count:
 
 * ``torch.randn`` (torch's global generator) and ``torch.randn(generator=...)``;
 * ``PerSampleNoise`` drawing a sequence of equal-shape draws, as a sampler's loop does
@@ -28,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from diffusers_kit.solvers.noise import MASK32, PerSampleNoise, box_muller, philox4x32
+from diffusers_kit.solvers.noise import PerSampleNoise, box_muller, philox4x32
 
 SIZES = (64, 20000)
 
@@ -51,10 +53,55 @@ def fused_draw() -> Callable:
     def draw(element: torch.Tensor, group: torch.Tensor, k: torch.Tensor,
              key: tuple[int, int]) -> torch.Tensor:
         words = torch.broadcast_tensors(*philox4x32((element, group, k, 0), key))
-        work = torch.empty((6, *words[0].shape), dtype=torch.float64)
-        out = torch.empty((*words[0].shape[:-1], 4, words[0].shape[-1]))
-        return box_muller(words, work, out)
+        return box_muller(words)
     return torch.compile(draw, dynamic=False)
+
+
+def cases(n: int, sequence: int, old: type | None, fused: Callable | None
+          ) -> dict[str, Callable[[], float]]:
+    """Each row's timer for draws of (n, 1, 8, 8): seconds per draw over ``sequence`` draws."""
+    shape = (n, 1, 8, 8)
+    generator = torch.Generator().manual_seed(0)
+    counters = torch.arange(64), torch.arange(n // 4)[:, None]
+    work = torch.empty((6, 1, n // 4, 64), dtype=torch.int64)
+    words = philox4x32((*counters, 0, 0), (1, 0), work=work)
+    floats = torch.empty((6, 1, n // 4, 64), dtype=torch.float64)
+    out = torch.empty((1, n // 4, 4, 64))
+
+    def timed(call: Callable[[int], object]) -> float:
+        """Seconds per call of ``call(k)``, ``k = 0 .. sequence - 1``, made in a row."""
+        start = time.thread_time()
+        for k in range(sequence):
+            call(k)
+        return (time.thread_time() - start) / sequence
+
+    def in_sequence(make: Callable) -> float:
+        stream = make()
+        return timed(lambda k: stream.randn(shape))
+
+    rows: dict[str, Callable[[], float]] = {
+        "torch.randn": lambda: timed(lambda k: torch.randn(shape)),
+        "torch.randn(generator=)": lambda: timed(
+            lambda k: torch.randn(shape, generator=generator)),
+        "PerSampleNoise, draws in sequence": lambda: in_sequence(lambda: PerSampleNoise(1)),
+        "PerSampleNoise, one draw alone": lambda: timed(
+            lambda k: PerSampleNoise(1).randn(shape)),
+        "  of which Philox rounds": lambda: timed(
+            lambda k: philox4x32((*counters, k, 0), (1, 0), work=work)),
+        "  of which Box-Muller": lambda: timed(lambda k: box_muller(words, floats, out)),
+    }
+    if old is not None:
+        rows["hash streams (before), in sequence"] = lambda: in_sequence(lambda: old(1))
+    if fused is not None:
+        start = time.perf_counter()
+        z = fused(*counters, torch.tensor(0), (1, 0))
+        seconds = time.perf_counter() - start
+        eager = PerSampleNoise(1).randn(shape).reshape(n // 4, 4, 64)
+        print(f"N = {n}: torch.compile took {seconds:.1f} s; equal to eager: "
+              f"{torch.equal(z.reshape(eager.shape), eager)}")
+        rows["Philox + Box-Muller fused (torch.compile)"] = lambda: timed(
+            lambda k: fused(*counters, torch.tensor(k), (1, 0)))
+    return rows
 
 
 def main() -> None:
@@ -67,72 +114,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     old = old_generator(args.old_commit)
-    cpu = torch.device("cpu")
-    rows: dict[tuple[int, str], list[float]] = {}
+    fused = fused_draw() if args.compile else None
+    times: dict[tuple[int, str], list[float]] = {}
     for n in SIZES:
-        shape = (n, 1, 8, 8)
-        sequence = args.draws if n == SIZES[0] else max(3, args.draws // 10)
-        generator = torch.Generator().manual_seed(0)
-        noise = PerSampleNoise(1)
-        work = torch.empty((6, 1, n // 4, 64), dtype=torch.int64)
-        words = philox4x32((torch.arange(64), torch.arange(n // 4)[:, None], 0, 0), (1, 0),
-                           work=work)
-        floats = torch.empty((6, 1, n // 4, 64), dtype=torch.float64)
-        out = torch.empty((1, n // 4, 4, 64))
-
-        def in_sequence(make: Callable, shape: tuple = shape, count: int = sequence) -> float:
-            stream = make()
-            start = time.perf_counter()
-            for _ in range(count):
-                stream.randn(shape)
-            return (time.perf_counter() - start) / count
-
-        def once(fn: Callable) -> float:
-            start = time.perf_counter()
-            fn()
-            return time.perf_counter() - start
-
-        cases: dict[str, Callable[[], float]] = {
-            "torch.randn": lambda shape=shape: once(lambda: torch.randn(shape)),
-            "torch.randn(generator=)": lambda shape=shape, g=generator: once(
-                lambda: torch.randn(shape, generator=g)),
-            "PerSampleNoise, draws in sequence": lambda: in_sequence(lambda: PerSampleNoise(1)),
-            "PerSampleNoise, one draw alone": lambda shape=shape: once(
-                lambda: PerSampleNoise(1).randn(shape)),
-            "  of which Philox rounds": lambda n=n, work=work: once(lambda: philox4x32(
-                (torch.arange(64), torch.arange(n // 4)[:, None], 0, 0), (1, 0), work=work)),
-            "  of which Box-Muller": lambda w=words, f=floats, o=out: once(
-                lambda: box_muller(w, f, o)),
-        }
-        if old is not None:
-            cases["hash streams (before), in sequence"] = lambda old=old: in_sequence(
-                lambda: old(1))
-        if args.compile:
-            fused = fused_draw()
-            element, group = torch.arange(64), torch.arange(n // 4)[:, None]
-            start = time.perf_counter()
-            z = fused(element, group, torch.tensor(0), (1, 0))
-            seconds = time.perf_counter() - start
-            eager = noise._compute(shape, 0, 1, cpu)[0].reshape(n // 4, 4, 64)
-            print(f"N = {n}: torch.compile took {seconds:.1f} s; equal to eager: "
-                  f"{torch.equal(z.reshape(eager.shape), eager)}")
-            for k in (1, 2):  # the draw index is a tensor: no recompilation per draw
-                fused(element, group, torch.tensor(k), (1, 0))
-            cases["Philox + Box-Muller fused (torch.compile)"] = (
-                lambda f=fused, e=element, g=group: once(
-                    lambda: f(e, g, torch.tensor(3), (1 & MASK32, 0))))
+        timers = cases(n, args.draws if n == SIZES[0] else max(3, args.draws // 10), old, fused)
         for _ in range(args.rounds):
-            for name, case in cases.items():
-                rows.setdefault((n, name), []).append(case())
-    baseline = {n: min(rows[(n, "torch.randn")]) for n in SIZES}
-    print(f"\ntorch {torch.__version__}, one thread, best of {args.rounds} interleaved rounds\n")
+            for name, timer in timers.items():
+                times.setdefault((n, name), []).append(timer())
+    baseline = {n: min(times[(n, "torch.randn")]) for n in SIZES}
+    print(f"\ntorch {torch.__version__}, one thread, CPU time, best of {args.rounds} "
+          "interleaved rounds\n")
     print("| draw of (N, 1, 8, 8) | N = 64 | x torch.randn | N = 20,000 | x torch.randn |")
     print("|---|---|---|---|---|")
-    names = dict.fromkeys(name for _, name in rows)
-    for name in names:
+    for name in dict.fromkeys(name for _, name in times):
         cells = []
         for n in SIZES:
-            best = min(rows[(n, name)])
+            best = min(times[(n, name)])
             value = f"{best * 1e6:.1f} us" if best < 1e-3 else f"{best * 1e3:.2f} ms"
             cells += [value, f"{best / baseline[n]:.2f}"]
         print(f"| {name} | " + " | ".join(cells) + " |")

@@ -164,6 +164,8 @@ def test_a_sample_is_the_same_in_any_batch_dtype_and_order(monkeypatch):
     for draw in draws:
         assert torch.equal(pieces.randn((64, 2, 5)), draw)
     monkeypatch.undo()
+    short = PerSampleNoise(seed=9).randn((64, 3))  # a shorter sample: the first elements
+    assert torch.equal(short, draws[0].reshape(64, 10)[:, :3])
     for first in range(0, 64, 7):
         rows = min(7, 64 - first)
         chunk = PerSampleNoise(seed=9, first=first)

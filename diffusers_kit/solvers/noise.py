@@ -72,28 +72,39 @@ def philox4x32(counter: tuple, key: tuple[int, int], rounds: int = 10,
     return c0, c1.bitwise_and_(MASK32), c2, c3.bitwise_and_(MASK32)
 
 
-def box_muller(words: tuple[Tensor, Tensor, Tensor, Tensor], work: Tensor,
-               out: Tensor) -> Tensor:
+def box_muller(words: tuple[Tensor, Tensor, Tensor, Tensor], work: Tensor | None = None,
+               out: Tensor | None = None) -> Tensor:
     """Standard normals from four 32-bit words (Box & Muller 1958, "A note on the generation of
     random normal deviates"), both outputs kept: word pairs ``(a, b)`` = (0, 1) and (2, 3) give
     ``u = 1 - a / 2^32`` in ``(0, 1]``, ``theta = 2 pi b / 2^32`` and the two independent N(0, 1)
     draws ``r cos theta``, ``r sin theta`` with ``r = sqrt(-2 log u)``: lanes (0, 1) and (2, 3)
-    of ``out`` (float32, ``(..., 4, n)`` for words ``(..., n)``). ``work``: float64
-    ``(6, ..., n)``.
+    of the float32 result ``(..., 4, n)`` for words ``(..., n)`` (written to ``out`` if given).
+    ``work``, float64 ``(6, ..., n)``, holds the intermediates (else they are allocated).
 
     Computed in float64 (``log1p(-a / 2^32)`` of an exact argument, so ``r`` is at most
     ``sqrt(64 log 2) = 6.66``) and rounded once to float32: a last-bit difference between two
     libms' float64 log / cos / sin (CPU and CUDA) changes a float32 result only when the exact
     value lies within ~2^-29 (relative) of a float32 rounding boundary."""
-    radius, theta, sine = work[0:2], work[2:4], work[4:6]
-    for slot, word in zip((radius[0], theta[0], radius[1], theta[1]), words, strict=True):
-        slot.copy_(word)  # exact: words < 2^32
+    if work is None:
+        radius, theta = torch.stack(words[0::2]).double(), torch.stack(words[1::2]).double()
+    else:
+        radius, theta = work[0:2], work[2:4]
+        for slot, word in zip((radius[0], theta[0], radius[1], theta[1]), words, strict=True):
+            slot.copy_(word)  # exact: words < 2^32
     radius.mul_(-1.0 / 2.0**32).log1p_().mul_(-2.0).sqrt_()
-    torch.sin(theta.mul_(2.0 * math.pi / 2.0**32), out=sine)
-    trig = work[2:6].unflatten(0, (2, 2)).movedim((0, 1), (-2, -3))  # (..., pair, cos/sin, n)
-    pairs = out.unflatten(-2, (2, 2))
-    theta.cos_()
-    return torch.mul(trig, radius.movedim(0, -2).unsqueeze(-2), out=pairs)
+    theta.mul_(2.0 * math.pi / 2.0**32)
+    if work is None:
+        trig = torch.stack([theta.cos(), theta.sin()])
+    else:
+        torch.sin(theta, out=work[4:6])
+        trig = work[2:6].unflatten(0, (2, 2))
+        theta.cos_()
+    trig = trig.movedim((0, 1), (-2, -3))  # (..., pair, cos / sin, n)
+    radius = radius.movedim(0, -2).unsqueeze(-2)
+    if out is None:
+        return (trig * radius).float().flatten(-3, -2)
+    torch.mul(trig, radius, out=out.unflatten(-2, (2, 2)))
+    return out
 
 
 class Noise:
@@ -178,8 +189,8 @@ class PerSampleNoise(Noise):
                 z = ahead[2][draw - ahead[1]]
                 self._ahead = (signature, draw + 1, ahead[2][draw - ahead[1] + 1:], ahead[3])
                 return z if dtype == torch.float32 else z.to(dtype)
-            if draw == ahead[1]:  # equal shapes in sequence: compute ahead, doubling
-                count = max(1, min(2 * ahead[3], AHEAD_ELEMENTS // max(1, math.prod(shape))))
+            if draw == ahead[1]:  # equal shapes in sequence: compute ahead, 4x more each time
+                count = max(1, min(4 * ahead[3], AHEAD_ELEMENTS // max(1, math.prod(shape))))
         block = self._compute(shape, draw, count, device)
         self._ahead = (signature, draw + 1, block[1:], count)
         return block[0] if dtype == torch.float32 else block[0].to(dtype)
