@@ -202,7 +202,10 @@ def test_look_ahead_hands_each_draw_over_once():
     assert torch.equal(fresh.randn((8, 4)), ahead[2])
 
 
-def test_out_of_range_streams_are_refused():
+def test_out_of_range_streams_are_refused_and_empty_draws_are_empty():
+    for shape in ((3, 0), (0, 5), (0,)):
+        noise = PerSampleNoise(1, first=6)
+        assert noise.randn(shape).shape == shape and noise.draws == 1
     with pytest.raises(ValueError, match="2\\^34 samples"):
         PerSampleNoise(1, first=-1).randn((2, 2))
     with pytest.raises(ValueError, match="2\\^34 samples"):

@@ -208,7 +208,7 @@ class PerSampleNoise(Noise):
         z = torch.empty((count, groups, 4, size), dtype=torch.float32, device=device)
         draws = torch.arange(draw, draw + count, device=device,
                              dtype=torch.int64)[:, None, None] if count > 1 else draw
-        step_g = max(1, CHUNK // (count * size))  # chunks bound the buffers' memory
+        step_g = max(1, CHUNK // max(1, count * size))  # pieces bound the buffers' memory
         step_e = max(1, min(size, CHUNK // count))
         for g in range(0, groups, step_g):
             g_end = min(groups, g + step_g)
