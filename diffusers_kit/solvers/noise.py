@@ -178,7 +178,7 @@ class PerSampleNoise(Noise):
 
     def randn(self, shape, *, device=None, dtype=torch.float32):  # type: ignore[no-untyped-def]
         shape = tuple(shape)
-        device = torch.get_default_device() if device is None else torch.device(device)
+        device = _default_device() if device is None else torch.device(device)
         draw = self.draws
         self.draws += 1
         signature = (shape, device)
@@ -232,6 +232,13 @@ class PerSampleNoise(Noise):
             self._work[key] = (torch.empty((6, *shape), dtype=torch.int64, device=device),
                                torch.empty((6, *shape), dtype=torch.float64, device=device))
         return self._work[key]
+
+
+def _default_device() -> torch.device:
+    """Where ``torch.randn(device=None)`` puts a tensor (``torch.get_default_device`` is
+    torch >= 2.3; the project allows 2.2)."""
+    get = getattr(torch, "get_default_device", None)
+    return get() if get is not None else torch.empty(0).device
 
 
 def as_noise(generator: torch.Generator | None = None, noise: Noise | None = None) -> Noise:
