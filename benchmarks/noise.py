@@ -14,10 +14,11 @@ on a shared machine do not count:
 * the hash streams PerSampleNoise used before Philox (read from git at ``--old-commit``);
 * with ``--compile``: the same Philox and Box-Muller functions fused by ``torch.compile``
   (needs a C++ compiler; the compile time is printed, and the numbers are checked equal to the
-  eager ones). The library does not compile: this row says what a fused kernel would give.
+  eager ones), 16 draws a call at N = 64 and 2 at N = 20,000 (time per draw). The library does
+  not compile: this row says what a fused kernel would give.
 
     python benchmarks/noise.py                 # the table in docs/noise.md
-    python benchmarks/noise.py --compile       # plus the fused row (about half a minute more)
+    python benchmarks/noise.py --compile       # plus the fused row (about a minute more)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from diffusers_kit.solvers.noise import PerSampleNoise, box_muller, philox4x32
+from diffusers_kit.solvers.noise import MASK32, PerSampleNoise, box_muller, philox4x32
 
 SIZES = (64, 20000)
 
@@ -49,12 +50,13 @@ def old_generator(commit: str) -> type | None:
 
 def fused_draw() -> Callable:
     """Philox4x32-10 and Box-Muller as one function for torch.compile, laid out as
-    PerSampleNoise lays out a draw (counter (element, group, draw, 0))."""
-    def draw(element: torch.Tensor, group: torch.Tensor, k: torch.Tensor,
-             key: tuple[int, int]) -> torch.Tensor:
-        words = torch.broadcast_tensors(*philox4x32((element, group, k, 0), key))
+    PerSampleNoise lays out draws (counter (element, group, draw, 0)). Dynamic shapes, and the
+    key as 0-dim tensors, so that one compilation serves every seed, draw and most sizes."""
+    def draw(element: torch.Tensor, group: torch.Tensor, draws: torch.Tensor,
+             k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
+        words = torch.broadcast_tensors(*philox4x32((element, group, draws, 0), (k0, k1)))
         return box_muller(words)
-    return torch.compile(draw, dynamic=False)
+    return torch.compile(draw, dynamic=True)
 
 
 def cases(n: int, sequence: int, old: type | None, fused: Callable | None
@@ -92,15 +94,26 @@ def cases(n: int, sequence: int, old: type | None, fused: Callable | None
     }
     if old is not None:
         rows["hash streams (before), in sequence"] = lambda: in_sequence(lambda: old(1))
-    if fused is not None:
+    if fused is not None:  # 16 draws a call at N = 64, as PerSampleNoise's look-ahead does
+        count = 16 if n == SIZES[0] else 2
+        key = torch.tensor(1), torch.tensor(0)
         start = time.perf_counter()
-        z = fused(*counters, torch.tensor(0), (1, 0))
+        z = fused(*counters, torch.arange(count)[:, None, None], *key)
         seconds = time.perf_counter() - start
-        eager = PerSampleNoise(1).randn(shape).reshape(n // 4, 4, 64)
+        eager = PerSampleNoise(1)._compute(shape, 0, count, torch.device("cpu"))
         print(f"N = {n}: torch.compile took {seconds:.1f} s; equal to eager: "
               f"{torch.equal(z.reshape(eager.shape), eager)}")
-        rows["Philox + Box-Muller fused (torch.compile)"] = lambda: timed(
-            lambda k: fused(*counters, torch.tensor(k), (1, 0)))
+        seed = 2**40 + 7  # another seed: the same compiled kernel, no recompilation
+        start = time.perf_counter()
+        z = fused(*counters, torch.arange(count)[:, None, None], torch.tensor(seed & MASK32),
+                  torch.tensor(seed >> 32))
+        seconds = time.perf_counter() - start
+        eager = PerSampleNoise(seed)._compute(shape, 0, count, torch.device("cpu"))
+        print(f"  seed {seed}: {seconds:.3f} s; equal to eager: "
+              f"{torch.equal(z.reshape(eager.shape), eager)}")
+        rows["Philox + Box-Muller fused (torch.compile), 16 or 2 draws a call"] = (
+            lambda: timed(lambda k: fused(*counters, torch.arange(
+                count * k, count * k + count)[:, None, None], *key)) / count)
     return rows
 
 
