@@ -75,7 +75,9 @@ def test_sweep_over_steps_writes_metrics_nfe_plot_and_grids(run_dir, capsys):
         assert metrics["swd_n"] == 40 and point["seconds"] >= 0
         assert point["sampling"]["solver"]["steps"] == point["value"]
         assert (folder / point["samples"]).is_file()
-    assert record["plot"] == ["swd"]
+    # the first two statistics; out_of_range is reported where a sample is out of range
+    # (2 of 40 at 2 steps with the Philox streams)
+    assert record["plot"] == ["swd", "out_of_range"]
     assert {p.name for p in folder.iterdir()} == {
         "sweep.json", "sweep.png", "samples_2.png", "samples_2.npz", "samples_4.png",
         "samples_4.npz"}

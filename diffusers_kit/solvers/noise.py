@@ -2,13 +2,11 @@
 
 :class:`GeneratorNoise` draws from one ``torch.Generator`` (the batch's draws depend on the batch).
 
-:class:`PerSampleNoise` gives every sample its own stream: draw ``k`` of sample ``i`` (its global
-index ``first + row``) is a pure function of ``(seed, i, k, element)``, so sample ``i`` is the
-same whether it is drawn alone, in a batch of 64 or in chunks of 7, on any device. The stream is
-counter-based (like Philox; Salmon et al. 2011): 32-bit integer hashing of the counter
-(Wellons' "lowbias32" mixer, computed in int64 without overflow), then Box-Muller
-(``z = sqrt(-2 log u1) cos(2 pi u2)``) on two independent 32-bit uniforms. Everything is batched
-tensor arithmetic on the samples' device: no host synchronisation, no per-sample loop.
+:class:`PerSampleNoise` gives every sample its own stream from the counter-based generator
+Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as 1, 2, 3",
+SC 2011): element ``e`` of draw ``k`` of sample ``i`` is a pure function of
+``(seed, i, k, e)``, so sample ``i`` is the same whether it is drawn alone, in a batch of 64 or
+in chunks of 7, on any device (docs/noise.md has the layout, the device argument and the cost).
 """
 
 from __future__ import annotations
@@ -21,23 +19,92 @@ Tensor = torch.Tensor
 
 MASK32 = 0xFFFFFFFF
 
-
-def _mul32(x: Tensor | int, constant: int) -> Tensor | int:
-    """``x * constant mod 2^32`` for ``x`` in ``[0, 2^32)`` held in int64, without overflow: the
-    high and low 16-bit halves of ``x`` are multiplied separately (each product < 2^48)."""
-    low, high = x & 0xFFFF, x >> 16
-    return (low * constant + ((high * (constant & 0xFFFF)) << 16)) & MASK32
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Philox4x32 round multipliers
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # Weyl key increments (golden ratio, sqrt(3) - 1)
 
 
-def hash32(x: Tensor | int) -> Tensor | int:
-    """Wellons' lowbias32 integer mixer on ``[0, 2^32)`` (a bijection; good avalanche), on int64
-    tensors or Python integers alike."""
-    x = x & MASK32
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def philox4x32(counter: tuple, key: tuple[int, int], rounds: int = 10,
+               work: Tensor | None = None) -> tuple:
+    """Philox4x32-``rounds`` of the 128-bit ``counter`` (four 32-bit words) under the 64-bit
+    ``key`` (two words), Salmon et al. (2011), Random123's ``philox4x32_R``. One round is::
+
+        hi0, lo0 = mulhilo(M0, c0);  hi1, lo1 = mulhilo(M1, c2)
+        (c0, c1, c2, c3) <- (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)
+
+    and the key gains ``(W0, W1)`` (mod 2^32) between rounds. Words are Python integers in
+    ``[0, 2^32)`` or int64 tensors holding such values (broadcast against each other): a product
+    of two 32-bit words is below 2^64, and torch's int64 multiply wraps modulo 2^64, so its low
+    word is ``p & MASK32`` and its high word ``(p >> 32) & MASK32`` (the arithmetic shift's sign
+    bits are masked off). The key stays on the host, so its schedule costs no device work.
+
+    The low words are kept unmasked between rounds: they only enter the next round through an
+    XOR whose result is masked, so masking them there is the same. ``work``, an int64 tensor
+    ``(6, *shape)`` of the broadcast shape, lets the rounds run in place once a word reaches
+    that size (the words then live in ``work``): no allocation in the costly rounds.
+    """
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    m0, m1 = PHILOX_M
+    done = 0
+    size = None if work is None else work[0].numel()
+    while done < rounds and not (size and any(getattr(w, "numel", int)() == size
+                                              for w in (c0, c1, c2, c3))):
+        if done:
+            k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
+        p0, p1 = c0 * m0, c2 * m1
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & MASK32, p1, ((p0 >> 32) ^ c3 ^ k1) & MASK32, p0
+        done += 1
+    if work is None or done == rounds:
+        return c0, c1 & MASK32, c2, c3 & MASK32
+    for slot, word in zip(work, (c0, c1, c2, c3), strict=False):  # full size: in place now
+        slot.copy_(word) if isinstance(word, Tensor) else slot.fill_(word)
+    c0, c1, c2, c3, t0, t1 = work
+    for r in range(done, rounds):
+        if r:
+            k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
+        torch.mul(c0, m0, out=t0)
+        torch.mul(c2, m1, out=t1)
+        torch.bitwise_right_shift(t1, 32, out=c0).bitwise_xor_(c1).bitwise_xor_(k0)
+        torch.bitwise_right_shift(t0, 32, out=c2).bitwise_xor_(c3).bitwise_xor_(k1)
+        c0.bitwise_and_(MASK32)
+        c2.bitwise_and_(MASK32)
+        c1, c3, t1, t0 = t1, t0, c1, c3  # the old low words' buffers take the next products
+    return c0, c1.bitwise_and_(MASK32), c2, c3.bitwise_and_(MASK32)
+
+
+def box_muller(words: tuple[Tensor, Tensor, Tensor, Tensor], work: Tensor | None = None,
+               out: Tensor | None = None) -> Tensor:
+    """Standard normals from four 32-bit words (Box & Muller 1958, "A note on the generation of
+    random normal deviates"), both outputs kept: word pairs ``(a, b)`` = (0, 1) and (2, 3) give
+    ``u = 1 - a / 2^32`` in ``(0, 1]``, ``theta = 2 pi b / 2^32`` and the two independent N(0, 1)
+    draws ``r cos theta``, ``r sin theta`` with ``r = sqrt(-2 log u)``: lanes (0, 1) and (2, 3)
+    of the float32 result ``(..., 4, n)`` for words ``(..., n)`` (written to ``out`` if given).
+    ``work``, float64 ``(6, ..., n)``, holds the intermediates (else they are allocated).
+
+    Computed in float64 (``log1p(-a / 2^32)`` of an exact argument, so ``r`` is at most
+    ``sqrt(64 log 2) = 6.66``) and rounded once to float32: a last-bit difference between two
+    libms' float64 log / cos / sin (CPU and CUDA) changes a float32 result only when the exact
+    value lies within ~2^-29 (relative) of a float32 rounding boundary."""
+    if work is None:
+        radius, theta = torch.stack(words[0::2]).double(), torch.stack(words[1::2]).double()
+    else:
+        radius, theta = work[0:2], work[2:4]
+        for slot, word in zip((radius[0], theta[0], radius[1], theta[1]), words, strict=True):
+            slot.copy_(word)  # exact: words < 2^32
+    radius.mul_(-1.0 / 2.0**32).log1p_().mul_(-2.0).sqrt_()
+    theta.mul_(2.0 * math.pi / 2.0**32)
+    if work is None:
+        trig = torch.stack([theta.cos(), theta.sin()])
+    else:
+        torch.sin(theta, out=work[4:6])
+        trig = work[2:6].unflatten(0, (2, 2))
+        theta.cos_()
+    trig = trig.movedim((0, 1), (-2, -3))  # (..., pair, cos / sin, n)
+    radius = radius.movedim(0, -2).unsqueeze(-2)
+    if out is None:
+        return (trig * radius).float().flatten(-3, -2)
+    torch.mul(trig, radius, out=out.unflatten(-2, (2, 2)))
+    return out
 
 
 class Noise:
@@ -80,36 +147,98 @@ class GeneratorNoise(Noise):
         return torch.randn(x.shape, generator=self._generator, device=x.device, dtype=x.dtype)
 
 
+AHEAD_ELEMENTS = 1 << 16  # draws computed ahead hold at most this many numbers
+CHUNK = 1 << 17  # a draw is computed in pieces of at most this many Philox counters
+
+
 class PerSampleNoise(Noise):
-    """Counter-based streams, one per sample: rows are samples ``first, first + 1, ...``.
+    """Philox4x32-10 streams, one per sample: rows are samples ``first, first + 1, ...``.
+
+    Element ``e`` (row-major within the sample) of draw ``k`` (the ``k``-th ``randn`` call) of
+    sample ``i`` is lane ``i mod 4`` of :func:`box_muller` applied to the Philox4x32-10 output
+    at counter ``(e, i // 4, k, 0)`` under key ``(seed mod 2^32, seed // 2^32 mod 2^32)``:
+    one counter serves one element of four neighbouring samples, so a batch computes whole
+    groups of four and keeps its rows. Up to 2^32 draws, 2^32 elements a sample, 2^34 samples.
+
+    Equal-shape draws in sequence are computed several at a time (up to ``AHEAD_ELEMENTS``
+    numbers; a small draw is otherwise all dispatch cost). Every number is the same either way:
+    draw ``k`` is a function of ``k``, not of what was computed with it.
 
     Args:
-        seed: the stream family (any integer; only its low 32 bits matter).
+        seed: the stream family (any integer; its low 64 bits matter).
         first: global index of the batch's first sample (a chunk starting at sample 56 passes 56).
     """
 
     def __init__(self, seed: int, first: int = 0) -> None:
-        self.seed = int(seed) & MASK32
+        self.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
         self.first = int(first)
         self.draws = 0  # how many randn calls so far: the stream position, kept on the host
+        self._ahead: tuple | None = None  # (signature, first draw held, draws (K, *shape), K)
+        self._work: dict[tuple, tuple[Tensor, Tensor]] = {}  # see _buffers
 
     def randn(self, shape, *, device=None, dtype=torch.float32):  # type: ignore[no-untyped-def]
-        rows, size = shape[0], math.prod(shape[1:])
-        key = _key(self.seed, self.draws)
+        shape = tuple(shape)
+        device = _default_device() if device is None else torch.device(device)
+        draw = self.draws
         self.draws += 1
-        index = torch.arange(self.first, self.first + rows, device=device, dtype=torch.int64)
-        row_state = hash32(hash32(index) ^ key)[:, None]  # (rows, 1)
-        element = torch.arange(size, device=device, dtype=torch.int64)
-        salt = hash32(2 * element)[None, :], hash32(2 * element + 1)[None, :]
-        u1 = (hash32(row_state ^ salt[0]).to(torch.float64) + 0.5) / 2.0**32  # (0, 1)
-        u2 = hash32(row_state ^ salt[1]).to(torch.float64) / 2.0**32
-        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-        return z.to(dtype).reshape(shape)
+        signature = (shape, device)
+        ahead = self._ahead  # (signature, draw held first, held draws, how many were computed)
+        count = 1
+        if ahead is not None and ahead[0] == signature:
+            if ahead[1] <= draw < ahead[1] + len(ahead[2]):  # computed already: hand it over once
+                z = ahead[2][draw - ahead[1]]
+                self._ahead = (signature, draw + 1, ahead[2][draw - ahead[1] + 1:], ahead[3])
+                return z if dtype == torch.float32 else z.to(dtype)
+            if draw == ahead[1]:  # equal shapes in sequence: compute ahead, 4x more each time
+                count = max(1, min(4 * ahead[3], AHEAD_ELEMENTS // max(1, math.prod(shape))))
+        block = self._compute(shape, draw, count, device)
+        self._ahead = (signature, draw + 1, block[1:], count)
+        return block[0] if dtype == torch.float32 else block[0].to(dtype)
+
+    def _compute(self, shape: tuple[int, ...], draw: int, count: int,
+                 device: torch.device) -> Tensor:
+        """Draws ``draw, ..., draw + count - 1`` of ``shape`` as float32 ``(count, *shape)``."""
+        rows, size = shape[0], math.prod(shape[1:])
+        lo, hi = self.first // 4, -(-(self.first + rows) // 4)  # the 4-sample groups
+        if self.first < 0 or hi > 1 << 32 or draw + count > 1 << 32 or size > 1 << 32:
+            raise ValueError(f"PerSampleNoise streams hold 2^34 samples, 2^32 draws and 2^32 "
+                             f"elements a sample; given samples {self.first}.."
+                             f"{self.first + rows - 1}, draw {draw + count - 1}, {size} elements")
+        groups, key = hi - lo, (self.seed & MASK32, self.seed >> 32)
+        z = torch.empty((count, groups, 4, size), dtype=torch.float32, device=device)
+        draws = torch.arange(draw, draw + count, device=device,
+                             dtype=torch.int64)[:, None, None] if count > 1 else draw
+        step_g = max(1, CHUNK // max(1, count * size))  # pieces bound the buffers' memory
+        step_e = max(1, min(size, CHUNK // count))
+        for g in range(0, groups, step_g):
+            g_end = min(groups, g + step_g)
+            group = torch.arange(lo + g, lo + g_end, device=device, dtype=torch.int64)[:, None]
+            for e in range(0, size, step_e):
+                e_end = min(size, e + step_e)
+                element = torch.arange(e, e_end, device=device, dtype=torch.int64)
+                work = self._buffers((count, g_end - g, e_end - e), device)
+                words = philox4x32((element, group, draws, 0), key, work=work[0])
+                box_muller(words, work[1], z[:, g:g_end, :, e:e_end])
+        start = self.first - 4 * lo
+        return z.reshape(count, 4 * groups, size)[:, start:start + rows].reshape((count, *shape))
+
+    def _buffers(self, shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+        """int64 and float64 ``(6, *shape)`` work buffers, kept for the next draw (the last two
+        shapes: a draw's full chunks and its last one)."""
+        key = (shape, device)
+        if key not in self._work:
+            if len(self._work) > 1:
+                self._work.pop(next(iter(self._work)))
+            self._work[key] = (torch.empty((6, *shape), dtype=torch.int64, device=device),
+                               torch.empty((6, *shape), dtype=torch.float64, device=device))
+        return self._work[key]
 
 
-def _key(seed: int, draw: int) -> int:
-    """The stream key of draw ``draw``: a host integer (no device work, no synchronisation)."""
-    return hash32(seed ^ hash32((draw * 0x9E3779B9 + 0x632BE5AB) & MASK32))
+def _default_device() -> torch.device:
+    """Where ``torch.randn(device=None)`` puts a tensor (``torch.get_default_device`` is
+    torch >= 2.3; the project allows 2.2)."""
+    get = getattr(torch, "get_default_device", None)
+    return get() if get is not None else torch.empty(0).device
 
 
 def as_noise(generator: torch.Generator | None = None, noise: Noise | None = None) -> Noise:
