@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -204,33 +204,38 @@ def merge_legacy_recording(record: Record | None, keep_trajectory: bool | None,
     return Record(what=what, snapshots=10 if snapshots is None else snapshots)  # type: ignore[arg-type]
 
 
-def _with_recording(init: Callable[..., None]) -> Callable[..., None]:
-    """``init`` with the keyword-only ``record`` option (and its deprecated spellings) added to
-    its signature, which is also the solver's schema (see :mod:`diffusers_kit.registry`)."""
-    signature = inspect.signature(init)
-    if "record" in signature.parameters:
-        return init
-    extra = {
-        "record": Record | None,
-        "keep_trajectory": bool | None,
-        "keep_x0": bool | None,
-        "snapshots": Annotated[int, Field(ge=1, le=10_000)] | None,
-    }
-    parameters = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
-    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                     annotation=hint) for name, hint in extra.items()]
+#: The recording options every solver takes besides its constructor's own: the registry adds
+#: them to each solver's schema (a solver's ``dkit_options``) and :meth:`Solver.__init_subclass__`
+#: accepts them at construction, so no solver declares them. A solver whose constructor declares
+#: one itself (the 0.1 shape: its own ``keep_trajectory``, ``keep_x0``, ``snapshots``) keeps it.
+RECORDING_OPTIONS: dict[str, Any] = {
+    "record": Record | None,
+    "keep_trajectory": bool | None,
+    "keep_x0": bool | None,
+    "snapshots": Annotated[int, Field(ge=1, le=10_000)] | None,
+}
+
+
+def _accepting_options(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` that also accepts the :data:`RECORDING_OPTIONS` it does not declare itself,
+    and sets ``record`` from them after it ran. Its signature (the solver's schema) is
+    ``init``'s own: nothing is rewritten."""
+    own = set(inspect.signature(init).parameters)
+    extra = [name for name in RECORDING_OPTIONS if name not in own]
 
     @functools.wraps(init)
-    def wrapper(self: Solver, *args: object, record: Record | dict | None = None,
-                keep_trajectory: bool | None = None, keep_x0: bool | None = None,
-                snapshots: int | None = None, **kwargs: object) -> None:
+    def wrapper(self: Solver, *args: object, **kwargs: object) -> None:
+        given = {name: kwargs.pop(name) for name in extra if name in kwargs}
         init(self, *args, **kwargs)
-        if isinstance(record, dict):
-            record = Record(**record)
-        self.record = merge_legacy_recording(record, keep_trajectory, keep_x0, snapshots)
+        if given:
+            record = given.get("record")
+            if isinstance(record, dict):
+                record = Record(**record)
+            self.record = merge_legacy_recording(
+                record, given.get("keep_trajectory"), given.get("keep_x0"),  # type: ignore[arg-type]
+                given.get("snapshots"))  # type: ignore[arg-type]
 
-    wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {**getattr(init, "__annotations__", {}), **extra}
+    wrapper.__dkit_options__ = True  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -243,11 +248,13 @@ class Solver:
     """
 
     record: Record | None = None
+    dkit_options: ClassVar[dict[str, Any]] = RECORDING_OPTIONS
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:
-            cls.__init__ = _with_recording(cls.__dict__["__init__"])  # type: ignore[method-assign]
+        init = cls.__dict__.get("__init__")
+        if init is not None and not hasattr(init, "__dkit_options__"):
+            cls.__init__ = _accepting_options(init)  # type: ignore[method-assign]
 
     # the old attribute names, kept for callers that set them (e.g. ``--progressive``)
     @property
