@@ -271,6 +271,7 @@ class NoiseProcess:
         source: str,
         target: str,
         s: Tensor | None = None,
+        marginal: tuple[Tensor | float, Tensor | float] | None = None,
     ) -> Tensor:
         """Convert a network output between parameterisations of the same ``x_t``.
 
@@ -278,10 +279,13 @@ class NoiseProcess:
         ``v = a eps - s x_0`` (Salimans & Ho 2022) and ``mu = c_t x_t + c_0 x0``, the mean of the
         posterior ``q(x_s | x_t, x0)`` with ``x0`` predicted (Ho et al. 2020, eq. 11; ``s``
         defaults to the previous step of a discrete process). Conversion goes through ``eps``.
+        ``marginal``: ``(alpha, sigma)`` at ``t`` when the caller has them (a sampler's cached
+        grid: no schedule work per step).
         """
         if source == target:
             return output
-        alpha, sigma = (expand(c, x_t) for c in self.marginal(t))
+        alpha, sigma = (marginal if marginal is not None
+                        else (expand(c, x_t) for c in self.marginal(t)))
         if source == "eps":
             eps = output
         elif source == "score":

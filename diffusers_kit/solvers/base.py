@@ -18,7 +18,7 @@ import functools
 import inspect
 import json
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
     from diffusers_kit.processes.base import NoiseProcess
 
+#: A solver's grid: whatever typed, cached object its :meth:`Solver.grid` builds (it has ``t``).
+Grid = Any
 Progress = Callable[[int], None]
 
 #: The most samples a grid picture shows (``samples.png``): a grid of 200,000 digits is 22,400
@@ -150,39 +152,78 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 class Recorder:
-    """Keeps ``x`` and / or ``x0_hat`` at ``record.snapshots`` evenly spaced steps of ``steps``.
+    """Keeps ``x`` and / or ``x0_hat`` at ``record.snapshots`` evenly spaced steps of ``steps``
+    (``times``: the process time of each step).
 
     The steps to record are chosen once, on the host; :meth:`wants` is a set lookup, so a loop
-    that asks for nothing pays nothing and stores nothing.
+    that asks for nothing pays nothing and stores nothing. A step recorded again replaces its
+    first record (RePaint descends a step several times: the last descent is kept). The 0.1
+    keywords ``trajectory`` / ``x0`` / ``snapshots`` still build one.
     """
 
-    def __init__(self, steps: int, record: Record | None, times: list[float]) -> None:
-        self.trajectory: list[torch.Tensor] = []
-        self.x0: list[torch.Tensor] = []
-        self.times: list[float] = []
+    def __init__(self, steps: int, record: Record | None = None, times: Sequence[float] = (),
+                 *, trajectory: bool = False, x0: bool = False, snapshots: int = 10) -> None:
+        if record is None and (trajectory or x0):
+            record = Record(what=("x",) * trajectory + ("x0",) * x0,  # type: ignore[arg-type]
+                            snapshots=snapshots)
         what = record.what if record is not None else ()
         self.keep_trajectory, self.keep_x0 = "x" in what, "x0" in what
-        self._times = times
+        self._times = list(times)
+        self._kept: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self.marks: set[int] = set()
-        if what and steps > 0:
-            assert record is not None
+        if record is not None and what and steps > 0:
             count = max(1, min(record.snapshots, steps))
             self.marks = {round(k * (steps - 1) / max(count - 1, 1)) for k in range(count)}
 
     def wants(self, step: int) -> bool:
         return step in self.marks
 
-    def record(self, step: int, x: torch.Tensor, x0: torch.Tensor | None = None) -> None:
+    def record(self, step: int, x: torch.Tensor,
+               x0: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> None:
+        """Keep ``x`` and ``x0`` (a tensor, or a function forming it, called only when kept)
+        at ``step`` when it is one to keep."""
         if step not in self.marks:
             return
-        if self.keep_trajectory:
-            self.trajectory.append(x.detach().clone())
-        if self.keep_x0 and x0 is not None:
-            self.x0.append(x0.detach().clone())
-        self.times.append(self._times[step] if step < len(self._times) else float("nan"))
+        if callable(x0) and not isinstance(x0, torch.Tensor):
+            x0 = x0() if self.keep_x0 else None
+        self._kept[step] = (x.detach().clone() if self.keep_trajectory else None,
+                            x0.detach().clone() if self.keep_x0 and x0 is not None else None)
+
+    @property
+    def trajectory(self) -> list[torch.Tensor]:
+        return [x for _, (x, _) in sorted(self._kept.items()) if x is not None]
+
+    @property
+    def x0(self) -> list[torch.Tensor]:
+        return [x0 for _, (_, x0) in sorted(self._kept.items()) if x0 is not None]
+
+    @property
+    def times(self) -> list[float]:
+        return [self._times[i] if i < len(self._times) else float("nan")
+                for i in sorted(self._kept)]
 
     def result(self, samples: torch.Tensor, nfe: int) -> SampleResult:
         return SampleResult(samples, nfe, self.trajectory, self.x0, self.times)
+
+
+class Callback:
+    """What a solver's :meth:`Solver.run` calls after each step: ``callback(i, x, denoised)``
+    with the grid index ``i`` of the step, the state ``x`` there and the denoised estimate
+    ``x0_hat(x)`` (a tensor; a function forming it when that costs work, called only when
+    recorded; None when there is none). Each call is one progress unit
+    (:meth:`Solver.total_steps` counts the calls); :meth:`wants` says whether step ``i`` is
+    recorded, for a solver that would rather not form ``denoised`` at all."""
+
+    def __init__(self, recorder: Recorder, progress: Progress | None) -> None:
+        self.recorder, self.progress = recorder, progress
+        self.wants = recorder.wants
+
+    def __call__(self, i: int, x: torch.Tensor,
+                 denoised: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> None:
+        if i in self.recorder.marks:
+            self.recorder.record(i, x, denoised)
+        if self.progress is not None:
+            self.progress(1)
 
 
 LEGACY_RECORDING = ("keep_trajectory", "keep_x0", "snapshots")
@@ -284,10 +325,40 @@ class Solver:
         on ``sample.solver.kind`` before anything is trained."""
         return None
 
+    def settings(self) -> tuple:
+        """What this solver's grid depends on: its class and constructor settings (every
+        attribute but ``record``), the key its :meth:`grid` is cached under."""
+        return (type(self), *sorted((k, v) for k, v in vars(self).items() if k != "record"))
+
+    def grid(self, process: NoiseProcess) -> Grid:
+        """Build the grid :meth:`run` walks on ``process`` (times and every per-step
+        coefficient, in float64 on the host): called once per (process, :meth:`settings`),
+        through :meth:`cached_grid`. It must have ``t``, the process time of each grid point
+        (what recorded steps are labelled with: ``t[i]`` for step ``i``)."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither grid nor sample")
+
+    def cached_grid(self, process: NoiseProcess) -> Grid:
+        from diffusers_kit.solvers.grids import cached
+
+        return cached(process, ("solver", *self.settings()), lambda: self.grid(process))
+
     def total_steps(self, process: NoiseProcess) -> int:
         """How many progress units one :meth:`sample` call reports (the progress bar's total
-        per batch): usually the number of steps. Call ``progress(k)`` as ``k`` of them end."""
-        return 1
+        per batch): the number of ``callback`` calls of :meth:`run`; by default one per grid
+        step. A solver that overrides :meth:`sample` itself calls ``progress(k)`` as ``k`` of
+        them end (1 by default)."""
+        if type(self).run is Solver.run:
+            return 1
+        return len(self.cached_grid(process).t) - 1
+
+    def run(self, model: ScoreModel, x: torch.Tensor, grid: Grid, noise: Noise,
+            callback: Callback) -> torch.Tensor:
+        """The algorithm: from the start ``x`` walk ``grid`` (:meth:`grid`'s, cached) and return
+        the samples. Ask ``model.predict(x, t, "x0" | "eps" | "score")`` for the model's views
+        (guidance and parameterisation live there); draw every random number from ``noise``
+        (``noise.randn_like(x)``); call ``callback(i, x, denoised)`` once per step. The
+        caller (:meth:`sample`) owns the rest."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither run nor sample")
 
     @torch.no_grad()
     def sample(
@@ -301,25 +372,26 @@ class Solver:
         x_T: torch.Tensor | None = None,
     ) -> SampleResult:
         """Draw ``shape[0]`` samples from ``model`` (a :class:`~diffusers_kit.model.ScoreModel`,
-        possibly a guided view: ask it for ``model.predict(x, t, "eps" | "score" | "x0")`` and
-        it returns the guided prediction; never convert parameterisations yourself).
+        possibly a guided view): the one driver of every solver that defines :meth:`run`.
 
-        Conventions a solver follows:
+        It owns what no algorithm should repeat: the start (:func:`start`: the prior draw, or
+        ``x_T`` when given), the random stream (``noise``, or draws from ``generator``:
+        :func:`~diffusers_kit.solvers.noise.as_noise`), the cached grid
+        (:meth:`cached_grid`), counting network evaluations (``model.nfe`` after minus before,
+        a host integer), progress (one unit per ``callback`` call) and recording what
+        ``self.record`` asks (a :class:`Recorder` behind the :class:`Callback`).
 
-        - ``t`` is a tensor of shape ``(B,)`` (one time per sample) on the model's device, in
-          ``[0, 1]`` (``process.time_grid`` / :mod:`diffusers_kit.solvers.grids` give grids;
-          discrete processes map step ``i`` to ``t = i / T``);
-        - start from :func:`start` (the prior draw, or ``x_T`` when given) and draw every random
-          number from ``noise`` (:func:`~diffusers_kit.solvers.noise.as_noise` merges
-          ``generator`` and ``noise``), so samples do not depend on the batch;
-        - count network evaluations as ``model.nfe`` after minus before (a host integer);
-        - keep what ``self.record`` asks with a :class:`Recorder` and return
-          ``recorder.result(samples, nfe)``;
-        - call ``progress(k)`` as work ends (``total_steps`` units per call); no host
-          synchronisation in the loop (read coefficient tables as Python floats, or as the
-          cached 0-dim tensors of :func:`~diffusers_kit.solvers.tables.scalars`).
+        A solver written for dkit 1.0 overrides this method itself and is called through it
+        (``Diffusion.sample`` calls ``solver.sample``): it then follows the same conventions by
+        hand (``t`` a ``(B,)`` tensor on the model's device, in ``[0, 1]``).
         """
-        raise NotImplementedError
+        grid = self.cached_grid(model.process)
+        noise = as_noise(generator, noise)
+        x = start(model, shape, noise, x_T)
+        recorder = Recorder(len(grid.t) - 1, self.record, grid.t)
+        begin = model.nfe
+        x = self.run(model, x, grid, noise, Callback(recorder, progress))
+        return recorder.result(x, model.nfe - begin)
 
 
 #: The type of every solver's ``clip_x0`` option (``None``: off).

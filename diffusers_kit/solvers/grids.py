@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -144,3 +145,57 @@ def _sampling_times(process: NoiseProcess, steps: int | None, spacing: Spacing, 
         index = torch.unique(index).flip(0)  # decreasing, no repeats
         times = index / discrete
     return torch.cat([times, torch.zeros(1, dtype=torch.float64)])
+
+
+@dataclass(frozen=True, eq=False)
+class TimeGrid:
+    """The points of a sampling grid: ``N`` evaluation times ``t_0 = 1 > ... > t_{N-1} =
+    t_min``, then the landing point ``t_N = 0`` where ``sigma = 0`` (the last step lands on the
+    denoised estimate). Per point, as Python floats: ``t``, ``alpha``, ``sigma``, the noise level
+    ``level = sigma / alpha`` (``inf`` where ``alpha = 0``, 0 at the landing) and ``lam =
+    log(alpha / sigma)`` (``-inf`` where ``alpha = 0``, ``inf`` at the landing); ``times`` is
+    ``t`` as a float64 tensor. Built once per (process, steps, spacing, rho) by
+    :func:`time_grid`; :meth:`vectors` are the ``(B,)`` time tensors a network sees."""
+
+    times: Tensor
+    t: list[float]
+    alpha: list[float]
+    sigma: list[float]
+    level: list[float]
+    lam: list[float]
+    _vectors: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def steps(self) -> int:
+        return len(self.t) - 1
+
+    def marginal(self, i: int) -> tuple[float, float]:
+        """``(alpha, sigma)`` at point ``i`` (for :meth:`ScoreModel.predict`)."""
+        return self.alpha[i], self.sigma[i]
+
+    def vectors(self, batch: int, device: torch.device) -> tuple[Tensor, ...]:
+        """Item ``i``: ``t_i`` as a ``(batch,)`` float32 tensor on ``device`` (cached)."""
+        key = (batch, str(device))
+        if key not in self._vectors:
+            self._vectors[key] = (self.times[:-1, None].to(device=device, dtype=torch.float32)
+                                  .expand(-1, batch).contiguous().unbind(0))
+        return self._vectors[key]
+
+
+def time_grid(process: NoiseProcess, steps: int | None, spacing: Spacing = "uniform",
+              rho: float = 7.0) -> TimeGrid:
+    """The cached :class:`TimeGrid` of ``sampling_times(process, steps, spacing, rho)``."""
+
+    def build() -> TimeGrid:
+        times = sampling_times(process, steps, spacing, rho)
+        alpha, sigma = process.marginal(times)
+        sigma = sigma.clone()
+        sigma[-1] = 0.0
+        with torch.no_grad():
+            level = torch.where(sigma > 0, sigma / alpha, torch.zeros_like(sigma))
+        lam = -torch.log(level)
+        return TimeGrid(times, times.tolist(), alpha.tolist(), sigma.tolist(), level.tolist(),
+                        lam.tolist())
+
+    return cached(process, ("time_grid", steps, resolve_spacing(process, spacing), float(rho)),
+                  build)

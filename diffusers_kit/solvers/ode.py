@@ -11,6 +11,19 @@ ODE becomes::
 
     dy / d varsigma = eps_hat(alpha y, t(varsigma)),      x0_hat = y - varsigma eps_hat
 
+Their steps are taken in ``x`` on the data prediction (the exponential-integrator form of Lu et
+al. 2022): a step from ``(alpha, sigma)`` to ``(alpha', sigma')`` with ``r = varsigma' /
+varsigma`` is::
+
+    x' = (sigma' / sigma) x + alpha' [(1 - r) x0_hat + corrections on earlier x0_hat]
+
+which is the Euler step in ``y`` written out, and stays defined where ``alpha = 0`` (a process
+that reaches pure noise, ``x_1 = eps``: ``varsigma = inf``, ``r = 0``, the first step is
+``x' = (sigma' / sigma) x + alpha' x0_hat``). Such a process needs a network that can predict
+``x0`` there (an ``x0`` or ``v`` network: ``eps`` carries no information about ``x0`` at
+``alpha = 0``). Heun's ``noise`` form (Karras et al.'s trapezoid on ``eps`` in ``y``) needs
+``alpha > 0`` and says so (:meth:`Solver.check`).
+
 * ``euler``: one Euler step per grid interval (equals DDIM with eta = 0);
 * ``heun``: Heun's second-order method (Karras et al. 2022, Algorithm 1 without churn), an Euler
   step for the last interval, so N steps cost 2N - 1 evaluations; by default its correction is
@@ -58,32 +71,26 @@ extra evaluation.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Annotated, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 from scipy.integrate import solve_ivp
 
-from diffusers_kit.solvers.base import (
-    ClipX0,
-    Progress,
-    Recorder,
-    SampleResult,
-    Solver,
-    clip_data,
-    model_device,
-    start,
-)
-from diffusers_kit.solvers.grids import Spacing, cached, time_of_log_snr
-from diffusers_kit.solvers.noise import Noise, as_noise
-from diffusers_kit.solvers.tables import ODETable, ode_table, scalars
+from diffusers_kit.solvers.base import Callback, ClipX0, Solver, clip_data
+from diffusers_kit.solvers.grids import Spacing, TimeGrid, time_grid, time_of_log_snr
+from diffusers_kit.solvers.noise import Noise
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
     from diffusers_kit.processes.base import NoiseProcess
 
 Tensor = torch.Tensor
+#: ``report(x, denoised)``: a step hands its start and data prediction on to the callback.
+Report = Callable[[torch.Tensor, torch.Tensor], None]
 Method = Literal["RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA"]
 
 
@@ -155,49 +162,61 @@ class ScipyODE(Solver):
         self.t_end = t_end
         self.denoise = denoise
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: ScoreModel,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None = None,
-        progress: Progress | None = None,
-        noise: Noise | None = None,
-        x_T: Tensor | None = None,
-    ) -> SampleResult:
-        process, device = model.process, model_device(model)
+    def settings(self) -> tuple:
+        return (*super().settings(), self.record)  # recording sets the snapshot times
+
+    def grid(self, process: NoiseProcess) -> ScipyGrid:
         t_end = process.t_min if self.t_end is None else self.t_end
-        begin = model.nfe
-        x = start(model, shape, as_noise(generator, noise), x_T)
-        snapshots = max(2, self.record.snapshots) if self.record is not None else 0
-        t_eval = list(np.linspace(1.0, t_end, snapshots)) if self.record is not None else None
-        x, states, times = integrate_probability_flow(model, x, 1.0, t_end, method=self.method,
-                                                      rtol=self.rtol, atol=self.atol,
-                                                      t_eval=t_eval)
-        trajectory = states if self.keep_trajectory else []
-        x0_predictions = []
-        if self.keep_x0:
-            for state, time in zip(states, times, strict=True):
-                t = torch.full((shape[0],), time, device=device)
-                x0_predictions.append(model.predict(state, t, "x0"))
-        if self.denoise:
-            x = model.predict(x, torch.full((shape[0],), t_end, device=device), "x0")
-        if progress is not None:
-            progress(1)
-        return SampleResult(x, model.nfe - begin, trajectory, x0_predictions, times)
+        count = max(2, self.record.snapshots) if self.record is not None else 1
+        return ScipyGrid([*np.linspace(1.0, t_end, count).tolist(), t_end][-count - 1:], t_end)
+
+    def run(self, model: ScoreModel, x: Tensor, grid: ScipyGrid, noise: Noise,
+            callback: Callback) -> Tensor:
+        recording = len(grid.t) > 2
+        x, states, times = integrate_probability_flow(
+            model, x, 1.0, grid.t_end, method=self.method, rtol=self.rtol, atol=self.atol,
+            t_eval=grid.t[:-1] if recording else None)
+        for k, (state, time) in enumerate(zip(states, times, strict=True)):
+            callback(k, state, lambda s=state, t=time: model.predict(s, _full(s, t), "x0"))
+        if not recording:
+            callback(0, x)
+        return model.predict(x, _full(x, grid.t_end), "x0") if self.denoise else x
 
 
+@dataclass(frozen=True)
+class ScipyGrid:
+    """The recorded times of :class:`ScipyODE` (``[1, t_end]`` when nothing is recorded)."""
 
-class _FixedStepODE(Solver):
-    """Shared set-up of the torch-native probability-flow ODE solvers (see the module doc).
+    t: list[float]
+    t_end: float
 
-    ``clip_x0`` (None: off) clamps every data prediction ``x0_hat = y - varsigma eps_hat`` to
-    ``[-clip_x0, clip_x0]`` where :meth:`data` forms it, before any step uses it
+
+def _full(x: Tensor, t: float) -> Tensor:
+    return torch.full((x.shape[0],), t, device=x.device)
+
+
+def combine(x: Tensor, grid: TimeGrid, i: int, terms: list[Tensor], weights: list[float]
+            ) -> Tensor:
+    """The exponential-integrator step ``i`` in ``x`` (see the module doc): ``(sigma_{i+1} /
+    sigma_i) x + alpha_{i+1} sum_k weights[k] terms[k]`` with the weights of the step in ``y =
+    x / alpha`` on the data predictions ``terms`` (zero weights skipped): the one place the ODE
+    solvers move ``x``."""
+    ratio, alpha = grid.sigma[i + 1] / grid.sigma[i], grid.alpha[i + 1]
+    out = x * ratio if ratio else None
+    for weight, m in zip(weights, terms, strict=False):
+        if weight:
+            out = m * (alpha * weight) if out is None else out.add_(m, alpha=alpha * weight)
+    return out if out is not None else torch.zeros_like(x)
+
+
+class ODESolver(Solver):
+    """What the fixed-step probability-flow solvers share: the grid (``steps``, ``spacing``,
+    ``rho``; :func:`~diffusers_kit.solvers.grids.time_grid`) and the data prediction.
+
+    ``clip_x0`` (None: off) clamps every data prediction ``x0_hat`` to ``[-clip_x0, clip_x0]``
+    where :meth:`denoise` forms it, before any step uses it
     (:func:`~diffusers_kit.solvers.base.clip_data`, DPM-Solver++'s thresholding of the data
-    prediction for pixel-space models; DDIM's ``clip_x0``). The solvers stepping on ``x0_hat``
-    (DPM-Solver++, UniPC) take it as it is; ``euler`` and ``heun`` take their steps in the
-    same data form when it is set.
+    prediction for pixel-space models; DDIM's ``clip_x0``).
     """
 
     def __init__(self, steps: int, spacing: Spacing, rho: float,
@@ -207,81 +226,21 @@ class _FixedStepODE(Solver):
         self.rho = rho
         self.clip_x0 = clip_x0
 
-    def table(self, process: NoiseProcess) -> ODETable:
-        return ode_table(process, self.steps, self.spacing, self.rho)
+    def table(self, process: NoiseProcess) -> TimeGrid:
+        """The grid's points."""
+        return time_grid(process, self.steps, self.spacing, self.rho)
 
-    def total_steps(self, process: NoiseProcess) -> int:
-        return self.table(process).steps
+    def grid(self, process: NoiseProcess) -> Any:
+        return self.table(process)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: ScoreModel,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None = None,
-        progress: Progress | None = None,
-        noise: Noise | None = None,
-        x_T: Tensor | None = None,
-    ) -> SampleResult:
-        process, device = model.process, model_device(model)
-        noise = as_noise(generator, noise)
-        table = self.table(process)
-        steps, rows = table.steps, table.rows
-        recorder = Recorder(steps, self.record, rows["t"][:-1])
-        begin = model.nfe
-        y = start(model, shape, noise, x_T, device=device) * (1.0 / rows["alpha"][0])
-        times = table.time_vectors(process, shape[0], device)
-        alpha = scalars(process, ("ode_alpha", self.steps, self.spacing, float(self.rho)),
-                        lambda: rows["alpha"], y.device, y.dtype)
-        state: dict = {"noise": noise, "times": times, "alpha": alpha}
-        self.prepare(process, state)
-        for i in range(steps):
-            y = self.step(model, y, rows, i, steps, state, recorder)
-            if progress is not None:
-                progress(1)
-        return recorder.result(rows["alpha"][-1] * y, model.nfe - begin)
-
-    def prepare(self, process: NoiseProcess, state: dict) -> None:
-        """Per-call set-up before the loop: put the cached tables of weights the steps read
-        into ``state`` (which holds ``noise``, the time vectors ``times`` and the 0-dim
-        ``alpha`` scalars, whose device and dtype are the state's); nothing by default."""
-
-    @staticmethod
-    def eps(model: ScoreModel, y: Tensor, t: Tensor, alpha: float | Tensor) -> Tensor:
-        """``eps_hat(alpha y, t)`` (``alpha``: a float or a cached 0-dim tensor,
-        ``state["alpha"][i]``)."""
-        return model.predict(y * alpha, t, "eps")
-
-    def data(self, model: ScoreModel, y: Tensor, rows: dict[str, list[float]], i: int,
-             state: dict) -> Tensor:
-        """``x0_hat = y - varsigma_i eps_hat(alpha_i y, t_i)`` (one network evaluation), clamped
-        to ``[-clip_x0, clip_x0]`` when ``clip_x0`` is set: the one place the fixed-step ODE
-        solvers form the data prediction."""
-        eps = self.eps(model, y, state["times"][i], state["alpha"][i])
-        return clip_data(torch.add(y, eps, alpha=-rows["level"][i]), self.clip_x0)
-
-    def denoised(self, model: ScoreModel, y: Tensor, rows: dict[str, list[float]], i: int,
-                 state: dict, recorder: Recorder) -> Tensor:
-        """:meth:`data` at step ``i`` (``x0_hat`` in ``y`` units, clamped with ``clip_x0``),
-        recorded when the recorder asks."""
-        x0 = self.data(model, y, rows, i, state)
-        if recorder.wants(i):
-            recorder.record(i, rows["alpha"][i] * y, rows["alpha"][-1] * x0)
-        return x0
-
-    def step(self, model: ScoreModel, y: Tensor, rows: dict[str, list[float]], i: int,
-             steps: int, state: dict, recorder: Recorder) -> Tensor:
-        raise NotImplementedError
-
-    @staticmethod
-    def record_step(recorder: Recorder, i: int, y: Tensor, eps: Tensor,
-                    rows: dict[str, list[float]]) -> None:
-        x0 = rows["alpha"][-1] * (y - rows["level"][i] * eps)
-        recorder.record(i, rows["alpha"][i] * y, x0)
+    def denoise(self, model: ScoreModel, x: Tensor, t: Tensor, grid: TimeGrid, i: int
+                ) -> Tensor:
+        """``x0_hat(x, t)`` at point ``i`` of ``grid``, clamped with ``clip_x0``: the one place
+        these solvers form it."""
+        return clip_data(model.predict(x, t, "x0", marginal=grid.marginal(i)), self.clip_x0)
 
 
-class EulerODE(_FixedStepODE):
+class EulerODE(ODESolver):
     """Euler's method for the probability-flow ODE in ``(x / alpha, sigma / alpha)`` (= DDIM).
 
     Args:
@@ -291,8 +250,11 @@ class EulerODE(_FixedStepODE):
             2022), ``uniform``.
         rho: the exponent of the ``edm`` spacing.
         clip_x0: clamp x0_hat to [-clip_x0, clip_x0] before each step (images in [-1, 1]:
-            1.0; DDIM's option). The step is then taken in its data form, ``y_{i+1} = r y_i +
-            (1 - r) x0_hat`` (``r = varsigma_{i+1} / varsigma_i``; the same step). None: off.
+            1.0; DDIM's option). None: off.
+
+    Each step is ``x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} (1 - r) x0_hat`` with
+    ``r = varsigma_{i+1} / varsigma_i`` (the Euler step in ``y``, written on the data
+    prediction).
     """
 
     def __init__(
@@ -304,37 +266,65 @@ class EulerODE(_FixedStepODE):
     ) -> None:
         super().__init__(steps, spacing, rho, clip_x0)
 
-    def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
-        if self.clip_x0 is not None:
-            x0 = self.denoised(model, y, rows, i, state, recorder)
-            r = rows["level"][i + 1] / rows["level"][i]
-            return mix(r, r, y, [x0], [1.0 - r])
-        eps = self.eps(model, y, state["times"][i], state["alpha"][i])
-        if recorder.wants(i):
-            self.record_step(recorder, i, y, eps, rows)
-        return torch.add(y, eps, alpha=rows["level"][i + 1] - rows["level"][i])
+    def run(self, model: ScoreModel, x: Tensor, grid: TimeGrid, noise: Noise,
+            callback: Callback) -> Tensor:
+        times = grid.vectors(x.shape[0], x.device)
+        for i in range(grid.steps):
+            m = self.denoise(model, x, times[i], grid, i)
+            callback(i, x, lambda m=m: grid.alpha[-1] * m)
+            x = combine(x, grid, i, [m], [1.0 - grid.level[i + 1] / grid.level[i]])
+        return x
 
 
-def heun_data_weights(level: float, level_next: float, h: float) -> tuple[float, float, float]:
-    """One Heun step in the ``data`` form from noise level ``level`` to ``level_next > 0``
-    (``h = log(level / level_next)``, the log-SNR step in ``lambda = -log varsigma``): ``(a, b,
-    w)`` with ``y' = y + a eps + b eps'`` (``eps'`` evaluated at the Euler point ``y + (level' -
-    level) eps``). It is ``euler + w (m' - m)`` on the x0 predictions ``m = y - level eps``, ``m'
-    = euler - level' eps'`` with ``w = (r - 1) / h + 1``, ``r = level' / level = e^-h`` (the
-    exponential integrator's weight for ``m`` linear in lambda; Lu et al. 2022), which expands to
-    ``a = (1 + w) (level' - level) + w level``, ``b = -w level'``. ``w`` lies in [0, 1]: the
-    one place the bounded Heun step of :class:`HeunODE` and :class:`EDMStochastic` is formed."""
-    delta = level_next - level
-    weight = (level_next / level - 1.0) / h + 1.0
-    return (1.0 + weight) * delta + weight * level, -weight * level_next, weight
+def heun_weight(grid: TimeGrid, i: int) -> float:
+    """``w = (r - 1) / h + 1`` of the bounded Heun step from point ``i`` (``h = lambda_{i+1} -
+    lambda_i``, ``r = e^-h``; Lu et al. 2022's exponential-integrator weight for ``x0_hat``
+    linear in lambda): ``x_{i+1} = x_euler + alpha_{i+1} w (m_{i+1} - m_i)``. It lies in [0, 1]
+    (1 on an infinite step), the one place :class:`HeunODE` and :class:`EDMStochastic` form
+    it."""
+    h = grid.lam[i + 1] - grid.lam[i]
+    return (grid.level[i + 1] / grid.level[i] - 1.0) / h + 1.0
 
 
-class HeunODE(_FixedStepODE):
+def heun_step(solver: HeunODE | EDMStochastic, model: ScoreModel, x: Tensor, grid: TimeGrid,
+              i: int, t: Tensor, t_next: Tensor | None, report: Report) -> Tensor:
+    """One Heun step from point ``i`` of ``grid`` (evaluated at ``t``) to ``i + 1`` (at
+    ``t_next``; None: the last step, an Euler step) in ``solver.form``; ``report(x,
+    denoised)`` hands the start and its data prediction to the callback."""
+    if solver.form == "data":
+        m = solver.denoise(model, x, t, grid, i)
+        report(x, m)
+        euler = combine(x, grid, i, [m], [1.0 - grid.level[i + 1] / grid.level[i]])
+        if t_next is None:
+            return euler
+        w = grid.alpha[i + 1] * heun_weight(grid, i)
+        m_next = solver.denoise(model, euler, t_next, grid, i + 1)
+        return euler.add_(m_next, alpha=w).add_(m, alpha=-w)
+    eps = model.predict(x, t, "eps", marginal=grid.marginal(i))  # the trapezoid in y = x / alpha
+    alpha, level, delta = grid.alpha[i], grid.level[i], grid.level[i + 1] - grid.level[i]
+    report(x, x / alpha - level * eps)
+    euler = torch.add(x / alpha, eps, alpha=delta)
+    if t_next is None:
+        return euler * grid.alpha[i + 1]
+    eps_next = model.predict(euler * grid.alpha[i + 1], t_next, "eps",
+                             marginal=grid.marginal(i + 1))
+    return torch.add(x / alpha, eps + eps_next, alpha=0.5 * delta) * grid.alpha[i + 1]
+
+
+def needs_alpha(process: NoiseProcess, form: str) -> str | None:
+    """Why the ``noise`` form cannot run on ``process`` (``alpha(1) = 0``), or None."""
+    if form == "noise" and float(process.alpha(torch.ones(1, dtype=torch.float64))) == 0.0:
+        return "alpha > 0 on the whole path for form: noise (this process reaches alpha = 0); " \
+               "use form: data"
+    return None
+
+
+class HeunODE(ODESolver):
     """Heun's second-order method for the probability-flow ODE (Karras et al. 2022, Alg. 1).
 
     Each step takes an Euler (DDIM) step to ``varsigma_{i+1}``, evaluates there, and corrects.
     ``form: data`` (default) corrects in the exponential-integrator form on the x0 predictions,
-    ``y_{i+1} = y_euler + ((r - 1) / h + 1) (m_{i+1} - m_i)`` (``r = varsigma_{i+1} /
+    ``y_{i+1} = y_euler + ((r - 1) / h + 1) (m_{i+1} - m_i)`` (:func:`heun_weight`) (``r = varsigma_{i+1} /
     varsigma_i = e^-h``; second order, as Lu et al. 2022's DPM-Solver++ with the endpoint as
     its intermediate point): its weights lie in [0, 1], so a long last step into
     ``varsigma_min`` cannot blow up. ``form: noise`` is Karras et al.'s trapezoid on ``eps``,
@@ -349,9 +339,7 @@ class HeunODE(_FixedStepODE):
         rho: the exponent of the ``edm`` spacing.
         form: ``data`` (exponential-integrator correction) or ``noise`` (Karras et al.'s).
         clip_x0: clamp both x0 predictions of each step to [-clip_x0, clip_x0] (images in
-            [-1, 1]: 1.0; DDIM's option), the step then written on them, ``y_euler = r y_i +
-            (1 - r) m_i``, ``y_{i+1} = y_euler + w (m_{i+1} - m_i)`` (the same step); ``data``
-            form only. None: off.
+            [-1, 1]: 1.0; DDIM's option); ``data`` form only. None: off.
     """
 
     def __init__(
@@ -368,56 +356,20 @@ class HeunODE(_FixedStepODE):
         super().__init__(steps, spacing, rho, clip_x0)
         self.form = form
 
-    def weights(self, process: NoiseProcess) -> list[tuple[float, float, float]]:
-        """The ``data`` form's step, cached with the grid: ``(a, b, w)`` with ``y_{i+1} = y_i +
-        a eps_i + b eps_{i+1}`` (``eps_{i+1}`` evaluated at the Euler point): ``euler + w
-        ((euler - level' eps_{i+1}) - (y - level eps_i))`` with ``euler = y + (level' - level)
-        eps_i`` and ``w = (r - 1) / h + 1`` expands to ``a = (1 + w) (level' - level) + w
-        level``, ``b = -w level'`` (``w`` itself: the step on clamped x0 predictions)."""
+    def check(self, process: NoiseProcess) -> str | None:
+        return needs_alpha(process, self.form)
 
-        def build() -> list[tuple[float, float, float]]:
-            rows = self.table(process).rows
-            return [heun_data_weights(rows["level"][i], rows["level"][i + 1],
-                                      rows["lam"][i + 1] - rows["lam"][i])
-                    for i in range(len(rows["level"]) - 2)]
-
-        return cached(process, ("heun_weights", self.steps, self.spacing, float(self.rho)),
-                      build)
-
-    def prepare(self, process: NoiseProcess, state: dict) -> None:
-        state["weights"] = self.weights(process)
-
-    def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
-        if self.clip_x0 is not None:
-            return self.clipped_step(model, y, rows, i, steps, state, recorder)
-        times, alpha = state["times"], state["alpha"]
-        eps = self.eps(model, y, times[i], alpha[i])
-        if recorder.wants(i):
-            self.record_step(recorder, i, y, eps, rows)
-        euler = torch.add(y, eps, alpha=rows["level"][i + 1] - rows["level"][i])
-        if i == steps - 1:
-            return euler
-        eps_next = self.eps(model, euler, times[i + 1], alpha[i + 1])
-        if self.form == "noise":
-            return torch.add(y, eps + eps_next,
-                             alpha=0.5 * (rows["level"][i + 1] - rows["level"][i]))
-        a, b, _ = state["weights"][i]
-        return torch.add(y, eps, alpha=a).add_(eps_next, alpha=b)
-
-    def clipped_step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
-        """The ``data`` form's step on clamped x0 predictions (``clip_x0``): ``y_euler = r y +
-        (1 - r) m_i``, ``y_{i+1} = y_euler + w (m_{i+1} - m_i)``, ``w = (r - 1) / h + 1``."""
-        m = self.denoised(model, y, rows, i, state, recorder)
-        r = rows["level"][i + 1] / rows["level"][i]
-        euler = mix(r, r, y, [m], [1.0 - r])
-        if i == steps - 1:
-            return euler
-        w = state["weights"][i][2]
-        m_next = self.data(model, euler, rows, i + 1, state)
-        return euler.add_(m_next, alpha=w).add_(m, alpha=-w)
+    def run(self, model: ScoreModel, x: Tensor, grid: TimeGrid, noise: Noise,
+            callback: Callback) -> Tensor:
+        times = grid.vectors(x.shape[0], x.device)
+        last = grid.steps - 1
+        for i in range(grid.steps):
+            x = heun_step(self, model, x, grid, i, times[i], times[i + 1] if i < last else None,
+                          lambda x, m, i=i: callback(i, x, lambda: grid.alpha[-1] * m))
+        return x
 
 
-class EDMStochastic(_FixedStepODE):
+class EDMStochastic(ODESolver):
     """The EDM stochastic sampler (Karras et al. 2022, Algorithm 2): Heun steps with churn.
 
     Args:
@@ -434,7 +386,7 @@ class EDMStochastic(_FixedStepODE):
         S_noise: scale of the added noise (the paper's 1.003 offsets a trained denoiser's bias;
             1 for an exact score).
         form: the Heun correction after the churn, as :class:`HeunODE`'s: ``data`` (default)
-            on the x0 predictions with bounded weights (:func:`heun_data_weights`, from the
+            on the x0 predictions with bounded weights (:func:`heun_weight`, from the
             raised level), or ``noise``, the paper's trapezoid on ``eps``. On the paper's grid
             (rho = 7, small last steps) they agree; with few steps on other grids the trapezoid
             multiplies the ``eps`` evaluated near ``varsigma_min`` by a long step: 10 steps on
@@ -458,83 +410,77 @@ class EDMStochastic(_FixedStepODE):
         self.S_churn, self.S_tmin, self.S_tmax, self.S_noise = S_churn, S_tmin, S_tmax, S_noise
         self.form = form
 
-    def churn(self, process: NoiseProcess) -> dict[str, list[float]]:
-        """Per step: the raised level ``varsigma_hat``, its time and ``alpha``, and the std of
-        the added noise in ``y`` units (cached with the grid)."""
-        key = ("edm_churn", self.steps, self.spacing, float(self.rho), self.S_churn,
-               self.S_tmin, self.S_tmax, self.S_noise)
+    def check(self, process: NoiseProcess) -> str | None:
+        return needs_alpha(process, self.form)
 
-        def build() -> dict[str, list[float]]:
-            table = self.table(process)
-            level, n = table.level[:-1], table.steps
-            top = float(table.level[0])
-            gamma = torch.where((level >= self.S_tmin) & (level <= self.S_tmax),
-                                min(self.S_churn / n, math.sqrt(2.0) - 1.0), 0.0)
-            raised = level * (1.0 + gamma)
-            gamma = torch.where(raised <= top * (1 + 1e-12), gamma, torch.zeros_like(gamma))
-            raised = level * (1.0 + gamma)
-            t_min = float(table.times[n - 1])
-            times = torch.where(gamma > 0, time_of_log_snr(process, -2.0 * torch.log(raised),
-                                                           t_min, 1.0), table.times[:-1])
-            following = table.level[1:]
-            heun = [heun_data_weights(float(a), float(b), float(torch.log(a / b)))
-                    for a, b in zip(raised[:-1], following[:-1], strict=True)]
-            return {"level": raised.tolist(), "t": times.tolist(),
-                    "alpha": process.alpha(times).tolist(),
-                    "std": (self.S_noise * (raised**2 - level**2).clamp_min(0).sqrt()).tolist(),
-                    "gamma": gamma.tolist(), "heun": heun}
+    def grid(self, process: NoiseProcess) -> EDMGrid:
+        """Per step: ``gamma_i`` and the grid of the Heun step from the raised level
+        ``varsigma_hat = (1 + gamma_i) varsigma_i`` (its time by the log-SNR's inverse) to
+        ``varsigma_{i+1}``; the added noise's std in ``x`` at the raised point,
+        ``alpha_hat S_noise sqrt(varsigma_hat^2 - varsigma_i^2)``."""
+        points = self.table(process)
+        level = torch.tensor(points.level[:-1], dtype=torch.float64)
+        n, top = points.steps, points.level[0]
+        gamma = torch.where((level >= self.S_tmin) & (level <= self.S_tmax),
+                            min(self.S_churn / n, math.sqrt(2.0) - 1.0), 0.0)
+        gamma = torch.where(level * (1.0 + gamma) <= top * (1 + 1e-12), gamma, 0.0)
+        raised = level * (1.0 + gamma)
+        t = torch.where(gamma > 0, time_of_log_snr(process, -2.0 * torch.log(raised),
+                                                   points.t[n - 1], 1.0), points.times[:-1])
+        alpha, sigma = process.marginal(t)
+        moves = []
+        for i in range(n):
+            if gamma[i] == 0:
+                moves.append(None)
+                continue
+            j = slice(i + 1, i + 2)
+            moves.append(TimeGrid(torch.stack([t[i], points.times[i + 1]]),
+                                  [float(t[i]), *points.t[j]], [float(alpha[i]), *points.alpha[j]],
+                                  [float(sigma[i]), *points.sigma[j]],
+                                  [float(raised[i]), *points.level[j]],
+                                  [-math.log(raised[i]), *points.lam[j]]))
+        std = (self.S_noise * alpha * (raised**2 - level**2).clamp_min(0).sqrt()).tolist()
+        return EDMGrid(points, moves, std, [float(a / b) for a, b in
+                                            zip(alpha, points.alpha, strict=False)])
 
-        return cached(process, key, build)
+    def run(self, model: ScoreModel, x: Tensor, grid: EDMGrid, noise: Noise,
+            callback: Callback) -> Tensor:
+        points, land = grid.points, grid.points.alpha[-1]
+        times, last = points.vectors(x.shape[0], x.device), points.steps - 1
+        for i in range(points.steps):
+            t_next = times[i + 1] if i < last else None
+            report = lambda x, m, i=i: callback(i, x, lambda: land * m)  # noqa: E731
+            move = grid.churned[i]
+            if move is None:
+                x = heun_step(self, model, x, points, i, times[i], t_next, report)
+                continue
+            x = torch.add(x * grid.scale[i], noise.randn_like(x), alpha=grid.std[i])
+            t = torch.full_like(times[i], move.t[0])
+            x = heun_step(self, model, x, move, 0, t, t_next, report)
+        return x
 
-    def sample(self, model, shape, **kwargs):  # type: ignore[no-untyped-def,override]
-        self._churn = self.churn(model.process)
-        return super().sample(model, shape, **kwargs)
 
-    def churned(self, process: NoiseProcess, state: dict, i: int) -> tuple[Tensor, Tensor]:
-        """The time vector and 0-dim ``alpha`` at step ``i``'s raised level (cached per batch
-        size, device and dtype, as the grid's own)."""
-        times, alpha = state["times"], state["alpha"]
-        key = ("edm_churned", self.steps, self.spacing, float(self.rho), self.S_churn,
-               self.S_tmin, self.S_tmax, self.S_noise)
-        churn = self._churn
+@dataclass(frozen=True)
+class EDMGrid:
+    """:class:`EDMStochastic`'s grid: the points, per step the raised move (None: no churn),
+    the std of the added noise in ``x`` and the factor ``alpha_hat / alpha_i`` on ``x``."""
 
-        def build() -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-            return (tuple(torch.full_like(t, c) for t, c in zip(times, churn["t"], strict=False)),
-                    tuple(torch.full_like(a, c) for a, c in zip(alpha, churn["alpha"],
-                                                                strict=False)))
+    points: TimeGrid
+    churned: list[TimeGrid | None]
+    std: list[float]
+    scale: list[float]
 
-        vectors, alphas = cached(process, (*key, len(times[0]), str(times[0].device),
-                                           alpha[0].dtype), build)
-        return vectors[i], alphas[i]
-
-    def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
-        churn, times = self._churn, state["times"]
-        if churn["gamma"][i] > 0:
-            y = torch.add(y, state["noise"].randn_like(y),
-                          alpha=churn["std"][i])
-            t, alpha = self.churned(model.process, state, i)
-        else:
-            t, alpha = times[i], state["alpha"][i]
-        level = churn["level"][i]
-        eps = self.eps(model, y, t, alpha)
-        if recorder.wants(i):
-            recorder.record(i, churn["alpha"][i] * y, rows["alpha"][-1] * (y - level * eps))
-        delta = rows["level"][i + 1] - level
-        euler = torch.add(y, eps, alpha=delta)
-        if i == steps - 1:
-            return euler
-        eps_next = self.eps(model, euler, times[i + 1], state["alpha"][i + 1])
-        if self.form == "noise":
-            return torch.add(y, eps + eps_next, alpha=0.5 * delta)
-        a, b, _ = churn["heun"][i]
-        return torch.add(y, eps, alpha=a).add_(eps_next, alpha=b)
+    @property
+    def t(self) -> list[float]:
+        return self.points.t
 
 
 #: ``lower_order_final`` lowers the final orders of grids with fewer points than this.
 LOWER_ORDER_FINAL_BELOW = 15
 
 
-def usable_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
+def usable_orders(steps: int, order: int, lower_order_final: bool,
+                  from_pure_noise: bool = False) -> list[int]:
     """The order each step of a multistep solver uses (the one place the order schedule of
     DPM-Solver++(kM) and UniPC is decided): as many past predictions as there are (up to
     ``order``); first order for the last step, onto ``varsigma = 0`` (``h = inf``: ``y =
@@ -553,7 +499,9 @@ def usable_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
     lower = lower_order_final and steps < LOWER_ORDER_FINAL_BELOW
     usable = []
     for i in range(steps):
-        k = min(order, i + 1)
+        # a grid from pure noise (lambda_0 = -inf) keeps its first prediction out of the
+        # differences in lambda: one point fewer of history
+        k = min(order, max(1, i) if from_pure_noise else i + 1)
         if i == steps - 1:
             k = 1
         elif lower:
@@ -571,7 +519,8 @@ def multistep_weights(lam: list[float], order: int, lower_order_final: bool
     """
     steps = len(lam) - 1
     weights = []
-    for i, usable in enumerate(usable_orders(steps, order, lower_order_final)):
+    for i, usable in enumerate(usable_orders(steps, order, lower_order_final,
+                                             math.isinf(lam[0]))):
         if usable == 1:
             r = 0.0 if i == steps - 1 else math.exp(-(lam[i + 1] - lam[i]))
             weights.append((r, [1.0 - r]))
@@ -597,7 +546,43 @@ def multistep_weights(lam: list[float], order: int, lower_order_final: bool
     return weights
 
 
-class _DPMSolverMultistep(_FixedStepODE):
+def multistep_weights(lam: list[float], order: int, lower_order_final: bool
+                      ) -> list[tuple[float, list[float]]]:
+    """Per step of DPM-Solver++(kM) (see the module doc): ``(r, [w_0, w_1, ...])`` with
+    ``y_{i+1} = r y_i + sum_j w_j m_j`` over the x0 predictions ``m_j`` made ``j`` steps ago.
+
+    ``lam`` holds ``lambda`` at the grid points (``inf`` at the final ``varsigma = 0``).
+    """
+    steps = len(lam) - 1
+    weights = []
+    for i, usable in enumerate(usable_orders(steps, order, lower_order_final,
+                                             math.isinf(lam[0]))):
+        if usable == 1:
+            r = 0.0 if i == steps - 1 else math.exp(-(lam[i + 1] - lam[i]))
+            weights.append((r, [1.0 - r]))
+            continue
+        h = lam[i + 1] - lam[i]
+        r = math.exp(-h)
+        r0 = (lam[i] - lam[i - 1]) / h
+        d0 = [1.0 / r0, -1.0 / r0, 0.0]  # (m_0 - m_1) / r_0
+        if usable == 2:
+            w = [1.0 - r, 0.0, 0.0]
+            w = [a + (1.0 - r) * 0.5 * b for a, b in zip(w, d0, strict=True)]
+            weights.append((r, w[:2]))
+            continue
+        r1 = (lam[i - 1] - lam[i - 2]) / h
+        d1 = [0.0, 1.0 / r1, -1.0 / r1]  # (m_1 - m_2) / r_1
+        diff = [a - b for a, b in zip(d0, d1, strict=True)]
+        big_d1 = [a + r0 / (r0 + r1) * b for a, b in zip(d0, diff, strict=True)]
+        big_d2 = [b / (r0 + r1) for b in diff]
+        c1, c2 = (r - 1.0) / h + 1.0, 2.0 * ((r - 1.0 + h) / h**2 - 0.5)
+        w = [(1.0 - r) * (j == 0) + c1 * a - c2 * b for j, (a, b) in
+             enumerate(zip(big_d1, big_d2, strict=True))]
+        weights.append((r, w))
+    return weights
+
+
+class _DPMSolverMultistep(ODESolver):
     """DPM-Solver++ multistep of a fixed order (see the module doc); one evaluation per step."""
 
     order = 2
@@ -607,38 +592,34 @@ class _DPMSolverMultistep(_FixedStepODE):
         super().__init__(steps, spacing, rho, clip_x0)
         self.lower_order_final = lower_order_final
 
-    def weights(self, process: NoiseProcess) -> list[tuple[float, list[float]]]:
-        key = ("dpm_weights", self.order, self.steps, self.spacing, float(self.rho),
-               self.lower_order_final)
-        return cached(process, key, lambda: multistep_weights(
-            self.table(process).rows["lam"], self.order, self.lower_order_final))
+    def grid(self, process: NoiseProcess) -> MultistepGrid:
+        points = self.table(process)
+        return MultistepGrid(points, [w for _, w in multistep_weights(
+            points.lam, self.order, self.lower_order_final)])
 
-    def prepare(self, process: NoiseProcess, state: dict) -> None:
-        weights = state["weights"] = self.weights(process)
-        alpha = state["alpha"][0]
-        state["r"] = scalars(process, ("dpm_r", self.order, self.steps, self.spacing,
-                                       float(self.rho), self.lower_order_final),
-                             lambda: [r for r, _ in weights], alpha.device, alpha.dtype)
-        state["x0"] = []
-
-    def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
-        x0 = self.denoised(model, y, rows, i, state, recorder)
-        history = state["x0"]
-        history.insert(0, x0)
-        del history[self.order:]
-        r, w = state["weights"][i]
-        return mix(r, state["r"][i], y, history, w)
+    def run(self, model: ScoreModel, x: Tensor, grid: MultistepGrid, noise: Noise,
+            callback: Callback) -> Tensor:
+        points, history = grid.points, []
+        times = points.vectors(x.shape[0], x.device)
+        for i in range(points.steps):
+            m = self.denoise(model, x, times[i], points, i)
+            callback(i, x, lambda m=m: points.alpha[-1] * m)
+            history = [m, *history][:self.order]
+            x = combine(x, points, i, history, grid.weights[i])
+        return x
 
 
-def mix(r: float, r_scalar: Tensor, y: Tensor, terms: list[Tensor], weights: list[float]
-        ) -> Tensor:
-    """``r y + sum_k weights[k] terms[k]`` as one new tensor (``r_scalar``: ``r`` as a cached
-    0-dim tensor, :func:`~diffusers_kit.solvers.tables.scalars`); zero weights are skipped."""
-    out = torch.mul(y, r_scalar) if r else None
-    for weight, m in zip(weights, terms, strict=False):
-        if weight:
-            out = m * weight if out is None else out.add_(m, alpha=weight)
-    return out if out is not None else torch.zeros_like(y)
+@dataclass(frozen=True)
+class MultistepGrid:
+    """A multistep solver's grid: the points and per step the weights on the data predictions
+    made 0, 1, ... steps ago (of the step in ``y``; :func:`combine`)."""
+
+    points: TimeGrid
+    weights: list[list[float]]
+
+    @property
+    def t(self) -> list[float]:
+        return self.points.t
 
 
 class DPMSolver2M(_DPMSolverMultistep):

@@ -49,13 +49,18 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from diffusers_kit.solvers.base import ClipX0
-from diffusers_kit.solvers.grids import Spacing, cached
-from diffusers_kit.solvers.ode import _FixedStepODE, mix, usable_orders
-from diffusers_kit.solvers.tables import scalars
+from diffusers_kit.solvers.base import Callback, ClipX0
+from diffusers_kit.solvers.grids import Spacing, TimeGrid
+from diffusers_kit.solvers.noise import Noise
+from diffusers_kit.solvers.ode import ODESolver, combine, usable_orders
 
 if TYPE_CHECKING:
+    import torch
+
+    from diffusers_kit.model import ScoreModel
     from diffusers_kit.processes.base import NoiseProcess
+
+    Tensor = torch.Tensor
 
 Variant = Literal["bh1", "bh2"]
 
@@ -105,7 +110,8 @@ def unipc_weights(lam: list[float], order: int, lower_order_final: bool, variant
     (``inf`` at the final ``varsigma = 0``)."""
     steps = len(lam) - 1
     plan = []
-    for i, usable in enumerate(usable_orders(steps, order, lower_order_final)):
+    for i, usable in enumerate(usable_orders(steps, order, lower_order_final,
+                                             math.isinf(lam[0]))):
         if i == steps - 1:  # onto varsigma = 0: h = inf
             plan.append(UniStep(0.0, [1.0], None))
             continue
@@ -126,7 +132,7 @@ def unipc_weights(lam: list[float], order: int, lower_order_final: bool, variant
     return plan
 
 
-class UniPC(_FixedStepODE):
+class UniPC(ODESolver):
     """UniPC (Zhao et al. 2023): the multistep predictor UniP with the corrector UniC, on the
     data prediction with ``B(h) = expm1(-h)`` (``bh2``); one evaluation per step.
 
@@ -176,28 +182,34 @@ class UniPC(_FixedStepODE):
         self.corrector = corrector
         self.lower_order_final = lower_order_final
 
-    def weights(self, process: NoiseProcess) -> list[UniStep]:
-        key = ("unipc_weights", self.order, self.steps, self.spacing, float(self.rho),
-               self.variant, self.corrector, self.lower_order_final)
-        return cached(process, key, lambda: unipc_weights(
-            self.table(process).rows["lam"], self.order, self.lower_order_final, self.variant,
-            self.corrector))
+    def grid(self, process: NoiseProcess) -> UniPCGrid:
+        points = self.table(process)
+        return UniPCGrid(points, unipc_weights(points.lam, self.order, self.lower_order_final,
+                                               self.variant, self.corrector))
 
-    def prepare(self, process: NoiseProcess, state: dict) -> None:
-        weights = state["weights"] = self.weights(process)
-        alpha = state["alpha"][0]
-        state["r"] = scalars(process, ("unipc_r", self.steps, self.spacing, float(self.rho)),
-                             lambda: [step.r for step in weights], alpha.device, alpha.dtype)
-        state["x0"] = []
+    def run(self, model: ScoreModel, x: Tensor, grid: UniPCGrid, noise: Noise,
+            callback: Callback) -> Tensor:
+        points, plan, history = grid.points, grid.plan, []
+        times = points.vectors(x.shape[0], x.device)
+        start = x
+        for i in range(points.steps):
+            m = self.denoise(model, x, times[i], points, i)
+            callback(i, x, lambda m=m: points.alpha[-1] * m)
+            corrector = plan[i - 1].corrector if i > 0 else None
+            if corrector is not None:  # UniC: step i - 1 again, with m as one more point
+                x = combine(start, points, i - 1, [m, *history], corrector)
+            history, start = [m, *history][:self.order], x
+            x = combine(x, points, i, history, plan[i].predictor)
+        return x
 
-    def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
-        x0 = self.denoised(model, y, rows, i, state, recorder)
-        history, weights, r = state["x0"], state["weights"], state["r"]
-        if i > 0 and weights[i - 1].corrector is not None:
-            previous = weights[i - 1]
-            y = mix(previous.r, r[i - 1], state["y"], [x0, *history], previous.corrector)
-        history.insert(0, x0)
-        del history[self.order:]
-        state["y"] = y
-        step = weights[i]
-        return mix(step.r, r[i], y, history, step.predictor)
+
+@dataclass(frozen=True)
+class UniPCGrid:
+    """UniPC's grid: the points and each step's coefficients."""
+
+    points: TimeGrid
+    plan: list[UniStep]
+
+    @property
+    def t(self) -> list[float]:
+        return self.points.t
