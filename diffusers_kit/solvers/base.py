@@ -178,14 +178,10 @@ class Recorder:
     def wants(self, step: int) -> bool:
         return step in self.marks
 
-    def record(self, step: int, x: torch.Tensor,
-               x0: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> None:
-        """Keep ``x`` and ``x0`` (a tensor, or a function forming it, called only when kept)
-        at ``step`` when it is one to keep."""
+    def record(self, step: int, x: torch.Tensor, x0: torch.Tensor | None = None) -> None:
+        """Keep ``x`` and ``x0`` at ``step`` when it is one to keep."""
         if step not in self.marks:
             return
-        if callable(x0) and not isinstance(x0, torch.Tensor):
-            x0 = x0() if self.keep_x0 else None
         self._kept[step] = (x.detach().clone() if self.keep_trajectory else None,
                             x0.detach().clone() if self.keep_x0 and x0 is not None else None)
 
@@ -207,19 +203,21 @@ class Recorder:
 
 
 class Callback:
-    """What a solver's :meth:`Solver.run` calls after each step: ``callback(i, x, denoised)``
+    """What a solver's :meth:`Solver.run` calls at each step: ``callback(i, x, denoised)``
     with the grid index ``i`` of the step, the state ``x`` there and the denoised estimate
-    ``x0_hat(x)`` (a tensor; a function forming it when that costs work, called only when
-    recorded; None when there is none). Each call is one progress unit
-    (:meth:`Solver.total_steps` counts the calls); :meth:`wants` says whether step ``i`` is
-    recorded, for a solver that would rather not form ``denoised`` at all."""
+    ``x0_hat(x)`` (None when there is none). Each call is one progress unit
+    (:meth:`Solver.total_steps` counts the calls). A solver that must do work to form
+    ``denoised`` asks :meth:`wants` first."""
 
     def __init__(self, recorder: Recorder, progress: Progress | None) -> None:
         self.recorder, self.progress = recorder, progress
-        self.wants = recorder.wants
+        self.x0_marks = recorder.marks if recorder.keep_x0 else set()
 
-    def __call__(self, i: int, x: torch.Tensor,
-                 denoised: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> None:
+    def wants(self, i: int) -> bool:
+        """Whether ``denoised`` at step ``i`` is kept."""
+        return i in self.x0_marks
+
+    def __call__(self, i: int, x: torch.Tensor, denoised: torch.Tensor | None = None) -> None:
         if i in self.recorder.marks:
             self.recorder.record(i, x, denoised)
         if self.progress is not None:
@@ -326,9 +324,10 @@ class Solver:
         return None
 
     def settings(self) -> tuple:
-        """What this solver's grid depends on: its class and constructor settings (every
-        attribute but ``record``), the key its :meth:`grid` is cached under."""
-        return (type(self), *sorted((k, v) for k, v in vars(self).items() if k != "record"))
+        """What this solver's grid depends on: its class and its settings (every attribute but
+        ``record``; lists and mappings as tuples), the key its :meth:`grid` is cached under."""
+        return (type(self), *sorted((k, _hashable(v)) for k, v in vars(self).items()
+                                    if k != "record"))
 
     def grid(self, process: NoiseProcess) -> Grid:
         """Build the grid :meth:`run` walks on ``process`` (times and every per-step
@@ -350,6 +349,12 @@ class Solver:
         if type(self).run is Solver.run:
             return 1
         return len(self.cached_grid(process).t) - 1
+
+    def initial(self, model: ScoreModel, shape: tuple[int, ...], noise: Noise,
+                x_T: torch.Tensor | None) -> torch.Tensor:
+        """The start :meth:`sample` hands :meth:`run`: :func:`start` (``x_T``, or a prior
+        draw); a solver that starts elsewhere (Langevin from ``N(0, init_std^2)``) says so."""
+        return start(model, shape, noise, x_T)
 
     def run(self, model: ScoreModel, x: torch.Tensor, grid: Grid, noise: Noise,
             callback: Callback) -> torch.Tensor:
@@ -387,11 +392,23 @@ class Solver:
         """
         grid = self.cached_grid(model.process)
         noise = as_noise(generator, noise)
-        x = start(model, shape, noise, x_T)
+        x = self.initial(model, shape, noise, x_T)
         recorder = Recorder(len(grid.t) - 1, self.record, grid.t)
         begin = model.nfe
         x = self.run(model, x, grid, noise, Callback(recorder, progress))
         return recorder.result(x, model.nfe - begin)
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
 
 
 #: The type of every solver's ``clip_x0`` option (``None``: off).

@@ -71,7 +71,6 @@ extra evaluation.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -89,8 +88,6 @@ if TYPE_CHECKING:
     from diffusers_kit.processes.base import NoiseProcess
 
 Tensor = torch.Tensor
-#: ``report(x, denoised)``: a step hands its start and data prediction on to the callback.
-Report = Callable[[torch.Tensor, torch.Tensor], None]
 Method = Literal["RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA"]
 
 
@@ -177,7 +174,8 @@ class ScipyODE(Solver):
             model, x, 1.0, grid.t_end, method=self.method, rtol=self.rtol, atol=self.atol,
             t_eval=grid.t[:-1] if recording else None)
         for k, (state, time) in enumerate(zip(states, times, strict=True)):
-            callback(k, state, lambda s=state, t=time: model.predict(s, _full(s, t), "x0"))
+            callback(k, state, model.predict(state, _full(state, time), "x0")
+                     if callback.wants(k) else None)
         if not recording:
             callback(0, x)
         return model.predict(x, _full(x, grid.t_end), "x0") if self.denoise else x
@@ -271,7 +269,7 @@ class EulerODE(ODESolver):
         times = grid.vectors(x.shape[0], x.device)
         for i in range(grid.steps):
             m = self.denoise(model, x, times[i], grid, i)
-            callback(i, x, lambda m=m: grid.alpha[-1] * m)
+            callback(i, x, m)
             x = combine(x, grid, i, [m], [1.0 - grid.level[i + 1] / grid.level[i]])
         return x
 
@@ -287,13 +285,13 @@ def heun_weight(grid: TimeGrid, i: int) -> float:
 
 
 def heun_step(solver: HeunODE | EDMStochastic, model: ScoreModel, x: Tensor, grid: TimeGrid,
-              i: int, t: Tensor, t_next: Tensor | None, report: Report) -> Tensor:
+              i: int, t: Tensor, t_next: Tensor | None, callback: Callback, step: int) -> Tensor:
     """One Heun step from point ``i`` of ``grid`` (evaluated at ``t``) to ``i + 1`` (at
-    ``t_next``; None: the last step, an Euler step) in ``solver.form``; ``report(x,
-    denoised)`` hands the start and its data prediction to the callback."""
+    ``t_next``; None: the last step, an Euler step) in ``solver.form``, reported to the
+    callback as step ``step``."""
     if solver.form == "data":
         m = solver.denoise(model, x, t, grid, i)
-        report(x, m)
+        callback(step, x, m)
         euler = combine(x, grid, i, [m], [1.0 - grid.level[i + 1] / grid.level[i]])
         if t_next is None:
             return euler
@@ -302,7 +300,7 @@ def heun_step(solver: HeunODE | EDMStochastic, model: ScoreModel, x: Tensor, gri
         return euler.add_(m_next, alpha=w).add_(m, alpha=-w)
     eps = model.predict(x, t, "eps", marginal=grid.marginal(i))  # the trapezoid in y = x / alpha
     alpha, level, delta = grid.alpha[i], grid.level[i], grid.level[i + 1] - grid.level[i]
-    report(x, x / alpha - level * eps)
+    callback(step, x, x / alpha - level * eps if callback.wants(step) else None)
     euler = torch.add(x / alpha, eps, alpha=delta)
     if t_next is None:
         return euler * grid.alpha[i + 1]
@@ -324,9 +322,9 @@ class HeunODE(ODESolver):
 
     Each step takes an Euler (DDIM) step to ``varsigma_{i+1}``, evaluates there, and corrects.
     ``form: data`` (default) corrects in the exponential-integrator form on the x0 predictions,
-    ``y_{i+1} = y_euler + ((r - 1) / h + 1) (m_{i+1} - m_i)`` (:func:`heun_weight`) (``r = varsigma_{i+1} /
-    varsigma_i = e^-h``; second order, as Lu et al. 2022's DPM-Solver++ with the endpoint as
-    its intermediate point): its weights lie in [0, 1], so a long last step into
+    ``y_{i+1} = y_euler + w (m_{i+1} - m_i)``, ``w = (r - 1) / h + 1`` (:func:`heun_weight`;
+    ``r = varsigma_{i+1} / varsigma_i = e^-h``; second order, as Lu et al. 2022's DPM-Solver++
+    with the endpoint as its intermediate point): w lies in [0, 1], so a long last step into
     ``varsigma_min`` cannot blow up. ``form: noise`` is Karras et al.'s trapezoid on ``eps``,
     ``y_{i+1} = y_i + (varsigma_{i+1} - varsigma_i) (eps_i + eps_{i+1}) / 2``, which at few
     steps multiplies a large ``eps`` at ``varsigma_min`` by the whole step (it diverged at 5 NFE).
@@ -365,7 +363,7 @@ class HeunODE(ODESolver):
         last = grid.steps - 1
         for i in range(grid.steps):
             x = heun_step(self, model, x, grid, i, times[i], times[i + 1] if i < last else None,
-                          lambda x, m, i=i: callback(i, x, lambda: grid.alpha[-1] * m))
+                          callback, i)
         return x
 
 
@@ -445,18 +443,17 @@ class EDMStochastic(ODESolver):
 
     def run(self, model: ScoreModel, x: Tensor, grid: EDMGrid, noise: Noise,
             callback: Callback) -> Tensor:
-        points, land = grid.points, grid.points.alpha[-1]
+        points = grid.points
         times, last = points.vectors(x.shape[0], x.device), points.steps - 1
         for i in range(points.steps):
             t_next = times[i + 1] if i < last else None
-            report = lambda x, m, i=i: callback(i, x, lambda: land * m)  # noqa: E731
             move = grid.churned[i]
             if move is None:
-                x = heun_step(self, model, x, points, i, times[i], t_next, report)
+                x = heun_step(self, model, x, points, i, times[i], t_next, callback, i)
                 continue
             x = torch.add(x * grid.scale[i], noise.randn_like(x), alpha=grid.std[i])
             t = torch.full_like(times[i], move.t[0])
-            x = heun_step(self, model, x, move, 0, t, t_next, report)
+            x = heun_step(self, model, x, move, 0, t, t_next, callback, i)
         return x
 
 
@@ -546,42 +543,6 @@ def multistep_weights(lam: list[float], order: int, lower_order_final: bool
     return weights
 
 
-def multistep_weights(lam: list[float], order: int, lower_order_final: bool
-                      ) -> list[tuple[float, list[float]]]:
-    """Per step of DPM-Solver++(kM) (see the module doc): ``(r, [w_0, w_1, ...])`` with
-    ``y_{i+1} = r y_i + sum_j w_j m_j`` over the x0 predictions ``m_j`` made ``j`` steps ago.
-
-    ``lam`` holds ``lambda`` at the grid points (``inf`` at the final ``varsigma = 0``).
-    """
-    steps = len(lam) - 1
-    weights = []
-    for i, usable in enumerate(usable_orders(steps, order, lower_order_final,
-                                             math.isinf(lam[0]))):
-        if usable == 1:
-            r = 0.0 if i == steps - 1 else math.exp(-(lam[i + 1] - lam[i]))
-            weights.append((r, [1.0 - r]))
-            continue
-        h = lam[i + 1] - lam[i]
-        r = math.exp(-h)
-        r0 = (lam[i] - lam[i - 1]) / h
-        d0 = [1.0 / r0, -1.0 / r0, 0.0]  # (m_0 - m_1) / r_0
-        if usable == 2:
-            w = [1.0 - r, 0.0, 0.0]
-            w = [a + (1.0 - r) * 0.5 * b for a, b in zip(w, d0, strict=True)]
-            weights.append((r, w[:2]))
-            continue
-        r1 = (lam[i - 1] - lam[i - 2]) / h
-        d1 = [0.0, 1.0 / r1, -1.0 / r1]  # (m_1 - m_2) / r_1
-        diff = [a - b for a, b in zip(d0, d1, strict=True)]
-        big_d1 = [a + r0 / (r0 + r1) * b for a, b in zip(d0, diff, strict=True)]
-        big_d2 = [b / (r0 + r1) for b in diff]
-        c1, c2 = (r - 1.0) / h + 1.0, 2.0 * ((r - 1.0 + h) / h**2 - 0.5)
-        w = [(1.0 - r) * (j == 0) + c1 * a - c2 * b for j, (a, b) in
-             enumerate(zip(big_d1, big_d2, strict=True))]
-        weights.append((r, w))
-    return weights
-
-
 class _DPMSolverMultistep(ODESolver):
     """DPM-Solver++ multistep of a fixed order (see the module doc); one evaluation per step."""
 
@@ -603,7 +564,7 @@ class _DPMSolverMultistep(ODESolver):
         times = points.vectors(x.shape[0], x.device)
         for i in range(points.steps):
             m = self.denoise(model, x, times[i], points, i)
-            callback(i, x, lambda m=m: points.alpha[-1] * m)
+            callback(i, x, m)
             history = [m, *history][:self.order]
             x = combine(x, points, i, history, grid.weights[i])
         return x

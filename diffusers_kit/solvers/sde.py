@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
+from diffusers_kit.solvers.base import Callback, Solver
 from diffusers_kit.solvers.grids import Spacing
-from diffusers_kit.solvers.noise import Noise, as_noise
-from diffusers_kit.solvers.tables import step_table
+from diffusers_kit.solvers.noise import Noise
+from diffusers_kit.solvers.tables import StepTable, step_table
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
@@ -242,45 +242,24 @@ class PredictorCorrector(Solver):
         self.steps = steps
         self.spacing = spacing
 
-    def total_steps(self, process: NoiseProcess) -> int:
-        return step_table(process, self.steps, self.spacing).steps
+    def grid(self, process: NoiseProcess) -> StepTable:
+        return step_table(process, self.steps, self.spacing)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: ScoreModel,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None = None,
-        progress: Progress | None = None,
-        noise: Noise | None = None,
-        x_T: Tensor | None = None,
-    ) -> SampleResult:
-        process, device = model.process, model_device(model)
-        noise = as_noise(generator, noise)
-        table = step_table(process, self.steps, self.spacing)
-        steps = table.steps
-        recorder = Recorder(steps, self.record, table.rows["t"])
-        begin = model.nfe
-        x = start(model, shape, noise, x_T, device=device)
-        times = table.time_vectors(process, shape[0], device)
-        uses_score = self.predictor.uses_score
-        rows = table.rows_on(process, x.device, x.dtype)  # float rows and 0-dim tensor rows
-        to_score = rows["neg_inv_sigma:tensor"]
-        from_eps = eps_step(self.predictor)
-        for i in range(steps):
-            t = times[i]
+    def run(self, model: ScoreModel, x: Tensor, grid: StepTable, noise: Noise,
+            callback: Callback) -> Tensor:
+        times, last = grid.vectors(x.shape[0], x.device), grid.steps - 1
+        rows = grid.rows_on(model.process, x.device, x.dtype)  # float and 0-dim tensor rows
+        uses_score, from_eps = self.predictor.uses_score, eps_step(self.predictor)
+        for i in range(grid.steps):
+            t, marginal = times[i], (rows["alpha_t"][i], rows["sigma_t"][i])
             x = self.corrector.correct(model, x, t, rows, i, noise)
-            eps = model.predict(x, t, "eps") if uses_score else x
-            if recorder.wants(i):
-                x0 = ((x - rows["sigma_t"][i] * eps) / rows["alpha_t"][i]
-                      if uses_score else None)
-                recorder.record(i, x, x0)
-            z = None if i == steps - 1 else noise.randn_like(x)
+            eps = model.predict(x, t, "eps", marginal=marginal) if uses_score else x
+            callback(i, x, (x - marginal[1] * eps) / marginal[0]
+                     if uses_score and callback.wants(i) else None)
+            z = None if i == last else noise.randn_like(x)
             if from_eps is not None:
                 x = from_eps(x, eps, rows, i, z)
             else:  # s = -eps_hat / sigma_t from the table
-                x = self.predictor.step(x, eps * to_score[i] if uses_score else x, rows, i, z)
-            if progress is not None:
-                progress(1)
-        return recorder.result(x, model.nfe - begin)
+                score = eps * rows["neg_inv_sigma:tensor"][i] if uses_score else x
+                x = self.predictor.step(x, score, rows, i, z)
+        return x

@@ -194,7 +194,7 @@ class UniPC(ODESolver):
         start = x
         for i in range(points.steps):
             m = self.denoise(model, x, times[i], points, i)
-            callback(i, x, lambda m=m: points.alpha[-1] * m)
+            callback(i, x, m)
             corrector = plan[i - 1].corrector if i > 0 else None
             if corrector is not None:  # UniC: step i - 1 again, with m as one more point
                 x = combine(start, points, i - 1, [m, *history], corrector)
