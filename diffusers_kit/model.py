@@ -97,7 +97,8 @@ class ScoreModel(torch.nn.Module):
         return output, None
 
     def convert(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor, target: str,
-                marginal: tuple[float, float] | None = None) -> torch.Tensor:
+                marginal: tuple[float | torch.Tensor, float | torch.Tensor] | None = None
+                ) -> torch.Tensor:
         """The network's ``prediction`` half converted to ``target`` (``marginal``: ``(alpha,
         sigma)`` at ``t`` when the caller has them; see :meth:`NoiseProcess.convert`)."""
         source = self._modules["network"].prediction
@@ -108,7 +109,8 @@ class ScoreModel(torch.nn.Module):
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, target: str,
                 y: torch.Tensor | None = None, *,
-                marginal: tuple[float, float] | None = None) -> torch.Tensor:
+                marginal: tuple[float | torch.Tensor, float | torch.Tensor] | None = None
+                ) -> torch.Tensor:
         """The network's prediction converted to ``target`` (``eps``, ``score``, ``x0``, ``v``).
         A sampler passes ``marginal = (alpha(t), sigma(t))`` from its cached grid (one ``t``
         for the whole batch), so that a step does no schedule work."""

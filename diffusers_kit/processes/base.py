@@ -257,6 +257,17 @@ class NoiseProcess:
         g = expand(self.diffusion(t), x)
         return self.drift(x, t) - g * g * score
 
+    def marginal_rates(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(d alpha / dt, d sigma / dt)``. By default from the SDE: with the drift ``f(t) x``
+        and ``g^2``, ``alpha' = f alpha`` and ``sigma' = (g^2 + 2 f sigma^2) / (2 sigma)``
+        (Kingma et al. 2021, eq. 3 and following). A process whose ``alpha`` reaches 0 (``f``
+        infinite there: rectified flow, ``alpha = 1 - t``) states them itself; the probability
+        flow's data form (:func:`diffusers_kit.solvers.ode.data_velocity`) needs them there."""
+        alpha, sigma = self.marginal(t)
+        f = self.drift(torch.ones(len(t), 1, dtype=t.dtype, device=t.device), t)[:, 0]
+        g2 = self.diffusion(t) ** 2
+        return f * alpha, (g2 + 2.0 * f * sigma**2) / (2.0 * sigma)
+
     def probability_flow_drift(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
         """Probability-flow ODE drift ``f(x, t) - g(t)^2 score / 2`` (Song et al. 2021, eq. 13)."""
         g = expand(self.diffusion(t), x)

@@ -72,6 +72,12 @@ def _f64(values: Tensor | float) -> Tensor:
     return torch.as_tensor(values, dtype=torch.float64)
 
 
+def reaches_pure_noise(process: NoiseProcess) -> bool:
+    """Whether ``alpha(1) = 0`` (``x_1 = sigma(1) eps``: rectified flow's path): no step may
+    divide by ``alpha`` there, and the log-SNR is ``-inf``."""
+    return float(process.alpha(torch.ones(1, dtype=torch.float64))[0]) == 0.0
+
+
 def log_snr(process: NoiseProcess, t: Tensor) -> Tensor:
     """``lambda(t) = log(alpha^2 / sigma^2)`` in float64."""
     return process.log_snr(_f64(t))
@@ -130,6 +136,9 @@ def _sampling_times(process: NoiseProcess, steps: int | None, spacing: Spacing, 
     elif spacing in ("edm", "log_snr"):
         ends = _f64([1.0, t_min])
         lam_max_noise, lam_min_noise = log_snr(process, ends)  # lambda(1) < lambda(t_min)
+        if torch.isinf(lam_max_noise):
+            raise ValueError(f"spacing {spacing!r} is spaced in the log-SNR, which is -inf at "
+                             "t = 1 on a process with alpha(1) = 0: use uniform or quadratic")
         if spacing == "log_snr":
             lam = lam_max_noise + fraction * (lam_min_noise - lam_max_noise)
         else:

@@ -71,6 +71,7 @@ extra evaluation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -79,8 +80,15 @@ import torch
 from pydantic import Field
 from scipy.integrate import solve_ivp
 
+from diffusers_kit.processes.base import expand
 from diffusers_kit.solvers.base import Callback, ClipX0, Solver, clip_data
-from diffusers_kit.solvers.grids import Spacing, TimeGrid, time_grid, time_of_log_snr
+from diffusers_kit.solvers.grids import (
+    Spacing,
+    TimeGrid,
+    reaches_pure_noise,
+    time_grid,
+    time_of_log_snr,
+)
 from diffusers_kit.solvers.noise import Noise
 
 if TYPE_CHECKING:
@@ -96,6 +104,18 @@ def probability_flow(model: ScoreModel, x: Tensor, t: Tensor) -> Tensor:
     return model.process.probability_flow_drift(x, t.to(x.dtype), model.score(x, t))
 
 
+def data_velocity(model: ScoreModel, x: Tensor, t: Tensor) -> Tensor:
+    """The probability-flow ODE on the data prediction, ``dx/dt = alpha' x0_hat + sigma' (x -
+    alpha x0_hat) / sigma`` (``alpha'``, ``sigma'``: :meth:`NoiseProcess.marginal_rates`): the
+    same field as :func:`probability_flow` (substitute ``s = -(x - alpha x0_hat) / sigma^2``
+    into ``f x - g^2 s / 2``), defined where ``alpha = 0`` too, where the score carries no
+    information about ``x0`` and ``f`` is infinite."""
+    alpha, sigma, d_alpha, d_sigma = (expand(c.to(x.dtype), x) for c in (
+        *model.process.marginal(t.to(x.dtype)), *model.process.marginal_rates(t.to(x.dtype))))
+    x0 = model.predict(x, t, "x0", marginal=(alpha, sigma))
+    return d_alpha * x0 + d_sigma * (x - alpha * x0) / sigma
+
+
 def integrate_probability_flow(
     model: ScoreModel,
     x: Tensor,
@@ -106,8 +126,10 @@ def integrate_probability_flow(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     t_eval: list[float] | None = None,
+    field: Callable[[ScoreModel, Tensor, Tensor], Tensor] = probability_flow,
 ) -> tuple[Tensor, list[Tensor], list[float]]:
-    """Integrate the probability-flow ODE from ``t_start`` to ``t_end`` (either direction).
+    """Integrate the probability-flow ODE (``field``: :func:`probability_flow` or
+    :func:`data_velocity`) from ``t_start`` to ``t_end`` (either direction).
 
     The batch is one system of ``x.numel()`` unknowns (scipy needs host float64 arrays).
     Returns the end point, the states at ``t_eval`` and their times.
@@ -117,7 +139,7 @@ def integrate_probability_flow(
 
     def rhs(t: float, y: np.ndarray) -> np.ndarray:
         state = torch.from_numpy(y).to(device=device, dtype=dtype).reshape(shape)
-        drift = probability_flow(model, state, ones * t)
+        drift = field(model, state, ones * t)
         return drift.double().cpu().numpy().reshape(-1)
 
     y0 = x.detach().double().cpu().numpy().reshape(-1)
@@ -132,7 +154,8 @@ def integrate_probability_flow(
 
 
 class ScipyODE(Solver):
-    """The probability-flow ODE with ``scipy.integrate.solve_ivp`` (Song et al. 2021, sec. 4.3).
+    """The probability-flow ODE with ``scipy.integrate.solve_ivp`` (Song et al. 2021, sec. 4.3),
+    in its data form (:func:`data_velocity`: defined from pure noise, ``alpha(1) = 0``, too).
 
     Args:
         method: RK45 (default), RK23, DOP853, Radau, BDF or LSODA.
@@ -172,7 +195,7 @@ class ScipyODE(Solver):
         recording = len(grid.t) > 2
         x, states, times = integrate_probability_flow(
             model, x, 1.0, grid.t_end, method=self.method, rtol=self.rtol, atol=self.atol,
-            t_eval=grid.t[:-1] if recording else None)
+            t_eval=grid.t[:-1] if recording else None, field=data_velocity)
         for k, (state, time) in enumerate(zip(states, times, strict=True)):
             callback(k, state, model.predict(state, _full(state, time), "x0")
                      if callback.wants(k) else None)
@@ -311,7 +334,7 @@ def heun_step(solver: HeunODE | EDMStochastic, model: ScoreModel, x: Tensor, gri
 
 def needs_alpha(process: NoiseProcess, form: str) -> str | None:
     """Why the ``noise`` form cannot run on ``process`` (``alpha(1) = 0``), or None."""
-    if form == "noise" and float(process.alpha(torch.ones(1, dtype=torch.float64))) == 0.0:
+    if form == "noise" and reaches_pure_noise(process):
         return "alpha > 0 on the whole path for form: noise (this process reaches alpha = 0); " \
                "use form: data"
     return None

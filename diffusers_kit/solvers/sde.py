@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.solvers.base import Callback, Solver
-from diffusers_kit.solvers.grids import Spacing
+from diffusers_kit.solvers.grids import Spacing, reaches_pure_noise
 from diffusers_kit.solvers.noise import Noise
 from diffusers_kit.solvers.tables import StepTable, step_table
 
@@ -241,6 +241,13 @@ class PredictorCorrector(Solver):
         self.corrector = corrector if corrector is not None else NoCorrector()
         self.steps = steps
         self.spacing = spacing
+
+    def check(self, process: NoiseProcess) -> str | None:
+        if reaches_pure_noise(process):
+            return ("alpha > 0 on the whole path (this process reaches alpha = 0, where the "
+                    "reverse SDE's drift f = alpha' / alpha is infinite and the score says "
+                    "nothing about x0): use ancestral, ddim or edm_stochastic")
+        return None
 
     def grid(self, process: NoiseProcess) -> StepTable:
         return step_table(process, self.steps, self.spacing)
