@@ -1,15 +1,11 @@
-"""Samplers and solvers (kind ``solver``): the base class, the result and what they share.
+"""Samplers and solvers (kind ``solver``): the base class, its one driver, the result.
 
-Every sampler counts its network evaluations (``model.nfe`` is a host integer, so counting needs
-no device synchronisation) and takes one recording option, ``record`` (a :class:`Record`:
-``{what: [x, x0], snapshots: 10}`` in a spec): the trajectory ``x_t`` and / or the predictions
-``x0_hat(x_t)`` at a few evenly spaced steps. Nothing is kept unless asked. The option is added
-to every solver's constructor here, once (:meth:`Solver.__init_subclass__`), so no solver
-repeats it; the old names ``keep_trajectory``, ``keep_x0`` and ``snapshots`` still work and warn.
-
-Randomness comes from a :class:`~diffusers_kit.solvers.noise.Noise` source: a torch generator,
-or per-sample streams (sample ``i`` draws the same numbers whatever the batch it is drawn in).
-A sampler starts from given noise ``x_T`` when one is passed.
+:meth:`Solver.sample` owns what every sampler needs and no algorithm should repeat (the start,
+the random stream, the cached grid, counting network evaluations, progress, recording); a solver
+is its :meth:`Solver.grid` and :meth:`Solver.run` (k-diffusion's shape). Recording is one option
+every solver takes, ``record`` (a :class:`Record`: ``{what: [x, x0], snapshots: 10}`` in a
+spec), declared here (:data:`RECORDING_OPTIONS`) and never by a solver; the old names
+``keep_trajectory``, ``keep_x0`` and ``snapshots`` still work and warn.
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, cast
 
 import numpy as np
 import torch
@@ -164,7 +160,7 @@ class Recorder:
     def __init__(self, steps: int, record: Record | None = None, times: Sequence[float] = (),
                  *, trajectory: bool = False, x0: bool = False, snapshots: int = 10) -> None:
         if record is None and (trajectory or x0):
-            record = Record(what=("x",) * trajectory + ("x0",) * x0,  # type: ignore[arg-type]
+            record = Record(what=cast(Any, ("x",) * trajectory + ("x0",) * x0),
                             snapshots=snapshots)
         what = record.what if record is not None else ()
         self.keep_trajectory, self.keep_x0 = "x" in what, "x0" in what
@@ -240,7 +236,7 @@ def merge_legacy_recording(record: Record | None, keep_trajectory: bool | None,
     what = tuple(name for name, keep in (("x", keep_trajectory), ("x0", keep_x0)) if keep)
     if not what:
         return None
-    return Record(what=what, snapshots=10 if snapshots is None else snapshots)  # type: ignore[arg-type]
+    return Record(what=cast(Any, what), snapshots=10 if snapshots is None else snapshots)
 
 
 #: The recording options every solver takes besides its constructor's own: the registry adds
@@ -264,17 +260,16 @@ def _accepting_options(init: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(init)
     def wrapper(self: Solver, *args: object, **kwargs: object) -> None:
-        given = {name: kwargs.pop(name) for name in extra if name in kwargs}
+        given: dict[str, Any] = {name: kwargs.pop(name) for name in extra if name in kwargs}
         init(self, *args, **kwargs)
         if given:
             record = given.get("record")
             if isinstance(record, dict):
                 record = Record(**record)
-            self.record = merge_legacy_recording(
-                record, given.get("keep_trajectory"), given.get("keep_x0"),  # type: ignore[arg-type]
-                given.get("snapshots"))  # type: ignore[arg-type]
+            self.record = merge_legacy_recording(record, given.get("keep_trajectory"),
+                                                 given.get("keep_x0"), given.get("snapshots"))
 
-    wrapper.__dkit_options__ = True  # type: ignore[attr-defined]
+    setattr(wrapper, "__dkit_options__", True)  # noqa: B010  (a marker on a function)
     return wrapper
 
 
@@ -293,7 +288,7 @@ class Solver:
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
         if init is not None and not hasattr(init, "__dkit_options__"):
-            cls.__init__ = _accepting_options(init)  # type: ignore[method-assign]
+            setattr(cls, "__init__", _accepting_options(init))  # noqa: B010
 
     # the old attribute names, kept for callers that set them (e.g. ``--progressive``)
     @property
@@ -315,7 +310,7 @@ class Solver:
     def _set_recorded(self, name: str, value: bool) -> None:
         current = self.record or Record(what=())
         what = tuple(w for w in current.what if w != name) + ((name,) if value else ())
-        self.record = Record(what=what, snapshots=current.snapshots) if what else None  # type: ignore[arg-type]
+        self.record = Record(what=cast(Any, what), snapshots=current.snapshots) if what else None
 
     def check(self, process: NoiseProcess) -> str | None:
         """Return why this solver cannot sample ``process``, or ``None`` if it can (e.g. a

@@ -30,7 +30,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
@@ -112,9 +112,9 @@ def sampling_times(
     A discrete process may return fewer than ``steps`` times (snapped steps that coincide).
     ``spacing="auto"`` is the process's ``default_spacing`` (:func:`resolve_spacing`).
     """
-    spacing = resolve_spacing(process, spacing)  # type: ignore[assignment]
-    key = ("times", steps, spacing, float(rho))
-    return cached(process, key, lambda: _sampling_times(process, steps, spacing, rho)).clone()
+    chosen = cast(Spacing, resolve_spacing(process, spacing))
+    key = ("times", steps, chosen, float(rho))
+    return cached(process, key, lambda: _sampling_times(process, steps, chosen, rho)).clone()
 
 
 def _sampling_times(process: NoiseProcess, steps: int | None, spacing: Spacing, rho: float

@@ -1,71 +1,37 @@
 """Probability-flow ODE samplers (Song et al. 2021, eq. 13): adaptive scipy and fixed-step torch.
 
-The probability-flow ODE ``dx/dt = f(x, t) - g(t)^2 grad log q_t(x) / 2`` shares every marginal
-with the forward SDE. ``ScipyODE`` integrates it as given, the whole batch as one flattened system,
-with any of ``scipy.integrate.solve_ivp``'s methods.
+With ``y = x / alpha`` and the noise level ``varsigma = sigma / alpha`` the probability-flow ODE
+of every process ``x_t = alpha x0 + sigma eps`` is ``dy / d varsigma = eps_hat`` (DDIM / EDM:
+Song et al. 2021a, eq. 14; Karras et al. 2022, eq. 4), and in ``lambda = -log varsigma`` its
+exact solution weighs the data prediction ``x0_hat`` by exponential-integrator coefficients (Lu
+et al. 2022). The steps here are written in ``x`` on ``x0_hat``: from grid point ``i`` to
+``i + 1``, with ``r = varsigma_{i+1} / varsigma_i = e^-h``, ``h = lambda_{i+1} - lambda_i``::
 
-The torch solvers run wholly on the device and use the change of variables of DDIM / EDM
-(Song et al. 2021a, eq. 14; Karras et al. 2022, eq. 4): with ``y = x / alpha`` and the noise level
-``varsigma = sigma / alpha``, for every process with marginal ``x_t = alpha x0 + sigma eps`` the
-ODE becomes::
+    x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} sum_j w_j m_j        (:func:`combine`)
 
-    dy / d varsigma = eps_hat(alpha y, t(varsigma)),      x0_hat = y - varsigma eps_hat
+over the data predictions ``m_j`` made ``j`` steps ago; Euler (= DDIM, eta = 0) is ``w = [1 -
+r]``. No step divides by ``alpha``: from pure noise (``alpha(1) = 0``, ``r = 0``) the first
+step is ``x' = sigma' x + alpha' x0_hat``, for a network that predicts ``x0`` there.
 
-Their steps are taken in ``x`` on the data prediction (the exponential-integrator form of Lu et
-al. 2022): a step from ``(alpha, sigma)`` to ``(alpha', sigma')`` with ``r = varsigma' /
-varsigma`` is::
-
-    x' = (sigma' / sigma) x + alpha' [(1 - r) x0_hat + corrections on earlier x0_hat]
-
-which is the Euler step in ``y`` written out, and stays defined where ``alpha = 0`` (a process
-that reaches pure noise, ``x_1 = eps``: ``varsigma = inf``, ``r = 0``, the first step is
-``x' = (sigma' / sigma) x + alpha' x0_hat``). Such a process needs a network that can predict
-``x0`` there (an ``x0`` or ``v`` network: ``eps`` carries no information about ``x0`` at
-``alpha = 0``). Heun's ``noise`` form (Karras et al.'s trapezoid on ``eps`` in ``y``) needs
-``alpha > 0`` and says so (:meth:`Solver.check`).
-
-* ``euler``: one Euler step per grid interval (equals DDIM with eta = 0);
-* ``heun``: Heun's second-order method (Karras et al. 2022, Algorithm 1 without churn), an Euler
-  step for the last interval, so N steps cost 2N - 1 evaluations; by default its correction is
-  taken on the x0 predictions in exponential-integrator form (bounded weights; see the class);
-* ``edm_stochastic``: Karras et al. 2022, Algorithm 2: before each Heun step the noise level is
-  raised from ``varsigma_i`` to ``varsigma_hat = (1 + gamma_i) varsigma_i`` by adding fresh noise
-  of variance ``varsigma_hat^2 - varsigma_i^2`` (times ``S_noise^2``), with
-  ``gamma_i = min(S_churn / N, sqrt(2) - 1)`` on ``S_tmin <= varsigma_i <= S_tmax``; the Heun
-  step from the raised level takes ``heun``'s ``form`` (``data`` by default);
-* ``dpm_solver_2m`` / ``dpm_solver_3m``: the multistep DPM-Solver++ in log-SNR
-  (Lu et al. 2022, "DPM-Solver++", Algorithm 2 and its third-order multistep form). With
-  ``lambda = -log varsigma``, ``h = lambda_{i+1} - lambda_i``, ``r = varsigma_{i+1} / varsigma_i
-  = e^-h`` and the last x0 predictions ``m_0, m_1, m_2`` (``r_0 = h_{i-1} / h``,
-  ``r_1 = h_{i-2} / h``)::
+* ``heun``: Karras et al. 2022, Alg. 1; the correction on the data predictions with the bounded
+  weight :func:`heun_weight` (``form: data``), or Karras' trapezoid on ``eps`` (``noise``);
+* ``edm_stochastic``: Alg. 2: before each Heun step the level is raised to ``(1 + gamma_i)
+  varsigma_i``, ``gamma_i = min(S_churn / N, sqrt(2) - 1)`` on ``S_tmin <= varsigma_i <=
+  S_tmax``, by noise of variance ``S_noise^2 (varsigma_hat^2 - varsigma_i^2)`` (in ``y``);
+* ``dpm_solver_2m`` / ``3m``: DPM-Solver++ multistep (Lu et al. 2022, Alg. 2 and its third-order
+  form); with ``r_0 = h_{i-1} / h``, ``r_1 = h_{i-2} / h``::
 
       y_{i+1} = r y_i + (1 - r) D_0 + ((r - 1) / h + 1) D_1 - 2 ((r - 1 + h) / h^2 - 1/2) D_2
       D_0 = m_0,   d_0 = (m_0 - m_1) / r_0,   d_1 = (m_1 - m_2) / r_1
-      order 2: D_1 = d_0 / 2 ... written as y_{i+1} = r y_i + (1 - r)(m_0 + d_0 / 2), D_2 = 0
+      order 2: y_{i+1} = r y_i + (1 - r)(m_0 + d_0 / 2)
       order 3: D_1 = d_0 + r_0 / (r_0 + r_1) (d_0 - d_1),  D_2 = (d_0 - d_1) / (r_0 + r_1)
 
-  ``D_1`` approximates ``h m'`` and ``D_2`` approximates ``h^2 m'' / 2`` (derivatives in
-  ``lambda``), so the exponential integrator's ``h^3 phi_3`` term of the data prediction's
-  Taylor expansion weighs ``D_2`` by ``2 ((r - 1 + h) / h^2 - 1/2)``. The DPM-Solver reference
-  code (and diffusers, which follows it) uses half that weight, which leaves the order-3 step
-  second order; here the weight is the expansion's, and a test fits the convergence slope.
+  ``D_2 ~ h^2 m'' / 2`` enters with the ``h^3 phi_3`` term's full weight: the reference code
+  (and diffusers) halve it, which leaves the order-3 step second order (a test fits the slope).
+  Orders follow :func:`usable_orders`.
 
-  The first steps use the orders their history allows; the last step (onto ``varsigma = 0``,
-  ``h = inf``) is first order, ``y = m_0``. With ``lower_order_final`` and fewer than 15 steps
-  the steps before it take no higher an order than the steps left to ``varsigma_min`` allow:
-  the step into ``varsigma_min`` first order, the one before it at most second, and so on
-  (:func:`usable_orders`; the rule of the DPM-Solver++ and UniPC reference implementations, which
-  count the final denoising step apart; a higher-order step there extrapolates the x0
-  predictions with large weights over long steps).
-
-The default grid (``spacing: auto``) is the process's ``default_spacing``: DDIM's ``quadratic``
-grid in ``t`` (DPM-Solver's "time_quadratic") on DDPM, VP and sub-VP, where it is the more
-accurate at 5-20 NFE, and equal steps in log-SNR (``log_snr``) on VE, OU and the rest, where
-the quadratic grid is the less accurate (see ``UniPC``'s ``spacing`` and ``docs/solvers.md``);
-the EDM grid (rho = 7, Karras et al. 2022) suits data in [-1, 1].
-Every grid ends at ``varsigma = 0``: the last step lands on the denoised estimate without an
-extra evaluation.
-``steps`` counts grid points; ``nfe`` in the result is the true number of evaluations.
+Every grid ends at ``varsigma = 0`` (the last step lands on ``x0_hat`` without an extra
+evaluation); ``spacing: auto`` is the process's ``default_spacing`` (``docs/solvers.md``).
 """
 
 from __future__ import annotations
@@ -262,20 +228,16 @@ class ODESolver(Solver):
 
 
 class EulerODE(ODESolver):
-    """Euler's method for the probability-flow ODE in ``(x / alpha, sigma / alpha)`` (= DDIM).
+    """Euler's method for the probability-flow ODE in ``(x / alpha, sigma / alpha)`` (= DDIM),
+    taken on ``x0_hat`` (:func:`combine` with ``w = [1 - r]``).
 
     Args:
         steps: number of steps (= network evaluations).
-        spacing: ``auto`` (default: the process's ``default_spacing``, ``quadratic`` on DDPM / VP /
-            sub-VP, ``log_snr`` elsewhere), ``log_snr``, ``quadratic``, ``edm`` (Karras et al.
-            2022), ``uniform``.
+        spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
+            ``edm`` (Karras et al. 2022), ``uniform``.
         rho: the exponent of the ``edm`` spacing.
         clip_x0: clamp x0_hat to [-clip_x0, clip_x0] before each step (images in [-1, 1]:
             1.0; DDIM's option). None: off.
-
-    Each step is ``x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} (1 - r) x0_hat`` with
-    ``r = varsigma_{i+1} / varsigma_i`` (the Euler step in ``y``, written on the data
-    prediction).
     """
 
     def __init__(
@@ -343,20 +305,16 @@ def needs_alpha(process: NoiseProcess, form: str) -> str | None:
 class HeunODE(ODESolver):
     """Heun's second-order method for the probability-flow ODE (Karras et al. 2022, Alg. 1).
 
-    Each step takes an Euler (DDIM) step to ``varsigma_{i+1}``, evaluates there, and corrects.
-    ``form: data`` (default) corrects in the exponential-integrator form on the x0 predictions,
-    ``y_{i+1} = y_euler + w (m_{i+1} - m_i)``, ``w = (r - 1) / h + 1`` (:func:`heun_weight`;
-    ``r = varsigma_{i+1} / varsigma_i = e^-h``; second order, as Lu et al. 2022's DPM-Solver++
-    with the endpoint as its intermediate point): w lies in [0, 1], so a long last step into
-    ``varsigma_min`` cannot blow up. ``form: noise`` is Karras et al.'s trapezoid on ``eps``,
-    ``y_{i+1} = y_i + (varsigma_{i+1} - varsigma_i) (eps_i + eps_{i+1}) / 2``, which at few
-    steps multiplies a large ``eps`` at ``varsigma_min`` by the whole step (it diverged at 5 NFE).
+    An Euler step to ``varsigma_{i+1}``, an evaluation there, a correction: ``form: data``
+    (default) ``y_{i+1} = y_euler + w (m_{i+1} - m_i)`` on the x0 predictions
+    (:func:`heun_weight`, ``w`` in [0, 1]: a long last step cannot blow up); ``form: noise``
+    Karras et al.'s trapezoid ``y_{i+1} = y_i + (varsigma_{i+1} - varsigma_i) (eps_i +
+    eps_{i+1}) / 2``. The last step is an Euler step.
 
     Args:
         steps: number of grid points; network evaluations are 2 * steps - 1.
-        spacing: ``auto`` (default: the process's ``default_spacing``, ``quadratic`` on DDPM / VP /
-            sub-VP, ``log_snr`` elsewhere), ``log_snr``, ``quadratic``, ``edm`` (Karras et al.
-            2022), ``uniform``.
+        spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
+            ``edm`` (Karras et al. 2022), ``uniform``.
         rho: the exponent of the ``edm`` spacing.
         form: ``data`` (exponential-integrator correction) or ``noise`` (Karras et al.'s).
         clip_x0: clamp both x0 predictions of each step to [-clip_x0, clip_x0] (images in
@@ -395,9 +353,8 @@ class EDMStochastic(ODESolver):
 
     Args:
         steps: number of grid points N; network evaluations are 2N - 1.
-        spacing: ``auto`` (default: the process's ``default_spacing``, ``quadratic`` on DDPM / VP /
-            sub-VP, ``log_snr`` elsewhere), ``log_snr``, ``quadratic``, ``edm`` (the paper's),
-            ``uniform``.
+        spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
+            ``edm`` (Karras et al. 2022), ``uniform``.
         rho: the exponent of the ``edm`` spacing.
         S_churn: overall stochasticity; each step raises the noise by ``gamma = min(S_churn / N,
             sqrt(2) - 1)``. 0 is Heun's deterministic method.
@@ -406,14 +363,8 @@ class EDMStochastic(ODESolver):
             stays within the process's range ``varsigma(1)``).
         S_noise: scale of the added noise (the paper's 1.003 offsets a trained denoiser's bias;
             1 for an exact score).
-        form: the Heun correction after the churn, as :class:`HeunODE`'s: ``data`` (default)
-            on the x0 predictions with bounded weights (:func:`heun_weight`, from the
-            raised level), or ``noise``, the paper's trapezoid on ``eps``. On the paper's grid
-            (rho = 7, small last steps) they agree; with few steps on other grids the trapezoid
-            multiplies the ``eps`` evaluated near ``varsigma_min`` by a long step: 10 steps on
-            the cosine-schedule DDPM gave 366x the SWD floor on the exact-score mixture (8.7x
-            on equal log-SNR steps), the data form 1.2x (2.6x). With ``S_churn: 0`` each form
-            is :class:`HeunODE`'s, sample for sample.
+        form: the Heun correction after the churn, :class:`HeunODE`'s ``data`` (default, from
+            the raised level) or ``noise`` (the paper's). ``S_churn: 0`` is :class:`HeunODE`.
     """
 
     def __init__(
@@ -501,26 +452,16 @@ LOWER_ORDER_FINAL_BELOW = 15
 
 def usable_orders(steps: int, order: int, lower_order_final: bool,
                   from_pure_noise: bool = False) -> list[int]:
-    """The order each step of a multistep solver uses (the one place the order schedule of
-    DPM-Solver++(kM) and UniPC is decided): as many past predictions as there are (up to
-    ``order``); first order for the last step, onto ``varsigma = 0`` (``h = inf``: ``y =
-    m_0``); and, with ``lower_order_final`` below :data:`LOWER_ORDER_FINAL_BELOW` steps, at
-    most the number of steps left to ``varsigma_min``: step ``i < steps - 1`` uses
-    ``min(order, i + 1, steps - 1 - i)``, so the step into ``varsigma_min`` is first order and
-    the one before it at most second (the reference implementations' ``lower_order_final``,
-    ``min(order, steps + 1 - step)`` over the steps to ``t_eps``, their final denoising step
-    counted apart). For order 2 this is DPM-Solver++(2M)'s first-order step into
-    ``varsigma_min``; at 5 steps order 3 is order 2's ``[1, 2, 2, 1, 1]``.
-
-    diffusers counts the step onto ``varsigma = 0`` as the last and so ends the staircase one
-    step later (``[1, 2, 3, 2, 1]`` at 5 steps): on the exact-score mixture (DDPM, log-SNR grid)
-    that made DPM-Solver++(3M) at 5 NFE worse than DDIM (error to the exact ODE 0.356 against
-    0.345; 0.236 with this rule)."""
+    """The order of each step of DPM-Solver++(kM) and UniPC (the one place it is decided): as
+    many past predictions as there are, up to ``order`` (from pure noise, ``lambda_0 = -inf``,
+    the first prediction stays out of the differences in lambda); first order onto ``varsigma
+    = 0`` (``h = inf``); with ``lower_order_final`` below :data:`LOWER_ORDER_FINAL_BELOW` steps,
+    at most the steps left to ``varsigma_min``, ``min(order, i + 1, steps - 1 - i)`` (the
+    reference implementations' rule, their final denoising step counted apart; diffusers ends
+    the staircase one step later: ``docs/solvers.md``)."""
     lower = lower_order_final and steps < LOWER_ORDER_FINAL_BELOW
     usable = []
     for i in range(steps):
-        # a grid from pure noise (lambda_0 = -inf) keeps its first prediction out of the
-        # differences in lambda: one point fewer of history
         k = min(order, max(1, i) if from_pure_noise else i + 1)
         if i == steps - 1:
             k = 1
@@ -566,13 +507,44 @@ def multistep_weights(lam: list[float], order: int, lower_order_final: bool
     return weights
 
 
-class _DPMSolverMultistep(ODESolver):
-    """DPM-Solver++ multistep of a fixed order (see the module doc); one evaluation per step."""
+@dataclass(frozen=True)
+class MultistepGrid:
+    """A multistep solver's grid: the points and per step the weights on the data predictions
+    made 0, 1, ... steps ago (of the step in ``y``; :func:`combine`)."""
+
+    points: TimeGrid
+    weights: list[list[float]]
+
+    @property
+    def t(self) -> list[float]:
+        return self.points.t
+
+
+class DPMSolver2M(ODESolver):
+    """DPM-Solver++(2M): the second-order multistep solver in log-SNR (Lu et al. 2022, Alg. 2;
+    the module doc); one evaluation per step.
+
+    Args:
+        steps: number of steps (= network evaluations).
+        spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
+            ``edm`` (Karras et al. 2022), ``uniform``.
+        rho: the exponent of the ``edm`` spacing.
+        lower_order_final: below 15 steps, no step of a higher order than the steps left to
+            varsigma_min allow (:func:`usable_orders`).
+        clip_x0: clamp every x0 prediction to [-clip_x0, clip_x0] before it enters the
+            update (DPM-Solver++'s thresholding; images in [-1, 1]: 1.0). None: off.
+    """
 
     order = 2
 
-    def __init__(self, steps: int, spacing: Spacing, rho: float, lower_order_final: bool,
-                 clip_x0: float | None = None) -> None:
+    def __init__(
+        self,
+        steps: Annotated[int, Field(ge=1, le=100_000)] = 20,
+        spacing: Spacing = "auto",
+        rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
+        lower_order_final: bool = True,
+        clip_x0: ClipX0 = None,
+    ) -> None:
         super().__init__(steps, spacing, rho, clip_x0)
         self.lower_order_final = lower_order_final
 
@@ -593,79 +565,20 @@ class _DPMSolverMultistep(ODESolver):
         return x
 
 
-@dataclass(frozen=True)
-class MultistepGrid:
-    """A multistep solver's grid: the points and per step the weights on the data predictions
-    made 0, 1, ... steps ago (of the step in ``y``; :func:`combine`)."""
-
-    points: TimeGrid
-    weights: list[list[float]]
-
-    @property
-    def t(self) -> list[float]:
-        return self.points.t
-
-
-class DPMSolver2M(_DPMSolverMultistep):
-    """DPM-Solver++(2M): a second-order multistep solver in log-SNR for few-step sampling
-    (Lu et al. 2022, Algorithm 2); one evaluation per step.
+class DPMSolver3M(DPMSolver2M):
+    """DPM-Solver++(3M): the third-order multistep solver in log-SNR (Lu et al. 2022; the module
+    doc, whose ``D_2`` weight departs from the reference code's); one evaluation per step.
 
     Args:
         steps: number of steps (= network evaluations).
-        spacing: ``auto`` (default: the process's ``default_spacing``, ``quadratic`` on DDPM / VP /
-            sub-VP, ``log_snr`` elsewhere), ``log_snr``, ``quadratic``, ``edm`` (Karras et al.
-            2022), ``uniform``. On DDPM the quadratic grid (DPM-Solver's
-            "time_quadratic") errs 0.137 / 0.047 / 0.013 at 5 / 10 / 20 NFE against 0.236 /
-            0.076 / 0.025 on equal log-SNR steps (the exact-score mixture); on VE it is the
-            less accurate (about 1.5x): see :class:`UniPC`.
+        spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
+            ``edm`` (Karras et al. 2022), ``uniform``.
         rho: the exponent of the ``edm`` spacing.
-        lower_order_final: below 15 steps, take the step into varsigma_min at first order
-            (:func:`usable_orders`).
+        lower_order_final: below 15 steps, no step of a higher order than the steps left to
+            varsigma_min allow (:func:`usable_orders`; at 5 steps 2M's). Off: third order
+            once the history allows.
         clip_x0: clamp every x0 prediction to [-clip_x0, clip_x0] before it enters the
-            multistep update (DPM-Solver++'s thresholding of the data prediction for
-            pixel-space models; images in [-1, 1]: 1.0; DDIM's option). None: off.
-    """
-
-    order = 2
-
-    def __init__(
-        self,
-        steps: Annotated[int, Field(ge=1, le=100_000)] = 20,
-        spacing: Spacing = "auto",
-        rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
-        lower_order_final: bool = True,
-        clip_x0: ClipX0 = None,
-    ) -> None:
-        super().__init__(steps, spacing, rho, lower_order_final, clip_x0)
-
-
-class DPMSolver3M(_DPMSolverMultistep):
-    """DPM-Solver++(3M): the third-order multistep solver in log-SNR (Lu et al. 2022);
-    one evaluation per step.
-
-    Args:
-        steps: number of steps (= network evaluations).
-        spacing: ``auto`` (default: the process's ``default_spacing``, ``quadratic`` on DDPM / VP /
-            sub-VP, ``log_snr`` elsewhere), ``log_snr``, ``quadratic``, ``edm`` (Karras et al.
-            2022), ``uniform``.
-        rho: the exponent of the ``edm`` spacing.
-        lower_order_final: below 15 steps, no step takes a higher order than the steps
-            left to varsigma_min allow: the step into varsigma_min first order, the one
-            before it at most second (:func:`usable_orders`; at 5 steps the same steps
-            as DPM-Solver++(2M)). Off: every step third order once it has the history.
-        clip_x0: clamp every x0 prediction to [-clip_x0, clip_x0] before it enters the
-            multistep update (DPM-Solver++'s thresholding of the data prediction for
-            pixel-space models; images in [-1, 1]: 1.0; DDIM's option). None: off.
+            update (DPM-Solver++'s thresholding; images in [-1, 1]: 1.0). None: off.
     """
 
     order = 3
-
-    def __init__(
-        self,
-        steps: Annotated[int, Field(ge=1, le=100_000)] = 20,
-        spacing: Spacing = "auto",
-        rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
-        lower_order_final: bool = True,
-        clip_x0: ClipX0 = None,
-    ) -> None:
-        super().__init__(steps, spacing, rho, lower_order_final, clip_x0)

@@ -87,25 +87,32 @@ def eps_step(predictor: Predictor) -> Callable[..., Tensor] | None:
     for klass in type(predictor).__mro__:
         defines = vars(klass)
         if "step" in defines or "step_eps" in defines:
-            if "step" in defines and "step_eps" in defines:
-                return predictor.step_eps  # type: ignore[attr-defined]
-            return None
+            return getattr(predictor, "step_eps", None) if "step_eps" in defines \
+                and "step" in defines else None
     return None
 
 
-class EulerMaruyama(Predictor):
+class LinearPredictor(Predictor):
+    """A predictor linear in the score: :meth:`move` with the score ``k v`` is both ``step``
+    (``v = s``, ``k = 1``) and ``step_eps`` (``v = eps_hat``, ``k = -1 / sigma_t``)."""
+
+    def step(self, x: Tensor, score: Tensor, c: Rows, i: int, z: Tensor | None) -> Tensor:
+        return self.move(x, score, 1.0, c, i, z)
+
+    def step_eps(self, x: Tensor, eps: Tensor, c: Rows, i: int, z: Tensor | None) -> Tensor:
+        return self.move(x, eps, c["neg_inv_sigma"][i], c, i, z)
+
+    def move(self, x: Tensor, v: Tensor, k: float, c: Rows, i: int, z: Tensor | None
+             ) -> Tensor:
+        raise NotImplementedError
+
+
+class EulerMaruyama(LinearPredictor):
     """Euler-Maruyama step of the reverse-time SDE (Song et al. 2021, eq. 6); the last step is
     Tweedie's denoising step onto noise level 0."""
 
-    def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
-        return self._move(x, score, 1.0, c, i, z)
-
-    def step_eps(self, x, eps, c, i, z):  # type: ignore[no-untyped-def]
-        return self._move(x, eps, c["neg_inv_sigma"][i], c, i, z)
-
-    @staticmethod
-    def _move(x, v, k, c, i, z):  # type: ignore[no-untyped-def]
-        """The step with the score ``k v``."""
+    def move(self, x: Tensor, v: Tensor, k: float, c: Rows, i: int, z: Tensor | None
+             ) -> Tensor:
         if z is None:
             return (c["alpha_s"][i] / c["alpha_t"][i]) * torch.add(
                 x, v, alpha=c["sigma_t"][i] ** 2 * k)
@@ -114,23 +121,16 @@ class EulerMaruyama(Predictor):
         return mean.add_(z, alpha=step**0.5)
 
 
-class ReverseDiffusion(Predictor):
+class ReverseDiffusion(LinearPredictor):
     """Reverse-diffusion predictor (Song et al. 2021, eq. 46): the forward step, reversed."""
 
-    def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
-        return self._move(x, score, 1.0, c, i, z)
-
-    def step_eps(self, x, eps, c, i, z):  # type: ignore[no-untyped-def]
-        return self._move(x, eps, c["neg_inv_sigma"][i], c, i, z)
-
-    @staticmethod
-    def _move(x, v, k, c, i, z):  # type: ignore[no-untyped-def]
-        """The step with the score ``k v``."""
+    def move(self, x: Tensor, v: Tensor, k: float, c: Rows, i: int, z: Tensor | None
+             ) -> Tensor:
         mean = torch.add(x * _factor(c, "reverse_x", i), v, alpha=c["b2"][i] * k)
         return mean if z is None else mean.add_(z, alpha=c["b2"][i] ** 0.5)
 
 
-class AncestralPredictor(Predictor):
+class AncestralPredictor(LinearPredictor):
     """Ancestral-sampling predictor (Song et al. 2021, eqs. 47-48): posterior mean with Tweedie's
     x0_hat, plus noise.
 
@@ -142,15 +142,10 @@ class AncestralPredictor(Predictor):
     def __init__(self, variance: Literal["posterior", "transition"] = "posterior") -> None:
         self.variance = variance
 
-    def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
-        return self._move(x, score, c["ancestral_score"][i], c, i, z)
-
-    def step_eps(self, x, eps, c, i, z):  # type: ignore[no-untyped-def]
-        return self._move(x, eps, c["ancestral_score"][i] * c["neg_inv_sigma"][i], c, i, z)
-
-    def _move(self, x, v, weight, c, i, z):  # type: ignore[no-untyped-def]
+    def move(self, x: Tensor, v: Tensor, k: float, c: Rows, i: int, z: Tensor | None
+             ) -> Tensor:
         # c_t x + c_0 x0_hat with x0_hat = (x + sigma_t^2 s) / alpha_t, as one fused map
-        mean = torch.add(x * _factor(c, "ancestral_x", i), v, alpha=weight)
+        mean = torch.add(x * _factor(c, "ancestral_x", i), v, alpha=c["ancestral_score"][i] * k)
         if z is None:
             return mean
         var = c["posterior_var"][i] if self.variance == "posterior" else c["b2"][i]
@@ -162,7 +157,7 @@ class NoPredictor(Predictor):
 
     uses_score = False
 
-    def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
+    def step(self, x: Tensor, score: Tensor, c: Rows, i: int, z: Tensor | None) -> Tensor:
         return x
 
 
@@ -192,7 +187,8 @@ class LangevinCorrector(Corrector):
         self.snr = snr
         self.steps = steps
 
-    def correct(self, model, x, t, c, i, noise):  # type: ignore[no-untyped-def]
+    def correct(self, model: ScoreModel, x: Tensor, t: Tensor, c: Rows, i: int,
+                noise: Noise) -> Tensor:
         scale = 2.0 * c["a"][i] ** 2 * self.snr**2
         sigma = c["sigma_t"][i]
         dims = tuple(range(1, x.dim()))
