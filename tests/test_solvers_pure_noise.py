@@ -116,7 +116,7 @@ def test_the_first_step_from_pure_noise_is_the_data_form():
     E[x0]``: ``E[x0 | x_1]`` is the mixture's mean, whatever ``x_1``."""
     x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     grid = EulerODE(steps=4).cached_grid(PROCESS)
-    m = model().predict(x, torch.ones(8, dtype=torch.float64), "x0", marginal=grid.marginal(0))
+    m = model().predict(x, torch.ones(8, dtype=torch.float64), "x0", marginal=grid.marginal(0, x))
     mean = (MIXTURE.weights[:, None] * MIXTURE.means).sum(0)
     torch.testing.assert_close(m, mean.expand(8, 2))
     t1 = grid.t[1]

@@ -70,7 +70,7 @@ def data_prediction(model: ScoreModel, x: Tensor, t: Tensor, table: StepTable, i
     """``(x0_hat, v)`` at step ``i`` (clamped with ``clip``; ``v`` the variance output of a
     learned-variance network when ``learned``, else None), converted with the table's
     ``alpha_t``, ``sigma_t``: no schedule work in the loop."""
-    marginal = table.rows["alpha_t"][i], table.rows["sigma_t"][i]
+    marginal = table.scalar("alpha_t", x)[i], table.scalar("sigma_t", x)[i]
     if learned:
         prediction, v = model.split(model(x, t))
         return clip_data(model.convert(prediction, x, t, "x0", marginal), clip), v
@@ -85,7 +85,7 @@ def posterior_step(solver: Ancestral | RePaint, model: ScoreModel, x: Tensor, gr
     rows, learned = grid.table.rows, getattr(solver, "variance", None) == "learned"
     x0, v = data_prediction(model, x, t, grid.table, i, solver.clip_x0, learned)
     callback(i, x, x0)
-    mean = torch.add(x * rows["c_t"][i], x0, alpha=rows["c_0"][i])
+    mean = torch.add(x * grid.table.scalar("c_t", x)[i], x0, alpha=rows["c_0"][i])
     if noise is None:
         return mean
     if v is not None:

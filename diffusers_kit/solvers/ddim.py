@@ -19,7 +19,7 @@ substituted: ``x_s = (e / sigma_t) x_t + (alpha_s - e alpha_t / sigma_t) x0_hat 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
 import torch
@@ -27,7 +27,7 @@ from pydantic import Field
 
 from diffusers_kit.solvers.ancestral import data_prediction
 from diffusers_kit.solvers.base import Callback, ClipX0, Solver
-from diffusers_kit.solvers.grids import Spacing
+from diffusers_kit.solvers.grids import Spacing, as_scalars
 from diffusers_kit.solvers.noise import Noise
 from diffusers_kit.solvers.tables import StepTable, step_table
 
@@ -44,6 +44,7 @@ class DDIMGrid:
     on_x: list[float]
     on_x0: list[float]
     noise_std: list[float]
+    tensors: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def t(self) -> list[float]:
@@ -92,7 +93,8 @@ class DDIM(Solver):
         for i in range(grid.table.steps):
             x0, _ = data_prediction(model, x, times[i], grid.table, i, self.clip_x0)
             callback(i, x, x0)
-            x = torch.add(x * grid.on_x[i], x0, alpha=grid.on_x0[i])
+            x = torch.add(x * as_scalars(grid.tensors, "on_x", grid.on_x, x)[i], x0,
+                          alpha=grid.on_x0[i])
             if self.eta > 0 and i < last:
                 x.add_(noise.randn_like(x), alpha=grid.noise_std[i])
         return x

@@ -178,9 +178,22 @@ class TimeGrid:
     def steps(self) -> int:
         return len(self.t) - 1
 
-    def marginal(self, i: int) -> tuple[float, float]:
-        """``(alpha, sigma)`` at point ``i`` (for :meth:`ScoreModel.predict`)."""
-        return self.alpha[i], self.sigma[i]
+    def marginal(self, i: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``(alpha, sigma)`` at point ``i`` as 0-dim tensors of ``like``'s device and dtype
+        (for :meth:`ScoreModel.predict`; cached, see :meth:`scalars`)."""
+        scalars = self.scalars(like)
+        return scalars.alpha[i], scalars.sigma[i]
+
+    def scalars(self, like: Tensor) -> GridScalars:
+        """``alpha``, ``sigma`` and each step's ``sigma_{i+1} / sigma_i`` as 0-dim tensors of
+        ``like``'s device and dtype (:func:`as_scalars`)."""
+        key = ("scalars", str(like.device), like.dtype)
+        if key not in self._vectors:
+            ratio = [b / a if a else 0.0 for a, b in zip(self.sigma, self.sigma[1:],
+                                                        strict=False)]
+            self._vectors[key] = GridScalars(*(as_scalars({}, "", values, like) for values in
+                                               (self.alpha, self.sigma, ratio)))
+        return self._vectors[key]
 
     def vectors(self, batch: int, device: torch.device) -> tuple[Tensor, ...]:
         """Item ``i``: ``t_i`` as a ``(batch,)`` float32 tensor on ``device`` (cached)."""
@@ -189,6 +202,26 @@ class TimeGrid:
             self._vectors[key] = (self.times[:-1, None].to(device=device, dtype=torch.float32)
                                   .expand(-1, batch).contiguous().unbind(0))
         return self._vectors[key]
+
+
+def as_scalars(cache: dict, name: str, values: list[float], like: Tensor) -> list[Tensor]:
+    """``values`` as 0-dim tensors of ``like``'s device and dtype, kept in ``cache`` (a grid's)
+    under ``name``: a loop scales by these rather than by floats (``x * 0.5`` wraps the float in
+    a new tensor at every call, about twice the time of ``x * c`` on a small batch; the product
+    is the same)."""
+    key = (name, str(like.device), like.dtype)
+    if key not in cache:
+        cache[key] = [torch.tensor(v, dtype=like.dtype, device=like.device) for v in values]
+    return cache[key]
+
+
+@dataclass(frozen=True)
+class GridScalars:
+    """A grid's ``alpha``, ``sigma`` and step ratios as 0-dim tensors (:meth:`TimeGrid.scalars`)."""
+
+    alpha: list[Tensor]
+    sigma: list[Tensor]
+    ratio: list[Tensor]
 
 
 def time_grid(process: NoiseProcess, steps: int | None, spacing: Spacing = "uniform",

@@ -188,8 +188,8 @@ def combine(x: Tensor, grid: TimeGrid, i: int, terms: list[Tensor], weights: lis
     sigma_i) x + alpha_{i+1} sum_k weights[k] terms[k]`` with the weights of the step in ``y =
     x / alpha`` on the data predictions ``terms`` (zero weights skipped): the one place the ODE
     solvers move ``x``."""
-    ratio, alpha = grid.sigma[i + 1] / grid.sigma[i], grid.alpha[i + 1]
-    out = x * ratio if ratio else None
+    alpha = grid.alpha[i + 1]
+    out = x * grid.scalars(x).ratio[i] if grid.sigma[i + 1] else None
     for weight, m in zip(weights, terms, strict=False):
         if weight:
             out = m * (alpha * weight) if out is None else out.add_(m, alpha=alpha * weight)
@@ -224,7 +224,7 @@ class ODESolver(Solver):
                 ) -> Tensor:
         """``x0_hat(x, t)`` at point ``i`` of ``grid``, clamped with ``clip_x0``: the one place
         these solvers form it."""
-        return clip_data(model.predict(x, t, "x0", marginal=grid.marginal(i)), self.clip_x0)
+        return clip_data(model.predict(x, t, "x0", marginal=grid.marginal(i, x)), self.clip_x0)
 
 
 class EulerODE(ODESolver):
@@ -283,14 +283,14 @@ def heun_step(solver: HeunODE | EDMStochastic, model: ScoreModel, x: Tensor, gri
         w = grid.alpha[i + 1] * heun_weight(grid, i)
         m_next = solver.denoise(model, euler, t_next, grid, i + 1)
         return euler.add_(m_next, alpha=w).add_(m, alpha=-w)
-    eps = model.predict(x, t, "eps", marginal=grid.marginal(i))  # the trapezoid in y = x / alpha
+    eps = model.predict(x, t, "eps", marginal=grid.marginal(i, x))  # the trapezoid in y = x/alpha
     alpha, level, delta = grid.alpha[i], grid.level[i], grid.level[i + 1] - grid.level[i]
     callback(step, x, x / alpha - level * eps if callback.wants(step) else None)
     euler = torch.add(x / alpha, eps, alpha=delta)
     if t_next is None:
         return euler * grid.alpha[i + 1]
     eps_next = model.predict(euler * grid.alpha[i + 1], t_next, "eps",
-                             marginal=grid.marginal(i + 1))
+                             marginal=grid.marginal(i + 1, x))
     return torch.add(x / alpha, eps + eps_next, alpha=0.5 * delta) * grid.alpha[i + 1]
 
 

@@ -254,7 +254,7 @@ class PredictorCorrector(Solver):
         rows = grid.rows_on(model.process, x.device, x.dtype)  # float and 0-dim tensor rows
         uses_score, from_eps = self.predictor.uses_score, eps_step(self.predictor)
         for i in range(grid.steps):
-            t, marginal = times[i], (rows["alpha_t"][i], rows["sigma_t"][i])
+            t, marginal = times[i], (grid.scalar("alpha_t", x)[i], grid.scalar("sigma_t", x)[i])
             x = self.corrector.correct(model, x, t, rows, i, noise)
             eps = model.predict(x, t, "eps", marginal=marginal) if uses_score else x
             callback(i, x, (x - marginal[1] * eps) / marginal[0]

@@ -26,7 +26,7 @@ import torch
 
 from diffusers_kit.processes.base import posterior_of
 from diffusers_kit.processes.gaussian import clipped_log_variance
-from diffusers_kit.solvers.grids import Spacing, TimeGrid, cached, sampling_times
+from diffusers_kit.solvers.grids import Spacing, TimeGrid, as_scalars, cached, sampling_times
 
 if TYPE_CHECKING:
     from diffusers_kit.processes.base import NoiseProcess
@@ -54,6 +54,10 @@ class StepTable:
         return self.times.tolist()
 
     vectors = TimeGrid.vectors
+
+    def scalar(self, name: str, like: Tensor) -> list[Tensor]:
+        """Row ``name`` as 0-dim tensors of ``like``'s device and dtype (cached)."""
+        return as_scalars(self._vectors, name, self.rows[name], like)
 
     def rows_on(self, process: NoiseProcess, device: torch.device, dtype: torch.dtype
                 ) -> dict[str, list]:
