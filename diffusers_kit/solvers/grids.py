@@ -83,12 +83,6 @@ def log_snr(process: NoiseProcess, t: Tensor) -> Tensor:
     return process.log_snr(_f64(t))
 
 
-def noise_level(process: NoiseProcess, t: Tensor) -> Tensor:
-    """``varsigma(t) = sigma(t) / alpha(t) = exp(-lambda / 2)``: the noise of ``x / alpha``."""
-    alpha, sigma = process.marginal(_f64(t))
-    return sigma / alpha
-
-
 def time_of_log_snr(process: NoiseProcess, target: Tensor, t_low: float, t_high: float) -> Tensor:
     """The times in ``[t_low, t_high]`` where ``lambda(t) = target`` (lambda decreases in t)."""
     target = _f64(target)

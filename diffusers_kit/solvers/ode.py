@@ -76,9 +76,12 @@ def data_velocity(model: ScoreModel, x: Tensor, t: Tensor) -> Tensor:
     same field as :func:`probability_flow` (substitute ``s = -(x - alpha x0_hat) / sigma^2``
     into ``f x - g^2 s / 2``), defined where ``alpha = 0`` too, where the score carries no
     information about ``x0`` and ``f`` is infinite."""
-    alpha, sigma, d_alpha, d_sigma = (expand(c.to(x.dtype), x) for c in (
-        *model.process.marginal(t.to(x.dtype)), *model.process.marginal_rates(t.to(x.dtype))))
-    x0 = model.predict(x, t, "x0", marginal=(alpha, sigma))
+    # in float64: sigma' = (g^2 + 2 f sigma^2) / (2 sigma) and x0_hat = (x - sigma eps) / alpha
+    # cancel near alpha = 0, and float32 noise there steers the adaptive step control
+    tt = t.to(torch.float64)
+    alpha, sigma, d_alpha, d_sigma = (expand(c, x) for c in (
+        *model.process.marginal(tt), *model.process.marginal_rates(tt)))
+    x0 = model.predict(x, t, "x0", marginal=(alpha, sigma)).double()
     return d_alpha * x0 + d_sigma * (x - alpha * x0) / sigma
 
 

@@ -4,9 +4,8 @@ Row ``i`` describes the move ``t = times[i] -> s = times[i + 1]``. Every table i
 from the process's own formulas (marginal, transition, posterior, drift, diffusion) and cached
 with the grid (:func:`diffusers_kit.solvers.grids.cached`); the loops read its rows as Python
 floats (the ``alpha=`` of a fused ``torch.add``) or, for the factors they scale the state by, as
-0-dim tensors of the state's device and dtype cached per (process, grid, device, dtype)
-(:func:`scalars`, :meth:`StepTable.rows_on`): no host synchronisation, no per-step indexing on
-the device and no per-step allocation of a scalar tensor.
+cached 0-dim tensors of the state's device and dtype (:meth:`StepTable.scalar`,
+:meth:`StepTable.rows_on`): no host synchronisation and no per-step indexing on the device.
 
 **The last move lands on noise level 0.** Its target is the clean end ``x = alpha(0) x0``
 (``sigma_s = 0``), as the ODE solvers' grids end at ``sigma / alpha = 0``: posterior
@@ -18,7 +17,6 @@ from ``t = 0`` to ``t = 0``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -78,20 +76,6 @@ class StepTable:
 
 #: The step-table rows a loop multiplies a state by (offered as 0-dim tensors by ``rows_on``).
 TENSOR_ROWS = ("ancestral_x", "neg_inv_sigma", "reverse_x", "euler_x")
-
-
-def scalars(process: NoiseProcess, key: tuple, values: Callable[[], Sequence[float]],
-            device: torch.device, dtype: torch.dtype) -> list[Tensor]:
-    """``values()`` as 0-dim tensors on ``device`` in ``dtype``, cached per ``(process, key,
-    device, dtype)`` (``key`` names the values: the table and solver settings they come from).
-
-    A loop scales its state by these rather than by Python floats: ``x * 0.5`` wraps the float
-    into a new tensor at every call (about 4 us on the CPU for a 64 x 2 batch), ``x * c`` with a
-    ready ``c`` of the state's dtype does not (about 1.7 us); the value is the same (a float
-    multiplies a float32 tensor in float32 either way). Sums use ``torch.add(..., alpha=w)``
-    with the float ``w``, which wraps nothing."""
-    return cached(process, ("scalars", *key, str(device), dtype),
-                  lambda: [torch.tensor(v, dtype=dtype, device=device) for v in values()])
 
 
 def _build(process: NoiseProcess, times: Tensor) -> StepTable:
