@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from typing import TYPE_CHECKING
 
 import pytest
+import torch
 
 from diffusers_kit import registry as registry_module
 from diffusers_kit.api import Diffusion
@@ -20,6 +22,12 @@ from diffusers_kit.processes import VP
 from diffusers_kit.spec import load_spec
 from diffusers_kit.testing import ExactScoreNetwork, MixtureTarget, three_modes
 from tests.test_plugins import _fake_distribution
+
+if TYPE_CHECKING:
+    from diffusers_kit.model import ScoreModel
+    from diffusers_kit.processes.base import NoiseProcess
+    from diffusers_kit.solvers.base import Progress
+    from diffusers_kit.solvers.noise import Noise
 
 PLUGIN = '''
 from typing import Annotated
@@ -145,3 +153,60 @@ def test_a_0_1_solver_imports_registers_validates_samples_and_records(old_plugin
     recorded = old_plugin.build("solver", {"kind": "old_euler", "steps": 10,
                                            "record": {"what": ["x0"], "snapshots": 2}})
     assert recorded.keep_x0 and not recorded.keep_trajectory
+
+
+def test_a_1_0_solver_that_overrides_sample_is_called_through_it():
+    """The 1.0 template's shape (``dkit new-plugin`` before the loop contract): its own
+    ``sample`` with ``as_noise``, ``start``, a ``Recorder`` and ``model.nfe``; the driver
+    leaves it alone and ``Diffusion.sample`` batches, counts and records through it."""
+    from typing import Annotated
+
+    from pydantic import Field
+
+    from diffusers_kit.solvers.base import Recorder, SampleResult, Solver, as_noise, start
+
+    class EulerMaruyamaSDE(Solver):
+        """Euler-Maruyama on the reverse-time SDE, ending with a denoising step.
+
+        Args:
+            steps: Euler-Maruyama steps from t = 1 to the process's t_min (one network
+                evaluation each, plus one for the final denoising step).
+        """
+
+        def __init__(self, steps: Annotated[int, Field(ge=1, le=100_000)] = 500) -> None:
+            self.steps = steps
+
+        def total_steps(self, process: NoiseProcess) -> int:
+            return self.steps
+
+        @torch.no_grad()
+        def sample(self, model: ScoreModel, shape: tuple[int, ...], *,
+                   generator: torch.Generator | None = None, progress: Progress | None = None,
+                   noise: Noise | None = None, x_T: torch.Tensor | None = None) -> SampleResult:
+            process = model.process
+            source = as_noise(generator, noise)
+            x = start(model, shape, source, x_T)
+            grid = process.time_grid(self.steps)  # float64, decreasing from 1 to t_min
+            times = grid.tolist()  # host floats, computed once: no synchronisation in the loop
+            g2 = (process.diffusion(grid) ** 2).tolist()
+            recorder = Recorder(self.steps, self.record, times)
+            nfe_before = model.nfe
+            for i in range(self.steps):
+                t = torch.full((shape[0],), times[i], device=x.device, dtype=x.dtype)
+                h = times[i] - times[i + 1]
+                score = model.predict(x, t, "score")
+                x = x - (process.drift(x, t) - g2[i] * score) * h
+                x = x + (g2[i] * h) ** 0.5 * source.randn(shape, device=x.device, dtype=x.dtype)
+                recorder.record(i, x)
+                if progress is not None:
+                    progress(1)
+            t = torch.full((shape[0],), times[-1], device=x.device, dtype=x.dtype)
+            samples = model.predict(x, t, "x0")
+            return recorder.result(samples, model.nfe - nfe_before)
+
+    mixture, process = three_modes(), VP()
+    solver = EulerMaruyamaSDE(steps=200, record={"what": ["x"], "snapshots": 3})
+    diffusion = Diffusion(process, ExactScoreNetwork(mixture, process), device="cpu")
+    result = diffusion.sample(2000, solver, seed=0, batch_size=1000)
+    assert result.nfe == 2 * 201 and len(result.trajectory) == 3
+    assert MixtureTarget(mixture, 2000).ratio(result.samples) < 1.5

@@ -56,15 +56,16 @@ def langevin_grid(process: NoiseProcess, times: torch.Tensor, repeat: int, sizes
 
 
 def langevin(model: ScoreModel, x: torch.Tensor, grid: LangevinGrid, noise: Noise,
-             callback: Callback, steps: int) -> torch.Tensor:
+             callback: Callback, steps: int, denoised: bool = True) -> torch.Tensor:
     """``steps`` Langevin steps ``x <- x + (a_k / 2) s(x, t_k) + sqrt(a_k) z`` along ``grid``
-    (``s = -eps_hat / sigma``), each reported with ``x0_hat = (x - sigma eps_hat) / alpha``."""
+    (``s = -eps_hat / sigma``), each reported (with ``denoised``: and its Tweedie estimate
+    ``x0_hat = (x - sigma eps_hat) / alpha``)."""
     times = torch.tensor(grid.t, dtype=torch.float32, device=x.device)
     for k in range(steps):
         t = times[k].expand(x.shape[0])
         alpha, sigma, size = grid.alpha[k], grid.sigma[k], grid.step[k]
         eps = model.predict(x, t, "eps", marginal=(alpha, sigma))
-        callback(k, x, (x - sigma * eps) / alpha if callback.wants(k) else None)
+        callback(k, x, (x - sigma * eps) / alpha if denoised and callback.wants(k) else None)
         x = x + (-0.5 * size / sigma) * eps + size**0.5 * noise.randn_like(x)
     return x
 
@@ -85,8 +86,8 @@ class AnnealedLangevin(Solver):
         epsilon: base step size; level i uses epsilon * sigma_i^2 / sigma_L^2.
         denoise: finish with the Tweedie denoising step x + sigma_L^2 * s(x, sigma_L).
 
-    Recording (``record``) keeps ``x`` and ``x0_hat = (x - sigma_i eps_hat) / alpha`` at
-    evenly spaced Langevin steps over all levels (the denoising step counted last).
+    Recording (``record``) keeps ``x`` at evenly spaced Langevin steps over all levels (the
+    denoising step counted last); the chain forms no ``x0_hat``.
     """
 
     def __init__(
@@ -114,7 +115,7 @@ class AnnealedLangevin(Solver):
     def run(self, model: ScoreModel, x: torch.Tensor, grid: LangevinGrid, noise: Noise,
             callback: Callback) -> torch.Tensor:
         steps = len(grid.t) - 1 - self.denoise
-        x = langevin(model, x, grid, noise, callback, steps)
+        x = langevin(model, x, grid, noise, callback, steps, denoised=False)
         if self.denoise:
             x = tweedie(model, x, grid)
             callback(steps, x)
