@@ -14,9 +14,10 @@ from diffusers_kit.solvers import (
     PredictorCorrector,
     ReverseDiffusion,
 )
+from diffusers_kit.solvers.grids import as_scalars
 from diffusers_kit.solvers.noise import GeneratorNoise, PerSampleNoise
 from diffusers_kit.solvers.sde import Predictor, eps_step
-from diffusers_kit.solvers.tables import scalars, step_table
+from diffusers_kit.solvers.tables import step_table
 from tests.gaussian_mixture import exact_model, three_modes
 
 
@@ -72,17 +73,12 @@ def test_a_predictor_that_overrides_step_keeps_its_own_step():
 
 
 def test_coefficient_tensors_are_cached_per_device_and_dtype():
-    process = DDPM()
-    calls = []
-
-    def values() -> list[float]:
-        calls.append(1)
-        return [0.5, 0.25]
-
-    first = scalars(process, ("probe",), values, torch.device("cpu"), torch.float32)
-    again = scalars(process, ("probe",), values, torch.device("cpu"), torch.float32)
-    other = scalars(process, ("probe",), values, torch.device("cpu"), torch.float64)
-    assert first is again and len(calls) == 2
+    cache: dict = {}  # a grid's
+    values = [0.5, 0.25]
+    first = as_scalars(cache, "probe", values, torch.zeros(1))
+    again = as_scalars(cache, "probe", values, torch.zeros(1))
+    other = as_scalars(cache, "probe", values, torch.zeros(1, dtype=torch.float64))
+    assert first is again and len(cache) == 2
     assert [t.dtype for t in first] == [torch.float32] * 2 and other[1].dtype == torch.float64
     assert [float(t) for t in first] == [0.5, 0.25]
     x = torch.randn(6, 2)

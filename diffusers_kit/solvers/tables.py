@@ -4,9 +4,8 @@ Row ``i`` describes the move ``t = times[i] -> s = times[i + 1]``. Every table i
 from the process's own formulas (marginal, transition, posterior, drift, diffusion) and cached
 with the grid (:func:`diffusers_kit.solvers.grids.cached`); the loops read its rows as Python
 floats (the ``alpha=`` of a fused ``torch.add``) or, for the factors they scale the state by, as
-0-dim tensors of the state's device and dtype cached per (process, grid, device, dtype)
-(:func:`scalars`, :meth:`StepTable.rows_on`): no host synchronisation, no per-step indexing on
-the device and no per-step allocation of a scalar tensor.
+cached 0-dim tensors of the state's device and dtype (:meth:`StepTable.scalar`,
+:meth:`StepTable.rows_on`): no host synchronisation and no per-step indexing on the device.
 
 **The last move lands on noise level 0.** Its target is the clean end ``x = alpha(0) x0``
 (``sigma_s = 0``), as the ODE solvers' grids end at ``sigma / alpha = 0``: posterior
@@ -18,15 +17,14 @@ from ``t = 0`` to ``t = 0``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from diffusers_kit.processes.base import posterior_of
 from diffusers_kit.processes.gaussian import clipped_log_variance
-from diffusers_kit.solvers.grids import Spacing, cached, noise_level, sampling_times
+from diffusers_kit.solvers.grids import Spacing, TimeGrid, as_scalars, cached, sampling_times
 
 if TYPE_CHECKING:
     from diffusers_kit.processes.base import NoiseProcess
@@ -42,19 +40,22 @@ class StepTable:
     times: Tensor
     tensors: dict[str, Tensor]
     rows: dict[str, list[float]]
+    _vectors: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def steps(self) -> int:
         return len(self.times) - 1
 
-    def time_vectors(self, process: NoiseProcess, batch: int, device: torch.device
-                     ) -> tuple[Tensor, ...]:
-        """The ``N`` evaluation-time vectors (each ``(batch,)``, float32, on ``device``), cached
-        with the table by batch size and device: item ``i`` is the ``t`` the network sees at
-        step ``i`` (a tuple of ready tensors, so a step indexes no device tensor)."""
-        return cached(process, ("time_vectors", id(self), batch, str(device)),
-                      lambda: self.times[:-1, None].to(device=device, dtype=torch.float32)
-                      .expand(-1, batch).contiguous().unbind(0))
+    @property
+    def t(self) -> list[float]:
+        """The ``N + 1`` times (the last 0) as floats."""
+        return self.times.tolist()
+
+    vectors = TimeGrid.vectors
+
+    def scalar(self, name: str, like: Tensor) -> list[Tensor]:
+        """Row ``name`` as 0-dim tensors of ``like``'s device and dtype (cached)."""
+        return as_scalars(self._vectors, name, self.rows[name], like)
 
     def rows_on(self, process: NoiseProcess, device: torch.device, dtype: torch.dtype
                 ) -> dict[str, list]:
@@ -75,20 +76,6 @@ class StepTable:
 
 #: The step-table rows a loop multiplies a state by (offered as 0-dim tensors by ``rows_on``).
 TENSOR_ROWS = ("ancestral_x", "neg_inv_sigma", "reverse_x", "euler_x")
-
-
-def scalars(process: NoiseProcess, key: tuple, values: Callable[[], Sequence[float]],
-            device: torch.device, dtype: torch.dtype) -> list[Tensor]:
-    """``values()`` as 0-dim tensors on ``device`` in ``dtype``, cached per ``(process, key,
-    device, dtype)`` (``key`` names the values: the table and solver settings they come from).
-
-    A loop scales its state by these rather than by Python floats: ``x * 0.5`` wraps the float
-    into a new tensor at every call (about 4 us on the CPU for a 64 x 2 batch), ``x * c`` with a
-    ready ``c`` of the state's dtype does not (about 1.7 us); the value is the same (a float
-    multiplies a float32 tensor in float32 either way). Sums use ``torch.add(..., alpha=w)``
-    with the float ``w``, which wraps nothing."""
-    return cached(process, ("scalars", *key, str(device), dtype),
-                  lambda: [torch.tensor(v, dtype=dtype, device=device) for v in values()])
 
 
 def _build(process: NoiseProcess, times: Tensor) -> StepTable:
@@ -132,37 +119,3 @@ def step_table(process: NoiseProcess, steps: int | None, spacing: Spacing = "uni
     key = ("step_table", steps, spacing, float(rho))
     return cached(process, key,
                   lambda: _build(process, sampling_times(process, steps, spacing, rho)))
-
-
-@dataclass(frozen=True)
-class ODETable:
-    """The grid of the probability-flow solvers in ``y = x / alpha``, ``varsigma = sigma / alpha``:
-    ``times``, ``level`` (``varsigma``, the last one 0), ``alpha`` and ``lam = -log varsigma``
-    (``inf`` at the end), float64 tensors, with Python-float copies in ``rows``."""
-
-    times: Tensor
-    level: Tensor
-    alpha: Tensor
-    rows: dict[str, list[float]]
-
-    @property
-    def steps(self) -> int:
-        return len(self.times) - 1
-
-    time_vectors = StepTable.time_vectors
-
-
-def ode_table(process: NoiseProcess, steps: int, spacing: Spacing, rho: float) -> ODETable:
-    """The cached :class:`ODETable` of a grid."""
-
-    def build() -> ODETable:
-        times = sampling_times(process, steps, spacing, rho)
-        level = noise_level(process, times)
-        level[-1] = 0.0  # land on the denoised estimate
-        alpha = process.alpha(times)
-        lam = -torch.log(level)
-        rows = {"t": times.tolist(), "level": level.tolist(), "alpha": alpha.tolist(),
-                "lam": lam.tolist()}
-        return ODETable(times, level, alpha, rows)
-
-    return cached(process, ("ode_table", steps, spacing, float(rho)), build)
