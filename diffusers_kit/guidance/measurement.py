@@ -18,7 +18,7 @@ so every inverse below is an elementwise division.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -201,20 +201,38 @@ class PiGDM(MeasurementGuidance):
 
 
 class DPS(MeasurementGuidance):
-    """Diffusion posterior sampling (Chung, Kim, McCann, Klasky & Ye 2023, alg. 1):
+    """Diffusion posterior sampling (Chung, Kim, McCann, Klasky & Ye 2023, eq. 16 and alg. 1):
+    ``p(y | x_t)`` is replaced by ``p(y | x0_hat(x_t))``, and its gradient is taken through the
+    network,
 
-    ``grad log p(y | x_t) ~ -zeta grad_x ||y - A(x0_hat(x_t))||^2 / (2 (sigma_y^2 + r_t^2))``
+    ``grad log p(y | x_t) ~ -zeta_t grad_x ||y - A(x0_hat(x_t))||^2``,
 
-    the gradient of the measurement misfit of ``x0_hat`` through the network. The paper's step
-    ``zeta' / ||y - A x0_hat||`` is solver-specific (a state correction per ancestral step); we
-    keep the Gaussian likelihood's variance, with ``r_t^2`` added so that it stays finite for
-    noiseless measurements and the term has score units for every solver. Approximate for any
-    prior (its bias is measured in ``docs/inverse.md``); ``zeta`` trades consistency for realism.
+    an isotropic step on the measurement misfit of ``x0_hat``, whatever the operator. Two
+    step sizes ``zeta_t`` (``step``):
+
+    - ``likelihood`` (default): ``zeta_t = zeta / (2 (sigma_y^2 + r_t^2))``, the Gaussian
+      likelihood of ``x0_hat`` with its variance widened by ``r_t^2`` so that it stays finite
+      for a noiseless measurement and is a score for every solver;
+    - ``normalised``: the paper's ``zeta_t = zeta / ||y - A(x0_hat)||`` (sec. 4), which it
+      applies as a displacement of the state after each ancestral step; here the displacement
+      is carried to score units by Tweedie's ``sigma_t^2 / alpha_t`` (the term moves
+      ``x0_hat`` by ``-zeta grad ||y - A x0_hat||^2 / ||y - A x0_hat||`` at every
+      evaluation), so that it acts alike under every solver. Its ``zeta`` is therefore not the
+      paper's (whose effect grows with the 1,000 ancestral steps it took).
+
+    In the SVD basis the likelihood step weights the residual by ``s / (sigma_y^2 + r_t^2)``
+    where the exact Gaussian-prior likelihood (ΠGDM, :class:`PiGDM`) weights it by
+    ``s / (s^2 r_t^2 + sigma_y^2)``: the two agree when every singular value is 1 (inpainting,
+    denoising) and, for others, only while ``r_t >> sigma_y`` (then DPS's step is ``s^2``
+    times ΠGDM's). So DPS is exact on an isotropic Gaussian prior only for such operators;
+    the bias otherwise is measured in ``docs/inverse.md``. ``zeta`` trades consistency for
+    realism.
 
     Args:
         operator: the forward model.
-        zeta: the step scale (1: the likelihood as written).
-        data_std: ``c`` in ``r_t^2``.
+        zeta: the step scale (1 with ``step: likelihood``: the likelihood as written).
+        step: ``likelihood`` or ``normalised`` (the paper's ``zeta / ||y - A x0_hat||``).
+        data_std: ``c`` in ``r_t^2`` (``likelihood`` only).
         interval: act only for noise levels in ``[lo, hi]``.
     """
 
@@ -222,22 +240,37 @@ class DPS(MeasurementGuidance):
 
     def __init__(self, operator: ForwardModel,
                  zeta: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 1.0,
+                 step: Literal["likelihood", "normalised"] = "likelihood",
                  data_std: DataStd = 1.0, interval: Interval | None = None) -> None:
         super().__init__(operator, data_std, interval)
+        if step not in ("likelihood", "normalised"):
+            raise ValueError(f"step: expected likelihood or normalised, given {step!r}")
         self.zeta = zeta
+        self.step = step
 
     def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
               y: torch.Tensor | None) -> torch.Tensor:
         measured = self.measurement(model, x)
-        variance = (self.operator.sigma_y**2 + self.posterior_variance(model, t)).to(x.dtype)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             output = evaluate(xg, t, y)
             prediction, _ = model.split(output)
             x0 = model.convert(prediction, xg, t, "x0")
             misfit = (measured - self.forward_operator(model).A(x0)).flatten(1).pow(2).sum(1)
-            (grad,) = torch.autograd.grad((misfit / (2 * variance)).sum(), xg)
-        return add_score(model, output.detach(), x, t, -self.zeta * grad)
+            weight = self.step_size(model, t, misfit.detach()).to(x.dtype)
+            (grad,) = torch.autograd.grad((weight * misfit).sum(), xg)
+        return add_score(model, output.detach(), x, t, -grad)
+
+    def step_size(self, model: ScoreModel, t: torch.Tensor, misfit: torch.Tensor
+                  ) -> torch.Tensor:
+        """``zeta_t`` per sample, in score units (see the class doc); ``misfit`` is
+        ``||y - A(x0_hat)||^2``."""
+        if self.step == "likelihood":
+            variance = self.operator.sigma_y**2 + self.posterior_variance(model, t)
+            return self.zeta / (2 * variance)
+        alpha, sigma = model.process.marginal(t)
+        tweedie = (alpha / sigma**2).double()  # a score increment g moves x0_hat by s^2/a g
+        return self.zeta * tweedie / misfit.double().sqrt().clamp_min(1e-12)
 
 
 __all__ = ["DPS", "MeasurementGuidance", "PiGDM", "Replacement"]
