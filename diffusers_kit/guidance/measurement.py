@@ -53,14 +53,17 @@ class MeasurementGuidance(Guidance):
         self._decoded: DecodedOperator | None = None  # the operator through a decoder
 
     needs_svd = False  # a method that works in the operator's SVD basis says so
+    needs_gaussian_noise = False  # a method whose formula assumes N(y; A x, sigma_y^2 I)
 
     def check(self, model: ScoreModel) -> str | None:
         if self.needs_svd and model.autoencoder is not None:
             return ("a pixel-space model: a latent model measures x0_hat through its decoder, "
                     "which is not linear (no SVD): use dps")
         if self.needs_svd and not self.operator.has_svd:
-            return (f"an operator with an SVD ({type(self.operator).__name__} has only A and "
-                    f"its adjoint: use dps)")
+            return f"an operator with an SVD ({self.operator.lacks()}: use dps)"
+        if self.needs_gaussian_noise and not self.operator.noise.gaussian:
+            return (f"Gaussian measurement noise ({type(self.operator).__name__} has "
+                    f"{self.operator.noise.describe()}: use dps)")
         shape = tuple(getattr(model.network, "data_shape", ()) or ())
         if model.autoencoder is not None:  # the operator measures decoded images
             shape = tuple(model.autoencoder.data_shape)
@@ -141,6 +144,7 @@ class Replacement(MeasurementGuidance):
     """
 
     needs_svd = True
+    needs_gaussian_noise = True
 
     def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
               y: torch.Tensor | None) -> torch.Tensor:
@@ -179,6 +183,7 @@ class PiGDM(MeasurementGuidance):
 
     differentiates = True
     needs_svd = True
+    needs_gaussian_noise = True
 
     def __init__(self, operator: ForwardModel,
                  scale: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 1.0,
@@ -212,13 +217,16 @@ class DPS(MeasurementGuidance):
 
     - ``likelihood`` (default): ``zeta_t = zeta / (2 (sigma_y^2 + r_t^2))``, the Gaussian
       likelihood of ``x0_hat`` with its variance widened by ``r_t^2`` so that it stays finite
-      for a noiseless measurement and is a score for every solver;
-    - ``normalised``: the paper's ``zeta_t = zeta / ||y - A(x0_hat)||`` (sec. 4), which it
-      applies as a displacement of the state after each ancestral step; here the displacement
-      is carried to score units by Tweedie's ``sigma_t^2 / alpha_t`` (the term moves
-      ``x0_hat`` by ``-zeta grad ||y - A x0_hat||^2 / ||y - A x0_hat||`` at every
-      evaluation), so that it acts alike under every solver. Its ``zeta`` is therefore not the
-      paper's (whose effect grows with the 1,000 ancestral steps it took).
+      for a noiseless measurement and is a score for every solver; for Poisson noise the
+      variance at the measurement takes ``sigma_y^2``'s place (the paper's eq. 17 weighting:
+      :meth:`~diffusers_kit.forward_models.noise.NoiseModel.widened_log_likelihood`);
+    - ``normalised``: the paper's ``zeta_t = zeta / ||y - A(x0_hat)||`` (sec. 4; its Gaussian
+      case, used for any noise), which it applies as a displacement of the state after each
+      ancestral step; here the displacement is carried to score units by Tweedie's
+      ``sigma_t^2 / alpha_t`` (the term moves ``x0_hat`` by
+      ``-zeta grad ||y - A x0_hat||^2 / ||y - A x0_hat||`` at every evaluation), so that it
+      acts alike under every solver. Its ``zeta`` is therefore not the paper's (whose effect
+      grows with the 1,000 ancestral steps it took).
 
     In the SVD basis the likelihood step weights the residual by ``s / (sigma_y^2 + r_t^2)``
     where the exact Gaussian-prior likelihood (ΠGDM, :class:`PiGDM`) weights it by
@@ -256,21 +264,23 @@ class DPS(MeasurementGuidance):
             output = evaluate(xg, t, y)
             prediction, _ = model.split(output)
             x0 = model.convert(prediction, xg, t, "x0")
-            misfit = (measured - self.forward_operator(model).A(x0)).flatten(1).pow(2).sum(1)
-            weight = self.step_size(model, t, misfit.detach()).to(x.dtype)
-            (grad,) = torch.autograd.grad((weight * misfit).sum(), xg)
-        return add_score(model, output.detach(), x, t, -grad)
+            (grad,) = torch.autograd.grad(self.objective(model, t, measured, x0).sum(), xg)
+        return add_score(model, output.detach(), x, t, grad)
 
-    def step_size(self, model: ScoreModel, t: torch.Tensor, misfit: torch.Tensor
-                  ) -> torch.Tensor:
-        """``zeta_t`` per sample, in score units (see the class doc); ``misfit`` is
-        ``||y - A(x0_hat)||^2``."""
+    def objective(self, model: ScoreModel, t: torch.Tensor, measured: torch.Tensor,
+                  x0: torch.Tensor) -> torch.Tensor:
+        """What DPS ascends, per sample: ``zeta`` times the operator's noise log-likelihood of
+        ``x0_hat`` widened by ``r_t^2`` (:meth:`NoiseModel.widened_log_likelihood`; Gaussian
+        noise: ``-||y - A x0_hat||^2 / (2 (sigma_y^2 + r_t^2))``), or the normalised step's
+        ``-zeta_t ||y - A x0_hat||^2``."""
+        a = self.forward_operator(model).A(x0)
         if self.step == "likelihood":
-            variance = self.operator.sigma_y**2 + self.posterior_variance(model, t)
-            return self.zeta / (2 * variance)
+            extra = self.posterior_variance(model, t).to(x0.dtype)
+            return self.zeta * self.operator.noise.widened_log_likelihood(measured, a, extra)
+        misfit = (measured - a).flatten(1).pow(2).sum(1)
         alpha, sigma = model.process.marginal(t)
-        tweedie = (alpha / sigma**2).double()  # a score increment g moves x0_hat by s^2/a g
-        return self.zeta * tweedie / misfit.double().sqrt().clamp_min(1e-12)
+        tweedie = (alpha / sigma**2).to(x0.dtype)  # a score increment g moves x0_hat by s^2/a g
+        return -self.zeta * tweedie * misfit / misfit.detach().sqrt().clamp_min(1e-12)
 
 
 __all__ = ["DPS", "MeasurementGuidance", "PiGDM", "Replacement"]
