@@ -373,3 +373,49 @@ def test_a_plugin_operator_needs_only_A_and_its_adjoint_or_only_the_svd():
         assert torch.allclose(op.pinv(x), torch.tensor([[1.0, 0.5, 0.0]], dtype=torch.float64))
     with pytest.raises(NotImplementedError, match="SVD"):
         Scale(data_shape=(3,)).Vt(x)
+
+
+# -- composition ------------------------------------------------------------------------------
+def test_composition_is_the_product_with_its_adjoint_and_the_outer_noise():
+    """``blur o colorize``: the dense matrix is the product of the factors' matrices, the adjoint
+    identity holds (the kit), the noise is the outer operator's, and a noisy inner operator or
+    mismatched shapes are refused."""
+    from diffusers_kit.forward_models import Compose, Denoise
+    from diffusers_kit.testing import check_forward_model
+
+    inner = Colorize(data_shape=(3, 4, 4))
+    outer = GaussianBlur(sigma=1.0, size=3, sigma_y=0.1, data_shape=(1, 4, 4))
+    op = Compose(outer, inner)
+    assert op.linear and op.has_adjoint and not op.has_svd and op.has_pinv
+    assert op.measurement_shape == (1, 4, 4) and op.sigma_y == 0.1 and op.noise is outer.noise
+    assert close(op.matrix(), outer.matrix() @ inner.matrix())
+    x, y = draws(op)
+    lhs, rhs = (op.A(x) * y).sum(), (x * op.A_adjoint(y)).sum()
+    assert abs(float(lhs - rhs)) <= 1e-12 * float(op.A(x).norm() * y.norm())
+    check_forward_model(op)  # adjoint, A A^+ A = A, VJP, noise of std 0.1
+    with pytest.raises(ValueError, match="inner: Colorize has noise"):
+        Compose(outer, Colorize(sigma_y=0.1, data_shape=(3, 4, 4)))
+    with pytest.raises(ValueError, match=r"outer: Denoise takes data of shape \(3, 4, 4\)"):
+        Compose(Denoise(data_shape=(3, 4, 4)), inner)
+
+
+def test_a_composition_with_a_nonlinear_factor_is_nonlinear():
+    """A saturating sensor after a blur: nonlinear, so no adjoint and no pinv; autograd's
+    derivative through both factors is checked by the kit."""
+    import sys
+    from pathlib import Path
+
+    from diffusers_kit.forward_models import Compose
+    from diffusers_kit.testing import check_forward_model
+
+    sys.path.insert(0, str(Path(__file__).parent / "third_party"))
+    try:
+        from dkit_tanh_sensor import TanhSensor
+    finally:
+        sys.path.pop(0)
+    op = Compose(TanhSensor(sigma_y=0.02, data_shape=(1, 6, 6)),
+                 GaussianBlur(sigma=1.0, size=3, data_shape=(1, 6, 6)))
+    assert not op.linear and not op.has_adjoint and not op.has_pinv
+    with pytest.raises(NotImplementedError, match="Compose is nonlinear"):
+        op.A_adjoint(torch.zeros(1, 1, 6, 6))
+    check_forward_model(op)

@@ -6,6 +6,7 @@ protocol of :mod:`diffusers_kit.forward_models.base`; the noise models of
 from diffusers_kit.forward_models.base import DENSE_LIMIT, ForwardModel, SigmaY
 from diffusers_kit.forward_models.blur import GaussianBlur
 from diffusers_kit.forward_models.colorize import Colorize
+from diffusers_kit.forward_models.compose import Compose
 from diffusers_kit.forward_models.denoise import Denoise
 from diffusers_kit.forward_models.inpaint import Inpaint
 from diffusers_kit.forward_models.matrix import MatrixOperator
@@ -26,6 +27,6 @@ REGISTER = [
     ("forward_model", "denoise", Denoise),
 ]
 
-__all__ = ["DENSE_LIMIT", "REGISTER", "Colorize", "Denoise", "ForwardModel", "GaussianBlur",
-           "GaussianNoise", "Inpaint", "MatrixOperator", "NoiseModel", "PoissonGaussianNoise",
-           "PoissonNoise", "SigmaY", "SuperResolution"]
+__all__ = ["DENSE_LIMIT", "REGISTER", "Colorize", "Compose", "Denoise", "ForwardModel",
+           "GaussianBlur", "GaussianNoise", "Inpaint", "MatrixOperator", "NoiseModel",
+           "PoissonGaussianNoise", "PoissonNoise", "SigmaY", "SuperResolution"]
