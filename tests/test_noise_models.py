@@ -165,3 +165,42 @@ def test_methods_read_the_noise_model():
     total = 4 * 0.7 / 50 + 0.25 * level2 / (0.25 + level2)
     assert math.isclose(float(got), -0.5 * ((0.4 - 0.2) ** 2 / total + math.log(total)),
                         rel_tol=1e-10)
+
+
+SPEC = """\
+name: poisson_restore
+seed: 0
+device: cpu
+data: {kind: digits}
+process: {kind: ddpm, num_steps: 100}
+network: {kind: unet, channels: 8, channel_mult: [1], res_blocks: 1, attention_resolutions: []}
+objective: {kind: ddpm_simple}
+train: {steps: 2, batch_size: 16, log_every: 1}
+restore:
+  method:
+    kind: METHOD
+    operator: {kind: blur, noise: poisson, photons: 50}
+  solver: {kind: ddim, steps: 3}
+  n: 2
+evaluate: {metrics: []}
+output: {root: {root}}
+"""
+
+
+def test_a_spec_restores_a_poisson_measurement_with_dps(tmp_path, capsys):
+    """The Poisson case through a spec's restore section: DPS runs and the measurement it
+    saved lies on the photon-count lattice; ΠGDM is refused with the reason (exit 2)."""
+    from tests.helpers import run_cli, write_spec
+
+    code, _, err = run_cli(["run", str(write_spec(tmp_path, SPEC.replace("METHOD", "dps"))),
+                            "--quiet"], capsys)
+    assert code == 0, err
+    (run,) = [p for p in (tmp_path / "runs" / "poisson_restore").iterdir()
+              if p.name != "latest"]
+    with np.load(run / "restore.npz") as npz:
+        y = npz["measurement"].astype(np.float64)
+    counts = (y + 1) * 50 / 2
+    assert np.allclose(counts, counts.round(), atol=1e-4) and (counts >= 0).all()
+    code, out, err = run_cli(["run", str(write_spec(tmp_path, SPEC.replace("METHOD", "pigdm"),
+                                                    "refused.yaml"))], capsys)
+    assert code == 2 and "Gaussian measurement noise" in out + err
