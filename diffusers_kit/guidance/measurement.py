@@ -1,5 +1,5 @@
 """Guidance by a measurement ``y = A(x_0) + noise`` through a forward model: the inverse-problem
-methods (kind ``guidance``: ``replacement``, ``pigdm``, ``dps``).
+methods (kind ``guidance``: ``replacement``, ``diffpir``, ``pigdm``, ``dps``).
 
 Every method holds **one** forward model (kind ``forward_model``, ``diffusers_kit/forward_models``):
 the same object simulates the measurement (``dkit restore``, :func:`diffusers_kit.restore.restore`)
@@ -164,6 +164,39 @@ class Replacement(MeasurementGuidance):
         return prediction if v is None else torch.cat([prediction, v], dim=1)
 
 
+class DiffPIR(Replacement):
+    """DiffPIR's data step (Zhu, Zhang, Liang, Cao, Wen, Timofte & Van Gool 2023, eqs. 12-13):
+    ``x0_hat`` is replaced by the proximal point
+
+    ``argmin_x ||y - A x||^2 + rho_t ||x - x0_hat||^2 = x0_hat + A^T (A A^T + rho_t I)^{-1}
+    (y - A x0_hat)``, ``rho_t = lam sigma_y^2 / sigma^2``, ``sigma = sigma_t / alpha_t``,
+
+    which is :class:`Replacement`'s update with its ``r_t^2`` taken as ``sigma^2 / lam``
+    (replacement: ``sigma_y^2 / r_t^2`` in the same place): so ``lam = 1`` is replacement for a
+    prior of unbounded scale, and without measurement noise it is replacement exactly (the
+    pseudo-inverse projection, as in DDNM). The paper's sampling step after it, DDIM-like with
+    a share ``zeta`` of fresh noise, is the solver's: with DDIM (``eta = 0``) this is DiffPIR
+    with ``zeta = 0``. Exact on no prior for all ``t`` with ``sigma_y > 0`` (a constant ``lam``
+    cannot follow ``c^2 sigma^2 / (c^2 + sigma^2)``); its bias on a Gaussian prior is
+    measured in ``docs/inverse.md``.
+
+    Args:
+        operator: the forward model (with an SVD).
+        lam: ``lambda``, the weight of the prior in ``rho_t`` (the paper tunes it per task).
+        interval: act only for noise levels in ``[lo, hi]``.
+    """
+
+    def __init__(self, operator: ForwardModel,
+                 lam: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] = 1.0,
+                 interval: Interval | None = None) -> None:
+        super().__init__(operator, 1.0, interval)
+        self.lam = lam
+
+    def posterior_variance(self, model: ScoreModel, t: torch.Tensor) -> torch.Tensor:
+        """``sigma^2 / lam``: the variance that makes replacement's step DiffPIR's."""
+        return noise_level(model, t).double() ** 2 / self.lam
+
+
 class PiGDM(MeasurementGuidance):
     """Pseudo-inverse guided diffusion (ΠGDM; Song, Vahdat, Mardani & Kautz 2023, eq. 7):
 
@@ -283,4 +316,4 @@ class DPS(MeasurementGuidance):
         return -self.zeta * tweedie * misfit / misfit.detach().sqrt().clamp_min(1e-12)
 
 
-__all__ = ["DPS", "MeasurementGuidance", "PiGDM", "Replacement"]
+__all__ = ["DPS", "DiffPIR", "MeasurementGuidance", "PiGDM", "Replacement"]
