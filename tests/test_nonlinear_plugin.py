@@ -144,3 +144,21 @@ def test_dps_restores_through_the_nonlinear_sensor():
         assert abs(float(z[bulk].std()) - spread) < 0.1, float(z[bulk].std())
         stuck = samples[~bulk, i]
         assert (3 / torch.cosh(3 * stuck) ** 2 < 3 / torch.cosh(3 * mean) ** 2).all()
+
+
+def test_a_spec_restores_through_the_plugin_sensor(tanh_plugin, tmp_path, capsys):
+    """The nonlinear case through a spec's restore section (the plugin installed): DPS runs,
+    ΠGDM is refused with exit 2 naming what is missing."""
+    from tests.helpers import run_cli, write_spec
+    from tests.test_noise_models import SPEC
+
+    text = SPEC.replace("{kind: blur, noise: poisson, photons: 50}", "{kind: tanh_sensor}")
+    text = text.replace("name: poisson_restore", "name: tanh_restore")
+    code, _, err = run_cli(["run", str(write_spec(tmp_path, text.replace("METHOD", "dps"))),
+                            "--quiet"], capsys)
+    assert code == 0, err
+    (run,) = [p for p in (tmp_path / "runs" / "tanh_restore").iterdir() if p.name != "latest"]
+    assert "tanh_sensor" in (run / "spec.yaml").read_text()
+    code, out, err = run_cli(["run", str(write_spec(tmp_path, text.replace("METHOD", "pigdm"),
+                                                    "refused.yaml"))], capsys)
+    assert code == 2 and "an operator with an SVD (TanhSensor is nonlinear: use dps)" in out + err
