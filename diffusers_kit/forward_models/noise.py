@@ -11,8 +11,10 @@ Gaussian log-likelihood widened by an extra variance (DPS's ``r_t^2``).
   range ``[low, high]`` (``[-1, 1]`` for dkit's images): the intensity ``u = (a - low) /
   (high - low)`` (clamped at 0) is counted, ``k ~ Poisson(photons u)``, and reported in data
   units, ``y = low + (high - low) k / photons``; so ``E[y] = a`` and ``Var[y] =
-  (high - low)^2 u / photons`` (the convention of DPS's Poisson experiments, Chung et al. 2023,
-  sec. 4, where the counts are of 255 rate-scaled levels);
+  (high - low)^2 u / photons`` for ``a >= low``: the convention of DPS's Poisson
+  experiments (Chung et al. 2023, sec. 4; their ``rate`` is ``photons / 255``) without their
+  reference code's clipping of ``u`` at 1 and of ``y`` to the data range, which would bias
+  ``E[y]`` and break the likelihood below;
 - :class:`PoissonGaussianNoise`: the Poisson measurement plus Gaussian read noise ``sigma_y n``
   (Foi et al. 2008), whose exact likelihood is the Poisson mixture of Gaussians
   ``sum_k Poisson(k; photons u) N(y; low + (high - low) k / photons, sigma_y^2)``.
