@@ -397,19 +397,20 @@ def test_repaint_on_a_sharp_one_dimensional_check():
     unimodal posteriors; docs/inverse.md): close, not exact. At ``x_1 = 1`` (the posterior is
     mode 2's conditional) 1.5 x the floor with a 5 % spread deficit, about what 250 ancestral
     steps give when they sample that posterior directly with its exact score (1.7 x, 1.6 %
-    deficit). At ``x_1 = -1`` (mode 1's conditional, narrower) RePaint leaves mass in the
-    wrong mode: 9.7 x the floor and 1.8 x the spread (20 resamplings: 4.3 x, 1.2 x), where
-    250 ancestral steps on the exact posterior give 2.3 x and a 5 % deficit."""
+    deficit; one standard error of these spreads is 1.1 %). At ``x_1 = -1`` (mode 1's
+    conditional, narrower) RePaint leaves mass in the wrong mode: 9.7 x the floor and 1.8 x
+    the spread (20 resamplings: 4.3 x, 1.2 x), where 250 ancestral steps on the exact
+    posterior give 2.3 x and a 5 % deficit."""
     from diffusers_kit.solvers import RePaint
 
     ratio, spread = unknown_coordinate(RePaint(), 1.0, 4000)
     assert ratio < 2.0 and 0.92 < spread < 0.98, (ratio, spread)
     ratio, spread = unknown_coordinate(Ancestral(steps=250), 1.0, 4000, exact_prior=True)
-    assert ratio < 2.2 and 0.96 < spread < 1.0, (ratio, spread)
+    assert ratio < 2.2 and 0.95 < spread < 1.02, (ratio, spread)
     ratio, spread = unknown_coordinate(RePaint(), -1.0, 4000)
     assert 6 < ratio < 13 and 1.6 < spread < 2.0, (ratio, spread)
     ratio, spread = unknown_coordinate(Ancestral(steps=250), -1.0, 4000, exact_prior=True)
-    assert ratio < 3.0 and 0.92 < spread < 0.98, (ratio, spread)
+    assert ratio < 3.0 and 0.91 < spread < 0.985, (ratio, spread)
 
 
 @pytest.mark.parametrize("step", ["likelihood", "normalised"])

@@ -234,5 +234,5 @@ def test_dps_on_poisson_noise_against_the_exact_posterior():
             w = torch.softmax(log, 0)
             mean = (w * grid).sum()
             std = (w * (grid - mean) ** 2).sum().sqrt()
-            assert abs(float((samples[:, i].mean() - mean) / std) - bias) < 0.05
+            assert abs(float((samples[:, i].mean() - mean) / std) - bias) < 0.07
             assert abs(float(samples[:, i].std() / std) - spread) < 0.05
