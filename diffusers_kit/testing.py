@@ -19,8 +19,10 @@ use exact answers, so a pass means the component is right, not merely that it ru
 - :func:`check_solver_on_mixture` drives it with the exact score of a three-mode Gaussian
   mixture (:class:`ExactMixture`) and asks its samples to be within ``factor`` times the
   sliced Wasserstein noise floor of exact samples (a solver that stays at the prior fails);
-- :func:`check_forward_model` checks ``<A x, y> = <x, A^T y>``, the SVD when there is one and
-  the pseudo-inverse;
+- :func:`check_forward_model` checks, by the capabilities the operator declares, autograd's
+  derivative of ``A`` against finite differences, ``simulate``'s noise against its noise
+  model, ``<A x, y> = <x, A^T y>``, the SVD when there is one and the pseudo-inverse (a
+  nonlinear operator: ``A(pinv(A x)) = A x`` where it offers ``pinv``);
 - :func:`check_metric` checks that the result is a dict of numbers, that a set scored against
   itself is no worse than a shifted copy;
 - :func:`check_registered` checks that a component is registered (through the entry point the
@@ -573,16 +575,46 @@ def check_process(process: NoiseProcess, seed: int = 0, n: int = 20000) -> None:
     assert_prior_is_a_density(process, generator=generator)
 
 
-def check_forward_model(operator: ForwardModel, batch: int = 3, seed: int = 0) -> None:
-    """``<A x, y> = <x, A^T y>`` to 1e-9 in float64; the SVD reproduces A when there is one;
-    ``A A^+ A = A``; ``simulate`` adds noise of std ``sigma_y``."""
+def check_forward_model(operator: ForwardModel, batch: int = 3, seed: int = 0,
+                        draws: int = 20000) -> None:
+    """The protocol's identities, by the capabilities the operator declares (``linear``,
+    ``has_svd``, ``has_pinv``; :mod:`diffusers_kit.forward_models.base`):
+
+    - every operator: ``A``'s shape, and its dtype following the input's; autograd's
+      vector-Jacobian product of ``A`` against central finite differences (float64: what DPS
+      differentiates); ``simulate``'s noise against its noise model's mean and variance
+      (:func:`assert_simulate_matches_noise_model`, about ``draws`` values);
+    - a linear one: ``<A x, y> = <x, A^T y>`` to 1e-9 in float64; the SVD reproduces ``A`` when
+      there is one, with ``V`` orthogonal; ``A A^+ A = A``;
+    - a nonlinear one offering ``pinv``: ``A(pinv(A(x))) == A(x)``; one that does not must
+      refuse ``A_adjoint``, ``matrix`` and ``pinv`` rather than answer.
+    """
     name = type(operator).__name__
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *operator.data_shape, generator=g, dtype=torch.float64)
-    y = torch.randn(batch, *operator.measurement_shape, generator=g, dtype=torch.float64)
-    ax, aty = operator.A(x), operator.A_adjoint(y)
+    ax = operator.A(x)
     assert tuple(ax.shape) == (batch, *operator.measurement_shape), f"{name}.A: shape " \
-                                                                   f"{tuple(ax.shape)}"
+        f"{tuple(ax.shape)} for a batch of {batch} of {operator.data_shape}, expected " \
+        f"{(batch, *operator.measurement_shape)}"
+    assert operator.A(x.float()).dtype == torch.float32, f"{name}.A: float32 in, " \
+        f"{operator.A(x.float()).dtype} out"
+    assert_vjp_matches_finite_differences(operator, x, g)
+    assert_simulate_matches_noise_model(operator, x, draws, seed)
+    if not operator.linear:
+        for method, call in (("A_adjoint", lambda: operator.A_adjoint(ax)),
+                             ("matrix", operator.matrix)):
+            try:
+                call()
+            except (NotImplementedError, ValueError):
+                continue
+            raise AssertionError(f"{name} declares linear = False but {method} answered: a "
+                                 "nonlinear operator has no adjoint and no matrix")
+        if operator.has_pinv:
+            assert torch.allclose(operator.A(operator.pinv(ax)), ax, atol=1e-7, rtol=1e-6), \
+                f"{name}: A(pinv(A x)) differs from A x"
+        return
+    y = torch.randn(batch, *operator.measurement_shape, generator=g, dtype=torch.float64)
+    aty = operator.A_adjoint(y)
     assert tuple(aty.shape) == tuple(x.shape), f"{name}.A_adjoint: shape {tuple(aty.shape)}"
     lhs, rhs = (ax * y).flatten(1).sum(1), (x * aty).flatten(1).sum(1)
     scale = ax.flatten(1).norm(dim=1) * y.flatten(1).norm(dim=1)
@@ -597,8 +629,66 @@ def check_forward_model(operator: ForwardModel, batch: int = 3, seed: int = 0) -
             f"{name}: U diag(s) V^T x differs from A x"
         assert torch.allclose(operator.V(operator.Vt(x)), x, atol=1e-9), f"{name}: V is not " \
                                                                           "orthogonal"
-    assert torch.allclose(operator.A(operator.pinv(ax)), ax, atol=1e-7, rtol=1e-6), \
-        f"{name}: A A^+ A differs from A"
+    if operator.has_pinv:
+        assert torch.allclose(operator.A(operator.pinv(ax)), ax, atol=1e-7, rtol=1e-6), \
+            f"{name}: A A^+ A differs from A"
+
+
+def assert_vjp_matches_finite_differences(operator: ForwardModel, x: torch.Tensor,
+                                          generator: torch.Generator, directions: int = 3,
+                                          step: float = 1e-5) -> None:
+    """``d/dh <A(x + h e), w>`` at 0 by central differences (float64, step ``step``) equals
+    ``<e, J^T w>`` from autograd, for random ``e`` and ``w``: the gradient DPS takes through
+    ``A`` is ``A``'s own (relative error 1e-6 of ``|J^T w| |e|``)."""
+    name = type(operator).__name__
+    w = torch.randn(x.shape[0], *operator.measurement_shape, generator=generator,
+                    dtype=torch.float64)
+    xg = x.detach().clone().requires_grad_(True)
+    (vjp,) = torch.autograd.grad((operator.A(xg) * w).sum(), xg)
+    for _ in range(directions):
+        e = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+        with torch.no_grad():
+            difference = ((operator.A(x + step * e) - operator.A(x - step * e)) * w).sum() / (
+                2 * step)
+        got = (vjp * e).sum()
+        bound = 1e-6 * max(1.0, float(vjp.norm() * e.norm()))
+        assert abs(float(got - difference)) <= bound, \
+            f"{name}: autograd's vector-Jacobian product of A gives {float(got):.9g} along a " \
+            f"direction where finite differences give {float(difference):.9g} (A must be " \
+            "differentiable by autograd, and its backward must be its own derivative)"
+
+
+def assert_simulate_matches_noise_model(operator: ForwardModel, x: torch.Tensor,
+                                        draws: int = 20000, seed: int = 0) -> None:
+    """``simulate`` draws from ``operator.noise``: the residual ``y - E[y | A x]`` standardised
+    by the noise model's variance has mean 0 and mean square 1 within ``Z`` standard errors
+    over about ``draws`` values (where the variance is 0, ``y`` is the mean exactly), and the
+    same generator seed gives the same draw."""
+    name = type(operator).__name__
+    noise = operator.noise
+    repeats = max(1, math.ceil(draws / (x.shape[0] * operator.m)))
+    xs = x.repeat(repeats, *([1] * (x.dim() - 1)))
+    y = operator.simulate(xs, torch.Generator().manual_seed(seed))
+    again = operator.simulate(xs, torch.Generator().manual_seed(seed))
+    assert torch.equal(y, again), f"{name}.simulate: the same generator gave different draws"
+    a = operator.A(xs)
+    assert tuple(y.shape) == tuple(a.shape), f"{name}.simulate: shape {tuple(y.shape)}"
+    variance = noise.variance(a).flatten()
+    residual = (y - noise.mean(a)).flatten()
+    silent = variance == 0
+    assert (residual[silent] == 0).all(), \
+        f"{name}.simulate: noise where its noise model ({noise.describe()}) has none"
+    if bool(silent.all()):
+        return
+    z = residual[~silent] / variance[~silent].sqrt()
+    n = z.numel()
+    assert abs(float(z.mean())) <= Z / math.sqrt(n), \
+        f"{name}.simulate: the noise has mean {float(residual.mean()):.4g}, not 0 " \
+        f"({noise.describe()})"
+    square = z.pow(2)
+    assert abs(float(square.mean()) - 1) <= Z * float(square.std()) / math.sqrt(n), \
+        f"{name}.simulate: the noise's variance is {float(square.mean()):.4f} times its noise " \
+        f"model's ({noise.describe()})"
 
 
 def check_metric(metric: Metric, data: DataSplits, generator_seed: int = 0,
@@ -646,6 +736,7 @@ __all__ = ["ExactMixture", "ExactScoreNetwork", "MixtureTarget", "StandardNormal
            "accepted_process", "assert_first_order_convergence", "assert_parameterisations_agree",
            "assert_posterior_is_bayes_rule", "assert_posterior_matches_monte_carlo",
            "assert_prior_is_a_density", "assert_sde_matches_marginal",
-           "assert_transition_composes", "check_forward_model", "check_metric", "check_process",
-           "check_registered", "check_solver", "check_solver_on_mixture",
+           "assert_simulate_matches_noise_model", "assert_transition_composes",
+           "assert_vjp_matches_finite_differences", "check_forward_model", "check_metric",
+           "check_process", "check_registered", "check_solver", "check_solver_on_mixture",
            "euler_maruyama_moments", "on_grid", "process_times", "sde_step_count", "three_modes"]

@@ -1,6 +1,8 @@
 """Forward models (kind ``forward_model``): the protocol's identities for every registered operator
 (adjointness, SVD, orthogonality, pseudo-inverse, dense matrix, noise) and each family's formula
-against an independent computation; bad input raises clear errors."""
+against an independent computation; bad input raises clear errors. The linear identities skip
+an operator that declares ``linear = False`` (a plugin's): ``check_forward_model``'s nonlinear
+branch covers it (tests/test_testing_kit.py, tests/test_nonlinear_plugin.py)."""
 
 from __future__ import annotations
 
@@ -67,6 +69,13 @@ def operator(config: str, shape: tuple[int, ...]) -> ForwardModel:
     return op
 
 
+def linear(op: ForwardModel) -> ForwardModel:
+    """``op``, or a skip naming the capability it declares it lacks."""
+    if not op.linear:
+        pytest.skip(f"{type(op).__name__} declares linear = False: no adjoint, SVD or matrix")
+    return op
+
+
 def draws(op: ForwardModel, batch: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *op.data_shape, generator=generator, dtype=torch.float64)
@@ -90,9 +99,10 @@ def test_protocol_identities(config, shape):
     op = operator(config, shape)
     x, y = draws(op)
     b = x.shape[0]
-    ax, aty = op.A(x), op.A_adjoint(y)
-    assert ax.shape == (b, *op.measurement_shape) and aty.shape == x.shape
-    assert ax.dtype == torch.float64
+    ax = op.A(x)
+    assert ax.shape == (b, *op.measurement_shape) and ax.dtype == torch.float64
+    aty = linear(op).A_adjoint(y)
+    assert aty.shape == x.shape
 
     # adjointness: <A x, y> = <x, A^T y>
     lhs, rhs = (ax * y).flatten(1).sum(1), (x * aty).flatten(1).sum(1)
@@ -134,7 +144,7 @@ def test_protocol_identities(config, shape):
 @pytest.mark.parametrize(("config", "shape"), CASES, ids=IDS)
 def test_gradient_through_A_uses_the_adjoint(config, shape):
     """DPS differentiates ||y - A x||^2 through A: autograd must give -2 A^T (y - A x)."""
-    op = operator(config, shape)
+    op = linear(operator(config, shape))
     x, y = draws(op, seed=1)
     x.requires_grad_(True)
     (grad,) = torch.autograd.grad((y - op.A(x)).square().sum(), x)
@@ -148,6 +158,8 @@ def test_float32_follows_the_input(config, shape):
     ax32 = op.A(x.float())
     assert ax32.dtype == torch.float32
     assert close(ax32.double(), op.A(x), 1e-5)
+    if not op.linear:
+        return
     assert close(op.A_adjoint(y.float()).double(), op.A_adjoint(y), 1e-5)
     if op.has_svd:
         assert op.singulars(like=ax32).dtype == torch.float32
@@ -168,9 +180,11 @@ def test_simulate_adds_gaussian_noise_of_std_sigma_y(config, shape):
     again = op.simulate(x, generator=torch.Generator().manual_seed(0))
     assert torch.equal(y, again)
 
-    clean = operator(config, shape)
-    assert clean.sigma_y == 0.0
-    assert torch.equal(clean.simulate(x[:4]), clean.A(x[:4]))
+    clean = operator(config, shape)  # with its defaults: noiseless for every built-in
+    if json.loads(config)["kind"] in ACCEPTS:
+        assert clean.sigma_y == 0.0
+    if clean.noise.gaussian and clean.sigma_y == 0:
+        assert torch.equal(clean.simulate(x[:4]), clean.A(x[:4]))
 
 
 def test_every_builtin_operator_is_registered():
@@ -359,3 +373,49 @@ def test_a_plugin_operator_needs_only_A_and_its_adjoint_or_only_the_svd():
         assert torch.allclose(op.pinv(x), torch.tensor([[1.0, 0.5, 0.0]], dtype=torch.float64))
     with pytest.raises(NotImplementedError, match="SVD"):
         Scale(data_shape=(3,)).Vt(x)
+
+
+# -- composition ------------------------------------------------------------------------------
+def test_composition_is_the_product_with_its_adjoint_and_the_outer_noise():
+    """``blur o colorize``: the dense matrix is the product of the factors' matrices, the adjoint
+    identity holds (the kit), the noise is the outer operator's, and a noisy inner operator or
+    mismatched shapes are refused."""
+    from diffusers_kit.forward_models import Compose, Denoise
+    from diffusers_kit.testing import check_forward_model
+
+    inner = Colorize(data_shape=(3, 4, 4))
+    outer = GaussianBlur(sigma=1.0, size=3, sigma_y=0.1, data_shape=(1, 4, 4))
+    op = Compose(outer, inner)
+    assert op.linear and op.has_adjoint and not op.has_svd and op.has_pinv
+    assert op.measurement_shape == (1, 4, 4) and op.sigma_y == 0.1 and op.noise is outer.noise
+    assert close(op.matrix(), outer.matrix() @ inner.matrix())
+    x, y = draws(op)
+    lhs, rhs = (op.A(x) * y).sum(), (x * op.A_adjoint(y)).sum()
+    assert abs(float(lhs - rhs)) <= 1e-12 * float(op.A(x).norm() * y.norm())
+    check_forward_model(op)  # adjoint, A A^+ A = A, VJP, noise of std 0.1
+    with pytest.raises(ValueError, match="inner: Colorize has noise"):
+        Compose(outer, Colorize(sigma_y=0.1, data_shape=(3, 4, 4)))
+    with pytest.raises(ValueError, match=r"outer: Denoise takes data of shape \(3, 4, 4\)"):
+        Compose(Denoise(data_shape=(3, 4, 4)), inner)
+
+
+def test_a_composition_with_a_nonlinear_factor_is_nonlinear():
+    """A saturating sensor after a blur: nonlinear, so no adjoint and no pinv; autograd's
+    derivative through both factors is checked by the kit."""
+    import sys
+    from pathlib import Path
+
+    from diffusers_kit.forward_models import Compose
+    from diffusers_kit.testing import check_forward_model
+
+    sys.path.insert(0, str(Path(__file__).parent / "third_party"))
+    try:
+        from dkit_tanh_sensor import TanhSensor
+    finally:
+        sys.path.pop(0)
+    op = Compose(TanhSensor(sigma_y=0.02, data_shape=(1, 6, 6)),
+                 GaussianBlur(sigma=1.0, size=3, data_shape=(1, 6, 6)))
+    assert not op.linear and not op.has_adjoint and not op.has_pinv
+    with pytest.raises(NotImplementedError, match="Compose is nonlinear"):
+        op.A_adjoint(torch.zeros(1, 1, 6, 6))
+    check_forward_model(op)

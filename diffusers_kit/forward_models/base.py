@@ -10,8 +10,17 @@ to measure is the operator used to restore.
 an operator (masks, matrices, SVDs) are computed once at construction in float64 on the CPU and
 moved lazily, once per (device, dtype).
 
-**Noise.** ``y = A(x) + sigma_y * n`` with ``n ~ N(0, I_m)``: ``sigma_y`` is in *data units*
-(the units of ``x``).
+**Noise.** ``y ~ p(y | A(x))``, a :class:`~diffusers_kit.forward_models.noise.NoiseModel`
+(``noise``): by default Gaussian, ``y = A(x) + sigma_y * n`` with ``n ~ N(0, I_m)``, ``sigma_y``
+in *data units* (the units of ``x``); ``noise: poisson`` counts ``photons`` and
+``poisson_gaussian`` adds read noise ``sigma_y`` (:mod:`diffusers_kit.forward_models.noise`).
+
+**Capabilities, declared.** ``linear`` (class attribute, default True) says whether ``A`` is
+linear; ``has_svd``, ``has_adjoint`` and ``has_pinv`` follow from it and from the methods a
+subclass implements. A nonlinear operator implements ``A`` only (autograd gives its
+vector-Jacobian product, which is all DPS needs) and may offer ``pinv``, a right inverse with
+``A(pinv(y)) == y`` on ``A``'s range; the linear-only methods (``A_adjoint``, the SVD,
+``matrix``) refuse it with a message that says so, and so do the methods that need an SVD.
 
 **SVD** (the convention of Kawar et al. 2022, DDRM, sec. 3 / app. A; also ΠGDM, Song et al.
 2023). ``A = U diag(s) V^T`` with ``U`` (m×m) and ``V`` (d×d) orthogonal, applied as operators on
@@ -37,19 +46,28 @@ flattened vectors:
 A third-party operator subclasses :class:`ForwardModel`, takes ``sigma_y`` and a keyword
 ``data_shape`` (supplied by the run graph: ``dkit_context``), sets ``measurement_shape``, and
 implements either the SVD (then ``A``, ``A_adjoint`` and ``pinv`` come for free) or ``A`` and
-``A_adjoint`` (then ``pinv`` falls back on the dense matrix for small data).
+``A_adjoint`` (then ``pinv`` falls back on the dense matrix for small data), or, declaring
+``linear = False``, ``A`` alone (and ``pinv`` if it has one).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 
+from diffusers_kit.forward_models.noise import GaussianNoise, NoiseModel, noise_model
+
 SigmaY = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 """Standard deviation of the Gaussian measurement noise, in data units."""
+
+NoiseKind = Literal["gaussian", "poisson", "poisson_gaussian"]
+"""The measurement noise: Gaussian (``sigma_y``), Poisson (``photons``) or both."""
+
+Photons = Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False)] | None
+"""Expected photon count at the top of the data range (Poisson noise only)."""
 
 DENSE_LIMIT = 4096
 """Largest ``d`` (and ``m``) for which a dense ``(m, d)`` matrix is built."""
@@ -60,17 +78,22 @@ class ForwardModel:
 
     Subclasses set ``measurement_shape`` and register their tables with :meth:`keep`; the
     protocol methods are ``A``, ``A_adjoint``, ``pinv``, ``simulate``, ``singulars``, ``Vt``,
-    ``V``, ``Ut``, ``U`` and the test helper ``matrix``.
+    ``V``, ``Ut``, ``U`` and the test helper ``matrix``; the capabilities ``linear``,
+    ``has_svd``, ``has_adjoint``, ``has_pinv``; the noise model ``noise``.
     """
 
     dkit_context = ("data_shape",)
+    linear: bool = True
+    """Whether ``A`` is linear (declared by the subclass; the default keeps every operator
+    written before the declaration existed working as before)."""
     sigma_y: float = 0.0
     data_shape: tuple[int, ...]
     measurement_shape: tuple[int, ...]
     pinv_rcond: float | None = None
     """Relative cutoff of :meth:`pinv`; ``None``: ``max(m, d) * eps(dtype)``."""
 
-    def __init__(self, sigma_y: float = 0.0, *, data_shape: tuple[int, ...]) -> None:
+    def __init__(self, sigma_y: float = 0.0, *, data_shape: tuple[int, ...],
+                 noise: NoiseKind = "gaussian", photons: float | None = None) -> None:
         if data_shape is None:
             raise ValueError(f"{type(self).__name__} needs the data shape")
         shape = tuple(int(s) for s in data_shape)
@@ -83,7 +106,8 @@ class ForwardModel:
                              f"given {sigma_y}")
         self.data_shape = shape
         self.measurement_shape = shape
-        self.sigma_y = sigma_y
+        self._noise = noise_model(noise, sigma_y, photons)
+        self.sigma_y = self._noise.sigma_y
         self._tables: dict[str, torch.Tensor] = {}
         self._moved: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -98,10 +122,49 @@ class ForwardModel:
         """Number of entries of one ``y``."""
         return math.prod(self.measurement_shape)
 
+    # -- capabilities ----------------------------------------------------------------------
     @property
     def has_svd(self) -> bool:
         """Whether this operator implements the SVD (``singulars``, ``U``, ``V``...)."""
-        return type(self).singulars is not ForwardModel.singulars
+        return self.linear and type(self).singulars is not ForwardModel.singulars
+
+    @property
+    def has_adjoint(self) -> bool:
+        """Whether ``A_adjoint`` exists: a linear operator implementing it or the SVD."""
+        return self.linear and (type(self).A_adjoint is not ForwardModel.A_adjoint
+                                or self.has_svd)
+
+    @property
+    def has_pinv(self) -> bool:
+        """Whether ``pinv`` exists: a linear operator with an SVD or small enough for the
+        dense matrix, or one (a nonlinear one included) that implements it."""
+        if type(self).pinv is not ForwardModel.pinv:
+            return True
+        return self.linear and (self.has_svd or max(self.d, self.m) <= DENSE_LIMIT)
+
+    def lacks(self) -> str:
+        """Why this operator has no SVD (or no adjoint): for messages that name what is
+        missing."""
+        name = type(self).__name__
+        if not self.linear:
+            return f"{name} is nonlinear"
+        if self.has_adjoint:
+            return f"{name} implements A and its adjoint, not the SVD"
+        return f"{name} implements neither A_adjoint nor the SVD"
+
+    @property
+    def noise(self) -> NoiseModel:
+        """The measurement's noise model (:mod:`diffusers_kit.forward_models.noise`)."""
+        noise = getattr(self, "_noise", None)
+        if noise is None or (noise.gaussian and noise.sigma_y != self.sigma_y):
+            noise = GaussianNoise(self.sigma_y)  # sigma_y set directly, as before noise models
+            self._noise = noise
+        return noise
+
+    @noise.setter
+    def noise(self, model: NoiseModel) -> None:
+        self._noise = model
+        self.sigma_y = model.sigma_y
 
     # -- tables: computed once, moved lazily -----------------------------------------------
     def keep(self, name: str, table: torch.Tensor) -> torch.Tensor:
@@ -145,13 +208,20 @@ class ForwardModel:
 
     def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """The true adjoint ``A^T y`` (``<A x, y> = <x, A^T y>``). Default: via the SVD."""
+        if not self.has_svd:
+            raise NotImplementedError(f"no adjoint: {self.lacks()}" + (
+                " (autograd gives its vector-Jacobian product)" if not self.linear else ""))
         z = self.Ut(y)
         s = self.singulars(like=z)
         return self.V(self.pad(s * z[:, : s.numel()], self.d))
 
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         """Moore-Penrose pseudo-inverse ``A^+ y`` via the SVD, with the cutoff of the module
-        doc; without an SVD, through the dense matrix (small data only)."""
+        doc; without an SVD, through the dense matrix (small data only). A nonlinear operator
+        has none unless it implements one."""
+        if not self.linear:
+            raise NotImplementedError(f"{type(self).__name__} is nonlinear and implements no "
+                                      "pinv")
         if not self.has_svd:
             self.check(y, self.measurement_shape, "a measurement")
             if "dense_pinv" not in self._tables:
@@ -170,17 +240,13 @@ class ForwardModel:
         return self.V(self.pad(inverse * z[:, : s.numel()], self.d))
 
     def simulate(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A measurement ``y = A(x) + sigma_y * n``, ``n ~ N(0, I)`` (drawn with ``generator``,
-        which must live on ``x``'s device)."""
-        y = self.A(x)
-        if self.sigma_y == 0:
-            return y
-        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-        return y + self.sigma_y * noise
+        """A measurement ``y ~ p(y | A(x))`` from :attr:`noise` (Gaussian: ``A(x) + sigma_y
+        n``), drawn with ``generator``, which must live on ``x``'s device."""
+        return self.noise.sample(self.A(x), generator)
 
     # -- the SVD (optional) ----------------------------------------------------------------
     def _no_svd(self) -> NotImplementedError:
-        return NotImplementedError(f"{type(self).__name__} does not implement the SVD")
+        return NotImplementedError(f"needs an SVD; {self.lacks()}")
 
     def singulars(self, like: torch.Tensor | None = None) -> torch.Tensor:
         """The singular values ``s``, shape ``(r,)``, ``r <= min(m, d)``; on ``like``'s device
@@ -207,6 +273,8 @@ class ForwardModel:
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The dense ``(m, d)`` matrix of ``A``, built by applying ``A`` to the identity
         (small data only: ``d`` and ``m`` at most :data:`DENSE_LIMIT`)."""
+        if not self.linear:
+            raise ValueError(f"{type(self).__name__} is nonlinear: it has no matrix")
         if self.d > DENSE_LIMIT or self.m > DENSE_LIMIT:
             raise ValueError(f"{type(self).__name__}.matrix() is for small data (d, m <= "
                              f"{DENSE_LIMIT}); here d = {self.d}, m = {self.m}")
@@ -216,7 +284,7 @@ class ForwardModel:
     def describe(self) -> str:
         """One line for logs: the operator, its shapes and its noise."""
         return (f"{type(self).__name__}: {self.data_shape} -> {self.measurement_shape}, "
-                f"sigma_y = {self.sigma_y:g}")
+                f"{self.noise.describe()}")
 
     def __repr__(self) -> str:
         return f"<{self.describe()}>"

@@ -18,7 +18,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from diffusers_kit.forward_models.base import ForwardModel, SigmaY, image_shape
+from diffusers_kit.forward_models.base import ForwardModel, NoiseKind, Photons, SigmaY, image_shape
 
 
 def gaussian_kernel(sigma: float, size: int) -> torch.Tensor:
@@ -44,7 +44,10 @@ class GaussianBlur(ForwardModel):
     Args:
         sigma: standard deviation of the Gaussian, in pixels.
         size: kernel width, odd (default: ``2 * ceil(3 sigma) + 1``).
-        sigma_y: measurement noise standard deviation, in data units.
+        sigma_y: measurement noise standard deviation, in data units (Gaussian noise,
+            or the read noise of poisson_gaussian).
+        noise: gaussian (default), poisson or poisson_gaussian.
+        photons: expected photon count at the top of the data range (Poisson noise).
     """
 
     def __init__(
@@ -52,10 +55,12 @@ class GaussianBlur(ForwardModel):
         sigma: Annotated[float, Field(gt=0, le=1000)] = 1.0,
         size: Annotated[int, Field(ge=1, le=4095)] | None = None,
         sigma_y: SigmaY = 0.0,
+        noise: NoiseKind = "gaussian",
+        photons: Photons = None,
         *,
         data_shape: tuple[int, ...],
     ) -> None:
-        super().__init__(sigma_y, data_shape=data_shape)
+        super().__init__(sigma_y, data_shape=data_shape, noise=noise, photons=photons)
         c, h, w = image_shape("blur", self.data_shape)
         if size is None:
             size = 2 * math.ceil(3 * sigma) + 1

@@ -17,6 +17,8 @@ import torch
 from diffusers_kit.forward_models.base import (
     ForwardModel,
     IdentityMeasurementBasis,
+    NoiseKind,
+    Photons,
     SigmaY,
     image_shape,
 )
@@ -26,11 +28,15 @@ class Colorize(IdentityMeasurementBasis, ForwardModel):
     """Colorization: the measurement is the gray image, the mean of the three channels.
 
     Args:
-        sigma_y: measurement noise standard deviation, in data units.
+        sigma_y: measurement noise standard deviation, in data units (Gaussian noise,
+            or the read noise of poisson_gaussian).
+        noise: gaussian (default), poisson or poisson_gaussian.
+        photons: expected photon count at the top of the data range (Poisson noise).
     """
 
-    def __init__(self, sigma_y: SigmaY = 0.0, *, data_shape: tuple[int, ...]) -> None:
-        super().__init__(sigma_y, data_shape=data_shape)
+    def __init__(self, sigma_y: SigmaY = 0.0, noise: NoiseKind = "gaussian",
+                 photons: Photons = None, *, data_shape: tuple[int, ...]) -> None:
+        super().__init__(sigma_y, data_shape=data_shape, noise=noise, photons=photons)
         _, h, w = image_shape("colorize", self.data_shape, channels=3)
         self.measurement_shape = (1, h, w)
         basis = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 0.0], [1.0, 1.0, -2.0]],

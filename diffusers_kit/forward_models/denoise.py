@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import torch
 
-from diffusers_kit.forward_models.base import ForwardModel, SigmaY
+from diffusers_kit.forward_models.base import ForwardModel, NoiseKind, Photons, SigmaY
 
 
 class Denoise(ForwardModel):
     """Denoising: the measurement is the data itself, plus noise (any data shape).
 
     Args:
-        sigma_y: measurement noise standard deviation, in data units.
+        sigma_y: measurement noise standard deviation, in data units (Gaussian noise,
+            or the read noise of poisson_gaussian).
+        noise: gaussian (default), poisson or poisson_gaussian.
+        photons: expected photon count at the top of the data range (Poisson noise).
     """
 
-    def __init__(self, sigma_y: SigmaY = 0.0, *, data_shape: tuple[int, ...]) -> None:
-        super().__init__(sigma_y, data_shape=data_shape)
+    def __init__(self, sigma_y: SigmaY = 0.0, noise: NoiseKind = "gaussian",
+                 photons: Photons = None, *, data_shape: tuple[int, ...]) -> None:
+        super().__init__(sigma_y, data_shape=data_shape, noise=noise, photons=photons)
         self.keep("singulars", torch.ones(self.d, dtype=torch.float64))
 
     def A(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,13 @@ from diffusers_kit.guidance.base import (
 )
 from diffusers_kit.guidance.classifier import ClassifierGuidance
 from diffusers_kit.guidance.classifier_free import ClassifierFree
-from diffusers_kit.guidance.measurement import DPS, MeasurementGuidance, PiGDM, Replacement
+from diffusers_kit.guidance.measurement import (
+    DPS,
+    DiffPIR,
+    MeasurementGuidance,
+    PiGDM,
+    Replacement,
+)
 
 REGISTER = [
     ("guidance", "classifier_free", ClassifierFree),
@@ -21,6 +27,7 @@ REGISTER = [
     ("guidance", "replacement", Replacement),
     ("guidance", "pigdm", PiGDM),
     ("guidance", "dps", DPS),
+    ("guidance", "diffpir", DiffPIR),
 ]
 
 __all__ = [
@@ -28,6 +35,7 @@ __all__ = [
     "REGISTER",
     "ClassifierFree",
     "ClassifierGuidance",
+    "DiffPIR",
     "Evaluate",
     "GradientGuidance",
     "Guidance",

@@ -1,5 +1,5 @@
 """Guidance by a measurement ``y = A(x_0) + noise`` through a forward model: the inverse-problem
-methods (kind ``guidance``: ``replacement``, ``pigdm``, ``dps``).
+methods (kind ``guidance``: ``replacement``, ``diffpir``, ``pigdm``, ``dps``).
 
 Every method holds **one** forward model (kind ``forward_model``, ``diffusers_kit/forward_models``):
 the same object simulates the measurement (``dkit restore``, :func:`diffusers_kit.restore.restore`)
@@ -18,7 +18,7 @@ so every inverse below is an elementwise division.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -53,14 +53,17 @@ class MeasurementGuidance(Guidance):
         self._decoded: DecodedOperator | None = None  # the operator through a decoder
 
     needs_svd = False  # a method that works in the operator's SVD basis says so
+    needs_gaussian_noise = False  # a method whose formula assumes N(y; A x, sigma_y^2 I)
 
     def check(self, model: ScoreModel) -> str | None:
         if self.needs_svd and model.autoencoder is not None:
             return ("a pixel-space model: a latent model measures x0_hat through its decoder, "
                     "which is not linear (no SVD): use dps")
         if self.needs_svd and not self.operator.has_svd:
-            return (f"an operator with an SVD ({type(self.operator).__name__} has only A and "
-                    f"its adjoint: use dps)")
+            return f"an operator with an SVD ({self.operator.lacks()}: use dps)"
+        if self.needs_gaussian_noise and not self.operator.noise.gaussian:
+            return (f"Gaussian measurement noise ({type(self.operator).__name__} has "
+                    f"{self.operator.noise.describe()}: use dps)")
         shape = tuple(getattr(model.network, "data_shape", ()) or ())
         if model.autoencoder is not None:  # the operator measures decoded images
             shape = tuple(model.autoencoder.data_shape)
@@ -141,6 +144,7 @@ class Replacement(MeasurementGuidance):
     """
 
     needs_svd = True
+    needs_gaussian_noise = True
 
     def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
               y: torch.Tensor | None) -> torch.Tensor:
@@ -158,6 +162,39 @@ class Replacement(MeasurementGuidance):
         x0 = x0 + self.spectral(measured - self.operator.A(x0), weights.to(x0.dtype))
         prediction = model.process.convert(x0, x, t.to(x.dtype), "x0", model.network.prediction)
         return prediction if v is None else torch.cat([prediction, v], dim=1)
+
+
+class DiffPIR(Replacement):
+    """DiffPIR's data step (Zhu, Zhang, Liang, Cao, Wen, Timofte & Van Gool 2023, eqs. 12-13):
+    ``x0_hat`` is replaced by the proximal point
+
+    ``argmin_x ||y - A x||^2 + rho_t ||x - x0_hat||^2 = x0_hat + A^T (A A^T + rho_t I)^{-1}
+    (y - A x0_hat)``, ``rho_t = lam sigma_y^2 / sigma^2``, ``sigma = sigma_t / alpha_t``,
+
+    which is :class:`Replacement`'s update with its ``r_t^2`` taken as ``sigma^2 / lam``
+    (replacement: ``sigma_y^2 / r_t^2`` in the same place): so ``lam = 1`` is replacement for a
+    prior of unbounded scale, and without measurement noise it is replacement exactly (the
+    pseudo-inverse projection, as in DDNM). The paper's sampling step after it, DDIM-like with
+    a share ``zeta`` of fresh noise, is the solver's: with DDIM (``eta = 0``) this is DiffPIR
+    with ``zeta = 0``. Exact on no prior for all ``t`` with ``sigma_y > 0`` (a constant ``lam``
+    cannot follow ``c^2 sigma^2 / (c^2 + sigma^2)``); its bias on a Gaussian prior is
+    measured in ``docs/inverse.md``.
+
+    Args:
+        operator: the forward model (with an SVD).
+        lam: ``lambda``, the weight of the prior in ``rho_t`` (the paper tunes it per task).
+        interval: act only for noise levels in ``[lo, hi]``.
+    """
+
+    def __init__(self, operator: ForwardModel,
+                 lam: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] = 1.0,
+                 interval: Interval | None = None) -> None:
+        super().__init__(operator, 1.0, interval)
+        self.lam = lam
+
+    def posterior_variance(self, model: ScoreModel, t: torch.Tensor) -> torch.Tensor:
+        """``sigma^2 / lam``: the variance that makes replacement's step DiffPIR's."""
+        return noise_level(model, t).double() ** 2 / self.lam
 
 
 class PiGDM(MeasurementGuidance):
@@ -179,6 +216,7 @@ class PiGDM(MeasurementGuidance):
 
     differentiates = True
     needs_svd = True
+    needs_gaussian_noise = True
 
     def __init__(self, operator: ForwardModel,
                  scale: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 1.0,
@@ -201,20 +239,41 @@ class PiGDM(MeasurementGuidance):
 
 
 class DPS(MeasurementGuidance):
-    """Diffusion posterior sampling (Chung, Kim, McCann, Klasky & Ye 2023, alg. 1):
+    """Diffusion posterior sampling (Chung, Kim, McCann, Klasky & Ye 2023, eq. 16 and alg. 1):
+    ``p(y | x_t)`` is replaced by ``p(y | x0_hat(x_t))``, and its gradient is taken through the
+    network,
 
-    ``grad log p(y | x_t) ~ -zeta grad_x ||y - A(x0_hat(x_t))||^2 / (2 (sigma_y^2 + r_t^2))``
+    ``grad log p(y | x_t) ~ -zeta_t grad_x ||y - A(x0_hat(x_t))||^2``,
 
-    the gradient of the measurement misfit of ``x0_hat`` through the network. The paper's step
-    ``zeta' / ||y - A x0_hat||`` is solver-specific (a state correction per ancestral step); we
-    keep the Gaussian likelihood's variance, with ``r_t^2`` added so that it stays finite for
-    noiseless measurements and the term has score units for every solver. Approximate for any
-    prior (its bias is measured in ``docs/inverse.md``); ``zeta`` trades consistency for realism.
+    an isotropic step on the measurement misfit of ``x0_hat``, whatever the operator. Two
+    step sizes ``zeta_t`` (``step``):
+
+    - ``likelihood`` (default): ``zeta_t = zeta / (2 (sigma_y^2 + r_t^2))``, the Gaussian
+      likelihood of ``x0_hat`` with its variance widened by ``r_t^2`` so that it stays finite
+      for a noiseless measurement and is a score for every solver; for Poisson noise the
+      variance at the measurement takes ``sigma_y^2``'s place (the paper's eq. 17 weighting:
+      :meth:`~diffusers_kit.forward_models.noise.NoiseModel.widened_log_likelihood`);
+    - ``normalised``: the paper's ``zeta_t = zeta / ||y - A(x0_hat)||`` (sec. 4; its Gaussian
+      case, used for any noise), which it applies as a displacement of the state after each
+      ancestral step; here the displacement is carried to score units by Tweedie's
+      ``sigma_t^2 / alpha_t`` (the term moves ``x0_hat`` by
+      ``-zeta grad ||y - A x0_hat||^2 / ||y - A x0_hat||`` at every evaluation), so that it
+      acts alike under every solver. Its ``zeta`` is therefore not the paper's (whose effect
+      grows with the 1,000 ancestral steps it took).
+
+    In the SVD basis the likelihood step weights the residual by ``s / (sigma_y^2 + r_t^2)``
+    where the exact Gaussian-prior likelihood (ΠGDM, :class:`PiGDM`) weights it by
+    ``s / (s^2 r_t^2 + sigma_y^2)``: the two agree when every singular value is 1 (inpainting,
+    denoising) and, for others, only while ``r_t >> sigma_y`` (then DPS's step is ``s^2``
+    times ΠGDM's). So DPS is exact on an isotropic Gaussian prior only for such operators;
+    the bias otherwise is measured in ``docs/inverse.md``. ``zeta`` trades consistency for
+    realism.
 
     Args:
         operator: the forward model.
-        zeta: the step scale (1: the likelihood as written).
-        data_std: ``c`` in ``r_t^2``.
+        zeta: the step scale (1 with ``step: likelihood``: the likelihood as written).
+        step: ``likelihood`` or ``normalised`` (the paper's ``zeta / ||y - A x0_hat||``).
+        data_std: ``c`` in ``r_t^2`` (``likelihood`` only).
         interval: act only for noise levels in ``[lo, hi]``.
     """
 
@@ -222,22 +281,39 @@ class DPS(MeasurementGuidance):
 
     def __init__(self, operator: ForwardModel,
                  zeta: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 1.0,
+                 step: Literal["likelihood", "normalised"] = "likelihood",
                  data_std: DataStd = 1.0, interval: Interval | None = None) -> None:
         super().__init__(operator, data_std, interval)
+        if step not in ("likelihood", "normalised"):
+            raise ValueError(f"step: expected likelihood or normalised, given {step!r}")
         self.zeta = zeta
+        self.step = step
 
     def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
               y: torch.Tensor | None) -> torch.Tensor:
         measured = self.measurement(model, x)
-        variance = (self.operator.sigma_y**2 + self.posterior_variance(model, t)).to(x.dtype)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             output = evaluate(xg, t, y)
             prediction, _ = model.split(output)
             x0 = model.convert(prediction, xg, t, "x0")
-            misfit = (measured - self.forward_operator(model).A(x0)).flatten(1).pow(2).sum(1)
-            (grad,) = torch.autograd.grad((misfit / (2 * variance)).sum(), xg)
-        return add_score(model, output.detach(), x, t, -self.zeta * grad)
+            (grad,) = torch.autograd.grad(self.objective(model, t, measured, x0).sum(), xg)
+        return add_score(model, output.detach(), x, t, grad)
+
+    def objective(self, model: ScoreModel, t: torch.Tensor, measured: torch.Tensor,
+                  x0: torch.Tensor) -> torch.Tensor:
+        """What DPS ascends, per sample: ``zeta`` times the operator's noise log-likelihood of
+        ``x0_hat`` widened by ``r_t^2`` (:meth:`NoiseModel.widened_log_likelihood`; Gaussian
+        noise: ``-||y - A x0_hat||^2 / (2 (sigma_y^2 + r_t^2))``), or the normalised step's
+        ``-zeta_t ||y - A x0_hat||^2``."""
+        a = self.forward_operator(model).A(x0)
+        if self.step == "likelihood":
+            extra = self.posterior_variance(model, t).to(x0.dtype)
+            return self.zeta * self.operator.noise.widened_log_likelihood(measured, a, extra)
+        misfit = (measured - a).flatten(1).pow(2).sum(1)
+        alpha, sigma = model.process.marginal(t)
+        tweedie = (alpha / sigma**2).to(x0.dtype)  # a score increment g moves x0_hat by s^2/a g
+        return -self.zeta * tweedie * misfit / misfit.detach().sqrt().clamp_min(1e-12)
 
 
-__all__ = ["DPS", "MeasurementGuidance", "PiGDM", "Replacement"]
+__all__ = ["DPS", "DiffPIR", "MeasurementGuidance", "PiGDM", "Replacement"]
