@@ -103,10 +103,14 @@ class LatentCache:
 class DecodedOperator(ForwardModel):
     """``y = A(D(z / lambda)) + sigma_y n``: a pixel-space forward model seen from the latent
     space through the decoder. Only ``A`` exists (the composition is not linear: no adjoint, no
-    SVD, no pseudo-inverse), which is all DPS needs; its gradient flows through the decoder."""
+    SVD, no pseudo-inverse), which is all DPS needs; its gradient flows through the decoder.
+    The measurement noise is the pixel-space operator's own noise model."""
+
+    linear = False
 
     def __init__(self, operator: ForwardModel, autoencoder: Autoencoder) -> None:
         super().__init__(operator.sigma_y, data_shape=tuple(autoencoder.latent_shape))
+        self.noise = operator.noise
         self.operator = operator
         self.autoencoder = autoencoder
         self.measurement_shape = tuple(operator.measurement_shape)

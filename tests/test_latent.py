@@ -163,11 +163,16 @@ def test_dps_measures_decoded_estimates_and_svd_methods_are_refused():
     assert dps.check(model.model) is None  # built for the images, not the latents
     seen = dps.forward_operator(model.model)
     assert isinstance(seen, DecodedOperator) and seen.data_shape == ae.latent_shape
+    # declared nonlinear (no adjoint, SVD or pinv), measured with the pixel operator's noise
+    assert not (seen.linear or seen.has_adjoint or seen.has_svd or seen.has_pinv)
+    assert seen.noise is operator.noise
     z = torch.randn(3, *ae.latent_shape)
     assert torch.allclose(seen.A(z), operator.A(decode(ae, z)), atol=1e-6)
     assert dps.forward_operator(model.model) is seen  # built once
     reason = PiGDM(operator).check(model.model)
     assert reason is not None and "use dps" in reason
+    poisson = Inpaint(mask="center", data_shape=(1, 8, 8), noise="poisson", photons=50.0)
+    assert DPS(poisson).forward_operator(model.model).noise is poisson.noise
     # the gradient reaches the latent through the decoder: d/dz ||A(D(z))||^2 = 2 J^T A^T A D(z)
     z.requires_grad_(True)
     seen.A(z).pow(2).sum().backward()
