@@ -34,29 +34,16 @@ from diffusers_kit.api import (
     resolve_device,
 )
 from diffusers_kit.autoencoders.base import Autoencoder
+from diffusers_kit.checkpoint import CheckpointError, load_checkpoint, remove_orphans, unprefixed
 from diffusers_kit.console import make_console
 from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.guidance.base import Guidance, LabelsError, requested_labels
 from diffusers_kit.metrics.base import Metric, metric_figures
 from diffusers_kit.metrics.floor import summarize
+from diffusers_kit.metrics.range import out_of_range
 from diffusers_kit.metrics.reconstruction import reconstructions
 from diffusers_kit.outputs import checked_root, make_run_dir
-from diffusers_kit.pipeline import (
-    CHECKPOINT,
-    TRAINING_SECTIONS,
-    BuildSettings,
-    TrainedModel,
-    alive_marker,
-    build_lock,
-    build_references,
-    find_finished,
-    now,
-    point_latest,
-    read_record,
-    resolve_spec,
-    spec_hash,
-    write_record,
-)
+from diffusers_kit.references import LoadedModel, ModelReferenceError, TrainedModel, install_store
 from diffusers_kit.registry import (
     NestedBuildError,
     Registry,
@@ -64,11 +51,33 @@ from diffusers_kit.registry import (
     get_registry,
 )
 from diffusers_kit.report import columns_per_class, image_grid, labelled_grid, scatter_plot
+from diffusers_kit.restore import restoration_images, restore, write_restoration
+from diffusers_kit.run_folder import (
+    CHECKPOINT,
+    SPEC_FILE,
+    alive_marker,
+    build_lock,
+    find_finished,
+    follow_latest,
+    now,
+    point_latest,
+    read_record,
+    write_record,
+)
 from diffusers_kit.solvers.base import Solver
 from diffusers_kit.spec.errors import Path as SpecPath
-from diffusers_kit.spec.errors import SpecError, SpecIssue
-from diffusers_kit.spec.loader import Document
+from diffusers_kit.spec.errors import SpecError, SpecIssue, dotted
+from diffusers_kit.spec.loader import Document, apply_overrides, component_option, load_file
 from diffusers_kit.spec.models import Spec
+from diffusers_kit.spec.references import (
+    TRAINING_SECTIONS,
+    PlanFailed,
+    plan_reference,
+    references,
+    resolve_spec,
+    spec_hash,
+)
+from diffusers_kit.spec.validate import validate
 from diffusers_kit.train import (
     Distributed,
     TrainingDiverged,
@@ -128,21 +137,8 @@ class Builder:
             return None
 
     def resolve(self, kind: str, config: dict[str, Any]) -> dict[str, Any]:
-        """``config`` with every default filled in (for the resolved spec in the run folder)."""
-        component = self.registry.get(kind, config["kind"])
-        plain = {k: v for k, v in config.items() if k != "kind"}
-        dumped = component.params.model_validate(plain).model_dump()
-        full: dict[str, Any] = {"kind": config["kind"], **{
-            k: v for k, v in dumped.items() if k not in component.nested}}
-        for key, sub in component.nested.items():
-            value = config.get(key)
-            if value is None:
-                full[key] = None
-            elif sub.many:
-                full[key] = [self.resolve(sub.kind, item) for item in value]
-            else:
-                full[key] = self.resolve(sub.kind, value)
-        return full
+        """``config`` with every default filled in (:meth:`Registry.resolve`)."""
+        return self.registry.resolve(kind, config)
 
 
 def build_components(
@@ -510,10 +506,6 @@ def open_run(run_dir: str | Path, overrides: list[str] | None = None,
     """Rebuild a finished run's components from its resolved ``spec.yaml`` and load its
     checkpoint. ``RUN_DIR/../latest`` is followed; ``overrides`` change fields of that spec;
     ``solver`` (a registered name or a YAML mapping) replaces its solver."""
-    from diffusers_kit.pipeline import SPEC_FILE, follow_latest
-    from diffusers_kit.spec.loader import apply_overrides, component_option, load_file
-    from diffusers_kit.spec.validate import validate
-
     folder = follow_latest(Path(run_dir).expanduser())
     if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():
         raise SpecError([SpecIssue(("RUN_DIR",), f"a run folder holding {SPEC_FILE} and "
@@ -561,8 +553,6 @@ def _stage_sample(run: Run) -> None:
 
 
 def _stage_restore(run: Run) -> None:
-    from diffusers_kit.restore import restoration_images, restore, write_restoration
-
     section, components = run.spec.restore, run.components
     assert section is not None and components.restore_method is not None
     images = restoration_images(section.images, components.data, section.n)
@@ -644,20 +634,6 @@ def checked_metric(name: str, metric: Metric, values: Any) -> dict[str, Any]:
             raise PluginOutputError(f"metric {name} ({cls}): {key!r} is a "
                                     f"{type(value).__name__}; expected a number (use float())")
     return out
-
-
-def out_of_range(samples: torch.Tensor, train: torch.Tensor, tolerance: float = 0.25
-                 ) -> dict[str, float]:
-    """``{"out_of_range": share}``: the share of samples with a value beyond the training
-    data's range by more than ``tolerance`` of that range, or not finite (only when some are:
-    a diverged sampler shows here even when a metric that clamps or normalises would not;
-    the overshoot of an unclipped sampler, a few tenths, does not)."""
-    low, high = float(train.min()), float(train.max())
-    margin = tolerance * (high - low)
-    flat = samples.detach().float().cpu().flatten(1)
-    outside = ((flat < low - margin) | (flat > high + margin) | ~torch.isfinite(flat)).any(1)
-    share = float(outside.double().mean()) if len(flat) else 0.0
-    return {"out_of_range": share} if share > 0 else {}
 
 
 def _stage_report(run: Run) -> None:
@@ -772,13 +748,6 @@ def check_resumable(resume_dir: Path, resolved: dict[str, Any], world: int = 1,
     ``allow_change`` (a field or a section: ``train.optimizer.lr``, ``train.optimizer``) may
     differ, for example to recover from divergence with a smaller learning rate. With
     ``diffusion``, its network must load the checkpoint's weights."""
-    from diffusers_kit.checkpoint import (
-        CheckpointError,
-        load_checkpoint,
-        remove_orphans,
-        unprefixed,
-    )
-
     def refuse(expected: str) -> SpecError:
         return SpecError([SpecIssue(("--resume",), expected, str(resume_dir), None,
                                     "command line")])
@@ -1065,3 +1034,92 @@ def summary_table(run: Run) -> Table:
     for key, text in summarize(run.results.get("restore", {})):
         table.add_row(f"restore {key}", Text(text))
     return table
+
+
+@dataclass
+class Dependency:
+    """One model a run used: where the spec named it, what it referenced, which run, its hash."""
+
+    field: str
+    reference: str | dict[str, Any]
+    run: str
+    hash: str
+    reused: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"field": self.field, "reference": self.reference, "run": self.run,
+                "hash": self.hash, "reused": self.reused}
+
+
+@dataclass
+class BuildSettings:
+    """How references are built: the output root, ``--rebuild``, where progress goes."""
+
+    root: Path
+    rebuild: bool = False
+    console: Console | None = None
+    quiet: bool = False
+    dependencies: list[Dependency] = field(default_factory=list)
+
+
+def build_reference(model: TrainedModel, *, root: Path, rebuild: bool = False,
+                    console: Console | None = None, quiet: bool = False) -> Path:
+    """Make sure the model ``model`` refers to exists as a finished run; returns its folder.
+
+    A run-folder reference is used as it is. A spec reference reuses the newest finished run
+    with its hash under ``root`` (unless ``rebuild``), else runs the spec's train stage there.
+    """
+    if model.run_dir is not None:  # a run folder (or one recorded when the reference was built)
+        return model.run_dir
+    assert model.spec is not None and model.hash is not None and model.document is not None
+    what = f"{model.spec.name} ({model.hash[:12]})"
+    with build_lock(root, model.hash, console, what):
+        found = None if rebuild else find_finished(root, model.hash)
+        if found is not None:
+            model.run_dir, model.reused = found, True
+            if console is not None and not quiet:
+                console.print(f"reusing [bold]{what}[/]: {found}", soft_wrap=True)
+            return found
+        if console is not None and not quiet:
+            console.print(f"building [bold]{what}[/] from {model.source}", soft_wrap=True)
+        run = execute(model.spec, model.document, only="train", console=console, quiet=quiet,
+                      root=root, rebuild=rebuild, dependency=True)
+        assert run.dir is not None
+        model.run_dir, model.reused = run.dir, False
+        return run.dir
+
+
+def build_references(spec: Spec, registry: Registry, settings: BuildSettings) -> None:
+    """Build (or reuse) every model ``spec`` refers to, depth first; records the dependencies."""
+    done: dict[str, tuple[Path, bool | None]] = {}  # one build (and one message) per model
+    for path, model in references(spec, registry):
+        if model.run_dir is None and model.hash in done:
+            model.run_dir, model.reused = done[model.hash]
+        else:
+            build_reference(model, root=settings.root, rebuild=settings.rebuild,
+                            console=settings.console, quiet=settings.quiet)
+        assert model.run_dir is not None and model.hash is not None
+        done[model.hash] = (model.run_dir, model.reused)
+        settings.dependencies.append(Dependency(dotted(path), model.ref.to_config(),
+                                                str(model.run_dir), model.hash, model.reused))
+
+
+class RunStore:
+    """The :class:`~diffusers_kit.references.ModelStore` dkit uses: references are planned by
+    spec validation, built (or reused) by :func:`build_reference` and loaded by
+    :func:`open_run`. Installed when this module is imported."""
+
+    def resolve(self, model: TrainedModel, *, root: Path, rebuild: bool, quiet: bool,
+                console: Console | None) -> None:
+        try:
+            plan_reference(model, base=Path.cwd(), stack=(), validate=validate)
+        except PlanFailed as exc:
+            raise ModelReferenceError(exc.message) from None
+        build_reference(model, root=root, rebuild=rebuild, console=console, quiet=quiet)
+
+    def load(self, run_dir: Path) -> LoadedModel:
+        spec, components = open_run(run_dir)
+        return LoadedModel(spec, components.diffusion, components.data)
+
+
+install_store(RunStore())

@@ -335,6 +335,24 @@ class Registry:
         final.update({k: v for k, v in context.items() if k in component.context})
         return component.factory(**final)
 
+    def resolve(self, kind: str, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` (a validated ``{kind: name, ...}`` mapping) with every default filled in,
+        nested components included: what a run folder's resolved spec.yaml holds."""
+        component = self.get(kind, config["kind"])
+        plain = {k: v for k, v in config.items() if k != "kind"}
+        dumped = component.params.model_validate(plain).model_dump()
+        full: dict[str, Any] = {"kind": config["kind"], **{
+            k: v for k, v in dumped.items() if k not in component.nested}}
+        for key, sub in component.nested.items():
+            value = config.get(key)
+            if value is None:
+                full[key] = None
+            elif sub.many:
+                full[key] = [self.resolve(sub.kind, item) for item in value]
+            else:
+                full[key] = self.resolve(sub.kind, value)
+        return full
+
     def _build_nested(self, kind: str, config: dict[str, Any], path: tuple[Any, ...],
                       context: dict[str, Any]) -> Any:
         try:

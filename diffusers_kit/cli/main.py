@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("DKIT_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     from diffusers_kit.checkpoint import CheckpointError
+    from diffusers_kit.devices import is_out_of_memory
     from diffusers_kit.registry import HOOK_FAILURES
 
     failures_before = len(HOOK_FAILURES)
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[bold red]error:[/] {_environment_message(exc)}", soft_wrap=True)
         return ENVIRONMENT_ERROR
     except Exception as exc:
-        if _is_out_of_memory(exc):
+        if is_out_of_memory(exc):
             _debug_trace(err, debug)
             err.print(f"[bold red]error:[/] {_environment_message(exc)}", soft_wrap=True)
             return ENVIRONMENT_ERROR
@@ -190,13 +191,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{escape(_first_line(exc))}\nThis is a bug in dkit or a plugin: please re-run "
                   "with --debug and report the traceback.", soft_wrap=True)
         return INTERNAL_ERROR
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 def _debug_trace(console: Console, debug: bool) -> None:

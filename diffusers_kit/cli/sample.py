@@ -34,6 +34,7 @@ from rich.markup import escape
 
 from diffusers_kit import latent
 from diffusers_kit.console import make_console
+from diffusers_kit.devices import is_out_of_memory
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import component_option
 
@@ -187,7 +188,7 @@ def sample_command(args: argparse.Namespace) -> int:
     except BaseException as exc:
         for folder in reversed(created):
             shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(exc, Exception) and _out_of_memory(exc):
+        if isinstance(exc, Exception) and is_out_of_memory(exc):
             return _report_out_of_memory(exc, spec)
         raise
 
@@ -223,12 +224,6 @@ def read_init(path: str) -> torch.Tensor:
         raise fail("finite start noise (no NaN or infinity)", f"{int((~np.isfinite(array)).sum())} "
                    f"non-finite values in {path}")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-
-
-def _out_of_memory(exc: Exception) -> bool:
-    from diffusers_kit.api import is_out_of_memory
-
-    return is_out_of_memory(exc)
 
 
 def _report_out_of_memory(exc: Exception, spec: Spec) -> int:
