@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -147,11 +148,14 @@ def build_components(
     registry: Registry | None = None,
     distributed: Distributed | None = None,
     stages: set[str] | None = None,
+    check_metrics: bool = False,
 ) -> Components:
     """Build every component of ``spec`` (loading the data for the network's shape).
 
     When ``spec.model`` names a trained model, the data set, process, network, objective and
-    optimizer are those of the model's own run, and its checkpoint is loaded.
+    optimizer are those of the model's own run, and its checkpoint is loaded. With
+    ``check_metrics`` every metric is also tried on stand-in samples of the run's sizes
+    (:func:`check_metric_sizes`), so that one that cannot apply is refused now.
     """
     registry = registry or get_registry()
     builder = Builder(registry, document)
@@ -247,6 +251,11 @@ def build_components(
         load_previous(diffusion, trained.run_dir, "model")
     guidance, labels = _conditioning(spec, builder, diffusion, data, stages)
     method, restore_solver = _restoration(spec, builder, diffusion, data, solver, stages)
+    if check_metrics and data is not None and spec.sample is not None and (
+            stages is None or {"sample", "evaluate"} <= stages):
+        check_metric_sizes(spec, builder, diffusion, data, labels)
+        if builder.issues:
+            raise SpecError(builder.issues, document.origin if document else None)
     return Components(dataset, data, diffusion, solver, metrics, optimizer, resolved, guidance,
                       labels, method, restore_solver)
 
@@ -350,6 +359,79 @@ def _conditioning(spec: Spec, builder: Builder, diffusion: Diffusion, data: Data
     if builder.issues:
         raise SpecError(builder.issues, builder.document.origin if builder.document else None)
     return guidance, labels
+
+
+#: the sample count a metric is first tried at (:func:`check_metric_sizes`)
+PROBE_SAMPLES = 32
+
+
+def check_metric_sizes(spec: Spec, builder: Builder, diffusion: Diffusion, data: DataSplits,
+                       labels: torch.Tensor | None) -> None:
+    """Try every metric that judges samples on stand-in samples (training examples, slightly
+    perturbed so that no two coincide) against this data set, with the run's seed, so that a
+    metric needing more samples or held-out examples than the run will have (PRDC's k nearest
+    neighbours, a bootstrap's distinct draws) is refused before training. What such a metric
+    refuses depends on the sizes and the seed, not on the values, so the refusal is the one
+    the run would meet. A model reference not built yet stands in untrained (built from its
+    spec). Each refusal is an issue naming the metric and ``sample.n``.
+
+    A metric is tried at ``min(sample.n, PROBE_SAMPLES)`` samples first (spread over the
+    requested labels) and, only when it refuses those and ``sample.n`` is larger, at
+    ``sample.n``: a metric that applies to fewer samples is taken to apply to more, which
+    keeps the check to about a second where the evaluation itself takes many."""
+    n = spec.sample.n
+    stand_ins: dict[str, TrainedModel] = {}  # by training hash: one per model
+    draw = torch.Generator().manual_seed(spec.seed)
+    rows = torch.arange(n) % len(data.train)
+    samples = data.train[rows].float() + 1e-3 * torch.randn(
+        (n, *data.shape), generator=draw)
+    for index, config in enumerate(spec.evaluate.metrics):
+        kind = config["kind"]
+        try:
+            metric = builder.registry.build("metric", _with_stand_ins(config, stand_ins),
+                                            data_shape=data.shape)
+        except (ValueError, TypeError, OSError):
+            continue  # construction problems are reported by the build itself
+        if not metric.needs_samples:
+            continue
+        refusal: SpecError | ValueError | None = None
+        for count in dict.fromkeys((min(n, PROBE_SAMPLES), n)):
+            chosen = torch.linspace(0, n - 1, count).round().long()
+            generator = torch.Generator().manual_seed(spec.seed)
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    metric_figures(metric, samples[chosen], data, generator, diffusion.model,
+                                   None if labels is None else labels[chosen])
+            except (SpecError, ValueError) as exc:
+                refusal = exc
+                continue
+            refusal = None
+            break
+        if isinstance(refusal, SpecError):
+            builder.issues.extend(refusal.issues)
+        elif refusal is not None:
+            builder.issue(("evaluate", "metrics", index), f"a metric that applies to "
+                          f"sample.n = {n} samples and {len(data.heldout)} held-out examples "
+                          f"({refusal}): raise sample.n, or leave {kind} out", kind)
+
+
+def _with_stand_ins(config: Any, stand_ins: dict[str, TrainedModel]) -> Any:
+    """``config`` with every model reference not built yet replaced by an untrained stand-in
+    built from its spec (once per reference)."""
+    if isinstance(config, TrainedModel):
+        if config.resolved or config.spec is None or config.hash is None:
+            return config
+        if config.hash not in stand_ins:
+            with torch.random.fork_rng(devices=[]):  # the run's own seeding is untouched
+                parts = build_components(config.spec, config.document, stages={"train"})
+            stand_ins[config.hash] = TrainedModel.from_diffusion(
+                parts.diffusion, parts.data, name=f"untrained {config.ref.describe()}")
+        return stand_ins[config.hash]
+    if isinstance(config, dict):
+        return {key: _with_stand_ins(value, stand_ins) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_with_stand_ins(value, stand_ins) for value in config]
+    return config
 
 
 def check_construction(spec: Spec, document: Document | None = None,
@@ -874,9 +956,15 @@ def execute(
     registry = get_registry()
     distributed = distributed_from_env(resolve_device(spec.device).type)
     settings = BuildSettings(root_path, rebuild, console, quiet)
+    # what the run would refuse is refused before any training, a dependency's included: with
+    # models still to build (or find), the spec is checked with untrained stand-ins first
+    unbuilt = any(model.run_dir is None for _, model in references(spec, registry))
+    if unbuilt:
+        build_components(spec, document, registry, distributed=distributed, stages=stages,
+                         check_metrics=True)
     build_references(spec, registry, settings)  # each in its own run folder, before this one
     components = build_components(spec, document, registry, distributed=distributed,
-                                  stages=stages)
+                                  stages=stages, check_metrics=not unbuilt)
     components.resolved["output"]["root"] = str(root_path)
     digest = spec_hash(spec)
     resume_step = 0
@@ -920,7 +1008,7 @@ def execute(
             run.results["checkpoint_from"] = str(checkpoint_from)
         record = read_record(run_dir) if resume_path is not None else None
         record = {**(record or {}), "name": spec.name, "status": "running",
-                  "train_hash": digest, "started": now(), "finished": None,
+                  "train_hash": digest, "started": now(), "finished": None, "train_finished": None,
                   "trained": "train" in stages or bool(record and record.get("trained")),
                   "checkpoint_from": str(checkpoint_from) if checkpoint_from else None,
                   "dependency": dependency, "stages": sorted(stages),
@@ -928,7 +1016,8 @@ def execute(
         with alive_marker(run_dir):
             write_record(run_dir, record)
             try:
-                _run_stages(run, stages, reused, trained)
+                _run_stages(run, stages, reused, trained,
+                            after_train=lambda: _training_finished(run_dir, record))
             except (TrainingInterrupted, KeyboardInterrupt):
                 record.update(status="interrupted", step=components.diffusion.step)
                 write_record(run_dir, record)
@@ -936,6 +1025,8 @@ def execute(
             except BaseException:
                 record.update(status="failed", step=components.diffusion.step)
                 write_record(run_dir, record)
+                if record.get("train_finished"):
+                    _say_training_kept(console, run_dir, document, stages)
                 raise
             record.update(status="finished", finished=now(), step=components.diffusion.step,
                           metrics=_scalar_metrics(run.results.get("metrics", {})))
@@ -948,8 +1039,34 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
 
 
+def _training_finished(run_dir: Path, record: dict[str, Any]) -> None:
+    """Record that the train stage finished (its final checkpoint written): the checkpoint is
+    reusable by content hash even if a later stage fails (:func:`find_finished`)."""
+    record["train_finished"] = now()
+    write_record(run_dir, record)
+
+
+def _say_training_kept(console: Console, run_dir: Path, document: Document | None,
+                       stages: set[str]) -> None:
+    """After a stage past training failed: the training is not lost, and how to go on."""
+    source = document.origin if document is not None else "SPEC"
+    overrides = " ".join(shlex.quote(text)
+                         for text in dict.fromkeys(document.overridden.values())
+                         ) if document is not None else ""
+    after = ",".join(s for s in ("sample", "restore", "evaluate") if s in stages)
+    command = " ".join(part for part in ("dkit run", shlex.quote(source), overrides) if part)
+    message = (f"the training finished before the failure: its checkpoint in {run_dir} is "
+               f"kept, and `{command}` reuses it (same training hash) instead of training "
+               "again")
+    if after:
+        message += (f"; to run only the stages after training: `{command} --only {after} "
+                    f"--from {shlex.quote(str(run_dir))}`")
+    console.print(f"note: {message}", soft_wrap=True, markup=False, highlight=False)
+
+
 def _run_stages(run: Run, stages: set[str], reused: Path | None,
-                trained: TrainedModel | None) -> None:
+                trained: TrainedModel | None,
+                after_train: Callable[[], None] | None = None) -> None:
     spec, components, run_dir = run.spec, run.components, run.dir
     assert run_dir is not None
     handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
@@ -992,6 +1109,8 @@ def _run_stages(run: Run, stages: set[str], reused: Path | None,
             started = time.perf_counter()
             stage.run(run)
             run.timings[stage.name] = time.perf_counter() - started
+            if stage.name == "train" and after_train is not None:
+                after_train()
         get_plugin_manager().hook.dkit_run_finished(run=run,
                                                      metrics=run.results.get("metrics", {}))
         leave_distributed(run.distributed)

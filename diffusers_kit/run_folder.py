@@ -88,14 +88,17 @@ def run_folders(root: Path, name: str | None = None) -> list[Path]:
 
 
 def find_finished(root: Path, digest: str) -> Path | None:
-    """The newest finished run under ``root`` whose training hash is ``digest``, with its
-    checkpoint in place."""
+    """The newest run under ``root`` whose training hash is ``digest`` and whose training
+    finished, with its checkpoint in place: a finished run, or one whose train stage finished
+    (``train_finished`` in its record) before a later stage failed or was interrupted."""
     best: tuple[str, Path] | None = None
     for folder in run_folders(root):
         record = read_record(folder)
-        if (record and record.get("status") == "finished" and record.get("train_hash") == digest
-                and record.get("trained", True) and (folder / CHECKPOINT).is_file()):
-            key = str(record.get("finished", ""))
+        if not record or record.get("train_hash") != digest or not record.get("trained", True):
+            continue
+        done = record.get("status") == "finished" or bool(record.get("train_finished"))
+        if done and (folder / CHECKPOINT).is_file():
+            key = str(record.get("finished") or record.get("train_finished") or "")
             if best is None or key >= best[0]:
                 best = (key, folder)
     return best[1] if best else None
