@@ -1,12 +1,12 @@
-"""Runs that compose: building the models a spec refers to, and the run records they leave.
+"""Deprecated: the names of 0.2's ``pipeline`` module, re-exported from their homes.
 
 A reference (:mod:`diffusers_kit.references`) names a trained model by run folder or by spec;
 spec validation plans it (:mod:`diffusers_kit.spec.references`: the referenced spec validated
 and hashed). Here a planned reference is built: a finished run with its hash under the output
 root is reused; otherwise the spec's train stage runs first, in its own run folder under the
-same output root. A lock file per hash makes two concurrent ``dkit run`` that need the same
-missing model train it once: the second waits, then reuses. The run folder's layout, its
-record and ``latest`` are :mod:`diffusers_kit.run_folder`'s.
+same output root (:mod:`diffusers_kit.run.execute`). A lock file per hash makes two concurrent
+``dkit run`` that need the same missing model train it once: the second waits, then reuses.
+The run folder's layout, its record and ``latest`` are :mod:`diffusers_kit.run_folder`'s.
 
 This module only re-exports those names from their homes (plugins and scripts written
 against 0.2 import them from here); new code imports them from the modules named above.
@@ -14,12 +14,6 @@ against 0.2 import them from here); new code imports them from the modules named
 
 from __future__ import annotations
 
-from diffusers_kit.graph import (
-    BuildSettings,
-    Dependency,
-    build_reference,
-    build_references,
-)
 from diffusers_kit.references import (
     REFERENCE_FORMS,
     SPEC_SUFFIXES,
@@ -27,6 +21,12 @@ from diffusers_kit.references import (
     ModelReferenceError,
     TrainedModel,
     is_model_annotation,
+)
+from diffusers_kit.run.execute import (
+    BuildSettings,
+    Dependency,
+    build_reference,
+    build_references,
 )
 from diffusers_kit.run_folder import (
     ALIVE,

@@ -66,9 +66,9 @@ def test_contract_fails_on_a_component_importing_the_run_layer(tmp_path: Path) -
     kept = _lint(tmp_path)
     assert kept.returncode == 0, kept.stdout + kept.stderr
     fd = tmp_path / "diffusers_kit" / "metrics" / "fd.py"
-    fd.write_text(fd.read_text(encoding="utf-8") + "\nimport diffusers_kit.graph  # noqa\n",
+    fd.write_text(fd.read_text(encoding="utf-8") + "\nimport diffusers_kit.run  # noqa\n",
                   encoding="utf-8")
     broken = _lint(tmp_path)
     assert broken.returncode == 1, broken.stdout + broken.stderr
     assert "BROKEN" in broken.stdout
-    assert "diffusers_kit.metrics.fd -> diffusers_kit.graph" in broken.stdout
+    assert "diffusers_kit.metrics.fd -> diffusers_kit.run" in broken.stdout

@@ -100,7 +100,7 @@ def test_a_failed_evaluation_leaves_the_training_reusable(tmp_path, capsys, monk
     def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("the evaluation broke")
 
-    monkeypatch.setattr("diffusers_kit.graph.evaluate_metrics", broken)
+    monkeypatch.setattr("diffusers_kit.run.stages.evaluate_metrics", broken)
     code, _, err = run_cli(["run", str(spec), "--quiet"], capsys)
     flat = " ".join(err.split())
     assert code == 70, err

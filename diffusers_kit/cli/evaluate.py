@@ -22,8 +22,19 @@ from rich.table import Table
 from rich.text import Text
 
 from diffusers_kit.console import make_console
+from diffusers_kit.metrics.floor import summarize
+from diffusers_kit.registry import get_registry
+from diffusers_kit.run import (
+    BuildSettings,
+    build_components,
+    build_references,
+    evaluate_metrics,
+    load_previous,
+)
+from diffusers_kit.run_folder import CHECKPOINT, SPEC_FILE, follow_latest, read_record, write_record
 from diffusers_kit.spec.errors import SpecError, SpecIssue
-from diffusers_kit.spec.loader import component_option
+from diffusers_kit.spec.loader import apply_overrides, component_option, load_file
+from diffusers_kit.spec.validate import validate
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,21 +84,6 @@ def load_samples(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    from diffusers_kit.graph import build_components, evaluate_metrics, load_previous
-    from diffusers_kit.metrics.floor import summarize
-    from diffusers_kit.pipeline import (
-        CHECKPOINT,
-        SPEC_FILE,
-        BuildSettings,
-        build_references,
-        follow_latest,
-        read_record,
-        write_record,
-    )
-    from diffusers_kit.registry import get_registry
-    from diffusers_kit.spec.loader import apply_overrides, load_file
-    from diffusers_kit.spec.validate import validate
-
     err = make_console(stderr=True)
     folder = follow_latest(Path(args.run_dir).expanduser())
     if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():

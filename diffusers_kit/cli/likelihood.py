@@ -16,7 +16,13 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from diffusers_kit.cli.sample import load_run
 from diffusers_kit.console import make_console
+from diffusers_kit.latent import LATENT_PREFIX
+from diffusers_kit.likelihood import decode, encode
+from diffusers_kit.metrics.base import metric_figures
+from diffusers_kit.registry import get_registry
+from diffusers_kit.spec.errors import SpecError, SpecIssue
 
 OPTIONS = ("n", "divergence", "probe", "method", "rtol", "atol", "bins", "vlb", "vlb_steps")
 
@@ -39,13 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def likelihood_command(args: argparse.Namespace) -> int:
-    from diffusers_kit.cli.sample import load_run
-    from diffusers_kit.latent import LATENT_PREFIX
-    from diffusers_kit.likelihood import decode, encode
-    from diffusers_kit.metrics.base import metric_figures
-    from diffusers_kit.registry import get_registry
-    from diffusers_kit.spec.errors import SpecError, SpecIssue
-
     spec, components = load_run(args.run_dir)
     settings: dict = {}
     for entry in spec.evaluate.metrics:

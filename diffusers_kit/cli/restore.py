@@ -20,6 +20,10 @@ from rich.table import Table
 from rich.text import Text
 
 from diffusers_kit.console import make_console
+from diffusers_kit.metrics.floor import summarize
+from diffusers_kit.restore import restoration_images, restore, write_restoration
+from diffusers_kit.run import open_run
+from diffusers_kit.run_folder import follow_latest
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import component_option
 
@@ -88,11 +92,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def restore_command(args: argparse.Namespace) -> int:
-    from diffusers_kit.graph import open_run
-    from diffusers_kit.metrics.floor import summarize
-    from diffusers_kit.pipeline import follow_latest
-    from diffusers_kit.restore import restoration_images, restore, write_restoration
-
     overrides = restore_overrides(args) + list(args.overrides)  # the user's fields win
     spec, components = open_run(args.run_dir, overrides)
     section = spec.restore

@@ -33,22 +33,26 @@ import torch
 from rich.markup import escape
 
 from diffusers_kit import latent
+from diffusers_kit.api import SamplingOutOfMemory
+from diffusers_kit.cli.main import ENVIRONMENT_ERROR
 from diffusers_kit.console import make_console
 from diffusers_kit.devices import is_out_of_memory
+from diffusers_kit.likelihood import decode, encode, slerp
+from diffusers_kit.report import image_grid, scatter_plot
+from diffusers_kit.run import open_run
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import component_option
 
 if TYPE_CHECKING:
-    from diffusers_kit.graph import Components
+    from diffusers_kit.run import Components
     from diffusers_kit.solvers.base import SampleResult
     from diffusers_kit.spec.models import Spec
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | None = None,
              solver: str | None = None):  # type: ignore[no-untyped-def]
-    """A finished run's spec and components, its checkpoint loaded (see ``graph.open_run``)."""
-    from diffusers_kit.graph import open_run
-
+    """A finished run's spec and components, its checkpoint loaded
+    (:func:`diffusers_kit.run.open_run`)."""
     return open_run(run_dir, overrides, solver)
 
 
@@ -228,9 +232,6 @@ def read_init(path: str) -> torch.Tensor:
 
 def _report_out_of_memory(exc: Exception, spec: Spec) -> int:
     """Exit status 3 (the environment: docs/errors.md) with what to change, no traceback."""
-    from diffusers_kit.api import SamplingOutOfMemory
-    from diffusers_kit.cli.main import ENVIRONMENT_ERROR
-
     if isinstance(exc, SamplingOutOfMemory):
         text = str(exc)
     else:
@@ -246,9 +247,6 @@ def _sample_into(args: argparse.Namespace, spec: Spec, components: Components,
                  out: Path) -> int:
     import numpy as np
     from PIL import Image
-
-    from diffusers_kit.likelihood import decode, encode, slerp
-    from diffusers_kit.report import image_grid, scatter_plot
 
     diffusion, dataset, solver = components.diffusion, components.dataset, components.solver
     n = args.n or spec.sample.n
