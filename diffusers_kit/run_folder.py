@@ -20,6 +20,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import yaml
+
 from diffusers_kit.checkpoint import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -31,6 +34,7 @@ LATEST = "latest"
 CHECKPOINT = "checkpoint.safetensors"
 SPEC_FILE = "spec.yaml"
 SAMPLES = "samples.npz"
+METRICS = "metrics.json"
 STATUSES = ("running", "finished", "failed", "interrupted")
 
 
@@ -44,9 +48,41 @@ def read_record(folder: Path) -> dict[str, Any] | None:
 
 def write_record(folder: Path, record: dict[str, Any]) -> None:
     """Write ``run.json`` atomically (a reader never sees half of it)."""
-    text = json.dumps(record, indent=2, default=str) + "\n"
-    atomic_write_bytes(folder / RUN_RECORD,
-                       lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_json(folder / RUN_RECORD, record)
+
+
+def finite(value: Any) -> Any:
+    """``value`` as plain JSON data with NaN and infinity as None (they are not JSON; a figure
+    that is not finite reads back as null) and anything else unknown as its string."""
+    return json.loads(json.dumps(value, default=str), parse_constant=lambda _: None)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON (:func:`finite`, indented) atomically: the one JSON writer of a
+    run folder (``run.json``, ``metrics.json``)."""
+    text = json.dumps(finite(value), indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def read_spec(folder: Path) -> Any:
+    """The resolved spec a run folder holds (``spec.yaml``, parsed); OSError or
+    yaml.YAMLError when it is missing or unreadable."""
+    return yaml.safe_load((folder / SPEC_FILE).read_text(encoding="utf-8"))
+
+
+def write_spec(folder: Path, resolved: dict[str, Any]) -> None:
+    """Write the run's resolved spec (every default filled in) as ``spec.yaml``."""
+    (folder / SPEC_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+
+
+def write_samples(folder: Path, samples: np.ndarray, display: np.ndarray,
+                  labels: np.ndarray | None = None) -> None:
+    """``samples.npz``: ``samples`` (model space), ``display`` (the data set's display space)
+    and, when labels were drawn, ``labels``: what ``dkit evaluate`` reads back."""
+    arrays = {"samples": samples, "display": display}
+    if labels is not None:
+        arrays["labels"] = labels
+    np.savez_compressed(folder / SAMPLES, **arrays)
 
 
 def follow_latest(folder: Path) -> Path:

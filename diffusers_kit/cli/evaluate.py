@@ -31,7 +31,17 @@ from diffusers_kit.run import (
     evaluate_metrics,
     load_previous,
 )
-from diffusers_kit.run_folder import CHECKPOINT, SPEC_FILE, follow_latest, read_record, write_record
+from diffusers_kit.run_folder import (
+    CHECKPOINT,
+    METRICS,
+    SAMPLES,
+    SPEC_FILE,
+    finite,
+    follow_latest,
+    read_record,
+    write_json,
+    write_record,
+)
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import apply_overrides, component_option, load_file
 from diffusers_kit.spec.validate import validate
@@ -89,7 +99,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():
         raise _command_error("RUN_DIR", f"a finished run folder holding {SPEC_FILE} and "
                              f"{CHECKPOINT}", args.run_dir)
-    samples_path = Path(args.samples) if args.samples else folder / "samples.npz"
+    samples_path = Path(args.samples) if args.samples else folder / SAMPLES
     document = load_file(folder / SPEC_FILE)
     if args.metrics:
         section = document.data.get("evaluate")
@@ -118,10 +128,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         metrics = evaluate_metrics(components.metrics, samples, components.data, generator,
                                    model, labels,
                                    model_data=components.diffusion.model_data(components.data))
-    # NaN / infinity are not JSON: null (as the run's report stage writes them)
-    finite = json.loads(json.dumps(metrics), parse_constant=lambda _: None)
-    target = samples_path.parent / "metrics.json" if samples is not None else (
-        folder / "metrics.json")
+    figures = finite(metrics)  # NaN / infinity as null, as the run's report stage writes them
+    target = samples_path.parent / METRICS if samples is not None else folder / METRICS
     previous: dict[str, Any] = {}
     if target.is_file():
         try:
@@ -131,11 +139,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
     previous = previous if isinstance(previous, dict) else {}
     if samples is not None:
         previous.pop("out_of_range", None)  # recomputed: absent now means none are
-    merged = {**previous, **finite}
-    target.write_text(json.dumps(merged, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    write_json(target, {**previous, **figures})
     record = read_record(folder)
     if record is not None and target.parent == folder:
-        record["metrics"] = {**(record.get("metrics") or {}), **finite}
+        record["metrics"] = {**(record.get("metrics") or {}), **figures}
         write_record(folder, record)
     if not args.quiet:
         table = Table(title=f"dkit evaluate {folder}", header_style="bold")

@@ -40,6 +40,7 @@ from diffusers_kit.devices import is_out_of_memory
 from diffusers_kit.likelihood import decode, encode, slerp
 from diffusers_kit.report import image_grid, scatter_plot
 from diffusers_kit.run import open_run
+from diffusers_kit.run_folder import write_json
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import component_option
 
@@ -322,7 +323,7 @@ def _sample_into(args: argparse.Namespace, spec: Spec, components: Components,
             scatter_plot(decoded, held).save(out / "interpolation.png")
         np.savez_compressed(out / "interpolation.npz", latents=path.cpu().numpy(),
                             decoded=decoded.numpy())
-    (out / "sampling.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    write_json(out / "sampling.json", info)
     console = make_console()
     console.print(f"{n} samples with [bold]{name}[/]: {result.nfe} network evaluations, "
                   f"{seconds:.1f} s", soft_wrap=True)

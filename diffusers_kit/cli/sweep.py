@@ -37,7 +37,7 @@ from diffusers_kit.metrics.floor import SUFFIXES
 from diffusers_kit.registry import get_registry
 from diffusers_kit.report import Series, metric_plot
 from diffusers_kit.run import BuildSettings, build_references, evaluate_metrics
-from diffusers_kit.run_folder import CHECKPOINT, SPEC_FILE, follow_latest
+from diffusers_kit.run_folder import CHECKPOINT, SPEC_FILE, finite, follow_latest, write_json
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import apply_overrides, load_file
 from diffusers_kit.spec.validate import validate
@@ -251,15 +251,14 @@ def sweep_command(args: argparse.Namespace) -> int:
                                      progress=lambda k, task=task: progress.advance(task, k))
                 progress.update(task, status="evaluating")
                 metrics = _evaluate(spec, components, drawn.samples, drawn.result.labels)
-                # NaN / infinity are not JSON: null, as the run's own metrics.json
-                finite = json.loads(json.dumps(metrics), parse_constant=lambda _: None)
-                points.append({"value": _parsed(value), "text": value, "metrics": finite,
+                figures = finite(metrics)  # NaN / infinity as null, as in metrics.json
+                points.append({"value": _parsed(value), "text": value, "metrics": figures,
                                "nfe": drawn.result.nfe, "seconds": round(drawn.seconds, 3),
                                "samples": f"samples_{stem}.png", "sampling": drawn.info})
                 progress.update(task, status=f"{drawn.result.nfe} NFE, {drawn.seconds:.1f} s")
                 progress.advance(overall)
                 if index == 0:
-                    names = metric_names(finite)
+                    names = metric_names(figures)
                     if plotted is not None:
                         for name in plotted:
                             if name not in names:
@@ -278,8 +277,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     record = {"run": str(folder), "field": field, "values": values, "overrides": overrides,
               "seed": spec.seed if args.seed is None else args.seed, "plot": shown,
               "points": points}
-    (out / "sweep.json").write_text(json.dumps(record, indent=2, default=str) + "\n",
-                                    encoding="utf-8")
+    write_json(out / "sweep.json", record)
 
     series = []
     for name, axis in zip(shown, ("left", "right"), strict=False):

@@ -9,6 +9,7 @@ is tried at the run's sizes (:func:`check_metric_sizes`). ``dkit validate`` runs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -385,25 +386,43 @@ def _with_stand_ins(config: Any, stand_ins: dict[str, TrainedModel]) -> Any:
     return config
 
 
-def open_run(run_dir: str | Path, overrides: list[str] | None = None,
-             solver: str | None = None) -> tuple[Spec, Components]:
-    """Rebuild a finished run's components from its resolved ``spec.yaml`` and load its
-    checkpoint. ``RUN_DIR/../latest`` is followed; ``overrides`` change fields of that spec;
-    ``solver`` (a registered name or a YAML mapping) replaces its solver."""
+def run_document(run_dir: str | Path) -> tuple[Path, Document]:
+    """A finished run's folder (``RUN_DIR/../latest`` followed) and its resolved spec as a
+    document; a spec error naming RUN_DIR when the folder lacks its spec or checkpoint."""
     folder = follow_latest(Path(run_dir).expanduser())
     if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():
         raise SpecError([SpecIssue(("RUN_DIR",), f"a run folder holding {SPEC_FILE} and "
                                    f"{CHECKPOINT} (relative to the working directory "
                                    f"{Path.cwd()})", str(run_dir), None, "command line")])
-    document = load_file(folder / SPEC_FILE)
+    return folder, load_file(folder / SPEC_FILE)
+
+
+def set_option(document: Document, path: SpecPath, value: Any, option: str) -> None:
+    """Set the field at ``path`` of ``document`` to ``value`` (a command-line option's value,
+    already parsed: no text round trip); its problems are blamed on ``option``."""
+    target = document.data
+    for part in path[:-1]:
+        if not isinstance(target.get(part), dict):
+            target[part] = {}
+        target = target[part]
+    target[path[-1]] = value
+    document.overridden[path] = option
+
+
+def open_run(run_dir: str | Path, overrides: list[str] | None = None,
+             solver: str | None = None,
+             options: Callable[[Document], None] | None = None) -> tuple[Spec, Components]:
+    """Rebuild a finished run's components from its resolved ``spec.yaml`` and load its
+    checkpoint. ``RUN_DIR/../latest`` is followed; ``solver`` (a registered name or a YAML
+    mapping) replaces its solver; ``options`` sets a command's options in the document
+    (:func:`set_option`); ``overrides`` then change fields of that spec."""
+    folder, document = run_document(run_dir)
     if solver is not None:
         value = component_option("--solver", solver, "a solver name or a YAML mapping such as "
                                  "'{kind: ddim, steps: 20}'")
-        section = document.data.get("sample")
-        if not isinstance(section, dict):
-            section = document.data["sample"] = {}
-        section["solver"] = value
-        document.overridden[("sample", "solver")] = f"--solver {solver}"
+        set_option(document, ("sample", "solver"), value, f"--solver {solver}")
+    if options is not None:
+        options(document)
     if overrides:
         apply_overrides(document, overrides)
     spec = validate(document, get_registry())

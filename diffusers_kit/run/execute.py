@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 
 from diffusers_kit.api import (
@@ -43,6 +42,7 @@ from diffusers_kit.run_folder import (
     point_latest,
     read_record,
     write_record,
+    write_spec,
 )
 from diffusers_kit.spec.errors import SpecError, SpecIssue, dotted
 from diffusers_kit.spec.loader import Document
@@ -257,8 +257,7 @@ def _run_stages(run: Run, stages: set[str], reused: Path | None,
     run.log.propagate = False
     run.log.addHandler(handler)
     try:
-        (run_dir / "spec.yaml").write_text(
-            yaml.safe_dump(components.resolved, sort_keys=False), encoding="utf-8")
+        write_spec(run_dir, components.resolved)
         network = components.diffusion.network
         run.log.info("run %s on %s; network %s with %d parameters", spec.name,
                      components.diffusion.device, type(network).__name__,

@@ -19,6 +19,8 @@ from diffusers_kit.api import (
 from diffusers_kit.checkpoint import CheckpointError, load_checkpoint, remove_orphans, unprefixed
 from diffusers_kit.run_folder import (
     CHECKPOINT,
+    SPEC_FILE,
+    read_spec,
 )
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.references import (
@@ -67,7 +69,7 @@ def previous_differences(run_dir: Path, resolved: dict[str, Any]) -> list[str]:
     """The training fields (seed, data, process, network, objective, train) in which
     ``resolved`` differs from the spec.yaml of ``run_dir`` ([] when that file is unreadable)."""
     try:
-        previous = yaml.safe_load((run_dir / "spec.yaml").read_text(encoding="utf-8"))
+        previous = read_spec(run_dir)
     except (OSError, ValueError, yaml.YAMLError):
         return []
     if not isinstance(previous, dict):
@@ -105,11 +107,11 @@ def check_resumable(resume_dir: Path, resolved: dict[str, Any], world: int = 1,
     remove_orphans(resume_dir, CHECKPOINT)
     tensors, metadata = load_checkpoint(resume_dir / CHECKPOINT)
     try:
-        previous = yaml.safe_load((resume_dir / "spec.yaml").read_text(encoding="utf-8"))
+        previous = read_spec(resume_dir)
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise refuse(f"a readable run folder with its spec.yaml ({exc})") from None
+        raise refuse(f"a readable run folder with its {SPEC_FILE} ({exc})") from None
     if not isinstance(previous, dict):
-        raise CheckpointError(resume_dir / "spec.yaml", "not the resolved spec of a run "
+        raise CheckpointError(resume_dir / SPEC_FILE, "not the resolved spec of a run "
                               "(a YAML mapping)")
     training = metadata.get("training")
     if training is None:

@@ -4,14 +4,12 @@ they share, which the life-cycle hooks receive (:mod:`diffusers_kit.hookspecs`).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -33,12 +31,11 @@ from diffusers_kit.registry import (
     get_plugin_manager,
 )
 from diffusers_kit.report import columns_per_class, image_grid, labelled_grid, scatter_plot
-from diffusers_kit.restore import restoration_images, restore, write_restoration
+from diffusers_kit.restore import Restoration, restoration_images, restore, write_restoration
 from diffusers_kit.run.build import Components
-from diffusers_kit.run_folder import (
-    CHECKPOINT,
-)
+from diffusers_kit.run_folder import CHECKPOINT, METRICS, write_json, write_samples
 from diffusers_kit.spec.errors import SpecError, SpecIssue
+from diffusers_kit.spec.loader import Document
 from diffusers_kit.spec.models import Spec
 from diffusers_kit.train import (
     Distributed,
@@ -134,11 +131,16 @@ class Run:
         return self.components.diffusion
 
     def progress(self) -> Progress:
-        return Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-            console=self.console, disable=self.quiet, transient=False,
-        )
+        return progress_bars(self.console, self.quiet)
+
+
+def progress_bars(console: Console, quiet: bool) -> Progress:
+    """The progress bars of a stage (description, bar, steps, status, time), on ``console``."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+        console=console, disable=quiet, transient=False,
+    )
 
 
 # -- stages --------------------------------------------------------------------------------------
@@ -221,34 +223,49 @@ def stage_sample(run: Run) -> None:
     get_plugin_manager().hook.dkit_samples_ready(run=run, samples=samples)
     run.results.samples = samples
     run.results.nfe = result.nfe
-    arrays = {"samples": samples.numpy(),
-              "display": run.components.dataset.to_display(samples).numpy()}
     if result.labels is not None:
         run.results.labels = result.labels
-        arrays["labels"] = result.labels.numpy()
-    np.savez_compressed(run.dir / "samples.npz", **arrays)
+    write_samples(run.dir, samples.numpy(), run.components.dataset.to_display(samples).numpy(),
+                  None if result.labels is None else result.labels.numpy())
     run.log.info("%d samples, %d network evaluations", n, result.nfe)
 
 
 def stage_restore(run: Run) -> None:
-    section, components = run.spec.restore, run.components
-    assert section is not None and components.restore_method is not None
-    images = restoration_images(section.images, components.data, section.n)
-    solver = components.restore_solver
-    assert solver is not None
-    count = len(images) * section.samples_per_image
-    batches = batch_count(count, section.batch_size, run.diffusion.network.data_shape)
-    with run.progress() as progress:
-        task = progress.add_task("restore", status=section.method["kind"],
-                                 total=solver.total_steps(run.diffusion.process) * batches)
-        result = restore(run.diffusion, components.restore_method, images, solver,
-                         samples_per_image=section.samples_per_image, seed=run.spec.seed,
-                         batch_size=section.batch_size,
-                         progress=lambda k: progress.advance(task, k))
-    write_restoration(result, run.dir, components.dataset)
+    result = restore_into(run.dir, run.spec, run.components, run.progress())
     run.results.restore = result.metrics
     for key, text in summarize(result.metrics):
         run.log.info("restore %s = %s", key, text)
+
+
+def restore_into(folder: Path, spec: Spec, components: Components, progress: Progress,
+                 document: Document | None = None) -> Restoration:
+    """The restore stage's work, shared with ``dkit restore``: ``restore.n`` images (held-out,
+    or ``restore.images``) measured through the method's forward model, restored with the
+    restore solver, judged, and written into ``folder`` (``restore.png``, ``restore.npz``,
+    ``restore.json``). Images that cannot be restored are a spec error naming
+    ``restore.images`` (located in ``document`` when given)."""
+    section = spec.restore
+    method, solver = components.restore_method, components.restore_solver
+    assert section is not None and method is not None and solver is not None
+    try:
+        images = restoration_images(section.images, components.data, section.n)
+    except ValueError as exc:
+        line, where = document.locate(("restore", "images")) if document else (None, None)
+        raise SpecError([SpecIssue(("restore", "images"), str(exc), section.images, line,
+                                   where)]) from None
+    count = len(images) * section.samples_per_image
+    diffusion = components.diffusion
+    batches = batch_count(count, section.batch_size, diffusion.network.data_shape)
+    with progress:
+        task = progress.add_task("restore", status=section.method["kind"],
+                                 total=solver.total_steps(diffusion.process) * batches)
+        result = restore(diffusion, method, images, solver,
+                         samples_per_image=section.samples_per_image, seed=spec.seed,
+                         batch_size=section.batch_size,
+                         progress=lambda k: progress.advance(task, k))
+    folder.mkdir(parents=True, exist_ok=True)
+    write_restoration(result, folder, components.dataset)
+    return result
 
 
 def stage_evaluate(run: Run) -> None:
@@ -331,9 +348,7 @@ def stage_report(run: Run) -> None:
     summary = {k: v for k, v in run.results.items() if k not in ("samples", "labels")}
     summary.update({f"time_{k}_s": round(v, 3) for k, v in run.timings.items()})
     metrics = summary.pop("metrics", {})
-    # NaN / infinity are not JSON: written as null (parse_constant maps them on the way back)
-    finite = json.loads(json.dumps({**metrics, **summary}), parse_constant=lambda _: None)
-    (run.dir / "metrics.json").write_text(json.dumps(finite, indent=2, allow_nan=False) + "\n")
+    write_json(run.dir / METRICS, {**metrics, **summary})  # NaN / infinity as null
 
 
 def reconstructions_figure(diffusion: Diffusion, images: torch.Tensor, dataset: Any,
