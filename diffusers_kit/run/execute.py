@@ -152,7 +152,7 @@ def execute(
     components = build_components(spec, document, registry, distributed=distributed,
                                   stages=stages, check_metrics=not unbuilt)
     components.resolved["output"]["root"] = str(root_path)
-    digest = spec_hash(spec)
+    digest = spec_hash(spec, components.resolved)  # its defaults, filled once by the build
     resume_step = 0
     if resume_path is not None:
         resume_step = check_resumable(resume_path, components.resolved, distributed.world,

@@ -276,13 +276,14 @@ def _versions(resolved: dict[str, Any], registry: Registry) -> dict[str, str]:
     return versions
 
 
-def spec_hash(spec: Spec) -> str:
-    """The training hash of a validated spec (its references already planned)."""
+def spec_hash(spec: Spec, resolved: dict[str, Any] | None = None) -> str:
+    """The training hash of a validated spec (its references already planned); ``resolved``:
+    the spec with its defaults filled in, when the caller has it already."""
     registry = get_registry()
     if spec.model is not None and isinstance(spec.model, TrainedModel):
         assert spec.model.hash is not None
         return spec.model.hash  # a spec that samples another's model trains nothing itself
-    return training_hash(resolve_spec(spec, registry), registry)
+    return training_hash(resolved or resolve_spec(spec, registry), registry)
 
 
 def resolve_spec(spec: Spec, registry: Registry) -> dict[str, Any]:
