@@ -86,6 +86,20 @@ def test_run_refuses_before_training_anything(tmp_path, capsys, no_training):
     assert run_folders(tmp_path / "runs") == []
 
 
+def test_a_metric_of_the_trained_model_is_left_to_the_evaluation(tmp_path, capsys,
+                                                                 monkeypatch, no_training):
+    """nll judges the trained model on held-out data, not the samples: the size check does
+    not integrate an untrained model's likelihood."""
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a likelihood was computed")
+
+    monkeypatch.setattr("diffusers_kit.metrics.nll.log_likelihood", refuse)
+    code, out, err = run_cli(["validate", str(specs(tmp_path)),
+                              "evaluate.metrics=[{kind: nll, n: 8}, {kind: swd}]"], capsys)
+    assert code == 0, err
+    assert "is valid" in out
+
+
 def test_validate_checks_components_against_each_other(tmp_path, capsys, no_training):
     spec = specs(tmp_path)
     code, _, err = run_cli(["validate", str(spec), "objective={kind: reconstruction}"], capsys)

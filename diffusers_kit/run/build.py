@@ -205,7 +205,7 @@ def build_components(
     method, restore_solver = _restoration(spec, builder, diffusion, data, solver, stages)
     if check_metrics and data is not None and spec.sample is not None and (
             stages is None or {"sample", "evaluate"} <= stages):
-        check_metric_sizes(spec, builder, diffusion, data, labels)
+        check_metric_sizes(spec, builder, data, labels)
         if builder.issues:
             raise SpecError(builder.issues, document.origin if document else None)
     return Components(dataset, data, diffusion, solver, metrics, optimizer, resolved, guidance,
@@ -313,11 +313,27 @@ def _conditioning(spec: Spec, builder: Builder, diffusion: Diffusion, data: Data
     return guidance, labels
 
 
+class ModelNeeded(Exception):
+    """A metric asked for the trained model during the size check (:class:`_NoModel`)."""
+
+
+class _NoModel:
+    """The trained model's stand-in in :func:`check_metric_sizes`: a metric that uses it judges
+    the model rather than the samples (a likelihood of held-out data), which only the trained
+    model can answer; touching it ends that metric's check."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise ModelNeeded(name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ModelNeeded("__call__")
+
+
 #: the sample count a metric is first tried at (:func:`check_metric_sizes`)
 PROBE_SAMPLES = 32
 
 
-def check_metric_sizes(spec: Spec, builder: Builder, diffusion: Diffusion, data: DataSplits,
+def check_metric_sizes(spec: Spec, builder: Builder, data: DataSplits,
                        labels: torch.Tensor | None) -> None:
     """Try every metric that judges samples on stand-in samples (training examples, slightly
     perturbed so that no two coincide) against this data set, with the run's seed, so that a
@@ -325,7 +341,8 @@ def check_metric_sizes(spec: Spec, builder: Builder, diffusion: Diffusion, data:
     neighbours, a bootstrap's distinct draws) is refused before training. What such a metric
     refuses depends on the sizes and the seed, not on the values, so the refusal is the one
     the run would meet. A model reference not built yet stands in untrained (built from its
-    spec). Each refusal is an issue naming the metric and ``sample.n``.
+    spec). Each refusal is an issue naming the metric and ``sample.n``. A metric that uses the
+    trained model itself (a likelihood) is left to the evaluation after training.
 
     A metric is tried at ``min(sample.n, PROBE_SAMPLES)`` samples first (spread over the
     requested labels) and, only when it refuses those and ``sample.n`` is larger, at
@@ -352,11 +369,13 @@ def check_metric_sizes(spec: Spec, builder: Builder, diffusion: Diffusion, data:
             generator = torch.Generator().manual_seed(spec.seed)
             try:
                 with torch.random.fork_rng(devices=[]):
-                    metric_figures(metric, samples[chosen], data, generator, diffusion.model,
+                    metric_figures(metric, samples[chosen], data, generator, _NoModel(),
                                    None if labels is None else labels[chosen])
             except (SpecError, ValueError) as exc:
                 refusal = exc
                 continue
+            except (ModelNeeded, TypeError, AttributeError):
+                pass  # it judges the trained model (a likelihood): checked when it exists
             refusal = None
             break
         if isinstance(refusal, SpecError):
