@@ -24,7 +24,7 @@ import pluggy
 import pydantic
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
-from diffusers_kit import hookspecs
+from diffusers_kit import builtin, hookspecs
 from diffusers_kit.hookspecs import PLUGIN_API_VERSION
 
 ENTRY_POINT_GROUP = "diffusers_kit"
@@ -400,8 +400,6 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[str, st
             continue
         labels[id(plugin)] = label
         sources[entry_point.value.split(":")[0]] = dist
-    from diffusers_kit import builtin
-
     if not manager.is_registered(builtin):  # running from a source tree that is not installed
         manager.register(builtin, name="builtin")
         sources[builtin.__name__] = BUILTIN_SOURCE
@@ -498,8 +496,6 @@ def collect(
     registry = Registry()
     registry.plugin_errors = dict(errors)
     plugins = manager.get_plugins()
-    from diffusers_kit import builtin
-
     ordered = sorted(plugins, key=lambda p: p is not builtin)
     failed: set[int] = set()
     added: dict[int, dict[str, set[str]]] = {}  # plugin -> the registry before its kinds
@@ -571,8 +567,6 @@ class _IsolatingManager(pluggy.PluginManager):
 
     def register(self, plugin: Any, name: str | None = None) -> str | None:
         registered = super().register(plugin, name)
-        from diffusers_kit import builtin
-
         if plugin is builtin:
             return registered
         label = self.get_name(plugin) or str(registered)
