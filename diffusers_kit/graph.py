@@ -12,7 +12,7 @@ from diffusers_kit.run.build import (
     check_metric_sizes,
     open_run,
 )
-from diffusers_kit.run.execute import execute, parse_only
+from diffusers_kit.run.execution import execute, parse_only
 from diffusers_kit.run.resume import (
     RESUMABLE_CHANGES,
     check_resumable,

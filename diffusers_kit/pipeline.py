@@ -4,7 +4,7 @@ A reference (:mod:`diffusers_kit.references`) names a trained model by run folde
 spec validation plans it (:mod:`diffusers_kit.spec.references`: the referenced spec validated
 and hashed). Here a planned reference is built: a finished run with its hash under the output
 root is reused; otherwise the spec's train stage runs first, in its own run folder under the
-same output root (:mod:`diffusers_kit.run.execute`). A lock file per hash makes two concurrent
+same output root (:mod:`diffusers_kit.run.execution`). A lock file per hash makes two concurrent
 ``dkit run`` that need the same missing model train it once: the second waits, then reuses.
 The run folder's layout, its record and ``latest`` are :mod:`diffusers_kit.run_folder`'s.
 
@@ -22,7 +22,7 @@ from diffusers_kit.references import (
     TrainedModel,
     is_model_annotation,
 )
-from diffusers_kit.run.execute import (
+from diffusers_kit.run.execution import (
     BuildSettings,
     Dependency,
     build_reference,

@@ -137,3 +137,22 @@ def test_a_failed_evaluation_leaves_the_training_reusable(tmp_path, capsys, monk
     assert record is not None and record["status"] == "finished"
     assert record["checkpoint_from"] == str(first)
     assert trained == []  # the model was not trained again
+
+
+def test_the_components_are_checked_once_when_no_model_is_trained_first(tmp_path, capsys,
+                                                                        monkeypatch):
+    """The checks with stand-ins happen only when a referenced model must be trained before
+    this run; with every referenced model finished, the spec is built and checked once."""
+    from diffusers_kit.run import execution
+
+    spec = specs(tmp_path)
+    builds: list[str] = []
+    build = execution.build_components
+    monkeypatch.setattr(execution, "build_components",
+                        lambda s, *a, **k: builds.append(s.name) or build(s, *a, **k))
+    assert run_cli(["run", str(spec), "--quiet"], capsys)[0] == 0
+    # the classifier had to be trained: dm checked with stand-ins, clf built, dm built
+    assert builds == ["dm", "clf", "dm"]
+    builds.clear()
+    assert run_cli(["run", str(spec), "sample.n=24", "--quiet"], capsys)[0] == 0
+    assert builds == ["dm"]

@@ -7,7 +7,7 @@ module                    job
                           against the run's sizes); reopen a finished run
 :mod:`.stages`            the stages (data, train, sample, restore, evaluate, report), the
                           :class:`Run` the hooks receive and its typed :class:`Results`
-:mod:`.execute`           execute a spec: references built or reused, run folder, record, stages
+:mod:`.execution`         execute a spec: references built or reused, run folder, record, stages
 :mod:`.resume`            weights from an earlier run: ``--from``, ``--resume``, reuse
 :mod:`.store`             the model store that loads what a component's reference names
 ========================  =====================================================================
@@ -21,7 +21,7 @@ imports it.
 from __future__ import annotations
 
 from diffusers_kit.run.build import Builder, Components, build_components, open_run
-from diffusers_kit.run.execute import (
+from diffusers_kit.run.execution import (
     BuildSettings,
     Dependency,
     build_reference,

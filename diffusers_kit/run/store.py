@@ -9,7 +9,7 @@ from rich.console import Console
 
 from diffusers_kit.references import LoadedModel, ModelReferenceError, TrainedModel, install_store
 from diffusers_kit.run.build import open_run
-from diffusers_kit.run.execute import build_reference
+from diffusers_kit.run.execution import build_reference
 from diffusers_kit.spec.references import (
     PlanFailed,
     plan_reference,

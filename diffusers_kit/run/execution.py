@@ -142,9 +142,12 @@ def execute(
     registry = get_registry()
     distributed = distributed_from_env(resolve_device(spec.device).type)
     settings = BuildSettings(root_path, rebuild, console, quiet)
-    # what the run would refuse is refused before any training, a dependency's included: with
-    # models still to build (or find), the spec is checked with untrained stand-ins first
-    unbuilt = any(model.run_dir is None for _, model in references(spec, registry))
+    # what the run would refuse is refused before any training, a dependency's included: when
+    # a referenced model must be trained first, the spec is checked with untrained stand-ins
+    # before that (else once, with the models themselves)
+    unbuilt = any(model.run_dir is None and model.hash is not None and (
+        rebuild or find_finished(root_path, model.hash) is None)
+        for _, model in references(spec, registry))
     if unbuilt:
         build_components(spec, document, registry, distributed=distributed, stages=stages,
                          check_metrics=True)
