@@ -217,8 +217,8 @@ def _first_stage(reference: TrainedModel, data_shape: tuple[int, ...], builder: 
     """The trained autoencoder ``latent`` names (its sampling weights, frozen), checked against
     the images of this spec's data set; None (with the issue recorded) when it does not fit.
 
-    A reference not built yet (``dkit validate --build``, a spec built without running its
-    dependencies) gives the autoencoder its spec describes, untrained: enough to check shapes
+    A reference not built yet (``dkit validate``, the checks before a dependency is trained)
+    gives the autoencoder its spec describes, untrained: enough to check shapes
     and build the network; a run always builds its references first."""
     try:
         if not reference.resolved and reference.spec is not None and (
