@@ -31,8 +31,10 @@ may rely on these attributes (part of the plugin API; anything else on it may ch
 - ``run.dir`` — the run folder (a :class:`pathlib.Path`; ``None`` on data-parallel ranks other
   than 0, which write nothing), where ``checkpoint.safetensors``, ``samples.png``,
   ``metrics.json`` and the log are written; a plugin may add its own files there;
-- ``run.results`` — what the stages produced so far, a dict: ``"samples"`` (a tensor),
-  ``"nfe"``, ``"metrics"``, ``"train_loss"``, ``"train_hash"``;
+- ``run.results`` — what the stages produced so far, a :class:`~diffusers_kit.run.Results`:
+  ``run.results.samples`` (a tensor), ``.nfe``, ``.metrics``, ``.train_loss``, ``.train_hash``
+  (None until produced); it also reads as the dict of 0.2 (``run.results["metrics"]``,
+  ``"samples" in run.results``);
 - ``run.components.diffusion`` (also ``run.diffusion``) — the
   :class:`~diffusers_kit.api.Diffusion` being trained / sampled (its ``process``, ``network``,
   ``objective``, ``device``, ``step``); ``run.components.data`` — the
