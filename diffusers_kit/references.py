@@ -12,8 +12,8 @@ of a metric, an autoencoder, the model to sample from) types that constructor pa
 This module is a leaf: components import it, and it imports no run machinery. Loading or
 building what a reference names goes through a :class:`ModelStore`, which the run layer
 (:mod:`diffusers_kit.run`) installs with :func:`install_store` when it is imported (importing
-``diffusers_kit`` imports it). Planning, hashing and reuse are described in
-:mod:`diffusers_kit.run.references`.
+``diffusers_kit`` imports it). Planning and hashing are :mod:`diffusers_kit.spec.references`'s,
+building and reuse :mod:`diffusers_kit.run.execution`'s.
 """
 
 from __future__ import annotations
@@ -260,7 +260,6 @@ def is_model_annotation(annotation: Any) -> bool:
         return any(is_model_annotation(arg) for arg in typing.get_args(annotation)
                    if arg is not type(None))
     return False
-
 
 
 # -- how a reference reaches its model -----------------------------------------------------------
