@@ -91,7 +91,6 @@ from diffusers_kit.objectives import (
     VariationalBound,
 )
 from diffusers_kit.optim import Adam, AdamW, Optimizer
-from diffusers_kit.pipeline import TrainedModel
 from diffusers_kit.processes import (
     DDPM,
     OU,
@@ -103,6 +102,7 @@ from diffusers_kit.processes import (
     SubVP,
     VariancePreserving,
 )
+from diffusers_kit.references import TrainedModel
 from diffusers_kit.registry import Registry, get_registry
 from diffusers_kit.restore import Restoration
 from diffusers_kit.solvers import (
@@ -133,11 +133,14 @@ from diffusers_kit.solvers import (
     UniPC,
 )
 from diffusers_kit.train import EMA, Trainer, TrainingDiverged, TrainingInterrupted
+from diffusers_kit.version import __version__
+
+# the run layer: importing it installs the store through which a TrainedModel loads its model
+from diffusers_kit import graph as _run  # noqa: F401  isort: skip
 
 # the metrics' short names, as a spec names them (kind: swd, fd, kid, prdc)
 SWD, FD, KID, PRDC = SlicedWasserstein, FrechetDistance, KernelDistance, PrecisionRecall
 
-__version__ = "0.2.0"
 
 __all__ = [
     "DDIM",

@@ -34,7 +34,7 @@ import torch
 from diffusers_kit.autoencoders.base import Autoencoder
 from diffusers_kit.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
 from diffusers_kit.data.base import Dataset, DataSplits
-from diffusers_kit.devices import device_problem
+from diffusers_kit.devices import device_problem, is_out_of_memory
 from diffusers_kit.guidance.base import Guidance, requested_labels
 from diffusers_kit.latent import LatentCache, decode
 from diffusers_kit.metrics.base import Metric, metric_figures
@@ -92,16 +92,6 @@ def checked_output(solver: Solver, result: object, shape: tuple[int, ...]) -> No
     if not isinstance(result.nfe, int) or result.nfe < 0:
         raise PluginOutputError(f"solver {name}.sample returned nfe={result.nfe!r}; expected "
                                 "the count of network evaluations (an int)")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` says memory ran out: a ``MemoryError``, CUDA's ``OutOfMemoryError`` or
-    the ``RuntimeError`` torch's CPU allocator raises (``can't allocate memory``)."""
-    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text
-                                              or "can't allocate memory" in text)
 
 
 class SamplingOutOfMemory(MemoryError):
@@ -477,7 +467,7 @@ class Diffusion:
         ``seed`` = the spec's seed gives the run's ``metrics.json``), plus ``out_of_range``
         when some samples leave the training data's range. A result's labels are used by
         metrics that take labels (``class_accuracy``)."""
-        from diffusers_kit.graph import out_of_range
+        from diffusers_kit.metrics.range import out_of_range
 
         if isinstance(samples, SampleResult):
             labels = samples.labels if labels is None else labels
@@ -564,8 +554,7 @@ class Diffusion:
         """The trained model of a run folder (``runs/NAME/latest`` works), or of a spec file —
         trained under ``root`` first when no finished run has its training hash (the same
         content-addressed reuse as ``dkit run``; see :mod:`diffusers_kit.pipeline`)."""
-        from diffusers_kit.graph import open_run
-        from diffusers_kit.pipeline import SPEC_SUFFIXES, TrainedModel
+        from diffusers_kit.references import SPEC_SUFFIXES, TrainedModel, open_run
 
         folder = Path(source)
         if folder.suffix in SPEC_SUFFIXES:

@@ -37,3 +37,13 @@ def device_available(device: str) -> str:
     if problem is not None:
         raise ValueError(problem)
     return device
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out: a ``MemoryError``, CUDA's ``OutOfMemoryError`` or
+    the ``RuntimeError`` torch's CPU allocator raises (``can't allocate memory``)."""
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                              or "can't allocate memory" in text)

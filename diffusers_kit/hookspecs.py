@@ -11,7 +11,7 @@ The built-in components are registered by :mod:`diffusers_kit.builtin` through e
 same ``dkit_register`` hook; nothing is special-cased.
 
 **Versions.** :data:`PLUGIN_API_VERSION` is the version of this contract (the hooks, their
-arguments, the registry's methods and the :class:`~diffusers_kit.graph.Run` attributes listed
+arguments, the registry's methods and the :class:`~diffusers_kit.run.Run` attributes listed
 below). A minor version adds to it; a major version changes or removes something. A plugin
 module states what it was written for with a module-level version specifier, checked when it
 loads (an incompatible plugin is reported by name and skipped; ``dkit plugins`` shows both)::
@@ -23,7 +23,7 @@ loads (an incompatible plugin is reported by name and skipped; ``dkit plugins`` 
 hook's name and the closest real one, and not loaded (pluggy's ``check_pending``). Mark an
 implementation of a hook that only a newer dkit has ``@hookimpl(optionalhook=True)``.
 
-**The run.** The life-cycle hooks receive ``run``, a :class:`diffusers_kit.graph.Run`. A plugin
+**The run.** The life-cycle hooks receive ``run``, a :class:`diffusers_kit.run.Run`. A plugin
 may rely on these attributes (part of the plugin API; anything else on it may change):
 
 - ``run.spec`` — the validated spec (:class:`diffusers_kit.spec.models.Spec`): ``run.spec.name``,
@@ -31,8 +31,10 @@ may rely on these attributes (part of the plugin API; anything else on it may ch
 - ``run.dir`` — the run folder (a :class:`pathlib.Path`; ``None`` on data-parallel ranks other
   than 0, which write nothing), where ``checkpoint.safetensors``, ``samples.png``,
   ``metrics.json`` and the log are written; a plugin may add its own files there;
-- ``run.results`` — what the stages produced so far, a dict: ``"samples"`` (a tensor),
-  ``"nfe"``, ``"metrics"``, ``"train_loss"``, ``"train_hash"``;
+- ``run.results`` — what the stages produced so far, a :class:`~diffusers_kit.run.Results`:
+  ``run.results.samples`` (a tensor), ``.nfe``, ``.metrics``, ``.train_loss``, ``.train_hash``
+  (None until produced); it also reads as the dict of 0.2 (``run.results["metrics"]``,
+  ``"samples" in run.results``);
 - ``run.components.diffusion`` (also ``run.diffusion``) — the
   :class:`~diffusers_kit.api.Diffusion` being trained / sampled (its ``process``, ``network``,
   ``objective``, ``device``, ``step``); ``run.components.data`` — the
@@ -50,8 +52,8 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
-    from diffusers_kit.graph import Run
     from diffusers_kit.registry import Registry
+    from diffusers_kit.run import Run
 
 PROJECT = "diffusers_kit"
 
@@ -79,7 +81,7 @@ def dkit_register(registry: Registry) -> None:
 def dkit_run_started(run: Run) -> None:
     """Called once the run folder exists and the components are built, before the first stage.
 
-    ``run`` is a :class:`~diffusers_kit.graph.Run`; the module doc lists what a plugin may rely
+    ``run`` is a :class:`~diffusers_kit.run.Run`; the module doc lists what a plugin may rely
     on (``run.spec``, ``run.dir``, ``run.results``, ``run.components.diffusion``, ``run.log``).
     """
 

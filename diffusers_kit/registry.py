@@ -26,7 +26,7 @@ import pluggy
 import pydantic
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
-from diffusers_kit import hookspecs
+from diffusers_kit import builtin, hookspecs
 from diffusers_kit.hookspecs import PLUGIN_API_VERSION
 
 ENTRY_POINT_GROUP = "diffusers_kit"
@@ -342,6 +342,24 @@ class Registry:
         final.update({k: v for k, v in context.items() if k in component.context})
         return component.factory(**final)
 
+    def resolve(self, kind: str, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` (a validated ``{kind: name, ...}`` mapping) with every default filled in,
+        nested components included: what a run folder's resolved spec.yaml holds."""
+        component = self.get(kind, config["kind"])
+        plain = {k: v for k, v in config.items() if k != "kind"}
+        dumped = component.params.model_validate(plain).model_dump()
+        full: dict[str, Any] = {"kind": config["kind"], **{
+            k: v for k, v in dumped.items() if k not in component.nested}}
+        for key, sub in component.nested.items():
+            value = config.get(key)
+            if value is None:
+                full[key] = None
+            elif sub.many:
+                full[key] = [self.resolve(sub.kind, item) for item in value]
+            else:
+                full[key] = self.resolve(sub.kind, value)
+        return full
+
     def _build_nested(self, kind: str, config: dict[str, Any], path: tuple[Any, ...],
                       context: dict[str, Any]) -> Any:
         try:
@@ -389,8 +407,6 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[str, st
             continue
         labels[id(plugin)] = label
         sources[entry_point.value.split(":")[0]] = dist
-    from diffusers_kit import builtin
-
     if not manager.is_registered(builtin):  # running from a source tree that is not installed
         manager.register(builtin, name="builtin")
         sources[builtin.__name__] = BUILTIN_SOURCE
@@ -487,8 +503,6 @@ def collect(
     registry = Registry()
     registry.plugin_errors = dict(errors)
     plugins = manager.get_plugins()
-    from diffusers_kit import builtin
-
     ordered = sorted(plugins, key=lambda p: p is not builtin)
     failed: set[int] = set()
     added: dict[int, dict[str, set[str]]] = {}  # plugin -> the registry before its kinds
@@ -560,8 +574,6 @@ class _IsolatingManager(pluggy.PluginManager):
 
     def register(self, plugin: Any, name: str | None = None) -> str | None:
         registered = super().register(plugin, name)
-        from diffusers_kit import builtin
-
         if plugin is builtin:
             return registered
         label = self.get_name(plugin) or str(registered)

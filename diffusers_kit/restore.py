@@ -19,7 +19,6 @@ the restorations | the ground truth.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from diffusers_kit.metrics.consistency import consistency
 from diffusers_kit.metrics.floor import ErrorBars, mean_with_interval
 from diffusers_kit.metrics.restoration import psnr_per_image, ssim_per_image
 from diffusers_kit.report import labelled_grid, scatter_plot
+from diffusers_kit.run_folder import write_json
 
 if TYPE_CHECKING:
     from diffusers_kit.api import Diffusion
@@ -166,9 +166,7 @@ def write_restoration(result: Restoration, folder: Path, dataset) -> None:  # ty
                         measurement=result.measurement.float().numpy(),
                         pseudo_inverse=result.pseudo_inverse.numpy(),
                         samples=result.samples.numpy())
-    finite = json.loads(json.dumps(result.metrics), parse_constant=lambda _: None)
-    (folder / "restore.json").write_text(json.dumps(finite, indent=2, allow_nan=False) + "\n",
-                                         encoding="utf-8")
+    write_json(folder / "restore.json", result.metrics)  # NaN / infinity as null
 
 
 __all__ = ["Restoration", "consistency", "figure", "restoration_images", "restore",

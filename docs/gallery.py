@@ -30,7 +30,8 @@ from typing import Any
 import yaml
 
 from diffusers_kit.metrics.floor import summarize
-from diffusers_kit.pipeline import ModelRef, follow_latest, read_record, run_folders
+from diffusers_kit.references import ModelRef
+from diffusers_kit.run_folder import follow_latest, read_record, run_folders
 
 DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent

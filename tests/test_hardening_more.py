@@ -301,8 +301,9 @@ def test_solver_step_counts_are_bounded(tmp_path, capsys, override):
 
 
 def test_a_metric_that_does_not_apply_is_a_spec_error_naming_it(tmp_path, capsys):
-    """class_accuracy on a data set without labels fails inside the metric (a ValueError):
-    exit 2 naming evaluate.metrics[i], the run's checkpoint kept, no traceback."""
+    """psnr on 2-D points fails inside the metric (a ValueError): exit 2 naming
+    evaluate.metrics[i], before any training (the metric is tried on stand-in samples of the
+    run's sizes first), no traceback."""
     spec = TINY_SPEC.replace("data: {kind: digits}", "data: {kind: two_moons}").replace(
         "network: {kind: ncsn, channels: 8, blocks: 1}", "network: {kind: mlp, width: 16}")
     spec = spec.replace("    - {kind: swd, projections: 64}",
@@ -310,7 +311,7 @@ def test_a_metric_that_does_not_apply_is_a_spec_error_naming_it(tmp_path, capsys
     code, _, err = run_cli(["run", str(write_spec(tmp_path, spec))], capsys)
     assert code == 2, err
     assert "evaluate.metrics[1]" in err and "psnr" in err and "Traceback" not in err
-    assert list((tmp_path / "runs").rglob("checkpoint.safetensors"))
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
 
 
 def test_a_solver_returning_half_a_batch_is_named():

@@ -141,6 +141,10 @@ def failing(exc: BaseException):  # type: ignore[no-untyped-def]
     (PermissionError(errno.EACCES, "Permission denied", "/data"), 3, "writable output.root"),
     (MemoryError(), 3, "out of memory"),
     (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), 3, "out of memory"),
+    # torch's CPU allocator says it another way; the CLI uses the same predicate as sampling
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't "
+                  "allocate memory: you tried to allocate 4294967296 bytes"), 3,
+     "out of memory"),
     (ZeroDivisionError("division by zero"), 70, "re-run with --debug"),
 ])
 def test_failures_outside_the_spec_have_their_exit_status(tmp_path, capsys, monkeypatch, exc,

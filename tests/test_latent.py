@@ -253,10 +253,9 @@ def test_spec_mistakes_name_the_field(tmp_path, capsys, monkeypatch):
     assert code == 2 and "latent" in out + err and "(1, 8, 8)" in out + err
 
 
-def test_dkit_restore_defaults_to_dps_for_a_latent_run(tmp_path):
+def test_dkit_restore_defaults_to_dps_for_a_latent_run():
     from diffusers_kit.cli.restore import default_method
 
-    (tmp_path / "spec.yaml").write_text("name: a\nlatent: runs/ae/latest\n", encoding="utf-8")
-    assert default_method(str(tmp_path)) == "dps"
-    (tmp_path / "spec.yaml").write_text("name: a\nlatent: null\n", encoding="utf-8")
-    assert default_method(str(tmp_path)) == "pigdm"
+    # the run's resolved spec, as the command reads it from the run folder once
+    assert default_method({"name": "a", "latent": "runs/ae/latest"}) == "dps"
+    assert default_method({"name": "a", "latent": None}) == "pigdm"

@@ -37,16 +37,16 @@ def main() -> int:
         get_plugin_manager().register(Slow())
     captured = {}
     if args.save_rank_weights:
-        import diffusers_kit.graph as graph
+        import diffusers_kit.cli.run as run_command  # where `dkit run` looks execute up
 
-        original = graph.execute
+        original = run_command.execute
 
         def execute(*a, **k):  # type: ignore[no-untyped-def]
             run = original(*a, **k)
             captured["run"] = run
             return run
 
-        graph.execute = execute
+        run_command.execute = execute
     from diffusers_kit.cli.main import main as dkit
 
     argv = args.dkit[1:] if args.dkit[:1] == ["--"] else args.dkit

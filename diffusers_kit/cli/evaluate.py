@@ -22,8 +22,29 @@ from rich.table import Table
 from rich.text import Text
 
 from diffusers_kit.console import make_console
+from diffusers_kit.metrics.floor import summarize
+from diffusers_kit.registry import get_registry
+from diffusers_kit.run import (
+    BuildSettings,
+    build_components,
+    build_references,
+    evaluate_metrics,
+    load_previous,
+)
+from diffusers_kit.run_folder import (
+    CHECKPOINT,
+    METRICS,
+    SAMPLES,
+    SPEC_FILE,
+    finite,
+    follow_latest,
+    read_record,
+    write_json,
+    write_record,
+)
 from diffusers_kit.spec.errors import SpecError, SpecIssue
-from diffusers_kit.spec.loader import component_option
+from diffusers_kit.spec.loader import apply_overrides, component_option, load_file
+from diffusers_kit.spec.validate import validate
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,27 +94,12 @@ def load_samples(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    from diffusers_kit.graph import build_components, evaluate_metrics, load_previous
-    from diffusers_kit.metrics.floor import summarize
-    from diffusers_kit.pipeline import (
-        CHECKPOINT,
-        SPEC_FILE,
-        BuildSettings,
-        build_references,
-        follow_latest,
-        read_record,
-        write_record,
-    )
-    from diffusers_kit.registry import get_registry
-    from diffusers_kit.spec.loader import apply_overrides, load_file
-    from diffusers_kit.spec.validate import validate
-
     err = make_console(stderr=True)
     folder = follow_latest(Path(args.run_dir).expanduser())
     if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():
         raise _command_error("RUN_DIR", f"a finished run folder holding {SPEC_FILE} and "
                              f"{CHECKPOINT}", args.run_dir)
-    samples_path = Path(args.samples) if args.samples else folder / "samples.npz"
+    samples_path = Path(args.samples) if args.samples else folder / SAMPLES
     document = load_file(folder / SPEC_FILE)
     if args.metrics:
         section = document.data.get("evaluate")
@@ -122,10 +128,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         metrics = evaluate_metrics(components.metrics, samples, components.data, generator,
                                    model, labels,
                                    model_data=components.diffusion.model_data(components.data))
-    # NaN / infinity are not JSON: null (as the run's report stage writes them)
-    finite = json.loads(json.dumps(metrics), parse_constant=lambda _: None)
-    target = samples_path.parent / "metrics.json" if samples is not None else (
-        folder / "metrics.json")
+    figures = finite(metrics)  # NaN / infinity as null, as the run's report stage writes them
+    target = samples_path.parent / METRICS if samples is not None else folder / METRICS
     previous: dict[str, Any] = {}
     if target.is_file():
         try:
@@ -135,11 +139,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
     previous = previous if isinstance(previous, dict) else {}
     if samples is not None:
         previous.pop("out_of_range", None)  # recomputed: absent now means none are
-    merged = {**previous, **finite}
-    target.write_text(json.dumps(merged, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    write_json(target, {**previous, **figures})
     record = read_record(folder)
     if record is not None and target.parent == folder:
-        record["metrics"] = {**(record.get("metrics") or {}), **finite}
+        record["metrics"] = {**(record.get("metrics") or {}), **figures}
         write_record(folder, record)
     if not args.quiet:
         table = Table(title=f"dkit evaluate {folder}", header_style="bold")

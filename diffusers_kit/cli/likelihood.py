@@ -9,14 +9,20 @@ error. Settings default to the spec's ``nll`` metric when it has one. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 from rich.table import Table
 
+from diffusers_kit.cli.sample import load_run
 from diffusers_kit.console import make_console
+from diffusers_kit.latent import LATENT_PREFIX
+from diffusers_kit.likelihood import decode, encode
+from diffusers_kit.metrics.base import metric_figures
+from diffusers_kit.registry import get_registry
+from diffusers_kit.run_folder import write_json
+from diffusers_kit.spec.errors import SpecError, SpecIssue
 
 OPTIONS = ("n", "divergence", "probe", "method", "rtol", "atol", "bins", "vlb", "vlb_steps")
 
@@ -39,13 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def likelihood_command(args: argparse.Namespace) -> int:
-    from diffusers_kit.cli.sample import load_run
-    from diffusers_kit.latent import LATENT_PREFIX
-    from diffusers_kit.likelihood import decode, encode
-    from diffusers_kit.metrics.base import metric_figures
-    from diffusers_kit.registry import get_registry
-    from diffusers_kit.spec.errors import SpecError, SpecIssue
-
     spec, components = load_run(args.run_dir)
     settings: dict = {}
     for entry in spec.evaluate.metrics:
@@ -77,7 +76,7 @@ def likelihood_command(args: argparse.Namespace) -> int:
         metrics[f"{prefix}reconstruction_rms_error"] = float((back - x).pow(2).mean().sqrt())
     metrics["seconds"] = time.perf_counter() - started
     path = Path(args.run_dir) / "likelihood.json"
-    path.write_text(json.dumps({"settings": settings, **metrics}, indent=2) + "\n")
+    write_json(path, {"settings": settings, **metrics})
     table = Table(title=f"dkit likelihood {spec.name}", header_style="bold")
     table.add_column("item")
     table.add_column("value", justify="right")

@@ -15,8 +15,13 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
+from diffusers_kit import threads as thread_policy
+from diffusers_kit.checkpoint import CheckpointError
 from diffusers_kit.console import make_console
+from diffusers_kit.devices import is_out_of_memory
+from diffusers_kit.registry import HOOK_FAILURES
 from diffusers_kit.spec.errors import SpecError
+from diffusers_kit.version import __version__
 
 COMMANDS = ("run", "validate", "schema", "plugins", "process", "sample", "likelihood", "runs",
             "evaluate", "sweep", "restore", "new_plugin")
@@ -42,15 +47,14 @@ def thread_note(requested: str, threads: int, *, environ: dict[str, str] | None 
     """What to tell the user when the automatic thread choice (:mod:`diffusers_kit.threads`)
     used fewer threads than there are cores because other processes keep some busy; None when
     the machine was free or the user chose (``--threads N``, ``OMP_NUM_THREADS``)."""
-    from diffusers_kit.threads import busy_cores, usable_cores
 
     environ = dict(os.environ) if environ is None else environ
     if requested not in (None, "auto") or environ.get("OMP_NUM_THREADS", "").strip():
         return None
-    cores = usable_cores() if cores is None else cores
+    cores = thread_policy.usable_cores() if cores is None else cores
     if threads >= cores:
         return None
-    load = busy_cores() if load is None else load
+    load = thread_policy.busy_cores() if load is None else load
     return (f"note: other processes keep {load:.1f} of this machine's {cores} cores busy, so "
             f"torch uses {threads} thread{'s' if threads != 1 else ''} (more threads than free "
             "cores would slow it down; choose with --threads N or OMP_NUM_THREADS=N)")
@@ -107,7 +111,7 @@ def _environment_message(exc: BaseException) -> str:
         elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             hint = "; choose a writable output.root"
         return f"{reason}{escape(where)}{hint}"
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+    if is_out_of_memory(exc):
         return "out of memory: lower sample.n, sample.batch_size or train.batch_size"
     return escape(_first_line(exc))
 
@@ -118,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     # --debug is accepted anywhere on the line (dkit run s.yaml --debug) and shows tracebacks
     debug = "--debug" in argv or os.environ.get("DKIT_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    from diffusers_kit.checkpoint import CheckpointError
-    from diffusers_kit.registry import HOOK_FAILURES
 
     failures_before = len(HOOK_FAILURES)
     try:
@@ -132,17 +134,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.version:
-            from diffusers_kit import __version__
-
             print(f"dkit {__version__}")
             return 0
         if not getattr(args, "func", None):
             parser.print_help()
             return USER_ERROR
-        from diffusers_kit.threads import apply_thread_policy
-
         try:
-            threads = apply_thread_policy(args.threads)
+            threads = thread_policy.apply_thread_policy(args.threads)
         except ValueError as exc:
             parser.error(str(exc))
         note = thread_note(args.threads, threads)
@@ -180,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[bold red]error:[/] {_environment_message(exc)}", soft_wrap=True)
         return ENVIRONMENT_ERROR
     except Exception as exc:
-        if _is_out_of_memory(exc):
+        if is_out_of_memory(exc):
             _debug_trace(err, debug)
             err.print(f"[bold red]error:[/] {_environment_message(exc)}", soft_wrap=True)
             return ENVIRONMENT_ERROR
@@ -190,13 +188,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{escape(_first_line(exc))}\nThis is a bug in dkit or a plugin: please re-run "
                   "with --debug and report the traceback.", soft_wrap=True)
         return INTERNAL_ERROR
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 def _debug_trace(console: Console, debug: bool) -> None:

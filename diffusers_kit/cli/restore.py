@@ -5,64 +5,72 @@ Held-out images (or ``--images FILE``) are measured through ``--operator`` (a fo
 plugin's), restored by ``--method`` (``replacement``, ``pigdm``, ``dps``: guidance terms that
 hold the operator) with any solver, and judged: PSNR, SSIM, consistency ``||y - A x||``, NFE,
 seconds. Results go to ``RUN_DIR/restoration/<method>-<operator>-<timestamp>/``: ``restore.png``
-(measurement | restorations | truth), ``restore.npz``, ``restore.json``. The options become the
-spec's ``restore:`` section, so every mistake is reported with its field.
+(measurement | restorations | truth), ``restore.npz``, ``restore.json``. The options set the
+spec's ``restore:`` section (as values, blamed on their option when wrong) and the restoration
+runs through the same routine as a run's restore stage.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
 from diffusers_kit.console import make_console
+from diffusers_kit.metrics.floor import summarize
+from diffusers_kit.run.build import open_run, set_option
+from diffusers_kit.run.stages import progress_bars, restore_into
+from diffusers_kit.run_folder import follow_latest, write_json
 from diffusers_kit.spec.errors import SpecError, SpecIssue
-from diffusers_kit.spec.loader import component_option
+from diffusers_kit.spec.loader import Document, component_option
 
 
 def _mapping(flag: str, text: str, example: str) -> dict:
     return component_option(flag, text, f"a name or a YAML mapping such as {example}")
 
 
-def default_method(run_dir: str) -> str:
+def default_method(resolved: dict[str, Any]) -> str:
     """``pigdm`` (the best 50-step method in docs/inverse.md), or ``dps`` for a latent diffusion
-    run: its decoder is not linear, so only DPS measures through it."""
-    import yaml
-
-    try:
-        resolved = yaml.safe_load((Path(run_dir) / "spec.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return "pigdm"  # the run folder's own problems are reported when it is opened
-    return "dps" if isinstance(resolved, dict) and resolved.get("latent") else "pigdm"
+    run (``resolved``: the run's resolved spec): its decoder is not linear, so only DPS
+    measures through it."""
+    return "dps" if resolved.get("latent") else "pigdm"
 
 
-def restore_overrides(args: argparse.Namespace) -> list[str]:
-    """The command's options as overrides of the spec's ``restore`` section."""
-    method = _mapping("--method", args.method or default_method(args.run_dir),
-                      "'{kind: dps, zeta: 2}'")
-    if args.operator is not None:
-        method["operator"] = _mapping("--operator", args.operator,
-                                      "'{kind: inpaint, mask: box}'")
-    elif "operator" not in method:
-        raise SpecError([SpecIssue(("--operator",), "a forward model, e.g. '{kind: inpaint, "
-                                   "mask: box}' (or an operator inside --method)", None, None,
-                                   "command line")])
-    overrides = [f"restore.method={json.dumps(method)}"]
-    for field, value in (("n", args.n), ("samples_per_image", args.samples_per_image)):
-        if value is not None:
-            overrides.append(f"restore.{field}={value}")
-    if args.images is not None:
-        overrides.append(f"restore.images={json.dumps(args.images)}")
-    if args.solver is not None:
-        solver = _mapping("--solver", args.solver, "'{kind: ddim, steps: 50}'")
-        overrides.append(f"restore.solver={json.dumps(solver)}")
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    return overrides
+def restore_options(args: argparse.Namespace) -> Callable[[Document], None]:
+    """The command's options set as the fields of the run spec's ``restore`` section they
+    stand for (values, not text: each problem is blamed on its option)."""
+
+    def apply(document: Document) -> None:
+        text = args.method or default_method(document.data)
+        method = _mapping("--method", text, "'{kind: dps, zeta: 2}'")
+        set_option(document, ("restore", "method"), method,
+                   f"--method {args.method}" if args.method else f"the default method {text}")
+        if args.operator is not None:
+            operator = _mapping("--operator", args.operator, "'{kind: inpaint, mask: box}'")
+            set_option(document, ("restore", "method", "operator"), operator,
+                       f"--operator {args.operator}")
+        elif "operator" not in method:
+            raise SpecError([SpecIssue(("--operator",), "a forward model, e.g. '{kind: "
+                                       "inpaint, mask: box}' (or an operator inside --method)",
+                                       None, None, "command line")])
+        for field, option, value in (("n", "--n", args.n),
+                                     ("samples_per_image", "--samples-per-image",
+                                      args.samples_per_image),
+                                     ("images", "--images", args.images)):
+            if value is not None:
+                set_option(document, ("restore", field), value, f"{option} {value}")
+        if args.solver is not None:
+            solver = _mapping("--solver", args.solver, "'{kind: ddim, steps: 50}'")
+            set_option(document, ("restore", "solver"), solver, f"--solver {args.solver}")
+        if args.seed is not None:
+            set_option(document, ("seed",), args.seed, f"--seed {args.seed}")
+
+    return apply
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -88,37 +96,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def restore_command(args: argparse.Namespace) -> int:
-    from diffusers_kit.graph import open_run
-    from diffusers_kit.metrics.floor import summarize
-    from diffusers_kit.pipeline import follow_latest
-    from diffusers_kit.restore import restoration_images, restore, write_restoration
-
-    overrides = restore_overrides(args) + list(args.overrides)  # the user's fields win
-    spec, components = open_run(args.run_dir, overrides)
+    # the options set the spec's restore section; the user's field overrides come after
+    spec, components = open_run(args.run_dir, list(args.overrides),
+                                options=restore_options(args))
     section = spec.restore
-    assert section is not None and components.restore_method is not None
-    assert components.restore_solver is not None
-    try:
-        images = restoration_images(section.images, components.data, section.n)
-    except ValueError as exc:
-        raise SpecError([SpecIssue(("--images",), str(exc), section.images, None,
-                                   "command line")]) from None
+    assert section is not None
     method = section.method["kind"]
     operator = section.method["operator"]["kind"]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = follow_latest(Path(args.run_dir).expanduser()) / "restoration" / (
         f"{method}-{operator}-{stamp}")
     console = make_console(stderr=True, quiet=args.quiet)
-    solver = components.restore_solver
-    with console.status(f"restoring {len(images)} images with {method} ({operator})"):
-        result = restore(components.diffusion, components.restore_method, images, solver,
-                         samples_per_image=section.samples_per_image, seed=spec.seed,
-                         batch_size=section.batch_size)
-    out.mkdir(parents=True, exist_ok=True)
-    write_restoration(result, out, components.dataset)
-    resolved = components.resolved.get("restore") or {}
-    (out / "spec.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n",
-                                   encoding="utf-8")
+    result = restore_into(out, spec, components, progress_bars(console, args.quiet))
+    write_json(out / "spec.json", components.resolved.get("restore") or {})
     if not args.quiet:
         table = Table(title=f"dkit restore: {method} on {operator}", header_style="bold")
         table.add_column("metric")

@@ -7,7 +7,9 @@ import argparse
 from rich.markup import escape
 
 from diffusers_kit.console import make_console
+from diffusers_kit.run import execute, summary_table
 from diffusers_kit.spec import load_spec
+from diffusers_kit.train import TrainingDiverged, TrainingInterrupted
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,9 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from diffusers_kit.graph import execute, summary_table
-    from diffusers_kit.train import TrainingDiverged, TrainingInterrupted
-
     spec, document = load_spec(args.spec, args.overrides)
     console = make_console(stderr=True)
     try:

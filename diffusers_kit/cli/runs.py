@@ -17,7 +17,7 @@ import yaml
 from rich.table import Table
 
 from diffusers_kit.console import make_console
-from diffusers_kit.pipeline import (
+from diffusers_kit.run_folder import (
     SPEC_FILE,
     follow_latest,
     live_status,

@@ -33,21 +33,27 @@ import torch
 from rich.markup import escape
 
 from diffusers_kit import latent
+from diffusers_kit.api import SamplingOutOfMemory
+from diffusers_kit.cli.main import ENVIRONMENT_ERROR
 from diffusers_kit.console import make_console
+from diffusers_kit.devices import is_out_of_memory
+from diffusers_kit.likelihood import decode, encode, slerp
+from diffusers_kit.report import image_grid, scatter_plot
+from diffusers_kit.run import open_run
+from diffusers_kit.run_folder import write_json
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import component_option
 
 if TYPE_CHECKING:
-    from diffusers_kit.graph import Components
+    from diffusers_kit.run import Components
     from diffusers_kit.solvers.base import SampleResult
     from diffusers_kit.spec.models import Spec
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | None = None,
              solver: str | None = None):  # type: ignore[no-untyped-def]
-    """A finished run's spec and components, its checkpoint loaded (see ``graph.open_run``)."""
-    from diffusers_kit.graph import open_run
-
+    """A finished run's spec and components, its checkpoint loaded
+    (:func:`diffusers_kit.run.open_run`)."""
     return open_run(run_dir, overrides, solver)
 
 
@@ -187,7 +193,7 @@ def sample_command(args: argparse.Namespace) -> int:
     except BaseException as exc:
         for folder in reversed(created):
             shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(exc, Exception) and _out_of_memory(exc):
+        if isinstance(exc, Exception) and is_out_of_memory(exc):
             return _report_out_of_memory(exc, spec)
         raise
 
@@ -225,17 +231,8 @@ def read_init(path: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def _out_of_memory(exc: Exception) -> bool:
-    from diffusers_kit.api import is_out_of_memory
-
-    return is_out_of_memory(exc)
-
-
 def _report_out_of_memory(exc: Exception, spec: Spec) -> int:
     """Exit status 3 (the environment: docs/errors.md) with what to change, no traceback."""
-    from diffusers_kit.api import SamplingOutOfMemory
-    from diffusers_kit.cli.main import ENVIRONMENT_ERROR
-
     if isinstance(exc, SamplingOutOfMemory):
         text = str(exc)
     else:
@@ -251,9 +248,6 @@ def _sample_into(args: argparse.Namespace, spec: Spec, components: Components,
                  out: Path) -> int:
     import numpy as np
     from PIL import Image
-
-    from diffusers_kit.likelihood import decode, encode, slerp
-    from diffusers_kit.report import image_grid, scatter_plot
 
     diffusion, dataset, solver = components.diffusion, components.dataset, components.solver
     n = args.n or spec.sample.n
@@ -329,7 +323,7 @@ def _sample_into(args: argparse.Namespace, spec: Spec, components: Components,
             scatter_plot(decoded, held).save(out / "interpolation.png")
         np.savez_compressed(out / "interpolation.npz", latents=path.cpu().numpy(),
                             decoded=decoded.numpy())
-    (out / "sampling.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    write_json(out / "sampling.json", info)
     console = make_console()
     console.print(f"{n} samples with [bold]{name}[/]: {result.nfe} network evaluations, "
                   f"{seconds:.1f} s", soft_wrap=True)

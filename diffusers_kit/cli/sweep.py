@@ -30,8 +30,17 @@ from rich.table import Table
 from rich.text import Text
 
 from diffusers_kit.api import batch_count
+from diffusers_kit.cli.evaluate import metric_configs
+from diffusers_kit.cli.sample import draw_samples, load_run
 from diffusers_kit.console import make_console
+from diffusers_kit.metrics.floor import SUFFIXES
+from diffusers_kit.registry import get_registry
+from diffusers_kit.report import Series, metric_plot
+from diffusers_kit.run import BuildSettings, build_references, evaluate_metrics
+from diffusers_kit.run_folder import CHECKPOINT, SPEC_FILE, finite, follow_latest, write_json
 from diffusers_kit.spec.errors import SpecError, SpecIssue
+from diffusers_kit.spec.loader import apply_overrides, load_file
+from diffusers_kit.spec.validate import validate
 
 # metrics whose values lie in a known range (the plot's axis stops there)
 BOUNDED = {"class_accuracy": (0.0, 1.0), "accuracy": (0.0, 1.0), "precision": (0.0, 1.0),
@@ -152,8 +161,6 @@ def setting_labels(values: list[str]) -> list[str]:
 def metric_names(metrics: dict[str, Any]) -> list[str]:
     """The statistics of a metrics dict (their companions ``_low``, ``_floor``... and the
     per-class rows ``name_3`` left out), in order."""
-    from diffusers_kit.metrics.floor import SUFFIXES
-
     names = [k for k in metrics
              if not any(k.endswith(s) and k[: -len(s)] in metrics for s in SUFFIXES)]
     return [k for k in names if not (k.rpartition("_")[2].isdigit()
@@ -176,20 +183,6 @@ def _with_interval(metrics: dict[str, Any], key: str, separator: str = " ") -> s
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    from diffusers_kit.cli.evaluate import metric_configs
-    from diffusers_kit.cli.sample import draw_samples, load_run
-    from diffusers_kit.pipeline import (
-        CHECKPOINT,
-        SPEC_FILE,
-        BuildSettings,
-        build_references,
-        follow_latest,
-    )
-    from diffusers_kit.registry import get_registry
-    from diffusers_kit.report import Series, metric_plot
-    from diffusers_kit.spec.loader import apply_overrides, load_file
-    from diffusers_kit.spec.validate import validate
-
     err = make_console(stderr=True)
     field, values = parse_sweep(args.sweep)
     if args.n is not None and args.n < 1:
@@ -258,15 +251,14 @@ def sweep_command(args: argparse.Namespace) -> int:
                                      progress=lambda k, task=task: progress.advance(task, k))
                 progress.update(task, status="evaluating")
                 metrics = _evaluate(spec, components, drawn.samples, drawn.result.labels)
-                # NaN / infinity are not JSON: null, as the run's own metrics.json
-                finite = json.loads(json.dumps(metrics), parse_constant=lambda _: None)
-                points.append({"value": _parsed(value), "text": value, "metrics": finite,
+                figures = finite(metrics)  # NaN / infinity as null, as in metrics.json
+                points.append({"value": _parsed(value), "text": value, "metrics": figures,
                                "nfe": drawn.result.nfe, "seconds": round(drawn.seconds, 3),
                                "samples": f"samples_{stem}.png", "sampling": drawn.info})
                 progress.update(task, status=f"{drawn.result.nfe} NFE, {drawn.seconds:.1f} s")
                 progress.advance(overall)
                 if index == 0:
-                    names = metric_names(finite)
+                    names = metric_names(figures)
                     if plotted is not None:
                         for name in plotted:
                             if name not in names:
@@ -285,8 +277,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     record = {"run": str(folder), "field": field, "values": values, "overrides": overrides,
               "seed": spec.seed if args.seed is None else args.seed, "plot": shown,
               "points": points}
-    (out / "sweep.json").write_text(json.dumps(record, indent=2, default=str) + "\n",
-                                    encoding="utf-8")
+    write_json(out / "sweep.json", record)
 
     series = []
     for name, axis in zip(shown, ("left", "right"), strict=False):
@@ -330,7 +321,6 @@ def _evaluate(spec: Any, components: Any, samples: Any, labels: Any) -> dict[str
     floor)."""
     import torch
 
-    from diffusers_kit.graph import evaluate_metrics
 
     generator = torch.Generator().manual_seed(spec.seed)
     with components.diffusion.sampling_weights() as model:

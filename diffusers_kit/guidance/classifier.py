@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.guidance.base import GradientGuidance, Interval
-from diffusers_kit.pipeline import TrainedModel
+from diffusers_kit.references import TrainedModel
 from diffusers_kit.solvers.base import model_device
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from diffusers_kit.metrics.floor import (
     mean_with_interval,
     real_sets,
 )
-from diffusers_kit.pipeline import TrainedModel
+from diffusers_kit.references import TrainedModel
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel

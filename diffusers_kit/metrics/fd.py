@@ -23,7 +23,7 @@ from torch import nn
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.features import FeatureMetric
 from diffusers_kit.metrics.floor import Level, Resamples, compare_with_floor
-from diffusers_kit.pipeline import TrainedModel
+from diffusers_kit.references import TrainedModel
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel

@@ -17,7 +17,7 @@ import torch
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.base import Metric
 from diffusers_kit.metrics.floor import ErrorBars, RealSets, real_sets
-from diffusers_kit.pipeline import TrainedModel
+from diffusers_kit.references import TrainedModel
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 
 if TYPE_CHECKING:

@@ -32,7 +32,7 @@ from diffusers_kit.metrics.floor import (
     bootstrap_generator,
     compare_with_floor,
 )
-from diffusers_kit.pipeline import TrainedModel
+from diffusers_kit.references import TrainedModel
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel

@@ -27,7 +27,7 @@ from pydantic import Field
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.features import FeatureMetric
 from diffusers_kit.metrics.floor import Level, Resamples, compare_with_floor
-from diffusers_kit.pipeline import TrainedModel
+from diffusers_kit.references import TrainedModel
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel

@@ -8,13 +8,16 @@ parameters against the component's own signature-derived model (see :mod:`regist
 from __future__ import annotations
 
 import re
+import types
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from diffusers_kit.devices import device_available
-from diffusers_kit.pipeline import TrainedModel
+from diffusers_kit.references import TrainedModel
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d{1,4}|mps)$"
 
@@ -53,6 +56,55 @@ def components(kind: str) -> Any:
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def field_info(model: type[BaseModel], name: str) -> tuple[Any, ComponentOf | None]:
+    """A field's annotation and its :class:`ComponentOf` marker (None when it holds no
+    component); ``(None, None)`` for an unknown field."""
+    info = model.model_fields.get(name)
+    if info is None:
+        return None, None
+    marker = next((m for m in info.metadata if isinstance(m, ComponentOf)), None)
+    return info.annotation, marker
+
+
+def section_model(annotation: Any) -> type[Section] | None:
+    """The Section model of a field's annotation (``Section | None`` included)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = inner[0] if len(inner) == 1 else None
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    return None
+
+
+def walk_components(data: Any, model: type[BaseModel] | None = None,
+                    path: tuple[str | int, ...] = ()
+                    ) -> Iterator[tuple[tuple[str | int, ...], str, Any]]:
+    """Every component value of ``data`` — a spec as a mapping (raw or resolved) or a validated
+    :class:`Spec` — as ``(path, kind, value)``, in field order, derived from the
+    :class:`ComponentOf` markers of the section models (so a new component field needs no
+    list updated anywhere). Lists of components give one entry per item; None values and
+    sections that are not mappings are skipped."""
+    model = model or Spec
+    for name in model.model_fields:
+        if isinstance(data, BaseModel):
+            value = getattr(data, name, None)
+        elif isinstance(data, dict):
+            value = data.get(name)
+        else:
+            return
+        if value is None:
+            continue
+        annotation, marker = field_info(model, name)
+        if marker is not None:
+            if not marker.many:
+                yield (*path, name), marker.kind, value
+            elif isinstance(value, list):
+                for index, item in enumerate(value):
+                    yield (*path, name, index), marker.kind, item
+        elif (section := section_model(annotation)) is not None:
+            yield from walk_components(value, section, (*path, name))
 
 
 class TrainSection(Section):

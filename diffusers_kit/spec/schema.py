@@ -13,8 +13,7 @@ import re
 from typing import Any
 
 from diffusers_kit.registry import KIND_ALIASES, Component, Registry
-from diffusers_kit.spec.models import ComponentOf, Section, Spec
-from diffusers_kit.spec.validate import _section_model
+from diffusers_kit.spec.models import ComponentOf, Section, Spec, section_model
 
 SCHEMA_DIALECT = "http://json-schema.org/draft-07/schema#"
 
@@ -92,7 +91,7 @@ def _section_schema(model: type[Section], defs: dict[str, Any]) -> dict[str, Any
             kind = KIND_ALIASES.get(marker.kind, marker.kind)  # $defs has the current names
             ref: dict[str, Any] = {"$ref": f"#/$defs/{kind}"}
             properties[name] = {"type": "array", "items": ref} if marker.many else ref
-        elif (section := _section_model(annotation)) is not None:
+        elif (section := section_model(annotation)) is not None:
             defs[section.__name__] = _section_schema(section, defs)
             ref = {"$ref": f"#/$defs/{section.__name__}"}
             properties[name] = ref if section is annotation else {"anyOf": [ref,

@@ -5,7 +5,6 @@ All problems are collected and raised together as one :class:`SpecError`.
 
 from __future__ import annotations
 
-import types
 import typing
 from typing import Any
 
@@ -14,7 +13,8 @@ import pydantic
 from diffusers_kit.registry import Registry, RegistryError, suggest
 from diffusers_kit.spec.errors import Path, SpecError, SpecIssue, missing
 from diffusers_kit.spec.loader import Document
-from diffusers_kit.spec.models import ComponentOf, Section, Spec
+from diffusers_kit.spec.models import Spec, field_info, section_model, walk_components
+from diffusers_kit.spec.references import check_references
 from diffusers_kit.spec.strict import strict_issues
 
 
@@ -25,32 +25,14 @@ def _clean_message(message: str) -> str:
     return message
 
 
-def _field_info(model: type[pydantic.BaseModel], name: str) -> tuple[Any, ComponentOf | None]:
-    info = model.model_fields.get(name)
-    if info is None:
-        return None, None
-    marker = next((m for m in info.metadata if isinstance(m, ComponentOf)), None)
-    return info.annotation, marker
-
-
-def _section_model(annotation: Any) -> type[Section] | None:
-    """The Section model of a field's annotation (``Section | None`` included)."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
-        annotation = inner[0] if len(inner) == 1 else None
-    if isinstance(annotation, type) and issubclass(annotation, Section):
-        return annotation
-    return None
-
-
 def _known_fields(model: type[pydantic.BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Field names of the section model that ``loc`` points into (for "did you mean")."""
     current: type[pydantic.BaseModel] | None = model
     for part in loc:
         if current is None:
             return []
-        annotation, _ = _field_info(current, str(part))
-        current = _section_model(annotation)
+        annotation, _ = field_info(current, str(part))
+        current = section_model(annotation)
     return list(current.model_fields) if current else []
 
 
@@ -135,31 +117,13 @@ def validate_component(
             validate_component(registry, sub.kind, value, ppath, document, issues)
 
 
-def _walk_sections(
-    model: type[pydantic.BaseModel],
-    raw: Any,
-    path: Path,
-    registry: Registry,
-    document: Document,
-    issues: list[SpecIssue],
-) -> None:
-    if not isinstance(raw, dict):
-        return  # pydantic has reported it
-    for name in model.model_fields:
-        annotation, marker = _field_info(model, name)
-        if name not in raw:
-            continue
-        value = raw[name]
-        if marker is not None:
-            if marker.many:
-                if isinstance(value, list):
-                    for index, item in enumerate(value):
-                        validate_component(registry, marker.kind, item, path + (name, index),
-                                           document, issues)
-            elif isinstance(value, dict):
-                validate_component(registry, marker.kind, value, path + (name,), document, issues)
-        elif (section := _section_model(annotation)) is not None:
-            _walk_sections(section, value, path + (name,), registry, document, issues)
+def _walk_sections(raw: Any, registry: Registry, document: Document,
+                   issues: list[SpecIssue]) -> None:
+    """Validate every component mapping of ``raw`` (a spec mapping) against its signature;
+    a single component that is not a mapping has been reported by pydantic already."""
+    for path, kind, value in walk_components(raw):
+        if isinstance(path[-1], int) or isinstance(value, dict):
+            validate_component(registry, kind, value, path, document, issues)
 
 
 MODEL_SECTIONS = ("data", "process", "network", "objective")
@@ -207,7 +171,7 @@ def validate(document: Document, registry: Registry,
              _stack: tuple[tuple[str, ...], ...] = ()) -> Spec:
     """Validate ``document`` fully; raises :class:`SpecError` listing every problem.
 
-    Model references (:mod:`diffusers_kit.pipeline`) are checked too: each referenced spec is
+    Model references (:mod:`diffusers_kit.spec.references`) are checked too: each referenced spec is
     validated (its problems reported with its own file and lines), reference cycles are errors.
     ``_stack`` is the chain of spec files being validated through references.
     """
@@ -217,16 +181,14 @@ def validate(document: Document, registry: Registry,
         spec = Spec.model_validate(document.data)
     except pydantic.ValidationError as exc:
         issues.extend(_pydantic_issues(exc, document, (), lambda loc: _known_fields(Spec, loc)))
-    _walk_sections(Spec, document.data, (), registry, document, issues)
+    _walk_sections(document.data, registry, document, issues)
     if spec is not None and not issues:
         # defaults filled in by pydantic (e.g. train.optimizer) are checked the same way
-        _walk_sections(Spec, spec.model_dump(), (), registry, document, issues)
+        _walk_sections(spec.model_dump(), registry, document, issues)
     if spec is not None and not issues:
         issues.extend(_model_sections(document, spec))
     if spec is not None and not issues:
-        from diffusers_kit.pipeline import check_references
-
-        issues.extend(check_references(spec, document, registry, _stack))
+        issues.extend(check_references(spec, document, registry, _stack, validate))
     if issues:
         issues.sort(key=lambda i: (i.line is None, i.line or 0))
         raise SpecError(issues, document.origin)
@@ -236,19 +198,4 @@ def validate(document: Document, registry: Registry,
 
 def component_paths(spec: Spec) -> list[tuple[Path, str, dict[str, Any]]]:
     """Every top-level component of ``spec``: ``(path, kind, config)``."""
-    found: list[tuple[Path, str, dict[str, Any]]] = []
-
-    def walk(model: pydantic.BaseModel, path: Path) -> None:
-        for name in type(model).model_fields:
-            _, marker = _field_info(type(model), name)
-            value = getattr(model, name)
-            if marker is not None and value is not None:
-                if marker.many:
-                    found.extend((path + (name, i), marker.kind, v) for i, v in enumerate(value))
-                else:
-                    found.append((path + (name,), marker.kind, value))
-            elif isinstance(value, Section):
-                walk(value, path + (name,))
-
-    walk(spec, ())
-    return found
+    return list(walk_components(spec))
