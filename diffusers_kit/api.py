@@ -349,6 +349,7 @@ class Diffusion:
         guidance: Sequence[Guidance] = (),
         labels: str | int | Sequence[int] | torch.Tensor | None = None,
         measurements: torch.Tensor | None = None,
+        first: int = 0,
     ) -> SampleResult:
         """Draw ``n`` samples with ``solver``; uses the EMA weights when there are some.
 
@@ -369,6 +370,11 @@ class Diffusion:
         The labels used are in the result's ``labels``. ``measurements`` (``n`` of them, one
         ``y`` per sample) are what the measurement terms (:mod:`diffusers_kit.guidance.
         measurement`) condition on; :func:`diffusers_kit.restore.restore` simulates them.
+
+        ``first`` is the global index of the first sample: the samples drawn are those with
+        indices ``first, ..., first + n - 1`` of the seed's streams, so a shard drawing
+        ``n`` samples from ``first`` gets exactly the rows ``first:first + n`` of one call
+        drawing them all (``dkit sample --shard``). ``labels`` and ``x_T`` are the shard's own.
         """
         reason = solver.check(self.process)
         if reason is not None:
@@ -409,7 +415,7 @@ class Diffusion:
                         None if measurements is None else measurements[start:start + count])
                 try:
                     result = solver.sample(model, (count, *shape), progress=report,
-                                           noise=PerSampleNoise(seed, start), x_T=init)
+                                           noise=PerSampleNoise(seed, first + start), x_T=init)
                 except Exception as exc:
                     if not is_out_of_memory(exc):
                         raise

@@ -15,12 +15,21 @@ when the command fails, so a failed command leaves no folder; the run's own file
 touched. Without ``sample.batch_size`` the samples are drawn in batches that fit in memory
 (:func:`diffusers_kit.api.default_batch_size`); memory that still runs out is exit status 3
 with the batch to try.
+
+``--shard K/N`` (or, under torchrun, ``RANK/WORLD_SIZE``) draws only shard ``K`` of ``N``: a
+contiguous block of whole batches of the run's ``sample.n`` samples
+(:func:`diffusers_kit.cli.merge.shard_range`), into
+``RUN_DIR/sampling/shards-<solver>-<hash>/shard-K-of-N/`` with a manifest ``shard.json``;
+``dkit merge`` joins the shards into samples equal, bit for bit, to an unsharded draw with the
+same batch size (docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -35,6 +44,13 @@ from rich.markup import escape
 from diffusers_kit import latent
 from diffusers_kit.api import SamplingOutOfMemory
 from diffusers_kit.cli.main import ENVIRONMENT_ERROR
+from diffusers_kit.cli.merge import (
+    MANIFEST,
+    file_sha256,
+    parse_shard,
+    shard_batch,
+    shard_range,
+)
 from diffusers_kit.console import make_console
 from diffusers_kit.devices import is_out_of_memory
 from diffusers_kit.likelihood import decode, encode, slerp
@@ -100,20 +116,25 @@ class Drawn:
 def draw_samples(spec: Spec, components: Components, out: Path, n: int, seed: int, *,
                  stem: str = "samples",
                  progress: Callable[[int], None] | bool | None = None,
-                 x_T: torch.Tensor | None = None) -> Drawn:
+                 x_T: torch.Tensor | None = None, first: int | None = None) -> Drawn:
     """Draw ``n`` samples of a loaded run (``load_run``) as ``dkit sample`` does: its solver,
     guidance and labels, from ``seed``; then create ``out`` when missing and write
     ``out/<stem>.npz`` (samples, display, labels) and ``out/<stem>.png`` (an image grid, or a
     scatter over the held-out data) with :meth:`SampleResult.save
     <diffusers_kit.solvers.base.SampleResult.save>`. ``progress(k)`` is told of every k solver
     steps done; ``progress=True`` draws a progress bar. ``x_T`` (``n`` start points) replaces
-    the prior draw."""
+    the prior draw. ``first`` (a shard's first global index) draws the samples
+    ``first .. first + n - 1`` of the run's ``sample.n``, with their labels: exactly those rows
+    of the unsharded draw (:meth:`Diffusion.sample <diffusers_kit.api.Diffusion.sample>`)."""
     diffusion, dataset = components.diffusion, components.dataset
+    labels = components.labels
+    if first is not None and labels is not None:
+        labels = labels[first:first + n]  # laid out for the whole sample.n: this shard's rows
     started = time.perf_counter()
     result = diffusion.sample(n, components.solver, seed=seed,
                               batch_size=spec.sample.batch_size, progress=progress,
-                              guidance=components.guidance, labels=components.labels,
-                              x_T=x_T)
+                              guidance=components.guidance, labels=labels,
+                              x_T=x_T, first=first or 0)
     seconds = time.perf_counter() - started
     samples = result.samples.float().cpu()
     result.save(out, dataset, columns=spec.output.grid_columns, stem=stem,
@@ -152,7 +173,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--interpolate", type=int, default=0, metavar="K",
                         help="also write a strip of K slerp points between encoded examples")
     parser.add_argument("--pairs", type=int, default=4, help="rows of the interpolation strip")
+    parser.add_argument("--shard", metavar="K/N",
+                        help="draw only shard K of N (K from 0): the samples K*n//N .. "
+                             "(K+1)*n//N - 1, into RUN_DIR/sampling/shards-.../shard-K-of-N; "
+                             "join them with dkit merge. Under torchrun the default is "
+                             "RANK/WORLD_SIZE")
     parser.set_defaults(func=sample_command)
+
+
+def shard_from(args: argparse.Namespace, environ: dict[str, str] | None = None
+               ) -> tuple[int, int] | None:
+    """The shard to draw: ``--shard K/N``, else ``RANK/WORLD_SIZE`` under torchrun (a world of
+    more than one process), else None (everything)."""
+    environ = dict(os.environ) if environ is None else environ
+    if args.shard is not None:
+        return parse_shard(args.shard)
+    world = environ.get("WORLD_SIZE", "").strip()
+    if world and world != "1":
+        text = f"{environ.get('RANK', '').strip()}/{world}"
+        return parse_shard(text, "RANK/WORLD_SIZE (torchrun's environment)")
+    return None
 
 
 def sample_command(args: argparse.Namespace) -> int:
@@ -171,6 +211,15 @@ def sample_command(args: argparse.Namespace) -> int:
         args.n = len(init)
     if args.n is not None:
         overrides.append(f"sample.n={args.n}")  # labels are laid out for this many samples
+    shard = shard_from(args)
+    if shard is not None:
+        for flag, used in (("--progressive", args.progressive),
+                           ("--interpolate", args.interpolate)):
+            if used:
+                raise SpecError([SpecIssue((flag,), "no --progressive or --interpolate with a "
+                                           "shard (draw them in an unsharded dkit sample)",
+                                           used, None, "command line")])
+        _use_local_gpu()
     spec, components = load_run(args.run_dir, overrides, args.solver)
     if init is not None:
         expected = (len(init), *components.diffusion.network.data_shape)
@@ -179,6 +228,8 @@ def sample_command(args: argparse.Namespace) -> int:
                                        f"{expected}", f"shape {tuple(init.shape)}",
                                        None, "command line")])
         args.init_noise = init
+    if shard is not None:
+        return _sample_shard(args, spec, components, shard)
     name = spec.sample.solver["kind"]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(args.run_dir).expanduser() / "sampling" / f"{name}-{stamp}"
@@ -196,6 +247,78 @@ def sample_command(args: argparse.Namespace) -> int:
         if isinstance(exc, Exception) and is_out_of_memory(exc):
             return _report_out_of_memory(exc, spec)
         raise
+
+
+def _use_local_gpu() -> None:
+    """Under torchrun each process of a node takes its own GPU (``LOCAL_RANK``); sharded
+    sampling needs no process group, the shards never talk to each other."""
+    local = os.environ.get("LOCAL_RANK", "").strip()
+    if local.isdigit() and torch.cuda.is_available() and int(local) < torch.cuda.device_count():
+        torch.cuda.set_device(int(local))
+
+
+def _sample_shard(args: argparse.Namespace, spec: Spec, components: Components,
+                  shard: tuple[int, int]) -> int:
+    """Draw shard ``K/N`` of the run's samples into its own folder with its manifest
+    (:mod:`diffusers_kit.cli.merge`). The set's folder name holds a hash of everything that
+    must agree, so shards drawn with other settings never land beside each other."""
+    import hashlib
+
+    from diffusers_kit.run.build import run_document
+    from diffusers_kit.run_folder import CHECKPOINT
+
+    k, count = shard
+    n = args.n or spec.sample.n
+    if count > n:
+        raise SpecError([SpecIssue(("--shard",), f"at most n = {n} shards (each draws at least "
+                                   f"one sample)", f"{k}/{count}", None, "command line")])
+    batch = shard_batch(n, count, spec.sample.batch_size, components.diffusion.network.data_shape)
+    if -(-n // batch) < count:
+        raise SpecError([SpecIssue(("--shard",), f"at most {-(-n // batch)} shards: n = {n} "
+                                   f"samples in batches of sample.batch_size = {batch}",
+                                   f"{k}/{count}", None, "command line")])
+    spec.sample.batch_size = batch  # given, not automatic: no batch is ever halved
+    seed = spec.seed if args.seed is None else args.seed
+    start, stop = shard_range(k, count, n, batch)
+    folder = run_document(args.run_dir)[0].resolve()
+    init = getattr(args, "init_noise", None)
+    resolved = components.resolved["sample"]
+    shared = {"run": str(folder), "checkpoint_sha256": file_sha256(folder / CHECKPOINT),
+              "seed": seed, "n": n, "shards": count, "batch_size": batch,
+              "solver": resolved["solver"],
+              "guidance": resolved.get("guidance", []), "labels": spec.sample.labels,
+              "init": None if init is None else hashlib.sha256(init.numpy().tobytes()
+                                                               ).hexdigest()}
+    key = hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()
+                         ).hexdigest()[:10]
+    out = (Path(args.run_dir).expanduser() / "sampling"
+           / f"shards-{spec.sample.solver['kind']}-{key}" / f"shard-{k}-of-{count}")
+    if out.exists():
+        raise SpecError([SpecIssue(("--shard",), f"a shard not drawn yet (remove {out} to "
+                                   "draw it again)", f"{k}/{count}", None, "command line")])
+    created = [p for p in (out.parent.parent, out.parent) if not p.exists()]
+    try:
+        drawn = draw_samples(spec, components, out, stop - start, seed, progress=True,
+                             x_T=None if init is None else init[start:stop], first=start)
+        manifest = {**shared, "shard": k, "indices": [start, stop],
+                    "samples_sha256": file_sha256(out / "samples.npz"),
+                    "nfe": drawn.result.nfe, "seconds": drawn.seconds,
+                    "batch_size": drawn.result.batch_size}
+        write_json(out / MANIFEST, manifest)  # last: a shard without it is not finished
+    except BaseException as exc:
+        shutil.rmtree(out, ignore_errors=True)
+        for parent in reversed(created):  # other shards may be writing there: only if empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        if isinstance(exc, Exception) and is_out_of_memory(exc):
+            return _report_out_of_memory(exc, spec)
+        raise
+    console = make_console()
+    console.print(f"shard {k}/{count}: samples {start}..{stop - 1} of {n} with "
+                  f"[bold]{spec.sample.solver['kind']}[/], {drawn.seconds:.1f} s", soft_wrap=True)
+    console.print(f"results in [bold]{escape(str(out))}[/]; join the shards with dkit merge "
+                  f"{escape(str(out.parent))} -o OUT", soft_wrap=True)
+    return 0
 
 
 def read_init(path: str) -> torch.Tensor:
