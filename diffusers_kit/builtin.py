@@ -19,8 +19,17 @@ from diffusers_kit import (
     optim,
     processes,
     solvers,
+    tracking,
 )
 from diffusers_kit.hookspecs import hookimpl
+
+# the trackers' life-cycle hooks (spec.track) are part of the built-in plugin
+from diffusers_kit.tracking.hooks import (  # noqa: F401
+    dkit_run_finished,
+    dkit_run_started,
+    dkit_samples_ready,
+    dkit_train_step,
+)
 
 KINDS = {
     "data": (data.Dataset, "Data sets: training and held-out examples."),
@@ -40,10 +49,11 @@ KINDS = {
     "conditioner": (conditioners.Conditioner, "Context sequences (class tokens, text) that "
                     "networks attend to through cross-attention."),
     "optimizer": (optim.Optimizer, "Optimizers."),
+    "tracker": (tracking.Tracker, "Experiment trackers (spec.track): TensorBoard, MLflow."),
 }
 
 PACKAGES = (data, processes, networks, objectives, solvers, guidance, forward_models, metrics,
-            optim, autoencoders, conditioners)
+            optim, autoencoders, conditioners, tracking)
 
 
 @hookimpl

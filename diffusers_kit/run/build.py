@@ -63,6 +63,7 @@ class Components:
     labels: torch.Tensor | None = None  # one requested class per sample (sample.labels)
     restore_method: Guidance | None = None  # restore.method, its forward model inside
     restore_solver: Solver | None = None
+    trackers: list[Any] = field(default_factory=list)  # spec.track, built (diffusers_kit.tracking)
 
 
 class Builder:
@@ -147,6 +148,7 @@ def build_components(
     shape = {} if data is None else {"data_shape": data.shape}  # for nested operators
     metrics = [(m["kind"], builder.build(("evaluate", "metrics", i), "metric", m, **shape))
                for i, m in enumerate(spec.evaluate.metrics)]
+    trackers = [builder.build(("track", i), "tracker", t) for i, t in enumerate(spec.track)]
     network, autoencoder = None, None
     if data is not None and source.latent is not None:
         autoencoder = _first_stage(source.latent, data.shape, model_builder)
@@ -209,7 +211,7 @@ def build_components(
         if builder.issues:
             raise SpecError(builder.issues, document.origin if document else None)
     return Components(dataset, data, diffusion, solver, metrics, optimizer, resolved, guidance,
-                      labels, method, restore_solver)
+                      labels, method, restore_solver, trackers)
 
 
 def _first_stage(reference: TrainedModel, data_shape: tuple[int, ...], builder: Builder

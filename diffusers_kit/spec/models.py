@@ -258,3 +258,7 @@ class Spec(Section):
     output: OutputSection = Field(
         default_factory=OutputSection,
         description="where the run folder goes and how the grid is laid out (below)")
+    track: components("tracker") = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description=("experiment trackers that receive the run's loss, learning rate, metrics "
+                     "and samples, e.g. [{kind: tensorboard}, {kind: mlflow}]"))
