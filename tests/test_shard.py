@@ -123,3 +123,22 @@ def test_torchrun_environment_shards_by_rank(trained, capsys):
                  if json.loads((p / "shard.json").read_text())["seed"] == 21]
     manifest = json.loads((folder / "shard.json").read_text())
     assert manifest["indices"] == [3, 6] and manifest["shards"] == 2
+
+
+def test_a_failed_shard_removes_only_its_own_folder_and_a_drawn_one_is_refused(
+        trained, capsys, monkeypatch):
+    parent = draw_shards(trained, 2, capsys, n=4, seed=31)
+    shutil.rmtree(parent / "shard-1-of-2")
+    from diffusers_kit.cli import sample
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(sample, "draw_samples", broken)
+    argv = ["sample", str(trained), "--solver", SOLVER, "--n", "4", "--seed", "31"]
+    assert run_cli([*argv, "--shard", "1/2"], capsys)[0] != 0
+    assert not (parent / "shard-1-of-2").exists()
+    assert (parent / "shard-0-of-2" / "shard.json").is_file(), "the neighbour is kept"
+    monkeypatch.undo()
+    code, _, err = run_cli([*argv, "--shard", "0/2"], capsys)
+    assert code == 2 and "remove" in err and "shard-0-of-2" in " ".join(err.split())
