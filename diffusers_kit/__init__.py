@@ -132,6 +132,7 @@ from diffusers_kit.solvers import (
     Solver,
     UniPC,
 )
+from diffusers_kit.tracking import MLflow, TensorBoard, Tracker
 from diffusers_kit.train import EMA, Trainer, TrainingDiverged, TrainingInterrupted
 from diffusers_kit.version import __version__
 
@@ -209,6 +210,7 @@ __all__ = [
     "Langevin",
     "LangevinCorrector",
     "LatentCache",
+    "MLflow",
     "MatrixOperator",
     "MeasurementGuidance",
     "Metric",
@@ -248,8 +250,10 @@ __all__ = [
     "SubVP",
     "SuperResolution",
     "SwissRoll",
+    "TensorBoard",
     "TextConditioner",
     "Toy2D",
+    "Tracker",
     "TrainedModel",
     "Trainer",
     "TrainingDiverged",
