@@ -12,6 +12,7 @@ from diffusers_kit.metrics.consistency import Consistency
 from diffusers_kit.metrics.fd import FrechetDistance, frechet_distance
 from diffusers_kit.metrics.features import FeatureSpace
 from diffusers_kit.metrics.floor import ErrorBars, compare_with_floor, mean_with_interval
+from diffusers_kit.metrics.inception import InceptionFrechetDistance, InceptionKernelDistance
 from diffusers_kit.metrics.kid import KernelDistance, kernel_distance
 from diffusers_kit.metrics.nll import NegativeLogLikelihood
 from diffusers_kit.metrics.prdc import PrecisionRecall, prdc
@@ -25,6 +26,8 @@ REGISTER = [
     ("metric", "fd", FrechetDistance),
     ("metric", "kid", KernelDistance),
     ("metric", "prdc", PrecisionRecall),
+    ("metric", "fid_inception", InceptionFrechetDistance),
+    ("metric", "kid_inception", InceptionKernelDistance),
     ("metric", "class_accuracy", ClassAccuracy),
     ("metric", "accuracy", Accuracy),
     ("metric", "psnr", PSNR),
@@ -35,7 +38,8 @@ REGISTER = [
 
 __all__ = ["PSNR", "REGISTER", "SSIM", "Accuracy", "ClassAccuracy", "Consistency", "ErrorBars",
            "FeatureSpace",
-           "FrechetDistance", "KernelDistance", "Metric", "NegativeLogLikelihood",
+           "FrechetDistance", "InceptionFrechetDistance", "InceptionKernelDistance",
+           "KernelDistance", "Metric", "NegativeLogLikelihood",
            "PrecisionRecall", "ReconstructionQuality", "SlicedWasserstein", "compare_with_floor",
            "frechet_distance",
            "kernel_distance", "mean_with_interval", "prdc", "sliced_wasserstein"]
