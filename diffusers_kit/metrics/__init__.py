@@ -8,6 +8,7 @@ computed in a feature space name a trained classifier (:mod:`diffusers_kit.metri
 from diffusers_kit.metrics.accuracy import Accuracy
 from diffusers_kit.metrics.base import Metric
 from diffusers_kit.metrics.class_accuracy import ClassAccuracy
+from diffusers_kit.metrics.clip import CLIPScore
 from diffusers_kit.metrics.consistency import Consistency
 from diffusers_kit.metrics.fd import FrechetDistance, frechet_distance
 from diffusers_kit.metrics.features import FeatureSpace
@@ -28,6 +29,7 @@ REGISTER = [
     ("metric", "prdc", PrecisionRecall),
     ("metric", "fid_inception", InceptionFrechetDistance),
     ("metric", "kid_inception", InceptionKernelDistance),
+    ("metric", "clip_score", CLIPScore),
     ("metric", "class_accuracy", ClassAccuracy),
     ("metric", "accuracy", Accuracy),
     ("metric", "psnr", PSNR),
@@ -36,7 +38,8 @@ REGISTER = [
     ("metric", "reconstruction", ReconstructionQuality),
 ]
 
-__all__ = ["PSNR", "REGISTER", "SSIM", "Accuracy", "ClassAccuracy", "Consistency", "ErrorBars",
+__all__ = ["PSNR", "REGISTER", "SSIM", "Accuracy", "CLIPScore", "ClassAccuracy", "Consistency",
+           "ErrorBars",
            "FeatureSpace",
            "FrechetDistance", "InceptionFrechetDistance", "InceptionKernelDistance",
            "KernelDistance", "Metric", "NegativeLogLikelihood",
