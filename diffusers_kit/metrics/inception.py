@@ -25,14 +25,11 @@ provide the file.
 torch-fidelity is installed with ``pip install --no-deps torch-fidelity``: its package imports
 torchvision (for its data sets and other networks), which pulls another torch build; the
 Inception network needs torch alone, so its module is imported without the package's
-``__init__`` when torchvision is missing (:func:`inception_class`).
+``__init__`` when torchvision is missing (:mod:`diffusers_kit.metrics.fidelity`).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -41,6 +38,7 @@ from pydantic import Field
 
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.fd import FrechetDistance
+from diffusers_kit.metrics.fidelity import inception_module
 from diffusers_kit.metrics.floor import ErrorBars, Level, RealSets, Resamples, real_sets
 from diffusers_kit.metrics.kid import KernelDistance
 from diffusers_kit.metrics.restoration import DataValue
@@ -59,23 +57,11 @@ BATCH = 64
 
 
 def inception_class() -> type:
-    """torch-fidelity's ``FeatureExtractorInceptionV3``. When the package cannot be imported
-    because torchvision is missing, its Inception module (which needs torch alone) is imported
-    under a bare package object that skips ``torch_fidelity/__init__.py``."""
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None:
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` (imported without torchvision:
+    :mod:`diffusers_kit.metrics.fidelity`); a ValueError saying how to install it."""
+    module = inception_module()
+    if module is None:
         raise ValueError(f"the Inception metrics need {INSTALL}")
-    name = "torch_fidelity.feature_extractor_inceptionv3"
-    try:
-        return importlib.import_module(name).FeatureExtractorInceptionV3  # type: ignore[no-any-return]
-    except ImportError:
-        pass  # torchvision, imported by the package's other modules
-    package = importlib.util.module_from_spec(spec)  # not executed: no __init__
-    sys.modules["torch_fidelity"] = package
-    try:
-        module = importlib.import_module(name)
-    finally:
-        del sys.modules["torch_fidelity"]  # never left in place of the real package
     return module.FeatureExtractorInceptionV3  # type: ignore[no-any-return]
 
 

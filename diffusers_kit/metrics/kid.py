@@ -50,10 +50,10 @@ def kernel_distance(a: torch.Tensor, b: torch.Tensor, subsets: int, subset_size:
                          f"{len(b)}")
     with warnings.catch_warnings():  # torchmetrics warns that it keeps the features: we know
         warnings.simplefilter("ignore", UserWarning)
-        from torchmetrics.image.kid import KernelInceptionDistance
+        from diffusers_kit.metrics.fidelity import torchmetrics_image
 
-        metric = KernelInceptionDistance(feature=Precomputed(a.shape[1]), subsets=subsets,
-                                         subset_size=size)
+        estimator = torchmetrics_image("kid").KernelInceptionDistance
+        metric = estimator(feature=Precomputed(a.shape[1]), subsets=subsets, subset_size=size)
     metric.update(a, real=True)
     metric.update(b, real=False)
     seed = int(torch.randint(2**62, (1,), generator=generator))
@@ -65,8 +65,9 @@ def kernel_distance(a: torch.Tensor, b: torch.Tensor, subsets: int, subset_size:
 
 def full_set_kid(a: torch.Tensor, b: torch.Tensor) -> float:
     """The unbiased MMD^2 estimate over all of ``a`` and ``b`` (equal sizes)."""
-    from torchmetrics.image.kid import poly_mmd
+    from diffusers_kit.metrics.fidelity import torchmetrics_image
 
+    poly_mmd = torchmetrics_image("kid").poly_mmd
     return float(poly_mmd(a.double(), b.double(), degree=3, gamma=None, coef=1.0))
 
 
@@ -76,16 +77,17 @@ class Kernels:
     it."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        from torchmetrics.image.kid import poly_kernel
+        from diffusers_kit.metrics.fidelity import torchmetrics_image
 
         pool = torch.cat([a.double(), b.double()])
-        self.pool = poly_kernel(pool, pool)
+        self.pool = torchmetrics_image("kid").poly_kernel(pool, pool)
 
     def kid(self, ia: torch.Tensor, ib: torch.Tensor) -> float:
-        from torchmetrics.image.kid import maximum_mean_discrepancy
+        from diffusers_kit.metrics.fidelity import torchmetrics_image
 
+        mmd = torchmetrics_image("kid").maximum_mean_discrepancy
         k = self.pool
-        return float(maximum_mean_discrepancy(k[ia][:, ia], k[ia][:, ib], k[ib][:, ib]))
+        return float(mmd(k[ia][:, ia], k[ia][:, ib], k[ib][:, ib]))
 
 
 class KernelDistance(FeatureMetric):
