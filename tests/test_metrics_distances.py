@@ -23,7 +23,7 @@ from diffusers_kit.metrics.floor import (
     ErrorBars,
     mean_with_interval,
     real_sets,
-    recentred_interval,
+    sampling_interval,
     summarize,
 )
 from diffusers_kit.metrics.kid import Kernels, full_set_kid, kernel_distance
@@ -108,12 +108,13 @@ def test_kid_is_the_unbiased_mmd_with_the_cubic_polynomial_kernel():
     mean, _ = kernel_distance(x, y, subsets=3, subset_size=n, generator=g)
     assert mean == pytest.approx(by_hand, rel=1e-10)  # every subset is the whole set
     everything = torch.arange(n)
-    assert Kernels(x, y).kid(everything, everything) == pytest.approx(by_hand, rel=1e-10)
+    # the kernel matrix is the pooled sets' [x; y]: y's rows follow x's
+    assert Kernels(x, y).kid(everything, n + everything) == pytest.approx(by_hand, rel=1e-10)
     index = torch.randint(n, (n,), generator=g)
     other = torch.randint(n, (n,), generator=g)
     # the kernel-indexing route of the bootstrap is the same estimator on the resampled sets
-    assert Kernels(x, y).kid(index, other) == pytest.approx(full_set_kid(x[index], y[other]),
-                                                            rel=1e-10)
+    assert Kernels(x, y).kid(index, n + other) == pytest.approx(
+        full_set_kid(x[index], y[other]), rel=1e-10)
 
 
 def test_swd_resampled_from_sorted_projections_equals_sorting_the_resample():
@@ -145,17 +146,23 @@ def test_mean_interval_matches_the_normal_approximation_for_a_proportion():
     assert out["acc_n"] == 400
 
 
-def test_recentred_interval_is_centred_on_the_estimate_and_clipped():
-    # a statistic whose replicates are shifted by +5 (a bias): the interval ignores the shift
-    def replicates(ia, ib):
-        return {"s": 5.0 + float(ia.double().mean() - 49.5) / 10}
+def test_sampling_interval_is_centred_on_the_estimate_and_clipped():
+    # a statistic whose replicates are shifted by +5 (a bias): the interval ignores the shift;
+    # it is the mean of the first set's rows: 100 zeros, then 100 ones in the second set, so
+    # V_half = 0 and V = V_perm, the variance of the mean of 100 of the 200 values drawn
+    # without replacement
+    x = torch.cat([torch.zeros(100), torch.ones(100)]).double()
 
-    interval = recentred_interval({"s": 0.1}, replicates, (100, 100),
-                                  torch.Generator().manual_seed(0), ErrorBars(500, 0.9),
-                                  bounds={"s": (0.0, math.inf)})
+    def replicates(ia, ib):
+        return {"s": 5.0 + float(x[ia].mean())}
+
+    interval = sampling_interval({"s": 0.03}, replicates, (100, 100),
+                                 torch.Generator().manual_seed(0), ErrorBars(2000, 0.9),
+                                 bounds={"s": (0.0, math.inf)})
     low, high = interval["s"]
     assert low == 0.0  # clipped at the metric's range
-    assert 0.1 < high < 1.0
+    half = 1.644854 * math.sqrt(0.25 / 100 * 100 / 199)  # finite-population correction
+    assert high == pytest.approx(0.03 + half, rel=0.05)
 
 
 def test_summary_rows_fold_floor_interval_and_n_into_one_line():

@@ -47,9 +47,9 @@ def _metric(dim: int) -> Any:
     # as the computation itself, and the bootstrap calls this hundreds of times
     # imported here: torchmetrics' image package imports transformers when it is installed,
     # seconds that every dkit command would pay at start-up
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from diffusers_kit.metrics.fidelity import torchmetrics_image
 
-    return FrechetInceptionDistance(feature=Precomputed(dim))
+    return torchmetrics_image("fid").FrechetInceptionDistance(feature=Precomputed(dim))
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

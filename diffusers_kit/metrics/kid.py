@@ -10,9 +10,9 @@ is reported as ``kid_std`` (Bińkowski et al. 2018, sec. 4). Being unbiased, KID
 one distribution is 0 on average (it may be negative). The estimator is torchmetrics'
 ``KernelInceptionDistance``, fed this project's features.
 
-The interval is the bootstrap of the full-set estimate (one subset of all n examples), re-centred
-on ``kid`` (:mod:`diffusers_kit.metrics.floor`): the subsets' spread describes subsets of
-``subset_size``, not the figure over all n.
+The interval is that of the full-set estimate (one subset of all n examples;
+:mod:`diffusers_kit.metrics.floor`): the subsets' spread describes subsets of ``subset_size``,
+not the figure over all n.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ def kernel_distance(a: torch.Tensor, b: torch.Tensor, subsets: int, subset_size:
                          f"{len(b)}")
     with warnings.catch_warnings():  # torchmetrics warns that it keeps the features: we know
         warnings.simplefilter("ignore", UserWarning)
-        from torchmetrics.image.kid import KernelInceptionDistance
+        from diffusers_kit.metrics.fidelity import torchmetrics_image
 
-        metric = KernelInceptionDistance(feature=Precomputed(a.shape[1]), subsets=subsets,
-                                         subset_size=size)
+        estimator = torchmetrics_image("kid").KernelInceptionDistance
+        metric = estimator(feature=Precomputed(a.shape[1]), subsets=subsets, subset_size=size)
     metric.update(a, real=True)
     metric.update(b, real=False)
     seed = int(torch.randint(2**62, (1,), generator=generator))
@@ -65,26 +65,29 @@ def kernel_distance(a: torch.Tensor, b: torch.Tensor, subsets: int, subset_size:
 
 def full_set_kid(a: torch.Tensor, b: torch.Tensor) -> float:
     """The unbiased MMD^2 estimate over all of ``a`` and ``b`` (equal sizes)."""
-    from torchmetrics.image.kid import poly_mmd
+    from diffusers_kit.metrics.fidelity import torchmetrics_image
 
+    poly_mmd = torchmetrics_image("kid").poly_mmd
     return float(poly_mmd(a.double(), b.double(), degree=3, gamma=None, coef=1.0))
 
 
 class Kernels:
-    """The kernel matrices of two feature sets, computed once: the full-set KID of any
-    resample ``(a[ia], b[ib])`` is then read off by indexing them."""
+    """The kernel matrix of the pooled feature sets ``[a; b]``, computed once: the full-set
+    KID of any two sets of its rows, ``(pool[ia], pool[ib])``, is then read off by indexing
+    it."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        a, b = a.double(), b.double()
-        from torchmetrics.image.kid import poly_kernel
+        from diffusers_kit.metrics.fidelity import torchmetrics_image
 
-        self.aa, self.ab, self.bb = poly_kernel(a, a), poly_kernel(a, b), poly_kernel(b, b)
+        pool = torch.cat([a.double(), b.double()])
+        self.pool = torchmetrics_image("kid").poly_kernel(pool, pool)
 
     def kid(self, ia: torch.Tensor, ib: torch.Tensor) -> float:
-        from torchmetrics.image.kid import maximum_mean_discrepancy
+        from diffusers_kit.metrics.fidelity import torchmetrics_image
 
-        return float(maximum_mean_discrepancy(self.aa[ia][:, ia], self.ab[ia][:, ib],
-                                              self.bb[ib][:, ib]))
+        mmd = torchmetrics_image("kid").maximum_mean_discrepancy
+        k = self.pool
+        return float(mmd(k[ia][:, ia], k[ia][:, ib], k[ib][:, ib]))
 
 
 class KernelDistance(FeatureMetric):
@@ -133,7 +136,7 @@ class KernelDistance(FeatureMetric):
         kernels: dict[int, Kernels] = {}
 
         def replicates(a: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor) -> dict[str, float]:
-            # full_set_kid(a[ia], reference[ib]), from kernel matrices computed once
+            # full_set_kid(pool[ia], pool[ib]), pool = [a; reference], from its kernel matrix
             if id(a) not in kernels:
                 kernels[id(a)] = Kernels(a, reference)
             return {"kid": kernels[id(a)].kid(ia, ib)}

@@ -100,23 +100,27 @@ class PrecisionRecall(FeatureMetric):
     ) -> dict[str, float]:
         sets, fake, reference, real = self.embedded_sets(samples, data, generator)
 
-        within_reference = torch.cdist(reference, reference)
-        distances: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        distances: dict[int, torch.Tensor] = {}
 
-        def distances_of(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def pooled(a: torch.Tensor) -> torch.Tensor:
+            # distances within [a; reference], computed once per set
             if id(a) not in distances:
-                distances[id(a)] = (torch.cdist(a, a), torch.cdist(reference, a))
+                pool = torch.cat([a, reference])
+                distances[id(a)] = torch.cdist(pool, pool)
             return distances[id(a)]
+
+        def subsets(a: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor) -> dict[str, float]:
+            # prdc(pool[ib], pool[ia]) by indexing the pooled distances
+            within = pooled(a)
+            return prdc_from_distances(within[ib][:, ib], within[ia][:, ia], within[ib][:, ia],
+                                       self.k)
 
         def statistic(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
             # b, the held-out reference, is the real manifold
-            return prdc_from_distances(within_reference, *distances_of(a), self.k)
+            return subsets(a, torch.arange(len(a)), len(a) + torch.arange(len(b)))
 
         def replicates(a: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor) -> dict[str, float]:
-            # prdc(reference[ib], a[ia]) by indexing the distances; copies are not neighbours
-            within, cross = distances_of(a)
-            return prdc_from_distances(within_reference[ib][:, ib], within[ia][:, ia],
-                                       cross[ib][:, ia], self.k, real_ids=ib, fake_ids=ia)
+            return subsets(a, ia, ib)
 
         bounds = {"precision": (0.0, 1.0), "recall": (0.0, 1.0), "coverage": (0.0, 1.0),
                   "density": (0.0, float("inf"))}

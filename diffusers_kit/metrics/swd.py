@@ -92,7 +92,6 @@ class SlicedWasserstein(Metric):
         sets = real_sets(samples, data, generator)
         directions = random_directions(sets.reference[0].numel(), self.projections, generator)
 
-        reference = sorted_projections(sets.reference, directions)
         projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def sorted_of(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,10 +102,16 @@ class SlicedWasserstein(Metric):
         def statistic(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
             return {"swd": wasserstein_of_sorted(sorted_of(a)[0], sorted_of(b)[0])}
 
+        pools: dict[int, torch.Tensor] = {}
+
         def replicates(a: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor) -> dict[str, float]:
-            # the same statistic on (a[ia], reference[ib]), from the sorted projections
-            return {"swd": wasserstein_of_sorted(resample_sorted(*sorted_of(a), ia),
-                                                 resample_sorted(*reference, ib))}
+            # the same statistic on (pool[ia], pool[ib]), pool = [a; reference], from the
+            # pool's sorted projections
+            if id(a) not in pools:
+                pools[id(a)] = torch.cat([a, sets.reference])
+            pool = sorted_of(pools[id(a)])
+            return {"swd": wasserstein_of_sorted(resample_sorted(*pool, ia),
+                                                 resample_sorted(*pool, ib))}
 
         out = compare_with_floor("swd", statistic, sets, generator, self.bars,
                                  replicates=replicates, bounds={"swd": (0.0, float("inf"))})
