@@ -189,11 +189,12 @@ class TimeGrid:
                                                (self.alpha, self.sigma, ratio)))
         return self._vectors[key]
 
-    def vectors(self, batch: int, device: torch.device) -> tuple[Tensor, ...]:
-        """Item ``i``: ``t_i`` as a ``(batch,)`` float32 tensor on ``device`` (cached)."""
-        key = (batch, str(device))
+    def vectors(self, batch: int, like: Tensor) -> tuple[Tensor, ...]:
+        """Item ``i``: ``t_i`` as a ``(batch,)`` tensor of ``like``'s device and dtype
+        (cached)."""
+        key = (batch, str(like.device), like.dtype)
         if key not in self._vectors:
-            self._vectors[key] = (self.times[:-1, None].to(device=device, dtype=torch.float32)
+            self._vectors[key] = (self.times[:-1, None].to(device=like.device, dtype=like.dtype)
                                   .expand(-1, batch).contiguous().unbind(0))
         return self._vectors[key]
 

@@ -254,7 +254,7 @@ class EulerODE(ODESolver):
 
     def run(self, model: ScoreModel, x: Tensor, grid: TimeGrid, noise: Noise,
             callback: Callback) -> Tensor:
-        times = grid.vectors(x.shape[0], x.device)
+        times = grid.vectors(x.shape[0], x)
         for i in range(grid.steps):
             m = self.denoise(model, x, times[i], grid, i)
             callback(i, x, m)
@@ -343,7 +343,7 @@ class HeunODE(ODESolver):
 
     def run(self, model: ScoreModel, x: Tensor, grid: TimeGrid, noise: Noise,
             callback: Callback) -> Tensor:
-        times = grid.vectors(x.shape[0], x.device)
+        times = grid.vectors(x.shape[0], x)
         last = grid.steps - 1
         for i in range(grid.steps):
             x = heun_step(self, model, x, grid, i, times[i], times[i + 1] if i < last else None,
@@ -421,7 +421,7 @@ class EDMStochastic(ODESolver):
     def run(self, model: ScoreModel, x: Tensor, grid: EDMGrid, noise: Noise,
             callback: Callback) -> Tensor:
         points = grid.points
-        times, last = points.vectors(x.shape[0], x.device), points.steps - 1
+        times, last = points.vectors(x.shape[0], x), points.steps - 1
         for i in range(points.steps):
             t_next = times[i + 1] if i < last else None
             move = grid.churned[i]
@@ -559,7 +559,7 @@ class DPMSolver2M(ODESolver):
     def run(self, model: ScoreModel, x: Tensor, grid: MultistepGrid, noise: Noise,
             callback: Callback) -> Tensor:
         points, history = grid.points, []
-        times = points.vectors(x.shape[0], x.device)
+        times = points.vectors(x.shape[0], x)
         for i in range(points.steps):
             m = self.denoise(model, x, times[i], points, i)
             callback(i, x, m)

@@ -250,7 +250,7 @@ class PredictorCorrector(Solver):
 
     def run(self, model: ScoreModel, x: Tensor, grid: StepTable, noise: Noise,
             callback: Callback) -> Tensor:
-        times, last = grid.vectors(x.shape[0], x.device), grid.steps - 1
+        times, last = grid.vectors(x.shape[0], x), grid.steps - 1
         rows = grid.rows_on(model.process, x.device, x.dtype)  # float and 0-dim tensor rows
         uses_score, from_eps = self.predictor.uses_score, eps_step(self.predictor)
         for i in range(grid.steps):

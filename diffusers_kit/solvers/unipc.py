@@ -163,7 +163,7 @@ class UniPC(ODESolver):
     def run(self, model: ScoreModel, x: Tensor, grid: UniPCGrid, noise: Noise,
             callback: Callback) -> Tensor:
         points, plan, history = grid.points, grid.plan, []
-        times = points.vectors(x.shape[0], x.device)
+        times = points.vectors(x.shape[0], x)
         start = x
         for i in range(points.steps):
             m = self.denoise(model, x, times[i], points, i)
