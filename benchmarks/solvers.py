@@ -361,6 +361,9 @@ def ode_errors(n: int = 20000, seeds: tuple[int, ...] = (0, 1, 2),
         "unipc (log-snr)": lambda k: UniPC(steps=k, spacing="log_snr"),
         "unipc order 3": lambda k: UniPC(steps=k, order=3),
         "unipc order 3 (log-snr)": lambda k: UniPC(steps=k, order=3, spacing="log_snr"),
+        "unipc (power 2.5)": lambda k: UniPC(steps=k, spacing="power", rho=2.5),
+        "unipc order 3 (power 2.5)": lambda k: UniPC(steps=k, order=3, spacing="power", rho=2.5),
+        "dpm_solver_3m (power 2.5)": lambda k: DPMSolver3M(steps=k, spacing="power", rho=2.5),
         "dpm_solver_3m (log-snr, lower_order_final off)": lambda k: DPMSolver3M(
             steps=k, spacing="log_snr", lower_order_final=False),
         "unipc order 3 (log-snr, lower_order_final off)": lambda k: UniPC(
