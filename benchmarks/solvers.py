@@ -23,8 +23,8 @@ A library that is not installed is left out of the tables.
                                                             # carried over from the page (timings
                                                             # taken on a quiet machine)
     OMP_NUM_THREADS=1 python benchmarks/solvers.py --only errors     # one part, printed only
-    OMP_NUM_THREADS=1 python benchmarks/solvers.py --only public     # stochastic samplers
-                                                            # through Diffusion.sample
+    OMP_NUM_THREADS=1 python benchmarks/solvers.py --only public [--compile-noise]
+                                         # stochastic samplers through Diffusion.sample
 """
 
 from __future__ import annotations
@@ -199,13 +199,14 @@ def overhead(n: int = 64, steps: int = 20, rounds: int = ROUNDS
     return [(name, seconds, seconds / hand) for name, seconds in best.items()]
 
 
-def public_overhead(n: int = 64, steps: int = 20, rounds: int = ROUNDS
+def public_overhead(n: int = 64, steps: int = 20, rounds: int = ROUNDS, fused: bool = False
                     ) -> list[tuple[str, float, float]]:
     """The issue's definition of the stochastic samplers' overhead: seconds per call outside
     the network (a nearly free network whose own time is subtracted) of ``Diffusion.sample``
     (the public API: per-sample Philox streams, batching, recording, NFE counting) with
     ``steps`` evaluations, against a hand-written ancestral DDPM loop on the same grid that
-    draws with ``torch.randn``. Interleaved rounds, best of ``rounds`` (see :func:`overhead`)."""
+    draws with ``torch.randn``. Interleaved rounds, best of ``rounds`` (see :func:`overhead`).
+    ``fused``: each sampler again with ``DKIT_COMPILE_NOISE=1`` (the compiled Philox kernel)."""
     from diffusers_kit import Diffusion
     from diffusers_kit.solvers.grids import sampling_times
 
@@ -243,6 +244,14 @@ def public_overhead(n: int = 64, steps: int = 20, rounds: int = ROUNDS
     }
     for name, solver in solvers.items():
         loops[f"Diffusion.sample: {name}"] = lambda s=solver: diffusion.sample(n, s, seed=1)
+    if fused:  # the same draws through the compiled Philox kernel (compiled before timing)
+        compiled = {"DKIT_COMPILE_NOISE": "1"}
+        for name, solver in solvers.items():
+            def run(s=solver) -> None:  # type: ignore[no-untyped-def]
+                with mock.patch.dict("os.environ", compiled):
+                    diffusion.sample(n, s, seed=1)
+            run()
+            loops[f"Diffusion.sample: {name}, DKIT_COMPILE_NOISE=1"] = run
     best = dict.fromkeys(loops, math.inf)
     for _ in range(rounds):
         for name, fn in loops.items():
@@ -589,6 +598,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["overhead", "public", "errors"], default=None,
                         help="run one part and print it (docs/ are written by a full run only)")
+    parser.add_argument("--compile-noise", action="store_true",
+                        help="--only public: also time DKIT_COMPILE_NOISE=1 (compiles first)")
     parser.add_argument("--keep-overhead", action="store_true",
                         help="full run without timing: carry the page's overhead table over "
                              "(timings taken on a loaded machine mean nothing)")
@@ -600,7 +611,8 @@ def main() -> None:
         return
     if args.only == "public":
         for n, rounds in ((64, ROUNDS), (20000, 20)):
-            for name, seconds, ratio in public_overhead(n, rounds=rounds):
+            for name, seconds, ratio in public_overhead(n, rounds=rounds,
+                                                        fused=args.compile_noise):
                 print(f"N = {n:5d} {name:55s} {seconds * 1e6:9.0f} us  {ratio:.2f}", flush=True)
         return
     if args.only == "errors":
