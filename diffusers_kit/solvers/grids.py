@@ -10,7 +10,9 @@ Spacings:
 * ``uniform``: equal steps in ``t``;
 * ``quadratic``: ``t`` proportional to ``(i / N)^2`` near the data end (DDIM's CIFAR choice);
 * ``power``: the same with exponent ``rho``, ``t_i = t_min + (1 - t_min) (1 - i / (N - 1))^rho``
-  (``rho = 2`` is ``quadratic``): a larger ``rho`` moves points towards the data end;
+  (``rho = 2`` is ``quadratic``): a larger ``rho`` moves points towards the data end (the ODE
+  solvers' ``rho`` option; the samplers without one, DDIM, ancestral and the SDE samplers, use
+  ``rho = 7``);
 * ``edm``: the noise level ``varsigma = sigma / alpha`` spaced as in Karras et al. 2022, eq. 5,
   ``varsigma_i = (varsigma_max^(1/rho) + i / (N - 1) (varsigma_min^(1/rho) -
   varsigma_max^(1/rho)))^rho`` with ``rho = 7``;
