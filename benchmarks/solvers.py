@@ -141,6 +141,20 @@ class Timed(Network):
 ROUNDS = 100
 
 
+def interleaved(loops: dict, network: Timed, rounds: int, baseline: str
+                ) -> list[tuple[str, float, float]]:
+    """``(name, seconds, seconds / baseline's)`` per loop: the best of ``rounds`` in which every
+    loop runs once in turn, less the time ``network`` counted inside it."""
+    best = dict.fromkeys(loops, math.inf)
+    for _ in range(rounds):
+        for name, fn in loops.items():
+            network.seconds = 0.0
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start - network.seconds)
+    return [(name, seconds, seconds / best[baseline]) for name, seconds in best.items()]
+
+
 def overhead(n: int = 64, steps: int = 20, rounds: int = ROUNDS
              ) -> list[tuple[str, float, float]]:
     """Seconds per ``sample()`` call outside the network (a free network whose own time is
@@ -188,15 +202,7 @@ def overhead(n: int = 64, steps: int = 20, rounds: int = ROUNDS
     for name, make in schedulers.items():
         loops[f"diffusers {name}"] = lambda m=make: diffusers_sample(m(), network,
                                                                      torch.randn(n, 2), steps)
-    best = dict.fromkeys(loops, math.inf)
-    for _ in range(rounds):
-        for name, fn in loops.items():
-            network.seconds = 0.0
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start - network.seconds)
-    hand = best["hand-written DDIM loop"]
-    return [(name, seconds, seconds / hand) for name, seconds in best.items()]
+    return interleaved(loops, network, rounds, "hand-written DDIM loop")
 
 
 def public_overhead(n: int = 64, steps: int = 20, rounds: int = ROUNDS, fused: bool = False
@@ -252,15 +258,7 @@ def public_overhead(n: int = 64, steps: int = 20, rounds: int = ROUNDS, fused: b
                     diffusion.sample(n, s, seed=1)
             run()
             loops[f"Diffusion.sample: {name}, DKIT_COMPILE_NOISE=1"] = run
-    best = dict.fromkeys(loops, math.inf)
-    for _ in range(rounds):
-        for name, fn in loops.items():
-            network.seconds = 0.0
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start - network.seconds)
-    hand = best["hand-written ancestral loop (torch.randn)"]
-    return [(name, seconds, seconds / hand) for name, seconds in best.items()]
+    return interleaved(loops, network, rounds, "hand-written ancestral loop (torch.randn)")
 
 
 def diffusers_schedulers() -> dict:
