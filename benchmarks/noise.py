@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from diffusers_kit.solvers.noise import MASK32, PerSampleNoise, box_muller, philox4x32
+from diffusers_kit.solvers.noise import MASK32, PerSampleNoise, box_muller, fused_draw, philox4x32
 
 SIZES = (64, 20000)
 
@@ -46,17 +46,6 @@ def old_generator(commit: str) -> type | None:
     module = types.ModuleType("old_noise")
     exec(compile(source, f"{commit}:noise.py", "exec"), module.__dict__)
     return module.PerSampleNoise
-
-
-def fused_draw() -> Callable:
-    """Philox4x32-10 and Box-Muller as one function for torch.compile, laid out as
-    PerSampleNoise lays out draws (counter (element, group, draw, 0)). Dynamic shapes, and the
-    key as 0-dim tensors, so that one compilation serves every seed, draw and most sizes."""
-    def draw(element: torch.Tensor, group: torch.Tensor, draws: torch.Tensor,
-             k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
-        words = torch.broadcast_tensors(*philox4x32((element, group, draws, 0), (k0, k1)))
-        return box_muller(words)
-    return torch.compile(draw, dynamic=True)
 
 
 def cases(n: int, sequence: int, old: type | None, fused: Callable | None

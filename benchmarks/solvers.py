@@ -23,6 +23,8 @@ A library that is not installed is left out of the tables.
                                                             # carried over from the page (timings
                                                             # taken on a quiet machine)
     OMP_NUM_THREADS=1 python benchmarks/solvers.py --only errors     # one part, printed only
+    OMP_NUM_THREADS=1 python benchmarks/solvers.py --only public [--compile-noise]
+                                         # stochastic samplers through Diffusion.sample
 """
 
 from __future__ import annotations
@@ -139,6 +141,20 @@ class Timed(Network):
 ROUNDS = 100
 
 
+def interleaved(loops: dict, network: Timed, rounds: int, baseline: str
+                ) -> list[tuple[str, float, float]]:
+    """``(name, seconds, seconds / baseline's)`` per loop: the best of ``rounds`` in which every
+    loop runs once in turn, less the time ``network`` counted inside it."""
+    best = dict.fromkeys(loops, math.inf)
+    for _ in range(rounds):
+        for name, fn in loops.items():
+            network.seconds = 0.0
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start - network.seconds)
+    return [(name, seconds, seconds / best[baseline]) for name, seconds in best.items()]
+
+
 def overhead(n: int = 64, steps: int = 20, rounds: int = ROUNDS
              ) -> list[tuple[str, float, float]]:
     """Seconds per ``sample()`` call outside the network (a free network whose own time is
@@ -186,15 +202,63 @@ def overhead(n: int = 64, steps: int = 20, rounds: int = ROUNDS
     for name, make in schedulers.items():
         loops[f"diffusers {name}"] = lambda m=make: diffusers_sample(m(), network,
                                                                      torch.randn(n, 2), steps)
-    best = dict.fromkeys(loops, math.inf)
-    for _ in range(rounds):
-        for name, fn in loops.items():
-            network.seconds = 0.0
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start - network.seconds)
-    hand = best["hand-written DDIM loop"]
-    return [(name, seconds, seconds / hand) for name, seconds in best.items()]
+    return interleaved(loops, network, rounds, "hand-written DDIM loop")
+
+
+def public_overhead(n: int = 64, steps: int = 20, rounds: int = ROUNDS, fused: bool = False
+                    ) -> list[tuple[str, float, float]]:
+    """The issue's definition of the stochastic samplers' overhead: seconds per call outside
+    the network (a nearly free network whose own time is subtracted) of ``Diffusion.sample``
+    (the public API: per-sample Philox streams, batching, recording, NFE counting) with
+    ``steps`` evaluations, against a hand-written ancestral DDPM loop on the same grid that
+    draws with ``torch.randn``. Interleaved rounds, best of ``rounds`` (see :func:`overhead`).
+    ``fused``: each sampler again with ``DKIT_COMPILE_NOISE=1`` (the compiled Philox kernel)."""
+    from diffusers_kit import Diffusion
+    from diffusers_kit.solvers.grids import sampling_times
+
+    process = DDPM()
+    network = Timed()
+    diffusion = Diffusion(process, network, device="cpu")
+    times = sampling_times(process, steps)
+    alpha, sigma = process.marginal(times)
+    sigma[-1] = 0.0
+    a_t, s_t, a_s, s_s = (v.tolist() for v in (alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]))
+    # q(x_s | x_t, x0) (Ho et al. 2020, eq. 7 between any two grid points)
+    rows = []
+    for i in range(len(a_t)):
+        a_ts = a_t[i] / a_s[i]
+        var_ts = s_t[i] ** 2 - a_ts**2 * s_s[i] ** 2
+        rows.append((a_ts * s_s[i] ** 2 / s_t[i] ** 2, a_s[i] * var_ts / s_t[i] ** 2,
+                     (var_ts * s_s[i] ** 2) ** 0.5 / s_t[i]))
+    t_rows = times[:-1].float()
+
+    def hand_ancestral() -> None:
+        x = torch.randn(n, 2)
+        for i, (c_x, c_0, std) in enumerate(rows):
+            eps = network(x, t_rows[i].expand(n))
+            x0 = (x - s_t[i] * eps) / a_t[i]
+            x = c_x * x + c_0 * x0
+            if std > 0:
+                x = x + std * torch.randn(n, 2)
+
+    loops = {"hand-written ancestral loop (torch.randn)": hand_ancestral}
+    solvers = {
+        "ancestral": Ancestral(steps=steps),
+        "edm_stochastic (S_churn 30)": EDMStochastic(steps=steps // 2, S_churn=30.0),
+        "predictor_corrector (ancestral + langevin)": PredictorCorrector(
+            AncestralPredictor(), LangevinCorrector(), steps=steps // 2),
+    }
+    for name, solver in solvers.items():
+        loops[f"Diffusion.sample: {name}"] = lambda s=solver: diffusion.sample(n, s, seed=1)
+    if fused:  # the same draws through the compiled Philox kernel (compiled before timing)
+        compiled = {"DKIT_COMPILE_NOISE": "1"}
+        for name, solver in solvers.items():
+            def run(s=solver) -> None:  # type: ignore[no-untyped-def]
+                with mock.patch.dict("os.environ", compiled):
+                    diffusion.sample(n, s, seed=1)
+            run()
+            loops[f"Diffusion.sample: {name}, DKIT_COMPILE_NOISE=1"] = run
+    return interleaved(loops, network, rounds, "hand-written ancestral loop (torch.randn)")
 
 
 def diffusers_schedulers() -> dict:
@@ -361,6 +425,9 @@ def ode_errors(n: int = 20000, seeds: tuple[int, ...] = (0, 1, 2),
         "unipc (log-snr)": lambda k: UniPC(steps=k, spacing="log_snr"),
         "unipc order 3": lambda k: UniPC(steps=k, order=3),
         "unipc order 3 (log-snr)": lambda k: UniPC(steps=k, order=3, spacing="log_snr"),
+        "unipc (power 2.5)": lambda k: UniPC(steps=k, spacing="power", rho=2.5),
+        "unipc order 3 (power 2.5)": lambda k: UniPC(steps=k, order=3, spacing="power", rho=2.5),
+        "dpm_solver_3m (power 2.5)": lambda k: DPMSolver3M(steps=k, spacing="power", rho=2.5),
         "dpm_solver_3m (log-snr, lower_order_final off)": lambda k: DPMSolver3M(
             steps=k, spacing="log_snr", lower_order_final=False),
         "unipc order 3 (log-snr, lower_order_final off)": lambda k: UniPC(
@@ -527,8 +594,10 @@ def error_lines(errors: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["overhead", "errors"], default=None,
+    parser.add_argument("--only", choices=["overhead", "public", "errors"], default=None,
                         help="run one part and print it (docs/ are written by a full run only)")
+    parser.add_argument("--compile-noise", action="store_true",
+                        help="--only public: also time DKIT_COMPILE_NOISE=1 (compiles first)")
     parser.add_argument("--keep-overhead", action="store_true",
                         help="full run without timing: carry the page's overhead table over "
                              "(timings taken on a loaded machine mean nothing)")
@@ -537,6 +606,12 @@ def main() -> None:
     if args.only == "overhead":
         for name, seconds, ratio in overhead():
             print(f"{name:45s} {seconds * 1e6:7.0f} us  {ratio:.2f}")
+        return
+    if args.only == "public":
+        for n, rounds in ((64, ROUNDS), (20000, 20)):
+            for name, seconds, ratio in public_overhead(n, rounds=rounds,
+                                                        fused=args.compile_noise):
+                print(f"N = {n:5d} {name:55s} {seconds * 1e6:9.0f} us  {ratio:.2f}", flush=True)
         return
     if args.only == "errors":
         errors = ode_errors()

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -290,3 +291,36 @@ def test_cuda_draws_equal_cpu_draws():
     cuda = PerSampleNoise(11, first=3)
     for _ in range(4):
         assert torch.equal(cpu.randn((4096, 128)), cuda.randn((4096, 128), device="cuda").cpu())
+
+
+def _draws(seed: int, first: int, shape: tuple[int, ...], count: int = 5) -> list[torch.Tensor]:
+    stream = PerSampleNoise(seed, first)
+    return [stream.randn(shape) for _ in range(count)]
+
+
+CASES = [(1, 0, (64, 2)), (2**40 + 7, 3, (9, 1, 8, 8)), (5, 6, (3, 0)), (11, 2, (4097, 2))]
+
+
+def test_compiled_noise_path_lays_out_the_same_numbers(monkeypatch):
+    """``DKIT_COMPILE_NOISE=1`` sends every piece through one call of ``fused_draw()`` (tensor
+    key, the draws as a tensor even for one draw); here that call is the uncompiled
+    ``philox_normals``, so the plumbing is checked without compiling: equal to the default
+    path bit for bit (look-ahead, offsets, an empty draw, a draw in two pieces)."""
+    expected = {case: _draws(*case) for case in CASES}
+    monkeypatch.setenv("DKIT_COMPILE_NOISE", "1")
+    monkeypatch.setattr(noise_module, "fused_draw", lambda: noise_module.philox_normals)
+    monkeypatch.setattr(noise_module, "CHUNK", 1 << 12)  # (4097, 2): several pieces
+    for case, draws in expected.items():
+        got = _draws(*case)
+        assert all(torch.equal(a, b) for a, b in zip(got, draws, strict=True)), case
+
+
+@pytest.mark.skipif(os.environ.get("DKIT_TEST_COMPILE_NOISE") != "1",
+                    reason="compiles with torch.compile (~45 s cold, needs a C++ compiler): "
+                           "set DKIT_TEST_COMPILE_NOISE=1")
+def test_compiled_noise_is_bit_equal_to_eager(monkeypatch):
+    expected = {case: _draws(*case) for case in CASES}
+    monkeypatch.setenv("DKIT_COMPILE_NOISE", "1")
+    for case, draws in expected.items():
+        got = _draws(*case)
+        assert all(torch.equal(a, b) for a, b in zip(got, draws, strict=True)), case

@@ -128,7 +128,7 @@ class Ancestral(Solver):
             callback: Callback) -> Tensor:
         if self.variance == "learned" and not getattr(model.network, "learned_variance", False):
             raise ValueError("variance 'learned' needs a network with learned_variance = True")
-        times, last = grid.table.vectors(x.shape[0], x.device), grid.table.steps - 1
+        times, last = grid.table.vectors(x.shape[0], x), grid.table.steps - 1
         for i in range(grid.table.steps):
             x = posterior_step(self, model, x, grid, i, times[i], None if i == last else noise,
                                callback)

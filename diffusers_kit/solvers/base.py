@@ -425,14 +425,17 @@ def clip_data(x0: torch.Tensor, clip: float | None) -> torch.Tensor:
 
 def start(model: ScoreModel, shape: tuple[int, ...], noise: Noise,
           x_T: torch.Tensor | None, *, device: torch.device | None = None) -> torch.Tensor:
-    """The starting state: ``x_T`` when given (checked against ``shape``), else a prior draw;
-    on ``device`` (default: the model's)."""
+    """The starting state: ``x_T`` when given (checked against ``shape``), else a prior draw
+    (float32); on ``device`` (default: the model's). A float64 ``x_T`` stays float64 and the
+    run with it (every state, grid scalar and time the model sees); any other dtype becomes
+    float32."""
     if device is None:
         device = model_device(model)
     if x_T is not None:
         if tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected {tuple(shape)}")
-        return x_T.to(device=device, dtype=torch.float32)
+        dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
+        return x_T.to(device=device, dtype=dtype)
     draw = noise.randn(shape, device=device)
     std = model.process.prior_std()
     return draw if std == 1.0 else std * draw

@@ -89,7 +89,7 @@ class DDIM(Solver):
 
     def run(self, model: ScoreModel, x: torch.Tensor, grid: DDIMGrid, noise: Noise,
             callback: Callback) -> torch.Tensor:
-        times, last = grid.table.vectors(x.shape[0], x.device), grid.table.steps - 1
+        times, last = grid.table.vectors(x.shape[0], x), grid.table.steps - 1
         for i in range(grid.table.steps):
             x0, _ = data_prediction(model, x, times[i], grid.table, i, self.clip_x0)
             callback(i, x, x0)

@@ -9,6 +9,10 @@ Spacings:
 
 * ``uniform``: equal steps in ``t``;
 * ``quadratic``: ``t`` proportional to ``(i / N)^2`` near the data end (DDIM's CIFAR choice);
+* ``power``: the same with exponent ``rho``, ``t_i = t_min + (1 - t_min) (1 - i / (N - 1))^rho``
+  (``rho = 2`` is ``quadratic``): a larger ``rho`` moves points towards the data end (the ODE
+  solvers' ``rho`` option; the samplers without one, DDIM, ancestral and the SDE samplers, use
+  ``rho = 7``);
 * ``edm``: the noise level ``varsigma = sigma / alpha`` spaced as in Karras et al. 2022, eq. 5,
   ``varsigma_i = (varsigma_max^(1/rho) + i / (N - 1) (varsigma_min^(1/rho) -
   varsigma_max^(1/rho)))^rho`` with ``rho = 7``;
@@ -37,8 +41,8 @@ import torch
 if TYPE_CHECKING:
     from diffusers_kit.processes.base import NoiseProcess
 
-Spacing = Literal["auto", "uniform", "quadratic", "edm", "log_snr"]
-SPACINGS = ("auto", "uniform", "quadratic", "edm", "log_snr")
+Spacing = Literal["auto", "uniform", "quadratic", "power", "edm", "log_snr"]
+SPACINGS = ("auto", "uniform", "quadratic", "power", "edm", "log_snr")
 
 
 def resolve_spacing(process: NoiseProcess, spacing: str) -> str:
@@ -125,8 +129,8 @@ def _sampling_times(process: NoiseProcess, steps: int | None, spacing: Spacing, 
         times = torch.ones(1, dtype=torch.float64)
     elif spacing == "uniform":
         times = 1.0 - fraction * (1.0 - t_min)
-    elif spacing == "quadratic":
-        times = t_min + (1.0 - t_min) * (1.0 - fraction) ** 2
+    elif spacing in ("quadratic", "power"):
+        times = t_min + (1.0 - t_min) * (1.0 - fraction) ** (2.0 if spacing == "quadratic" else rho)
     elif spacing in ("edm", "log_snr"):
         ends = _f64([1.0, t_min])
         lam_max_noise, lam_min_noise = log_snr(process, ends)  # lambda(1) < lambda(t_min)
@@ -189,11 +193,12 @@ class TimeGrid:
                                                (self.alpha, self.sigma, ratio)))
         return self._vectors[key]
 
-    def vectors(self, batch: int, device: torch.device) -> tuple[Tensor, ...]:
-        """Item ``i``: ``t_i`` as a ``(batch,)`` float32 tensor on ``device`` (cached)."""
-        key = (batch, str(device))
+    def vectors(self, batch: int, like: Tensor) -> tuple[Tensor, ...]:
+        """Item ``i``: ``t_i`` as a ``(batch,)`` tensor of ``like``'s device and dtype
+        (cached)."""
+        key = (batch, str(like.device), like.dtype)
         if key not in self._vectors:
-            self._vectors[key] = (self.times[:-1, None].to(device=device, dtype=torch.float32)
+            self._vectors[key] = (self.times[:-1, None].to(device=like.device, dtype=like.dtype)
                                   .expand(-1, batch).contiguous().unbind(0))
         return self._vectors[key]
 

@@ -60,7 +60,7 @@ def langevin(model: ScoreModel, x: torch.Tensor, grid: LangevinGrid, noise: Nois
     """``steps`` Langevin steps ``x <- x + (a_k / 2) s(x, t_k) + sqrt(a_k) z`` along ``grid``
     (``s = -eps_hat / sigma``), each reported (with ``denoised``: and its Tweedie estimate
     ``x0_hat = (x - sigma eps_hat) / alpha``)."""
-    times = torch.tensor(grid.t, dtype=torch.float32, device=x.device)
+    times = torch.tensor(grid.t, dtype=x.dtype, device=x.device)
     for k in range(steps):
         t = times[k].expand(x.shape[0])
         alpha, sigma, size = grid.alpha[k], grid.sigma[k], grid.step[k]

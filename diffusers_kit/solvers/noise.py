@@ -11,7 +11,10 @@ in chunks of 7, on any device (docs/noise.md has the layout, the device argument
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from collections.abc import Callable
 
 import torch
 
@@ -147,6 +150,25 @@ class GeneratorNoise(Noise):
         return torch.randn(x.shape, generator=self._generator, device=x.device, dtype=x.dtype)
 
 
+def philox_normals(element: Tensor, group: Tensor, draws: Tensor, k0: Tensor, k1: Tensor
+                   ) -> Tensor:
+    """:func:`box_muller` of :func:`philox4x32` at counters ``(element, group, draws, 0)``
+    (broadcast) under the key ``(k0, k1)`` (0-dim tensors): the float32 ``(..., 4, n)`` block
+    :class:`PerSampleNoise` lays out, as one function for :func:`fused_draw` to compile."""
+    words = torch.broadcast_tensors(*philox4x32((element, group, draws, 0), (k0, k1)))
+    return box_muller(words)
+
+
+@functools.cache
+def fused_draw() -> Callable[..., Tensor]:
+    """:func:`philox_normals` compiled by ``torch.compile`` (dynamic shapes; the key as tensors,
+    so one compilation serves every seed, draw and size): the same numbers bit for bit, one
+    kernel instead of ~100 element-wise passes. Compiling needs inductor's backend (a C++
+    compiler on the CPU) and takes tens of seconds cold (docs/noise.md).
+    :class:`PerSampleNoise` uses it when the environment sets ``DKIT_COMPILE_NOISE=1``."""
+    return torch.compile(philox_normals, dynamic=True)
+
+
 AHEAD_ELEMENTS = 1 << 16  # draws computed ahead hold at most this many numbers
 CHUNK = 1 << 17  # a draw is computed in pieces of at most this many Philox counters
 
@@ -206,8 +228,11 @@ class PerSampleNoise(Noise):
                              f"{self.first + rows - 1}, draw {draw + count - 1}, {size} elements")
         groups, key = hi - lo, (self.seed & MASK32, self.seed >> 32)
         z = torch.empty((count, groups, 4, size), dtype=torch.float32, device=device)
+        fused = os.environ.get("DKIT_COMPILE_NOISE") == "1"
         draws = torch.arange(draw, draw + count, device=device,
-                             dtype=torch.int64)[:, None, None] if count > 1 else draw
+                             dtype=torch.int64)[:, None, None] if count > 1 or fused else draw
+        if fused:
+            key = tuple(torch.tensor(k, device=device) for k in key)
         step_g = max(1, CHUNK // max(1, count * size))  # pieces bound the buffers' memory
         step_e = max(1, min(size, CHUNK // count))
         for g in range(0, groups, step_g):
@@ -216,6 +241,9 @@ class PerSampleNoise(Noise):
             for e in range(0, size, step_e):
                 e_end = min(size, e + step_e)
                 element = torch.arange(e, e_end, device=device, dtype=torch.int64)
+                if fused:
+                    z[:, g:g_end, :, e:e_end] = fused_draw()(element, group, draws, *key)
+                    continue
                 work = self._buffers((count, g_end - g, e_end - e), device)
                 words = philox4x32((element, group, draws, 0), key, work=work[0])
                 box_muller(words, work[1], z[:, g:g_end, :, e:e_end])

@@ -237,8 +237,8 @@ class EulerODE(ODESolver):
     Args:
         steps: number of steps (= network evaluations).
         spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
-            ``edm`` (Karras et al. 2022), ``uniform``.
-        rho: the exponent of the ``edm`` spacing.
+            ``power``, ``edm`` (Karras et al. 2022), ``uniform``.
+        rho: the exponent of the ``edm`` and ``power`` spacings.
         clip_x0: clamp x0_hat to [-clip_x0, clip_x0] before each step (images in [-1, 1]:
             1.0; DDIM's option). None: off.
     """
@@ -254,7 +254,7 @@ class EulerODE(ODESolver):
 
     def run(self, model: ScoreModel, x: Tensor, grid: TimeGrid, noise: Noise,
             callback: Callback) -> Tensor:
-        times = grid.vectors(x.shape[0], x.device)
+        times = grid.vectors(x.shape[0], x)
         for i in range(grid.steps):
             m = self.denoise(model, x, times[i], grid, i)
             callback(i, x, m)
@@ -317,8 +317,8 @@ class HeunODE(ODESolver):
     Args:
         steps: number of grid points; network evaluations are 2 * steps - 1.
         spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
-            ``edm`` (Karras et al. 2022), ``uniform``.
-        rho: the exponent of the ``edm`` spacing.
+            ``power``, ``edm`` (Karras et al. 2022), ``uniform``.
+        rho: the exponent of the ``edm`` and ``power`` spacings.
         form: ``data`` (exponential-integrator correction) or ``noise`` (Karras et al.'s).
         clip_x0: clamp both x0 predictions of each step to [-clip_x0, clip_x0] (images in
             [-1, 1]: 1.0; DDIM's option); ``data`` form only. None: off.
@@ -343,7 +343,7 @@ class HeunODE(ODESolver):
 
     def run(self, model: ScoreModel, x: Tensor, grid: TimeGrid, noise: Noise,
             callback: Callback) -> Tensor:
-        times = grid.vectors(x.shape[0], x.device)
+        times = grid.vectors(x.shape[0], x)
         last = grid.steps - 1
         for i in range(grid.steps):
             x = heun_step(self, model, x, grid, i, times[i], times[i + 1] if i < last else None,
@@ -357,8 +357,8 @@ class EDMStochastic(ODESolver):
     Args:
         steps: number of grid points N; network evaluations are 2N - 1.
         spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
-            ``edm`` (Karras et al. 2022), ``uniform``.
-        rho: the exponent of the ``edm`` spacing.
+            ``power``, ``edm`` (Karras et al. 2022), ``uniform``.
+        rho: the exponent of the ``edm`` and ``power`` spacings.
         S_churn: overall stochasticity; each step raises the noise by ``gamma = min(S_churn / N,
             sqrt(2) - 1)``. 0 is Heun's deterministic method.
         S_tmin: churn only where ``varsigma_i >= S_tmin``.
@@ -421,7 +421,7 @@ class EDMStochastic(ODESolver):
     def run(self, model: ScoreModel, x: Tensor, grid: EDMGrid, noise: Noise,
             callback: Callback) -> Tensor:
         points = grid.points
-        times, last = points.vectors(x.shape[0], x.device), points.steps - 1
+        times, last = points.vectors(x.shape[0], x), points.steps - 1
         for i in range(points.steps):
             t_next = times[i + 1] if i < last else None
             move = grid.churned[i]
@@ -530,8 +530,8 @@ class DPMSolver2M(ODESolver):
     Args:
         steps: number of steps (= network evaluations).
         spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
-            ``edm`` (Karras et al. 2022), ``uniform``.
-        rho: the exponent of the ``edm`` spacing.
+            ``power``, ``edm`` (Karras et al. 2022), ``uniform``.
+        rho: the exponent of the ``edm`` and ``power`` spacings.
         lower_order_final: below 15 steps, no step of a higher order than the steps left to
             varsigma_min allow (:func:`usable_orders`).
         clip_x0: clamp every x0 prediction to [-clip_x0, clip_x0] before it enters the
@@ -559,7 +559,7 @@ class DPMSolver2M(ODESolver):
     def run(self, model: ScoreModel, x: Tensor, grid: MultistepGrid, noise: Noise,
             callback: Callback) -> Tensor:
         points, history = grid.points, []
-        times = points.vectors(x.shape[0], x.device)
+        times = points.vectors(x.shape[0], x)
         for i in range(points.steps):
             m = self.denoise(model, x, times[i], points, i)
             callback(i, x, m)
@@ -575,8 +575,8 @@ class DPMSolver3M(DPMSolver2M):
     Args:
         steps: number of steps (= network evaluations).
         spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
-            ``edm`` (Karras et al. 2022), ``uniform``.
-        rho: the exponent of the ``edm`` spacing.
+            ``power``, ``edm`` (Karras et al. 2022), ``uniform``.
+        rho: the exponent of the ``edm`` and ``power`` spacings.
         lower_order_final: below 15 steps, no step of a higher order than the steps left to
             varsigma_min allow (:func:`usable_orders`; at 5 steps 2M's). Off: third order
             once the history allows.

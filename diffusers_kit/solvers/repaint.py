@@ -90,7 +90,7 @@ class RePaint(Solver):
         reported: a step recorded again keeps its last descent), exact forward transitions
         up; the very last step returns its mean."""
         rows, steps = grid.table.rows, grid.table.steps
-        times = grid.table.vectors(x.shape[0], x.device)
+        times = grid.table.vectors(x.shape[0], x)
         moves = jump_schedule(steps, self.jump_length, self.resampling)
         for n, (kind, i) in enumerate(moves):
             if kind == "up":  # x_t ~ q(x_t | x_s): the forward kernel, exact

@@ -51,11 +51,6 @@ Tensor = torch.Tensor
 Rows = dict[str, list[float]]
 
 
-def table_score(model: ScoreModel, x: Tensor, t: Tensor, sigma: float) -> Tensor:
-    """``s(x, t) = -eps_hat(x, t) / sigma_t`` with the step's ``sigma_t`` from the table."""
-    return model.predict(x, t, "eps") * (-1.0 / sigma)
-
-
 def _factor(c: Rows, name: str, i: int) -> float | Tensor:
     """Row ``name`` at step ``i``: the cached 0-dim tensor when ``c`` offers one under
     ``name + ":tensor"`` (:meth:`~diffusers_kit.solvers.tables.StepTable.rows_on`), else the
@@ -250,7 +245,7 @@ class PredictorCorrector(Solver):
 
     def run(self, model: ScoreModel, x: Tensor, grid: StepTable, noise: Noise,
             callback: Callback) -> Tensor:
-        times, last = grid.vectors(x.shape[0], x.device), grid.steps - 1
+        times, last = grid.vectors(x.shape[0], x), grid.steps - 1
         rows = grid.rows_on(model.process, x.device, x.dtype)  # float and 0-dim tensor rows
         uses_score, from_eps = self.predictor.uses_score, eps_step(self.predictor)
         for i in range(grid.steps):

@@ -128,8 +128,8 @@ class UniPC(ODESolver):
         order: the predictor's order ``p`` (the corrector makes each step ``p + 1``); the
             paper recommends 3 unconditional, 2 guided; 2 by default (as in diffusers).
         spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
-            ``edm`` (Karras et al. 2022), ``uniform``.
-        rho: the exponent of the ``edm`` spacing.
+            ``power``, ``edm`` (Karras et al. 2022), ``uniform``.
+        rho: the exponent of the ``edm`` and ``power`` spacings.
         variant: ``bh2`` (``B(h) = e^h - 1``, default) or ``bh1`` (``B(h) = h``).
         corrector: apply UniC (off: UniP alone, a DPM-Solver++-like multistep method).
         lower_order_final: below 15 steps, no step of a higher predictor order than the steps
@@ -163,7 +163,7 @@ class UniPC(ODESolver):
     def run(self, model: ScoreModel, x: Tensor, grid: UniPCGrid, noise: Noise,
             callback: Callback) -> Tensor:
         points, plan, history = grid.points, grid.plan, []
-        times = points.vectors(x.shape[0], x.device)
+        times = points.vectors(x.shape[0], x)
         start = x
         for i in range(points.steps):
             m = self.denoise(model, x, times[i], points, i)
