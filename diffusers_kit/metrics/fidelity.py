@@ -36,5 +36,11 @@ def inception_module() -> ModuleType | None:
 def torchmetrics_image(name: str) -> ModuleType:
     """``torchmetrics.image.<name>``, after making torch-fidelity importable (module
     docstring)."""
+    return torchmetrics_module(f"image.{name}")
+
+
+def torchmetrics_module(name: str) -> ModuleType:
+    """``torchmetrics.<name>``, after making torch-fidelity importable: torchmetrics' top-level
+    ``__init__`` imports its image package, so every torchmetrics import goes through here."""
     inception_module()
-    return importlib.import_module(f"torchmetrics.image.{name}")
+    return importlib.import_module(f"torchmetrics.{name}")

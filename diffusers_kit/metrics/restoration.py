@@ -22,6 +22,7 @@ from pydantic import Field
 
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.base import Metric
+from diffusers_kit.metrics.fidelity import torchmetrics_module
 from diffusers_kit.metrics.floor import ErrorBars, Level, Resamples, mean_with_interval
 
 if TYPE_CHECKING:
@@ -43,8 +44,7 @@ def psnr_per_image(x: torch.Tensor, target: torch.Tensor, low: float, high: floa
                    ) -> torch.Tensor:
     """PSNR of each image of ``x`` against the same row of ``target`` (dB); inf when equal."""
     # a float range, not (low, high): torchmetrics would clip the images to a tuple range
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
+    peak_signal_noise_ratio = torchmetrics_module("functional.image").peak_signal_noise_ratio
     return peak_signal_noise_ratio(x, target, data_range=high - low, reduction="none",
                                    dim=(1, 2, 3))
 
@@ -52,9 +52,8 @@ def psnr_per_image(x: torch.Tensor, target: torch.Tensor, low: float, high: floa
 def ssim_per_image(x: torch.Tensor, target: torch.Tensor, low: float, high: float,
                    kernel_size: int, sigma: float) -> torch.Tensor:
     """SSIM of each image of ``x`` against the same row of ``target``."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    return structural_similarity_index_measure(x, target, data_range=high - low,
+    ssim = torchmetrics_module("functional.image").structural_similarity_index_measure
+    return ssim(x, target, data_range=high - low,
                                                kernel_size=kernel_size, sigma=sigma,
                                                reduction="none")
 
