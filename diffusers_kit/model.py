@@ -96,19 +96,26 @@ class ScoreModel(torch.nn.Module):
             return prediction, v
         return output, None
 
-    def convert(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor, target: str
+    def convert(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor, target: str,
+                marginal: tuple[float | torch.Tensor, float | torch.Tensor] | None = None
                 ) -> torch.Tensor:
-        """The network's ``prediction`` half converted to ``target``."""
+        """The network's ``prediction`` half converted to ``target`` (``marginal``: ``(alpha,
+        sigma)`` at ``t`` when the caller has them; see :meth:`NoiseProcess.convert`)."""
         source = self._modules["network"].prediction
         if source == target:  # nothing to convert (process.convert would return it as well)
             return prediction
-        return self.process.convert(prediction, x, t.to(x.dtype), source, target)
+        return self.process.convert(prediction, x, t.to(x.dtype), source, target,
+                                    marginal=marginal)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, target: str,
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        """The network's prediction converted to ``target`` (``eps``, ``score``, ``x0``, ``v``)."""
+                y: torch.Tensor | None = None, *,
+                marginal: tuple[float | torch.Tensor, float | torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """The network's prediction converted to ``target`` (``eps``, ``score``, ``x0``, ``v``).
+        A sampler passes ``marginal = (alpha(t), sigma(t))`` from its cached grid (one ``t``
+        for the whole batch), so that a step does no schedule work."""
         prediction, _ = self.split(self(x, t, y))
-        return self.convert(prediction, x, t, target)
+        return self.convert(prediction, x, t, target, marginal)
 
     def score(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
               ) -> torch.Tensor:

@@ -4,7 +4,9 @@ Each component's constructor signature is its schema. :func:`params_model` turns
 signature (type hints, ``Annotated[..., Field(...)]`` constraints, defaults) into a pydantic
 model, so that the YAML mapping ``{kind: ve, sigma_max: 50}`` and the call ``VE(sigma_max=50)``
 are validated by the same rules. A parameter annotated with a kind's base class (or a list of
-it) takes a nested ``{kind: ...}`` mapping.
+it) takes a nested ``{kind: ...}`` mapping. A kind's base class may name options every component of
+the kind accepts besides its constructor's own (``dkit_options``: a solver's ``record``); they
+join each component's schema unless the constructor declares them itself.
 """
 
 from __future__ import annotations
@@ -273,6 +275,11 @@ class Registry:
                 if default is not ... and default is not None:
                     default = None
             fields[pname] = (annotation, default)
+        # options the kind's base class accepts for every component (a solver's ``record``),
+        # unless the constructor declares them itself
+        made = factory if inspect.isclass(factory) else hints.get("return")
+        for pname, annotation in getattr(made, "dkit_options", {}).items():
+            fields.setdefault(pname, (annotation, None))
         config = pydantic.ConfigDict(
             extra="forbid", arbitrary_types_allowed=True, title=f"{kind}:{name}"
         )

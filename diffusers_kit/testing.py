@@ -180,6 +180,15 @@ class ExactMixture:
         resp = torch.softmax(log_joint, dim=1)  # (B, K)
         return (resp[..., None] * (-diff / var)).sum(1).to(x.dtype)
 
+    def denoise(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``E[x0 | x_t] = sum_k r_k(x) (mu_k + alpha s_k^2 (x - alpha mu_k) / (alpha^2 s_k^2 +
+        sigma^2))``, exact (Tweedie's formula per component); defined at ``alpha = 0`` too,
+        where it is the mixture's mean."""
+        diff, var, log_joint = self._components(x, alpha, sigma)
+        resp = torch.softmax(log_joint, dim=1)  # (B, K)
+        gain = alpha.double().reshape(-1, 1, 1) * self.stds.to(x.device) ** 2 / var
+        return (resp[..., None] * (self.means.to(x.device) + gain * diff)).sum(1).to(x.dtype)
+
     def component_score(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
                         k: torch.Tensor) -> torch.Tensor:
         """``grad log q_t(x | y = k)``: the score of component ``k`` alone (one ``k`` per row)."""
@@ -213,6 +222,8 @@ class ExactScoreNetwork(Network):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tt = t.double()
         alpha, sigma = self.process.marginal(tt)
+        if self.prediction == "x0":  # exact where alpha = 0 too (the score says nothing there)
+            return self.mixture.denoise(x, alpha, sigma)
         score = self.mixture.score(x, alpha, sigma)
         return self.process.convert(score.double(), x.double(), tt, "score",
                                     self.prediction).to(x.dtype)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import diffusers_kit
 from diffusers_kit import registry as registry_module
 from diffusers_kit.cli.plugins import api_requirement
 from tests.helpers import run_cli
@@ -49,7 +50,9 @@ def install(plugin: Path, name: str, monkeypatch) -> Path:
 
 def run_generated_tests(plugin: Path, site: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(plugin / "src"), str(site)])}
+           # the diffusers_kit under test, not whichever one is installed
+           "PYTHONPATH": os.pathsep.join([str(plugin / "src"), str(site),
+                                          str(Path(diffusers_kit.__file__).parents[1])])}
     return subprocess.run([sys.executable, "-m", "pytest", str(plugin / "tests"), "-q",
                            "-p", "no:cacheprovider"], cwd=plugin, env=env, text=True,
                           capture_output=True, timeout=600)

@@ -124,7 +124,7 @@ def test_weights_are_consistent():
 def test_tables_are_cached_and_results_repeat():
     model = exact_model(MIXTURE, VP())
     solver = UniPC(steps=8)
-    assert solver.weights(model.process) is solver.weights(model.process)
+    assert solver.cached_grid(model.process) is solver.cached_grid(model.process)
     one = solver.sample(model, (64, 2), generator=torch.Generator().manual_seed(1)).samples
     two = solver.sample(model, (64, 2), generator=torch.Generator().manual_seed(1)).samples
     assert torch.equal(one, two)

@@ -257,6 +257,17 @@ class NoiseProcess:
         g = expand(self.diffusion(t), x)
         return self.drift(x, t) - g * g * score
 
+    def marginal_rates(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(d alpha / dt, d sigma / dt)``. By default from the SDE: with the drift ``f(t) x``
+        and ``g^2``, ``alpha' = f alpha`` and ``sigma' = (g^2 + 2 f sigma^2) / (2 sigma)``
+        (Kingma et al. 2021, eq. 3 and following). A process whose ``alpha`` reaches 0 (``f``
+        infinite there: rectified flow, ``alpha = 1 - t``) states them itself; the probability
+        flow's data form (:func:`diffusers_kit.solvers.ode.data_velocity`) needs them there."""
+        alpha, sigma = self.marginal(t)
+        f = self.drift(torch.ones(len(t), 1, dtype=t.dtype, device=t.device), t)[:, 0]
+        g2 = self.diffusion(t) ** 2
+        return f * alpha, (g2 + 2.0 * f * sigma**2) / (2.0 * sigma)
+
     def probability_flow_drift(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
         """Probability-flow ODE drift ``f(x, t) - g(t)^2 score / 2`` (Song et al. 2021, eq. 13)."""
         g = expand(self.diffusion(t), x)
@@ -271,6 +282,7 @@ class NoiseProcess:
         source: str,
         target: str,
         s: Tensor | None = None,
+        marginal: tuple[Tensor | float, Tensor | float] | None = None,
     ) -> Tensor:
         """Convert a network output between parameterisations of the same ``x_t``.
 
@@ -278,10 +290,13 @@ class NoiseProcess:
         ``v = a eps - s x_0`` (Salimans & Ho 2022) and ``mu = c_t x_t + c_0 x0``, the mean of the
         posterior ``q(x_s | x_t, x0)`` with ``x0`` predicted (Ho et al. 2020, eq. 11; ``s``
         defaults to the previous step of a discrete process). Conversion goes through ``eps``.
+        ``marginal``: ``(alpha, sigma)`` at ``t`` when the caller has them (a sampler's cached
+        grid: no schedule work per step).
         """
         if source == target:
             return output
-        alpha, sigma = (expand(c, x_t) for c in self.marginal(t))
+        alpha, sigma = (marginal if marginal is not None
+                        else (expand(c, x_t) for c in self.marginal(t)))
         if source == "eps":
             eps = output
         elif source == "score":

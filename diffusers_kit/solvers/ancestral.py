@@ -17,83 +17,82 @@ noise (Algorithm 2: ``z = 0`` at ``t = 1``) and lands on noise level 0 (see
 :mod:`diffusers_kit.solvers.tables`). At that step ``beta~`` is 0: the learned variance's lower
 bound is the clipped ``beta~`` of the step above (``beta~_2`` at DDPM's step 1, Nichol & Dhariwal
 2021), which only the variational bound uses. All coefficients come from the cached table.
+
+The step is taken on the data prediction ``x0_hat`` (the model's ``x0`` view), so it is defined
+where ``alpha_t = 0`` (a path that reaches pure noise): there ``c_t = 0``, ``c_0 = alpha_s`` and
+the posterior is ``N(alpha_s x0_hat, sigma_s^2)``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 from pydantic import Field
 
 from diffusers_kit.processes.gaussian import learned_log_variance
-from diffusers_kit.solvers.base import (
-    ClipX0,
-    Progress,
-    Recorder,
-    SampleResult,
-    Solver,
-    clip_data,
-    model_device,
-    start,
-)
-from diffusers_kit.solvers.grids import Spacing, cached
-from diffusers_kit.solvers.noise import Noise, as_noise
-from diffusers_kit.solvers.tables import scalars, step_table
+from diffusers_kit.solvers.base import Callback, ClipX0, Solver, clip_data
+from diffusers_kit.solvers.grids import Spacing
+from diffusers_kit.solvers.noise import Noise
+from diffusers_kit.solvers.tables import StepTable, step_table
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
     from diffusers_kit.processes.base import NoiseProcess
+    from diffusers_kit.solvers.repaint import RePaint
 
 Tensor = torch.Tensor
 
 
-def predict_x0_and_eps(
-    model: ScoreModel, x: Tensor, t: Tensor, alpha: float, sigma: float, clip: float | None
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(x0_hat, eps_hat, v)`` with the step's ``alpha``, ``sigma`` from the table; ``v`` is the
-    variance output of a learned-variance network (``None`` otherwise). With ``clip``,
-    ``x0_hat`` is clamped by :func:`~diffusers_kit.solvers.base.clip_data` and ``eps_hat`` is
-    the one consistent with it."""
-    if getattr(model.network, "learned_variance", False):
+@dataclass(frozen=True)
+class PosteriorGrid:
+    """The grid of the posterior-stepping samplers: the step table and the std of each step's
+    noise (``variance``'s: ``beta~`` or ``beta``)."""
+
+    table: StepTable
+    std: list[float]
+
+    @property
+    def t(self) -> list[float]:
+        return self.table.t
+
+
+def posterior_grid(process: NoiseProcess, steps: int | None, spacing: Spacing,
+                   variance: str = "posterior") -> PosteriorGrid:
+    table = step_table(process, steps, spacing)
+    var = table.rows["transition_var" if variance == "transition" else "posterior_var"]
+    return PosteriorGrid(table, [v**0.5 for v in var])
+
+
+def data_prediction(model: ScoreModel, x: Tensor, t: Tensor, table: StepTable, i: int,
+                    clip: float | None, learned: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``(x0_hat, v)`` at step ``i`` (clamped with ``clip``; ``v`` the variance output of a
+    learned-variance network when ``learned``, else None), converted with the table's
+    ``alpha_t``, ``sigma_t``: no schedule work in the loop."""
+    marginal = table.rows["alpha_t"][i], table.rows["sigma_t"][i]
+    if learned:
         prediction, v = model.split(model(x, t))
-        eps = model.convert(prediction, x, t, "eps")
-    else:
-        eps, v = model.predict(x, t, "eps"), None
-    x0 = (x - sigma * eps) / alpha
-    if clip is not None:
-        x0 = clip_data(x0, clip)
-        eps = (x - alpha * x0) / sigma
-    return x0, eps, v
+        return clip_data(model.convert(prediction, x, t, "x0", marginal), clip), v
+    return clip_data(model.predict(x, t, "x0", marginal=marginal), clip), None
 
 
-def posterior_mean_map(process: NoiseProcess, grid: tuple, x: Tensor
-                       ) -> tuple[list[Tensor], list[float]]:
-    """The posterior mean as one map of ``(x_t, eps_hat)`` on the grid ``(steps, spacing)``
-    (``x0_hat`` substituted; no clipping): ``c_t x + c_0 (x - sigma_t eps) / alpha_t =
-    scale x + mix eps`` with ``scale = c_t + c_0 / alpha_t`` (0-dim tensors of ``x``'s device and
-    dtype) and ``mix = -c_0 sigma_t / alpha_t`` (floats), cached. Ancestral sampling and RePaint
-    both step ``torch.mul(x, scale[i]).add_(eps, alpha=mix[i])``, so they agree bit for bit."""
-    rows = step_table(process, *grid).rows
-    key = ("ancestral", *grid)
-    scale = scalars(process, key, lambda: [
-        c_t + c_0 / a for c_t, c_0, a in zip(rows["c_t"], rows["c_0"], rows["alpha_t"],
-                                             strict=True)], x.device, x.dtype)
-    mix = cached(process, (*key, "eps"), lambda: [
-        -c_0 * s / a for c_0, s, a in zip(rows["c_0"], rows["sigma_t"], rows["alpha_t"],
-                                          strict=True)])
-    return scale, mix
-
-
-def eps_map_step(model: ScoreModel, x: Tensor, t: Tensor, i: int, scale: list[Tensor],
-                 mix: list[float], rows: dict, recorder: Recorder, record: bool) -> Tensor:
-    """``scale[i] x + mix[i] eps_hat(x, t)``: a step that is one linear map of ``(x_t, eps_hat)``
-    (ancestral's posterior mean, RePaint's descent, DDIM's update). With ``record``, step ``i``'s
-    ``x0_hat = (x - sigma_t eps_hat) / alpha_t`` goes to ``recorder``."""
-    eps = model.predict(x, t, "eps")
-    if record:
-        recorder.record(i, x, (x - rows["sigma_t"][i] * eps) / rows["alpha_t"][i])
-    return torch.mul(x, scale[i]).add_(eps, alpha=mix[i])
+def posterior_step(solver: Ancestral | RePaint, model: ScoreModel, x: Tensor, grid: PosteriorGrid,
+                   i: int, t: Tensor, noise: Noise | None, callback: Callback) -> Tensor:
+    """One draw from ``p(x_s | x_t) = N(c_t x_t + c_0 x0_hat, std^2)`` at step ``i`` (Ho et al.
+    2020, Algorithm 2); ``noise`` None: the mean (the last step). The one step of ancestral
+    sampling and RePaint's descent."""
+    rows, learned = grid.table.rows, getattr(solver, "variance", None) == "learned"
+    x0, v = data_prediction(model, x, t, grid.table, i, solver.clip_x0, learned)
+    callback(i, x, x0)
+    mean = torch.add(x * rows["c_t"][i], x0, alpha=rows["c_0"][i])
+    if noise is None:
+        return mean
+    if v is not None:
+        log_var = learned_log_variance(v, rows["log_transition"][i],
+                                       rows["log_posterior_clipped"][i])
+        return mean + torch.exp(0.5 * log_var) * noise.randn_like(x)
+    return mean.add_(noise.randn_like(x), alpha=grid.std[i])
 
 
 class Ancestral(Solver):
@@ -122,57 +121,17 @@ class Ancestral(Solver):
         self.variance = variance
         self.clip_x0 = clip_x0
 
-    def total_steps(self, process: NoiseProcess) -> int:
-        return step_table(process, self.steps, self.spacing).steps
+    def grid(self, process: NoiseProcess) -> PosteriorGrid:
+        return posterior_grid(process, self.steps, self.spacing, self.variance)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: ScoreModel,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None = None,
-        progress: Progress | None = None,
-        noise: Noise | None = None,
-        x_T: Tensor | None = None,
-    ) -> SampleResult:
-        process, device = model.process, model_device(model)
+    def run(self, model: ScoreModel, x: Tensor, grid: PosteriorGrid, noise: Noise,
+            callback: Callback) -> Tensor:
         if self.variance == "learned" and not getattr(model.network, "learned_variance", False):
             raise ValueError("variance 'learned' needs a network with learned_variance = True")
-        noise = as_noise(generator, noise)
-        table = step_table(process, self.steps, self.spacing)
-        rows, steps = table.rows, table.steps
-        fixed = rows["posterior_var" if self.variance == "posterior" else "transition_var"]
-        std = [v**0.5 for v in fixed]
-        recorder = Recorder(steps, self.record, rows["t"])
-        begin = model.nfe
-        x = start(model, shape, noise, x_T, device=device)
-        times = table.time_vectors(process, shape[0], device)
-        fused = self.clip_x0 is None and self.variance != "learned"
-        if fused:
-            scale, mix = posterior_mean_map(process, (self.steps, self.spacing), x)
-        for i in range(steps):
-            if fused:
-                mean = eps_map_step(model, x, times[i], i, scale, mix, rows, recorder,
-                                    recorder.wants(i))
-            else:
-                x0, _, v = predict_x0_and_eps(model, x, times[i], rows["alpha_t"][i],
-                                              rows["sigma_t"][i], self.clip_x0)
-                if recorder.wants(i):
-                    recorder.record(i, x, x0)
-                mean = rows["c_t"][i] * x + rows["c_0"][i] * x0
-            if i == steps - 1:
-                x = mean  # the last step returns the mean (Ho et al. 2020, Algorithm 2)
-            elif self.variance == "learned":
-                assert v is not None
-                log_var = learned_log_variance(v, rows["log_transition"][i],
-                                               rows["log_posterior_clipped"][i])
-                x = mean + torch.exp(0.5 * log_var) * noise.randn_like(x)
-            else:
-                x = mean.add_(noise.randn_like(x), alpha=std[i])
-            if progress is not None:
-                progress(1)
-        return recorder.result(x, model.nfe - begin)
+        times, last = grid.table.vectors(x.shape[0], x.device), grid.table.steps - 1
+        for i in range(grid.table.steps):
+            x = posterior_step(self, model, x, grid, i, times[i], None if i == last else noise,
+                               callback)
+        return x
 
-
-__all__ = ["Ancestral", "posterior_mean_map", "predict_x0_and_eps"]
+__all__ = ["Ancestral", "PosteriorGrid", "data_prediction", "posterior_grid", "posterior_step"]

@@ -1,15 +1,11 @@
-"""Samplers and solvers (kind ``solver``): the base class, the result and what they share.
+"""Samplers and solvers (kind ``solver``): the base class, its one driver, the result.
 
-Every sampler counts its network evaluations (``model.nfe`` is a host integer, so counting needs
-no device synchronisation) and takes one recording option, ``record`` (a :class:`Record`:
-``{what: [x, x0], snapshots: 10}`` in a spec): the trajectory ``x_t`` and / or the predictions
-``x0_hat(x_t)`` at a few evenly spaced steps. Nothing is kept unless asked. The option is added
-to every solver's constructor here, once (:meth:`Solver.__init_subclass__`), so no solver
-repeats it; the old names ``keep_trajectory``, ``keep_x0`` and ``snapshots`` still work and warn.
-
-Randomness comes from a :class:`~diffusers_kit.solvers.noise.Noise` source: a torch generator,
-or per-sample streams (sample ``i`` draws the same numbers whatever the batch it is drawn in).
-A sampler starts from given noise ``x_T`` when one is passed.
+:meth:`Solver.sample` owns what every sampler needs and no algorithm should repeat (the start,
+the random stream, the cached grid, counting network evaluations, progress, recording); a solver
+is its :meth:`Solver.grid` and :meth:`Solver.run` (k-diffusion's shape). Recording is one option
+every solver takes, ``record`` (a :class:`Record`: ``{what: [x, x0], snapshots: 10}`` in a
+spec), declared here (:data:`RECORDING_OPTIONS`) and never by a solver; the old names
+``keep_trajectory``, ``keep_x0`` and ``snapshots`` still work and warn.
 """
 
 from __future__ import annotations
@@ -18,10 +14,10 @@ import functools
 import inspect
 import json
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, cast
 
 import numpy as np
 import torch
@@ -37,6 +33,8 @@ if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
     from diffusers_kit.processes.base import NoiseProcess
 
+#: A solver's grid: whatever typed, cached object its :meth:`Solver.grid` builds (it has ``t``).
+Grid = Any
 Progress = Callable[[int], None]
 
 #: The most samples a grid picture shows (``samples.png``): a grid of 200,000 digits is 22,400
@@ -150,22 +148,26 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 class Recorder:
-    """Keeps ``x`` and / or ``x0_hat`` at ``record.snapshots`` evenly spaced steps of ``steps``.
+    """Keeps ``x`` and / or ``x0_hat`` at ``record.snapshots`` evenly spaced steps of ``steps``
+    (``times``: the process time of each step).
 
     The steps to record are chosen once, on the host; :meth:`wants` is a set lookup, so a loop
-    that asks for nothing pays nothing and stores nothing.
+    that asks for nothing pays nothing and stores nothing. A step recorded again replaces its
+    first record (RePaint descends a step several times: the last descent is kept). The 0.1
+    keywords ``trajectory`` / ``x0`` / ``snapshots`` still build one.
     """
 
-    def __init__(self, steps: int, record: Record | None, times: list[float]) -> None:
-        self.trajectory: list[torch.Tensor] = []
-        self.x0: list[torch.Tensor] = []
-        self.times: list[float] = []
+    def __init__(self, steps: int, record: Record | None = None, times: Sequence[float] = (),
+                 *, trajectory: bool = False, x0: bool = False, snapshots: int = 10) -> None:
+        if record is None and (trajectory or x0):
+            record = Record(what=cast(Any, ("x",) * trajectory + ("x0",) * x0),
+                            snapshots=snapshots)
         what = record.what if record is not None else ()
         self.keep_trajectory, self.keep_x0 = "x" in what, "x0" in what
-        self._times = times
+        self._times = list(times)
+        self._kept: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self.marks: set[int] = set()
-        if what and steps > 0:
-            assert record is not None
+        if record is not None and what and steps > 0:
             count = max(1, min(record.snapshots, steps))
             self.marks = {round(k * (steps - 1) / max(count - 1, 1)) for k in range(count)}
 
@@ -173,16 +175,49 @@ class Recorder:
         return step in self.marks
 
     def record(self, step: int, x: torch.Tensor, x0: torch.Tensor | None = None) -> None:
+        """Keep ``x`` and ``x0`` at ``step`` when it is one to keep."""
         if step not in self.marks:
             return
-        if self.keep_trajectory:
-            self.trajectory.append(x.detach().clone())
-        if self.keep_x0 and x0 is not None:
-            self.x0.append(x0.detach().clone())
-        self.times.append(self._times[step] if step < len(self._times) else float("nan"))
+        self._kept[step] = (x.detach().clone() if self.keep_trajectory else None,
+                            x0.detach().clone() if self.keep_x0 and x0 is not None else None)
+
+    @property
+    def trajectory(self) -> list[torch.Tensor]:
+        return [x for _, (x, _) in sorted(self._kept.items()) if x is not None]
+
+    @property
+    def x0(self) -> list[torch.Tensor]:
+        return [x0 for _, (_, x0) in sorted(self._kept.items()) if x0 is not None]
+
+    @property
+    def times(self) -> list[float]:
+        return [self._times[i] if i < len(self._times) else float("nan")
+                for i in sorted(self._kept)]
 
     def result(self, samples: torch.Tensor, nfe: int) -> SampleResult:
         return SampleResult(samples, nfe, self.trajectory, self.x0, self.times)
+
+
+class Callback:
+    """What a solver's :meth:`Solver.run` calls at each step: ``callback(i, x, denoised)``
+    with the grid index ``i`` of the step, the state ``x`` there and the denoised estimate
+    ``x0_hat(x)`` (None when there is none). Each call is one progress unit
+    (:meth:`Solver.total_steps` counts the calls). A solver that must do work to form
+    ``denoised`` asks :meth:`wants` first."""
+
+    def __init__(self, recorder: Recorder, progress: Progress | None) -> None:
+        self.recorder, self.progress = recorder, progress
+        self.x0_marks = recorder.marks if recorder.keep_x0 else set()
+
+    def wants(self, i: int) -> bool:
+        """Whether ``denoised`` at step ``i`` is kept."""
+        return i in self.x0_marks
+
+    def __call__(self, i: int, x: torch.Tensor, denoised: torch.Tensor | None = None) -> None:
+        if i in self.recorder.marks:
+            self.recorder.record(i, x, denoised)
+        if self.progress is not None:
+            self.progress(1)
 
 
 LEGACY_RECORDING = ("keep_trajectory", "keep_x0", "snapshots")
@@ -201,36 +236,40 @@ def merge_legacy_recording(record: Record | None, keep_trajectory: bool | None,
     what = tuple(name for name, keep in (("x", keep_trajectory), ("x0", keep_x0)) if keep)
     if not what:
         return None
-    return Record(what=what, snapshots=10 if snapshots is None else snapshots)  # type: ignore[arg-type]
+    return Record(what=cast(Any, what), snapshots=10 if snapshots is None else snapshots)
 
 
-def _with_recording(init: Callable[..., None]) -> Callable[..., None]:
-    """``init`` with the keyword-only ``record`` option (and its deprecated spellings) added to
-    its signature, which is also the solver's schema (see :mod:`diffusers_kit.registry`)."""
-    signature = inspect.signature(init)
-    if "record" in signature.parameters:
-        return init
-    extra = {
-        "record": Record | None,
-        "keep_trajectory": bool | None,
-        "keep_x0": bool | None,
-        "snapshots": Annotated[int, Field(ge=1, le=10_000)] | None,
-    }
-    parameters = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
-    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                     annotation=hint) for name, hint in extra.items()]
+#: The recording options every solver takes besides its constructor's own: the registry adds
+#: them to each solver's schema (a solver's ``dkit_options``) and :meth:`Solver.__init_subclass__`
+#: accepts them at construction, so no solver declares them. A solver whose constructor declares
+#: one itself (the 0.1 shape: its own ``keep_trajectory``, ``keep_x0``, ``snapshots``) keeps it.
+RECORDING_OPTIONS: dict[str, Any] = {
+    "record": Record | None,
+    "keep_trajectory": bool | None,
+    "keep_x0": bool | None,
+    "snapshots": Annotated[int, Field(ge=1, le=10_000)] | None,
+}
+
+
+def _accepting_options(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` that also accepts the :data:`RECORDING_OPTIONS` it does not declare itself,
+    and sets ``record`` from them after it ran. Its signature (the solver's schema) is
+    ``init``'s own: nothing is rewritten."""
+    own = set(inspect.signature(init).parameters)
+    extra = [name for name in RECORDING_OPTIONS if name not in own]
 
     @functools.wraps(init)
-    def wrapper(self: Solver, *args: object, record: Record | dict | None = None,
-                keep_trajectory: bool | None = None, keep_x0: bool | None = None,
-                snapshots: int | None = None, **kwargs: object) -> None:
+    def wrapper(self: Solver, *args: object, **kwargs: object) -> None:
+        given: dict[str, Any] = {name: kwargs.pop(name) for name in extra if name in kwargs}
         init(self, *args, **kwargs)
-        if isinstance(record, dict):
-            record = Record(**record)
-        self.record = merge_legacy_recording(record, keep_trajectory, keep_x0, snapshots)
+        if given:
+            record = given.get("record")
+            if isinstance(record, dict):
+                record = Record(**record)
+            self.record = merge_legacy_recording(record, given.get("keep_trajectory"),
+                                                 given.get("keep_x0"), given.get("snapshots"))
 
-    wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {**getattr(init, "__annotations__", {}), **extra}
+    setattr(wrapper, "__dkit_options__", True)  # noqa: B010  (a marker on a function)
     return wrapper
 
 
@@ -243,11 +282,13 @@ class Solver:
     """
 
     record: Record | None = None
+    dkit_options: ClassVar[dict[str, Any]] = RECORDING_OPTIONS
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:
-            cls.__init__ = _with_recording(cls.__dict__["__init__"])  # type: ignore[method-assign]
+        init = cls.__dict__.get("__init__")
+        if init is not None and not hasattr(init, "__dkit_options__"):
+            setattr(cls, "__init__", _accepting_options(init))  # noqa: B010
 
     # the old attribute names, kept for callers that set them (e.g. ``--progressive``)
     @property
@@ -269,7 +310,7 @@ class Solver:
     def _set_recorded(self, name: str, value: bool) -> None:
         current = self.record or Record(what=())
         what = tuple(w for w in current.what if w != name) + ((name,) if value else ())
-        self.record = Record(what=what, snapshots=current.snapshots) if what else None  # type: ignore[arg-type]
+        self.record = Record(what=cast(Any, what), snapshots=current.snapshots) if what else None
 
     def check(self, process: NoiseProcess) -> str | None:
         """Return why this solver cannot sample ``process``, or ``None`` if it can (e.g. a
@@ -277,10 +318,47 @@ class Solver:
         on ``sample.solver.kind`` before anything is trained."""
         return None
 
+    def settings(self) -> tuple:
+        """What this solver's grid depends on: its class and its settings (every attribute but
+        ``record``; lists and mappings as tuples), the key its :meth:`grid` is cached under."""
+        return (type(self), *sorted((k, _hashable(v)) for k, v in vars(self).items()
+                                    if k != "record"))
+
+    def grid(self, process: NoiseProcess) -> Grid:
+        """Build the grid :meth:`run` walks on ``process`` (times and every per-step
+        coefficient, in float64 on the host): called once per (process, :meth:`settings`),
+        through :meth:`cached_grid`. It must have ``t``, the process time of each grid point
+        (what recorded steps are labelled with: ``t[i]`` for step ``i``)."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither grid nor sample")
+
+    def cached_grid(self, process: NoiseProcess) -> Grid:
+        from diffusers_kit.solvers.grids import cached
+
+        return cached(process, ("solver", *self.settings()), lambda: self.grid(process))
+
     def total_steps(self, process: NoiseProcess) -> int:
         """How many progress units one :meth:`sample` call reports (the progress bar's total
-        per batch): usually the number of steps. Call ``progress(k)`` as ``k`` of them end."""
-        return 1
+        per batch): the number of ``callback`` calls of :meth:`run`; by default one per grid
+        step. A solver that overrides :meth:`sample` itself calls ``progress(k)`` as ``k`` of
+        them end (1 by default)."""
+        if type(self).run is Solver.run:
+            return 1
+        return len(self.cached_grid(process).t) - 1
+
+    def initial(self, model: ScoreModel, shape: tuple[int, ...], noise: Noise,
+                x_T: torch.Tensor | None) -> torch.Tensor:
+        """The start :meth:`sample` hands :meth:`run`: :func:`start` (``x_T``, or a prior
+        draw); a solver that starts elsewhere (Langevin from ``N(0, init_std^2)``) says so."""
+        return start(model, shape, noise, x_T)
+
+    def run(self, model: ScoreModel, x: torch.Tensor, grid: Grid, noise: Noise,
+            callback: Callback) -> torch.Tensor:
+        """The algorithm: from the start ``x`` walk ``grid`` (:meth:`grid`'s, cached) and return
+        the samples. Ask ``model.predict(x, t, "x0" | "eps" | "score")`` for the model's views
+        (guidance and parameterisation live there); draw every random number from ``noise``
+        (``noise.randn_like(x)``); call ``callback(i, x, denoised)`` once per step. The
+        caller (:meth:`sample`) owns the rest."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither run nor sample")
 
     @torch.no_grad()
     def sample(
@@ -294,25 +372,38 @@ class Solver:
         x_T: torch.Tensor | None = None,
     ) -> SampleResult:
         """Draw ``shape[0]`` samples from ``model`` (a :class:`~diffusers_kit.model.ScoreModel`,
-        possibly a guided view: ask it for ``model.predict(x, t, "eps" | "score" | "x0")`` and
-        it returns the guided prediction; never convert parameterisations yourself).
+        possibly a guided view): the one driver of every solver that defines :meth:`run`.
 
-        Conventions a solver follows:
+        It owns what no algorithm should repeat: the start (:func:`start`: the prior draw, or
+        ``x_T`` when given), the random stream (``noise``, or draws from ``generator``:
+        :func:`~diffusers_kit.solvers.noise.as_noise`), the cached grid
+        (:meth:`cached_grid`), counting network evaluations (``model.nfe`` after minus before,
+        a host integer), progress (one unit per ``callback`` call) and recording what
+        ``self.record`` asks (a :class:`Recorder` behind the :class:`Callback`).
 
-        - ``t`` is a tensor of shape ``(B,)`` (one time per sample) on the model's device, in
-          ``[0, 1]`` (``process.time_grid`` / :mod:`diffusers_kit.solvers.grids` give grids;
-          discrete processes map step ``i`` to ``t = i / T``);
-        - start from :func:`start` (the prior draw, or ``x_T`` when given) and draw every random
-          number from ``noise`` (:func:`~diffusers_kit.solvers.noise.as_noise` merges
-          ``generator`` and ``noise``), so samples do not depend on the batch;
-        - count network evaluations as ``model.nfe`` after minus before (a host integer);
-        - keep what ``self.record`` asks with a :class:`Recorder` and return
-          ``recorder.result(samples, nfe)``;
-        - call ``progress(k)`` as work ends (``total_steps`` units per call); no host
-          synchronisation in the loop (read coefficient tables as Python floats, or as the
-          cached 0-dim tensors of :func:`~diffusers_kit.solvers.tables.scalars`).
+        A solver written for dkit 1.0 overrides this method itself and is called through it
+        (``Diffusion.sample`` calls ``solver.sample``): it then follows the same conventions by
+        hand (``t`` a ``(B,)`` tensor on the model's device, in ``[0, 1]``).
         """
-        raise NotImplementedError
+        grid = self.cached_grid(model.process)
+        noise = as_noise(generator, noise)
+        x = self.initial(model, shape, noise, x_T)
+        recorder = Recorder(len(grid.t) - 1, self.record, grid.t)
+        begin = model.nfe
+        x = self.run(model, x, grid, noise, Callback(recorder, progress))
+        return recorder.result(x, model.nfe - begin)
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
 
 
 #: The type of every solver's ``clip_x0`` option (``None``: off).

@@ -11,32 +11,43 @@ deterministic DDIM map (an Euler step of the probability-flow ODE in ``x / alpha
 ``sigma / alpha``), ``eta = 1`` is DDPM ancestral sampling with ``sigma_t^2 = beta~_t`` on the
 same sub-sequence. The last step lands on noise level 0 (``x0_hat``; see
 :mod:`diffusers_kit.solvers.tables`).
+
+The step is taken on the data prediction, with ``eps_hat = (x_t - alpha_t x0_hat) / sigma_t``
+substituted: ``x_s = (e / sigma_t) x_t + (alpha_s - e alpha_t / sigma_t) x0_hat + c z`` with ``e
+= sqrt(sigma_s^2 - c^2)``, defined where ``alpha_t = 0`` too (a path from pure noise).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.ancestral import eps_map_step, predict_x0_and_eps
-from diffusers_kit.solvers.base import (
-    ClipX0,
-    Progress,
-    Recorder,
-    SampleResult,
-    Solver,
-    model_device,
-    start,
-)
-from diffusers_kit.solvers.grids import Spacing, cached
-from diffusers_kit.solvers.noise import Noise, as_noise
-from diffusers_kit.solvers.tables import scalars, step_table
+from diffusers_kit.solvers.ancestral import data_prediction
+from diffusers_kit.solvers.base import Callback, ClipX0, Solver
+from diffusers_kit.solvers.grids import Spacing
+from diffusers_kit.solvers.noise import Noise
+from diffusers_kit.solvers.tables import StepTable, step_table
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
     from diffusers_kit.processes.base import NoiseProcess
+
+
+@dataclass(frozen=True)
+class DDIMGrid:
+    """Per step: ``x_s = on_x x_t + on_x0 x0_hat + noise_std z`` (see the module doc)."""
+
+    table: StepTable
+    on_x: list[float]
+    on_x0: list[float]
+    noise_std: list[float]
+
+    @property
+    def t(self) -> list[float]:
+        return self.table.t
 
 
 class DDIM(Solver):
@@ -63,67 +74,25 @@ class DDIM(Solver):
         self.spacing = spacing
         self.clip_x0 = clip_x0
 
-    def total_steps(self, process: NoiseProcess) -> int:
-        return step_table(process, self.steps, self.spacing).steps
-
-    @torch.no_grad()
-    def sample(
-        self,
-        model: ScoreModel,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None = None,
-        progress: Progress | None = None,
-        noise: Noise | None = None,
-        x_T: torch.Tensor | None = None,
-    ) -> SampleResult:
-        process, device = model.process, model_device(model)
-        noise = as_noise(generator, noise)
+    def grid(self, process: NoiseProcess) -> DDIMGrid:
         table = step_table(process, self.steps, self.spacing)
-        rows, steps = table.rows, table.steps
-        coef = self.coefficients(process)
-        stochastic = self.eta > 0
-        recorder = Recorder(steps, self.record, table.rows["t"])
-        begin = model.nfe
-        x = start(model, shape, noise, x_T, device=device)
-        times = table.time_vectors(process, shape[0], device)
-        scale = scalars(process, self._key("scale"), lambda: coef["scale"], x.device, x.dtype)
-        mix, noise_std = coef["eps"], coef["noise_std"]
-        for i in range(steps):
-            if self.clip_x0 is None:
-                x = eps_map_step(model, x, times[i], i, scale, mix, rows, recorder,
-                                 recorder.wants(i))
-            else:
-                x0, eps, _ = predict_x0_and_eps(model, x, times[i], rows["alpha_t"][i],
-                                                rows["sigma_t"][i], self.clip_x0)
-                if recorder.wants(i):
-                    recorder.record(i, x, x0)
-                x = rows["alpha_s"][i] * x0 + coef["eps_coef"][i] * eps
-            if stochastic and i < steps - 1:
-                x.add_(noise.randn_like(x), alpha=noise_std[i])
-            if progress is not None:
-                progress(1)
-        return recorder.result(x, model.nfe - begin)
+        rows = table.rows
+        grid = DDIMGrid(table, [], [], [])
+        for i in range(table.steps):
+            var = self.eta**2 * rows["posterior_var"][i]  # 0 on the last step
+            e = max(rows["sigma_s"][i] ** 2 - var, 0.0) ** 0.5
+            grid.on_x.append(e / rows["sigma_t"][i])
+            grid.on_x0.append(rows["alpha_s"][i] - e * rows["alpha_t"][i] / rows["sigma_t"][i])
+            grid.noise_std.append(var**0.5)
+        return grid
 
-    def _key(self, name: str) -> tuple:
-        return ("ddim", name, self.steps, self.spacing, float(self.eta))
-
-    def coefficients(self, process: NoiseProcess) -> dict[str, list[float]]:
-        """Per step, cached with the grid: ``noise_std`` (``c``), ``eps_coef``
-        (``sqrt(sigma_s^2 - c^2)``) and the step as one map of ``(x_t, eps_hat)``,
-        ``x_s = scale x_t + eps eps_hat`` (``x0_hat`` substituted: ``scale = alpha_s /
-        alpha_t``, ``eps = eps_coef - alpha_s sigma_t / alpha_t``; with ``clip_x0`` the loop
-        forms ``x0_hat`` to clip it)."""
-
-        def build() -> dict[str, list[float]]:
-            rows = step_table(process, self.steps, self.spacing).rows
-            noise_var = [self.eta**2 * v for v in rows["posterior_var"]]  # 0 on the last step
-            eps_coef = [max(s**2 - v, 0.0) ** 0.5
-                        for s, v in zip(rows["sigma_s"], noise_var, strict=True)]
-            ratio = [a_s / a_t for a_s, a_t in zip(rows["alpha_s"], rows["alpha_t"], strict=True)]
-            return {"noise_std": [v**0.5 for v in noise_var], "eps_coef": eps_coef,
-                    "scale": ratio,
-                    "eps": [c - r * s for c, r, s in zip(eps_coef, ratio, rows["sigma_t"],
-                                                         strict=True)]}
-
-        return cached(process, self._key("coefficients"), build)
+    def run(self, model: ScoreModel, x: torch.Tensor, grid: DDIMGrid, noise: Noise,
+            callback: Callback) -> torch.Tensor:
+        times, last = grid.table.vectors(x.shape[0], x.device), grid.table.steps - 1
+        for i in range(grid.table.steps):
+            x0, _ = data_prediction(model, x, times[i], grid.table, i, self.clip_x0)
+            callback(i, x, x0)
+            x = torch.add(x * grid.on_x[i], x0, alpha=grid.on_x0[i])
+            if self.eta > 0 and i < last:
+                x.add_(noise.randn_like(x), alpha=grid.noise_std[i])
+        return x

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
@@ -71,6 +72,12 @@ def _f64(values: Tensor | float) -> Tensor:
     return torch.as_tensor(values, dtype=torch.float64)
 
 
+def reaches_pure_noise(process: NoiseProcess) -> bool:
+    """Whether ``alpha(1) = 0`` (``x_1 = sigma(1) eps``: rectified flow's path): no step may
+    divide by ``alpha`` there, and the log-SNR is ``-inf``."""
+    return float(process.alpha(torch.ones(1, dtype=torch.float64))[0]) == 0.0
+
+
 def log_snr(process: NoiseProcess, t: Tensor) -> Tensor:
     """``lambda(t) = log(alpha^2 / sigma^2)`` in float64."""
     return process.log_snr(_f64(t))
@@ -105,9 +112,9 @@ def sampling_times(
     A discrete process may return fewer than ``steps`` times (snapped steps that coincide).
     ``spacing="auto"`` is the process's ``default_spacing`` (:func:`resolve_spacing`).
     """
-    spacing = resolve_spacing(process, spacing)  # type: ignore[assignment]
-    key = ("times", steps, spacing, float(rho))
-    return cached(process, key, lambda: _sampling_times(process, steps, spacing, rho)).clone()
+    chosen = cast(Spacing, resolve_spacing(process, spacing))
+    key = ("times", steps, chosen, float(rho))
+    return cached(process, key, lambda: _sampling_times(process, steps, chosen, rho)).clone()
 
 
 def _sampling_times(process: NoiseProcess, steps: int | None, spacing: Spacing, rho: float
@@ -129,6 +136,9 @@ def _sampling_times(process: NoiseProcess, steps: int | None, spacing: Spacing, 
     elif spacing in ("edm", "log_snr"):
         ends = _f64([1.0, t_min])
         lam_max_noise, lam_min_noise = log_snr(process, ends)  # lambda(1) < lambda(t_min)
+        if torch.isinf(lam_max_noise):
+            raise ValueError(f"spacing {spacing!r} is spaced in the log-SNR, which is -inf at "
+                             "t = 1 on a process with alpha(1) = 0: use uniform or quadratic")
         if spacing == "log_snr":
             lam = lam_max_noise + fraction * (lam_min_noise - lam_max_noise)
         else:
@@ -144,3 +154,57 @@ def _sampling_times(process: NoiseProcess, steps: int | None, spacing: Spacing, 
         index = torch.unique(index).flip(0)  # decreasing, no repeats
         times = index / discrete
     return torch.cat([times, torch.zeros(1, dtype=torch.float64)])
+
+
+@dataclass(frozen=True, eq=False)
+class TimeGrid:
+    """The points of a sampling grid: ``N`` evaluation times ``t_0 = 1 > ... > t_{N-1} =
+    t_min``, then the landing point ``t_N = 0`` where ``sigma = 0`` (the last step lands on the
+    denoised estimate). Per point, as Python floats: ``t``, ``alpha``, ``sigma``, the noise level
+    ``level = sigma / alpha`` (``inf`` where ``alpha = 0``, 0 at the landing) and ``lam =
+    log(alpha / sigma)`` (``-inf`` where ``alpha = 0``, ``inf`` at the landing); ``times`` is
+    ``t`` as a float64 tensor. Built once per (process, steps, spacing, rho) by
+    :func:`time_grid`; :meth:`vectors` are the ``(B,)`` time tensors a network sees."""
+
+    times: Tensor
+    t: list[float]
+    alpha: list[float]
+    sigma: list[float]
+    level: list[float]
+    lam: list[float]
+    _vectors: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def steps(self) -> int:
+        return len(self.t) - 1
+
+    def marginal(self, i: int) -> tuple[float, float]:
+        """``(alpha, sigma)`` at point ``i`` (for :meth:`ScoreModel.predict`)."""
+        return self.alpha[i], self.sigma[i]
+
+    def vectors(self, batch: int, device: torch.device) -> tuple[Tensor, ...]:
+        """Item ``i``: ``t_i`` as a ``(batch,)`` float32 tensor on ``device`` (cached)."""
+        key = (batch, str(device))
+        if key not in self._vectors:
+            self._vectors[key] = (self.times[:-1, None].to(device=device, dtype=torch.float32)
+                                  .expand(-1, batch).contiguous().unbind(0))
+        return self._vectors[key]
+
+
+def time_grid(process: NoiseProcess, steps: int | None, spacing: Spacing = "uniform",
+              rho: float = 7.0) -> TimeGrid:
+    """The cached :class:`TimeGrid` of ``sampling_times(process, steps, spacing, rho)``."""
+
+    def build() -> TimeGrid:
+        times = sampling_times(process, steps, spacing, rho)
+        alpha, sigma = process.marginal(times)
+        sigma = sigma.clone()
+        sigma[-1] = 0.0
+        with torch.no_grad():
+            level = torch.where(sigma > 0, sigma / alpha, torch.zeros_like(sigma))
+        lam = -torch.log(level)
+        return TimeGrid(times, times.tolist(), alpha.tolist(), sigma.tolist(), level.tolist(),
+                        lam.tolist())
+
+    return cached(process, ("time_grid", steps, resolve_spacing(process, spacing), float(rho)),
+                  build)

@@ -18,17 +18,63 @@ and optionally finish with one denoising step ``x <- x + sigma_L^2 * s_theta(x, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
-from diffusers_kit.solvers.noise import Noise, as_noise
+from diffusers_kit.solvers.base import Callback, Solver, model_device, start
+from diffusers_kit.solvers.noise import Noise
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
     from diffusers_kit.processes.base import NoiseProcess
+
+
+@dataclass(frozen=True)
+class LangevinGrid:
+    """Per Langevin step: the time ``t``, ``alpha`` and ``sigma`` of the score it follows and
+    its step size (the last point: where the chain ends, or the denoising step)."""
+
+    t: list[float]
+    alpha: list[float]
+    sigma: list[float]
+    step: list[float]
+
+
+def langevin_grid(process: NoiseProcess, times: torch.Tensor, repeat: int, sizes: list[float],
+                  tail: int) -> LangevinGrid:
+    """Each of ``times`` (float64) repeated ``repeat`` times with its step size, then the last
+    time ``tail`` more times (step size 0)."""
+    alpha, sigma = process.marginal(times)
+    columns = [values.tolist() for values in (times, alpha, sigma)] + [sizes]
+    spread = [[v for v in values for _ in range(repeat)] + [values[-1]] * tail
+              for values in columns]
+    spread[3][-tail:] = [0.0] * tail
+    return LangevinGrid(*spread)
+
+
+def langevin(model: ScoreModel, x: torch.Tensor, grid: LangevinGrid, noise: Noise,
+             callback: Callback, steps: int) -> torch.Tensor:
+    """``steps`` Langevin steps ``x <- x + (a_k / 2) s(x, t_k) + sqrt(a_k) z`` along ``grid``
+    (``s = -eps_hat / sigma``), each reported with ``x0_hat = (x - sigma eps_hat) / alpha``."""
+    times = torch.tensor(grid.t, dtype=torch.float32, device=x.device)
+    for k in range(steps):
+        t = times[k].expand(x.shape[0])
+        alpha, sigma, size = grid.alpha[k], grid.sigma[k], grid.step[k]
+        eps = model.predict(x, t, "eps", marginal=(alpha, sigma))
+        callback(k, x, (x - sigma * eps) / alpha if callback.wants(k) else None)
+        x = x + (-0.5 * size / sigma) * eps + size**0.5 * noise.randn_like(x)
+    return x
+
+
+def tweedie(model: ScoreModel, x: torch.Tensor, grid: LangevinGrid) -> torch.Tensor:
+    """``x0_hat = (x + sigma^2 s(x, t)) / alpha = (x - sigma eps_hat) / alpha`` at the grid's
+    last point (Tweedie's formula)."""
+    alpha, sigma = grid.alpha[-1], grid.sigma[-1]
+    t = torch.full((x.shape[0],), grid.t[-1], device=x.device)
+    return (x - sigma * model.predict(x, t, "eps", marginal=(alpha, sigma))) / alpha
 
 
 class AnnealedLangevin(Solver):
@@ -39,7 +85,8 @@ class AnnealedLangevin(Solver):
         epsilon: base step size; level i uses epsilon * sigma_i^2 / sigma_L^2.
         denoise: finish with the Tweedie denoising step x + sigma_L^2 * s(x, sigma_L).
 
-    Recording ``x`` (``record: {what: [x]}``) keeps x after each noise level.
+    Recording (``record``) keeps ``x`` and ``x0_hat = (x - sigma_i eps_hat) / alpha`` at
+    evenly spaced Langevin steps over all levels (the denoising step counted last).
     """
 
     def __init__(
@@ -58,47 +105,20 @@ class AnnealedLangevin(Solver):
                     f"{', '.join(missing)}")
         return None
 
-    def total_steps(self, process: NoiseProcess) -> int:
-        return process.num_levels * self.steps_per_level + int(self.denoise)  # type: ignore[attr-defined]
+    def grid(self, process: NoiseProcess) -> LangevinGrid:
+        times = getattr(process, "level_times")()  # noqa: B009  (checked by check())
+        sigmas = process.sigma(times).tolist()
+        sizes = [self.epsilon * s**2 / sigmas[-1] ** 2 for s in sigmas]
+        return langevin_grid(process, times, self.steps_per_level, sizes, 1 + self.denoise)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: ScoreModel,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None = None,
-        progress: Progress | None = None,
-        noise: Noise | None = None,
-        x_T: torch.Tensor | None = None,
-    ) -> SampleResult:
-        process = model.process
-        device = model_device(model)
-        noise = as_noise(generator, noise)
-        levels = process.level_times()  # type: ignore[attr-defined]
-        sigmas = process.sigma(levels).tolist()  # host floats: the whole table, once
-        step_sizes = [self.epsilon * s**2 / sigmas[-1] ** 2 for s in sigmas]
-        begin = model.nfe
-        x = start(model, shape, noise, x_T)
-        times = levels[:, None].to(device, torch.float32).expand(-1, shape[0])
-        trajectory = []
-        keep = self.keep_trajectory
-        for level in range(len(sigmas)):
-            t, sigma = times[level], sigmas[level]
-            half, scale = 0.5 * step_sizes[level], step_sizes[level] ** 0.5
-            for _ in range(self.steps_per_level):
-                z = noise.randn(shape, device=device)
-                # s = -eps / sigma: the level's sigma from the table, no per-step schedule work
-                x = x + (-half / sigma) * model.predict(x, t, "eps") + scale * z
-            if progress is not None:
-                progress(self.steps_per_level)
-            if keep:
-                trajectory.append(x.clone())
+    def run(self, model: ScoreModel, x: torch.Tensor, grid: LangevinGrid, noise: Noise,
+            callback: Callback) -> torch.Tensor:
+        steps = len(grid.t) - 1 - self.denoise
+        x = langevin(model, x, grid, noise, callback, steps)
         if self.denoise:
-            x = x - sigmas[-1] * model.predict(x, times[-1], "eps")  # x + sigma^2 s
-            if progress is not None:
-                progress(1)
-        return SampleResult(x, model.nfe - begin, trajectory)
+            x = tweedie(model, x, grid)
+            callback(steps, x)
+        return x
 
 
 class Langevin(Solver):
@@ -133,46 +153,18 @@ class Langevin(Solver):
         self.init_std = init_std
         self.denoise = denoise
 
-    def total_steps(self, process: NoiseProcess) -> int:
-        return self.steps
-
-    @torch.no_grad()
-    def sample(
-        self,
-        model: ScoreModel,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None = None,
-        progress: Progress | None = None,
-        noise: Noise | None = None,
-        x_T: torch.Tensor | None = None,
-    ) -> SampleResult:
-        process = model.process
-        device = model_device(model)
-        noise = as_noise(generator, noise)
+    def grid(self, process: NoiseProcess) -> LangevinGrid:
         time = process.t_min if self.time is None else self.time
-        t = torch.full((shape[0],), time, device=device)
+        return langevin_grid(process, torch.tensor([time], dtype=torch.float64), self.steps,
+                             [self.step_size], 1)
+
+    def initial(self, model: ScoreModel, shape: tuple[int, ...], noise: Noise,
+                x_T: torch.Tensor | None) -> torch.Tensor:
         if self.init == "prior" or x_T is not None:
-            x = start(model, shape, noise, x_T)
-        else:
-            x = self.init_std * noise.randn(shape, device=device)
-        half_step, noise_scale = 0.5 * self.step_size, self.step_size**0.5
-        recorder = Recorder(self.steps, self.record, [time] * self.steps)
-        alpha, sigma = (float(c) for c in process.marginal(torch.tensor([time],
-                                                                         dtype=torch.float64)))
-        begin = model.nfe
-        score = None
-        for step in range(self.steps):
-            score = model.score(x, t)
-            if recorder.wants(step):
-                recorder.record(step, x, (x + sigma**2 * score) / alpha)
-            z = noise.randn(shape, device=device)
-            x = x + half_step * score + noise_scale * z
-            if progress is not None and (step + 1) % 100 == 0:
-                progress(100)
-        if progress is not None and self.steps % 100:
-            progress(self.steps % 100)
-        if self.denoise:
-            # Tweedie: E[x0 | x_t] = (x_t + sigma^2 grad log q_t(x_t)) / alpha
-            x = (x + sigma**2 * model.score(x, t)) / alpha
-        return recorder.result(x, model.nfe - begin)
+            return start(model, shape, noise, x_T)
+        return self.init_std * noise.randn(shape, device=model_device(model))
+
+    def run(self, model: ScoreModel, x: torch.Tensor, grid: LangevinGrid, noise: Noise,
+            callback: Callback) -> torch.Tensor:
+        x = langevin(model, x, grid, noise, callback, self.steps)
+        return tweedie(model, x, grid) if self.denoise else x

@@ -23,23 +23,10 @@ from typing import TYPE_CHECKING, Annotated
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.ancestral import (
-    eps_map_step,
-    posterior_mean_map,
-    predict_x0_and_eps,
-)
-from diffusers_kit.solvers.base import (
-    ClipX0,
-    Progress,
-    Recorder,
-    SampleResult,
-    Solver,
-    model_device,
-    start,
-)
+from diffusers_kit.solvers.ancestral import PosteriorGrid, posterior_grid, posterior_step
+from diffusers_kit.solvers.base import Callback, ClipX0, Solver
 from diffusers_kit.solvers.grids import Spacing
-from diffusers_kit.solvers.noise import Noise, as_noise
-from diffusers_kit.solvers.tables import step_table
+from diffusers_kit.solvers.noise import Noise
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
@@ -89,57 +76,30 @@ class RePaint(Solver):
         self.spacing = spacing
         self.clip_x0 = clip_x0
 
-    def total_steps(self, process: NoiseProcess) -> int:
-        table = step_table(process, self.steps, self.spacing)
-        return sum(1 for kind, _ in jump_schedule(table.steps, self.jump_length,
-                                                  self.resampling) if kind == "down")
+    def grid(self, process: NoiseProcess) -> PosteriorGrid:
+        return posterior_grid(process, self.steps, self.spacing)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: ScoreModel,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None = None,
-        progress: Progress | None = None,
-        noise: Noise | None = None,
-        x_T: Tensor | None = None,
-    ) -> SampleResult:
-        process, device = model.process, model_device(model)
-        noise = as_noise(generator, noise)
-        table = step_table(process, self.steps, self.spacing)
-        rows, steps = table.rows, table.steps
-        std = [v**0.5 for v in rows["posterior_var"]]
-        up = [v**0.5 for v in rows["b2"]]
-        recorder = Recorder(steps, self.record, table.times[:-1].tolist())
-        begin = model.nfe
-        x = start(model, shape, noise, x_T, device=device)
-        times = table.time_vectors(process, shape[0], device)
-        if self.clip_x0 is None:  # the down-step exactly as ancestral sampling takes it
-            scale, mix = posterior_mean_map(process, (self.steps, self.spacing), x)
-        last = {i: n for n, (kind, i) in enumerate(jump_schedule(
-            steps, self.jump_length, self.resampling)) if kind == "down"}
-        for n, (kind, i) in enumerate(jump_schedule(steps, self.jump_length, self.resampling)):
+    def total_steps(self, process: NoiseProcess) -> int:
+        moves = jump_schedule(self.cached_grid(process).table.steps, self.jump_length,
+                              self.resampling)
+        return sum(1 for kind, _ in moves if kind == "down")
+
+    def run(self, model: ScoreModel, x: Tensor, grid: PosteriorGrid, noise: Noise,
+            callback: Callback) -> Tensor:
+        """Ancestral steps down (:func:`~diffusers_kit.solvers.ancestral.posterior_step`, each
+        reported: a step recorded again keeps its last descent), exact forward transitions
+        up; the very last step returns its mean."""
+        rows, steps = grid.table.rows, grid.table.steps
+        times = grid.table.vectors(x.shape[0], x.device)
+        moves = jump_schedule(steps, self.jump_length, self.resampling)
+        for n, (kind, i) in enumerate(moves):
             if kind == "up":  # x_t ~ q(x_t | x_s): the forward kernel, exact
-                x = rows["a"][i] * x + up[i] * noise.randn(shape, device=device)
-                continue
-            final = last[i] == n  # the block's last descent: what is recorded
-            if self.clip_x0 is None:
-                mean = eps_map_step(model, x, times[i], i, scale, mix, rows, recorder,
-                                    final and recorder.wants(i))
+                x = torch.add(x * rows["a"][i], noise.randn_like(x), alpha=rows["b2"][i] ** 0.5)
             else:
-                x0, _, _ = predict_x0_and_eps(model, x, times[i], rows["alpha_t"][i],
-                                              rows["sigma_t"][i], self.clip_x0)
-                if final and recorder.wants(i):
-                    recorder.record(i, x, x0)
-                mean = rows["c_t"][i] * x + rows["c_0"][i] * x0
-            if i == steps - 1 and final:
-                x = mean  # the very last step returns the mean (Ho et al. 2020, alg. 2)
-            else:
-                x = mean.add_(noise.randn_like(x), alpha=std[i])
-            if progress is not None:
-                progress(1)
-        return recorder.result(x, model.nfe - begin)
+                final = i == steps - 1 and n == len(moves) - 1
+                x = posterior_step(self, model, x, grid, i, times[i], None if final else noise,
+                                   callback)
+        return x
 
 
 __all__ = ["RePaint", "jump_schedule"]

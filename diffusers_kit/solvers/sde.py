@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.base import Progress, Recorder, SampleResult, Solver, model_device, start
-from diffusers_kit.solvers.grids import Spacing
-from diffusers_kit.solvers.noise import Noise, as_noise
-from diffusers_kit.solvers.tables import step_table
+from diffusers_kit.solvers.base import Callback, Solver
+from diffusers_kit.solvers.grids import Spacing, reaches_pure_noise
+from diffusers_kit.solvers.noise import Noise
+from diffusers_kit.solvers.tables import StepTable, step_table
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
@@ -87,25 +87,32 @@ def eps_step(predictor: Predictor) -> Callable[..., Tensor] | None:
     for klass in type(predictor).__mro__:
         defines = vars(klass)
         if "step" in defines or "step_eps" in defines:
-            if "step" in defines and "step_eps" in defines:
-                return predictor.step_eps  # type: ignore[attr-defined]
-            return None
+            return getattr(predictor, "step_eps", None) if "step_eps" in defines \
+                and "step" in defines else None
     return None
 
 
-class EulerMaruyama(Predictor):
+class LinearPredictor(Predictor):
+    """A predictor linear in the score: :meth:`move` with the score ``k v`` is both ``step``
+    (``v = s``, ``k = 1``) and ``step_eps`` (``v = eps_hat``, ``k = -1 / sigma_t``)."""
+
+    def step(self, x: Tensor, score: Tensor, c: Rows, i: int, z: Tensor | None) -> Tensor:
+        return self.move(x, score, 1.0, c, i, z)
+
+    def step_eps(self, x: Tensor, eps: Tensor, c: Rows, i: int, z: Tensor | None) -> Tensor:
+        return self.move(x, eps, c["neg_inv_sigma"][i], c, i, z)
+
+    def move(self, x: Tensor, v: Tensor, k: float, c: Rows, i: int, z: Tensor | None
+             ) -> Tensor:
+        raise NotImplementedError
+
+
+class EulerMaruyama(LinearPredictor):
     """Euler-Maruyama step of the reverse-time SDE (Song et al. 2021, eq. 6); the last step is
     Tweedie's denoising step onto noise level 0."""
 
-    def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
-        return self._move(x, score, 1.0, c, i, z)
-
-    def step_eps(self, x, eps, c, i, z):  # type: ignore[no-untyped-def]
-        return self._move(x, eps, c["neg_inv_sigma"][i], c, i, z)
-
-    @staticmethod
-    def _move(x, v, k, c, i, z):  # type: ignore[no-untyped-def]
-        """The step with the score ``k v``."""
+    def move(self, x: Tensor, v: Tensor, k: float, c: Rows, i: int, z: Tensor | None
+             ) -> Tensor:
         if z is None:
             return (c["alpha_s"][i] / c["alpha_t"][i]) * torch.add(
                 x, v, alpha=c["sigma_t"][i] ** 2 * k)
@@ -114,23 +121,16 @@ class EulerMaruyama(Predictor):
         return mean.add_(z, alpha=step**0.5)
 
 
-class ReverseDiffusion(Predictor):
+class ReverseDiffusion(LinearPredictor):
     """Reverse-diffusion predictor (Song et al. 2021, eq. 46): the forward step, reversed."""
 
-    def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
-        return self._move(x, score, 1.0, c, i, z)
-
-    def step_eps(self, x, eps, c, i, z):  # type: ignore[no-untyped-def]
-        return self._move(x, eps, c["neg_inv_sigma"][i], c, i, z)
-
-    @staticmethod
-    def _move(x, v, k, c, i, z):  # type: ignore[no-untyped-def]
-        """The step with the score ``k v``."""
+    def move(self, x: Tensor, v: Tensor, k: float, c: Rows, i: int, z: Tensor | None
+             ) -> Tensor:
         mean = torch.add(x * _factor(c, "reverse_x", i), v, alpha=c["b2"][i] * k)
         return mean if z is None else mean.add_(z, alpha=c["b2"][i] ** 0.5)
 
 
-class AncestralPredictor(Predictor):
+class AncestralPredictor(LinearPredictor):
     """Ancestral-sampling predictor (Song et al. 2021, eqs. 47-48): posterior mean with Tweedie's
     x0_hat, plus noise.
 
@@ -142,15 +142,10 @@ class AncestralPredictor(Predictor):
     def __init__(self, variance: Literal["posterior", "transition"] = "posterior") -> None:
         self.variance = variance
 
-    def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
-        return self._move(x, score, c["ancestral_score"][i], c, i, z)
-
-    def step_eps(self, x, eps, c, i, z):  # type: ignore[no-untyped-def]
-        return self._move(x, eps, c["ancestral_score"][i] * c["neg_inv_sigma"][i], c, i, z)
-
-    def _move(self, x, v, weight, c, i, z):  # type: ignore[no-untyped-def]
+    def move(self, x: Tensor, v: Tensor, k: float, c: Rows, i: int, z: Tensor | None
+             ) -> Tensor:
         # c_t x + c_0 x0_hat with x0_hat = (x + sigma_t^2 s) / alpha_t, as one fused map
-        mean = torch.add(x * _factor(c, "ancestral_x", i), v, alpha=weight)
+        mean = torch.add(x * _factor(c, "ancestral_x", i), v, alpha=c["ancestral_score"][i] * k)
         if z is None:
             return mean
         var = c["posterior_var"][i] if self.variance == "posterior" else c["b2"][i]
@@ -162,7 +157,7 @@ class NoPredictor(Predictor):
 
     uses_score = False
 
-    def step(self, x, score, c, i, z):  # type: ignore[no-untyped-def]
+    def step(self, x: Tensor, score: Tensor, c: Rows, i: int, z: Tensor | None) -> Tensor:
         return x
 
 
@@ -192,7 +187,8 @@ class LangevinCorrector(Corrector):
         self.snr = snr
         self.steps = steps
 
-    def correct(self, model, x, t, c, i, noise):  # type: ignore[no-untyped-def]
+    def correct(self, model: ScoreModel, x: Tensor, t: Tensor, c: Rows, i: int,
+                noise: Noise) -> Tensor:
         scale = 2.0 * c["a"][i] ** 2 * self.snr**2
         sigma = c["sigma_t"][i]
         dims = tuple(range(1, x.dim()))
@@ -242,45 +238,31 @@ class PredictorCorrector(Solver):
         self.steps = steps
         self.spacing = spacing
 
-    def total_steps(self, process: NoiseProcess) -> int:
-        return step_table(process, self.steps, self.spacing).steps
+    def check(self, process: NoiseProcess) -> str | None:
+        if reaches_pure_noise(process):
+            return ("alpha > 0 on the whole path (this process reaches alpha = 0, where the "
+                    "reverse SDE's drift f = alpha' / alpha is infinite and the score says "
+                    "nothing about x0): use ancestral, ddim or edm_stochastic")
+        return None
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: ScoreModel,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None = None,
-        progress: Progress | None = None,
-        noise: Noise | None = None,
-        x_T: Tensor | None = None,
-    ) -> SampleResult:
-        process, device = model.process, model_device(model)
-        noise = as_noise(generator, noise)
-        table = step_table(process, self.steps, self.spacing)
-        steps = table.steps
-        recorder = Recorder(steps, self.record, table.rows["t"])
-        begin = model.nfe
-        x = start(model, shape, noise, x_T, device=device)
-        times = table.time_vectors(process, shape[0], device)
-        uses_score = self.predictor.uses_score
-        rows = table.rows_on(process, x.device, x.dtype)  # float rows and 0-dim tensor rows
-        to_score = rows["neg_inv_sigma:tensor"]
-        from_eps = eps_step(self.predictor)
-        for i in range(steps):
-            t = times[i]
+    def grid(self, process: NoiseProcess) -> StepTable:
+        return step_table(process, self.steps, self.spacing)
+
+    def run(self, model: ScoreModel, x: Tensor, grid: StepTable, noise: Noise,
+            callback: Callback) -> Tensor:
+        times, last = grid.vectors(x.shape[0], x.device), grid.steps - 1
+        rows = grid.rows_on(model.process, x.device, x.dtype)  # float and 0-dim tensor rows
+        uses_score, from_eps = self.predictor.uses_score, eps_step(self.predictor)
+        for i in range(grid.steps):
+            t, marginal = times[i], (rows["alpha_t"][i], rows["sigma_t"][i])
             x = self.corrector.correct(model, x, t, rows, i, noise)
-            eps = model.predict(x, t, "eps") if uses_score else x
-            if recorder.wants(i):
-                x0 = ((x - rows["sigma_t"][i] * eps) / rows["alpha_t"][i]
-                      if uses_score else None)
-                recorder.record(i, x, x0)
-            z = None if i == steps - 1 else noise.randn_like(x)
+            eps = model.predict(x, t, "eps", marginal=marginal) if uses_score else x
+            callback(i, x, (x - marginal[1] * eps) / marginal[0]
+                     if uses_score and callback.wants(i) else None)
+            z = None if i == last else noise.randn_like(x)
             if from_eps is not None:
                 x = from_eps(x, eps, rows, i, z)
             else:  # s = -eps_hat / sigma_t from the table
-                x = self.predictor.step(x, eps * to_score[i] if uses_score else x, rows, i, z)
-            if progress is not None:
-                progress(1)
-        return recorder.result(x, model.nfe - begin)
+                score = eps * rows["neg_inv_sigma:tensor"][i] if uses_score else x
+                x = self.predictor.step(x, score, rows, i, z)
+        return x

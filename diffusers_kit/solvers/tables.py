@@ -19,14 +19,14 @@ from ``t = 0`` to ``t = 0``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from diffusers_kit.processes.base import posterior_of
 from diffusers_kit.processes.gaussian import clipped_log_variance
-from diffusers_kit.solvers.grids import Spacing, cached, noise_level, sampling_times
+from diffusers_kit.solvers.grids import Spacing, TimeGrid, cached, sampling_times
 
 if TYPE_CHECKING:
     from diffusers_kit.processes.base import NoiseProcess
@@ -42,19 +42,18 @@ class StepTable:
     times: Tensor
     tensors: dict[str, Tensor]
     rows: dict[str, list[float]]
+    _vectors: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def steps(self) -> int:
         return len(self.times) - 1
 
-    def time_vectors(self, process: NoiseProcess, batch: int, device: torch.device
-                     ) -> tuple[Tensor, ...]:
-        """The ``N`` evaluation-time vectors (each ``(batch,)``, float32, on ``device``), cached
-        with the table by batch size and device: item ``i`` is the ``t`` the network sees at
-        step ``i`` (a tuple of ready tensors, so a step indexes no device tensor)."""
-        return cached(process, ("time_vectors", id(self), batch, str(device)),
-                      lambda: self.times[:-1, None].to(device=device, dtype=torch.float32)
-                      .expand(-1, batch).contiguous().unbind(0))
+    @property
+    def t(self) -> list[float]:
+        """The ``N + 1`` times (the last 0) as floats."""
+        return self.times.tolist()
+
+    vectors = TimeGrid.vectors
 
     def rows_on(self, process: NoiseProcess, device: torch.device, dtype: torch.dtype
                 ) -> dict[str, list]:
@@ -132,37 +131,3 @@ def step_table(process: NoiseProcess, steps: int | None, spacing: Spacing = "uni
     key = ("step_table", steps, spacing, float(rho))
     return cached(process, key,
                   lambda: _build(process, sampling_times(process, steps, spacing, rho)))
-
-
-@dataclass(frozen=True)
-class ODETable:
-    """The grid of the probability-flow solvers in ``y = x / alpha``, ``varsigma = sigma / alpha``:
-    ``times``, ``level`` (``varsigma``, the last one 0), ``alpha`` and ``lam = -log varsigma``
-    (``inf`` at the end), float64 tensors, with Python-float copies in ``rows``."""
-
-    times: Tensor
-    level: Tensor
-    alpha: Tensor
-    rows: dict[str, list[float]]
-
-    @property
-    def steps(self) -> int:
-        return len(self.times) - 1
-
-    time_vectors = StepTable.time_vectors
-
-
-def ode_table(process: NoiseProcess, steps: int, spacing: Spacing, rho: float) -> ODETable:
-    """The cached :class:`ODETable` of a grid."""
-
-    def build() -> ODETable:
-        times = sampling_times(process, steps, spacing, rho)
-        level = noise_level(process, times)
-        level[-1] = 0.0  # land on the denoised estimate
-        alpha = process.alpha(times)
-        lam = -torch.log(level)
-        rows = {"t": times.tolist(), "level": level.tolist(), "alpha": alpha.tolist(),
-                "lam": lam.tolist()}
-        return ODETable(times, level, alpha, rows)
-
-    return cached(process, ("ode_table", steps, spacing, float(rho)), build)

@@ -3,41 +3,28 @@
 W. Zhao, L. Bai, Y. Rao, J. Zhou and J. Lu, "UniPC: A Unified Predictor-Corrector Framework for
 Fast Sampling of Diffusion Models", NeurIPS 2023 (arXiv:2302.04867), Algorithms 2 and 3.
 
-It works on the same grid as DPM-Solver++ (:mod:`diffusers_kit.solvers.ode`): ``y = x / alpha``,
-``varsigma = sigma / alpha``, ``lambda = -log varsigma``, data predictions
-``m = x0_hat = y - varsigma eps_hat``. For the move from grid point ``i`` to ``i + 1`` let
-``h = lambda_{i+1} - lambda_i``, ``r = varsigma_{i+1} / varsigma_i = e^-h``, ``m_0`` the newest
-data prediction and ``m_k`` the one made ``k`` steps earlier, ``r_k = (lambda_{i-k} - lambda_i)
-/ h`` and ``D_k = (m_k - m_0) / r_k``. With the data-prediction model ``h`` enters as
-``hh = -h``; ``B(h)`` is ``expm1(hh) = r - 1`` (``bh2``, the default) or ``hh`` (``bh1``), and
-``g_j = hh phi_{j+1}(hh)`` with ``phi_1(z) = (e^z - 1) / z``, ``phi_{j+1}(z) = (phi_j(z) - 1/j!)
-/ z``.
+On DPM-Solver++'s grid (:mod:`diffusers_kit.solvers.ode`: ``y = x / alpha``, ``lambda = -log
+varsigma``, data predictions ``m``), for the move ``i -> i + 1`` with ``h = lambda_{i+1} -
+lambda_i``, ``r = e^-h``, ``m_k`` the prediction made ``k`` steps earlier, ``r_k = (lambda_{i-k}
+- lambda_i) / h``, ``D_k = (m_k - m_0) / r_k``, ``hh = -h``, ``B(h) = expm1(hh)`` (``bh2``) or
+``hh`` (``bh1``) and ``g_j = hh phi_{j+1}(hh)`` (``phi_1(z) = (e^z - 1) / z``, ``phi_{j+1}(z) =
+(phi_j(z) - 1/j!) / z``):
 
-* **UniP-p** (the predictor, order ``p``, ``p - 1`` earlier predictions)::
+* **UniP-p** (the predictor, order ``p``)::
 
       y_{i+1} = r y_i + (1 - r) m_0 - B(h) sum_{k<p} a_k D_k,
       sum_k a_k r_k^(j-1) = j! g_j / B(h),   j = 1 .. p - 1
 
-  (with ``p = 1`` this is DDIM / DPM-Solver++(1)).  Where the system has one unknown (UniP-2,
-  and UniC-1 below) ``a_1 = 1/2`` is taken instead, as in the authors' implementation: it meets
-  the order condition (``g_1 / B(h) -> 1/2``), and only then does the choice of ``B(h)``
-  matter (solved exactly, ``B(h) a`` does not depend on it). On the exact-score mixture ``bh2``
-  with ``a_1 = 1/2`` was the most accurate of the four (10 NFE: 0.065 against 0.078 solved
-  exactly and 0.140 for ``bh1``).
-* **UniC-p** (the corrector): once the network has been evaluated at the predicted
-  ``y_{i+1}``, giving ``m_new``, the same step is taken again with ``m_new`` as one more point
-  (``r_p = 1``, ``D_p = m_new - m_0``) and ``p`` equations instead of ``p - 1``; it raises the
-  order by one at no extra evaluation. ``m_new`` (made at the predicted point) is what the later
-  steps use; the corrected ``y_{i+1}`` is where the next step starts.
+  (``p = 1``: DDIM). With one unknown (UniP-2, UniC-1) ``a_1 = 1/2``, as in the authors' code: it
+  meets the order condition (``g_1 / B(h) -> 1/2``); only then does ``B(h)`` matter.
+* **UniC-p** (the corrector): after evaluating at the predicted ``y_{i+1}`` (``m_new``) the same
+  step is taken again with ``m_new`` as one more point (``r_p = 1``), raising the order by one at
+  no extra evaluation; ``m_new`` is what later steps use, the corrected ``y_{i+1}`` where the next
+  starts.
 
-The coefficients depend on the grid only and are built once per (process, grid) in float64.
-The first steps use the orders their history allows; the last step (onto ``varsigma = 0``,
-``h = inf``) is first order, ``y = m_0`` (so no corrector is taken at the last evaluation, whose
-state that step ignores, and ``nfe == steps``); with ``lower_order_final`` and fewer than 15
-steps no step takes a higher order than the steps left to ``varsigma_min`` allow (the step into
-it first order, the one before at most second: the same schedule as DPM-Solver++,
-:func:`diffusers_kit.solvers.ode.usable_orders`; the authors' implementation lowers the final
-orders the same way).
+Orders follow :func:`~diffusers_kit.solvers.ode.usable_orders`; the last step (onto ``varsigma =
+0``) is ``y = m_0`` and takes no corrector, so ``nfe == steps``. Measurements (``bh2`` with
+``a_1 = 1/2`` the most accurate variant; order 2 by default): ``docs/solvers.md``.
 """
 
 from __future__ import annotations
@@ -49,13 +36,18 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from diffusers_kit.solvers.base import ClipX0
-from diffusers_kit.solvers.grids import Spacing, cached
-from diffusers_kit.solvers.ode import _FixedStepODE, mix, usable_orders
-from diffusers_kit.solvers.tables import scalars
+from diffusers_kit.solvers.base import Callback, ClipX0
+from diffusers_kit.solvers.grids import Spacing, TimeGrid
+from diffusers_kit.solvers.noise import Noise
+from diffusers_kit.solvers.ode import ODESolver, combine, usable_orders
 
 if TYPE_CHECKING:
+    import torch
+
+    from diffusers_kit.model import ScoreModel
     from diffusers_kit.processes.base import NoiseProcess
+
+    Tensor = torch.Tensor
 
 Variant = Literal["bh1", "bh2"]
 
@@ -105,7 +97,8 @@ def unipc_weights(lam: list[float], order: int, lower_order_final: bool, variant
     (``inf`` at the final ``varsigma = 0``)."""
     steps = len(lam) - 1
     plan = []
-    for i, usable in enumerate(usable_orders(steps, order, lower_order_final)):
+    for i, usable in enumerate(usable_orders(steps, order, lower_order_final,
+                                             math.isinf(lam[0]))):
         if i == steps - 1:  # onto varsigma = 0: h = inf
             plan.append(UniStep(0.0, [1.0], None))
             continue
@@ -126,37 +119,23 @@ def unipc_weights(lam: list[float], order: int, lower_order_final: bool, variant
     return plan
 
 
-class UniPC(_FixedStepODE):
+class UniPC(ODESolver):
     """UniPC (Zhao et al. 2023): the multistep predictor UniP with the corrector UniC, on the
     data prediction with ``B(h) = expm1(-h)`` (``bh2``); one evaluation per step.
 
     Args:
         steps: number of steps (= network evaluations).
         order: the predictor's order ``p`` (the corrector makes each step ``p + 1``); the
-            paper recommends 3 for unconditional sampling and 2 for guided sampling; 2 is the
-            default here (as in diffusers) because order 3 is no better at 5 NFE (with
-            ``lower_order_final`` it takes order 2's steps: 0.227 to the exact ODE on the
-            mixture), worse at 10 (0.076 against 0.066) and only ~25 % better at 20 (0.0115
-            against 0.016; docs/solvers_benchmark.md).
-        spacing: ``auto`` (default: the process's ``default_spacing``, ``quadratic`` on DDPM / VP /
-            sub-VP, ``log_snr`` elsewhere), ``log_snr``, ``quadratic``, ``edm`` (Karras et al.
-            2022), ``uniform``. ``quadratic`` (DDIM's CIFAR-10 grid;
-            DPM-Solver's "time_quadratic" for discrete-time models in pixel space) is the more
-            accurate grid on DDPM / VP / sub-VP with data of unit scale or more (error to the
-            exact ODE on the mixture at 5 / 10 / 20 NFE: 0.119 / 0.041 / 0.009 against 0.227 /
-            0.066 / 0.016 on DDPM) but the less accurate on VE (0.21 / 0.073 / 0.029 against
-            0.145 / 0.041 / 0.013), hence ``auto``'s choice per process; on DDPM with data of
-            scale 0.3 equal log-SNR steps win at 10 NFE (0.058 against 0.078).
+            paper recommends 3 unconditional, 2 guided; 2 by default (as in diffusers).
+        spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
+            ``edm`` (Karras et al. 2022), ``uniform``.
         rho: the exponent of the ``edm`` spacing.
         variant: ``bh2`` (``B(h) = e^h - 1``, default) or ``bh1`` (``B(h) = h``).
         corrector: apply UniC (off: UniP alone, a DPM-Solver++-like multistep method).
-        lower_order_final: below 15 steps, no step takes a higher predictor order than
-            the steps left to varsigma_min allow: the step into varsigma_min first order,
-            the one before it at most second (:func:`~diffusers_kit.solvers.ode.usable_orders`).
+        lower_order_final: below 15 steps, no step of a higher predictor order than the steps
+            left to varsigma_min allow (:func:`~diffusers_kit.solvers.ode.usable_orders`).
         clip_x0: clamp every data prediction (``m_0`` and the corrector's ``m_new``) to
-            [-clip_x0, clip_x0] before it enters the predictor or corrector (DPM-Solver++'s
-            thresholding of the data prediction for pixel-space models; images in [-1, 1]:
-            1.0; DDIM's option). None: off.
+            [-clip_x0, clip_x0] (DPM-Solver++'s thresholding; images in [-1, 1]: 1.0). None: off.
     """
 
     def __init__(
@@ -176,28 +155,34 @@ class UniPC(_FixedStepODE):
         self.corrector = corrector
         self.lower_order_final = lower_order_final
 
-    def weights(self, process: NoiseProcess) -> list[UniStep]:
-        key = ("unipc_weights", self.order, self.steps, self.spacing, float(self.rho),
-               self.variant, self.corrector, self.lower_order_final)
-        return cached(process, key, lambda: unipc_weights(
-            self.table(process).rows["lam"], self.order, self.lower_order_final, self.variant,
-            self.corrector))
+    def grid(self, process: NoiseProcess) -> UniPCGrid:
+        points = self.table(process)
+        return UniPCGrid(points, unipc_weights(points.lam, self.order, self.lower_order_final,
+                                               self.variant, self.corrector))
 
-    def prepare(self, process: NoiseProcess, state: dict) -> None:
-        weights = state["weights"] = self.weights(process)
-        alpha = state["alpha"][0]
-        state["r"] = scalars(process, ("unipc_r", self.steps, self.spacing, float(self.rho)),
-                             lambda: [step.r for step in weights], alpha.device, alpha.dtype)
-        state["x0"] = []
+    def run(self, model: ScoreModel, x: Tensor, grid: UniPCGrid, noise: Noise,
+            callback: Callback) -> Tensor:
+        points, plan, history = grid.points, grid.plan, []
+        times = points.vectors(x.shape[0], x.device)
+        start = x
+        for i in range(points.steps):
+            m = self.denoise(model, x, times[i], points, i)
+            callback(i, x, m)
+            corrector = plan[i - 1].corrector if i > 0 else None
+            if corrector is not None:  # UniC: step i - 1 again, with m as one more point
+                x = combine(start, points, i - 1, [m, *history], corrector)
+            history, start = [m, *history][:self.order], x
+            x = combine(x, points, i, history, plan[i].predictor)
+        return x
 
-    def step(self, model, y, rows, i, steps, state, recorder):  # type: ignore[no-untyped-def]
-        x0 = self.denoised(model, y, rows, i, state, recorder)
-        history, weights, r = state["x0"], state["weights"], state["r"]
-        if i > 0 and weights[i - 1].corrector is not None:
-            previous = weights[i - 1]
-            y = mix(previous.r, r[i - 1], state["y"], [x0, *history], previous.corrector)
-        history.insert(0, x0)
-        del history[self.order:]
-        state["y"] = y
-        step = weights[i]
-        return mix(step.r, r[i], y, history, step.predictor)
+
+@dataclass(frozen=True)
+class UniPCGrid:
+    """UniPC's grid: the points and each step's coefficients."""
+
+    points: TimeGrid
+    plan: list[UniStep]
+
+    @property
+    def t(self) -> list[float]:
+        return self.points.t
