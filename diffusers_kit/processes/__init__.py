@@ -6,6 +6,7 @@
 from diffusers_kit.processes.base import NoiseProcess, expand
 from diffusers_kit.processes.constant_sigma import ConstantSigma
 from diffusers_kit.processes.ddpm import DDPM
+from diffusers_kit.processes.flow import Flow
 from diffusers_kit.processes.ou import OU
 from diffusers_kit.processes.ve import VE
 from diffusers_kit.processes.vp import VP, SubVP, VariancePreserving
@@ -17,6 +18,7 @@ REGISTER = [
     ("process", "ddpm", DDPM),
     ("process", "constant_sigma", ConstantSigma),
     ("process", "ou", OU),
+    ("process", "flow", Flow),
 ]
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "VE",
     "VP",
     "ConstantSigma",
+    "Flow",
     "NoiseProcess",
     "SubVP",
     "VariancePreserving",
