@@ -239,16 +239,17 @@ def gauss_hermite_pairs(m: float, c: float, points: int = 5
     return m + c * column(z0), column(z1), column(w)[:, 0]
 
 
-def exact_minimum(objective, model: ScoreModel, t_value: float, m: float, c: float
-                  ) -> torch.Tensor:
-    """The minimiser ``(a, b)`` of the objective's exact expected loss at one time for data
+def exact_minimum(objective, model: ScoreModel, affine: Affine, t_value: float, m: float,
+                  c: float) -> torch.Tensor:
+    """The minimiser ``(a, b)`` of ``affine`` (inside ``model``'s network) for the objective's
+    exact expected loss at one time for data
     ``N(m, c^2)``: the loss is quadratic in ``(a, b)``, so one Newton step from zero (autograd
     gradient and Hessian) lands on it."""
     x0, eps, weight = gauss_hermite_pairs(m, c)
     t = torch.full((len(weight),), t_value, dtype=torch.float64)
 
     def expected(values: torch.Tensor) -> torch.Tensor:
-        model.network.coefficients = values
+        affine.coefficients = values
         return (objective.per_example(model, x0, t, eps) * weight).sum()
 
     zero = torch.zeros(2, dtype=torch.float64)
@@ -268,8 +269,9 @@ def test_the_flow_matching_optimum_is_the_closed_form_velocity(path, t_value):
     ``E[eps | x] = sigma (x - alpha m) / (alpha^2 c^2 + sigma^2)``."""
     m, c = 0.7, 1.3
     process = Flow(path=path)
-    model = ScoreModel(process, Affine("velocity"))
-    a, b = exact_minimum(FlowMatching(), model, t_value, m, c).tolist()
+    affine = Affine("velocity")
+    model = ScoreModel(process, affine)
+    a, b = exact_minimum(FlowMatching(), model, affine, t_value, m, c).tolist()
     t = torch.tensor([t_value], dtype=torch.float64)
     alpha, sigma = (v.item() for v in process.marginal(t))
     d_alpha, d_sigma = (v.item() for v in process.marginal_rates(t))

@@ -4,6 +4,7 @@ from diffusers_kit.networks.base import Network
 from diffusers_kit.networks.classifier import NoiseAwareClassifier
 from diffusers_kit.networks.mlp import MLP
 from diffusers_kit.networks.ncsn import NCSN
+from diffusers_kit.networks.precond import EDMPrecond
 from diffusers_kit.networks.unet import UNet
 
 REGISTER = [
@@ -11,6 +12,7 @@ REGISTER = [
     ("network", "mlp", MLP),
     ("network", "unet", UNet),
     ("network", "classifier", NoiseAwareClassifier),
+    ("network", "edm_precond", EDMPrecond),
 ]
 
-__all__ = ["MLP", "NCSN", "REGISTER", "Network", "NoiseAwareClassifier", "UNet"]
+__all__ = ["MLP", "NCSN", "REGISTER", "EDMPrecond", "Network", "NoiseAwareClassifier", "UNet"]
