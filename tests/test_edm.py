@@ -170,3 +170,9 @@ def test_edm_precond_builds_from_a_spec_mapping():
     model = ScoreModel(Flow(), network)
     out = model.predict(torch.randn(2, 1, 8, 8), torch.tensor([1.0, 0.3]), "x0")
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+
+
+def test_the_loss_and_the_wrapper_share_sigma_data():
+    wrapper = EDMPrecond(Recorder(torch.zeros(1, 1)), sigma_data=0.75)
+    assert "sigma_data" in EDMLoss(sigma_data=0.5).check(VE(), wrapper)
+    assert EDMLoss(sigma_data=0.75).check(VE(), wrapper) is None

@@ -208,6 +208,15 @@ class EDMLoss(Denoising):
         super().__init__("edm", "log_normal", P_mean, P_std, sigma_data=sigma_data)
         self.P_mean, self.P_std = float(P_mean), float(P_std)
 
+    def check(self, process: NoiseProcess, network: Network) -> str | None:
+        if reason := super().check(process, network):
+            return reason
+        wrapped = getattr(network, "sigma_data", None)
+        if wrapped is not None and wrapped != self.sigma_data:
+            return (f"sigma_data equal to the network's ({wrapped}; the objective has "
+                    f"{self.sigma_data}): the weighting and the preconditioning assume one")
+        return None
+
 
 __all__ = ["TIMES", "WEIGHTINGS", "Denoising", "EDMLoss", "FlowMatching", "draw_times",
            "x0_weight"]
