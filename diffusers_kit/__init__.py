@@ -77,9 +77,12 @@ from diffusers_kit.metrics import (
     sliced_wasserstein,
 )
 from diffusers_kit.model import ScoreModel
-from diffusers_kit.networks import MLP, NCSN, Network, NoiseAwareClassifier, UNet
+from diffusers_kit.networks import MLP, NCSN, EDMPrecond, Network, NoiseAwareClassifier, UNet
 from diffusers_kit.objectives import (
+    Denoising,
     DenoisingScoreMatching,
+    EDMLoss,
+    FlowMatching,
     HybridLoss,
     ImplicitScoreMatching,
     NoisyClassification,
@@ -97,6 +100,7 @@ from diffusers_kit.processes import (
     VE,
     VP,
     ConstantSigma,
+    Flow,
     NoiseProcess,
     SubVP,
     VariancePreserving,
@@ -177,13 +181,18 @@ __all__ = [
     "Dataset",
     "DecodedOperator",
     "Denoise",
+    "Denoising",
     "DenoisingScoreMatching",
     "Diffusion",
     "Digits",
+    "EDMLoss",
+    "EDMPrecond",
     "EDMStochastic",
     "EulerMaruyama",
     "EulerODE",
     "FeatureSpace",
+    "Flow",
+    "FlowMatching",
     "ForwardModel",
     "FrechetDistance",
     "GaussianBlur",
