@@ -106,7 +106,9 @@ def test_bind_is_done_by_the_model_and_required():
 def test_each_weighting_is_the_loss_in_its_own_space(process):
     """``w(t) mean ||x0_hat - x0||^2`` equals: ``eps``: ``mean ||eps_hat - eps||^2``; ``v``:
     ``mean ||v_hat - v||^2``; ``min_snr``: ``min(SNR, gamma) / SNR`` times the eps loss (Hang et
-    al. 2023, eq. 12); ``edm``: ``(s^2 + sd^2) / (s sd)^2 ||D - x0||^2``; ``x0``: the x0 loss."""
+    al. 2023, eq. 12); ``p2``: ``(k + SNR)^-gamma`` times it (Choi et al. 2022); ``sigmoid``:
+    ``sigmoid(b - log SNR)`` times it (Kingma & Gao 2023); ``edm``: ``(s^2 + sd^2) / (s sd)^2
+    ||D - x0||^2``; ``x0``: the x0 loss."""
     generator = torch.Generator().manual_seed(2)
     x0, eps = torch.randn(2, 6, 4, generator=generator, dtype=torch.float64)
     t = torch.rand(6, generator=generator, dtype=torch.float64) * 0.8 + 0.1
@@ -130,6 +132,11 @@ def test_each_weighting_is_the_loss_in_its_own_space(process):
     torch.testing.assert_close(loss(weighting="v"), mse(v_hat, v))
     torch.testing.assert_close(loss(weighting="min_snr", gamma=2.0),
                                snr.clamp(max=2.0) / snr * mse(eps_hat, eps))
+    torch.testing.assert_close(loss(weighting="p2", gamma=0.5, p2_k=1.0),
+                               mse(eps_hat, eps) / (1.0 + snr) ** 0.5)
+    log_snr = process.log_snr(t)
+    torch.testing.assert_close(loss(weighting="sigmoid", bias=-1.0),
+                               torch.sigmoid(-1.0 - log_snr) * mse(eps_hat, eps))
     torch.testing.assert_close(loss(weighting="edm", sigma_data=0.5),
                                (s**2 + 0.25) / (0.5 * s) ** 2 * mse(x0_hat, x0))
 

@@ -21,6 +21,10 @@ eps`` ``(alpha' sigma - sigma' alpha) / sigma`` times it. So the weightings, wit
   rectified flow's line);
 * ``min_snr``: ``w = min(SNR, gamma)`` (Min-SNR-gamma, Hang et al. 2023, eq. 12: ``min(SNR,
   gamma) / SNR`` on the eps loss, ``min(SNR, gamma) / (SNR + 1)`` on the v loss);
+* ``p2``: ``w = SNR / (k + SNR)^gamma`` (perception-prioritised weighting, Choi et al. 2022,
+  eq. 8: ``1 / (k + SNR)^gamma`` on the eps loss; ``k`` is ``p2_k``, gamma is ``gamma``);
+* ``sigmoid``: ``w = SNR sigmoid(bias - log SNR)`` (Kingma & Gao 2023, section 5:
+  ``sigmoid(b - lambda)`` on the eps loss, ``lambda`` the log-SNR);
 * ``edm``: ``w = lambda(s) = (s^2 + sigma_data^2) / (s sigma_data)^2 = SNR + 1 / sigma_data^2``
   (Karras et al. 2022, Table 1; with the EDM preconditioning,
   :class:`diffusers_kit.networks.precond.EDMPrecond`, the network's own error has weight 1).
@@ -55,17 +59,17 @@ if TYPE_CHECKING:
     from diffusers_kit.networks.base import Network
 
 Tensor = torch.Tensor
-WEIGHTINGS = ("eps", "x0", "v", "velocity", "min_snr", "edm")
+WEIGHTINGS = ("eps", "x0", "v", "velocity", "min_snr", "p2", "sigmoid", "edm")
 TIMES = ("uniform", "levels", "logit_normal", "log_normal")
 PURE_NOISE_MARGIN = 1e-5
 
-Weighting = Literal["eps", "x0", "v", "velocity", "min_snr", "edm"]
+Weighting = Literal["eps", "x0", "v", "velocity", "min_snr", "p2", "sigmoid", "edm"]
 Times = Literal["uniform", "levels", "logit_normal", "log_normal"]
 Positive = Annotated[float, Field(gt=0, le=1e6)]
 
 
 def x0_weight(process: NoiseProcess, t: Tensor, weighting: str, *, gamma: float = 5.0,
-              sigma_data: float = 0.5) -> Tensor:
+              sigma_data: float = 0.5, p2_k: float = 1.0, bias: float = 0.0) -> Tensor:
     """``w(t)`` of the module's table, shape ``(B,)``, in float64 where the device has it."""
     tt = t if t.device.type == "mps" else t.double()
     alpha, sigma = process.marginal(tt)
@@ -81,6 +85,10 @@ def x0_weight(process: NoiseProcess, t: Tensor, weighting: str, *, gamma: float 
         w = ((d_alpha * sigma - d_sigma * alpha) / sigma) ** 2
     elif weighting == "min_snr":
         w = snr.clamp(max=gamma)
+    elif weighting == "p2":
+        w = snr / (p2_k + snr) ** gamma
+    elif weighting == "sigmoid":
+        w = snr * torch.sigmoid(bias - snr.log())
     elif weighting == "edm":
         w = snr + 1.0 / sigma_data**2
     else:
@@ -115,14 +123,19 @@ class Denoising(Objective):
 
     Args:
         weighting: ``eps`` (SNR), ``x0`` (1), ``v``, ``velocity`` (the flow-matching loss),
-            ``min_snr`` (min(SNR, gamma); Hang et al. 2023) or ``edm`` (SNR + 1 /
+            ``min_snr`` (min(SNR, gamma); Hang et al. 2023), ``p2`` (SNR / (p2_k +
+            SNR)^gamma; Choi et al. 2022), ``sigmoid`` (SNR sigmoid(bias - log SNR); Kingma &
+            Gao 2023) or ``edm`` (SNR + 1 /
             sigma_data^2; Karras et al. 2022).
         times: ``uniform`` in [t_min, 1], ``levels`` (a discrete process's steps),
             ``logit_normal`` (t = sigmoid(location + scale z); Esser et al. 2024) or
             ``log_normal`` (ln(sigma / alpha) = location + scale z; Karras et al. 2022).
         location: the mean of the logit-normal's logit or of the log-normal's log level.
         scale: their standard deviation.
-        gamma: the clip of ``min_snr`` (Hang et al. 2023 take 5).
+        gamma: the clip of ``min_snr`` (Hang et al. 2023 take 5), the exponent of ``p2``
+            (Choi et al. 2022 take 0.5 or 1).
+        p2_k: the offset k of ``p2`` (Choi et al. 2022: 1).
+        bias: the shift b of ``sigmoid``, in log-SNR.
         sigma_data: the data's standard deviation in ``edm`` (0.5 in Karras et al. 2022).
     """
 
@@ -134,10 +147,13 @@ class Denoising(Objective):
         scale: Annotated[float, Field(gt=0, le=20)] = 1.0,
         gamma: Positive = 5.0,
         sigma_data: Positive = 0.5,
+        p2_k: Positive = 1.0,
+        bias: Annotated[float, Field(ge=-50, le=50)] = 0.0,
     ) -> None:
         self.weighting, self.times = weighting, times
         self.location, self.scale = float(location), float(scale)
         self.gamma, self.sigma_data = float(gamma), float(sigma_data)
+        self.p2_k, self.bias = float(p2_k), float(bias)
 
     def check(self, process: NoiseProcess, network: Network) -> str | None:
         if reason := super().check(process, network):
@@ -163,7 +179,8 @@ class Denoising(Objective):
         x_t, _ = process.marginal_sample(x0, t, noise)
         prediction, _ = model.split(model(x_t, t, labels))
         x0_hat = model.convert(prediction, x_t, t, "x0")
-        w = x0_weight(process, t, self.weighting, gamma=self.gamma, sigma_data=self.sigma_data)
+        w = x0_weight(process, t, self.weighting, gamma=self.gamma, sigma_data=self.sigma_data,
+                      p2_k=self.p2_k, bias=self.bias)
         return w * mean_dims((x0_hat - x0).pow(2))
 
 
