@@ -40,6 +40,8 @@ class ScoreModel(torch.nn.Module):
         super().__init__()
         self.process = process
         self.network = network
+        if hasattr(network, "bind_process"):  # a wrapper set by the process (edm_precond)
+            network.bind_process(process)
         self.nfe = 0
         self.guidance: tuple[Guidance, ...] = ()
         self.labels: torch.Tensor | None = None

@@ -224,8 +224,10 @@ class ExactScoreNetwork(Network):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tt = t.double()
         alpha, sigma = self.process.marginal(tt)
-        if self.prediction == "x0":  # exact where alpha = 0 too (the score says nothing there)
-            return self.mixture.denoise(x, alpha, sigma)
+        if self.prediction not in ("eps", "score"):  # through x0, exact where alpha = 0 too
+            x0 = self.mixture.denoise(x, alpha, sigma)  # (the score says nothing there)
+            return self.process.convert(x0.double(), x.double(), tt, "x0",
+                                        self.prediction).to(x.dtype)
         score = self.mixture.score(x, alpha, sigma)
         return self.process.convert(score.double(), x.double(), tt, "score",
                                     self.prediction).to(x.dtype)
@@ -483,22 +485,43 @@ def assert_parameterisations_agree(process: NoiseProcess, t: torch.Tensor, s: to
                                    x0: torch.Tensor, eps: torch.Tensor, source: str,
                                    target: str) -> None:
     """From a known ``(x0, eps)``: ``score = -eps / sigma``, ``x0``, ``v = alpha eps - sigma
-    x0`` and ``mu = mean of q(x_s | x_t, x0)`` all describe it, and ``convert`` maps ``source``
+    x0``, ``mu = mean of q(x_s | x_t, x0)`` and ``velocity = alpha' x0 + sigma' eps`` all
+    describe it, and ``convert`` maps ``source``
     to ``target`` (``t``, ``s``: ``(B,)``; ``x0``, ``eps``: ``(B, d)``)."""
     x_t, _ = process.marginal_sample(x0, t, eps)
     alpha, sigma = (c[:, None] for c in process.marginal(t))
+    d_alpha, d_sigma = (c[:, None] for c in process.marginal_rates(t))
     views = {
         "eps": eps,
         "score": -eps / sigma,
         "x0": x0,
         "v": alpha * eps - sigma * x0,
         "mu": process.posterior(x_t, x0, t, s)[0],
+        "velocity": d_alpha * x0 + d_sigma * eps,
     }
     got = process.convert(views[source], x_t, t, source, target, s=s)
     scale = 1 + views[target].abs().max()
     assert torch.allclose(got, views[target], rtol=1e-6, atol=1e-6 * scale), \
         f"{type(process).__name__}.convert({source} -> {target}) differs from the {target} " \
         "of the same (x0, eps)"
+
+
+def assert_rates_match_marginal(process: NoiseProcess, times: Sequence[float],
+                                h: float = 1e-5) -> None:
+    """``marginal_rates(t) = (alpha'(t), sigma'(t))`` agree with finite differences of
+    ``marginal`` (central, one-sided at ``t = 1``; error ``O(h^2)``, resp. ``O(h)``, of the
+    second derivatives' size). A process whose ``alpha`` reaches 0 states its rates itself;
+    the probability flow's data form reads them there."""
+    name = type(process).__name__
+    for t in times:
+        points = (t - h, t + h) if t + h <= 1.0 else (t - h, t)
+        low, high = (process.marginal(torch.tensor([p], dtype=torch.float64)) for p in points)
+        width = points[1] - points[0]
+        numeric = [(b - a).item() / width for a, b in zip(low, high, strict=True)]
+        rates = [r.item() for r in process.marginal_rates(torch.tensor([t], dtype=torch.float64))]
+        for label, got, expected in zip(("alpha'", "sigma'"), rates, numeric, strict=True):
+            assert math.isclose(got, expected, rel_tol=1e-4, abs_tol=1e-4), \
+                f"{name}.marginal_rates({t}): {label} = {got}, the marginal's slope is {expected}"
 
 
 def assert_prior_is_a_density(process: NoiseProcess, n: int = 4000,
@@ -527,7 +550,11 @@ def check_process(process: NoiseProcess, seed: int = 0, n: int = 20000) -> None:
     """The identities every noise process must satisfy (DESIGN.md, "the math layer"):
 
     - ``marginal(t)`` gives finite ``(alpha, sigma)`` of shape ``(B,)``, ``alpha > 0`` and
-      ``sigma > 0`` for ``t > 0``;
+      ``sigma > 0`` for ``t > 0``; ``alpha(1) = 0`` is allowed (a path to pure noise, such as
+      rectified flow's): then ``marginal_rates`` must match the marginal's slopes
+      (:func:`assert_rates_match_marginal`), the SDE is integrated to ``t = 0.9`` only (its
+      drift is infinite at 1) and at ``t = 1`` the conversions from ``eps`` or the score to
+      what needs ``x0`` are skipped (undefined there);
     - the drift is linear in ``x`` (Gaussian marginals need ``f(x, t) = a(t) x``) and the SDE
       integrates to the marginal (:func:`assert_sde_matches_marginal`, first-order convergence
       of Euler-Maruyama's exact moments, no tuned tolerance);
@@ -548,15 +575,19 @@ def check_process(process: NoiseProcess, seed: int = 0, n: int = 20000) -> None:
         f"{tuple(alpha.shape)} and {tuple(sigma.shape)}"
     assert torch.isfinite(alpha).all() and torch.isfinite(sigma).all(), \
         f"{name}.marginal has non-finite values on [0, 1]: {alpha.tolist()}, {sigma.tolist()}"
-    assert (alpha > 0).all() and (sigma[1:] > 0).all(), \
-        f"{name}.marginal: alpha must be > 0 on [0, 1] and sigma > 0 for t > 0"
+    pure_noise = alpha[-1].item() == 0.0  # x_1 = sigma(1) eps: rectified flow's path
+    assert (alpha[:-1] > 0).all() and (alpha[-1] >= 0) and (sigma[1:] > 0).all(), \
+        f"{name}.marginal: alpha must be > 0 on [0, 1) (0 allowed at t = 1) and sigma > 0 " \
+        "for t > 0"
+    if pure_noise:
+        assert_rates_match_marginal(process, (0.3, 0.7, 1.0))
     x, y = torch.randn(2, 4, 3, generator=generator, dtype=torch.float64)
     t = times[2:6]
     assert torch.allclose(process.drift(2 * x - 3 * y, t),
                           2 * process.drift(x, t) - 3 * process.drift(y, t), atol=1e-12), \
         f"{name}.drift is not linear in x: a Gaussian process x_t = alpha x0 + sigma eps " \
         "needs f(x, t) = a(t) x"
-    for t1 in (0.5, 1.0):
+    for t1 in (0.5, 0.9 if pure_noise else 1.0):  # the SDE is singular where alpha = 0
         for x0 in (-1.5, 2.0):
             assert_sde_matches_marginal(process, t1, x0)
     for s_value, t_value in ((0.1, 0.4), (0.3, 0.9), (0.5, 1.0)):
@@ -570,6 +601,9 @@ def check_process(process: NoiseProcess, seed: int = 0, n: int = 20000) -> None:
         x0_batch, eps = torch.randn(2, 3, 2, generator=generator, dtype=torch.float64)
         for source in PREDICTIONS:
             for target in PREDICTIONS:
+                if (pure_noise and t_pair.item() == 1.0 and source in ("eps", "score")
+                        and target not in ("eps", "score")):
+                    continue  # at alpha = 0, eps (or the score) says nothing about x0
                 assert_parameterisations_agree(process, t_pair.expand(3), s_pair.expand(3),
                                                x0_batch, eps, source, target)
     assert_prior_is_a_density(process, generator=generator)
@@ -735,8 +769,9 @@ def check_registered(kind: str, name: str, **context: Any) -> Any:
 __all__ = ["ExactMixture", "ExactScoreNetwork", "MixtureTarget", "StandardNormalScore",
            "accepted_process", "assert_first_order_convergence", "assert_parameterisations_agree",
            "assert_posterior_is_bayes_rule", "assert_posterior_matches_monte_carlo",
-           "assert_prior_is_a_density", "assert_sde_matches_marginal",
-           "assert_simulate_matches_noise_model", "assert_transition_composes",
-           "assert_vjp_matches_finite_differences", "check_forward_model", "check_metric",
-           "check_process", "check_registered", "check_solver", "check_solver_on_mixture",
+           "assert_prior_is_a_density", "assert_rates_match_marginal",
+           "assert_sde_matches_marginal", "assert_simulate_matches_noise_model",
+           "assert_transition_composes", "assert_vjp_matches_finite_differences",
+           "check_forward_model", "check_metric", "check_process", "check_registered",
+           "check_solver", "check_solver_on_mixture",
            "euler_maruyama_moments", "on_grid", "process_times", "sde_step_count", "three_modes"]

@@ -29,13 +29,16 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from diffusers_kit.model import ScoreModel
 from diffusers_kit.objectives.base import Objective
 from diffusers_kit.optim import Optimizer
+
+if TYPE_CHECKING:
+    from diffusers_kit.ema import PowerEMA
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOSS_WINDOW = 256
@@ -270,9 +273,11 @@ class Trainer:
         ema: EMA | None = None,
         labels: torch.Tensor | None = None,
         dist: Distributed | None = None,
+        post_hoc: PowerEMA | None = None,
     ) -> None:
         self.model, self.objective, self.data, self.labels = model, objective, data, labels
         self.settings, self.ema = settings, ema
+        self.post_hoc = post_hoc  # power-function EMAs and their snapshots (diffusers_kit.ema)
         self.dist = dist or Distributed()
         device = data.device
         self.device = device
@@ -375,6 +380,8 @@ class Trainer:
             self.optim.step()
         if self.ema is not None:
             self.ema.update(self.model.network, step)
+        if self.post_hoc is not None:
+            self.post_hoc.update(self.model.network, step)
         assert total is not None
         return total
 
@@ -571,8 +578,11 @@ def fit(
     on_log: Callable[[int, float], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    post_hoc: PowerEMA | None = None,
 ) -> TrainLog:
-    """Minimise ``objective`` over ``data`` for ``settings.steps`` (a one-shot :class:`Trainer`)."""
-    trainer = Trainer(model, objective, data, optimizer, settings, seed=seed, ema=ema)
+    """Minimise ``objective`` over ``data`` for ``settings.steps`` (a one-shot :class:`Trainer`;
+    ``post_hoc``: power-function EMAs updated each step, :class:`diffusers_kit.ema.PowerEMA`)."""
+    trainer = Trainer(model, objective, data, optimizer, settings, seed=seed, ema=ema,
+                      post_hoc=post_hoc)
     return trainer.run(settings.steps, on_log=on_log, on_checkpoint=on_checkpoint,
                        progress=progress)

@@ -10,7 +10,8 @@ from diffusers_kit.processes.base import PREDICTIONS
 class Network(torch.nn.Module):
     """Base class of networks.
 
-    ``prediction`` names what the output means (one of ``eps``, ``score``, ``x0``, ``v``, ``mu``);
+    ``prediction`` names what the output means (one of ``eps``, ``score``, ``x0``, ``v``, ``mu``,
+    ``velocity``);
     :class:`diffusers_kit.model.ScoreModel` converts it to whatever a solver or objective needs.
     ``data_shape`` is supplied by the run graph from the data set (``dkit_context``).
 

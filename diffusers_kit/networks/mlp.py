@@ -42,7 +42,8 @@ class MLP(Network):
         embedding_dim: number of features before the embedding MLP.
         fourier_scale: standard deviation of the Fourier frequencies.
         dropout: dropout inside the blocks.
-        prediction: what the output means (``eps``, ``score``, ``x0``, ``v`` or ``mu``).
+        prediction: what the output means (``eps``, ``score``, ``x0``, ``v``, ``mu`` or
+            ``velocity``, the flow-matching target).
         learned_variance: also output ``v`` for a learned reverse variance (doubles the output).
         num_classes: class-conditional with this many classes (plus a null class).
         class_dropout: probability of training on the null class (classifier-free guidance).
@@ -56,7 +57,7 @@ class MLP(Network):
         embedding_dim: Annotated[int, Field(ge=2, le=4096)] = 32,
         fourier_scale: Annotated[float, Field(gt=0, le=1000)] = 16.0,
         dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
-        prediction: Literal["eps", "score", "x0", "v", "mu"] = "eps",
+        prediction: Literal["eps", "score", "x0", "v", "mu", "velocity"] = "eps",
         learned_variance: bool = False,
         num_classes: Annotated[int, Field(ge=1, le=100_000)] | None = None,
         class_dropout: Annotated[float, Field(ge=0, le=1)] = 0.0,

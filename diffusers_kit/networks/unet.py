@@ -66,7 +66,8 @@ class UNet(Network):
         heads: attention heads (must divide every level's width).
         dropout: dropout inside the residual blocks (Ho et al.: 0.1 on CIFAR-10).
         norm_groups: GroupNorm groups (must divide every level's width; Ho et al. use 32).
-        prediction: what the output means (``eps``, ``score``, ``x0``, ``v`` or ``mu``).
+        prediction: what the output means (``eps``, ``score``, ``x0``, ``v``, ``mu`` or
+            ``velocity``, the flow-matching target).
         learned_variance: also output ``v`` for a learned reverse variance (doubles the output
             channels; Nichol & Dhariwal 2021).
         num_classes: class-conditional with this many classes (plus a null class): a class
@@ -92,7 +93,7 @@ class UNet(Network):
         heads: Annotated[int, Field(ge=1, le=1024)] = 1,
         dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1,
         norm_groups: Annotated[int, Field(ge=1, le=1024)] = 8,
-        prediction: Literal["eps", "score", "x0", "v", "mu"] = "eps",
+        prediction: Literal["eps", "score", "x0", "v", "mu", "velocity"] = "eps",
         learned_variance: bool = False,
         num_classes: Annotated[int, Field(ge=1, le=100_000)] | None = None,
         class_dropout: Annotated[float, Field(ge=0, le=1)] = 0.0,

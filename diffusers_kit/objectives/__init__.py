@@ -3,6 +3,7 @@
 from diffusers_kit.objectives.base import Objective
 from diffusers_kit.objectives.classification import NoisyClassification
 from diffusers_kit.objectives.ddpm import HybridLoss, SimpleLoss, VariationalBound
+from diffusers_kit.objectives.denoising import Denoising, EDMLoss, FlowMatching
 from diffusers_kit.objectives.dsm import DenoisingScoreMatching
 from diffusers_kit.objectives.reconstruction import Reconstruction
 from diffusers_kit.objectives.score_matching import ImplicitScoreMatching, SlicedScoreMatching
@@ -16,11 +17,17 @@ REGISTER = [
     ("objective", "ddpm_hybrid", HybridLoss),
     ("objective", "classification", NoisyClassification),
     ("objective", "reconstruction", Reconstruction),
+    ("objective", "denoising", Denoising),
+    ("objective", "flow_matching", FlowMatching),
+    ("objective", "edm", EDMLoss),
 ]
 
 __all__ = [
     "REGISTER",
+    "Denoising",
     "DenoisingScoreMatching",
+    "EDMLoss",
+    "FlowMatching",
     "HybridLoss",
     "ImplicitScoreMatching",
     "NoisyClassification",

@@ -7,6 +7,7 @@ from diffusers_kit.processes.base import NoiseProcess, expand
 from diffusers_kit.processes.constant_sigma import ConstantSigma
 from diffusers_kit.processes.ddpm import DDPM
 from diffusers_kit.processes.diffusers_scheduler import DiffusersSchedule
+from diffusers_kit.processes.flow import Flow
 from diffusers_kit.processes.ou import OU
 from diffusers_kit.processes.ve import VE
 from diffusers_kit.processes.vp import VP, SubVP, VariancePreserving
@@ -19,6 +20,7 @@ REGISTER = [
     ("process", "constant_sigma", ConstantSigma),
     ("process", "ou", OU),
     ("process", "diffusers_scheduler", DiffusersSchedule),
+    ("process", "flow", Flow),
 ]
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "VP",
     "ConstantSigma",
     "DiffusersSchedule",
+    "Flow",
     "NoiseProcess",
     "SubVP",
     "VariancePreserving",

@@ -28,7 +28,7 @@ from diffusers_kit.processes import gaussian
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
-PREDICTIONS = ("eps", "score", "x0", "v", "mu")
+PREDICTIONS = ("eps", "score", "x0", "v", "mu", "velocity")
 
 
 def widen(t: Tensor) -> Tensor:
@@ -287,44 +287,71 @@ class NoiseProcess:
         """Convert a network output between parameterisations of the same ``x_t``.
 
         With ``x_t = a x_0 + s eps``: ``score = -eps / s``, ``x0 = (x_t - s eps) / a``,
-        ``v = a eps - s x_0`` (Salimans & Ho 2022) and ``mu = c_t x_t + c_0 x0``, the mean of the
-        posterior ``q(x_s | x_t, x0)`` with ``x0`` predicted (Ho et al. 2020, eq. 11; ``s``
-        defaults to the previous step of a discrete process). Conversion goes through ``eps``.
+        ``v = a eps - s x_0`` (Salimans & Ho 2022), ``velocity = a' x_0 + s' eps``, the time
+        derivative of the path ``a(t) x_0 + s(t) eps`` with ``(x_0, eps)`` held fixed (the
+        flow-matching target; Lipman et al. 2022, Liu et al. 2022; ``(a', s')`` from
+        :meth:`marginal_rates`), and ``mu = c_t x_t + c_0 x0``, the mean of the posterior
+        ``q(x_s | x_t, x0)`` with ``x0`` predicted (Ho et al. 2020, eq. 11; ``s`` defaults to
+        the previous step of a discrete process).
+
+        The source gives the pair ``(x0, eps)`` with ``x_t = a x0 + s eps``, each member solved
+        for only when the target needs it: ``v`` and ``velocity`` give both directly (a 2 x 2
+        system, ``det = a^2 + s^2`` and ``a s' - s a'``), so ``x0`` from them is defined where
+        ``a = 0`` (pure noise) as well; from ``eps`` or the score, ``x0`` divides by ``a``.
         ``marginal``: ``(alpha, sigma)`` at ``t`` when the caller has them (a sampler's cached
         grid: no schedule work per step).
         """
         if source == target:
             return output
+        if source not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {source!r}; expected one of {PREDICTIONS}")
+        if target not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {target!r}; expected one of {PREDICTIONS}")
         alpha, sigma = (marginal if marginal is not None
                         else (expand(c, x_t) for c in self.marginal(t)))
+        rates = None
+        if "velocity" in (source, target):
+            rates = tuple(expand(c.to(x_t.dtype), x_t) for c in self.marginal_rates(t))
+        x0: Tensor | None = None
+        eps: Tensor | None = None
         if source == "eps":
             eps = output
         elif source == "score":
             eps = -sigma * output
         elif source == "x0":
-            eps = (x_t - alpha * output) / sigma
+            x0 = output
         elif source == "v":
-            eps = (sigma * x_t + alpha * output) / (alpha * alpha + sigma * sigma)
-        elif source == "mu":
+            norm = alpha * alpha + sigma * sigma
+            x0 = (alpha * x_t - sigma * output) / norm
+            eps = (sigma * x_t + alpha * output) / norm
+        elif source == "velocity":
+            assert rates is not None
+            d_alpha, d_sigma = rates
+            det = alpha * d_sigma - sigma * d_alpha
+            x0 = (d_sigma * x_t - sigma * output) / det
+            eps = (alpha * output - d_alpha * x_t) / det
+        else:  # mu
             c_t, c_0, _ = self.posterior_coefficients(t, self.previous_time(t) if s is None else s)
             x0 = (output - expand(c_t, x_t) * x_t) / expand(c_0, x_t)
+        if target in ("eps", "score", "v", "velocity") and eps is None:
+            assert x0 is not None
             eps = (x_t - alpha * x0) / sigma
-        else:
-            raise ValueError(f"unknown prediction {source!r}; expected one of {PREDICTIONS}")
+        if target in ("x0", "v", "velocity", "mu") and x0 is None:
+            assert eps is not None
+            x0 = (x_t - sigma * eps) / alpha
         if target == "eps":
-            return eps
+            return eps  # type: ignore[return-value]
         if target == "score":
-            return -eps / sigma
+            return -eps / sigma  # type: ignore[operator]
         if target == "x0":
-            return (x_t - sigma * eps) / alpha
+            return x0  # type: ignore[return-value]
         if target == "v":
-            x0 = (x_t - sigma * eps) / alpha
-            return alpha * eps - sigma * x0
-        if target == "mu":
-            c_t, c_0, _ = self.posterior_coefficients(t, self.previous_time(t) if s is None else s)
-            x0 = (x_t - sigma * eps) / alpha
-            return expand(c_t, x_t) * x_t + expand(c_0, x_t) * x0
-        raise ValueError(f"unknown prediction {target!r}; expected one of {PREDICTIONS}")
+            return alpha * eps - sigma * x0  # type: ignore[operator]
+        if target == "velocity":
+            assert rates is not None
+            return rates[0] * x0 + rates[1] * eps  # type: ignore[operator]
+        c_t, c_0, _ = self.posterior_coefficients(t, self.previous_time(t) if s is None else s)
+        return expand(c_t, x_t) * x_t + expand(c_0, x_t) * x0
 
     # -- variational bound (Ho et al. 2020, eq. 5) ------------------------------------------------
     def prior_kl(self, x0: Tensor) -> Tensor:
