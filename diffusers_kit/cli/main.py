@@ -10,7 +10,12 @@ import argparse
 import errno
 import importlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -29,13 +34,50 @@ COMMANDS = ("run", "validate", "schema", "plugins", "process", "sample", "likeli
 # exit statuses (docs/errors.md): 1 training stopped (NaN), 2 a mistake in a spec or on the
 # command line, 3 the environment (file system, memory, a plugin that cannot load), 4 a corrupt
 # or foreign file (checkpoint, run folder), 5 the run finished but a plugin's hook failed,
-# 70 a bug in dkit (re-run with --debug for the traceback), 130 interrupted
+# 70 a bug in dkit (re-run with --debug for the traceback), 130 interrupted (Ctrl-C),
+# 143 terminated (SIGTERM, handled like Ctrl-C)
 TRAINING_STOPPED = 1
 USER_ERROR = 2
 ENVIRONMENT_ERROR = 3
 CORRUPT_FILE = 4
 PLUGIN_HOOK_FAILED = 5
 INTERNAL_ERROR = 70
+INTERRUPTED = 130
+TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+
+
+class _Termination:
+    """SIGTERM handled like Ctrl-C: the handler SIGINT has now is called (during training the
+    trainer's, which stops after the current step and writes a checkpoint; elsewhere Python's,
+    which raises KeyboardInterrupt), so the same clean-up runs: the record says
+    ``interrupted``, a half-written output folder is removed. ``received`` turns the exit
+    status 130 into 143."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:  # SIGINT ignored (a background job of a shell): a SIGTERM still stops
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        self.received = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, self.handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+TERMINATION = _Termination()
 
 
 #: the commands that run a network (where the number of CPU threads matters)
@@ -117,6 +159,14 @@ def _environment_message(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with TERMINATION.installed():
+        code = _main(argv)
+    if code == INTERRUPTED and TERMINATION.received:
+        return TERMINATED
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     err = make_console(stderr=True)
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug is accepted anywhere on the line (dkit run s.yaml --debug) and shows tracebacks
@@ -171,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         return CORRUPT_FILE
     except KeyboardInterrupt:
         _debug_trace(err, debug)
-        err.print("[yellow]interrupted[/]")
-        return 130
+        err.print("[yellow]terminated (SIGTERM)[/]" if TERMINATION.received
+                  else "[yellow]interrupted[/]")
+        return INTERRUPTED
     except (OSError, MemoryError) as exc:
         _debug_trace(err, debug)
         err.print(f"[bold red]error:[/] {_environment_message(exc)}", soft_wrap=True)

@@ -1,0 +1,120 @@
+"""Hardening, round two (issue 29): a finished run is never changed by another command, SIGTERM
+is handled like Ctrl-C, every array input goes through one reader, garbage is not reported as
+success, the thread policy judges free cores by current use."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from diffusers_kit.checkpoint import load_metadata
+from diffusers_kit.hookspecs import hookimpl
+from diffusers_kit.registry import get_plugin_manager
+from tests.helpers import run_cli, write_spec
+
+CKPT = "checkpoint.safetensors"
+MOONS = """\
+name: tiny
+seed: 1
+device: cpu
+data: {kind: two_moons, n_train: 256, n_heldout: 64}
+process: {kind: ve, sigma_min: 0.01, sigma_max: 2.0, num_levels: 4}
+network: {kind: mlp, width: 16, blocks: 1}
+objective: {kind: dsm}
+train:
+  steps: 8
+  batch_size: 32
+  log_every: 2
+  optimizer: {kind: adam, lr: 0.001}
+sample:
+  n: 16
+  solver: {kind: annealed_langevin, steps_per_level: 2, epsilon: 1.0e-4}
+evaluate:
+  metrics: [{kind: swd, projections: 16}]
+output:
+  root: {root}
+"""
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def run_dirs(root: Path) -> list[Path]:
+    group = root / "runs" / "tiny"
+    return sorted(p for p in group.iterdir() if p.is_dir() and not p.is_symlink()
+                  and not p.name.startswith("."))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file of a run folder and its bytes (the alive marker aside)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".alive"}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished tiny run, trained once for the whole module."""
+    from diffusers_kit.cli.main import main
+
+    base = tmp_path_factory.mktemp("finished")
+    spec = write_spec(base, MOONS)
+    assert main(["run", str(spec), "--quiet"]) == 0
+    (run_dir,) = run_dirs(base)
+    return spec, run_dir
+
+
+def copy_run(finished, tmp_path) -> tuple[Path, Path]:
+    _, run_dir = finished
+    target = tmp_path / "runs" / "tiny" / run_dir.name
+    shutil.copytree(run_dir, target, symlinks=True)
+    return write_spec(tmp_path, MOONS), target
+
+
+# -- SIGTERM is Ctrl-C ------------------------------------------------------------------------
+class TerminateAt:
+    """A plugin that sends this process SIGTERM at a training step (as `kill PID` would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def dkit_train_step(self, run, step, loss):  # type: ignore[no-untyped-def]
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_training_exits_143_with_the_resume_command(tmp_path, capsys):
+    spec = write_spec(tmp_path, MOONS)
+    manager = get_plugin_manager()
+    plugin = TerminateAt(4)
+    manager.register(plugin, name="terminate_at_4")
+    try:
+        code, out, err = run_cli(["run", str(spec), "--quiet"], capsys)
+    finally:
+        manager.unregister(plugin)
+    (run_dir,) = run_dirs(tmp_path)
+    assert code == 143, err
+    assert "--resume" in flat(err) and "Traceback" not in out + err
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted"
+    assert load_metadata(run_dir / CKPT)["training"]["train_step"] == 4
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is removed again"
+
+
+def test_sigterm_while_dkit_sample_writes_leaves_no_partial_folder(finished, tmp_path, capsys,
+                                                                   monkeypatch):
+    from PIL import Image
+
+    _, run_dir = copy_run(finished, tmp_path)
+    monkeypatch.setattr(Image.Image, "save",
+                        lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    code, out, err = run_cli(["sample", str(run_dir)], capsys)
+    assert code == 143, err
+    assert "Traceback" not in out + err
+    assert not (run_dir / "sampling").exists(), "no folder holding only samples.npz"
