@@ -13,6 +13,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
+from diffusers_kit.run_folder import unique_folder
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import Document
 
@@ -97,17 +98,7 @@ def make_run_dir(root: str | Path, name: str) -> Path:
     problem = _name_problem(name)
     if problem is not None:
         raise SpecError([SpecIssue(("name",), problem, name)])
-    base = expand_root(root) / name
-    base.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for suffix in range(10_000):
-        candidate = base / (stamp if suffix == 0 else f"{stamp}-{suffix}")
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        return candidate
-    raise FileExistsError(f"no free run folder name under {base}")
+    return unique_folder(expand_root(root) / name, datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
 __all__ = ["checked_root", "expand_root", "make_run_dir", "output_issues"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -211,6 +212,43 @@ def live_status(folder: Path, record: dict[str, Any] | None) -> str:
     except OSError:
         return status
     return "interrupted"
+
+
+def unique_folder(parent: Path, stem: str) -> Path:
+    """Create and return a new folder ``parent/<stem>`` (or ``<stem>-2``, ``-3``, ...).
+
+    ``mkdir`` without ``exist_ok`` is the test, so two commands started in the same second get
+    two folders, never one folder written by both."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for copy in range(1, 10_001):
+        candidate = parent / (stem if copy == 1 else f"{stem}-{copy}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free folder name {stem}-N under {parent}")
+
+
+@contextlib.contextmanager
+def output_folder(parent: Path, stem: str) -> Iterator[Path]:
+    """A command's output folder (:func:`unique_folder`), removed again, with the folders
+    created for it, when the command fails or is interrupted: a failed command leaves no folder
+    holding part of its output."""
+    created = []
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        created.append(probe)
+        probe = probe.parent
+    folder = unique_folder(parent, stem)
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        for empty in created:  # innermost first; only while empty
+            with contextlib.suppress(OSError):
+                empty.rmdir()
+        raise
 
 
 def now() -> str:

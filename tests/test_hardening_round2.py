@@ -118,3 +118,93 @@ def test_sigterm_while_dkit_sample_writes_leaves_no_partial_folder(finished, tmp
     assert code == 143, err
     assert "Traceback" not in out + err
     assert not (run_dir / "sampling").exists(), "no folder holding only samples.npz"
+
+
+# -- a finished run is immutable; output folders are unique and complete --------------------
+DIGITS = """\
+name: tiny
+seed: 0
+device: cpu
+data: {kind: digits}
+process: {kind: ddpm, num_steps: 100}
+network: {kind: unet, channels: 8, channel_mult: [1], res_blocks: 1, attention_resolutions: []}
+objective: {kind: ddpm_simple}
+train: {steps: 2, batch_size: 16, log_every: 1}
+output: {root: {root}}
+"""
+RESTORE = ["--operator", "denoise", "--method", "dps", "--n", "1", "--solver",
+           "{kind: ddim, steps: 2}"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from diffusers_kit.cli.main import main
+
+    base = tmp_path_factory.mktemp("digits")
+    assert main(["run", str(write_spec(base, DIGITS)), "--quiet"]) == 0
+    (run_dir,) = run_dirs(base)
+    return run_dir
+
+
+def test_two_restores_in_the_same_second_get_two_folders(digits, tmp_path, capsys,
+                                                         monkeypatch):
+    from datetime import datetime
+
+    import diffusers_kit.cli.restore as restore_cli
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(digits, run_dir)
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def]
+            return datetime(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(restore_cli, "datetime", Frozen)
+    for _ in range(3):
+        code, _, err = run_cli(["restore", str(run_dir), *RESTORE, "--quiet"], capsys)
+        assert code == 0, err
+    folders = sorted((run_dir / "restoration").iterdir())
+    assert len(folders) == 3
+    assert all((f / "restore.json").is_file() for f in folders)
+
+
+def test_a_failed_restore_leaves_no_folder(digits, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import diffusers_kit.cli.restore as restore_cli
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(digits, run_dir)
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(restore_cli, "write_json", full)
+    code, out, err = run_cli(["restore", str(run_dir), *RESTORE, "--quiet"], capsys)
+    assert code == 3 and "Traceback" not in out + err
+    assert not (run_dir / "restoration").exists(), "no restore.png left alone"
+
+
+def test_evaluate_with_another_runs_samples_never_writes_beside_them(finished, tmp_path,
+                                                                     capsys):
+    _, a = copy_run(finished, tmp_path)
+    b = tmp_path / "other" / "b"
+    shutil.copytree(a, b)
+    before_a, before_b = snapshot(a), snapshot(b)
+    code, _, err = run_cli(["evaluate", str(a), "--samples", str(b / "samples.npz"), "--quiet"],
+                           capsys)
+    assert code == 0, err
+    assert snapshot(b) == before_b, "the foreign run is untouched"
+    after_a = snapshot(a)
+    assert {k: v for k, v in after_a.items() if k in before_a} == before_a
+    (written,) = [k for k in after_a if k not in before_a]
+    assert written.startswith("evaluation/") and written.endswith("metrics.json")
+    figures = json.loads(after_a[written])
+    assert figures["samples"] == str((b / "samples.npz").resolve()) and "swd" in figures
+    named = tmp_path / "mine"
+    code, _, err = run_cli(["evaluate", str(a), "--samples", str(b / "samples.npz"), "--out",
+                            str(named), "--quiet"], capsys)
+    assert code == 0, err
+    assert "swd" in json.loads((named / "metrics.json").read_text())
+    assert snapshot(b) == before_b

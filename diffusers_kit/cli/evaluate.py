@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from diffusers_kit.run_folder import (
     finite,
     follow_latest,
     read_record,
+    unique_folder,
     write_json,
     write_record,
 )
@@ -58,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "run's own)")
     parser.add_argument("--samples", metavar="FILE", help="an .npz with a 'samples' array "
                         "(default: RUN_DIR/samples.npz)")
+    parser.add_argument("--out", metavar="DIR", help="where metrics.json goes when --samples "
+                        "lies outside RUN_DIR (default: a new RUN_DIR/evaluation/<stamp>/)")
     parser.add_argument("--quiet", action="store_true", help="print no table")
     parser.set_defaults(func=evaluate_command)
 
@@ -93,13 +97,18 @@ def load_samples(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     return samples, labels
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies in ``folder`` (symbolic links followed)."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def evaluate_command(args: argparse.Namespace) -> int:
     err = make_console(stderr=True)
     folder = follow_latest(Path(args.run_dir).expanduser())
     if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():
         raise _command_error("RUN_DIR", f"a finished run folder holding {SPEC_FILE} and "
                              f"{CHECKPOINT}", args.run_dir)
-    samples_path = Path(args.samples) if args.samples else folder / SAMPLES
+    samples_path = Path(args.samples).expanduser() if args.samples else folder / SAMPLES
     document = load_file(folder / SPEC_FILE)
     if args.metrics:
         section = document.data.get("evaluate")
@@ -129,7 +138,16 @@ def evaluate_command(args: argparse.Namespace) -> int:
                                    model, labels,
                                    model_data=components.diffusion.model_data(components.data))
     figures = finite(metrics)  # NaN / infinity as null, as the run's report stage writes them
-    target = samples_path.parent / METRICS if samples is not None else folder / METRICS
+    if samples is None:
+        target = folder / METRICS
+    elif _inside(samples_path, folder):
+        target = samples_path.parent / METRICS
+    else:  # another run's file (or any file): never written beside, recorded where it came from
+        out = (Path(args.out).expanduser() if args.out else
+               unique_folder(folder / "evaluation", datetime.now().strftime("%Y%m%d-%H%M%S")))
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / METRICS
+        figures["samples"] = str(samples_path.resolve())
     previous: dict[str, Any] = {}
     if target.is_file():
         try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from diffusers_kit.devices import is_out_of_memory
 from diffusers_kit.likelihood import decode, encode, slerp
 from diffusers_kit.report import image_grid, scatter_plot
 from diffusers_kit.run import open_run
-from diffusers_kit.run_folder import write_json
+from diffusers_kit.run_folder import output_folder, write_json
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import component_option
 
@@ -181,19 +180,14 @@ def sample_command(args: argparse.Namespace) -> int:
         args.init_noise = init
     name = spec.sample.solver["kind"]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(args.run_dir).expanduser() / "sampling" / f"{name}-{stamp}"
-    out, copy = base, 1
-    while out.exists():  # two commands in the same second: each its own folder
-        copy += 1
-        out = base.with_name(f"{base.name}-{copy}")
-    # the folders this command creates: removed again when it fails, so no empty folder is left
-    created = [folder for folder in (out.parent, out) if not folder.exists()]
+    # created atomically with a unique name (two commands in the same second: two folders),
+    # removed again with sampling/ when the command fails, so no partial folder is left
     try:
-        return _sample_into(args, spec, components, out)
-    except BaseException as exc:
-        for folder in reversed(created):
-            shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(exc, Exception) and is_out_of_memory(exc):
+        with output_folder(Path(args.run_dir).expanduser() / "sampling",
+                           f"{name}-{stamp}") as out:
+            return _sample_into(args, spec, components, out)
+    except Exception as exc:
+        if is_out_of_memory(exc):
             return _report_out_of_memory(exc, spec)
         raise
 
