@@ -212,7 +212,8 @@ def test_resume_removes_an_orphan_temporary_file(finished, tmp_path, capsys):
                             "--quiet"], capsys)
     assert code == 0, err
     assert not orphan.exists()
-    assert load_metadata(run_dir / CKPT)["training"]["train_step"] == 10
+    (new,) = [d for d in run_dirs(tmp_path) if d != run_dir]  # a finished run is not changed
+    assert load_metadata(new / CKPT)["training"]["train_step"] == 10
 
 
 def test_resume_after_divergence_with_a_smaller_learning_rate(finished, tmp_path, capsys):
@@ -226,7 +227,8 @@ def test_resume_after_divergence_with_a_smaller_learning_rate(finished, tmp_path
                             "train.optimizer.lr=0.0001", "--allow-change", "train.optimizer.lr",
                             "--quiet"], capsys)
     assert code == 0, err
-    _, meta = load_checkpoint(run_dir / CKPT)
+    (new,) = [d for d in run_dirs(tmp_path) if d != run_dir]  # a finished run is not changed
+    _, meta = load_checkpoint(new / CKPT)
     groups = json.loads(meta["training"]["optimizer"])["param_groups"]
     assert meta["training"]["train_step"] == 10
     assert [g["lr"] for g in groups] == [0.0001], "the new learning rate is used, not the old"

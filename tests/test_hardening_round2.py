@@ -208,3 +208,63 @@ def test_evaluate_with_another_runs_samples_never_writes_beside_them(finished, t
     assert code == 0, err
     assert "swd" in json.loads((named / "metrics.json").read_text())
     assert snapshot(b) == before_b
+
+
+def test_resume_with_fewer_steps_is_refused_with_the_reason(finished, tmp_path, capsys):
+    spec, run_dir = copy_run(finished, tmp_path)
+    before = snapshot(run_dir)
+    code, out, err = run_cli(["run", str(spec), "--resume", str(run_dir), "train.steps=4",
+                              "--quiet"], capsys)
+    message = flat(err)
+    assert code == 2 and "train.steps" in message and "at least 8" in message, message
+    assert "Traceback" not in out + err
+    assert snapshot(run_dir) == before and run_dirs(tmp_path) == [run_dir]
+
+
+def test_extending_a_finished_run_writes_a_new_folder_and_leaves_it_untouched(finished,
+                                                                               tmp_path, capsys):
+    spec, run_dir = copy_run(finished, tmp_path)
+    before = snapshot(run_dir)
+    code, _, err = run_cli(["run", str(spec), "--resume", str(run_dir), "train.steps=10",
+                            "--quiet"], capsys)
+    assert code == 0, err
+    assert snapshot(run_dir) == before, "the finished run's files never change"
+    (new,) = [d for d in run_dirs(tmp_path) if d != run_dir]
+    record = json.loads((new / "run.json").read_text())
+    assert record["status"] == "finished" and record["resumed_from"] == str(run_dir)
+    assert load_metadata(new / CKPT)["training"]["train_step"] == 10
+    assert "resuming from step 8" in (new / "run.log").read_text()
+
+
+def test_re_evaluating_a_finished_run_that_fails_keeps_it_finished(finished, tmp_path, capsys,
+                                                                  monkeypatch):
+    import diffusers_kit.run.stages as stages
+
+    spec, run_dir = copy_run(finished, tmp_path)
+    before = snapshot(run_dir)
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(stages, "evaluate_metrics", broken)
+    code, _, err = run_cli(["run", str(spec), "--resume", str(run_dir), "--quiet"], capsys)
+    assert code == 3, err
+    assert snapshot(run_dir) == before
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    (new,) = [d for d in run_dirs(tmp_path) if d != run_dir]
+    assert (new / CKPT).is_file(), "the new folder holds the weights it evaluated"
+
+
+def test_resume_refuses_run_files_that_link_outside(finished, tmp_path, capsys):
+    spec, run_dir = copy_run(finished, tmp_path)
+    record = json.loads((run_dir / "run.json").read_text())
+    record["status"] = "interrupted"
+    (run_dir / "run.json").write_text(json.dumps(record))
+    elsewhere = tmp_path / "elsewhere.log"
+    elsewhere.write_text("not dkit's\n")
+    (run_dir / "run.log").unlink()
+    (run_dir / "run.log").symlink_to(elsewhere)
+    code, out, err = run_cli(["run", str(spec), "--resume", str(run_dir), "train.steps=10",
+                              "--quiet"], capsys)
+    assert code == 2 and "run.log" in err and "Traceback" not in out + err
+    assert elsewhere.read_text() == "not dkit's\n"

@@ -41,6 +41,7 @@ from diffusers_kit.run_folder import (
     now,
     point_latest,
     read_record,
+    unique_folder,
     write_record,
     write_spec,
 )
@@ -181,8 +182,21 @@ def execute(
         if reused is not None:
             load_previous(components.diffusion, reused, "train")
             stages.discard("train")
-        run_dir = resume_path if resume_path is not None else _new_run_dir(root_path, spec.name)
+        # --resume continues an interrupted run in its folder; a finished run is never
+        # changed: extending or re-evaluating it writes a new run folder beside it that
+        # records where it came from
+        previous = read_record(resume_path) if resume_path is not None else None
+        extends = previous is not None and previous.get("status") == "finished"
+        if resume_path is None:
+            run_dir = _new_run_dir(root_path, spec.name)
+        elif extends:
+            run_dir = unique_folder(resume_path.parent, time.strftime("%Y%m%d-%H%M%S"))
+        else:
+            run_dir = resume_path
         checkpoint_from = reused or (trained.run_dir if trained is not None else None)
+        if extends:  # the new folder starts with the weights it continues (replaced, not
+            # written through, when training saves: the finished run's file never changes)
+            link_checkpoint(resume_path / CHECKPOINT, run_dir)
         if checkpoint_from is not None:
             link_checkpoint(checkpoint_from / CHECKPOINT, run_dir)
         elif from_path is not None and "train" not in stages:
@@ -195,7 +209,11 @@ def execute(
         run.results.dependencies = [d.as_dict() for d in settings.dependencies]
         if checkpoint_from is not None:
             run.results.checkpoint_from = str(checkpoint_from)
-        record = read_record(run_dir) if resume_path is not None else None
+        record = dict(previous) if resume_path is not None and previous else None
+        if extends:
+            record = {key: value for key, value in (record or {}).items()
+                      if key not in ("metrics", "step", "latent_scale")}
+            record["resumed_from"] = str(resume_path)
         record = {**(record or {}), "name": spec.name, "status": "running",
                   "train_hash": digest, "started": now(), "finished": None, "train_finished": None,
                   "trained": "train" in stages or bool(record and record.get("trained")),
