@@ -13,6 +13,7 @@ layer writes them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -37,6 +38,21 @@ SPEC_FILE = "spec.yaml"
 SAMPLES = "samples.npz"
 METRICS = "metrics.json"
 STATUSES = ("running", "finished", "failed", "interrupted")
+
+
+class RunFolderGone(FileNotFoundError):
+    """The run's folder disappeared while the run was writing to it: the run stops rather than
+    recreate a folder holding part of a run (exit status 3, the environment)."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(errno.ENOENT, "the run folder was removed while the run was writing "
+                         "to it; the run stopped and recreated nothing", str(folder))
+
+
+def check_folder(folder: Path | None) -> None:
+    """Raise :class:`RunFolderGone` when the run folder ``folder`` no longer exists."""
+    if folder is not None and not folder.is_dir():
+        raise RunFolderGone(folder)
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:

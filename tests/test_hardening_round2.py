@@ -268,3 +268,27 @@ def test_resume_refuses_run_files_that_link_outside(finished, tmp_path, capsys):
                               "--quiet"], capsys)
     assert code == 2 and "run.log" in err and "Traceback" not in out + err
     assert elsewhere.read_text() == "not dkit's\n"
+
+
+class RemoveRunFolderAt:
+    """A plugin that deletes the run's folder at a training step (as `rm -rf` beside it)."""
+
+    @hookimpl
+    def dkit_train_step(self, run, step, loss):  # type: ignore[no-untyped-def]
+        if step == 2:
+            shutil.rmtree(run.dir)
+
+
+def test_a_run_whose_folder_is_deleted_during_training_stops_with_a_message(tmp_path,
+                                                                            capsys):
+    spec = write_spec(tmp_path, MOONS)
+    manager = get_plugin_manager()
+    plugin = RemoveRunFolderAt()
+    manager.register(plugin, name="remove_run_folder")
+    try:
+        code, out, err = run_cli(["run", str(spec), "--quiet"], capsys)
+    finally:
+        manager.unregister(plugin)
+    assert code == 3, err
+    assert "removed while the run" in flat(err) and "Traceback" not in out + err
+    assert run_dirs(tmp_path) == [], "the folder is not recreated"

@@ -227,11 +227,11 @@ def execute(
                             after_train=lambda: _training_finished(run_dir, record))
             except (TrainingInterrupted, KeyboardInterrupt):
                 record.update(status="interrupted", step=components.diffusion.step)
-                write_record(run_dir, record)
+                _write_if_there(run_dir, record)
                 raise
             except BaseException:
                 record.update(status="failed", step=components.diffusion.step)
-                write_record(run_dir, record)
+                _write_if_there(run_dir, record)
                 if record.get("train_finished"):
                     _say_training_kept(console, run_dir, document, stages)
                 raise
@@ -240,6 +240,12 @@ def execute(
             write_record(run_dir, record)
         point_latest(run_dir)
     return run
+
+
+def _write_if_there(run_dir: Path, record: dict[str, Any]) -> None:
+    """The record of a stopped run, unless its folder is gone (never recreated for it)."""
+    if run_dir.is_dir():
+        write_record(run_dir, record)
 
 
 def _training_finished(run_dir: Path, record: dict[str, Any]) -> None:

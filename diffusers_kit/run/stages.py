@@ -33,7 +33,13 @@ from diffusers_kit.registry import (
 from diffusers_kit.report import columns_per_class, image_grid, labelled_grid, scatter_plot
 from diffusers_kit.restore import Restoration, restoration_images, restore, write_restoration
 from diffusers_kit.run.build import Components
-from diffusers_kit.run_folder import CHECKPOINT, METRICS, write_json, write_samples
+from diffusers_kit.run_folder import (
+    CHECKPOINT,
+    METRICS,
+    check_folder,
+    write_json,
+    write_samples,
+)
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import Document
 from diffusers_kit.spec.models import Spec
@@ -158,6 +164,7 @@ def stage_train(run: Run) -> None:
 
     def save(step: int) -> None:
         if checkpoint is not None:
+            check_folder(run.dir)  # deleted during training: stop, never recreate it
             diffusion.step = step
             diffusion.save(checkpoint, {"spec": spec.name})
             run.log.info("checkpoint at step %d", step)
@@ -166,6 +173,7 @@ def stage_train(run: Run) -> None:
         task = progress.add_task("train", total=train.steps, status="")
 
         def on_log(step: int, loss: float) -> None:
+            check_folder(run.dir)
             progress.update(task, status=f"loss {loss:.4f}")
             run.log.info("step %d loss %.6f", step, loss)
             hook.dkit_train_step(run=run, step=step, loss=loss)
