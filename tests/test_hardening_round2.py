@@ -292,3 +292,86 @@ def test_a_run_whose_folder_is_deleted_during_training_stops_with_a_message(tmp_
     assert code == 3, err
     assert "removed while the run" in flat(err) and "Traceback" not in out + err
     assert run_dirs(tmp_path) == [], "the folder is not recreated"
+
+
+# -- one array reader ----------------------------------------------------------------------------
+def bad_array_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Array files dkit must refuse, each with a phrase its message has."""
+    import numpy as np
+
+    good = np.zeros((2, 1, 8, 8), dtype=np.float32)
+    files: dict[str, tuple[Path, str]] = {}
+
+    def npz(name: str, phrase: str, **arrays: object) -> None:
+        np.savez(folder / f"{name}.npz", **arrays)
+        files[name] = (folder / f"{name}.npz", phrase)
+
+    np.savez(folder / "whole.npz", x=good, images=good, samples=good, x_T=good)
+    data = (folder / "whole.npz").read_bytes()
+    (folder / "truncated.npz").write_bytes(data[: len(data) // 2])
+    files["truncated"] = (folder / "truncated.npz", "truncated or damaged")
+    npz("structured", "structured", samples=np.zeros(2, dtype=[("a", "f4"), ("b", "f4")]))
+    npz("datetime", "datetime64", samples=np.array(["2026-01-01"] * 128, dtype="datetime64[D]"
+                                             ).reshape(2, 1, 8, 8))
+    npz("empty", "is empty", samples=np.zeros((0, 1, 8, 8), dtype=np.float32))
+    npz("nan", "NaN or infinite", samples=np.full((2, 1, 8, 8), np.nan, dtype=np.float32))
+    np.save(folder / "object.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    files["object"] = (folder / "object.npy", "Python objects")
+    (folder / "passwd.npy").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    files["text"] = (folder / "passwd.npy", "not a .npz or .npy file")
+    header = b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': " \
+             b"(200000, 100000, 1000), }"
+    (folder / "huge.npy").write_bytes(header + b" " * (127 - len(header)) + b"\n" + b"\0" * 64)
+    files["huge"] = (folder / "huge.npy", "huge.npy")
+    return files
+
+
+@pytest.mark.parametrize("case", ["truncated", "structured", "datetime", "empty", "nan",
+                                  "object", "text", "huge"])
+def test_the_array_reader_refuses_bad_files_naming_them(tmp_path, case):
+    from diffusers_kit.data.arrays import ArrayFile, ArrayFileError, NpzArrays
+
+    path, phrase = bad_array_files(tmp_path)[case]
+    with pytest.raises(ArrayFileError) as caught, ArrayFile(path) as file:
+        file.array(file.names[0] if file.names else None)
+    assert path.name in str(caught.value) and phrase in str(caught.value)
+    assert "allow_pickle" not in str(caught.value)
+    with pytest.raises(ValueError, match=path.name):
+        NpzArrays(str(path), scale="none").load()
+
+
+@pytest.mark.parametrize("case", ["truncated", "structured", "datetime", "empty", "object"])
+def test_every_array_option_refuses_bad_files_with_exit_2(digits, tmp_path, capsys, case):
+    path, phrase = bad_array_files(tmp_path)[case]
+    commands = {
+        "--images": ["restore", str(digits), *RESTORE, "--images", str(path)],
+        "--init": ["sample", str(digits), "--solver", "{kind: ddim, steps: 2}", "--init",
+                   str(path)],
+        "--samples": ["evaluate", str(digits), "--metrics", "swd", "--samples", str(path)],
+    }
+    before = snapshot(digits)
+    for option, args in commands.items():
+        code, out, err = run_cli(args, capsys)
+        message = flat(out + err)
+        assert code == 2, (option, message)
+        assert path.name in message and "Traceback" not in message, (option, message)
+        assert phrase in message and "allow_pickle" not in message, (option, message)
+    assert snapshot(digits) == before, "nothing written"
+
+
+def test_sixteen_bit_grayscale_pngs_keep_their_values(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffusers_kit.data.folder import ImageFolder
+
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    levels = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    for k in range(4):
+        Image.fromarray(levels).save(folder / f"{k}.png")
+    assert Image.open(folder / "0.png").mode.startswith("I")
+    splits = ImageFolder(str(folder), size=64, channels=1).load()
+    pixels = splits.train[0, 0].numpy()
+    assert np.allclose(pixels, levels / 32767.5 - 1.0, atol=1e-3)
+    assert (pixels > 0.99).mean() < 0.02, "not clipped to +1"

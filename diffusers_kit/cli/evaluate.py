@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from diffusers_kit.console import make_console
+from diffusers_kit.data.arrays import ArrayFile
 from diffusers_kit.metrics.floor import summarize
 from diffusers_kit.registry import get_registry
 from diffusers_kit.run import (
@@ -85,15 +86,16 @@ def load_samples(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(samples, labels)`` of an .npz written by a run or ``dkit sample`` (labels: the
     requested class of each sample, when the samples are class-conditional)."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "samples" not in npz.files:
-                raise _command_error("--samples", "an .npz holding a 'samples' array",
-                                     f"{path} (arrays: {', '.join(npz.files) or 'none'})")
-            samples = torch.from_numpy(np.asarray(npz["samples"], dtype=np.float32))
-            labels = torch.from_numpy(np.asarray(npz["labels"])).long() if (
-                "labels" in npz.files) else None
+        with ArrayFile(path) as file:  # the one array reader: refuses damaged, empty, NaN
+            if "samples" not in file.names:
+                raise _command_error("--samples", f"an .npz holding a 'samples' array ({path} "
+                                     f"holds {', '.join(file.names) or 'no arrays'})", str(path))
+            samples = torch.from_numpy(np.asarray(file.array("samples"), dtype=np.float32))
+            labels = torch.from_numpy(np.asarray(file.array("labels"))).long() if (
+                "labels" in file.names) else None
     except (OSError, ValueError) as exc:
-        raise _command_error("--samples", "a readable .npz file", f"{path} ({exc})") from None
+        raise _command_error("--samples", f"a usable .npz file of samples ({exc})",
+                             str(path)) from None
     return samples, labels
 
 

@@ -200,28 +200,22 @@ def read_init(path: str) -> torch.Tensor:
     def fail(expected: str, given: object) -> SpecError:
         return SpecError([SpecIssue(("--init",), expected, given, None, "command line")])
 
-    file = Path(path).expanduser()
-    if not file.is_file():
+    from diffusers_kit.data.arrays import ArrayFile
+
+    if not Path(path).expanduser().is_file():
         raise fail("an existing .npz or .npy file of start noise", f"no such file: {path}")
     try:
-        loaded = np.load(file, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise fail("an .npz or .npy file of start noise", f"unreadable ({exc}): {path}") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            names = list(loaded.files)
-            if "x_T" not in names and len(names) != 1:
+        with ArrayFile(path) as file:  # the one array reader: refuses damaged, empty, NaN
+            names = file.names
+            if names and "x_T" not in names and len(names) != 1:
                 raise fail("an .npz with an array named x_T, or a single array",
-                           f"arrays {', '.join(names) or 'none'} in {path}")
-            array = loaded["x_T" if "x_T" in names else names[0]]
-    else:
-        array = np.asarray(loaded)
-    if array.dtype.kind not in "fiu" or array.ndim < 2:
+                           f"arrays {', '.join(names)} in {path}")
+            array = file.array(("x_T" if "x_T" in names else names[0]) if names else None)
+    except (OSError, ValueError) as exc:
+        raise fail(f"a usable .npz or .npy file of start noise ({exc})", path) from None
+    if array.ndim < 2:
         raise fail("a numeric array of shape (n, *data_shape)",
                    f"a {array.dtype} array of shape {array.shape}")
-    if not np.isfinite(array).all():
-        raise fail("finite start noise (no NaN or infinity)", f"{int((~np.isfinite(array)).sum())} "
-                   f"non-finite values in {path}")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
