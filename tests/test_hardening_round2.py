@@ -375,3 +375,36 @@ def test_sixteen_bit_grayscale_pngs_keep_their_values(tmp_path):
     pixels = splits.train[0, 0].numpy()
     assert np.allclose(pixels, levels / 32767.5 - 1.0, atol=1e-3)
     assert (pixels > 0.99).mean() < 0.02, "not clipped to +1"
+
+
+# -- threads: free cores judged by what is busy now --------------------------------------------
+def readings(*pairs: tuple[int, int]):  # type: ignore[no-untyped-def]
+    values = iter(pairs)
+    return lambda: next(values)
+
+
+def test_an_idle_machine_after_an_install_gets_every_core(monkeypatch):
+    from diffusers_kit import threads
+
+    # the 1-minute load average still counts the pip install that just ended ...
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.8, 0.5, 0.2))
+    # ... but over the sample no core was busy (busy ticks unchanged, 20 ticks elapsed)
+    idle = threads.busy_cores(read=readings((500, 9000), (500, 9020)), sleep=lambda s: None,
+                              online=2)
+    assert idle == 0.0
+    assert threads.choose_threads("auto", environ={}, cores=2, load=idle) == 2
+    one_busy = threads.busy_cores(read=readings((500, 9000), (510, 9020)),
+                                  sleep=lambda s: None, online=2)
+    assert one_busy == pytest.approx(1.0)
+    assert threads.choose_threads("auto", environ={}, cores=2, load=one_busy) == 1
+
+
+def test_cpu_times_reads_proc_stat_and_falls_back_to_the_load_average(tmp_path, monkeypatch):
+    from diffusers_kit import threads
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 50 800 20 3 2 0 0 0\ncpu0 50 2 25 400 10 1 1 0 0 0\n")
+    assert threads.cpu_times(str(stat)) == (100 + 5 + 50 + 3 + 2, 980)
+    assert threads.cpu_times(str(tmp_path / "none")) is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    assert threads.busy_cores(read=lambda: None, sleep=lambda s: None) == 1.5
