@@ -408,3 +408,42 @@ def test_cpu_times_reads_proc_stat_and_falls_back_to_the_load_average(tmp_path, 
     assert threads.cpu_times(str(tmp_path / "none")) is None
     monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 1.0))
     assert threads.busy_cores(read=lambda: None, sleep=lambda s: None) == 1.5
+
+
+# -- garbage is not success ----------------------------------------------------------------------
+def test_nan_samples_fail_the_run_with_exit_1_naming_stage_and_solver(tmp_path, capsys,
+                                                                     monkeypatch):
+    import torch
+
+    from diffusers_kit.api import Diffusion
+
+    real = Diffusion.sample
+
+    def nan_sample(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real(self, *args, **kwargs)
+        result.samples = torch.full_like(result.samples, float("nan"))
+        return result
+
+    monkeypatch.setattr(Diffusion, "sample", nan_sample)
+    code, out, err = run_cli(["run", str(write_spec(tmp_path, MOONS)), "--quiet"], capsys)
+    message = flat(err)
+    assert code == 1, message
+    assert "sample stage" in message and "annealed_langevin" in message
+    assert "Traceback" not in out + err
+    (run_dir,) = run_dirs(tmp_path)
+    assert (run_dir / CKPT).is_file(), "the training written before is kept"
+    assert not (run_dir / "samples.npz").exists()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+    code, out, err = run_cli(["sample", str(run_dir)], capsys)
+    assert code == 1 and "sample stage" in flat(err)
+    assert not (run_dir / "sampling").exists()
+
+
+def test_evaluate_of_nan_samples_is_refused(finished, tmp_path, capsys):
+    import numpy as np
+
+    _, run_dir = copy_run(finished, tmp_path)
+    np.savez(tmp_path / "nan.npz", samples=np.full((16, 2), np.nan, dtype=np.float32))
+    code, out, err = run_cli(["evaluate", str(run_dir), "--samples", str(tmp_path / "nan.npz")],
+                             capsys)
+    assert code == 2 and "nan.npz" in flat(err) and "NaN" in err and "Traceback" not in out

@@ -33,6 +33,7 @@ from diffusers_kit.run import (
     evaluate_metrics,
     load_previous,
 )
+from diffusers_kit.run.stages import NonFiniteResult, non_finite_metrics
 from diffusers_kit.run_folder import (
     CHECKPOINT,
     METRICS,
@@ -160,6 +161,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if samples is not None:
         previous.pop("out_of_range", None)  # recomputed: absent now means none are
     write_json(target, {**previous, **figures})
+    bad = non_finite_metrics(metrics)
+    if bad:  # written (as null), then the command fails
+        raise NonFiniteResult(f"dkit evaluate gave NaN or infinite values for {', '.join(bad)} "
+                              f"({target} holds them as null)")
     record = read_record(folder)
     if record is not None and target.parent == folder:
         record["metrics"] = {**(record.get("metrics") or {}), **figures}

@@ -25,17 +25,18 @@ from diffusers_kit.checkpoint import CheckpointError
 from diffusers_kit.console import make_console
 from diffusers_kit.devices import is_out_of_memory
 from diffusers_kit.registry import HOOK_FAILURES
+from diffusers_kit.run.stages import NonFiniteResult
 from diffusers_kit.spec.errors import SpecError
 from diffusers_kit.version import __version__
 
 COMMANDS = ("run", "validate", "schema", "plugins", "process", "sample", "likelihood", "runs",
             "evaluate", "sweep", "restore", "new_plugin")
 
-# exit statuses (docs/errors.md): 1 training stopped (NaN), 2 a mistake in a spec or on the
-# command line, 3 the environment (file system, memory, a plugin that cannot load), 4 a corrupt
-# or foreign file (checkpoint, run folder), 5 the run finished but a plugin's hook failed,
-# 70 a bug in dkit (re-run with --debug for the traceback), 130 interrupted (Ctrl-C),
-# 143 terminated (SIGTERM, handled like Ctrl-C)
+# exit statuses (docs/errors.md): 1 training stopped (NaN) or NaN samples / metrics, 2 a
+# mistake in a spec or on the command line, 3 the environment (file system, memory, a plugin
+# that cannot load), 4 a corrupt or foreign file (checkpoint, run folder), 5 the run finished
+# but a plugin's hook failed, 70 a bug in dkit (re-run with --debug for the traceback),
+# 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, handled like Ctrl-C)
 TRAINING_STOPPED = 1
 USER_ERROR = 2
 ENVIRONMENT_ERROR = 3
@@ -210,6 +211,10 @@ def _main(argv: list[str] | None = None) -> int:
         _debug_trace(err, debug)
         print_spec_error(exc, err)
         return USER_ERROR
+    except NonFiniteResult as exc:
+        _debug_trace(err, debug)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        return TRAINING_STOPPED
     except UsageError as exc:
         _debug_trace(err, debug)
         err.print(f"[bold red]error:[/] {escape(str(exc))}")

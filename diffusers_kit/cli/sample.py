@@ -39,6 +39,7 @@ from diffusers_kit.devices import is_out_of_memory
 from diffusers_kit.likelihood import decode, encode, slerp
 from diffusers_kit.report import image_grid, scatter_plot
 from diffusers_kit.run import open_run
+from diffusers_kit.run.stages import require_finite
 from diffusers_kit.run_folder import output_folder, write_json
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import component_option
@@ -115,6 +116,7 @@ def draw_samples(spec: Spec, components: Components, out: Path, n: int, seed: in
                               x_T=x_T)
     seconds = time.perf_counter() - started
     samples = result.samples.float().cpu()
+    require_finite(samples, "sample", f"solver {spec.sample.solver['kind']}")  # exit 1
     result.save(out, dataset, columns=spec.output.grid_columns, stem=stem,
                 reference=components.data.heldout if components.data is not None else None)
     info: dict[str, Any] = {"solver": components.resolved["sample"]["solver"], "n": n,
