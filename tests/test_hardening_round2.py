@@ -447,3 +447,37 @@ def test_evaluate_of_nan_samples_is_refused(finished, tmp_path, capsys):
     code, out, err = run_cli(["evaluate", str(run_dir), "--samples", str(tmp_path / "nan.npz")],
                              capsys)
     assert code == 2 and "nan.npz" in flat(err) and "NaN" in err and "Traceback" not in out
+
+
+# -- seeds and labels --------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", ["-5", str(2**70), "1.5", "many"])
+@pytest.mark.parametrize("command", ["sample", "restore", "sweep", "likelihood"])
+def test_seed_options_are_validated_like_the_spec(finished, capsys, command, seed):
+    _, run_dir = finished
+    code, out, err = run_cli([command, str(run_dir), "--seed", seed], capsys)
+    message = flat(err)
+    assert code == 2 and "--seed" in message and "2**63 - 1" in message, message
+    assert "Traceback" not in out + err
+
+
+def test_seeds_that_share_their_low_32_bits_give_different_samples(finished, tmp_path, capsys):
+    import numpy as np
+
+    _, run_dir = copy_run(finished, tmp_path)
+    drawn = []
+    for seed in ("0", str(2**32)):
+        code, _, err = run_cli(["sample", str(run_dir), "--seed", seed], capsys)
+        assert code == 0, err
+        (folder,) = [f for f in (run_dir / "sampling").iterdir() if f not in drawn]
+        drawn.append(folder)
+    with np.load(drawn[0] / "samples.npz") as a, np.load(drawn[1] / "samples.npz") as b:
+        assert not np.array_equal(a["samples"], b["samples"])
+
+
+def test_labels_on_an_unconditional_model_are_refused(digits, capsys):
+    before = snapshot(digits)
+    code, _, err = run_cli(["sample", str(digits), "--labels", "3", "--solver",
+                              "{kind: ddim, steps: 2}"], capsys)
+    message = flat(err)
+    assert code == 2 and "sample.labels" in message and "unconditional" in message, message
+    assert snapshot(digits) == before

@@ -103,6 +103,24 @@ def thread_note(requested: str, threads: int, *, environ: dict[str, str] | None 
             "cores would slow it down; choose with --threads N or OMP_NUM_THREADS=N)")
 
 
+def seed_option(text: str) -> int:
+    """``--seed`` of every command, checked as the spec's ``seed`` is (an integer from 0 to
+    2^63 - 1: the noise keys use all 64 bits, so no two seeds in range share a stream)."""
+    from diffusers_kit.spec.models import Spec
+
+    bounds = Spec.model_fields["seed"].metadata  # the spec's bounds: one place
+    low = next(m.ge for m in bounds if getattr(m, "ge", None) is not None)
+    high = next(m.le for m in bounds if getattr(m, "le", None) is not None)
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"a seed: an integer from {low} to {high} (2**63 - 1), "
+                                         f"as the spec's seed; given {text}")
+    return value
+
+
 class UsageError(Exception):
     """A mistake on the command line (not in a spec)."""
 

@@ -21,6 +21,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from diffusers_kit.cli.main import seed_option
 from diffusers_kit.console import make_console
 from diffusers_kit.metrics.floor import summarize
 from diffusers_kit.run.build import open_run, set_option
@@ -90,7 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--images", help="an .npz / .npy file of images (default: the data "
                                          "set's held-out images)")
     parser.add_argument("--solver", help="solver name or YAML mapping (default: the spec's)")
-    parser.add_argument("--seed", type=int, help="seed of the measurement noise and sampling")
+    parser.add_argument("--seed", type=seed_option,
+                        help="seed of the measurement noise and sampling")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or table")
     parser.set_defaults(func=restore_command)
 

@@ -33,7 +33,7 @@ from rich.markup import escape
 
 from diffusers_kit import latent
 from diffusers_kit.api import SamplingOutOfMemory
-from diffusers_kit.cli.main import ENVIRONMENT_ERROR
+from diffusers_kit.cli.main import ENVIRONMENT_ERROR, seed_option
 from diffusers_kit.console import make_console
 from diffusers_kit.devices import is_out_of_memory
 from diffusers_kit.likelihood import decode, encode, slerp
@@ -143,7 +143,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="classes to draw: all, one class (3) or a list (0,2,4); "
                              "'none' for unconditional samples")
     parser.add_argument("--n", type=int, help="number of samples (default: the spec's)")
-    parser.add_argument("--seed", type=int, help="sampling seed (default: the spec's)")
+    parser.add_argument("--seed", type=seed_option, help="sampling seed (default: the spec's)")
     parser.add_argument("--init", metavar="FILE",
                         help="start from this noise x_T instead of the prior: an .npz (key "
                              "x_T or its only array) or .npy of shape (n, *data_shape); sets n")

@@ -31,6 +31,7 @@ from rich.text import Text
 
 from diffusers_kit.api import batch_count
 from diffusers_kit.cli.evaluate import metric_configs
+from diffusers_kit.cli.main import seed_option
 from diffusers_kit.cli.sample import draw_samples, load_run
 from diffusers_kit.console import make_console
 from diffusers_kit.metrics.floor import SUFFIXES
@@ -68,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the metrics to plot: the first on the left axis, the second on "
                              "the right (default: the first two)")
     parser.add_argument("--n", type=int, help="samples per value (default: the spec's)")
-    parser.add_argument("--seed", type=int, help="sampling seed (default: the spec's)")
+    parser.add_argument("--seed", type=seed_option, help="sampling seed (default: the spec's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=sweep_command)
 

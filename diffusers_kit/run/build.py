@@ -297,6 +297,12 @@ def _conditioning(spec: Spec, builder: Builder, diffusion: Diffusion, data: Data
     labels = None
     if not builder.issues:
         classes = diffusion.num_classes(guidance)
+        if classes is None and spec.sample.labels is not None and not any(
+                term.needs_labels for term in guidance):
+            # nothing would read them, yet samples.npz would record them as requested classes
+            builder.issue(("sample", "labels"), "no labels: this model is unconditional (no "
+                          "network.num_classes) and no guidance term uses classes",
+                          spec.sample.labels)
         if classes is None and data is not None and data.train_labels is not None:
             classes = int(data.train_labels.max()) + 1
         try:
