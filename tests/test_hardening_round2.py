@@ -481,3 +481,19 @@ def test_labels_on_an_unconditional_model_are_refused(digits, capsys):
     message = flat(err)
     assert code == 2 and "sample.labels" in message and "unconditional" in message, message
     assert snapshot(digits) == before
+
+
+# -- bounded work ------------------------------------------------------------------------------
+def test_a_sweep_caps_its_values_before_any_work(finished, tmp_path, capsys):
+    _, run_dir = copy_run(finished, tmp_path)
+    before = snapshot(run_dir)
+    many = ",".join(str(k) for k in range(1, 10_001))
+    code, out, err = run_cli(["sweep", str(run_dir),
+                              f"sample.solver.steps_per_level={many}"], capsys)
+    message = flat(err)
+    assert code == 2 and "at most 50 values" in message and "--max-values" in message, message
+    assert "10000 values" in message and "Traceback" not in out + err
+    assert snapshot(run_dir) == before
+    code, _, err = run_cli(["sweep", str(run_dir), "sample.solver.steps_per_level=1,2,3",
+                            "--max-values", "2"], capsys)
+    assert code == 2 and "at most 2 values" in flat(err)

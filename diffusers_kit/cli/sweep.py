@@ -51,6 +51,11 @@ BOUNDED = {"class_accuracy": (0.0, 1.0), "accuracy": (0.0, 1.0), "precision": (0
 NO_EFFECT = ("train", "output")
 
 
+#: the most values one sweep takes unless --max-values says more: each value is a sampling and
+#: an evaluation, and every value is validated before the first is drawn
+MAX_VALUES = 50
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("sweep", help="sample a trained run at several settings of "
                                                  "one field and plot a metric against it")
@@ -70,6 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "the right (default: the first two)")
     parser.add_argument("--n", type=int, help="samples per value (default: the spec's)")
     parser.add_argument("--seed", type=seed_option, help="sampling seed (default: the spec's)")
+    parser.add_argument("--max-values", type=int, default=MAX_VALUES, metavar="N",
+                        help=f"the most values one sweep takes (default {MAX_VALUES}: each "
+                             "value is one sampling and one evaluation)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=sweep_command)
 
@@ -186,6 +194,12 @@ def _with_interval(metrics: dict[str, Any], key: str, separator: str = " ") -> s
 def sweep_command(args: argparse.Namespace) -> int:
     err = make_console(stderr=True)
     field, values = parse_sweep(args.sweep)
+    if args.max_values < 1:
+        raise _command_error("--max-values", "a positive number", args.max_values)
+    if len(values) > args.max_values:
+        raise _command_error(field, f"at most {args.max_values} values (each is one sampling "
+                             "and one evaluation; raise the limit with --max-values N)",
+                             f"{len(values)} values")
     if args.n is not None and args.n < 1:
         raise _command_error("--n", "a positive number", args.n)
     plotted = [p.strip() for p in args.plot.split(",")] if args.plot else None
