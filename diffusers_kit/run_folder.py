@@ -234,7 +234,12 @@ def unique_folder(parent: Path, stem: str) -> Path:
     """Create and return a new folder ``parent/<stem>`` (or ``<stem>-2``, ``-3``, ...).
 
     ``mkdir`` without ``exist_ok`` is the test, so two commands started in the same second get
-    two folders, never one folder written by both."""
+    two folders, never one folder written by both. A ``parent`` that is a symbolic link is
+    refused (``FileExistsError``): nothing is written outside the folder a message names."""
+    if parent.is_symlink():
+        raise FileExistsError(errno.EEXIST, "a symbolic link where dkit writes its output "
+                              f"folders (to {os.readlink(parent)}); nothing is written through "
+                              "it: remove the link", str(parent))
     parent.mkdir(parents=True, exist_ok=True)
     for copy in range(1, 10_001):
         candidate = parent / (stem if copy == 1 else f"{stem}-{copy}")

@@ -497,3 +497,26 @@ def test_a_sweep_caps_its_values_before_any_work(finished, tmp_path, capsys):
     code, _, err = run_cli(["sweep", str(run_dir), "sample.solver.steps_per_level=1,2,3",
                             "--max-values", "2"], capsys)
     assert code == 2 and "at most 2 values" in flat(err)
+
+
+# -- nothing followed outside the output root ----------------------------------------------------
+def test_a_symlinked_group_folder_is_not_followed_out_of_the_root(tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "tiny").symlink_to(elsewhere, target_is_directory=True)
+    code, out, err = run_cli(["run", str(write_spec(tmp_path, MOONS)), "--quiet"], capsys)
+    message = flat(err)
+    assert code == 2 and "symbolic link" in message and "name" in message, message
+    assert "Traceback" not in out + err
+    assert list(elsewhere.iterdir()) == [], "nothing written through the link"
+
+
+def test_a_symlinked_sampling_folder_is_not_written_through(finished, tmp_path, capsys):
+    _, run_dir = copy_run(finished, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run_dir / "sampling").symlink_to(elsewhere, target_is_directory=True)
+    code, out, err = run_cli(["sample", str(run_dir)], capsys)
+    assert code == 3 and "symbolic link" in flat(err) and "Traceback" not in out + err
+    assert list(elsewhere.iterdir()) == []
