@@ -38,7 +38,14 @@ from diffusers_kit.metrics.floor import SUFFIXES
 from diffusers_kit.registry import get_registry
 from diffusers_kit.report import Series, metric_plot
 from diffusers_kit.run import BuildSettings, build_references, evaluate_metrics
-from diffusers_kit.run_folder import CHECKPOINT, SPEC_FILE, finite, follow_latest, write_json
+from diffusers_kit.run_folder import (
+    CHECKPOINT,
+    SPEC_FILE,
+    finite,
+    follow_latest,
+    unique_folder,
+    write_json,
+)
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import apply_overrides, load_file
 from diffusers_kit.spec.validate import validate
@@ -236,18 +243,14 @@ def sweep_command(args: argparse.Namespace) -> int:
                   "weights", soft_wrap=True, markup=False)
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = folder / "sweeps" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', field)}-{stamp}"
-    out, copy = base, 1
-    while out.exists():
-        copy += 1
-        out = base.with_name(f"{base.name}-{copy}")
+    stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', field)}-{stamp}"
     stems = file_stems(values)
     points: list[dict[str, Any]] = []
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                         TimeElapsedColumn(), console=err, disable=args.quiet, transient=False)
+    out = unique_folder(folder / "sweeps", stem)  # atomic, unique; never through a link
     try:
-        out.mkdir(parents=True)
         with progress:
             overall = progress.add_task("sweep", total=len(values), status=field)
             for index, (value, stem) in enumerate(zip(values, stems, strict=True)):
