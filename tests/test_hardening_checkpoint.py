@@ -88,11 +88,15 @@ def test_a_missing_file_or_a_folder_is_a_checkpoint_error(tmp_path):
         load_checkpoint(tmp_path)
 
 
-def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
-    """Written before checksums (or by plain safetensors): loaded, nothing to verify."""
+def test_a_checkpoint_without_a_checksum_loads_only_when_trusted(tmp_path, monkeypatch):
+    """Written before checksums (or by plain safetensors, or with the checksum edited out):
+    refused (issue 29), loaded when unverified files are trusted explicitly."""
+    monkeypatch.delenv("DKIT_TRUST_UNVERIFIED", raising=False)
     path = tmp_path / CKPT
     save_file({"network.w": torch.zeros(2)}, str(path), metadata={"step": "3"})
-    loaded, meta = load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"no checksum.*--trust-unverified"):
+        load_checkpoint(path)
+    loaded, meta = load_checkpoint(path, trust_unverified=True)
     assert meta == {"step": 3} and torch.equal(loaded["network.w"], torch.zeros(2))
 
 

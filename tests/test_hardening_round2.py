@@ -520,3 +520,26 @@ def test_a_symlinked_sampling_folder_is_not_written_through(finished, tmp_path, 
     code, out, err = run_cli(["sample", str(run_dir)], capsys)
     assert code == 3 and "symbolic link" in flat(err) and "Traceback" not in out + err
     assert list(elsewhere.iterdir()) == []
+
+
+# -- checksums are required ------------------------------------------------------------------------
+def test_a_checkpoint_whose_checksum_was_removed_is_refused(finished, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from diffusers_kit.checkpoint import CHECKSUM_KEY, read_header
+
+    _, run_dir = copy_run(finished, tmp_path)
+    raw, _ = read_header(run_dir / CKPT)
+    tensors = load_file(str(run_dir / CKPT))
+    edited = {k: (v.fill_(float("nan")) if not k.startswith("train.") and v.is_floating_point()
+                  else v) for k, v in tensors.items()}
+    save_file(edited, str(run_dir / CKPT),
+              metadata={k: v for k, v in raw.items() if k != CHECKSUM_KEY})
+    code, out, err = run_cli(["sample", str(run_dir)], capsys)
+    message = flat(err)
+    assert code == 4 and "no checksum" in message and "--trust-unverified" in message, message
+    assert not (run_dir / "sampling").exists() and "Traceback" not in out + err
+    # trusted on purpose, the file loads (and its NaN weights are then caught as NaN samples)
+    code, _, err = run_cli(["--trust-unverified", "sample", str(run_dir)], capsys)
+    assert code == 1 and "sample stage" in flat(err), err
+    assert "DKIT_TRUST_UNVERIFIED" not in os.environ, "trusted for that command only"

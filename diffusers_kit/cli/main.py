@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", default="auto", metavar="N|auto",
                         help="CPU threads for torch (default auto: the free cores; see "
                              "diffusers_kit.threads)")
+    parser.add_argument("--trust-unverified", action="store_true",
+                        help="load checkpoints that carry no checksum (files older than dkit "
+                             "0.2; every newer one has a checksum, verified on load)")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of any error (also after the command, or "
                              "DKIT_DEBUG=1), for bug reports")
@@ -178,8 +181,15 @@ def _environment_message(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    with TERMINATION.installed():
-        code = _main(argv)
+    before = os.environ.get("DKIT_TRUST_UNVERIFIED")
+    try:
+        with TERMINATION.installed():
+            code = _main(argv)
+    finally:  # --trust-unverified holds for this command only (main may run in-process)
+        if before is None:
+            os.environ.pop("DKIT_TRUST_UNVERIFIED", None)
+        else:
+            os.environ["DKIT_TRUST_UNVERIFIED"] = before
     if code == INTERRUPTED and TERMINATION.received:
         return TERMINATED
     return code
@@ -205,6 +215,8 @@ def _main(argv: list[str] | None = None) -> int:
         if args.version:
             print(f"dkit {__version__}")
             return 0
+        if args.trust_unverified:  # read by checkpoint.load_checkpoint, for this command
+            os.environ["DKIT_TRUST_UNVERIFIED"] = "1"
         if not getattr(args, "func", None):
             parser.print_help()
             return USER_ERROR
