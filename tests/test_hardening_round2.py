@@ -543,3 +543,19 @@ def test_a_checkpoint_whose_checksum_was_removed_is_refused(finished, tmp_path, 
     code, _, err = run_cli(["--trust-unverified", "sample", str(run_dir)], capsys)
     assert code == 1 and "sample stage" in flat(err), err
     assert "DKIT_TRUST_UNVERIFIED" not in os.environ, "trusted for that command only"
+
+
+# -- what a trained model is cannot change on sample / sweep --------------------------------------
+@pytest.mark.parametrize("args", [["sample", "{run}", "process.sigma_max=4.0"],
+                                  ["sweep", "{run}", "process.sigma_max=2.0,4.0"],
+                                  ["sweep", "{run}", "data.kind=gaussian_mixture,two_moons"],
+                                  ["sample", "{run}", "network.width=8"]])
+def test_changing_what_the_model_is_on_sample_or_sweep_is_refused(finished, tmp_path, capsys,
+                                                                  args):
+    _, run_dir = copy_run(finished, tmp_path)
+    before = snapshot(run_dir)
+    code, out, err = run_cli([a.replace("{run}", str(run_dir)) for a in args], capsys)
+    message = flat(err)
+    assert code == 2 and "trained" in message and "Traceback" not in out + err, message
+    assert args[-1].split("=")[0] in message
+    assert snapshot(run_dir) == before

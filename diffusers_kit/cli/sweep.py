@@ -38,6 +38,7 @@ from diffusers_kit.metrics.floor import SUFFIXES
 from diffusers_kit.registry import get_registry
 from diffusers_kit.report import Series, metric_plot
 from diffusers_kit.run import BuildSettings, build_references, evaluate_metrics
+from diffusers_kit.run.build import refuse_model_changes
 from diffusers_kit.run_folder import (
     CHECKPOINT,
     SPEC_FILE,
@@ -219,6 +220,7 @@ def sweep_command(args: argparse.Namespace) -> int:
                              f"{CHECKPOINT}", args.run_dir)
 
     overrides = list(args.overrides)
+    refuse_model_changes([*overrides, args.sweep])  # the trained model stays what it is
     if args.n is not None:
         overrides.append(f"sample.n={args.n}")
     if args.metrics:

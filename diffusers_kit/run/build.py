@@ -449,8 +449,31 @@ def open_run(run_dir: str | Path, overrides: list[str] | None = None,
     if options is not None:
         options(document)
     if overrides:
+        refuse_model_changes(overrides)
         apply_overrides(document, overrides)
     spec = validate(document, get_registry())
     components = build_components(spec, document)
     load_previous(components.diffusion, folder, "RUN_DIR")
     return spec, components
+
+
+#: the sections that say what a trained model is: changing one on a finished run's weights
+#: (dkit sample / sweep / restore) would report a model that was never trained
+MODEL_SECTIONS = ("data", "autoencoder", "latent", "process", "network", "objective")
+
+
+def refuse_model_changes(overrides: list[str]) -> None:
+    """A spec error for each override of ``overrides`` that changes what the trained weights
+    mean (:data:`MODEL_SECTIONS`): their results would describe a model nobody trained."""
+    issues = []
+    for text in overrides:
+        field = text.split("=", 1)[0].strip()
+        if field.split(".")[0] in MODEL_SECTIONS:
+            issues.append(SpecIssue(tuple(field.split(".")), "no change to what the trained "
+                                    "model is (data, autoencoder, latent, process, network, "
+                                    "objective): the weights were trained with the run's own; "
+                                    "train a model with the change (dkit run SPEC "
+                                    f"{field}=..., --from RUN_DIR to start from these weights)",
+                                    text.split("=", 1)[-1], None, "command line"))
+    if issues:
+        raise SpecError(issues)
