@@ -76,7 +76,7 @@ def copy_run(finished, tmp_path) -> tuple[Path, Path]:
     return write_spec(tmp_path, MOONS), target
 
 
-# -- SIGTERM is Ctrl-C ------------------------------------------------------------------------
+# -- SIGTERM is Ctrl-C -----------------------------------------------------------------------------
 class TerminateAt:
     """A plugin that sends this process SIGTERM at a training step (as `kill PID` would)."""
 
@@ -120,7 +120,7 @@ def test_sigterm_while_dkit_sample_writes_leaves_no_partial_folder(finished, tmp
     assert not (run_dir / "sampling").exists(), "no folder holding only samples.npz"
 
 
-# -- a finished run is immutable; output folders are unique and complete --------------------
+# -- a finished run is immutable; output folders are unique and complete ---------------------------
 DIGITS = """\
 name: tiny
 seed: 0
@@ -294,7 +294,7 @@ def test_a_run_whose_folder_is_deleted_during_training_stops_with_a_message(tmp_
     assert run_dirs(tmp_path) == [], "the folder is not recreated"
 
 
-# -- one array reader ----------------------------------------------------------------------------
+# -- one array reader ------------------------------------------------------------------------------
 def bad_array_files(folder: Path) -> dict[str, tuple[Path, str]]:
     """Array files dkit must refuse, each with a phrase its message has."""
     import numpy as np
@@ -377,7 +377,7 @@ def test_sixteen_bit_grayscale_pngs_keep_their_values(tmp_path):
     assert (pixels > 0.99).mean() < 0.02, "not clipped to +1"
 
 
-# -- threads: free cores judged by what is busy now --------------------------------------------
+# -- threads: free cores judged by what is busy now ------------------------------------------------
 def readings(*pairs: tuple[int, int]):  # type: ignore[no-untyped-def]
     values = iter(pairs)
     return lambda: next(values)
@@ -410,7 +410,7 @@ def test_cpu_times_reads_proc_stat_and_falls_back_to_the_load_average(tmp_path, 
     assert threads.busy_cores(read=lambda: None, sleep=lambda s: None) == 1.5
 
 
-# -- garbage is not success ----------------------------------------------------------------------
+# -- garbage is not success ------------------------------------------------------------------------
 def test_nan_samples_fail_the_run_with_exit_1_naming_stage_and_solver(tmp_path, capsys,
                                                                      monkeypatch):
     import torch
@@ -449,7 +449,7 @@ def test_evaluate_of_nan_samples_is_refused(finished, tmp_path, capsys):
     assert code == 2 and "nan.npz" in flat(err) and "NaN" in err and "Traceback" not in out
 
 
-# -- seeds and labels --------------------------------------------------------------------------
+# -- seeds and labels ------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", ["-5", str(2**70), "1.5", "many"])
 @pytest.mark.parametrize("command", ["sample", "restore", "sweep", "likelihood"])
 def test_seed_options_are_validated_like_the_spec(finished, capsys, command, seed):
@@ -483,7 +483,7 @@ def test_labels_on_an_unconditional_model_are_refused(digits, capsys):
     assert snapshot(digits) == before
 
 
-# -- bounded work ------------------------------------------------------------------------------
+# -- bounded work ----------------------------------------------------------------------------------
 def test_a_sweep_caps_its_values_before_any_work(finished, tmp_path, capsys):
     _, run_dir = copy_run(finished, tmp_path)
     before = snapshot(run_dir)
@@ -499,7 +499,7 @@ def test_a_sweep_caps_its_values_before_any_work(finished, tmp_path, capsys):
     assert code == 2 and "at most 2 values" in flat(err)
 
 
-# -- nothing followed outside the output root ----------------------------------------------------
+# -- nothing followed outside the output root ------------------------------------------------------
 def test_a_symlinked_group_folder_is_not_followed_out_of_the_root(tmp_path, capsys):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -545,7 +545,7 @@ def test_a_checkpoint_whose_checksum_was_removed_is_refused(finished, tmp_path, 
     assert "DKIT_TRUST_UNVERIFIED" not in os.environ, "trusted for that command only"
 
 
-# -- what a trained model is cannot change on sample / sweep --------------------------------------
+# -- what a trained model is cannot change on sample / sweep ---------------------------------------
 @pytest.mark.parametrize("args", [["sample", "{run}", "process.sigma_max=4.0"],
                                   ["sweep", "{run}", "process.sigma_max=2.0,4.0"],
                                   ["sweep", "{run}", "data.kind=gaussian_mixture,two_moons"],
@@ -559,3 +559,23 @@ def test_changing_what_the_model_is_on_sample_or_sweep_is_refused(finished, tmp_
     assert code == 2 and "trained" in message and "Traceback" not in out + err, message
     assert args[-1].split("=")[0] in message
     assert snapshot(run_dir) == before
+
+
+# -- messages that fit -----------------------------------------------------------------------------
+def test_a_full_disk_in_dkit_sample_gives_advice_that_fits(finished, tmp_path, capsys,
+                                                           monkeypatch):
+    import errno
+
+    import diffusers_kit.cli.sample as sample_cli
+
+    _, run_dir = copy_run(finished, tmp_path)
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "sampling"))
+
+    monkeypatch.setattr(sample_cli, "write_json", full)
+    code, _, err = run_cli(["sample", str(run_dir)], capsys)
+    message = flat(err)
+    assert code == 3 and "No space left" in message, message
+    assert "checkpoint" not in message and "partial output was removed" in message
+    assert not (run_dir / "sampling").exists()

@@ -165,15 +165,26 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _environment_message(exc: BaseException) -> str:
+#: the commands that read a finished run and write into its folder (not under output.root)
+RUN_READERS = ("sample", "restore", "evaluate", "sweep", "likelihood")
+
+
+def _environment_message(exc: BaseException, command: str | None = None) -> str:
+    """The message of an environment failure, with advice that fits ``command``: only
+    ``dkit run`` writes checkpoints and chooses its folder by ``output.root``; the commands that
+    read a finished run write into that run's folder."""
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         reason = exc.strerror or _first_line(exc)
         hint = ""
+        trains = command not in RUN_READERS
         if exc.errno == errno.ENOSPC:
-            hint = "; free some space: the last checkpoint written is intact"
+            hint = ("; free some space: the last checkpoint written is intact" if trains else
+                    "; free some space: this command's partial output was removed")
         elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            hint = "; choose a writable output.root"
+            hint = ("; choose a writable output.root" if trains else
+                    "; this command writes into the run folder it was given: make that folder "
+                    "writable, or copy the run somewhere writable")
         return f"{reason}{escape(where)}{hint}"
     if is_out_of_memory(exc):
         return "out of memory: lower sample.n, sample.batch_size or train.batch_size"
@@ -203,9 +214,11 @@ def _main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
 
     failures_before = len(HOOK_FAILURES)
+    command = None
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
+        command = args.command
         if extra:  # overrides may also follow options: dkit run s.yaml --quiet a.b=1
             if hasattr(args, "overrides") and all("=" in e and not e.startswith("-")
                                                   for e in extra):
@@ -261,12 +274,14 @@ def _main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
     except (OSError, MemoryError) as exc:
         _debug_trace(err, debug)
-        err.print(f"[bold red]error:[/] {_environment_message(exc)}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {_environment_message(exc, command)}",
+                  soft_wrap=True)
         return ENVIRONMENT_ERROR
     except Exception as exc:
         if is_out_of_memory(exc):
             _debug_trace(err, debug)
-            err.print(f"[bold red]error:[/] {_environment_message(exc)}", soft_wrap=True)
+            err.print(f"[bold red]error:[/] {_environment_message(exc, command)}",
+                  soft_wrap=True)
             return ENVIRONMENT_ERROR
         if debug:
             raise
