@@ -579,3 +579,12 @@ def test_a_full_disk_in_dkit_sample_gives_advice_that_fits(finished, tmp_path, c
     assert code == 3 and "No space left" in message, message
     assert "checkpoint" not in message and "partial output was removed" in message
     assert not (run_dir / "sampling").exists()
+
+
+def test_an_overlong_plugin_name_is_refused_before_anything_is_written(tmp_path, capsys,
+                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["new-plugin", "dkit-" + "w" * 300], capsys)
+    message = flat(err)
+    assert code == 2 and "at most 100 characters" in message, message
+    assert "Traceback" not in out + err and list(tmp_path.iterdir()) == []
