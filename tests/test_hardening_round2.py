@@ -588,3 +588,24 @@ def test_an_overlong_plugin_name_is_refused_before_anything_is_written(tmp_path,
     message = flat(err)
     assert code == 2 and "at most 100 characters" in message, message
     assert "Traceback" not in out + err and list(tmp_path.iterdir()) == []
+
+
+# -- a component that raises while being built is named ------------------------------------------
+def test_a_component_raising_in_its_constructor_is_named(capsys):
+    from diffusers_kit.processes.base import NoiseProcess
+    from diffusers_kit.processes.ve import VE
+    from diffusers_kit.registry import Registry
+    from diffusers_kit.run.build import Builder, ComponentBuildError
+
+    class Broken(VE):
+        def __init__(self, sigma_max: float = 2.0) -> None:
+            raise ZeroDivisionError("division by zero")
+
+    registry = Registry()
+    registry.add_kind("process", NoiseProcess)
+    registry.add("process", "broken", Broken)
+    with pytest.raises(ComponentBuildError) as caught:
+        Builder(registry, None).build(("process",), "process", {"kind": "broken"})
+    text = str(caught.value)
+    assert "process" in text and "'broken'" in text and "Broken" in text
+    assert "ZeroDivisionError" in text and "division by zero" in text

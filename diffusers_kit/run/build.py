@@ -22,6 +22,7 @@ from diffusers_kit.api import (
 )
 from diffusers_kit.autoencoders.base import Autoencoder
 from diffusers_kit.data.base import Dataset, DataSplits
+from diffusers_kit.devices import is_out_of_memory
 from diffusers_kit.guidance.base import Guidance, LabelsError, requested_labels
 from diffusers_kit.metrics.base import Metric, metric_figures
 from diffusers_kit.references import TrainedModel
@@ -38,7 +39,7 @@ from diffusers_kit.run_folder import (
 )
 from diffusers_kit.solvers.base import Solver
 from diffusers_kit.spec.errors import Path as SpecPath
-from diffusers_kit.spec.errors import SpecError, SpecIssue
+from diffusers_kit.spec.errors import SpecError, SpecIssue, dotted
 from diffusers_kit.spec.loader import Document, apply_overrides, component_option, load_file
 from diffusers_kit.spec.models import Spec
 from diffusers_kit.spec.references import (
@@ -65,6 +66,11 @@ class Components:
     restore_solver: Solver | None = None
 
 
+class ComponentBuildError(RuntimeError):
+    """A component's constructor failed in a way no parameter explains (a bug in it, or in the
+    plugin that registered it): named with its spec field, kind, name and class."""
+
+
 class Builder:
     """Builds components from spec sections, turning construction errors into spec issues."""
 
@@ -88,6 +94,19 @@ class Builder:
         except (ValueError, TypeError) as exc:
             self.issue(path, f"parameters that {config.get('kind')!r} accepts: {exc}", config)
             return None
+        except (OSError, MemoryError, ArithmeticError, LookupError, RuntimeError,
+                AttributeError, AssertionError, NotImplementedError) as exc:
+            if isinstance(exc, (OSError, MemoryError)) or is_out_of_memory(exc):
+                raise  # the environment: reported as such
+            try:
+                factory = self.registry.get(kind, config.get("kind")).factory
+                where = f"{factory.__module__}.{getattr(factory, '__qualname__', factory)}"
+            except (KeyError, ValueError, TypeError, AttributeError):
+                where = "unknown"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ComponentBuildError(
+                f"{dotted(path)}: the {kind} {config.get('kind')!r} ({where}) raised "
+                f"{type(exc).__name__} while being built: {first}") from exc
 
     def resolve(self, kind: str, config: dict[str, Any]) -> dict[str, Any]:
         """``config`` with every default filled in (:meth:`Registry.resolve`)."""
