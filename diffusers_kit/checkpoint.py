@@ -2,7 +2,10 @@
 
 Every checkpoint carries a SHA-256 checksum of its tensors and metadata, verified on load; a
 file that is missing, empty, truncated, corrupt or damaged raises :class:`CheckpointError`
-naming the file and the problem."""
+naming the file and the problem. A checkpoint without a checksum (an edit that removed it, or a
+file older than dkit 0.2, the first to write one into every checkpoint) is refused too, unless
+unverified files are trusted explicitly: ``dkit --trust-unverified``, the environment variable
+``DKIT_TRUST_UNVERIFIED=1`` or ``load_checkpoint(path, trust_unverified=True)``."""
 
 from __future__ import annotations
 
@@ -169,13 +172,28 @@ def _decode_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
     return decoded
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def trusting_unverified() -> bool:
+    """Whether checkpoints without a checksum load: ``dkit --trust-unverified`` (which sets
+    ``DKIT_TRUST_UNVERIFIED=1`` for the command) or that variable set by the user."""
+    return os.environ.get("DKIT_TRUST_UNVERIFIED", "") not in ("", "0")
+
+
+def load_checkpoint(path: Path, trust_unverified: bool | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load tensors and metadata written by :func:`save_checkpoint`, verifying the checksum.
 
-    Raises :class:`CheckpointError` (naming the file) for anything but a whole, intact file.
-    A checkpoint written before checksums existed (no ``dkit_checksum`` entry) still loads."""
+    Raises :class:`CheckpointError` (naming the file) for anything but a whole, intact file,
+    and for a file without a checksum (``dkit_checksum``) unless ``trust_unverified`` (None:
+    :func:`trusting_unverified`): every checkpoint dkit 0.2 and later writes has one, so its
+    absence means an older file or one whose checksum was removed with an edit."""
     path = Path(path)
     raw, _ = read_header(path)
+    trust = trusting_unverified() if trust_unverified is None else trust_unverified
+    if CHECKSUM_KEY not in raw and not trust:
+        raise CheckpointError(path, f"it has no checksum ({CHECKSUM_KEY}), so its contents "
+                              "cannot be verified: every checkpoint dkit 0.2 and later writes "
+                              "has one. For an older file you trust, add --trust-unverified "
+                              "(dkit --trust-unverified COMMAND ...)")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

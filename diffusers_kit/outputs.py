@@ -13,6 +13,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
+from diffusers_kit.run_folder import unique_folder
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import Document
 
@@ -64,12 +65,26 @@ def _root_problem(root: str) -> str | None:
     return None
 
 
+def _group_problem(root: str, name: str) -> str | None:
+    """A group folder ``<root>/<name>`` that is a symbolic link would take the run outside
+    ``output.root`` while every message names a folder inside it."""
+    if not name or _name_problem(name) or _root_problem(root):
+        return None
+    group = expand_root(root) / name
+    if group.is_symlink():
+        return (f"a run name whose folder lies inside output.root ({group} is a symbolic link "
+                f"to {os.readlink(group)}; dkit writes nothing outside output.root: remove the "
+                "link or point output.root there)")
+    return None
+
+
 def output_issues(root: str | Path, name: str, document: Document | None = None
                   ) -> list[SpecIssue]:
     """Every reason runs of ``name`` cannot be written under ``root`` (empty: they can)."""
     issues = []
     for path, problem, given in ((("name",), _name_problem(name), name),
-                                 (("output", "root"), _root_problem(str(root)), str(root))):
+                                 (("output", "root"), _root_problem(str(root)), str(root)),
+                                 (("name",), _group_problem(str(root), name), name)):
         if problem is not None:
             line, origin = document.locate(path) if document else (None, None)
             issues.append(SpecIssue(path, problem, given, line, origin))
@@ -94,20 +109,10 @@ def make_run_dir(root: str | Path, name: str) -> Path:
 
     ``mkdir`` without ``exist_ok`` is the test, so two runs started in the same second get
     different folders instead of one of them failing."""
-    problem = _name_problem(name)
+    problem = _name_problem(name) or _group_problem(str(root), name)
     if problem is not None:
         raise SpecError([SpecIssue(("name",), problem, name)])
-    base = expand_root(root) / name
-    base.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for suffix in range(10_000):
-        candidate = base / (stamp if suffix == 0 else f"{stamp}-{suffix}")
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        return candidate
-    raise FileExistsError(f"no free run folder name under {base}")
+    return unique_folder(expand_root(root) / name, datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
 __all__ = ["checked_root", "expand_root", "make_run_dir", "output_issues"]

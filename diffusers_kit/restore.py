@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from diffusers_kit.api import batch_count
+from diffusers_kit.data.arrays import ArrayFile
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.consistency import consistency
 from diffusers_kit.metrics.floor import ErrorBars, mean_with_interval
@@ -135,17 +136,13 @@ def restoration_images(source: str, data: DataSplits, n: int) -> torch.Tensor:
     else:
         path = Path(source).expanduser()
         try:
-            loaded = np.load(path, allow_pickle=False)
-            if isinstance(loaded, np.lib.npyio.NpzFile):
-                with loaded:
-                    names = [k for k in ("x", "images") if k in loaded.files] or loaded.files
-                    if len(names) != 1 and not {"x", "images"} & set(loaded.files):
-                        raise ValueError(f"arrays {loaded.files}: name one 'x' or 'images'")
-                    array = loaded[names[0]]
-            else:
-                array = loaded
+            with ArrayFile(path) as file:  # the one array reader: refuses damaged, empty, NaN
+                names = [k for k in ("x", "images") if k in file.names] or file.names
+                if len(names) > 1 and not {"x", "images"} & set(file.names):
+                    raise ValueError(f"arrays {file.names}: name one 'x' or 'images'")
+                array = file.array(names[0] if names else None)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"a readable .npz / .npy file of images ({path}: {exc})") from None
+            raise ValueError(f"a readable .npz / .npy file of images ({exc})") from None
         images = torch.from_numpy(np.asarray(array, dtype=np.float32))
     if tuple(images.shape[1:]) != tuple(data.shape):
         raise ValueError(f"images of shape {tuple(data.shape)} (the model's data); given "

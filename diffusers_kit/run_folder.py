@@ -13,8 +13,10 @@ layer writes them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +38,21 @@ SPEC_FILE = "spec.yaml"
 SAMPLES = "samples.npz"
 METRICS = "metrics.json"
 STATUSES = ("running", "finished", "failed", "interrupted")
+
+
+class RunFolderGone(FileNotFoundError):
+    """The run's folder disappeared while the run was writing to it: the run stops rather than
+    recreate a folder holding part of a run (exit status 3, the environment)."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(errno.ENOENT, "the run folder was removed while the run was writing "
+                         "to it; the run stopped and recreated nothing", str(folder))
+
+
+def check_folder(folder: Path | None) -> None:
+    """Raise :class:`RunFolderGone` when the run folder ``folder`` no longer exists."""
+    if folder is not None and not folder.is_dir():
+        raise RunFolderGone(folder)
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
@@ -211,6 +228,48 @@ def live_status(folder: Path, record: dict[str, Any] | None) -> str:
     except OSError:
         return status
     return "interrupted"
+
+
+def unique_folder(parent: Path, stem: str) -> Path:
+    """Create and return a new folder ``parent/<stem>`` (or ``<stem>-2``, ``-3``, ...).
+
+    ``mkdir`` without ``exist_ok`` is the test, so two commands started in the same second get
+    two folders, never one folder written by both. A ``parent`` that is a symbolic link is
+    refused (``FileExistsError``): nothing is written outside the folder a message names."""
+    if parent.is_symlink():
+        raise FileExistsError(errno.EEXIST, "a symbolic link where dkit writes its output "
+                              f"folders (to {os.readlink(parent)}); nothing is written through "
+                              "it: remove the link", str(parent))
+    parent.mkdir(parents=True, exist_ok=True)
+    for copy in range(1, 10_001):
+        candidate = parent / (stem if copy == 1 else f"{stem}-{copy}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free folder name {stem}-N under {parent}")
+
+
+@contextlib.contextmanager
+def output_folder(parent: Path, stem: str) -> Iterator[Path]:
+    """A command's output folder (:func:`unique_folder`), removed again, with the folders
+    created for it, when the command fails or is interrupted: a failed command leaves no folder
+    holding part of its output."""
+    created = []
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        created.append(probe)
+        probe = probe.parent
+    folder = unique_folder(parent, stem)
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        for empty in created:  # innermost first; only while empty
+            with contextlib.suppress(OSError):
+                empty.rmdir()
+        raise
 
 
 def now() -> str:

@@ -88,11 +88,15 @@ def test_a_missing_file_or_a_folder_is_a_checkpoint_error(tmp_path):
         load_checkpoint(tmp_path)
 
 
-def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
-    """Written before checksums (or by plain safetensors): loaded, nothing to verify."""
+def test_a_checkpoint_without_a_checksum_loads_only_when_trusted(tmp_path, monkeypatch):
+    """Written before checksums (or by plain safetensors, or with the checksum edited out):
+    refused (issue 29), loaded when unverified files are trusted explicitly."""
+    monkeypatch.delenv("DKIT_TRUST_UNVERIFIED", raising=False)
     path = tmp_path / CKPT
     save_file({"network.w": torch.zeros(2)}, str(path), metadata={"step": "3"})
-    loaded, meta = load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"no checksum.*--trust-unverified"):
+        load_checkpoint(path)
+    loaded, meta = load_checkpoint(path, trust_unverified=True)
     assert meta == {"step": 3} and torch.equal(loaded["network.w"], torch.zeros(2))
 
 
@@ -212,7 +216,8 @@ def test_resume_removes_an_orphan_temporary_file(finished, tmp_path, capsys):
                             "--quiet"], capsys)
     assert code == 0, err
     assert not orphan.exists()
-    assert load_metadata(run_dir / CKPT)["training"]["train_step"] == 10
+    (new,) = [d for d in run_dirs(tmp_path) if d != run_dir]  # a finished run is not changed
+    assert load_metadata(new / CKPT)["training"]["train_step"] == 10
 
 
 def test_resume_after_divergence_with_a_smaller_learning_rate(finished, tmp_path, capsys):
@@ -226,7 +231,8 @@ def test_resume_after_divergence_with_a_smaller_learning_rate(finished, tmp_path
                             "train.optimizer.lr=0.0001", "--allow-change", "train.optimizer.lr",
                             "--quiet"], capsys)
     assert code == 0, err
-    _, meta = load_checkpoint(run_dir / CKPT)
+    (new,) = [d for d in run_dirs(tmp_path) if d != run_dir]  # a finished run is not changed
+    _, meta = load_checkpoint(new / CKPT)
     groups = json.loads(meta["training"]["optimizer"])["param_groups"]
     assert meta["training"]["train_step"] == 10
     assert [g["lr"] for g in groups] == [0.0001], "the new learning rate is used, not the old"

@@ -66,6 +66,10 @@ def test_it_resumes_for_more_steps(runs: Path, capsys) -> None:
     code, _, err = run_cli(["run", str(FIXTURE / "tiny2d.yaml"), f"output.root={runs}",
                             "train.steps=4", "--resume", str(folder), "--quiet"], capsys)
     assert code == 0, err
-    record = read_record(folder)
+    # the finished 0.2 run is not changed: the longer training is a new run folder
+    assert read_record(folder)["train_hash"] == HASH
+    (new,) = [f for f in run_folders(runs, "tiny2d") if f.name != STAMP
+              and (read_record(f) or {}).get("resumed_from") == str(folder)]
+    record = read_record(new)
     assert record is not None and record["status"] == "finished" and record["step"] == 4
     assert record["train_hash"] != HASH  # four steps are another model

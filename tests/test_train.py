@@ -309,12 +309,14 @@ def test_resume_refuses_a_different_spec_or_a_missing_folder(tmp_path, capsys):
     assert code == 2 and "network.width" in err
     code, _, err = run_cli(["run", str(spec), "--resume", str(tmp_path / "nope")], capsys)
     assert code == 2 and "--resume" in err
-    # a finished run trains on when train.steps grows
+    # a finished run trains on when train.steps grows, in a new run folder (issue 29: a
+    # finished run is never changed)
     code, _, err = run_cli(["run", str(spec), "--resume", str(first), "train.steps=25",
                             "--quiet"], capsys)
     assert code == 0, err
-    assert checkpoint_step(first / "checkpoint.safetensors") == 25
-    assert len(run_dirs(tmp_path)) == 1
+    (longer,) = [d for d in run_dirs(tmp_path) if d != first]
+    assert checkpoint_step(longer / "checkpoint.safetensors") == 25
+    assert checkpoint_step(first / "checkpoint.safetensors") == 20
 
 
 # -- data parallel ---------------------------------------------------------------------------
@@ -389,10 +391,11 @@ def test_a_data_parallel_run_resumes_to_the_bits_of_an_uninterrupted_one(tmp_pat
     code = main(["run", str(spec), "train.lr_schedule=constant", "--resume", str(first)])
     assert code == 2, "one rank cannot continue a two-rank run"
     torchrun(["run", str(spec), "train.lr_schedule=constant", "--resume", str(first)])
+    (longer,) = [d for d in run_dirs(tmp_path) if d != first]  # a finished run is not changed
     torchrun(["run", str(spec), "train.lr_schedule=constant"])
-    (straight,) = [d for d in run_dirs(tmp_path) if d != first]
-    resumed = training_tensors(first / "checkpoint.safetensors")
+    (straight,) = [d for d in run_dirs(tmp_path) if d not in (first, longer)]
+    resumed = training_tensors(longer / "checkpoint.safetensors")
     reference = training_tensors(straight / "checkpoint.safetensors")
-    assert checkpoint_step(first / "checkpoint.safetensors") == 30
+    assert checkpoint_step(longer / "checkpoint.safetensors") == 30
     for key, value in reference.items():
         assert torch.equal(resumed[key], value), key

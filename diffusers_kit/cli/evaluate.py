@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from diffusers_kit.console import make_console
+from diffusers_kit.data.arrays import ArrayFile
 from diffusers_kit.metrics.floor import summarize
 from diffusers_kit.registry import get_registry
 from diffusers_kit.run import (
@@ -31,6 +33,7 @@ from diffusers_kit.run import (
     evaluate_metrics,
     load_previous,
 )
+from diffusers_kit.run.stages import NonFiniteResult, non_finite_metrics
 from diffusers_kit.run_folder import (
     CHECKPOINT,
     METRICS,
@@ -39,6 +42,7 @@ from diffusers_kit.run_folder import (
     finite,
     follow_latest,
     read_record,
+    unique_folder,
     write_json,
     write_record,
 )
@@ -58,6 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "run's own)")
     parser.add_argument("--samples", metavar="FILE", help="an .npz with a 'samples' array "
                         "(default: RUN_DIR/samples.npz)")
+    parser.add_argument("--out", metavar="DIR", help="where metrics.json goes when --samples "
+                        "lies outside RUN_DIR (default: a new RUN_DIR/evaluation/<stamp>/)")
     parser.add_argument("--quiet", action="store_true", help="print no table")
     parser.set_defaults(func=evaluate_command)
 
@@ -81,16 +87,22 @@ def load_samples(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(samples, labels)`` of an .npz written by a run or ``dkit sample`` (labels: the
     requested class of each sample, when the samples are class-conditional)."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "samples" not in npz.files:
-                raise _command_error("--samples", "an .npz holding a 'samples' array",
-                                     f"{path} (arrays: {', '.join(npz.files) or 'none'})")
-            samples = torch.from_numpy(np.asarray(npz["samples"], dtype=np.float32))
-            labels = torch.from_numpy(np.asarray(npz["labels"])).long() if (
-                "labels" in npz.files) else None
+        with ArrayFile(path) as file:  # the one array reader: refuses damaged, empty, NaN
+            if "samples" not in file.names:
+                raise _command_error("--samples", f"an .npz holding a 'samples' array ({path} "
+                                     f"holds {', '.join(file.names) or 'no arrays'})", str(path))
+            samples = torch.from_numpy(np.asarray(file.array("samples"), dtype=np.float32))
+            labels = torch.from_numpy(np.asarray(file.array("labels"))).long() if (
+                "labels" in file.names) else None
     except (OSError, ValueError) as exc:
-        raise _command_error("--samples", "a readable .npz file", f"{path} ({exc})") from None
+        raise _command_error("--samples", f"a usable .npz file of samples ({exc})",
+                             str(path)) from None
     return samples, labels
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies in ``folder`` (symbolic links followed)."""
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -99,7 +111,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():
         raise _command_error("RUN_DIR", f"a finished run folder holding {SPEC_FILE} and "
                              f"{CHECKPOINT}", args.run_dir)
-    samples_path = Path(args.samples) if args.samples else folder / SAMPLES
+    samples_path = Path(args.samples).expanduser() if args.samples else folder / SAMPLES
     document = load_file(folder / SPEC_FILE)
     if args.metrics:
         section = document.data.get("evaluate")
@@ -129,7 +141,16 @@ def evaluate_command(args: argparse.Namespace) -> int:
                                    model, labels,
                                    model_data=components.diffusion.model_data(components.data))
     figures = finite(metrics)  # NaN / infinity as null, as the run's report stage writes them
-    target = samples_path.parent / METRICS if samples is not None else folder / METRICS
+    if samples is None:
+        target = folder / METRICS
+    elif _inside(samples_path, folder):
+        target = samples_path.parent / METRICS
+    else:  # another run's file (or any file): never written beside, recorded where it came from
+        out = (Path(args.out).expanduser() if args.out else
+               unique_folder(folder / "evaluation", datetime.now().strftime("%Y%m%d-%H%M%S")))
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / METRICS
+        figures["samples"] = str(samples_path.resolve())
     previous: dict[str, Any] = {}
     if target.is_file():
         try:
@@ -140,6 +161,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if samples is not None:
         previous.pop("out_of_range", None)  # recomputed: absent now means none are
     write_json(target, {**previous, **figures})
+    bad = non_finite_metrics(metrics)
+    if bad:  # written (as null), then the command fails
+        raise NonFiniteResult(f"dkit evaluate gave NaN or infinite values for {', '.join(bad)} "
+                              f"({target} holds them as null)")
     record = read_record(folder)
     if record is not None and target.parent == folder:
         record["metrics"] = {**(record.get("metrics") or {}), **figures}

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from diffusers_kit.cli.main import seed_option
 from diffusers_kit.cli.sample import load_run
 from diffusers_kit.console import make_console
 from diffusers_kit.latent import LATENT_PREFIX
@@ -40,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--vlb", action="store_true", default=None,
                         help="also compute the DDPM variational bound")
     parser.add_argument("--vlb-steps", dest="vlb_steps", type=int)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_option, default=0)
     parser.set_defaults(func=likelihood_command)
 
 

@@ -65,6 +65,7 @@ EXAMPLES = {
 DEFAULT_KINDS = ("solver",)
 
 # PEP 508 / packaging's rule for a distribution name
+MAX_PLUGIN_NAME = 100  # well below a file system's 255 bytes, with room for "test_<name>.py"
 DISTRIBUTION_NAME = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
 TEMPLATES = "templates/new_plugin"
 
@@ -89,6 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def package_name(name: str) -> str:
     """The Python package of distribution ``name`` (normalised: ``dkit-Foo.bar`` ->
     ``dkit_foo_bar``), after checking both; a ``UsageError`` says what is wrong."""
+    if len(name) > MAX_PLUGIN_NAME:  # it names a folder, a package and files inside them
+        raise UsageError(f"new-plugin: a name of at most {MAX_PLUGIN_NAME} characters (it "
+                         f"names the plugin's folder, package and files); given {len(name)}")
     if not DISTRIBUTION_NAME.match(name):
         raise UsageError(f"new-plugin: {name!r} is not a distribution name: use letters, "
                          "digits, '-', '_' and '.', starting and ending with a letter or digit "

@@ -21,11 +21,12 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from diffusers_kit.cli.main import seed_option
 from diffusers_kit.console import make_console
 from diffusers_kit.metrics.floor import summarize
 from diffusers_kit.run.build import open_run, set_option
 from diffusers_kit.run.stages import progress_bars, restore_into
-from diffusers_kit.run_folder import follow_latest, write_json
+from diffusers_kit.run_folder import follow_latest, output_folder, write_json
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import Document, component_option
 
@@ -90,7 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--images", help="an .npz / .npy file of images (default: the data "
                                          "set's held-out images)")
     parser.add_argument("--solver", help="solver name or YAML mapping (default: the spec's)")
-    parser.add_argument("--seed", type=int, help="seed of the measurement noise and sampling")
+    parser.add_argument("--seed", type=seed_option,
+                        help="seed of the measurement noise and sampling")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or table")
     parser.set_defaults(func=restore_command)
 
@@ -104,11 +106,12 @@ def restore_command(args: argparse.Namespace) -> int:
     method = section.method["kind"]
     operator = section.method["operator"]["kind"]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = follow_latest(Path(args.run_dir).expanduser()) / "restoration" / (
-        f"{method}-{operator}-{stamp}")
+    parent = follow_latest(Path(args.run_dir).expanduser()) / "restoration"
     console = make_console(stderr=True, quiet=args.quiet)
-    result = restore_into(out, spec, components, progress_bars(console, args.quiet))
-    write_json(out / "spec.json", components.resolved.get("restore") or {})
+    # created atomically with a unique name, removed again if the restoration fails
+    with output_folder(parent, f"{method}-{operator}-{stamp}") as out:
+        result = restore_into(out, spec, components, progress_bars(console, args.quiet))
+        write_json(out / "spec.json", components.resolved.get("restore") or {})
     if not args.quiet:
         table = Table(title=f"dkit restore: {method} on {operator}", header_style="bold")
         table.add_column("metric")

@@ -23,8 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--from", dest="from_dir", metavar="RUN_DIR",
                         help="take checkpoint.safetensors from this earlier run folder")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the interrupted (or finished) run in RUN_DIR from its "
-                             "checkpoint; train.steps may be raised to train longer")
+                        help="continue the interrupted run in RUN_DIR from its checkpoint; "
+                             "for a finished run, train longer (train.steps raised, never "
+                             "lowered) or evaluate again in a new run folder that records "
+                             "where it came from (the finished run is not changed)")
     parser.add_argument("--rebuild", action="store_true",
                         help="train again even when a finished run (of this spec or of a model "
                              "it refers to) has the same training hash")

@@ -43,7 +43,7 @@ from rich.markup import escape
 
 from diffusers_kit import latent
 from diffusers_kit.api import SamplingOutOfMemory
-from diffusers_kit.cli.main import ENVIRONMENT_ERROR
+from diffusers_kit.cli.main import ENVIRONMENT_ERROR, seed_option
 from diffusers_kit.cli.merge import (
     MANIFEST,
     file_sha256,
@@ -56,7 +56,8 @@ from diffusers_kit.devices import is_out_of_memory
 from diffusers_kit.likelihood import decode, encode, slerp
 from diffusers_kit.report import image_grid, scatter_plot
 from diffusers_kit.run import open_run
-from diffusers_kit.run_folder import write_json
+from diffusers_kit.run.stages import require_finite
+from diffusers_kit.run_folder import output_folder, write_json
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import component_option
 
@@ -137,6 +138,7 @@ def draw_samples(spec: Spec, components: Components, out: Path, n: int, seed: in
                               x_T=x_T, first=first or 0)
     seconds = time.perf_counter() - started
     samples = result.samples.float().cpu()
+    require_finite(samples, "sample", f"solver {spec.sample.solver['kind']}")  # exit 1
     result.save(out, dataset, columns=spec.output.grid_columns, stem=stem,
                 reference=components.data.heldout if components.data is not None else None)
     info: dict[str, Any] = {"solver": components.resolved["sample"]["solver"], "n": n,
@@ -163,7 +165,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="classes to draw: all, one class (3) or a list (0,2,4); "
                              "'none' for unconditional samples")
     parser.add_argument("--n", type=int, help="number of samples (default: the spec's)")
-    parser.add_argument("--seed", type=int, help="sampling seed (default: the spec's)")
+    parser.add_argument("--seed", type=seed_option, help="sampling seed (default: the spec's)")
     parser.add_argument("--init", metavar="FILE",
                         help="start from this noise x_T instead of the prior: an .npz (key "
                              "x_T or its only array) or .npy of shape (n, *data_shape); sets n")
@@ -232,19 +234,14 @@ def sample_command(args: argparse.Namespace) -> int:
         return _sample_shard(args, spec, components, shard)
     name = spec.sample.solver["kind"]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(args.run_dir).expanduser() / "sampling" / f"{name}-{stamp}"
-    out, copy = base, 1
-    while out.exists():  # two commands in the same second: each its own folder
-        copy += 1
-        out = base.with_name(f"{base.name}-{copy}")
-    # the folders this command creates: removed again when it fails, so no empty folder is left
-    created = [folder for folder in (out.parent, out) if not folder.exists()]
+    # created atomically with a unique name (two commands in the same second: two folders),
+    # removed again with sampling/ when the command fails, so no partial folder is left
     try:
-        return _sample_into(args, spec, components, out)
-    except BaseException as exc:
-        for folder in reversed(created):
-            shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(exc, Exception) and is_out_of_memory(exc):
+        with output_folder(Path(args.run_dir).expanduser() / "sampling",
+                           f"{name}-{stamp}") as out:
+            return _sample_into(args, spec, components, out)
+    except Exception as exc:
+        if is_out_of_memory(exc):
             return _report_out_of_memory(exc, spec)
         raise
 
@@ -329,28 +326,22 @@ def read_init(path: str) -> torch.Tensor:
     def fail(expected: str, given: object) -> SpecError:
         return SpecError([SpecIssue(("--init",), expected, given, None, "command line")])
 
-    file = Path(path).expanduser()
-    if not file.is_file():
+    from diffusers_kit.data.arrays import ArrayFile
+
+    if not Path(path).expanduser().is_file():
         raise fail("an existing .npz or .npy file of start noise", f"no such file: {path}")
     try:
-        loaded = np.load(file, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise fail("an .npz or .npy file of start noise", f"unreadable ({exc}): {path}") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            names = list(loaded.files)
-            if "x_T" not in names and len(names) != 1:
+        with ArrayFile(path) as file:  # the one array reader: refuses damaged, empty, NaN
+            names = file.names
+            if names and "x_T" not in names and len(names) != 1:
                 raise fail("an .npz with an array named x_T, or a single array",
-                           f"arrays {', '.join(names) or 'none'} in {path}")
-            array = loaded["x_T" if "x_T" in names else names[0]]
-    else:
-        array = np.asarray(loaded)
-    if array.dtype.kind not in "fiu" or array.ndim < 2:
+                           f"arrays {', '.join(names)} in {path}")
+            array = file.array(("x_T" if "x_T" in names else names[0]) if names else None)
+    except (OSError, ValueError) as exc:
+        raise fail(f"a usable .npz or .npy file of start noise ({exc})", path) from None
+    if array.ndim < 2:
         raise fail("a numeric array of shape (n, *data_shape)",
                    f"a {array.dtype} array of shape {array.shape}")
-    if not np.isfinite(array).all():
-        raise fail("finite start noise (no NaN or infinity)", f"{int((~np.isfinite(array)).sum())} "
-                   f"non-finite values in {path}")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 

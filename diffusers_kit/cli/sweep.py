@@ -31,13 +31,22 @@ from rich.text import Text
 
 from diffusers_kit.api import batch_count
 from diffusers_kit.cli.evaluate import metric_configs
+from diffusers_kit.cli.main import seed_option
 from diffusers_kit.cli.sample import draw_samples, load_run
 from diffusers_kit.console import make_console
 from diffusers_kit.metrics.floor import SUFFIXES
 from diffusers_kit.registry import get_registry
 from diffusers_kit.report import Series, metric_plot
 from diffusers_kit.run import BuildSettings, build_references, evaluate_metrics
-from diffusers_kit.run_folder import CHECKPOINT, SPEC_FILE, finite, follow_latest, write_json
+from diffusers_kit.run.build import refuse_model_changes
+from diffusers_kit.run_folder import (
+    CHECKPOINT,
+    SPEC_FILE,
+    finite,
+    follow_latest,
+    unique_folder,
+    write_json,
+)
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import apply_overrides, load_file
 from diffusers_kit.spec.validate import validate
@@ -48,6 +57,11 @@ BOUNDED = {"class_accuracy": (0.0, 1.0), "accuracy": (0.0, 1.0), "precision": (0
            "ssim": (-1.0, 1.0)}
 # fields that do not change how samples are drawn from the trained weights
 NO_EFFECT = ("train", "output")
+
+
+#: the most values one sweep takes unless --max-values says more: each value is a sampling and
+#: an evaluation, and every value is validated before the first is drawn
+MAX_VALUES = 50
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,7 +82,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the metrics to plot: the first on the left axis, the second on "
                              "the right (default: the first two)")
     parser.add_argument("--n", type=int, help="samples per value (default: the spec's)")
-    parser.add_argument("--seed", type=int, help="sampling seed (default: the spec's)")
+    parser.add_argument("--seed", type=seed_option, help="sampling seed (default: the spec's)")
+    parser.add_argument("--max-values", type=int, default=MAX_VALUES, metavar="N",
+                        help=f"the most values one sweep takes (default {MAX_VALUES}: each "
+                             "value is one sampling and one evaluation)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=sweep_command)
 
@@ -185,6 +202,12 @@ def _with_interval(metrics: dict[str, Any], key: str, separator: str = " ") -> s
 def sweep_command(args: argparse.Namespace) -> int:
     err = make_console(stderr=True)
     field, values = parse_sweep(args.sweep)
+    if args.max_values < 1:
+        raise _command_error("--max-values", "a positive number", args.max_values)
+    if len(values) > args.max_values:
+        raise _command_error(field, f"at most {args.max_values} values (each is one sampling "
+                             "and one evaluation; raise the limit with --max-values N)",
+                             f"{len(values)} values")
     if args.n is not None and args.n < 1:
         raise _command_error("--n", "a positive number", args.n)
     plotted = [p.strip() for p in args.plot.split(",")] if args.plot else None
@@ -197,6 +220,7 @@ def sweep_command(args: argparse.Namespace) -> int:
                              f"{CHECKPOINT}", args.run_dir)
 
     overrides = list(args.overrides)
+    refuse_model_changes([*overrides, args.sweep])  # the trained model stays what it is
     if args.n is not None:
         overrides.append(f"sample.n={args.n}")
     if args.metrics:
@@ -221,18 +245,14 @@ def sweep_command(args: argparse.Namespace) -> int:
                   "weights", soft_wrap=True, markup=False)
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = folder / "sweeps" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', field)}-{stamp}"
-    out, copy = base, 1
-    while out.exists():
-        copy += 1
-        out = base.with_name(f"{base.name}-{copy}")
+    stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', field)}-{stamp}"
     stems = file_stems(values)
     points: list[dict[str, Any]] = []
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                         TimeElapsedColumn(), console=err, disable=args.quiet, transient=False)
+    out = unique_folder(folder / "sweeps", stem)  # atomic, unique; never through a link
     try:
-        out.mkdir(parents=True)
         with progress:
             overall = progress.add_task("sweep", total=len(values), status=field)
             for index, (value, stem) in enumerate(zip(values, stems, strict=True)):

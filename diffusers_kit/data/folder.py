@@ -4,7 +4,8 @@ Every file whose extension is one Pillow can open (``.png``, ``.jpg``, ``.jpeg``
 ``.gif``, ``.tif``, ``.webp``, ...) is read; other files and hidden files (names starting with a
 dot) are skipped. Each image is turned upright by its EXIF orientation, converted to grayscale
 (``channels: 1``) or RGB (``channels: 3``), its shorter side resized to ``size`` and the
-centre cropped to ``size x size``. Pixels are mapped to ``[-1, 1]``. Nothing is written.
+centre cropped to ``size x size``. Pixels are mapped to ``[-1, 1]`` from their own full scale:
+255 for 8-bit images, 65535 for 16-bit grayscale ones (PNG, TIFF). Nothing is written.
 
 With ``labels: subfolders`` the class of an image is the name of the sub-folder of ``path`` it
 lies in (classes numbered in sorted order of those names; ``classes`` lists them); images lying
@@ -36,6 +37,10 @@ def _listing(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
+
+# Pillow modes of grayscale images wider than 8 bits, with their full-scale value
+WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+              "I": 65535.0}
 
 class ImageFolder(Dataset):
     """Images from a folder (PNG, JPEG, BMP, anything Pillow opens), resized and centre-cropped.
@@ -119,17 +124,28 @@ class ImageFolder(Dataset):
         try:
             with Image.open(file) as image:
                 image = ImageOps.exif_transpose(image)
-                image = image.convert("L" if self.channels == 1 else "RGB")
                 w, h = image.size
                 side = min(w, h)
                 left, top = (w - side) // 2, (h - side) // 2
-                image = image.resize((self.size, self.size), Image.Resampling.BICUBIC,
-                                     box=(left, top, left + side, top + side))
-                pixels = np.asarray(image, dtype=np.uint8)
+                box = (left, top, left + side, top + side)
+                size = (self.size, self.size)
+                if image.mode in WIDE_MODES:  # 16-bit grayscale: resized in floats, then
+                    # scaled by its own full scale (converting to 8 bits would clip at 255)
+                    full = WIDE_MODES[image.mode]
+                    wide = Image.fromarray(np.asarray(image, dtype=np.float32))
+                    wide = wide.resize(size, Image.Resampling.BICUBIC, box=box)
+                    gray = np.clip(np.asarray(wide, dtype=np.float32), 0.0, full)
+                    pixels = gray / (full / 2.0) - 1.0
+                    pixels = pixels[None] if self.channels == 1 else np.stack([pixels] * 3)
+                    return pixels.astype(np.float32)
+                image = image.convert("L" if self.channels == 1 else "RGB")
+                image = image.resize(size, Image.Resampling.BICUBIC, box=box)
+                eight = np.asarray(image, dtype=np.uint8)
         except Exception as exc:  # Pillow's decoders raise OSError, ValueError, SyntaxError, ...
             raise OSError(f"cannot read image {file} (expected an image Pillow opens: {exc})"
                           ) from exc
-        return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        eight = eight[None] if eight.ndim == 2 else eight.transpose(2, 0, 1)
+        return eight.astype(np.float32) / 127.5 - 1.0
 
     def load(self) -> DataSplits:
         files = self.files()
@@ -145,7 +161,7 @@ class ImageFolder(Dataset):
                              f"out); found {len(order)}")
         chosen = [files[i] for i in order]
         pixels = np.stack([self._read(f) for f in chosen])
-        data = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1.0)
+        data = torch.from_numpy(pixels)
         n_heldout = min(max(1, round(len(chosen) * self.heldout_fraction)), len(chosen) - 1)
         train_labels = heldout_labels = None
         if self.labels == "subfolders":

@@ -33,6 +33,7 @@ from diffusers_kit.run.resume import check_resumable, load_previous, previous_di
 from diffusers_kit.run.stages import (
     GRAPH,
     STAGES,
+    NonFiniteResult,
     Results,
     Run,
     Stage,
@@ -43,7 +44,8 @@ from diffusers_kit.run.stages import (
 from diffusers_kit.run.store import RunStore
 
 __all__ = [
-    "GRAPH", "STAGES", "BuildSettings", "Builder", "Components", "Dependency", "Results", "Run",
+    "GRAPH", "STAGES", "BuildSettings", "Builder", "Components", "Dependency", "NonFiniteResult",
+    "Results", "Run",
     "RunStore", "Stage", "build_components", "build_reference", "build_references",
     "check_resumable", "checked_metric", "evaluate_metrics", "execute", "load_previous",
     "open_run", "parse_only", "previous_differences", "summary_table",

@@ -22,6 +22,7 @@ from diffusers_kit.api import (
 )
 from diffusers_kit.autoencoders.base import Autoencoder
 from diffusers_kit.data.base import Dataset, DataSplits
+from diffusers_kit.devices import is_out_of_memory
 from diffusers_kit.guidance.base import Guidance, LabelsError, requested_labels
 from diffusers_kit.metrics.base import Metric, metric_figures
 from diffusers_kit.references import TrainedModel
@@ -38,7 +39,7 @@ from diffusers_kit.run_folder import (
 )
 from diffusers_kit.solvers.base import Solver
 from diffusers_kit.spec.errors import Path as SpecPath
-from diffusers_kit.spec.errors import SpecError, SpecIssue
+from diffusers_kit.spec.errors import SpecError, SpecIssue, dotted
 from diffusers_kit.spec.loader import Document, apply_overrides, component_option, load_file
 from diffusers_kit.spec.models import Spec
 from diffusers_kit.spec.references import (
@@ -66,6 +67,11 @@ class Components:
     trackers: list[Any] = field(default_factory=list)  # spec.track, built (diffusers_kit.tracking)
 
 
+class ComponentBuildError(RuntimeError):
+    """A component's constructor failed in a way no parameter explains (a bug in it, or in the
+    plugin that registered it): named with its spec field, kind, name and class."""
+
+
 class Builder:
     """Builds components from spec sections, turning construction errors into spec issues."""
 
@@ -89,6 +95,19 @@ class Builder:
         except (ValueError, TypeError) as exc:
             self.issue(path, f"parameters that {config.get('kind')!r} accepts: {exc}", config)
             return None
+        except (OSError, MemoryError, ArithmeticError, LookupError, RuntimeError,
+                AttributeError, AssertionError, NotImplementedError) as exc:
+            if isinstance(exc, (OSError, MemoryError)) or is_out_of_memory(exc):
+                raise  # the environment: reported as such
+            try:
+                factory = self.registry.get(kind, config.get("kind")).factory
+                where = f"{factory.__module__}.{getattr(factory, '__qualname__', factory)}"
+            except (KeyError, ValueError, TypeError, AttributeError):
+                where = "unknown"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ComponentBuildError(
+                f"{dotted(path)}: the {kind} {config.get('kind')!r} ({where}) raised "
+                f"{type(exc).__name__} while being built: {first}") from exc
 
     def resolve(self, kind: str, config: dict[str, Any]) -> dict[str, Any]:
         """``config`` with every default filled in (:meth:`Registry.resolve`)."""
@@ -299,6 +318,12 @@ def _conditioning(spec: Spec, builder: Builder, diffusion: Diffusion, data: Data
     labels = None
     if not builder.issues:
         classes = diffusion.num_classes(guidance)
+        if classes is None and spec.sample.labels is not None and not any(
+                term.needs_labels for term in guidance):
+            # nothing would read them, yet samples.npz would record them as requested classes
+            builder.issue(("sample", "labels"), "no labels: this model is unconditional (no "
+                          "network.num_classes) and no guidance term uses classes",
+                          spec.sample.labels)
         if classes is None and data is not None and data.train_labels is not None:
             classes = int(data.train_labels.max()) + 1
         try:
@@ -445,8 +470,31 @@ def open_run(run_dir: str | Path, overrides: list[str] | None = None,
     if options is not None:
         options(document)
     if overrides:
+        refuse_model_changes(overrides)
         apply_overrides(document, overrides)
     spec = validate(document, get_registry())
     components = build_components(spec, document)
     load_previous(components.diffusion, folder, "RUN_DIR")
     return spec, components
+
+
+#: the sections that say what a trained model is: changing one on a finished run's weights
+#: (dkit sample / sweep / restore) would report a model that was never trained
+MODEL_SECTIONS = ("data", "autoencoder", "latent", "process", "network", "objective")
+
+
+def refuse_model_changes(overrides: list[str]) -> None:
+    """A spec error for each override of ``overrides`` that changes what the trained weights
+    mean (:data:`MODEL_SECTIONS`): their results would describe a model nobody trained."""
+    issues = []
+    for text in overrides:
+        field = text.split("=", 1)[0].strip()
+        if field.split(".")[0] in MODEL_SECTIONS:
+            issues.append(SpecIssue(tuple(field.split(".")), "no change to what the trained "
+                                    "model is (data, autoencoder, latent, process, network, "
+                                    "objective): the weights were trained with the run's own; "
+                                    "train a model with the change (dkit run SPEC "
+                                    f"{field}=..., --from RUN_DIR to start from these weights)",
+                                    text.split("=", 1)[-1], None, "command line"))
+    if issues:
+        raise SpecError(issues)

@@ -41,6 +41,7 @@ from diffusers_kit.run_folder import (
     now,
     point_latest,
     read_record,
+    unique_folder,
     write_record,
     write_spec,
 )
@@ -181,8 +182,21 @@ def execute(
         if reused is not None:
             load_previous(components.diffusion, reused, "train")
             stages.discard("train")
-        run_dir = resume_path if resume_path is not None else _new_run_dir(root_path, spec.name)
+        # --resume continues an interrupted run in its folder; a finished run is never
+        # changed: extending or re-evaluating it writes a new run folder beside it that
+        # records where it came from
+        previous = read_record(resume_path) if resume_path is not None else None
+        extends = previous is not None and previous.get("status") == "finished"
+        if resume_path is None:
+            run_dir = _new_run_dir(root_path, spec.name)
+        elif extends:
+            run_dir = unique_folder(resume_path.parent, time.strftime("%Y%m%d-%H%M%S"))
+        else:
+            run_dir = resume_path
         checkpoint_from = reused or (trained.run_dir if trained is not None else None)
+        if extends:  # the new folder starts with the weights it continues (replaced, not
+            # written through, when training saves: the finished run's file never changes)
+            link_checkpoint(resume_path / CHECKPOINT, run_dir)
         if checkpoint_from is not None:
             link_checkpoint(checkpoint_from / CHECKPOINT, run_dir)
         elif from_path is not None and "train" not in stages:
@@ -195,7 +209,11 @@ def execute(
         run.results.dependencies = [d.as_dict() for d in settings.dependencies]
         if checkpoint_from is not None:
             run.results.checkpoint_from = str(checkpoint_from)
-        record = read_record(run_dir) if resume_path is not None else None
+        record = dict(previous) if resume_path is not None and previous else None
+        if extends:
+            record = {key: value for key, value in (record or {}).items()
+                      if key not in ("metrics", "step", "latent_scale")}
+            record["resumed_from"] = str(resume_path)
         record = {**(record or {}), "name": spec.name, "status": "running",
                   "train_hash": digest, "started": now(), "finished": None, "train_finished": None,
                   "trained": "train" in stages or bool(record and record.get("trained")),
@@ -209,11 +227,11 @@ def execute(
                             after_train=lambda: _training_finished(run_dir, record))
             except (TrainingInterrupted, KeyboardInterrupt):
                 record.update(status="interrupted", step=components.diffusion.step)
-                write_record(run_dir, record)
+                _write_if_there(run_dir, record)
                 raise
             except BaseException:
                 record.update(status="failed", step=components.diffusion.step)
-                write_record(run_dir, record)
+                _write_if_there(run_dir, record)
                 if record.get("train_finished"):
                     _say_training_kept(console, run_dir, document, stages)
                 raise
@@ -222,6 +240,12 @@ def execute(
             write_record(run_dir, record)
         point_latest(run_dir)
     return run
+
+
+def _write_if_there(run_dir: Path, record: dict[str, Any]) -> None:
+    """The record of a stopped run, unless its folder is gone (never recreated for it)."""
+    if run_dir.is_dir():
+        write_record(run_dir, record)
 
 
 def _training_finished(run_dir: Path, record: dict[str, Any]) -> None:

@@ -19,6 +19,9 @@ from diffusers_kit.api import (
 from diffusers_kit.checkpoint import CheckpointError, load_checkpoint, remove_orphans, unprefixed
 from diffusers_kit.run_folder import (
     CHECKPOINT,
+    METRICS,
+    RUN_RECORD,
+    SAMPLES,
     SPEC_FILE,
     read_spec,
 )
@@ -82,6 +85,9 @@ def _allowed(field: str, allow_change: tuple[str, ...]) -> bool:
     return any(field == a or field.startswith(a + ".") for a in allow_change)
 
 
+# the files a resumed run writes in its folder
+RUN_FILES = (SPEC_FILE, CHECKPOINT, RUN_RECORD, SAMPLES, METRICS, "run.log", "samples.png")
+
 # what a resumable checkpoint must hold besides the weights (see Trainer.state)
 TRAINING_META = ("train_step", "micro", "since", "optimizer", "log")
 TRAINING_TENSORS = ("trainer.order", "trainer.running", "trainer.first_bad", "rng.data",
@@ -104,6 +110,10 @@ def check_resumable(resume_dir: Path, resolved: dict[str, Any], world: int = 1,
 
     if not (resume_dir / CHECKPOINT).is_file():
         raise refuse(f"a run folder holding {CHECKPOINT}")
+    linked = [name for name in RUN_FILES if (resume_dir / name).is_symlink()]
+    if linked:  # resuming writes these: never through a link to a file elsewhere
+        raise refuse("a run folder whose files are its own, not symbolic links "
+                     f"({', '.join(linked)} link elsewhere)")
     remove_orphans(resume_dir, CHECKPOINT)
     tensors, metadata = load_checkpoint(resume_dir / CHECKPOINT)
     try:
@@ -128,6 +138,13 @@ def check_resumable(resume_dir: Path, resolved: dict[str, Any], world: int = 1,
     except (TypeError, ValueError, KeyError):
         raise CheckpointError(resume_dir / CHECKPOINT, "its training state is malformed "
                               "(train_step, world or optimizer)") from None
+    steps = (resolved.get("train") or {}).get("steps")
+    if isinstance(steps, int) and steps < step:
+        raise SpecError([SpecIssue(("train", "steps"), f"at least {step}, the step the run in "
+                                   f"{resume_dir} reached: a run's spec and training hash "
+                                   "describe its weights, which have trained longer (start a "
+                                   "new run for a shorter training)", steps, None,
+                                   "command line")])
     changed = [d for section in TRAINING_SECTIONS
                for d in _differences(previous.get(section), resolved.get(section), (section,))]
     if ranks != world:

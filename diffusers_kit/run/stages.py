@@ -5,6 +5,7 @@ they share, which the life-cycle hooks receive (:mod:`diffusers_kit.hookspecs`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -33,7 +34,13 @@ from diffusers_kit.registry import (
 from diffusers_kit.report import columns_per_class, image_grid, labelled_grid, scatter_plot
 from diffusers_kit.restore import Restoration, restoration_images, restore, write_restoration
 from diffusers_kit.run.build import Components
-from diffusers_kit.run_folder import CHECKPOINT, METRICS, write_json, write_samples
+from diffusers_kit.run_folder import (
+    CHECKPOINT,
+    METRICS,
+    check_folder,
+    write_json,
+    write_samples,
+)
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import Document
 from diffusers_kit.spec.models import Spec
@@ -143,6 +150,33 @@ def progress_bars(console: Console, quiet: bool) -> Progress:
     )
 
 
+# -- results that are not numbers ------------------------------------------------------------
+class NonFiniteResult(Exception):
+    """A stage produced NaN or infinite samples or metrics: the command fails (exit status 1)
+    naming the stage and the component, rather than report garbage as a result; what was
+    written before stays."""
+
+
+def require_finite(values: torch.Tensor, stage: str, component: str) -> None:
+    """Raise :class:`NonFiniteResult` when ``values`` (a stage's samples) are not all finite."""
+    bad = ~torch.isfinite(values.detach())
+    if bool(bad.any()):
+        rows = int(bad.reshape(len(values), -1).any(dim=1).sum()) if values.ndim else 1
+        raise NonFiniteResult(f"the {stage} stage produced {rows} of {len(values)} samples with "
+                              f"NaN or infinite values ({component}); they were not written")
+
+
+#: figures a metric's result is given besides its own values (metrics.base.metric_figures)
+DERIVED = ("_low", "_high", "_floor", "_n", "_ratio")
+
+
+def non_finite_metrics(metrics: dict[str, Any]) -> list[str]:
+    """The metric values (not their intervals, floors or ratios) that are NaN or infinite."""
+    return [key for key, value in metrics.items()
+            if isinstance(value, float) and not math.isfinite(value)
+            and not key.endswith(DERIVED)]
+
+
 # -- stages --------------------------------------------------------------------------------------
 def stage_data(run: Run) -> None:
     data = run.components.data
@@ -158,6 +192,7 @@ def stage_train(run: Run) -> None:
 
     def save(step: int) -> None:
         if checkpoint is not None:
+            check_folder(run.dir)  # deleted during training: stop, never recreate it
             diffusion.step = step
             diffusion.save(checkpoint, {"spec": spec.name})
             run.log.info("checkpoint at step %d", step)
@@ -166,6 +201,7 @@ def stage_train(run: Run) -> None:
         task = progress.add_task("train", total=train.steps, status="")
 
         def on_log(step: int, loss: float) -> None:
+            check_folder(run.dir)
             progress.update(task, status=f"loss {loss:.4f}")
             run.log.info("step %d loss %.6f", step, loss)
             hook.dkit_train_step(run=run, step=step, loss=loss)
@@ -220,6 +256,7 @@ def stage_sample(run: Run) -> None:
                                   guidance=run.components.guidance,
                                   labels=run.components.labels)
     samples = result.samples.float().cpu()
+    require_finite(samples, "sample", f"solver {spec.sample.solver['kind']}")
     get_plugin_manager().hook.dkit_samples_ready(run=run, samples=samples)
     run.results.samples = samples
     run.results.nfe = result.nfe
@@ -263,6 +300,7 @@ def restore_into(folder: Path, spec: Spec, components: Components, progress: Pro
                          samples_per_image=section.samples_per_image, seed=spec.seed,
                          batch_size=section.batch_size,
                          progress=lambda k: progress.advance(task, k))
+    require_finite(result.samples, "restore", f"method {section.method['kind']}")
     folder.mkdir(parents=True, exist_ok=True)
     write_restoration(result, folder, components.dataset)
     return result
@@ -278,6 +316,11 @@ def stage_evaluate(run: Run) -> None:
     run.results.metrics = metrics
     for key, text in summarize(metrics):  # value [interval] floor [interval] n, per statistic
         run.log.info("metric %s = %s", key, text)
+    bad = non_finite_metrics(metrics)
+    if bad:  # written (as null) for a look, then the run fails
+        write_json(run.dir / METRICS, metrics)
+        raise NonFiniteResult(f"the evaluate stage gave NaN or infinite values for "
+                              f"{', '.join(bad)} (metrics.json holds them as null)")
 
 
 def evaluate_metrics(metrics: list[tuple[str, Metric]], samples: torch.Tensor | None,
