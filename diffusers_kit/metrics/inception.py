@@ -157,7 +157,26 @@ class InceptionSpace:
 Weights = Annotated[str, Field(min_length=1)] | None
 
 
-class InceptionFrechetDistance(FrechetDistance):
+class _InInceptionSpace:
+    """What both Inception metrics share: their sets are embedded by ``self.space`` (an
+    :class:`InceptionSpace`), and the base metric's keys (``fd...``, ``kid...``) are reported
+    under this metric's name (``fid_inception...``, ``kid_inception...``)."""
+
+    name: str
+    base_key: str
+    space: Any
+
+    def embedded_sets(self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator
+                      ) -> tuple[RealSets, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.space.embedded_sets(samples, data, generator)  # type: ignore[no-any-return]
+
+    def evaluate(self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator,
+                 model: ScoreModel | None = None) -> dict[str, float]:
+        out = super().evaluate(samples, data, generator, model)  # type: ignore[misc]
+        return {key.replace(self.base_key, self.name, 1): value for key, value in out.items()}
+
+
+class InceptionFrechetDistance(_InInceptionSpace, FrechetDistance):
     """FID: the Fréchet distance in the FID Inception network's pool features, beside its floor
     and with its interval (``fid_inception``, ``fid_inception_floor``, ... ; protocol in
     :mod:`diffusers_kit.metrics.inception`).
@@ -172,23 +191,16 @@ class InceptionFrechetDistance(FrechetDistance):
     """
 
     name = "fid_inception"
+    base_key = "fd"
 
     def __init__(self, weights: Weights = None, low: DataValue = -1.0, high: DataValue = 1.0,
                  resamples: Resamples = 100, level: Level = 0.95) -> None:
         self.space: Any = InceptionSpace(weights, low, high)
         self.bars = ErrorBars(resamples, level)
 
-    def embedded_sets(self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator
-                      ) -> tuple[RealSets, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.space.embedded_sets(samples, data, generator)  # type: ignore[no-any-return]
-
-    def evaluate(self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator,
-                 model: ScoreModel | None = None) -> dict[str, float]:
-        out = super().evaluate(samples, data, generator, model)
-        return {key.replace("fd", self.name, 1): value for key, value in out.items()}
 
 
-class InceptionKernelDistance(KernelDistance):
+class InceptionKernelDistance(_InInceptionSpace, KernelDistance):
     """KID in the FID Inception network's pool features, beside its floor (``kid_inception``,
     ``kid_inception_std`` over subsets, ``kid_inception_floor``, ...).
 
@@ -205,6 +217,7 @@ class InceptionKernelDistance(KernelDistance):
     """
 
     name = "kid_inception"
+    base_key = "kid"
 
     def __init__(self, weights: Weights = None, low: DataValue = -1.0, high: DataValue = 1.0,
                  subsets: Annotated[int, Field(ge=1, le=10_000)] = 100,
@@ -215,14 +228,6 @@ class InceptionKernelDistance(KernelDistance):
         self.subsets = subsets
         self.subset_size = subset_size
 
-    def embedded_sets(self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator
-                      ) -> tuple[RealSets, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.space.embedded_sets(samples, data, generator)  # type: ignore[no-any-return]
-
-    def evaluate(self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator,
-                 model: ScoreModel | None = None) -> dict[str, float]:
-        out = super().evaluate(samples, data, generator, model)
-        return {key.replace("kid", self.name, 1): value for key, value in out.items()}
 
 
 __all__ = ["InceptionFrechetDistance", "InceptionKernelDistance", "InceptionSpace",
