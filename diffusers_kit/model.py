@@ -15,6 +15,38 @@ if TYPE_CHECKING:
     from diffusers_kit.guidance.base import Evaluate, Guidance
 
 
+class NetworkOutputError(ValueError):
+    """A network's output does not have the shape its input asks for (see
+    :func:`check_network_output`)."""
+
+
+def expected_output_shape(network: Network, input_shape: Sequence[int]) -> tuple[int, ...] | None:
+    """The output shape ``network`` must return for an input of ``input_shape``: the same shape,
+    with twice the channels (dimension 1) for a ``learned_variance`` network; None where the
+    output is not a per-element prediction (``logits`` of a classifier, an autoencoder's
+    ``reconstruction``)."""
+    if network.prediction in ("logits", "reconstruction"):
+        return None
+    shape = tuple(int(n) for n in input_shape)
+    if network.learned_variance:
+        return (shape[0], 2 * shape[1], *shape[2:])
+    return shape
+
+
+def check_network_output(network: Network, x: torch.Tensor, out: torch.Tensor) -> None:
+    """Raise :class:`NetworkOutputError` naming the network when ``out`` (its output at ``x``)
+    is not of :func:`expected_output_shape`. Without it a (B, 1) output for (B, 2) data
+    broadcasts through every loss and solver step and trains and samples silently wrong."""
+    expected = expected_output_shape(network, x.shape)
+    if expected is None or tuple(out.shape) == expected:
+        return
+    variance = " (twice the channels: it learns its variance)" if network.learned_variance else ""
+    raise NetworkOutputError(
+        f"network {type(network).__module__}.{type(network).__qualname__} returned "
+        f"an output of shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}; a "
+        f"network predicting {network.prediction!r} must return shape {expected}{variance}")
+
+
 class ScoreModel(torch.nn.Module):
     """``network`` interpreted through ``process``.
 
@@ -77,8 +109,12 @@ class ScoreModel(torch.nn.Module):
         if t.dtype != x.dtype:
             t = t.to(x.dtype)
         if getattr(network, "num_classes", None) is not None:
-            return network(x, t, y)
-        return network(x, t)
+            out = network(x, t, y)
+        else:
+            out = network(x, t)
+        if out.shape != x.shape:  # one comparison per call; the exceptions are looked up then
+            check_network_output(network, x, out)
+        return out
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
                 ) -> torch.Tensor:

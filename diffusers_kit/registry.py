@@ -11,10 +11,13 @@ join each component's schema unless the constructor declares them itself.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.metadata as metadata
 import inspect
+import os
 import sys
+import time
 import types
 import typing
 import warnings
@@ -127,6 +130,8 @@ class Registry:
     def __init__(self) -> None:
         self.kinds: dict[str, Kind] = {}
         self.plugin_errors: dict[str, str] = {}
+        #: seconds each plugin's entry point took to import (``distribution:entry-point``)
+        self.plugin_import_seconds: dict[str, float] = {}
         #: what a plugin still does the old way (a renamed kind), once per message
         self.deprecations: dict[str, None] = {}
         self._source = BUILTIN_SOURCE
@@ -385,6 +390,7 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[str, st
     """
     manager = _IsolatingManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
+    IMPORT_SECONDS.clear()
     errors: dict[str, str] = {}
     sources: dict[str, str] = {}
     labels: dict[int, str] = {}
@@ -393,8 +399,10 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[str, st
         label = f"{dist}:{entry_point.name}"
         if manager.get_plugin(entry_point.name) is not None:
             continue
+        started = time.perf_counter()
         try:
-            plugin = entry_point.load()
+            with _exit_refused():
+                plugin = entry_point.load()
             refusal = api_refusal(plugin)
             if refusal is not None:
                 errors[label] = refusal
@@ -405,6 +413,8 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[str, st
         except BaseException as exc:  # sys.exit() or worse in a plugin must not silence dkit
             errors[label] = _describe(exc)
             continue
+        finally:
+            IMPORT_SECONDS[label] = time.perf_counter() - started
         labels[id(plugin)] = label
         sources[entry_point.value.split(":")[0]] = dist
     if not manager.is_registered(builtin):  # running from a source tree that is not installed
@@ -412,6 +422,46 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str], dict[str, st
         sources[builtin.__name__] = BUILTIN_SOURCE
     check_pending(manager, errors, labels)
     return manager, errors, sources
+
+
+#: seconds each entry point took to import in the last :func:`plugin_manager` call
+IMPORT_SECONDS: dict[str, float] = {}
+#: an import slower than this is named on every command (:func:`slow_plugin_notes`)
+SLOW_IMPORT_SECONDS = 3.0
+
+
+class PluginExit(BaseException):
+    """``os._exit(code)`` called by a plugin while dkit imported or registered it."""
+
+    def __init__(self, code: object) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@contextlib.contextmanager
+def _exit_refused() -> typing.Iterator[None]:
+    """``os._exit`` raises :class:`PluginExit` inside this block. A plugin calling it at import
+    would otherwise end every dkit command at once, with its status and no output (atexit
+    handlers and ``finally`` blocks do not run); the plugin is reported instead."""
+    real = os._exit
+
+    def refuse(code: int) -> typing.NoReturn:
+        raise PluginExit(code)
+
+    os._exit = refuse  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        os._exit = real
+
+
+def slow_plugin_notes(registry: Registry) -> list[str]:
+    """One line per plugin whose import took longer than :data:`SLOW_IMPORT_SECONDS`."""
+    return [f"plugin {label} took {seconds:.1f} s to import, and every dkit command waits for "
+            "it (dkit plugins lists each plugin's import time; a plugin should import heavy "
+            "libraries inside the functions that use them)"
+            for label, seconds in registry.plugin_import_seconds.items()
+            if seconds > SLOW_IMPORT_SECONDS]
 
 
 def api_refusal(plugin: Any) -> str | None:
@@ -474,6 +524,9 @@ def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     if isinstance(exc, SystemExit):
         return f"SystemExit: the plugin called sys.exit({exc.code!r})"
+    if isinstance(exc, PluginExit):
+        return (f"the plugin called os._exit({exc.code!r}), which would have ended dkit at once "
+                "with no output; the plugin is not loaded")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -502,6 +555,7 @@ def collect(
     ``registry.plugin_errors`` and everything it had registered, kinds included, is removed."""
     registry = Registry()
     registry.plugin_errors = dict(errors)
+    registry.plugin_import_seconds = dict(IMPORT_SECONDS)
     plugins = manager.get_plugins()
     ordered = sorted(plugins, key=lambda p: p is not builtin)
     failed: set[int] = set()
@@ -518,10 +572,11 @@ def collect(
             if phase == "kinds":
                 added[id(plugin)] = before
             try:
-                if phase == "kinds":
-                    caller(registry=_KindsOnly(registry))
-                else:
-                    caller(registry=_ComponentsOnly(registry))
+                with _exit_refused():
+                    if phase == "kinds":
+                        caller(registry=_KindsOnly(registry))
+                    else:
+                        caller(registry=_ComponentsOnly(registry))
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:
@@ -622,6 +677,8 @@ def get_registry() -> Registry:
     if _REGISTRY is None:
         _MANAGER, errors, sources = plugin_manager()
         _REGISTRY = collect(_MANAGER, errors, sources)
+        for note in slow_plugin_notes(_REGISTRY):  # a slow import delays every command
+            print(f"note: {note}", file=sys.stderr)
     return _REGISTRY
 
 

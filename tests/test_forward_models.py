@@ -419,3 +419,21 @@ def test_a_composition_with_a_nonlinear_factor_is_nonlinear():
     with pytest.raises(NotImplementedError, match="Compose is nonlinear"):
         op.A_adjoint(torch.zeros(1, 1, 6, 6))
     check_forward_model(op)
+
+
+def test_an_operator_returning_nan_is_named_instead_of_failing_in_the_svd():
+    # issue 29: a plugin operator returning NaN crashed in torch.linalg.pinv (LinAlgError), an
+    # internal error that named no operator
+    class Leaky(ForwardModel):  # linear, A only: pinv goes through the dense matrix
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.measurement_shape = self.data_shape
+
+        def A(self, x):
+            out = x.clone()
+            out[:, 1] = float("nan")
+            return out
+
+    op = Leaky(data_shape=(3,))
+    with pytest.raises(ValueError, match=r"Leaky\.A returned 3 non-finite values .* of 9"):
+        op.pinv(torch.zeros(2, 3))

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffusers_kit import registry as registry_module
 from diffusers_kit.hookspecs import hookimpl
@@ -305,3 +306,122 @@ train: {steps: 2, batch_size: 16}
 sample: {n: 8, solver: {kind: ddim, steps: 2}}
 output: {root: {root}}
 """
+
+
+# -- issue 29: os._exit at import, slow imports, networks of the wrong output shape -------------
+def test_a_plugin_calling_os_exit_at_import_is_reported_and_dkit_still_works(
+        tmp_path, monkeypatch, capsys):
+    # before, os._exit(0) in a plugin's module ended every dkit command at once: exit 0, no output
+    install(tmp_path, monkeypatch, "dkit_os_exit", "import os\nos._exit(0)\n")
+    code, out, err = run_cli(["plugins"], capsys)
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "dkit-dkit_os_exit:dkit_os_exit failed to load" in flat and "os._exit(0)" in flat
+    code, out, err = run_cli(["validate", str(write_spec(tmp_path))], capsys)
+    assert code == 0 and "is valid" in out
+    import os
+    assert os._exit.__module__ == "posix"  # the real one is back after the imports
+
+
+def test_a_plugin_calling_os_exit_while_registering_is_reported(tmp_path, monkeypatch):
+    install(tmp_path, monkeypatch, "dkit_os_exit_register", """
+        import os
+        from diffusers_kit import hookimpl
+
+        @hookimpl
+        def dkit_register(registry):
+            os._exit(7)
+    """)
+    registry = registry_module.get_registry()
+    error = registry.plugin_errors["dkit-dkit_os_exit_register:dkit_os_exit_register"]
+    assert "os._exit(7)" in error
+    assert registry.get("process", "ve").source == "diffusers_kit"
+
+
+def test_a_slow_plugin_import_is_named_on_every_command_and_timed_by_dkit_plugins(
+        tmp_path, monkeypatch, capsys):
+    install(tmp_path, monkeypatch, "dkit_sleepy", "import time\ntime.sleep(0.3)\n")
+    monkeypatch.setattr(registry_module, "SLOW_IMPORT_SECONDS", 0.2)
+    monkeypatch.setattr("diffusers_kit.cli.plugins.SLOW_IMPORT_SECONDS", 0.2)
+    code, out, err = run_cli(["validate", str(write_spec(tmp_path))], capsys)
+    assert code == 0 and "is valid" in out
+    notes = [line for line in err.splitlines() if line.startswith("note: plugin")]
+    assert len(notes) == 1 and "dkit-dkit_sleepy:dkit_sleepy took" in notes[0], err
+    seconds = float(notes[0].split(" took ")[1].split(" s ")[0])
+    assert seconds >= 0.3
+    registry_module.reset_registry()
+    monkeypatch.delitem(sys.modules, "dkit_sleepy", raising=False)
+    code, out, err = run_cli(["plugins"], capsys)
+    flat = " ".join(out.split())
+    assert code == 0 and "installed plugins" in flat
+    assert "dkit-dkit_sleepy:dkit_sleepy" in flat and "(slow)" in flat and "loaded" in flat
+
+
+TINY_SPEC_2D = """\
+name: tiny2d
+seed: 0
+device: cpu
+data: {kind: two_moons, n_train: 256, n_heldout: 64}
+process: {kind: ve, sigma_min: 0.1, sigma_max: 4.0, num_levels: 4}
+network: {kind: narrow}
+objective: {kind: dsm}
+train: {steps: 4, batch_size: 32, optimizer: {kind: adam, lr: 0.001}}
+sample:
+  n: 64
+  solver: {kind: annealed_langevin, steps_per_level: 2}
+evaluate: {metrics: [{kind: swd, projections: 16}]}
+output: {root: "{root}"}
+"""
+
+NARROW_NETWORK = """
+    import torch
+    from diffusers_kit import hookimpl
+    from diffusers_kit.networks.base import Network
+
+    class Narrow(Network):
+        '''returns one channel whatever the data has'''
+
+        def __init__(self, data_shape: tuple[int, ...] = (2,)) -> None:
+            super().__init__("eps")
+            self.data_shape = tuple(data_shape)
+            self.linear = torch.nn.Linear(self.data_shape[0] + 1, 1)
+
+        def forward(self, x, t):
+            return self.linear(torch.cat([x, t[:, None]], 1))
+
+    @hookimpl
+    def dkit_register(registry):
+        registry.add("network", "narrow", Narrow)
+"""
+
+
+def test_a_network_of_the_wrong_output_shape_is_refused_before_training(
+        tmp_path, monkeypatch, capsys):
+    # a (B, 1) output for (B, 2) data broadcast through the loss: it trained and sampled
+    install(tmp_path, monkeypatch, "dkit_narrow", NARROW_NETWORK)
+    spec = write_spec(tmp_path, TINY_SPEC_2D)
+    code, out, err = run_cli(["validate", str(spec)], capsys)
+    message = " ".join((out + err).split())
+    assert code == 2, message
+    assert "network.kind" in message and "Narrow returned (2, 1)" in message
+    assert "(2, 2)" in message and "Traceback" not in message
+    code, out, err = run_cli(["run", str(spec)], capsys)
+    assert code == 2 and not (tmp_path / "runs").exists()
+
+
+def test_a_score_model_refuses_a_network_output_of_another_shape():
+    from diffusers_kit.model import NetworkOutputError, ScoreModel
+    from diffusers_kit.networks.base import Network
+
+    class Narrow(Network):
+        def __init__(self, learned_variance: bool = False) -> None:
+            super().__init__("eps", learned_variance)
+
+        def forward(self, x, t):  # one channel; with learned variance, the channels twice
+            return torch.cat([x, x], 1) if self.learned_variance else x[:, :1]
+
+    model = ScoreModel(VE(), Narrow())
+    with pytest.raises(NetworkOutputError, match=r"shape \(3, 1\).*must return shape \(3, 2\)"):
+        model(torch.zeros(3, 2), torch.full((3,), 0.5))
+    # a learned-variance network returns twice the channels: (3, 2) for (3, 1) data is right
+    assert ScoreModel(VE(), Narrow(True))(torch.zeros(3, 1), torch.full((3,), 0.5)).shape == (3, 2)

@@ -15,7 +15,13 @@ from rich.table import Table
 
 from diffusers_kit.console import make_console
 from diffusers_kit.hookspecs import PLUGIN_API_VERSION
-from diffusers_kit.registry import Component, Registry, RegistryError, get_registry
+from diffusers_kit.registry import (
+    SLOW_IMPORT_SECONDS,
+    Component,
+    Registry,
+    RegistryError,
+    get_registry,
+)
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 
 
@@ -128,6 +134,16 @@ def plugins_command(args: argparse.Namespace) -> int:
     for component in listed:
         table.add_row(component.kind, component.name, component.source, escape(component.summary))
     console.print(table)
+    if registry.plugin_import_seconds:  # installed plugins (entry points), the built-in aside
+        plugins = Table(title="installed plugins", header_style="bold")
+        for column in ("plugin (distribution:entry point)", "import", "status"):
+            plugins.add_column(column)
+        for label, seconds in registry.plugin_import_seconds.items():
+            status = "failed to load" if label in registry.plugin_errors else "loaded"
+            slow = seconds > SLOW_IMPORT_SECONDS
+            plugins.add_row(escape(label), f"{'[yellow]' if slow else ''}{seconds:.2f} s"
+                            f"{' (slow)[/]' if slow else ''}", status)
+        console.print(plugins)
     for label, error in registry.plugin_errors.items():
         console.print(f"[bold red]plugin {escape(label)} failed to load:[/] {escape(error)}",
                       soft_wrap=True)

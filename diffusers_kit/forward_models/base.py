@@ -279,7 +279,13 @@ class ForwardModel:
             raise ValueError(f"{type(self).__name__}.matrix() is for small data (d, m <= "
                              f"{DENSE_LIMIT}); here d = {self.d}, m = {self.m}")
         eye = torch.eye(self.d, dtype=dtype).reshape(self.d, *self.data_shape)
-        return self.A(eye).reshape(self.d, self.m).T.contiguous()
+        matrix = self.A(eye).reshape(self.d, self.m).T.contiguous()
+        if not torch.isfinite(matrix).all():  # the SVD / pinv of it would fail anonymously
+            bad = int((~torch.isfinite(matrix)).sum())
+            raise ValueError(f"{type(self).__name__}.A returned {bad} non-finite values (NaN or "
+                             f"inf) of {matrix.numel()} on the unit vectors; a linear operator "
+                             "must map finite images to finite measurements")
+        return matrix
 
     def describe(self) -> str:
         """One line for logs: the operator, its shapes and its noise."""

@@ -25,6 +25,7 @@ from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.devices import is_out_of_memory
 from diffusers_kit.guidance.base import Guidance, LabelsError, requested_labels
 from diffusers_kit.metrics.base import Metric, metric_figures
+from diffusers_kit.model import expected_output_shape
 from diffusers_kit.references import TrainedModel
 from diffusers_kit.registry import (
     NestedBuildError,
@@ -184,6 +185,8 @@ def build_components(
         shape = data.shape if autoencoder is None else tuple(autoencoder.latent_shape)
         network = model_builder.build(("network",), "network", source.network,
                                       data_shape=shape)
+        if network is not None and (reason := _network_output_refusal(network, shape)):
+            model_builder.issue(("network", "kind"), reason, source.network["kind"])
         if objective is not None and objective.first_stage:
             model_builder.issue(("objective", "kind"), "an objective that trains a diffusion "
                                 "model (reconstruction trains a spec's 'autoencoder')",
@@ -231,6 +234,37 @@ def build_components(
             raise SpecError(builder.issues, document.origin if document else None)
     return Components(dataset, data, diffusion, solver, metrics, optimizer, resolved, guidance,
                       labels, method, restore_solver, trackers)
+
+
+def _network_output_refusal(network: Any, data_shape: tuple[int, ...]) -> str | None:
+    """Why ``network`` cannot serve data of ``data_shape``, found by one evaluation of a batch
+    of two (evaluation mode, no gradient, so no random number and no batch statistic changes),
+    or None. A plugin network whose output has another shape (a (B, 1) output for (B, 2) data
+    broadcasts through losses and solver steps) or that fails on its own input is refused here,
+    before any training."""
+    expected = expected_output_shape(network, (2, *data_shape))
+    if expected is None:
+        return None
+    x = torch.zeros(expected[:1] + tuple(data_shape))
+    t = torch.full((2,), 0.5)
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            out = (network(x, t, torch.zeros(2, dtype=torch.long))
+                   if getattr(network, "num_classes", None) is not None else network(x, t))
+    except Exception as exc:  # a plugin's forward: report it with the network's name
+        return (f"a network that evaluates a batch of shape {tuple(x.shape)} "
+                f"({type(network).__qualname__} raised {type(exc).__name__}: {exc})")
+    finally:
+        network.train(was_training)
+    shape = tuple(getattr(out, "shape", ()))
+    if shape != expected:
+        per = ("twice the channels: it learns its variance" if network.learned_variance
+               else "one value per input element")
+        return (f"a network returning shape {expected} for input {tuple(x.shape)} ({per}); "
+                f"{type(network).__qualname__} returned {shape}")
+    return None
 
 
 def _first_stage(reference: TrainedModel, data_shape: tuple[int, ...], builder: Builder
