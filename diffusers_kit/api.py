@@ -458,15 +458,9 @@ class Diffusion:
         result.batch_size = largest
         return result
 
-    def evaluate(
-        self,
-        samples: SampleResult | torch.Tensor,
-        data: Dataset | DataSplits,
-        metrics: Metric | Sequence[Metric],
-        *,
-        seed: int = 0,
-        labels: torch.Tensor | None = None,
-    ) -> dict[str, float]:
+    def evaluate(self, samples: SampleResult | torch.Tensor, data: Dataset | DataSplits,
+                 metrics: Metric | Sequence[Metric], *, seed: int = 0,
+                 labels: torch.Tensor | None = None) -> dict[str, float]:
         """The figures ``dkit run``'s evaluate stage computes for ``samples`` against ``data``
         (a data set component or its splits): each metric's value beside its noise floor with
         intervals, in the run's order, with the run's sampling weights and generator (so

@@ -8,6 +8,11 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+LearningRate = Annotated[float, Field(gt=0, le=100)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+Epsilon = Annotated[float, Field(gt=0, le=1)]
+WeightDecay = Annotated[float, Field(ge=0, le=100)]
+
 
 class Optimizer:
     """Base class of optimizer configs: ``create(parameters) -> torch.optim.Optimizer``."""
@@ -19,14 +24,8 @@ class Optimizer:
 class Adam(Optimizer):
     """Adam (Kingma & Ba 2015)."""
 
-    def __init__(
-        self,
-        lr: Annotated[float, Field(gt=0, le=100)] = 1e-3,
-        beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9,
-        beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999,
-        eps: Annotated[float, Field(gt=0, le=1)] = 1e-8,
-        weight_decay: Annotated[float, Field(ge=0, le=100)] = 0.0,
-    ) -> None:
+    def __init__(self, lr: LearningRate = 1e-3, beta1: Beta = 0.9, beta2: Beta = 0.999,
+                 eps: Epsilon = 1e-8, weight_decay: WeightDecay = 0.0) -> None:
         self.lr, self.betas, self.eps, self.weight_decay = lr, (beta1, beta2), eps, weight_decay
 
     def create(self, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -37,14 +36,8 @@ class Adam(Optimizer):
 class AdamW(Adam):
     """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter 2019)."""
 
-    def __init__(
-        self,
-        lr: Annotated[float, Field(gt=0, le=100)] = 1e-3,
-        beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9,
-        beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999,
-        eps: Annotated[float, Field(gt=0, le=1)] = 1e-8,
-        weight_decay: Annotated[float, Field(ge=0, le=100)] = 0.01,
-    ) -> None:
+    def __init__(self, lr: LearningRate = 1e-3, beta1: Beta = 0.9, beta2: Beta = 0.999,
+                 eps: Epsilon = 1e-8, weight_decay: WeightDecay = 0.01) -> None:
         super().__init__(lr, beta1, beta2, eps, weight_decay)
 
     def create(self, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:

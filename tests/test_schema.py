@@ -106,3 +106,29 @@ def test_one_unschemable_component_does_not_cost_everybody_the_schema(fresh_regi
     names = {o["properties"]["kind"]["const"] for o in schema["$defs"]["metric"]["oneOf"]}
     assert "odd" not in names and "swd" in names
     assert problems and "'odd'" in problems[0]
+
+
+def test_a_parameter_documented_on_the_base_class_reaches_every_subclass():
+    """Operators document sigma_y, noise and photons once, on ForwardModel: each operator's
+    schema still describes them, and a subclass's own text wins over the base's."""
+    from diffusers_kit.spec.schema import argument_docs
+
+    schema = spec_schema(get_registry())
+    operators = {o["properties"]["kind"]["const"]: o["properties"]
+                 for o in schema["$defs"]["forward_model"]["oneOf"]}
+    for name in ("blur", "inpaint", "super_resolution", "colorize", "denoise", "matrix"):
+        assert "measurement noise standard deviation" in operators[name]["sigma_y"]["description"]
+        assert "Poisson" in operators[name]["photons"]["description"]
+
+    class Base:
+        """Args:
+            a: the base's a.
+            b: the base's b.
+        """
+
+    class Child(Base):
+        """Args:
+            a: the child's a.
+        """
+
+    assert argument_docs(Child) == {"a": "the child's a.", "b": "the base's b."}

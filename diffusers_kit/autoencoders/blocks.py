@@ -14,13 +14,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from diffusers_kit.autoencoders.base import Autoencoder
 from diffusers_kit.networks.attention import zero
 from diffusers_kit.networks.base import check_data_shape
+
+# the architecture options every first stage takes (bounds written once)
+Downsample = Literal[2, 4]
+LatentChannels = Annotated[int, Field(ge=1, le=64)]
+Width = Annotated[int, Field(ge=1, le=1024)]
+ChannelMult = Annotated[list[Annotated[int, Field(ge=1, le=16)]], Field(min_length=1, max_length=3)]
+Blocks = Annotated[int, Field(ge=1, le=8)]
+NormGroups = Annotated[int, Field(ge=1, le=1024)]
+ReconstructionLoss = Literal["l1", "l2"]
 
 
 class ResidualBlock(nn.Module):
@@ -141,7 +152,18 @@ class ConvAutoencoder(Autoencoder):
     level widths, ``latent_shape = (c, H/f, W/f)``, an :class:`Encoder` to
     ``encoder_channels`` (``2c`` for a KL posterior, ``c`` for a VQ code) and a
     :class:`Decoder` from ``c`` channels. A family's own constructor (its signature is its
-    schema) calls this one with its parameters."""
+    schema) calls this one with its parameters.
+
+    Args:
+        downsample: spatial factor f between image and latent (2 or 4; H and W must be
+            divisible by it).
+        latent_channels: channels c of the latent.
+        channels: width of the first (full-resolution) level.
+        channel_mult: width multiplier of each of the log2(f) + 1 levels, from the image's
+            resolution down to the latent's; a shorter list repeats its last entry.
+        blocks: residual blocks per level (in the encoder and in the decoder).
+        norm_groups: GroupNorm groups (must divide every level's width).
+    """
 
     def __init__(self, name: str, data_shape: tuple[int, ...], downsample: int,
                  latent_channels: int, encoder_channels: int, channels: int,

@@ -19,11 +19,12 @@ terms are here divided by ``D``).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 from pydantic import Field
 
+from diffusers_kit.autoencoders import blocks as arch
 from diffusers_kit.autoencoders.blocks import ConvAutoencoder, reconstruction_error
 
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -48,14 +49,6 @@ class KLAutoencoder(ConvAutoencoder):
     scale factor.
 
     Args:
-        downsample: spatial factor f between image and latent (2 or 4; H and W must be
-            divisible by it).
-        latent_channels: channels c of the latent.
-        channels: width of the first (full-resolution) level.
-        channel_mult: width multiplier of each of the log2(f) + 1 levels, from the image's
-            resolution down to the latent's; a shorter list repeats its last entry.
-        blocks: residual blocks per level (in the encoder and in the decoder).
-        norm_groups: GroupNorm groups (must divide every level's width).
         loss: reconstruction error, mean absolute (l1, as Rombach et al.) or squared (l2).
         kl_weight: beta, the KL's weight per image element (nats of KL per image divided by
             C H W, against the per-pixel error). Rombach et al. use 1e-6 on 256x256 images; the
@@ -66,14 +59,10 @@ class KLAutoencoder(ConvAutoencoder):
 
     def __init__(
         self,
-        downsample: Literal[2, 4] = 4,
-        latent_channels: Annotated[int, Field(ge=1, le=64)] = 4,
-        channels: Annotated[int, Field(ge=1, le=1024)] = 16,
-        channel_mult: Annotated[list[Annotated[int, Field(ge=1, le=16)]],
-                                Field(min_length=1, max_length=3)] = [1, 2],  # noqa: B006
-        blocks: Annotated[int, Field(ge=1, le=8)] = 1,
-        norm_groups: Annotated[int, Field(ge=1, le=1024)] = 8,
-        loss: Literal["l1", "l2"] = "l1",
+        downsample: arch.Downsample = 4, latent_channels: arch.LatentChannels = 4,
+        channels: arch.Width = 16, channel_mult: arch.ChannelMult = [1, 2],  # noqa: B006
+        blocks: arch.Blocks = 1, norm_groups: arch.NormGroups = 8,
+        loss: arch.ReconstructionLoss = "l1",
         kl_weight: Annotated[float, Field(ge=0, le=1)] = 1e-4,
         *,
         data_shape: tuple[int, ...],

@@ -19,12 +19,13 @@ term (``beta``, 0.25 in the paper) keeps the encoder's outputs close to their co
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from diffusers_kit.autoencoders import blocks as arch
 from diffusers_kit.autoencoders.blocks import ConvAutoencoder, reconstruction_error
 
 
@@ -41,31 +42,20 @@ class VQAutoencoder(ConvAutoencoder):
     decoded as codes, as Rombach et al. absorb the quantisation into the decoder.
 
     Args:
-        downsample: spatial factor f between image and latent (2 or 4; H and W must be
-            divisible by it).
         latent_channels: channels c of the latent (the codebook vectors' dimension).
         codebook_size: number K of codebook vectors.
         commitment: beta, the weight of the commitment term (van den Oord et al. use 0.25).
-        channels: width of the first (full-resolution) level.
-        channel_mult: width multiplier of each of the log2(f) + 1 levels, from the image's
-            resolution down to the latent's; a shorter list repeats its last entry.
-        blocks: residual blocks per level (in the encoder and in the decoder).
-        norm_groups: GroupNorm groups (must divide every level's width).
         loss: reconstruction error, mean absolute (l1) or squared (l2, as van den Oord et al.).
     """
 
     def __init__(
         self,
-        downsample: Literal[2, 4] = 4,
-        latent_channels: Annotated[int, Field(ge=1, le=64)] = 4,
+        downsample: arch.Downsample = 4, latent_channels: arch.LatentChannels = 4,
         codebook_size: Annotated[int, Field(ge=2, le=65536)] = 256,
         commitment: Annotated[float, Field(ge=0, le=10)] = 0.25,
-        channels: Annotated[int, Field(ge=1, le=1024)] = 16,
-        channel_mult: Annotated[list[Annotated[int, Field(ge=1, le=16)]],
-                                Field(min_length=1, max_length=3)] = [1, 2],  # noqa: B006
-        blocks: Annotated[int, Field(ge=1, le=8)] = 1,
-        norm_groups: Annotated[int, Field(ge=1, le=1024)] = 8,
-        loss: Literal["l1", "l2"] = "l1",
+        channels: arch.Width = 16, channel_mult: arch.ChannelMult = [1, 2],  # noqa: B006
+        blocks: arch.Blocks = 1, norm_groups: arch.NormGroups = 8,
+        loss: arch.ReconstructionLoss = "l1",
         *,
         data_shape: tuple[int, ...],
     ) -> None:

@@ -28,7 +28,14 @@ PositiveLength = Annotated[float, Field(gt=0, le=1000)]
 
 
 class Toy2D(Dataset):
-    """Base of the toy sets: ``draw(n, generator) -> (n, 2)``; seeded train / held-out split."""
+    """Base of the toy sets: ``draw(n, generator) -> (n, 2)``; seeded train / held-out split.
+
+    Args:
+        n_train: training points.
+        n_heldout: held-out points (for metrics and the scatter plot).
+        noise: standard deviation of Gaussian noise added to every point.
+        seed: seed of the draw.
+    """
 
     modality = "points"
 
@@ -56,18 +63,10 @@ class Toy2D(Dataset):
 
 
 class TwoMoons(Toy2D):
-    """Two interleaved half circles of radius 1, centred and scaled by 1.5.
-
-    Args:
-        n_train: training points.
-        n_heldout: held-out points (for metrics and the scatter plot).
-        noise: standard deviation of Gaussian noise added to every point.
-        seed: seed of the draw.
-    """
+    """Two interleaved half circles of radius 1, centred and scaled by 1.5."""
 
     def __init__(self, n_train: Count = 8000, n_heldout: Count = 2000,
-                 noise: Length = 0.05,
-                 seed: Seed = 0) -> None:
+                 noise: Length = 0.05, seed: Seed = 0) -> None:
         super().__init__(n_train, n_heldout, noise, seed)
 
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -79,18 +78,10 @@ class TwoMoons(Toy2D):
 
 
 class SwissRoll(Toy2D):
-    """The 2-D swiss roll ``t (cos t, sin t) / 7``, ``t`` uniform in [1.5 pi, 4.5 pi].
-
-    Args:
-        n_train: training points.
-        n_heldout: held-out points.
-        noise: standard deviation of Gaussian noise added to every point.
-        seed: seed of the draw.
-    """
+    """The 2-D swiss roll ``t (cos t, sin t) / 7``, ``t`` uniform in [1.5 pi, 4.5 pi]."""
 
     def __init__(self, n_train: Count = 8000, n_heldout: Count = 2000,
-                 noise: Length = 0.1,
-                 seed: Seed = 0) -> None:
+                 noise: Length = 0.1, seed: Seed = 0) -> None:
         super().__init__(n_train, n_heldout, noise, seed)
 
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -99,18 +90,10 @@ class SwissRoll(Toy2D):
 
 
 class Checkerboard(Toy2D):
-    """Uniform on the 8 dark squares of a 4x4 board covering [-2, 2]^2.
-
-    Args:
-        n_train: training points.
-        n_heldout: held-out points.
-        noise: standard deviation of Gaussian noise added to every point.
-        seed: seed of the draw.
-    """
+    """Uniform on the 8 dark squares of a 4x4 board covering [-2, 2]^2."""
 
     def __init__(self, n_train: Count = 8000, n_heldout: Count = 2000,
-                 noise: Length = 0.0,
-                 seed: Seed = 0) -> None:
+                 noise: Length = 0.0, seed: Seed = 0) -> None:
         super().__init__(n_train, n_heldout, noise, seed)
 
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -127,9 +110,6 @@ class GaussianMixture(Toy2D):
         components: number of Gaussians.
         radius: radius of the circle of means.
         std: standard deviation of each Gaussian.
-        n_train: training points.
-        n_heldout: held-out points.
-        seed: seed of the draw.
     """
 
     def __init__(self, components: Annotated[int, Field(ge=1, le=1000)] = 8,

@@ -80,6 +80,12 @@ class ForwardModel:
     protocol methods are ``A``, ``A_adjoint``, ``pinv``, ``simulate``, ``singulars``, ``Vt``,
     ``V``, ``Ut``, ``U`` and the test helper ``matrix``; the capabilities ``linear``,
     ``has_svd``, ``has_adjoint``, ``has_pinv``; the noise model ``noise``.
+
+    Args:
+        sigma_y: measurement noise standard deviation, in data units (Gaussian noise,
+            or the read noise of poisson_gaussian).
+        noise: gaussian (default), poisson or poisson_gaussian.
+        photons: expected photon count at the top of the data range (Poisson noise).
     """
 
     dkit_context = ("data_shape",)

@@ -44,22 +44,12 @@ class GaussianBlur(ForwardModel):
     Args:
         sigma: standard deviation of the Gaussian, in pixels.
         size: kernel width, odd (default: ``2 * ceil(3 sigma) + 1``).
-        sigma_y: measurement noise standard deviation, in data units (Gaussian noise,
-            or the read noise of poisson_gaussian).
-        noise: gaussian (default), poisson or poisson_gaussian.
-        photons: expected photon count at the top of the data range (Poisson noise).
     """
 
-    def __init__(
-        self,
-        sigma: Annotated[float, Field(gt=0, le=1000)] = 1.0,
-        size: Annotated[int, Field(ge=1, le=4095)] | None = None,
-        sigma_y: SigmaY = 0.0,
-        noise: NoiseKind = "gaussian",
-        photons: Photons = None,
-        *,
-        data_shape: tuple[int, ...],
-    ) -> None:
+    def __init__(self, sigma: Annotated[float, Field(gt=0, le=1000)] = 1.0,
+                 size: Annotated[int, Field(ge=1, le=4095)] | None = None, sigma_y: SigmaY = 0.0,
+                 noise: NoiseKind = "gaussian", photons: Photons = None, *,
+                 data_shape: tuple[int, ...]) -> None:
         super().__init__(sigma_y, data_shape=data_shape, noise=noise, photons=photons)
         c, h, w = image_shape("blur", self.data_shape)
         if size is None:

@@ -27,11 +27,7 @@ from diffusers_kit.forward_models.base import (
 class Colorize(IdentityMeasurementBasis, ForwardModel):
     """Colorization: the measurement is the gray image, the mean of the three channels.
 
-    Args:
-        sigma_y: measurement noise standard deviation, in data units (Gaussian noise,
-            or the read noise of poisson_gaussian).
-        noise: gaussian (default), poisson or poisson_gaussian.
-        photons: expected photon count at the top of the data range (Poisson noise).
+    Its parameters are the measurement noise's, described on :class:`ForwardModel`.
     """
 
     def __init__(self, sigma_y: SigmaY = 0.0, noise: NoiseKind = "gaussian",

@@ -13,11 +13,7 @@ from diffusers_kit.forward_models.base import ForwardModel, NoiseKind, Photons, 
 class Denoise(ForwardModel):
     """Denoising: the measurement is the data itself, plus noise (any data shape).
 
-    Args:
-        sigma_y: measurement noise standard deviation, in data units (Gaussian noise,
-            or the read noise of poisson_gaussian).
-        noise: gaussian (default), poisson or poisson_gaussian.
-        photons: expected photon count at the top of the data range (Poisson noise).
+    Its parameters are the measurement noise's, described on :class:`ForwardModel`.
     """
 
     def __init__(self, sigma_y: SigmaY = 0.0, noise: NoiseKind = "gaussian",

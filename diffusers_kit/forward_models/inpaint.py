@@ -57,25 +57,14 @@ class Inpaint(IdentityMeasurementBasis, ForwardModel):
         box_size: side of the ``box`` / ``center`` hole, as a fraction of every side.
         box_position: where the ``box`` hole lies (see above); only for ``mask: box``.
         seed: draws the ``random`` mask and an unplaced ``box``.
-        sigma_y: measurement noise standard deviation, in data units (Gaussian noise,
-            or the read noise of poisson_gaussian).
-        noise: gaussian (default), poisson or poisson_gaussian.
-        photons: expected photon count at the top of the data range (Poisson noise).
     """
 
-    def __init__(
-        self,
-        mask: str = "center",
-        rate: Annotated[float, Field(gt=0, le=1)] = 0.5,
-        box_size: Annotated[float, Field(gt=0, le=1)] = 0.5,
-        box_position: list[Fraction] | None = None,
-        seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0,
-        sigma_y: SigmaY = 0.0,
-        noise: NoiseKind = "gaussian",
-        photons: Photons = None,
-        *,
-        data_shape: tuple[int, ...],
-    ) -> None:
+    def __init__(self, mask: str = "center", rate: Annotated[float, Field(gt=0, le=1)] = 0.5,
+                 box_size: Annotated[float, Field(gt=0, le=1)] = 0.5,
+                 box_position: list[Fraction] | None = None,
+                 seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0, sigma_y: SigmaY = 0.0,
+                 noise: NoiseKind = "gaussian", photons: Photons = None, *,
+                 data_shape: tuple[int, ...]) -> None:
         super().__init__(sigma_y, data_shape=data_shape, noise=noise, photons=photons)
         shape = self.data_shape
         if len(shape) == 1:

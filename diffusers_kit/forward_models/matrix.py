@@ -25,23 +25,12 @@ class MatrixOperator(ForwardModel):
         rows: number of measurements of a random matrix (default: ``max(1, d // 2)``).
         path: a ``.npy`` file holding the ``(rows, d)`` matrix instead.
         seed: draws the random matrix.
-        sigma_y: measurement noise standard deviation, in data units (Gaussian noise,
-            or the read noise of poisson_gaussian).
-        noise: gaussian (default), poisson or poisson_gaussian.
-        photons: expected photon count at the top of the data range (Poisson noise).
     """
 
-    def __init__(
-        self,
-        rows: Annotated[int, Field(ge=1, le=DENSE_LIMIT)] | None = None,
-        path: str | None = None,
-        seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0,
-        sigma_y: SigmaY = 0.0,
-        noise: NoiseKind = "gaussian",
-        photons: Photons = None,
-        *,
-        data_shape: tuple[int, ...],
-    ) -> None:
+    def __init__(self, rows: Annotated[int, Field(ge=1, le=DENSE_LIMIT)] | None = None,
+                 path: str | None = None, seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0,
+                 sigma_y: SigmaY = 0.0, noise: NoiseKind = "gaussian", photons: Photons = None, *,
+                 data_shape: tuple[int, ...]) -> None:
         super().__init__(sigma_y, data_shape=data_shape, noise=noise, photons=photons)
         d = self.d
         if d > DENSE_LIMIT:

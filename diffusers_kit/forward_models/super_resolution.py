@@ -30,21 +30,11 @@ class SuperResolution(IdentityMeasurementBasis, ForwardModel):
 
     Args:
         scale: the integer down-sampling factor ``k`` (it must divide the height and width).
-        sigma_y: measurement noise standard deviation, in data units (Gaussian noise,
-            or the read noise of poisson_gaussian).
-        noise: gaussian (default), poisson or poisson_gaussian.
-        photons: expected photon count at the top of the data range (Poisson noise).
     """
 
-    def __init__(
-        self,
-        scale: Annotated[int, Field(ge=1, le=64)] = 2,
-        sigma_y: SigmaY = 0.0,
-        noise: NoiseKind = "gaussian",
-        photons: Photons = None,
-        *,
-        data_shape: tuple[int, ...],
-    ) -> None:
+    def __init__(self, scale: Annotated[int, Field(ge=1, le=64)] = 2, sigma_y: SigmaY = 0.0,
+                 noise: NoiseKind = "gaussian", photons: Photons = None, *,
+                 data_shape: tuple[int, ...]) -> None:
         super().__init__(sigma_y, data_shape=data_shape, noise=noise, photons=photons)
         c, h, w = image_shape("super_resolution", self.data_shape)
         if h % scale or w % scale:

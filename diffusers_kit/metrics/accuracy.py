@@ -42,13 +42,8 @@ class Accuracy(Metric):
         self.bars = ErrorBars(resamples, level)
 
     @torch.no_grad()
-    def evaluate(
-        self,
-        samples: torch.Tensor | None,
-        data: DataSplits,
-        generator: torch.Generator,
-        model: ScoreModel | None = None,
-    ) -> dict[str, float]:
+    def evaluate(self, samples: torch.Tensor | None, data: DataSplits, generator: torch.Generator,
+                 model: ScoreModel | None = None) -> dict[str, float]:
         if model is None or getattr(model.network, "prediction", None) != "logits":
             raise ValueError("the accuracy metric needs a classifier model (network kind: "
                              "classifier)")

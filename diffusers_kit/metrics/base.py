@@ -28,13 +28,8 @@ class Metric:
     needs_samples: bool = True
     uses_labels: bool = False
 
-    def evaluate(
-        self,
-        samples: torch.Tensor,
-        data: DataSplits,
-        generator: torch.Generator,
-        model: ScoreModel | None = None,
-    ) -> dict[str, float]:
+    def evaluate(self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator,
+                 model: ScoreModel | None = None) -> dict[str, float]:
         raise NotImplementedError
 
 

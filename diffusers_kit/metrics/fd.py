@@ -79,13 +79,8 @@ class FrechetDistance(FeatureMetric):
                  level: Level = 0.95) -> None:
         super().__init__(features, resamples, level)
 
-    def evaluate(
-        self,
-        samples: torch.Tensor,
-        data: DataSplits,
-        generator: torch.Generator,
-        model: ScoreModel | None = None,
-    ) -> dict[str, float]:
+    def evaluate(self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator,
+                 model: ScoreModel | None = None) -> dict[str, float]:
         sets, fake, reference, real = self.embedded_sets(samples, data, generator)
 
         def statistic(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:

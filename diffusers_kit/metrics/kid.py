@@ -116,13 +116,8 @@ class KernelDistance(FeatureMetric):
         self.subsets = subsets
         self.subset_size = subset_size
 
-    def evaluate(
-        self,
-        samples: torch.Tensor,
-        data: DataSplits,
-        generator: torch.Generator,
-        model: ScoreModel | None = None,
-    ) -> dict[str, float]:
+    def evaluate(self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator,
+                 model: ScoreModel | None = None) -> dict[str, float]:
         sets, fake, reference, real = self.embedded_sets(samples, data, generator)
         size = self.subset_size or max(2, sets.n // 2)
         draw = bootstrap_generator(generator, "kid subsets")

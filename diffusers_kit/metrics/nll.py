@@ -69,13 +69,8 @@ class NegativeLogLikelihood(Metric):
         self.vlb = vlb
         self.vlb_steps = vlb_steps
 
-    def evaluate(
-        self,
-        samples: torch.Tensor,
-        data: DataSplits,
-        generator: torch.Generator,
-        model: ScoreModel | None = None,
-    ) -> dict[str, float]:
+    def evaluate(self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator,
+                 model: ScoreModel | None = None) -> dict[str, float]:
         if model is None:
             raise ValueError("the nll metric needs the trained model")
         device = next(iter(model.parameters()), torch.empty(0)).device

@@ -91,13 +91,8 @@ class PrecisionRecall(FeatureMetric):
         super().__init__(features, resamples, level)
         self.k = k
 
-    def evaluate(
-        self,
-        samples: torch.Tensor,
-        data: DataSplits,
-        generator: torch.Generator,
-        model: ScoreModel | None = None,
-    ) -> dict[str, float]:
+    def evaluate(self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator,
+                 model: ScoreModel | None = None) -> dict[str, float]:
         sets, fake, reference, real = self.embedded_sets(samples, data, generator)
 
         distances: dict[int, torch.Tensor] = {}

@@ -63,13 +63,8 @@ class ReconstructionQuality(Metric):
         self.psnr = PSNR(low, high, resamples, level)
         self.ssim = SSIM(low, high, kernel_size, sigma, resamples, level)
 
-    def evaluate(
-        self,
-        samples: torch.Tensor | None,
-        data: DataSplits,
-        generator: torch.Generator,
-        model: ScoreModel | None = None,
-    ) -> dict[str, float]:
+    def evaluate(self, samples: torch.Tensor | None, data: DataSplits, generator: torch.Generator,
+                 model: ScoreModel | None = None) -> dict[str, float]:
         autoencoder = getattr(model, "network", None)
         if not isinstance(autoencoder, Autoencoder):
             raise ValueError("the reconstruction metric needs an autoencoder model (a spec's "

@@ -82,13 +82,8 @@ class SlicedWasserstein(Metric):
         self.projections = projections
         self.bars = ErrorBars(resamples, level)
 
-    def evaluate(
-        self,
-        samples: torch.Tensor,
-        data: DataSplits,
-        generator: torch.Generator,
-        model: ScoreModel | None = None,
-    ) -> dict[str, float]:
+    def evaluate(self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator,
+                 model: ScoreModel | None = None) -> dict[str, float]:
         sets = real_sets(samples, data, generator)
         directions = random_directions(sets.reference[0].numel(), self.projections, generator)
 

@@ -33,13 +33,8 @@ class Objective:
                     "kind: classification")
         return None
 
-    def loss(
-        self,
-        model: ScoreModel,
-        x0: torch.Tensor,
-        generator: torch.Generator | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def loss(self, model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 

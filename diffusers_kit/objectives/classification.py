@@ -47,13 +47,8 @@ class NoisyClassification(Objective):
             return "a classifier network (network kind: classifier) to train by classification"
         return None
 
-    def loss(
-        self,
-        model: ScoreModel,
-        x0: torch.Tensor,
-        generator: torch.Generator | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def loss(self, model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
             raise ValueError("classification needs class labels; this data set has none")
         n = x0.shape[0]

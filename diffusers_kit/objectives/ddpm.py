@@ -140,13 +140,8 @@ class _DDPMObjective(Objective):
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         return index, noise
 
-    def loss(
-        self,
-        model: ScoreModel,
-        x0: Tensor,
-        generator: torch.Generator | None = None,
-        labels: Tensor | None = None,
-    ) -> Tensor:
+    def loss(self, model: ScoreModel, x0: Tensor, generator: torch.Generator | None = None,
+             labels: Tensor | None = None) -> Tensor:
         index, noise = self.draw(model, x0, generator)
         t = index.float() / model.process.num_steps
         return self.per_example(model, x0, t, noise, labels, index).mean()

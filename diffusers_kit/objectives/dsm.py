@@ -98,13 +98,8 @@ class DenoisingScoreMatching(Objective):
             return torch.full((n,), float(self.time), device=device)
         return sample_times(process, n, self.times, device=device, generator=generator)
 
-    def loss(
-        self,
-        model: ScoreModel,
-        x0: torch.Tensor,
-        generator: torch.Generator | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def loss(self, model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
         t = self.sample_times(model.process, x0.shape[0], x0.device, generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         return self.per_example(model, x0, t, noise, labels).mean()

@@ -38,13 +38,8 @@ class Reconstruction(Objective):
                     "reconstruction; a diffusion network is trained by a denoising objective")
         return None
 
-    def loss(
-        self,
-        model: ScoreModel,
-        x0: torch.Tensor,
-        generator: torch.Generator | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def loss(self, model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
         network = model.network
         if not isinstance(network, Autoencoder):
             raise TypeError(f"reconstruction trains an autoencoder, not a "

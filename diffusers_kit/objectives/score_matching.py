@@ -85,13 +85,8 @@ class _NoiseFreeObjective(Objective):
     time: float | None = None
     differentiates_twice = True
 
-    def loss(
-        self,
-        model: ScoreModel,
-        x0: Tensor,
-        generator: torch.Generator | None = None,
-        labels: Tensor | None = None,
-    ) -> Tensor:
+    def loss(self, model: ScoreModel, x0: Tensor, generator: torch.Generator | None = None,
+             labels: Tensor | None = None) -> Tensor:
         process = model.process
         time = process.t_min if self.time is None else self.time
         t = torch.full((x0.shape[0],), float(time), device=x0.device)

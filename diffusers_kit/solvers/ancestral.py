@@ -26,13 +26,12 @@ the posterior is ``N(alpha_s x0_hat, sigma_s^2)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import Field
 
 from diffusers_kit.processes.gaussian import learned_log_variance
-from diffusers_kit.solvers.base import Callback, ClipX0, Solver, clip_data
+from diffusers_kit.solvers.base import Callback, ClipX0, Solver, Steps, clip_data
 from diffusers_kit.solvers.grids import Spacing
 from diffusers_kit.solvers.noise import Noise
 from diffusers_kit.solvers.tables import StepTable, step_table
@@ -111,7 +110,7 @@ class Ancestral(Solver):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1, le=100_000)] | None = None,
+        steps: Steps | None = None,
         spacing: Spacing = "uniform",
         variance: Literal["posterior", "transition", "learned"] = "posterior",
         clip_x0: ClipX0 = None,

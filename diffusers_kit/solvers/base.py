@@ -408,6 +408,10 @@ def _hashable(value: Any) -> Any:
 
 #: The type of every solver's ``clip_x0`` option (``None``: off).
 ClipX0 = Annotated[float, Field(gt=0, le=1e6)] | None
+Steps = Annotated[int, Field(ge=1, le=100_000)]
+"""A number of solver steps."""
+Rho = Annotated[float, Field(gt=0, le=100)]
+"""The exponent of the ``edm`` and ``power`` spacings."""
 
 
 def clip_data(x0: torch.Tensor, clip: float | None) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.solvers.ancestral import data_prediction
-from diffusers_kit.solvers.base import Callback, ClipX0, Solver
+from diffusers_kit.solvers.base import Callback, ClipX0, Solver, Steps
 from diffusers_kit.solvers.grids import Spacing, as_scalars
 from diffusers_kit.solvers.noise import Noise
 from diffusers_kit.solvers.tables import StepTable, step_table
@@ -65,7 +65,7 @@ class DDIM(Solver):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1, le=100_000)] = 50,
+        steps: Steps = 50,
         eta: Annotated[float, Field(ge=0, le=1)] = 0.0,
         spacing: Spacing = "uniform",
         clip_x0: ClipX0 = None,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.base import Callback, Solver, model_device, start
+from diffusers_kit.solvers.base import Callback, Solver, Steps, model_device, start
 from diffusers_kit.solvers.noise import Noise
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ class AnnealedLangevin(Solver):
 
     def __init__(
         self,
-        steps_per_level: Annotated[int, Field(ge=1, le=100_000)] = 100,
+        steps_per_level: Steps = 100,
         epsilon: Annotated[float, Field(gt=0, le=10)] = 2e-5,
         denoise: bool = True,
     ) -> None:
@@ -140,7 +140,7 @@ class Langevin(Solver):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1, le=100_000)] = 1000,
+        steps: Steps = 1000,
         step_size: Annotated[float, Field(gt=0, le=10)] = 1e-3,
         time: Annotated[float, Field(ge=0, le=1)] | None = None,
         init: Literal["normal", "prior"] = "normal",

@@ -47,7 +47,7 @@ from pydantic import Field
 from scipy.integrate import solve_ivp
 
 from diffusers_kit.processes.base import expand
-from diffusers_kit.solvers.base import Callback, ClipX0, Solver, clip_data
+from diffusers_kit.solvers.base import Callback, ClipX0, Rho, Solver, Steps, clip_data
 from diffusers_kit.solvers.grids import (
     Spacing,
     TimeGrid,
@@ -137,14 +137,10 @@ class ScipyODE(Solver):
     times at one evaluation each (counted in nfe).
     """
 
-    def __init__(
-        self,
-        method: Method = "RK45",
-        rtol: Annotated[float, Field(gt=0, le=1)] = 1e-5,
-        atol: Annotated[float, Field(gt=0, le=1)] = 1e-5,
-        t_end: Annotated[float, Field(ge=0, lt=1)] | None = None,
-        denoise: bool = True,
-    ) -> None:
+    def __init__(self, method: Method = "RK45", rtol: Annotated[float, Field(gt=0, le=1)] = 1e-5,
+                 atol: Annotated[float, Field(gt=0, le=1)] = 1e-5,
+                 t_end: Annotated[float, Field(ge=0, lt=1)] | None = None,
+                 denoise: bool = True) -> None:
         self.method = method
         self.rtol = rtol
         self.atol = atol
@@ -243,13 +239,8 @@ class EulerODE(ODESolver):
             1.0; DDIM's option). None: off.
     """
 
-    def __init__(
-        self,
-        steps: Annotated[int, Field(ge=1, le=100_000)] = 100,
-        spacing: Spacing = "auto",
-        rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
-        clip_x0: ClipX0 = None,
-    ) -> None:
+    def __init__(self, steps: Steps = 100, spacing: Spacing = "auto", rho: Rho = 7.0,
+                 clip_x0: ClipX0 = None) -> None:
         super().__init__(steps, spacing, rho, clip_x0)
 
     def run(self, model: ScoreModel, x: Tensor, grid: TimeGrid, noise: Noise,
@@ -324,14 +315,8 @@ class HeunODE(ODESolver):
             [-1, 1]: 1.0; DDIM's option); ``data`` form only. None: off.
     """
 
-    def __init__(
-        self,
-        steps: Annotated[int, Field(ge=1, le=100_000)] = 18,
-        spacing: Spacing = "auto",
-        rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
-        form: Literal["data", "noise"] = "data",
-        clip_x0: ClipX0 = None,
-    ) -> None:
+    def __init__(self, steps: Steps = 18, spacing: Spacing = "auto", rho: Rho = 7.0,
+                 form: Literal["data", "noise"] = "data", clip_x0: ClipX0 = None) -> None:
         if clip_x0 is not None and form != "data":
             raise ValueError("clip_x0 clamps the x0 predictions of the data form: "
                              "use form: data")
@@ -370,17 +355,13 @@ class EDMStochastic(ODESolver):
             the raised level) or ``noise`` (the paper's). ``S_churn: 0`` is :class:`HeunODE`.
     """
 
-    def __init__(
-        self,
-        steps: Annotated[int, Field(ge=2, le=100_000)] = 40,
-        spacing: Spacing = "auto",
-        rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
-        S_churn: Annotated[float, Field(ge=0, le=1e6)] = 30.0,
-        S_tmin: Annotated[float, Field(ge=0, le=1e6)] = 0.05,
-        S_tmax: Annotated[float, Field(gt=0, le=1e6)] = 50.0,
-        S_noise: Annotated[float, Field(gt=0, le=100)] = 1.0,
-        form: Literal["data", "noise"] = "data",
-    ) -> None:
+    def __init__(self, steps: Annotated[int, Field(ge=2, le=100_000)] = 40,
+                 spacing: Spacing = "auto", rho: Rho = 7.0,
+                 S_churn: Annotated[float, Field(ge=0, le=1e6)] = 30.0,
+                 S_tmin: Annotated[float, Field(ge=0, le=1e6)] = 0.05,
+                 S_tmax: Annotated[float, Field(gt=0, le=1e6)] = 50.0,
+                 S_noise: Annotated[float, Field(gt=0, le=100)] = 1.0,
+                 form: Literal["data", "noise"] = "data") -> None:
         super().__init__(steps, spacing, rho)
         self.S_churn, self.S_tmin, self.S_tmax, self.S_noise = S_churn, S_tmin, S_tmax, S_noise
         self.form = form
@@ -540,14 +521,8 @@ class DPMSolver2M(ODESolver):
 
     order = 2
 
-    def __init__(
-        self,
-        steps: Annotated[int, Field(ge=1, le=100_000)] = 20,
-        spacing: Spacing = "auto",
-        rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
-        lower_order_final: bool = True,
-        clip_x0: ClipX0 = None,
-    ) -> None:
+    def __init__(self, steps: Steps = 20, spacing: Spacing = "auto", rho: Rho = 7.0,
+                 lower_order_final: bool = True, clip_x0: ClipX0 = None) -> None:
         super().__init__(steps, spacing, rho, clip_x0)
         self.lower_order_final = lower_order_final
 

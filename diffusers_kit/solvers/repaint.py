@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.solvers.ancestral import PosteriorGrid, posterior_grid, posterior_step
-from diffusers_kit.solvers.base import Callback, ClipX0, Solver
+from diffusers_kit.solvers.base import Callback, ClipX0, Solver, Steps
 from diffusers_kit.solvers.grids import Spacing
 from diffusers_kit.solvers.noise import Noise
 
@@ -32,9 +32,7 @@ if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
     from diffusers_kit.processes.base import NoiseProcess
 
-Tensor = torch.Tensor
-
-
+Tensor = torch.Tensor, Steps
 def jump_schedule(steps: int, jump_length: int, resampling: int) -> list[tuple[str, int]]:
     """The moves: ``("down", i)`` is the step ``times[i] -> times[i + 1]``, ``("up", i)`` its
     forward re-noising ``times[i + 1] -> times[i]``. Blocks of ``jump_length`` steps, each
@@ -64,7 +62,7 @@ class RePaint(Solver):
 
     def __init__(
         self,
-        steps: Annotated[int, Field(ge=1, le=100_000)] = 250,
+        steps: Steps = 250,
         jump_length: Annotated[int, Field(ge=1, le=10_000)] = 10,
         resampling: Annotated[int, Field(ge=1, le=100)] = 10,
         spacing: Spacing = "uniform",

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.base import Callback, Solver
+from diffusers_kit.solvers.base import Callback, Solver, Steps
 from diffusers_kit.solvers.grids import Spacing, reaches_pure_noise
 from diffusers_kit.solvers.noise import Noise
 from diffusers_kit.solvers.tables import StepTable, step_table
@@ -48,9 +48,7 @@ if TYPE_CHECKING:
     from diffusers_kit.processes.base import NoiseProcess
 
 Tensor = torch.Tensor
-Rows = dict[str, list[float]]
-
-
+Rows = dict[str, list[float]], Steps
 def _factor(c: Rows, name: str, i: int) -> float | Tensor:
     """Row ``name`` at step ``i``: the cached 0-dim tensor when ``c`` offers one under
     ``name + ":tensor"`` (:meth:`~diffusers_kit.solvers.tables.StepTable.rows_on`), else the
@@ -177,7 +175,7 @@ class LangevinCorrector(Corrector):
     def __init__(
         self,
         snr: Annotated[float, Field(gt=0, le=100)] = 0.16,
-        steps: Annotated[int, Field(ge=1, le=100_000)] = 1,
+        steps: Steps = 1,
     ) -> None:
         self.snr = snr
         self.steps = steps
@@ -225,7 +223,7 @@ class PredictorCorrector(Solver):
         self,
         predictor: Predictor | None = None,
         corrector: Corrector | None = None,
-        steps: Annotated[int, Field(ge=1, le=100_000)] | None = None,
+        steps: Steps | None = None,
         spacing: Spacing = "uniform",
     ) -> None:
         self.predictor = predictor if predictor is not None else ReverseDiffusion()

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from diffusers_kit.solvers.base import Callback, ClipX0
+from diffusers_kit.solvers.base import Callback, ClipX0, Rho, Steps
 from diffusers_kit.solvers.grids import Spacing, TimeGrid
 from diffusers_kit.solvers.noise import Noise
 from diffusers_kit.solvers.ode import ODESolver, combine, usable_orders
@@ -138,17 +138,10 @@ class UniPC(ODESolver):
             [-clip_x0, clip_x0] (DPM-Solver++'s thresholding; images in [-1, 1]: 1.0). None: off.
     """
 
-    def __init__(
-        self,
-        steps: Annotated[int, Field(ge=1, le=100_000)] = 20,
-        order: Annotated[int, Field(ge=1, le=4)] = 2,
-        spacing: Spacing = "auto",
-        rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
-        variant: Variant = "bh2",
-        corrector: bool = True,
-        lower_order_final: bool = True,
-        clip_x0: ClipX0 = None,
-    ) -> None:
+    def __init__(self, steps: Steps = 20, order: Annotated[int, Field(ge=1, le=4)] = 2,
+                 spacing: Spacing = "auto", rho: Rho = 7.0, variant: Variant = "bh2",
+                 corrector: bool = True, lower_order_final: bool = True,
+                 clip_x0: ClipX0 = None) -> None:
         super().__init__(steps, spacing, rho, clip_x0)
         self.order = order
         self.variant = variant

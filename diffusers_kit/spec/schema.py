@@ -21,8 +21,20 @@ SCHEMA_DIALECT = "http://json-schema.org/draft-07/schema#"
 def argument_docs(factory: Any) -> dict[str, str]:
     """``{parameter: text}`` from the ``Args:`` section of a component's docstring (Google
     style: ``name: text`` lines, continuation lines indented further), so that an editor's
-    hover shows what a parameter means, not just its title."""
-    doc = inspect.getdoc(factory) or ""
+    hover shows what a parameter means, not just its title. A class's parameter that its own
+    docstring leaves out is described by the nearest base class that documents it (a parameter
+    every subclass shares, such as an operator's ``sigma_y``, is written once, on the base)."""
+    docs: dict[str, str] = {}
+    owners = [cls for cls in factory.__mro__ if cls is not object] if inspect.isclass(
+        factory) else [factory]
+    for owner in owners:
+        for name, text in _own_argument_docs(owner.__doc__ or "").items():
+            docs.setdefault(name, text)
+    return docs
+
+
+def _own_argument_docs(text: str) -> dict[str, str]:
+    doc = inspect.cleandoc(text)
     docs: dict[str, str] = {}
     inside, current, indent = False, None, None
     for line in doc.splitlines():
