@@ -546,17 +546,12 @@ class DPMSolver2M(ODESolver):
 class DPMSolver3M(DPMSolver2M):
     """DPM-Solver++(3M): the third-order multistep solver in log-SNR (Lu et al. 2022; the module
     doc, whose ``D_2`` weight departs from the reference code's); one evaluation per step.
+    Its arguments are :class:`DPMSolver2M`'s.
 
     Args:
-        steps: number of steps (= network evaluations).
-        spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
-            ``power``, ``edm`` (Karras et al. 2022), ``uniform``.
-        rho: the exponent of the ``edm`` and ``power`` spacings.
         lower_order_final: below 15 steps, no step of a higher order than the steps left to
             varsigma_min allow (:func:`usable_orders`; at 5 steps 2M's). Off: third order
             once the history allows.
-        clip_x0: clamp every x0 prediction to [-clip_x0, clip_x0] before it enters the
-            update (DPM-Solver++'s thresholding; images in [-1, 1]: 1.0). None: off.
     """
 
     order = 3
