@@ -10,7 +10,7 @@ is tried at the run's sizes (:func:`check_metric_sizes`). ``dkit validate`` runs
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.devices import is_out_of_memory
 from diffusers_kit.guidance.base import Guidance, LabelsError, requested_labels
 from diffusers_kit.metrics.base import Metric, metric_figures
+from diffusers_kit.metrics.floor import ErrorBars
 from diffusers_kit.model import expected_output_shape
 from diffusers_kit.references import TrainedModel
 from diffusers_kit.registry import (
@@ -392,6 +393,7 @@ class _NoModel:
 
 #: the sample count a metric is first tried at (:func:`check_metric_sizes`)
 PROBE_SAMPLES = 32
+PROBE_RESAMPLES = 2  # the fewest resampling draws that run an interval's code
 
 
 def check_metric_sizes(spec: Spec, builder: Builder, data: DataSplits,
@@ -424,6 +426,11 @@ def check_metric_sizes(spec: Spec, builder: Builder, data: DataSplits,
             continue  # construction problems are reported by the build itself
         if not metric.needs_samples:
             continue
+        bars = getattr(metric, "bars", None)
+        if isinstance(bars, ErrorBars) and bars.resamples > PROBE_RESAMPLES:
+            # what a metric refuses depends on the sizes, not on how many resampling draws
+            # its interval takes: the fewest that run the interval's code keep the check fast
+            metric.bars = replace(bars, resamples=PROBE_RESAMPLES)
         refusal: SpecError | ValueError | None = None
         for count in dict.fromkeys((min(n, PROBE_SAMPLES), n)):
             chosen = torch.linspace(0, n - 1, count).round().long()

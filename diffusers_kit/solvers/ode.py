@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import numpy as np
 import torch
 from pydantic import Field
-from scipy.integrate import solve_ivp
 
 from diffusers_kit.processes.base import expand
 from diffusers_kit.solvers.base import Callback, ClipX0, Rho, Solver, Steps, clip_data
@@ -110,6 +109,8 @@ def integrate_probability_flow(
         state = torch.from_numpy(y).to(device=device, dtype=dtype).reshape(shape)
         drift = field(model, state, ones * t)
         return drift.double().cpu().numpy().reshape(-1)
+
+    from scipy.integrate import solve_ivp  # here: importing it costs every dkit command ~0.3 s
 
     y0 = x.detach().double().cpu().numpy().reshape(-1)
     solution = solve_ivp(rhs, (t_start, t_end), y0, method=method, rtol=rtol, atol=atol,
