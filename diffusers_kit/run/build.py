@@ -186,7 +186,7 @@ def build_components(
         shape = data.shape if autoencoder is None else tuple(autoencoder.latent_shape)
         network = model_builder.build(("network",), "network", source.network,
                                       data_shape=shape)
-        if network is not None and (reason := _network_output_refusal(network, shape)):
+        if network is not None and (reason := _network_output_refusal(network, shape, process)):
             model_builder.issue(("network", "kind"), reason, source.network["kind"])
         if objective is not None and objective.first_stage:
             model_builder.issue(("objective", "kind"), "an objective that trains a diffusion "
@@ -237,7 +237,8 @@ def build_components(
                       labels, method, restore_solver, trackers)
 
 
-def _network_output_refusal(network: Any, data_shape: tuple[int, ...]) -> str | None:
+def _network_output_refusal(network: Any, data_shape: tuple[int, ...], process: Any
+                            ) -> str | None:
     """Why ``network`` cannot serve data of ``data_shape``, found by one evaluation of a batch
     of two (evaluation mode, no gradient, so no random number and no batch statistic changes),
     or None. A plugin network whose output has another shape (a (B, 1) output for (B, 2) data
@@ -246,6 +247,10 @@ def _network_output_refusal(network: Any, data_shape: tuple[int, ...]) -> str | 
     expected = expected_output_shape(network, (2, *data_shape))
     if expected is None:
         return None
+    if hasattr(network, "bind_process"):  # a wrapper set by the process (edm_precond)
+        if process is None:
+            return None
+        network.bind_process(process)  # as ScoreModel will
     x = torch.zeros(expected[:1] + tuple(data_shape))
     t = torch.full((2,), 0.5)
     was_training = network.training
