@@ -348,6 +348,9 @@ def test_every_array_option_refuses_bad_files_with_exit_2(digits, tmp_path, caps
         "--init": ["sample", str(digits), "--solver", "{kind: ddim, steps: 2}", "--init",
                    str(path)],
         "--samples": ["evaluate", str(digits), "--metrics", "swd", "--samples", str(path)],
+        # an inpainting mask file: a truncated one was BadZipFile, exit 70 (issue 29)
+        "mask:": ["restore", str(digits), *RESTORE, "--operator",
+                  f"{{kind: inpaint, mask: {path}}}"],
     }
     before = snapshot(digits)
     for option, args in commands.items():
