@@ -257,11 +257,13 @@ def test_resume_with_fewer_steps_is_refused_with_the_reason(finished, tmp_path, 
 
 
 def test_extending_a_finished_run_writes_a_new_folder_and_leaves_it_untouched(finished,
-                                                                               tmp_path, capsys):
+                                                                               tmp_path, capsys,
+                                                                               monkeypatch):
     spec, run_dir = copy_run(finished, tmp_path)
     before = snapshot(run_dir)
-    code, _, err = run_cli(["run", str(spec), "--resume", str(run_dir), "train.steps=10",
-                            "--quiet"], capsys)
+    monkeypatch.chdir(tmp_path)  # a relative RUN_DIR is recorded as the absolute folder
+    code, _, err = run_cli(["run", str(spec), "--resume", str(run_dir.relative_to(tmp_path)),
+                            "train.steps=10", "--quiet"], capsys)
     assert code == 0, err
     assert snapshot(run_dir) == before, "the finished run's files never change"
     (new,) = [d for d in run_dirs(tmp_path) if d != run_dir]

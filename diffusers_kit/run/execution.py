@@ -214,7 +214,7 @@ def execute(
         if extends:
             record = {key: value for key, value in (record or {}).items()
                       if key not in ("metrics", "step", "latent_scale")}
-            record["resumed_from"] = str(resume_path)
+            record["resumed_from"] = str(resume_path.absolute())  # not the cwd's
         record = {**(record or {}), "name": spec.name, "status": "running",
                   "train_hash": digest, "started": now(), "finished": None, "train_finished": None,
                   "trained": "train" in stages or bool(record and record.get("trained")),
