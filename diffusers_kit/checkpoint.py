@@ -13,8 +13,9 @@ import hashlib
 import json
 import os
 import re
+import secrets
+import stat
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,30 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
+def _new_temporary(path: Path) -> str:
+    """A new empty file ``.<name>.<random>.tmp`` beside ``path`` with the permissions of any new
+    file (0666 less the umask, like the run's other files; mkstemp's 0600, and safetensors'
+    own, left checkpoints, run.json and metrics.json unreadable to the group and others, so a
+    run shared read-only could not be sampled). ``O_EXCL`` never follows or reuses an existing
+    name or link."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return str(tmp)
+
+
 def atomic_write_bytes(path: Path, write: Any) -> None:
     """Call ``write(tmp_path)`` then move the result over ``path`` so readers never see half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temporary(path)
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # a writer that replaces the file (safetensors: 0600) keeps it too
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from diffusers_kit.api import batch_count
-from diffusers_kit.data.arrays import ArrayFile
+from diffusers_kit.arrays import ArrayFile
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.consistency import consistency
 from diffusers_kit.metrics.floor import ErrorBars, mean_with_interval

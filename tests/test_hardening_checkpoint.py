@@ -111,6 +111,23 @@ def test_orphan_temporary_files_are_removed_and_nothing_else(tmp_path):
     assert all(p.exists() for p in keep)
 
 
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_have_the_permissions_of_any_new_file(tmp_path, umask):
+    # mkstemp made checkpoints, run.json and metrics.json 0600 whatever the umask: a run shared
+    # read-only (another user's, or a copy of it) failed with exit 4 'not readable'
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / CKPT, tensors())
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {CKPT: 0o666 & ~umask, "plain.txt": 0o666 & ~umask}, "no temporary left"
+
 # -- through the CLI ---------------------------------------------------------------------------
 MOONS = """\
 name: tiny

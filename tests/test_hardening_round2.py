@@ -107,6 +107,41 @@ def test_sigterm_during_training_exits_143_with_the_resume_command(tmp_path, cap
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is removed again"
 
 
+class TerminateAtStart:
+    """A plugin that sends this process SIGTERM when the run starts, before any training step."""
+
+    @hookimpl
+    def dkit_run_started(self, run):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_before_training_of_an_extension_gives_the_resume_command(finished, tmp_path,
+                                                                          capsys):
+    # before: 'terminated (SIGTERM)' alone, and the new folder's record said step 0 while it held
+    # the finished run's step-8 checkpoint
+    spec, run_dir = copy_run(finished, tmp_path)
+    before = snapshot(run_dir)
+    manager = get_plugin_manager()
+    plugin = TerminateAtStart()
+    manager.register(plugin, name="terminate_at_start")
+    try:
+        code, out, err = run_cli(["run", str(spec), "--resume", str(run_dir), "train.steps=10",
+                                  "--quiet"], capsys)
+    finally:
+        manager.unregister(plugin)
+    (new,) = [d for d in run_dirs(tmp_path) if d != run_dir]
+    message = flat(err)
+    assert code == 143 and "Traceback" not in out + err, message
+    assert "after step 8" in message and f"--resume {new}" in message, message
+    record = json.loads((new / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["step"] == 8
+    assert snapshot(run_dir) == before
+    code, _, err = run_cli(["run", str(spec), "--resume", str(new), "train.steps=10", "--quiet"],
+                           capsys)
+    assert code == 0, err
+    assert load_metadata(new / CKPT)["training"]["train_step"] == 10
+
+
 def test_sigterm_while_dkit_sample_writes_leaves_no_partial_folder(finished, tmp_path, capsys,
                                                                    monkeypatch):
     from PIL import Image
@@ -222,11 +257,13 @@ def test_resume_with_fewer_steps_is_refused_with_the_reason(finished, tmp_path, 
 
 
 def test_extending_a_finished_run_writes_a_new_folder_and_leaves_it_untouched(finished,
-                                                                               tmp_path, capsys):
+                                                                               tmp_path, capsys,
+                                                                               monkeypatch):
     spec, run_dir = copy_run(finished, tmp_path)
     before = snapshot(run_dir)
-    code, _, err = run_cli(["run", str(spec), "--resume", str(run_dir), "train.steps=10",
-                            "--quiet"], capsys)
+    monkeypatch.chdir(tmp_path)  # a relative RUN_DIR is recorded as the absolute folder
+    code, _, err = run_cli(["run", str(spec), "--resume", str(run_dir.relative_to(tmp_path)),
+                            "train.steps=10", "--quiet"], capsys)
     assert code == 0, err
     assert snapshot(run_dir) == before, "the finished run's files never change"
     (new,) = [d for d in run_dirs(tmp_path) if d != run_dir]
@@ -348,6 +385,9 @@ def test_every_array_option_refuses_bad_files_with_exit_2(digits, tmp_path, caps
         "--init": ["sample", str(digits), "--solver", "{kind: ddim, steps: 2}", "--init",
                    str(path)],
         "--samples": ["evaluate", str(digits), "--metrics", "swd", "--samples", str(path)],
+        # an inpainting mask file: a truncated one was BadZipFile, exit 70 (issue 29)
+        "mask:": ["restore", str(digits), *RESTORE, "--operator",
+                  f"{{kind: inpaint, mask: {path}}}"],
     }
     before = snapshot(digits)
     for option, args in commands.items():

@@ -22,8 +22,8 @@ import torch
 from rich.table import Table
 from rich.text import Text
 
+from diffusers_kit.arrays import ArrayFile
 from diffusers_kit.console import make_console
-from diffusers_kit.data.arrays import ArrayFile
 from diffusers_kit.metrics.floor import summarize
 from diffusers_kit.registry import get_registry
 from diffusers_kit.run import (

@@ -326,7 +326,7 @@ def read_init(path: str) -> torch.Tensor:
     def fail(expected: str, given: object) -> SpecError:
         return SpecError([SpecIssue(("--init",), expected, given, None, "command line")])
 
-    from diffusers_kit.data.arrays import ArrayFile
+    from diffusers_kit.arrays import ArrayFile
 
     if not Path(path).expanduser().is_file():
         raise fail("an existing .npz or .npy file of start noise", f"no such file: {path}")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from diffusers_kit.arrays import ArrayFile, ArrayFileError
 from diffusers_kit.forward_models.base import (
     ForwardModel,
     IdentityMeasurementBasis,
@@ -166,22 +167,19 @@ def _load_mask(source: str, shape: tuple[int, ...], spatial: tuple[int, ...]) ->
                          f"file, given {source!r}")
     if not path.is_file():
         raise ValueError(f"mask: no such file {str(path)!r}")
+    # the one array reader: a truncated, structured, datetime, object, empty or non-finite
+    # file is a ValueError naming it (np.load's BadZipFile was an internal error, issue 29)
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if hasattr(loaded, "files"):  # an .npz archive
-            with loaded:
-                keys = list(loaded.keys())
-                if "mask" in keys:
-                    array = loaded["mask"]
-                elif len(keys) == 1:
-                    array = loaded[keys[0]]
-                else:
-                    raise ValueError(f"mask: {str(path)!r} holds {keys}; name the mask array "
-                                     f"'mask'")
-        else:
-            array = loaded
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"mask: cannot read {str(path)!r}: {exc}") from exc
+        with ArrayFile(path) as file:
+            if not file.names:  # a .npy
+                array = file.array()
+            elif "mask" in file.names or len(file.names) == 1:
+                array = file.array("mask" if "mask" in file.names else file.names[0])
+            else:
+                raise ValueError(f"mask: {str(path)!r} holds {file.names}; name the mask "
+                                 "array 'mask'")
+    except ArrayFileError as exc:
+        raise ValueError(f"mask: {exc}") from None
     array = np.asarray(array)
     allowed = [tuple(spatial), (1, *spatial), tuple(shape)]
     if tuple(array.shape) not in allowed:

@@ -22,6 +22,7 @@ from rich.console import Console
 from diffusers_kit.api import (
     resolve_device,
 )
+from diffusers_kit.checkpoint import CheckpointError, load_metadata
 from diffusers_kit.console import make_console
 from diffusers_kit.outputs import checked_root, make_run_dir
 from diffusers_kit.references import TrainedModel
@@ -213,7 +214,7 @@ def execute(
         if extends:
             record = {key: value for key, value in (record or {}).items()
                       if key not in ("metrics", "step", "latent_scale")}
-            record["resumed_from"] = str(resume_path)
+            record["resumed_from"] = str(resume_path.absolute())  # not the cwd's
         record = {**(record or {}), "name": spec.name, "status": "running",
                   "train_hash": digest, "started": now(), "finished": None, "train_finished": None,
                   "trained": "train" in stages or bool(record and record.get("trained")),
@@ -225,9 +226,13 @@ def execute(
             try:
                 _run_stages(run, stages, reused, trained,
                             after_train=lambda: _training_finished(run_dir, record))
-            except (TrainingInterrupted, KeyboardInterrupt):
-                record.update(status="interrupted", step=components.diffusion.step)
+            except (TrainingInterrupted, KeyboardInterrupt) as exc:
+                stopped = _interrupted_with_checkpoint(exc, run_dir)
+                step = stopped.step if stopped is not None else components.diffusion.step
+                record.update(status="interrupted", step=step)
                 _write_if_there(run_dir, record)
+                if stopped is not None:
+                    raise stopped from exc
                 raise
             except BaseException:
                 record.update(status="failed", step=components.diffusion.step)
@@ -240,6 +245,25 @@ def execute(
             write_record(run_dir, record)
         point_latest(run_dir)
     return run
+
+
+def _interrupted_with_checkpoint(exc: BaseException, run_dir: Path
+                                 ) -> TrainingInterrupted | None:
+    """Ctrl-C or SIGTERM outside the training loop (while the checkpoint of a resumed run is
+    loaded, or while sampling or evaluating) in a folder that holds a checkpoint: a
+    :class:`TrainingInterrupted` at the checkpoint's step, so the message gives the resume
+    command as it does during training (before: 'terminated (SIGTERM)' alone, and the record's
+    step 0 for a new folder extending a finished run). None when ``exc`` already is one, or
+    there is no readable checkpoint to continue from."""
+    if isinstance(exc, TrainingInterrupted) or not (run_dir / CHECKPOINT).is_file():
+        return None
+    try:
+        step = int(load_metadata(run_dir / CHECKPOINT)["training"]["train_step"])
+    except (CheckpointError, KeyError, TypeError, ValueError, OSError):
+        return None
+    stopped = TrainingInterrupted(step, saved=True)
+    stopped.run_dir = run_dir
+    return stopped
 
 
 def _write_if_there(run_dir: Path, record: dict[str, Any]) -> None:
