@@ -196,6 +196,24 @@ def test_released_on_exceptions_and_build_lock_leaves_nothing(tmp_path: Path) ->
     assert not any((tmp_path / ".locks").iterdir())
 
 
+def test_build_lock_says_whose_lock_it_took_over(tmp_path: Path) -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    digest = "cd" * 32
+    (tmp_path / ".locks").mkdir()
+    _foreign(tmp_path / ".locks" / f"{digest[:32]}.lock", age=600.0)
+    out = StringIO()
+    with build_lock(tmp_path, digest, Console(file=out, width=200), "dm"):
+        held = json.loads((tmp_path / ".locks" / f"{digest[:32]}.lock").read_text())
+        assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+    text = " ".join(out.getvalue().split())
+    assert "took over the lock of another dkit building dm from elsewhere.cluster pid" in text
+    assert "no heartbeat for 600 s (more than 60 s)" in text
+    assert not any((tmp_path / ".locks").iterdir())
+
+
 def test_live_status_reads_the_alive_marker(tmp_path: Path) -> None:
     running = {"status": "running"}
     assert live_status(tmp_path, running) == "interrupted"  # no marker

@@ -358,7 +358,9 @@ def _merge_restorations(manifests: list[dict[str, Any]], folder: Path, out: Path
                     "all", f"{len(arrays['samples'])} of {len(arrays['truth'])}")
 
     def as_shards(document) -> None:  # type: ignore[no-untyped-def]
-        set_option(document, ("restore",), first["restore"], f"{MANIFEST} (restore)")
+        # the images are in the shards' arrays: the file they came from is not read again
+        section = {**first["restore"], "images": "heldout"}
+        set_option(document, ("restore",), section, f"{MANIFEST} (restore)")
         set_option(document, ("seed",), first["seed"], f"{MANIFEST} (seed)")
 
     spec, components = open_run(folder, options=as_shards)

@@ -175,6 +175,8 @@ def _restore_shard(args: argparse.Namespace, spec: Spec, components: Components,
     # the solver used (the sample section's when the restore section names none)
     resolved["solver"] = resolved.get("solver") or components.resolved["sample"]["solver"]
     resolved["batch_size"] = batch
+    if resolved.get("images", "heldout") != "heldout":  # recorded as a path from anywhere
+        resolved["images"] = str(Path(resolved["images"]).expanduser().resolve())
     folder, checkpoint = run_identity(args.run_dir)
     shared = {"kind": "restore", "run": str(folder), "checkpoint_sha256": checkpoint,
               "seed": spec.seed, "n": rows, "shards": count, "batch_size": batch,
