@@ -71,26 +71,58 @@ def restore(
     value_range: tuple[float, float] = (-1.0, 1.0),
     extra_guidance: tuple = (),
     progress: Progress | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Restoration:
     """Restore ``images`` (ground truth, ``(n, *data_shape)``) from their simulated
-    measurements with ``method``; see the module docstring."""
+    measurements with ``method``; see the module docstring.
+
+    ``rows = (start, stop)`` restores only the restorations ``start .. stop - 1`` of the
+    ``n * samples_per_image`` (a shard; both multiples of ``samples_per_image``, so whole
+    images): every image is measured as in the whole restoration (the measurement noise is
+    drawn for all ``n``) and restoration ``i`` draws sample ``i``'s noise stream, so the rows
+    equal those of the whole restoration with the same ``batch_size`` when the shard starts on
+    one of its batches. The result holds that shard's images and restorations only."""
     if samples_per_image < 1:
         raise ValueError(f"samples_per_image must be at least 1, got {samples_per_image}")
     truth = images.detach().float().cpu()
     operator = method.operator
     generator = torch.Generator().manual_seed(seed)
     measurement = operator.simulate(truth, generator)
+    naive = operator.pinv(measurement.double())
     k = samples_per_image
-    repeated = measurement.repeat_interleave(k, dim=0)
+    start, stop = (0, len(truth) * k) if rows is None else rows
+    if not 0 <= start < stop <= len(truth) * k or start % k or stop % k:
+        raise ValueError(f"rows {start}..{stop} are not whole images of {len(truth)} with "
+                         f"{k} restorations each")
+    repeated = measurement.repeat_interleave(k, dim=0)[start:stop]
     started = time.perf_counter()
-    result = diffusion.sample(len(truth) * k, solver, seed=seed, batch_size=batch_size,
+    result = diffusion.sample(stop - start, solver, seed=seed, batch_size=batch_size,
                               guidance=[method, *extra_guidance], measurements=repeated,
-                              progress=progress)
+                              progress=progress, first=start)
     seconds = time.perf_counter() - started
-    count = len(truth) * k
-    nfe = result.nfe // batch_count(count, batch_size, diffusion.network.data_shape)  # each
+    nfe = result.nfe // batch_count(stop - start, batch_size, diffusion.network.data_shape)
+    images_kept = slice(start // k, stop // k)
+    truth, measurement, naive = truth[images_kept], measurement[images_kept], naive[images_kept]
     samples = result.samples.float().cpu()
+    metrics = restoration_metrics(operator, truth, measurement, naive, samples, k, seed,
+                                  value_range)
+    metrics["nfe"] = float(nfe)  # of each restoration
+    metrics["seconds"] = seconds
+    return Restoration(truth, measurement, naive.float(), samples, k, nfe, seconds, metrics)
+
+
+def restoration_metrics(operator, truth: torch.Tensor, measurement: torch.Tensor,  # type: ignore[no-untyped-def]
+                        naive: torch.Tensor, samples: torch.Tensor, samples_per_image: int,
+                        seed: int, value_range: tuple[float, float] = (-1.0, 1.0)
+                        ) -> dict[str, float]:
+    """The judgement of restorations (module docstring, point 3): PSNR and SSIM (images) and
+    the consistency, each with its bootstrap interval from ``seed``; the forward model's
+    ``sigma_y``; the PSNR of the baseline ``A^+ y`` (``naive``). ``samples``: image ``i``'s
+    restorations at rows ``i * k .. i * k + k - 1``. What :func:`restore` reports, and what
+    ``dkit merge`` recomputes over the joined shards of a restoration."""
+    k = samples_per_image
     reference = truth.repeat_interleave(k, dim=0)
+    repeated = measurement.repeat_interleave(k, dim=0)
     bars = ErrorBars()
     metrics: dict[str, float] = {}
     metric_generator = torch.Generator().manual_seed(seed)
@@ -106,12 +138,10 @@ def restore(
                                                                   repeated.double()),
                                       metric_generator, bars))
     metrics["consistency_sigma_y"] = float(operator.sigma_y)
-    naive = operator.pinv(measurement.double())
     if samples.dim() == 4:  # the baseline a method must beat: A^+ y
-        metrics["pinv_psnr"] = float(psnr_per_image(naive, truth.double(), *value_range).mean())
-    metrics["nfe"] = float(nfe)
-    metrics["seconds"] = seconds
-    return Restoration(truth, measurement, naive.float(), samples, k, nfe, seconds, metrics)
+        metrics["pinv_psnr"] = float(psnr_per_image(naive.double(), truth.double(),
+                                                    *value_range).mean())
+    return metrics
 
 
 def figure(restoration: Restoration, to_display, cell: int = 48) -> Image.Image:  # type: ignore[no-untyped-def]
@@ -166,5 +196,5 @@ def write_restoration(result: Restoration, folder: Path, dataset) -> None:  # ty
     write_json(folder / "restore.json", result.metrics)  # NaN / infinity as null
 
 
-__all__ = ["Restoration", "consistency", "figure", "restoration_images", "restore",
-           "write_restoration"]
+__all__ = ["Restoration", "consistency", "figure", "restoration_images",
+           "restoration_metrics", "restore", "write_restoration"]

@@ -142,3 +142,75 @@ def test_a_failed_shard_removes_only_its_own_folder_and_a_drawn_one_is_refused(
     monkeypatch.undo()
     code, _, err = run_cli([*argv, "--shard", "0/2"], capsys)
     assert code == 2 and "remove" in err and "shard-0-of-2" in " ".join(err.split())
+
+
+# -- dkit restore --shard ----------------------------------------------------------------------
+RESTORE = ["--operator", "{kind: inpaint, mask: center, box_size: 0.5, sigma_y: 0.05}",
+           "--method", "replacement", "--n", "5", "--samples-per-image", "2", "--solver",
+           SOLVER, "--seed", "4", "--quiet"]
+
+
+def restoration_shards(run: Path, count: int, capsys, extra: tuple[str, ...] = ()) -> Path:
+    for k in range(count):
+        code, _, err = run_cli(["restore", str(run), *RESTORE, *extra, "--shard",
+                                f"{k}/{count}"], capsys)
+        assert code == 0, err
+    (parent,) = [p for p in (run / "restoration").glob("shards-replacement-inpaint-*")
+                 if len(list(p.iterdir())) == count]
+    return parent
+
+
+def test_merged_restoration_shards_equal_one_unsharded_restore_bit_for_bit(
+        trained, tmp_path, capsys):
+    parent = restoration_shards(trained, 3, capsys, ("restore.batch_size=4",))
+    manifests = [json.loads((parent / f"shard-{k}-of-3" / "shard.json").read_text())
+                 for k in range(3)]
+    # 5 images x 2 restorations in batches of 4 rows: shards of 2, 2 and 1 whole images
+    assert [m["indices"] for m in manifests] == [[0, 4], [4, 8], [8, 10]]
+    with np.load(parent / "shard-2-of-3" / "restore.npz") as npz:
+        assert npz["truth"].shape == (1, 1, 8, 8) and npz["samples"].shape == (2, 1, 8, 8)
+    code, _, err = run_cli(["merge", str(parent), "-o", str(tmp_path / "merged")], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["restore", str(trained), *RESTORE, "restore.batch_size=4"], capsys)
+    assert code == 0, err
+    (whole,) = [p for p in (trained / "restoration").iterdir()
+                if not p.name.startswith("shards-")]
+    merged = tmp_path / "merged"
+    with np.load(whole / "restore.npz") as a, np.load(merged / "restore.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        assert a["samples"].shape == (10, 1, 8, 8)
+        for name in a.files:
+            assert a[name].tobytes() == b[name].tobytes(), name
+        with np.load(parent / "shard-1-of-3" / "restore.npz") as shard:
+            assert shard["samples"].tobytes() == a["samples"][4:8].tobytes()
+            assert shard["measurement"].tobytes() == a["measurement"][2:4].tobytes()
+    # judged again over the whole set: the figures of the unsharded restore
+    one = json.loads((whole / "restore.json").read_text())
+    joined = json.loads((merged / "restore.json").read_text())
+    assert set(one) == set(joined) and "psnr" in one and "consistency" in one
+    assert {k: v for k, v in one.items() if k != "seconds"} == \
+        {k: v for k, v in joined.items() if k != "seconds"}
+    assert (merged / "restore.png").is_file()
+    # a shard left out is named, in restorations
+    code, _, err = run_cli(["merge", str(parent / "shard-0-of-3"), str(parent / "shard-2-of-3"),
+                            "-o", str(tmp_path / "partial")], capsys)
+    assert code == 2 and "missing shard 1/3 (restorations 4..7)" in " ".join(err.split())
+    assert not (tmp_path / "partial").exists()
+
+
+def test_restore_shards_by_rank_under_torchrun_and_refuses_bad_shards(
+        trained, capsys, monkeypatch):
+    code, _, err = run_cli(["restore", str(trained), *RESTORE, "--shard", "0/6"], capsys)
+    assert code == 2 and "at most 5 shards" in " ".join(err.split())
+    code, _, err = run_cli(["restore", str(trained), *RESTORE, "restore.batch_size=3",
+                            "--shard", "0/2"], capsys)
+    assert code == 2 and "restore.batch_size" in err and "multiple of 2" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code, _, err = run_cli(["restore", str(trained), *RESTORE, "--seed", "8"], capsys)
+    assert code == 0, err
+    (folder,) = [p for p in (trained / "restoration").glob("shards-*/shard-1-of-2")
+                 if json.loads((p / "shard.json").read_text())["seed"] == 8]
+    manifest = json.loads((folder / "shard.json").read_text())
+    assert manifest["kind"] == "restore" and manifest["images"] == 5
+    assert manifest["indices"][0] % 2 == 0 and manifest["indices"][1] == 10

@@ -8,6 +8,13 @@ seconds. Results go to ``RUN_DIR/restoration/<method>-<operator>-<timestamp>/``:
 (measurement | restorations | truth), ``restore.npz``, ``restore.json``. The options set the
 spec's ``restore:`` section (as values, blamed on their option when wrong) and the restoration
 runs through the same routine as a run's restore stage.
+
+``--shard K/N`` (or, under torchrun, ``RANK/WORLD_SIZE``) restores only shard ``K`` of ``N``:
+a contiguous block of whole batches of the ``n x samples_per_image`` restorations, each batch
+whole images (:func:`diffusers_kit.cli.merge.plan_shard`), into
+``RUN_DIR/restoration/shards-<method>-<operator>-<hash>/shard-K-of-N/`` with a manifest
+``shard.json``; ``dkit merge`` joins the shards into the arrays of one unsharded restoration
+with the same ``restore.batch_size``, bit for bit, and judges them again (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -16,19 +23,34 @@ import argparse
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from diffusers_kit.cli.main import seed_option
+from diffusers_kit.cli.merge import (
+    plan_shard,
+    run_identity,
+    shard_folder,
+    shard_from,
+    use_local_gpu,
+    write_manifest,
+)
 from diffusers_kit.console import make_console
 from diffusers_kit.metrics.floor import summarize
 from diffusers_kit.run.build import open_run, set_option
-from diffusers_kit.run.stages import progress_bars, restore_into
+from diffusers_kit.run.stages import progress_bars, restore_images, restore_into
 from diffusers_kit.run_folder import follow_latest, output_folder, write_json
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import Document, component_option
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from diffusers_kit.run import Components
+    from diffusers_kit.spec.models import Spec
 
 
 def _mapping(flag: str, text: str, example: str) -> dict:
@@ -94,10 +116,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=seed_option,
                         help="seed of the measurement noise and sampling")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    parser.add_argument("--shard", metavar="K/N",
+                        help="restore only shard K of N (K from 0): a block of whole images, "
+                             "into RUN_DIR/restoration/shards-.../shard-K-of-N; join them "
+                             "with dkit merge. Under torchrun the default is RANK/WORLD_SIZE")
     parser.set_defaults(func=restore_command)
 
 
 def restore_command(args: argparse.Namespace) -> int:
+    shard = shard_from(args)
+    if shard is not None:
+        use_local_gpu()
     # the options set the spec's restore section; the user's field overrides come after
     spec, components = open_run(args.run_dir, list(args.overrides),
                                 options=restore_options(args))
@@ -108,6 +137,8 @@ def restore_command(args: argparse.Namespace) -> int:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     parent = follow_latest(Path(args.run_dir).expanduser()) / "restoration"
     console = make_console(stderr=True, quiet=args.quiet)
+    if shard is not None:
+        return _restore_shard(args, spec, components, shard, parent, console)
     # created atomically with a unique name, removed again if the restoration fails
     with output_folder(parent, f"{method}-{operator}-{stamp}") as out:
         result = restore_into(out, spec, components, progress_bars(console, args.quiet))
@@ -121,4 +152,43 @@ def restore_command(args: argparse.Namespace) -> int:
         make_console().print(table)
         console.print(f"results in [bold]{out}[/] (restore.png, restore.npz, restore.json)",
                       soft_wrap=True)
+    return 0
+
+
+def _restore_shard(args: argparse.Namespace, spec: Spec, components: Components,
+                   shard: tuple[int, int], parent: Path, console: Console) -> int:
+    """Restore shard ``K/N`` into its own folder with its manifest (the shard helpers of
+    :mod:`diffusers_kit.cli.merge`, shared with ``dkit sample --shard``)."""
+    section = spec.restore
+    assert section is not None
+    k, count = shard
+    per_image = section.samples_per_image
+    images = len(restore_images(spec, components))
+    rows = images * per_image
+    batch, start, stop = plan_shard(shard, rows, section.batch_size,
+                                    components.diffusion.network.data_shape,
+                                    most=f"{images} shards (each restores at least one of "
+                                         f"the {images} images)",
+                                    multiple=per_image, batch_field="restore.batch_size")
+    section.batch_size = batch  # given, not automatic: no batch is ever halved
+    resolved = dict(components.resolved.get("restore") or {})
+    # the solver used (the sample section's when the restore section names none)
+    resolved["solver"] = resolved.get("solver") or components.resolved["sample"]["solver"]
+    resolved["batch_size"] = batch
+    if resolved.get("images", "heldout") != "heldout":  # recorded as a path from anywhere
+        resolved["images"] = str(Path(resolved["images"]).expanduser().resolve())
+    folder, checkpoint = run_identity(args.run_dir)
+    shared = {"kind": "restore", "run": str(folder), "checkpoint_sha256": checkpoint,
+              "seed": spec.seed, "n": rows, "shards": count, "batch_size": batch,
+              "restore": resolved, "images": images}
+    label = f"{section.method['kind']}-{section.method['operator']['kind']}"
+    with shard_folder(parent, label, shared, shard) as out:
+        result = restore_into(out, spec, components, progress_bars(console, args.quiet),
+                              rows=(start, stop))
+        write_manifest(out, shared, shard, (start, stop), nfe=result.nfe,
+                       seconds=result.seconds)
+    console.print(f"shard {k}/{count}: images {start // per_image}..{stop // per_image - 1} "
+                  f"of {images} ({per_image} restorations each), {result.seconds:.1f} s; "
+                  f"results in [bold]{escape(str(out))}[/]; join the shards with dkit merge "
+                  f"{escape(str(out.parent))} -o OUT", soft_wrap=True)
     return 0

@@ -27,10 +27,7 @@ same batch size (docs/scaling.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,11 +42,12 @@ from diffusers_kit import latent
 from diffusers_kit.api import SamplingOutOfMemory
 from diffusers_kit.cli.main import ENVIRONMENT_ERROR, seed_option
 from diffusers_kit.cli.merge import (
-    MANIFEST,
-    file_sha256,
-    parse_shard,
-    shard_batch,
-    shard_range,
+    plan_shard,
+    run_identity,
+    shard_folder,
+    shard_from,
+    use_local_gpu,
+    write_manifest,
 )
 from diffusers_kit.console import make_console
 from diffusers_kit.devices import is_out_of_memory
@@ -183,20 +181,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=sample_command)
 
 
-def shard_from(args: argparse.Namespace, environ: dict[str, str] | None = None
-               ) -> tuple[int, int] | None:
-    """The shard to draw: ``--shard K/N``, else ``RANK/WORLD_SIZE`` under torchrun (a world of
-    more than one process), else None (everything)."""
-    environ = dict(os.environ) if environ is None else environ
-    if args.shard is not None:
-        return parse_shard(args.shard)
-    world = environ.get("WORLD_SIZE", "").strip()
-    if world and world != "1":
-        text = f"{environ.get('RANK', '').strip()}/{world}"
-        return parse_shard(text, "RANK/WORLD_SIZE (torchrun's environment)")
-    return None
-
-
 def sample_command(args: argparse.Namespace) -> int:
     for flag, value in (("--n", args.n), ("--interpolate", args.interpolate),
                         ("--pairs", args.pairs)):
@@ -221,7 +205,7 @@ def sample_command(args: argparse.Namespace) -> int:
                 raise SpecError([SpecIssue((flag,), "no --progressive or --interpolate with a "
                                            "shard (draw them in an unsharded dkit sample)",
                                            used, None, "command line")])
-        _use_local_gpu()
+        use_local_gpu()
     spec, components = load_run(args.run_dir, overrides, args.solver)
     if init is not None:
         expected = (len(init), *components.diffusion.network.data_shape)
@@ -246,68 +230,37 @@ def sample_command(args: argparse.Namespace) -> int:
         raise
 
 
-def _use_local_gpu() -> None:
-    """Under torchrun each process of a node takes its own GPU (``LOCAL_RANK``); sharded
-    sampling needs no process group, the shards never talk to each other."""
-    local = os.environ.get("LOCAL_RANK", "").strip()
-    if local.isdigit() and torch.cuda.is_available() and int(local) < torch.cuda.device_count():
-        torch.cuda.set_device(int(local))
-
-
 def _sample_shard(args: argparse.Namespace, spec: Spec, components: Components,
                   shard: tuple[int, int]) -> int:
     """Draw shard ``K/N`` of the run's samples into its own folder with its manifest
-    (:mod:`diffusers_kit.cli.merge`). The set's folder name holds a hash of everything that
-    must agree, so shards drawn with other settings never land beside each other."""
+    (:mod:`diffusers_kit.cli.merge`: :func:`plan_shard`, :func:`shard_folder`)."""
     import hashlib
-
-    from diffusers_kit.run.build import run_document
-    from diffusers_kit.run_folder import CHECKPOINT
 
     k, count = shard
     n = args.n or spec.sample.n
-    if count > n:
-        raise SpecError([SpecIssue(("--shard",), f"at most n = {n} shards (each draws at least "
-                                   f"one sample)", f"{k}/{count}", None, "command line")])
-    batch = shard_batch(n, count, spec.sample.batch_size, components.diffusion.network.data_shape)
-    if -(-n // batch) < count:
-        raise SpecError([SpecIssue(("--shard",), f"at most {-(-n // batch)} shards: n = {n} "
-                                   f"samples in batches of sample.batch_size = {batch}",
-                                   f"{k}/{count}", None, "command line")])
+    batch, start, stop = plan_shard(shard, n, spec.sample.batch_size,
+                                    components.diffusion.network.data_shape,
+                                    most=f"n = {n} shards (each draws at least one sample)")
     spec.sample.batch_size = batch  # given, not automatic: no batch is ever halved
     seed = spec.seed if args.seed is None else args.seed
-    start, stop = shard_range(k, count, n, batch)
-    folder = run_document(args.run_dir)[0].resolve()
+    folder, checkpoint = run_identity(args.run_dir)
     init = getattr(args, "init_noise", None)
     resolved = components.resolved["sample"]
-    shared = {"run": str(folder), "checkpoint_sha256": file_sha256(folder / CHECKPOINT),
+    shared = {"run": str(folder), "checkpoint_sha256": checkpoint,
               "seed": seed, "n": n, "shards": count, "batch_size": batch,
               "solver": resolved["solver"],
               "guidance": resolved.get("guidance", []), "labels": spec.sample.labels,
               "init": None if init is None else hashlib.sha256(init.numpy().tobytes()
                                                                ).hexdigest()}
-    key = hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()
-                         ).hexdigest()[:10]
-    out = (Path(args.run_dir).expanduser() / "sampling"
-           / f"shards-{spec.sample.solver['kind']}-{key}" / f"shard-{k}-of-{count}")
-    if out.exists():
-        raise SpecError([SpecIssue(("--shard",), f"a shard not drawn yet (remove {out} to "
-                                   "draw it again)", f"{k}/{count}", None, "command line")])
-    created = [p for p in (out.parent.parent, out.parent) if not p.exists()]
     try:
-        drawn = draw_samples(spec, components, out, stop - start, seed, progress=True,
-                             x_T=None if init is None else init[start:stop], first=start)
-        manifest = {**shared, "shard": k, "indices": [start, stop],
-                    "samples_sha256": file_sha256(out / "samples.npz"),
-                    "nfe": drawn.result.nfe, "seconds": drawn.seconds,
-                    "batch_size": drawn.result.batch_size}
-        write_json(out / MANIFEST, manifest)  # last: a shard without it is not finished
-    except BaseException as exc:
-        shutil.rmtree(out, ignore_errors=True)
-        for parent in reversed(created):  # other shards may be writing there: only if empty
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        if isinstance(exc, Exception) and is_out_of_memory(exc):
+        with shard_folder(Path(args.run_dir).expanduser() / "sampling",
+                          spec.sample.solver["kind"], shared, shard) as out:
+            drawn = draw_samples(spec, components, out, stop - start, seed, progress=True,
+                                 x_T=None if init is None else init[start:stop], first=start)
+            write_manifest(out, shared, shard, (start, stop), nfe=drawn.result.nfe,
+                           seconds=drawn.seconds, batch_size=drawn.result.batch_size)
+    except Exception as exc:
+        if is_out_of_memory(exc):
             return _report_out_of_memory(exc, spec)
         raise
     console = make_console()

@@ -274,32 +274,43 @@ def stage_restore(run: Run) -> None:
         run.log.info("restore %s = %s", key, text)
 
 
-def restore_into(folder: Path, spec: Spec, components: Components, progress: Progress,
-                 document: Document | None = None) -> Restoration:
-    """The restore stage's work, shared with ``dkit restore``: ``restore.n`` images (held-out,
-    or ``restore.images``) measured through the method's forward model, restored with the
-    restore solver, judged, and written into ``folder`` (``restore.png``, ``restore.npz``,
-    ``restore.json``). Images that cannot be restored are a spec error naming
-    ``restore.images`` (located in ``document`` when given)."""
+def restore_images(spec: Spec, components: Components,
+                   document: Document | None = None) -> torch.Tensor:
+    """The ``restore.n`` images a restoration restores (held-out, or ``restore.images``).
+    Images that cannot be restored are a spec error naming ``restore.images`` (located in
+    ``document`` when given)."""
     section = spec.restore
-    method, solver = components.restore_method, components.restore_solver
-    assert section is not None and method is not None and solver is not None
+    assert section is not None
     try:
-        images = restoration_images(section.images, components.data, section.n)
+        return restoration_images(section.images, components.data, section.n)
     except ValueError as exc:
         line, where = document.locate(("restore", "images")) if document else (None, None)
         raise SpecError([SpecIssue(("restore", "images"), str(exc), section.images, line,
                                    where)]) from None
-    count = len(images) * section.samples_per_image
+
+
+def restore_into(folder: Path, spec: Spec, components: Components, progress: Progress,
+                 document: Document | None = None,
+                 rows: tuple[int, int] | None = None) -> Restoration:
+    """The restore stage's work, shared with ``dkit restore``: ``restore.n`` images
+    (:func:`restore_images`) measured through the method's forward model, restored with the
+    restore solver, judged, and written into ``folder`` (``restore.png``, ``restore.npz``,
+    ``restore.json``). ``rows``: only these restorations, whole images (a shard:
+    :func:`diffusers_kit.restore.restore`)."""
+    section = spec.restore
+    method, solver = components.restore_method, components.restore_solver
+    assert section is not None and method is not None and solver is not None
+    images = restore_images(spec, components, document)
+    start, stop = (0, len(images) * section.samples_per_image) if rows is None else rows
     diffusion = components.diffusion
-    batches = batch_count(count, section.batch_size, diffusion.network.data_shape)
+    batches = batch_count(stop - start, section.batch_size, diffusion.network.data_shape)
     with progress:
         task = progress.add_task("restore", status=section.method["kind"],
                                  total=solver.total_steps(diffusion.process) * batches)
         result = restore(diffusion, method, images, solver,
                          samples_per_image=section.samples_per_image, seed=spec.seed,
                          batch_size=section.batch_size,
-                         progress=lambda k: progress.advance(task, k))
+                         progress=lambda k: progress.advance(task, k), rows=rows)
     require_finite(result.samples, "restore", f"method {section.method['kind']}")
     folder.mkdir(parents=True, exist_ok=True)
     write_restoration(result, folder, components.dataset)
