@@ -44,6 +44,8 @@ from diffusers_kit.forward_models import (
     SuperResolution,
 )
 from diffusers_kit.guidance import (
+    DDNM,
+    DDRM,
     DPS,
     ClassifierFree,
     ClassifierGuidance,
@@ -160,7 +162,9 @@ SWD, FD, KID, PRDC = SlicedWasserstein, FrechetDistance, KernelDistance, Precisi
 
 __all__ = [
     "DDIM",
+    "DDNM",
     "DDPM",
+    "DDRM",
     "DPS",
     "EMA",
     "FD",

@@ -13,7 +13,9 @@ from diffusers_kit.guidance.base import (
 )
 from diffusers_kit.guidance.classifier import ClassifierGuidance
 from diffusers_kit.guidance.classifier_free import ClassifierFree
+from diffusers_kit.guidance.ddrm import DDRM
 from diffusers_kit.guidance.measurement import (
+    DDNM,
     DPS,
     DiffPIR,
     MeasurementGuidance,
@@ -28,9 +30,13 @@ REGISTER = [
     ("guidance", "pigdm", PiGDM),
     ("guidance", "dps", DPS),
     ("guidance", "diffpir", DiffPIR),
+    ("guidance", "ddrm", DDRM),
+    ("guidance", "ddnm", DDNM),
 ]
 
 __all__ = [
+    "DDNM",
+    "DDRM",
     "DPS",
     "REGISTER",
     "ClassifierFree",

@@ -79,6 +79,13 @@ class Guidance:
     needs_labels: bool = True
     differentiates: bool = False
     needs_measurement: bool = False
+    takes_step: bool = False
+    """The term is a sampler's move of its own (DDRM: a DDIM-like step in the operator's SVD
+    basis, with its own noise per direction), which no change of the prediction can express.
+    A solver that honours it (class attribute ``takes_term_steps``: DDIM) asks the term for
+    each move with :meth:`step` instead of taking its own; every other solver refuses such a
+    term by name (:meth:`Solver.sample <diffusers_kit.solvers.base.Solver.sample>`, and the
+    run graph on ``restore.solver.kind``)."""
 
     def __init__(self, interval: Interval | None = None) -> None:
         if interval is not None:
@@ -91,6 +98,16 @@ class Guidance:
     def check(self, model: ScoreModel) -> str | None:
         """Why this term cannot guide ``model`` (its network and process), or None if it can."""
         return None
+
+    def step(self, model: ScoreModel, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+             now: tuple[float, float], to: tuple[float, float],
+             randn_like: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        """For a term with ``takes_step``: the state at the next time ``s`` from ``x`` at ``t``
+        (a ``(B,)`` tensor), given the solver's denoised estimate ``x0`` there (the guided
+        prediction, clipped as the solver clips), ``now = (alpha_t, sigma_t)``, ``to =
+        (alpha_s, sigma_s)`` (``sigma_s = 0`` on the last move) and the solver's source of
+        noise (``randn_like``; None on the last move)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no step of its own")
 
     def num_classes(self) -> int | None:
         """How many classes this term knows, when it knows (a classifier's outputs)."""
