@@ -141,7 +141,7 @@ def test_ddrm_is_biased_on_a_gaussian_prior_by_the_stated_amounts(tmp_path):
     docs/inverse.md within 0.005. The null direction is DDRM's ``eta``-sampler on the prior
     itself, which keeps ``x0_hat`` (the posterior mean) where the posterior of ``x_0`` belongs
     and loses variance at every step: it keeps 0.40 of it at ``eta = 1`` and 0.61 at 0.85 in
-    20 steps, and half and three quarters in the limit of fine grids (DDIM's own
+    20 steps, and 1/2 and 0.76 in the limit of fine grids (DDIM's own
     discretisation, ``eta = 0``, keeps 0.805 at 20 steps and tends to all). Along measured
     directions the spread is too narrow or too wide by up to 20x or 6.5x."""
     for (operator_name, setting), (ratio, mean_error, null_ratio) in BIAS.items():
@@ -160,12 +160,17 @@ def test_ddrm_is_biased_on_a_gaussian_prior_by_the_stated_amounts(tmp_path):
         assert abs(got[1] - mean_error) < 0.005, label
         assert abs(var0 / C**2 - null_ratio) < 0.005, label
         assert abs(m0 - float(null @ mu)) / C < 0.005, label
-    # a finer grid does not remove it: eta = 1 tends to half the variance, 0.85 to 3/4;
-    # DDIM (eta = 0) converges
+    # a finer grid does not remove it: the share kept tends to eta^2 / (2 (1 - sqrt(1 -
+    # eta^2))), the fixed point of a move x_s = x0_hat + a (x_t - x0_hat) + eta sigma z with
+    # a = sqrt(1 - eta^2) at small noise (1/2 at eta = 1, 0.763 at 0.85); DDIM (eta = 0)
+    # converges to the exact variance
     for eta, steps, expected in ((1.0, 100, 0.466), (1.0, 1000, 0.493), (0.85, 100, 0.719),
                                  (0.85, 1000, 0.754), (0.0, 1000, 0.996)):
         got = ddrm_law(0.0, 0.0, 0.0, 0.2, eta, 1.0, steps)[1] / C**2
         assert abs(got - expected) < 0.005, (eta, steps, got)
+    for eta in (1.0, 0.85):
+        limit = eta**2 / (2 * (1 - math.sqrt(1 - eta**2)))
+        assert abs(ddrm_law(0.0, 0.0, 0.0, 0.2, eta, 1.0, 5000)[1] / C**2 - limit) < 0.005
 
 
 def test_ddrm_without_noise_at_eta_0_is_exact():

@@ -38,9 +38,9 @@ the same start up to that ``x0_hat`` term (zero at ``eta_b = 1``).
 **eta_b = "ddpm".** The paper's defaults are ``eta = 0.85``, ``eta_b = 1``. With ``eta = 1``
 and, per direction, ``eta_b = 2 sigma_s^2 / (sigma_s^2 + sigma_y^2 / s_i^2)`` every Kullback-
 Leibler term of DDRM's evidence bound weighs ``||x0_bar - x0_hat||^2`` by the same
-``1 / (2 sigma_s^2)`` in all three cases (derived from the three kernels above; the paper's
-theorem that a model trained for DDPM is then optimal for DDRM's bound). That is a statement
-about training, not about sampling: the sampler with these settings is *not* an exact
+``1 / (2 sigma_s^2)`` in all three cases (derived here from the three kernels; the paper argues
+from such weights that a model trained for DDPM is optimal for DDRM's bound). That is a
+statement about training, not about sampling: the sampler with these settings is *not* an exact
 posterior sampler even on a Gaussian prior (its reverse kernels put the posterior mean
 ``x0_hat`` where the posterior of ``x_0`` given ``x_t`` belongs), and without measurement noise
 ``eta_b`` would be 2, which never lands on the measurement (refused); the bias is measured in
