@@ -17,6 +17,7 @@ from diffusers_kit.guidance.ddrm import DDRM
 from diffusers_kit.guidance.measurement import (
     DDNM,
     DPS,
+    DDNMPlus,
     DiffPIR,
     MeasurementGuidance,
     PiGDM,
@@ -32,6 +33,7 @@ REGISTER = [
     ("guidance", "diffpir", DiffPIR),
     ("guidance", "ddrm", DDRM),
     ("guidance", "ddnm", DDNM),
+    ("guidance", "ddnm_plus", DDNMPlus),
 ]
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "REGISTER",
     "ClassifierFree",
     "ClassifierGuidance",
+    "DDNMPlus",
     "DiffPIR",
     "Evaluate",
     "GradientGuidance",

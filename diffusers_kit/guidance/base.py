@@ -34,7 +34,7 @@ unguided output; classifier-free guidance pays one extra conditional pass there)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated
 
 import torch
@@ -48,6 +48,12 @@ Evaluate = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.T
 
 NoiseLevel = Annotated[float, Field(ge=0, le=float("inf"), allow_inf_nan=True)]
 Interval = tuple[NoiseLevel, NoiseLevel]
+
+
+MOVE = ("alpha_t", "sigma_t", "alpha_s", "sigma_s", "c_t", "c_0", "posterior_var")
+"""What :meth:`Guidance.step` gets for the move ``t -> s`` (floats): the marginals
+``x_t = alpha_t x_0 + sigma_t eps`` at both ends (``sigma_s = 0`` on the last move) and
+``q(x_s | x_t, x_0) = N(c_t x_t + c_0 x_0, posterior_var I)``."""
 
 
 def decide_on_host(x: torch.Tensor) -> bool:
@@ -100,13 +106,12 @@ class Guidance:
         return None
 
     def step(self, model: ScoreModel, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
-             now: tuple[float, float], to: tuple[float, float],
+             move: Mapping[str, float],
              randn_like: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         """For a term with ``takes_step``: the state at the next time ``s`` from ``x`` at ``t``
         (a ``(B,)`` tensor), given the solver's denoised estimate ``x0`` there (the guided
-        prediction, clipped as the solver clips), ``now = (alpha_t, sigma_t)``, ``to =
-        (alpha_s, sigma_s)`` (``sigma_s = 0`` on the last move) and the solver's source of
-        noise (``randn_like``; None on the last move)."""
+        prediction, clipped as the solver clips), the move's scalars ``move`` (:data:`MOVE`)
+        and the solver's source of noise (``randn_like``; None on the last move)."""
         raise NotImplementedError(f"{type(self).__name__} takes no step of its own")
 
     def num_classes(self) -> int | None:
@@ -239,6 +244,7 @@ def add_score(model: ScoreModel, output: torch.Tensor, x: torch.Tensor, t: torch
 
 
 __all__ = [
+    "MOVE",
     "Evaluate",
     "GradientGuidance",
     "Guidance",

@@ -57,7 +57,7 @@ Args:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
@@ -106,11 +106,12 @@ class DDRM(MeasurementGuidance):
         return evaluate(x, t, y)
 
     def step(self, model: ScoreModel, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
-             now: tuple[float, float], to: tuple[float, float],
+             move: Mapping[str, float],
              randn_like: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         """The move to ``sigma_s`` of the module doc, in the SVD basis."""
         operator = self.operator
-        (alpha_t, sigma_t), (alpha_s, sigma_s) = now, to
+        alpha_t, sigma_t = move["alpha_t"], move["sigma_t"]
+        alpha_s, sigma_s = move["alpha_s"], move["sigma_s"]
         level = sigma_s / alpha_s
         measured = self.measurement(model, x)
         x0_bar = operator.Vt(x0)

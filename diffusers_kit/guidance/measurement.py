@@ -1,6 +1,6 @@
 """Guidance by a measurement ``y = A(x_0) + noise`` through a forward model: the inverse-problem
-methods (kind ``guidance``: ``replacement``, ``diffpir``, ``ddnm``, ``pigdm``, ``dps``; ``ddrm``, a
-sampler's step in the SVD basis, is :mod:`diffusers_kit.guidance.ddrm`).
+methods (kind ``guidance``: ``replacement``, ``diffpir``, ``ddnm``, ``ddnm_plus``, ``pigdm``,
+``dps``; ``ddrm``, a sampler's step in the SVD basis, is :mod:`diffusers_kit.guidance.ddrm`).
 
 Every method holds **one** forward model (kind ``forward_model``, ``diffusers_kit/forward_models``):
 the same object simulates the measurement (``dkit restore``, :func:`diffusers_kit.restore.restore`)
@@ -19,6 +19,7 @@ so every inverse below is an elementwise division.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
@@ -231,8 +232,7 @@ class DDNM(MeasurementGuidance):
     sampled as the prior's (tested). With noise it still projects onto the noisy ``y`` (the
     restorations keep the measurement's noise in the range space: consistency ``~0``, not
     ``sigma_y``); the paper's DDNM+ scales the correction and the sampler's noise per
-    direction for that, which is not implemented here: for noisy measurements use ``ddrm``,
-    ``pigdm`` or ``replacement``.
+    direction for that: :class:`DDNMPlus`.
 
     Args:
         operator: the forward model (linear, with a pseudo-inverse).
@@ -253,6 +253,72 @@ class DDNM(MeasurementGuidance):
         x0 = x0 + self.operator.pinv(measured - self.operator.A(x0))
         prediction = model.process.convert(x0, x, t.to(x.dtype), "x0", model.network.prediction)
         return prediction if v is None else torch.cat([prediction, v], dim=1)
+
+
+class DDNMPlus(DDNM):
+    """DDNM+ (Wang, Yu & Zhang 2023, sec. 3.3): DDNM's correction scaled per direction so
+    that the measurement's noise is counted in the sampler's own, on DDPM's ancestral step
+    ``x_s ~ N(c_t x_t + c_0 x0_hat', Phi)`` (``q(x_s | x_t, x_0)``'s coefficients, ``sd^2`` its
+    variance). In the operator's SVD basis, with ``tau_i = sigma_y / s_i`` the noise of
+    ``y_bar_i = (U^T y)_i / s_i``:
+
+    - ``sd >= c_0 tau_i``: ``x0_bar_i' = y_bar_i`` (DDNM's correction in full) and the fresh
+      noise is cut to ``sd^2 - (c_0 tau_i)^2``, as ``y_bar``'s noise, carried by ``c_0``,
+      supplies the rest;
+    - ``sd < c_0 tau_i``: the correction scaled by ``lambda_i = sd / (c_0 tau_i)``, no fresh
+      noise;
+    - unmeasured directions: ``x0_hat`` and noise ``sd^2``.
+
+    Like DDRM it is a move, not a prediction: it ``takes_step`` (with ``ddim``, whose grid
+    gives ``c_t``, ``c_0`` and ``sd^2`` of the move, so its ``eta`` does not matter) and keeps
+    the unconditional ``x0_hat``. It needs an SVD and Gaussian noise. Without noise it is DDNM
+    with DDPM's ancestral step (tested: the same samples as ``ddnm`` with ``ddim, eta: 1``).
+    Not an exact posterior sampler with noise: its bias on a Gaussian prior is measured in
+    ``docs/inverse.md``. The paper's time-travel trick (RePaint's jumps) is not included.
+
+    Args:
+        operator: the forward model (with an SVD).
+    """
+
+    needs_svd = True
+    needs_gaussian_noise = True
+    takes_step = True
+
+    def __init__(self, operator: ForwardModel) -> None:
+        super().__init__(operator, None)
+
+    def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
+              y: torch.Tensor | None) -> torch.Tensor:
+        """The unconditional prediction: DDNM+ corrects ``x0_hat`` in its step."""
+        return evaluate(x, t, y)
+
+    def step(self, model: ScoreModel, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+             move: Mapping[str, float],
+             randn_like: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        """The ancestral move with the scaled correction and noise of the class doc."""
+        operator = self.operator
+        sd, c0 = math.sqrt(move["posterior_var"]), move["c_0"]
+        x0_bar = operator.Vt(x0)
+        s = self.singulars(x0_bar)
+        r = s.numel()
+        kept = measured_directions(s)
+        safe = torch.where(kept, s, torch.ones_like(s))
+        y_bar = operator.Ut(self.measurement(model, x))[:, :r] / safe
+        carried = c0 * operator.sigma_y / safe  # c_0 tau_i: y_bar's noise in the mean
+        full = kept & (sd >= carried)
+        scale = torch.where(full, torch.ones_like(s),
+                            torch.where(kept, sd / carried.clamp_min(1e-300),
+                                        torch.zeros_like(s)))
+        variance = torch.where(full, sd**2 - carried**2,
+                               torch.where(kept, torch.zeros_like(s), torch.full_like(s, sd**2)))
+        row = x0_bar[:, :r] - scale * (x0_bar[:, :r] - y_bar)
+        out = c0 * torch.cat([row, x0_bar[:, r:]], dim=1)
+        if randn_like is not None and sd > 0:
+            spread = torch.cat([variance.clamp_min(0).sqrt(),
+                                torch.full((x0_bar.shape[1] - r,), sd, dtype=s.dtype,
+                                           device=s.device)])
+            out = out + spread * operator.Vt(randn_like(x))
+        return move["c_t"] * x + operator.V(out)
 
 
 class PiGDM(MeasurementGuidance):
@@ -374,5 +440,14 @@ class DPS(MeasurementGuidance):
         return -self.zeta * tweedie * misfit / misfit.detach().sqrt().clamp_min(1e-12)
 
 
-__all__ = ["DDNM", "DPS", "MEASURED", "DiffPIR", "MeasurementGuidance", "PiGDM", "Replacement",
-           "measured_directions"]
+__all__ = [
+    "DDNM",
+    "DPS",
+    "MEASURED",
+    "DDNMPlus",
+    "DiffPIR",
+    "MeasurementGuidance",
+    "PiGDM",
+    "Replacement",
+    "measured_directions",
+]

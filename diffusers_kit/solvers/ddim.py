@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Annotated
 import torch
 from pydantic import Field
 
+from diffusers_kit.guidance.base import MOVE
 from diffusers_kit.solvers.ancestral import data_prediction
 from diffusers_kit.solvers.base import Callback, ClipX0, Solver, stepping_term
 from diffusers_kit.solvers.grids import Spacing, as_scalars
@@ -103,8 +104,7 @@ class DDIM(Solver):
             x0, _ = data_prediction(model, x, times[i], grid.table, i, self.clip_x0)
             callback(i, x, x0)
             if term is not None:
-                x = term.step(model, x, x0, times[i], (rows["alpha_t"][i], rows["sigma_t"][i]),
-                              (rows["alpha_s"][i], rows["sigma_s"][i]),
+                x = term.step(model, x, x0, times[i], {k: rows[k][i] for k in MOVE},
                               noise.randn_like if i < last else None)
                 continue
             x = torch.add(x * as_scalars(grid.tensors, "on_x", grid.on_x, x)[i], x0,
