@@ -200,6 +200,11 @@ def test_ddrm_refuses_what_it_cannot_do(tmp_path):
     view = model.guided([DDRM(forward)], None, torch.zeros(4, 1))
     with pytest.raises(ValueError, match=r"DDRM takes the sampler's steps itself.*ddim"):
         HeunODE(steps=4).sample(view, (4, 2))
+    from diffusers_kit.guidance import DDNMPlus
+
+    two = model.guided([DDRM(forward), DDNMPlus(forward)], None, torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="one guidance term at most may take"):
+        DDIM(steps=4).sample(two, (4, 2))
     with pytest.raises(ValueError, match="eta_b: 'ddpm' needs measurement noise"):
         DDRM(operator("matrix", rows=1, seed=0), eta_b="ddpm")
     reason = DDRM(AdjointOnly(sigma_y=0.1, data_shape=(2,))).check(model)
