@@ -259,8 +259,8 @@ def _restoration(spec: Spec, builder: Builder, diffusion: Diffusion, data: DataS
     if method is not None:
         if not method.needs_measurement:
             builder.issue(("restore", "method", "kind"), "a measurement method (replacement, "
-                          "diffpir, ddnm, pigdm, dps, ddrm, or a plugin's measurement term)",
-                          section.method["kind"])
+                          "diffpir, ddnm, ddnm_plus, pigdm, dps, ddrm, or a plugin's measurement "
+                          "term)", section.method["kind"])
         elif (reason := method.check(diffusion.model)) is not None:
             builder.issue(("restore", "method", "kind"), reason, section.method["kind"])
     chosen = solver
