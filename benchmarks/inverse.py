@@ -2,7 +2,8 @@
 
     cd /work/measure  # where runs/ddpm, runs/patches_ddpm and runs/features_digits live
     OMP_NUM_THREADS=1 python benchmarks/inverse.py [--root runs] [--n 100] \
-        [--tasks box,random,sr2,deblur,colorize] [--methods replacement,repaint,pigdm,dps] \
+        [--tasks box,random,sr2,deblur,colorize] \
+        [--methods replacement,repaint,pigdm,dps,ddrm,ddrm20,ddnm,ddnm_plus] \
         [--out table.md] [--pictures DIR]
 
 Tasks (the first ``--n`` held-out examples, one restoration each, measurement seed 0):
@@ -16,7 +17,9 @@ Tasks (the first ``--n`` held-out examples, one restoration each, measurement se
 Methods (``data_std = 0.5`` everywhere: pixels in [-1, 1]): ``replacement`` with DDIM (50 steps,
 ``eta = 0``, ``clip_x0 = 1``); ``repaint``: replacement with RePaint's resampling (250 steps,
 ``jump_length = 10``, ``resampling = 5``, ``clip_x0 = 1``); ``pigdm`` (scale 1) and ``dps``
-(``zeta = 1``) with DDIM 50.
+(``zeta = 1``) with DDIM 50; ``ddrm`` (the paper's ``eta = 0.85``, ``eta_b = 1``) taking DDIM's
+50 steps, ``ddrm20`` the same on the paper's 20; ``ddnm`` with DDIM 50 at ``eta = 1`` (the
+paper's ancestral sampler on that sub-sequence) and ``ddnm_plus`` taking DDIM's 50 steps.
 
 Columns: PSNR and SSIM against the truth (mean [95 % bootstrap interval]); the consistency
 ``||y - A x|| / sqrt(m)`` (an exact posterior sample leaves about ``sigma_y``); the Fréchet
@@ -45,7 +48,7 @@ from PIL import Image
 
 from diffusers_kit.forward_models.base import ForwardModel
 from diffusers_kit.graph import open_run
-from diffusers_kit.guidance import DPS, PiGDM, Replacement
+from diffusers_kit.guidance import DDNM, DDRM, DPS, DDNMPlus, PiGDM, Replacement
 from diffusers_kit.guidance.measurement import MeasurementGuidance
 from diffusers_kit.metrics import FrechetDistance
 from diffusers_kit.metrics.floor import ErrorBars, mean_with_interval
@@ -86,6 +89,12 @@ METHODS: dict[str, tuple[Method, Callable[[], Solver]]] = {
               lambda: DDIM(steps=50, clip_x0=1.0)),
     "dps": (lambda op: DPS(op, zeta=1.0, data_std=DATA_STD),
             lambda: DDIM(steps=50, clip_x0=1.0)),
+    "ddrm": (lambda op: DDRM(op, eta=0.85, eta_b=1.0),
+             lambda: DDIM(steps=50, clip_x0=1.0)),
+    "ddrm20": (lambda op: DDRM(op, eta=0.85, eta_b=1.0),
+               lambda: DDIM(steps=20, clip_x0=1.0)),
+    "ddnm": (lambda op: DDNM(op), lambda: DDIM(steps=50, eta=1.0, clip_x0=1.0)),
+    "ddnm_plus": (lambda op: DDNMPlus(op), lambda: DDIM(steps=50, clip_x0=1.0)),
 }
 
 

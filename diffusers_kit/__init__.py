@@ -44,9 +44,12 @@ from diffusers_kit.forward_models import (
     SuperResolution,
 )
 from diffusers_kit.guidance import (
+    DDNM,
+    DDRM,
     DPS,
     ClassifierFree,
     ClassifierGuidance,
+    DDNMPlus,
     DiffPIR,
     GradientGuidance,
     Guidance,
@@ -160,7 +163,9 @@ SWD, FD, KID, PRDC = SlicedWasserstein, FrechetDistance, KernelDistance, Precisi
 
 __all__ = [
     "DDIM",
+    "DDNM",
     "DDPM",
+    "DDRM",
     "DPS",
     "EMA",
     "FD",
@@ -193,6 +198,7 @@ __all__ = [
     "Consistency",
     "ConstantSigma",
     "Corrector",
+    "DDNMPlus",
     "DPMSolver2M",
     "DPMSolver3M",
     "DataSplits",

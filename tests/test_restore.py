@@ -71,6 +71,25 @@ def test_dkit_restore_on_a_finished_run(restored, capsys):
     assert "psnr" in out and "consistency" in out
 
 
+@pytest.mark.parametrize(("method", "operator"), [
+    ("{kind: ddrm, eta: 0.85, eta_b: 1}", "{kind: super_resolution, scale: 2, sigma_y: 0.05}"),
+    ("ddnm", "{kind: inpaint, mask: center, box_size: 0.5}"),
+    ("ddnm_plus", "{kind: blur, sigma: 1, sigma_y: 0.05}"),
+])
+def test_dkit_restore_with_ddrm_and_ddnm(restored, capsys, method, operator):
+    """DDRM and DDNM+ take DDIM's steps (one network evaluation each); DDNM is a guidance
+    term."""
+    code, _, err = run_cli(["restore", str(restored), "--operator", operator, "--method",
+                              method, "--n", "2", "--solver", "{kind: ddim, steps: 3}"], capsys)
+    assert code == 0, err
+    kind = next(k for k in ("ddrm", "ddnm_plus", "ddnm") if k in method)
+    folder = sorted((restored / "restoration").glob(f"{kind}-*"))[-1]
+    metrics = json.loads((folder / "restore.json").read_text())
+    assert metrics["nfe"] == 3
+    if kind == "ddnm":  # noiseless: the measurement exactly
+        assert metrics["consistency"] < 1e-5
+
+
 def test_dkit_restore_with_the_users_images(restored, tmp_path, capsys):
     images = np.random.default_rng(0).uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "mine.npz", x=images)
@@ -100,6 +119,12 @@ def test_dkit_restore_with_the_users_images(restored, tmp_path, capsys):
     (["--operator", "{kind: inpaint"], "--operator", "YAML mapping"),
     (["--operator", "inpaint", "--images", "/nowhere.npz"], "restore.images", "existing"),
     (["--method", "dps"], "--operator", "forward model"),
+    (["--operator", "inpaint", "--method", "ddrm", "--solver", "heun"], "restore.solver.kind",
+     "DDRM takes the sampler's steps itself"),
+    (["--operator", "inpaint", "--method", "ddnm_plus", "--solver", "ancestral"],
+     "restore.solver.kind", "DDNMPlus takes the sampler's steps itself"),
+    (["--operator", "{kind: inpaint, sigma_y: 0}", "--method", "{kind: ddrm, eta_b: ddpm}"],
+     "restore.method", "needs measurement noise"),
 ])
 def test_bad_input_is_an_exit_2_naming_the_field(restored, capsys, args, field, expected):
     before = sorted((restored / "restoration").rglob("*")) if (

@@ -2,8 +2,9 @@
 
 Held-out images (or ``--images FILE``) are measured through ``--operator`` (a forward model:
 ``inpaint``, ``colorize``, ``super_resolution``, ``blur``, ``matrix``, ``denoise``, or a
-plugin's), restored by ``--method`` (``replacement``, ``pigdm``, ``dps``: guidance terms that
-hold the operator) with any solver, and judged: PSNR, SSIM, consistency ``||y - A x||``, NFE,
+plugin's), restored by ``--method`` (``replacement``, ``diffpir``, ``ddnm``, ``pigdm``,
+``dps``: guidance terms that hold the operator, with any solver; ``ddrm``, which takes the
+sampler's steps itself, with ``ddim``) and judged: PSNR, SSIM, consistency ``||y - A x||``, NFE,
 seconds. Results go to ``RUN_DIR/restoration/<method>-<operator>-<timestamp>/``: ``restore.png``
 (measurement | restorations | truth), ``restore.npz``, ``restore.json``. The options set the
 spec's ``restore:`` section (as values, blamed on their option when wrong) and the restoration
@@ -105,7 +106,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--operator", help="forward model, name or YAML mapping, e.g. "
                                            "'{kind: inpaint, mask: box, sigma_y: 0.05}'")
     parser.add_argument("--method", default=None,
-                        help="replacement, pigdm or dps (default pigdm: the best 50-step method "
+                        help="replacement, diffpir, ddnm, pigdm, dps, or ddrm (with --solver "
+                             "ddim) (default pigdm: the best 50-step method "
                              "in docs/inverse.md; dps for a latent diffusion run; or a YAML "
                              "mapping with options, e.g. '{kind: dps, zeta: 2}')")
     parser.add_argument("--n", type=int, help="images to restore (default 8)")

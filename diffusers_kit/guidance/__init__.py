@@ -13,8 +13,11 @@ from diffusers_kit.guidance.base import (
 )
 from diffusers_kit.guidance.classifier import ClassifierGuidance
 from diffusers_kit.guidance.classifier_free import ClassifierFree
+from diffusers_kit.guidance.ddrm import DDRM
 from diffusers_kit.guidance.measurement import (
+    DDNM,
     DPS,
+    DDNMPlus,
     DiffPIR,
     MeasurementGuidance,
     PiGDM,
@@ -28,13 +31,19 @@ REGISTER = [
     ("guidance", "pigdm", PiGDM),
     ("guidance", "dps", DPS),
     ("guidance", "diffpir", DiffPIR),
+    ("guidance", "ddrm", DDRM),
+    ("guidance", "ddnm", DDNM),
+    ("guidance", "ddnm_plus", DDNMPlus),
 ]
 
 __all__ = [
+    "DDNM",
+    "DDRM",
     "DPS",
     "REGISTER",
     "ClassifierFree",
     "ClassifierGuidance",
+    "DDNMPlus",
     "DiffPIR",
     "Evaluate",
     "GradientGuidance",

@@ -34,7 +34,7 @@ unguided output; classifier-free guidance pays one extra conditional pass there)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated
 
 import torch
@@ -48,6 +48,12 @@ Evaluate = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.T
 
 NoiseLevel = Annotated[float, Field(ge=0, le=float("inf"), allow_inf_nan=True)]
 Interval = tuple[NoiseLevel, NoiseLevel]
+
+
+MOVE = ("alpha_t", "sigma_t", "alpha_s", "sigma_s", "c_t", "c_0", "posterior_var")
+"""What :meth:`Guidance.step` gets for the move ``t -> s`` (floats): the marginals
+``x_t = alpha_t x_0 + sigma_t eps`` at both ends (``sigma_s = 0`` on the last move) and
+``q(x_s | x_t, x_0) = N(c_t x_t + c_0 x_0, posterior_var I)``."""
 
 
 def decide_on_host(x: torch.Tensor) -> bool:
@@ -79,6 +85,13 @@ class Guidance:
     needs_labels: bool = True
     differentiates: bool = False
     needs_measurement: bool = False
+    takes_step: bool = False
+    """The term is a sampler's move of its own (DDRM: a DDIM-like step in the operator's SVD
+    basis, with its own noise per direction), which no change of the prediction can express.
+    A solver that honours it (class attribute ``takes_term_steps``: DDIM) asks the term for
+    each move with :meth:`step` instead of taking its own; every other solver refuses such a
+    term by name (:meth:`Solver.sample <diffusers_kit.solvers.base.Solver.sample>`, and the
+    run graph on ``restore.solver.kind``)."""
 
     def __init__(self, interval: Interval | None = None) -> None:
         if interval is not None:
@@ -91,6 +104,15 @@ class Guidance:
     def check(self, model: ScoreModel) -> str | None:
         """Why this term cannot guide ``model`` (its network and process), or None if it can."""
         return None
+
+    def step(self, model: ScoreModel, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+             move: Mapping[str, float],
+             randn_like: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        """For a term with ``takes_step``: the state at the next time ``s`` from ``x`` at ``t``
+        (a ``(B,)`` tensor), given the solver's denoised estimate ``x0`` there (the guided
+        prediction, clipped as the solver clips), the move's scalars ``move`` (:data:`MOVE`)
+        and the solver's source of noise (``randn_like``; None on the last move)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no step of its own")
 
     def num_classes(self) -> int | None:
         """How many classes this term knows, when it knows (a classifier's outputs)."""
@@ -222,6 +244,7 @@ def add_score(model: ScoreModel, output: torch.Tensor, x: torch.Tensor, t: torch
 
 
 __all__ = [
+    "MOVE",
     "Evaluate",
     "GradientGuidance",
     "Guidance",

@@ -1,5 +1,6 @@
 """Guidance by a measurement ``y = A(x_0) + noise`` through a forward model: the inverse-problem
-methods (kind ``guidance``: ``replacement``, ``diffpir``, ``pigdm``, ``dps``).
+methods (kind ``guidance``: ``replacement``, ``diffpir``, ``ddnm``, ``ddnm_plus``, ``pigdm``,
+``dps``; ``ddrm``, a sampler's step in the SVD basis, is :mod:`diffusers_kit.guidance.ddrm`).
 
 Every method holds **one** forward model (kind ``forward_model``, ``diffusers_kit/forward_models``):
 the same object simulates the measurement (``dkit restore``, :func:`diffusers_kit.restore.restore`)
@@ -18,6 +19,7 @@ so every inverse below is an elementwise division.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
@@ -31,6 +33,15 @@ if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
 
 DataStd = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+
+MEASURED = 1e-6
+"""Singular values below this share of the largest count as zero: directions the measurement
+does not see (the SVD methods leave them to the model)."""
+
+
+def measured_directions(s: torch.Tensor) -> torch.Tensor:
+    """Which singular values ``s`` count as measured (``s > MEASURED * max(s)``)."""
+    return s > MEASURED * s.max()
 
 
 class MeasurementGuidance(Guidance):
@@ -53,14 +64,22 @@ class MeasurementGuidance(Guidance):
         self._decoded: DecodedOperator | None = None  # the operator through a decoder
 
     needs_svd = False  # a method that works in the operator's SVD basis says so
+    needs_pinv = False  # a method that applies the operator's pseudo-inverse A^+ says so
     needs_gaussian_noise = False  # a method whose formula assumes N(y; A x, sigma_y^2 I)
 
     def check(self, model: ScoreModel) -> str | None:
-        if self.needs_svd and model.autoencoder is not None:
+        if (self.needs_svd or self.needs_pinv) and model.autoencoder is not None:
             return ("a pixel-space model: a latent model measures x0_hat through its decoder, "
-                    "which is not linear (no SVD): use dps")
+                    f"which is not linear (no {'SVD' if self.needs_svd else 'pseudo-inverse'})"
+                    ": use dps")
         if self.needs_svd and not self.operator.has_svd:
             return f"an operator with an SVD ({self.operator.lacks()}: use dps)"
+        if self.needs_pinv and not (self.operator.linear and self.operator.has_pinv):
+            name = type(self.operator).__name__
+            why = (f"{name} is nonlinear" if not self.operator.linear else
+                   f"{name} has no SVD and d = {self.operator.d} is too large for its dense "
+                   "matrix")
+            return f"a linear operator with a pseudo-inverse ({why}: use dps)"
         if self.needs_gaussian_noise and not self.operator.noise.gaussian:
             return (f"Gaussian measurement noise ({type(self.operator).__name__} has "
                     f"{self.operator.noise.describe()}: use dps)")
@@ -154,7 +173,7 @@ class Replacement(MeasurementGuidance):
         measured = self.measurement(model, x)
         s = self.singulars(x)
         if self.operator.sigma_y == 0:  # the limit r^2 s / (r^2 s^2) = 1 / s: A^+ (y - A x0)
-            kept = s > 1e-6 * s.max()  # directions A cannot see stay the model's
+            kept = measured_directions(s)  # directions A cannot see stay the model's
             weights = torch.where(kept, 1 / s.clamp_min(1e-300), 0.0).expand(x.shape[0], -1)
         else:
             r2 = self.posterior_variance(model, t)[:, None].to(x.dtype)
@@ -195,6 +214,111 @@ class DiffPIR(Replacement):
     def posterior_variance(self, model: ScoreModel, t: torch.Tensor) -> torch.Tensor:
         """``sigma^2 / lam``: the variance that makes replacement's step DiffPIR's."""
         return noise_level(model, t).double() ** 2 / self.lam
+
+
+class DDNM(MeasurementGuidance):
+    """The range / null-space decomposition of the denoised estimate (DDNM; Wang, Yu & Zhang
+    2023, eq. 13 and alg. 1):
+
+    ``x0_hat <- A^+ y + (I - A^+ A) x0_hat = x0_hat + A^+ (y - A x0_hat)``:
+
+    the range-space part of ``x0_hat`` is replaced by the one the measurement fixes, the null-
+    space part is the model's. It uses the operator's pseudo-inverse (``A^+``, which an operator
+    with only ``A`` and its adjoint has through its dense matrix on small data), so it needs a
+    linear operator with one, not an SVD. The paper's sampling step after it is DDPM's
+    ancestral step, i.e. the solver's (any solver; DDIM with ``eta = 1`` is the paper's).
+    Without measurement noise it is :class:`Replacement`'s update (which takes it through the
+    SVD) and exact on a Gaussian prior: ``A x = y`` to working precision and the null space
+    sampled as the prior's (tested). With noise it still projects onto the noisy ``y`` (the
+    restorations keep the measurement's noise in the range space: consistency ``~0``, not
+    ``sigma_y``); the paper's DDNM+ scales the correction and the sampler's noise per
+    direction for that: :class:`DDNMPlus`.
+
+    Args:
+        operator: the forward model (linear, with a pseudo-inverse).
+        interval: act only for noise levels in ``[lo, hi]``.
+    """
+
+    needs_pinv = True
+
+    def __init__(self, operator: ForwardModel, interval: Interval | None = None) -> None:
+        super().__init__(operator, 1.0, interval)
+
+    def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
+              y: torch.Tensor | None) -> torch.Tensor:
+        output = evaluate(x, t, y)
+        prediction, v = model.split(output)
+        x0 = model.convert(prediction, x, t, "x0")
+        measured = self.measurement(model, x)
+        x0 = x0 + self.operator.pinv(measured - self.operator.A(x0))
+        prediction = model.process.convert(x0, x, t.to(x.dtype), "x0", model.network.prediction)
+        return prediction if v is None else torch.cat([prediction, v], dim=1)
+
+
+class DDNMPlus(DDNM):
+    """DDNM+ (Wang, Yu & Zhang 2023, sec. 3.3): DDNM's correction scaled per direction so
+    that the measurement's noise is counted in the sampler's own, on DDPM's ancestral step
+    ``x_s ~ N(c_t x_t + c_0 x0_hat', Phi)`` (``q(x_s | x_t, x_0)``'s coefficients, ``sd^2`` its
+    variance). In the operator's SVD basis, with ``tau_i = sigma_y / s_i`` the noise of
+    ``y_bar_i = (U^T y)_i / s_i``:
+
+    - ``sd >= c_0 tau_i``: ``x0_bar_i' = y_bar_i`` (DDNM's correction in full) and the fresh
+      noise is cut to ``sd^2 - (c_0 tau_i)^2``, as ``y_bar``'s noise, carried by ``c_0``,
+      supplies the rest;
+    - ``sd < c_0 tau_i``: the correction scaled by ``lambda_i = sd / (c_0 tau_i)``, no fresh
+      noise;
+    - unmeasured directions: ``x0_hat`` and noise ``sd^2``.
+
+    Like DDRM it is a move, not a prediction: it ``takes_step`` (with ``ddim``, whose grid
+    gives ``c_t``, ``c_0`` and ``sd^2`` of the move, so its ``eta`` does not matter) and keeps
+    the unconditional ``x0_hat``. It needs an SVD and Gaussian noise. Without noise it is DDNM
+    with DDPM's ancestral step (tested: the same samples as ``ddnm`` with ``ddim, eta: 1``).
+    Not an exact posterior sampler with noise: its bias on a Gaussian prior is measured in
+    ``docs/inverse.md``. The paper's time-travel trick (RePaint's jumps) is not included.
+
+    Args:
+        operator: the forward model (with an SVD).
+    """
+
+    needs_svd = True
+    needs_gaussian_noise = True
+    takes_step = True
+
+    def __init__(self, operator: ForwardModel) -> None:
+        super().__init__(operator, None)
+
+    def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
+              y: torch.Tensor | None) -> torch.Tensor:
+        """The unconditional prediction: DDNM+ corrects ``x0_hat`` in its step."""
+        return evaluate(x, t, y)
+
+    def step(self, model: ScoreModel, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+             move: Mapping[str, float],
+             randn_like: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        """The ancestral move with the scaled correction and noise of the class doc."""
+        operator = self.operator
+        sd, c0 = math.sqrt(move["posterior_var"]), move["c_0"]
+        x0_bar = operator.Vt(x0)
+        s = self.singulars(x0_bar)
+        r = s.numel()
+        kept = measured_directions(s)
+        safe = torch.where(kept, s, torch.ones_like(s))
+        y_bar = operator.Ut(self.measurement(model, x))[:, :r] / safe
+        carried = c0 * operator.sigma_y / safe  # c_0 tau_i: y_bar's noise in the mean
+        full = kept & (sd >= carried)
+        scale = torch.where(full, torch.ones_like(s),
+                            torch.where(kept, sd / carried.clamp_min(1e-300),
+                                        torch.zeros_like(s)))
+        variance = torch.where(full, sd**2 - carried**2,
+                               torch.where(kept, torch.zeros_like(s), torch.full_like(s, sd**2)))
+        row = x0_bar[:, :r] - scale * (x0_bar[:, :r] - y_bar)
+        out = c0 * torch.cat([row, x0_bar[:, r:]], dim=1)
+        if randn_like is not None and sd > 0:
+            spread = torch.cat([variance.clamp_min(0).sqrt(),
+                                torch.full((x0_bar.shape[1] - r,), sd, dtype=s.dtype,
+                                           device=s.device)])
+            out = out + spread * operator.Vt(randn_like(x))
+        return move["c_t"] * x + operator.V(out)
 
 
 class PiGDM(MeasurementGuidance):
@@ -316,4 +440,14 @@ class DPS(MeasurementGuidance):
         return -self.zeta * tweedie * misfit / misfit.detach().sqrt().clamp_min(1e-12)
 
 
-__all__ = ["DPS", "DiffPIR", "MeasurementGuidance", "PiGDM", "Replacement"]
+__all__ = [
+    "DDNM",
+    "DPS",
+    "MEASURED",
+    "DDNMPlus",
+    "DiffPIR",
+    "MeasurementGuidance",
+    "PiGDM",
+    "Replacement",
+    "measured_directions",
+]

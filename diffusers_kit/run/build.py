@@ -39,7 +39,7 @@ from diffusers_kit.run_folder import (
     SPEC_FILE,
     follow_latest,
 )
-from diffusers_kit.solvers.base import Solver
+from diffusers_kit.solvers.base import Solver, solver_needed
 from diffusers_kit.spec.errors import Path as SpecPath
 from diffusers_kit.spec.errors import SpecError, SpecIssue, dotted
 from diffusers_kit.spec.loader import Document, apply_overrides, component_option, load_file
@@ -318,7 +318,8 @@ def _restoration(spec: Spec, builder: Builder, diffusion: Diffusion, data: DataS
     if method is not None:
         if not method.needs_measurement:
             builder.issue(("restore", "method", "kind"), "a measurement method (replacement, "
-                          "pigdm, dps, or a plugin's measurement term)", section.method["kind"])
+                          "diffpir, ddnm, ddnm_plus, pigdm, dps, ddrm, or a plugin's measurement "
+                          "term)", section.method["kind"])
         elif (reason := method.check(diffusion.model)) is not None:
             builder.issue(("restore", "method", "kind"), reason, section.method["kind"])
     chosen = solver
@@ -328,6 +329,13 @@ def _restoration(spec: Spec, builder: Builder, diffusion: Diffusion, data: DataS
             builder.issue(("restore", "solver", "kind"), reason, section.solver["kind"])
     elif chosen is None:
         builder.issue(("restore", "solver"), "a solver (here or in the sample section)", None)
+    if (method is not None and chosen is not None and getattr(method, "takes_step", False)
+            and not chosen.takes_term_steps):
+        where = ("restore", "solver", "kind") if section.solver is not None else \
+            ("restore", "solver")
+        builder.issue(where, solver_needed(method),
+                      section.solver["kind"] if section.solver is not None else
+                      type(chosen).__name__)
     if section.images != "heldout" and not Path(section.images).expanduser().is_file():
         builder.issue(("restore", "images"), "'heldout' or an existing .npz / .npy file of "
                       "images", section.images)

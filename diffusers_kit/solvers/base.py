@@ -283,6 +283,9 @@ class Solver:
 
     record: Record | None = None
     dkit_options: ClassVar[dict[str, Any]] = RECORDING_OPTIONS
+    takes_term_steps: ClassVar[bool] = False
+    """Whether :meth:`run` asks a guidance term that ``takes_step`` (DDRM) for its moves
+    (:func:`stepping_term`); :meth:`sample` refuses such a term for a solver that does not."""
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -385,6 +388,9 @@ class Solver:
         (``Diffusion.sample`` calls ``solver.sample``): it then follows the same conventions by
         hand (``t`` a ``(B,)`` tensor on the model's device, in ``[0, 1]``).
         """
+        term = stepping_term(model)
+        if term is not None and not self.takes_term_steps:
+            raise ValueError(f"{solver_needed(term)}; {type(self).__name__} takes its own")
         grid = self.cached_grid(model.process)
         noise = as_noise(generator, noise)
         x = self.initial(model, shape, noise, x_T)
@@ -392,6 +398,23 @@ class Solver:
         begin = model.nfe
         x = self.run(model, x, grid, noise, Callback(recorder, progress))
         return recorder.result(x, model.nfe - begin)
+
+
+def stepping_term(model: ScoreModel) -> Any:
+    """The guidance term of ``model`` that takes the sampler's steps itself (its
+    ``takes_step``: DDRM), or None; two such terms cannot share one sampler."""
+    terms = [term for term in getattr(model, "guidance", ()) if getattr(term, "takes_step",
+                                                                        False)]
+    if len(terms) > 1:
+        raise ValueError(f"one guidance term at most may take the sampler's steps; given "
+                         f"{', '.join(type(term).__name__ for term in terms)}")
+    return terms[0] if terms else None
+
+
+def solver_needed(term: Any) -> str:
+    """What a step-taking term needs, for refusals."""
+    return (f"{type(term).__name__} takes the sampler's steps itself (a sampler in the "
+            "operator's SVD basis): use a solver that lets it (ddim)")
 
 
 def _hashable(value: Any) -> Any:
@@ -446,4 +469,5 @@ def start(model: ScoreModel, shape: tuple[int, ...], noise: Noise,
 
 
 __all__ = ["GRID_LIMIT", "ClipX0", "Noise", "Progress", "Record", "Recorder", "SampleResult",
-           "Solver", "as_noise", "clip_data", "model_device", "start"]
+           "Solver", "as_noise", "clip_data", "model_device", "solver_needed", "start",
+           "stepping_term"]

@@ -12,6 +12,12 @@ deterministic DDIM map (an Euler step of the probability-flow ODE in ``x / alpha
 same sub-sequence. The last step lands on noise level 0 (``x0_hat``; see
 :mod:`diffusers_kit.solvers.tables`).
 
+**A term's own step.** With a guidance term that ``takes_step`` (DDRM,
+:class:`diffusers_kit.guidance.DDRM`), each move ``t -> s`` is the term's
+(:meth:`Guidance.step <diffusers_kit.guidance.base.Guidance.step>`), from the same
+``x0_hat`` (clipped with ``clip_x0``), the same times and the same noise stream; ``eta`` is then
+the term's business and this solver's is unused.
+
 The step is taken on the data prediction, with ``eps_hat = (x_t - alpha_t x0_hat) / sigma_t``
 substituted: ``x_s = (e / sigma_t) x_t + (alpha_s - e alpha_t / sigma_t) x0_hat + c z`` with ``e
 = sqrt(sigma_s^2 - c^2)``, defined where ``alpha_t = 0`` too (a path from pure noise).
@@ -25,8 +31,9 @@ from typing import TYPE_CHECKING, Annotated
 import torch
 from pydantic import Field
 
+from diffusers_kit.guidance.base import MOVE
 from diffusers_kit.solvers.ancestral import data_prediction
-from diffusers_kit.solvers.base import Callback, ClipX0, Solver, Steps
+from diffusers_kit.solvers.base import Callback, ClipX0, Solver, Steps, stepping_term
 from diffusers_kit.solvers.grids import Spacing, as_scalars
 from diffusers_kit.solvers.noise import Noise
 from diffusers_kit.solvers.tables import StepTable, step_table
@@ -63,6 +70,8 @@ class DDIM(Solver):
             1.0; :func:`~diffusers_kit.solvers.base.clip_data`). None: off.
     """
 
+    takes_term_steps = True
+
     def __init__(
         self,
         steps: Steps = 50,
@@ -90,9 +99,14 @@ class DDIM(Solver):
     def run(self, model: ScoreModel, x: torch.Tensor, grid: DDIMGrid, noise: Noise,
             callback: Callback) -> torch.Tensor:
         times, last = grid.table.vectors(x.shape[0], x), grid.table.steps - 1
+        term, rows = stepping_term(model), grid.table.rows
         for i in range(grid.table.steps):
             x0, _ = data_prediction(model, x, times[i], grid.table, i, self.clip_x0)
             callback(i, x, x0)
+            if term is not None:
+                x = term.step(model, x, x0, times[i], {k: rows[k][i] for k in MOVE},
+                              noise.randn_like if i < last else None)
+                continue
             x = torch.add(x * as_scalars(grid.tensors, "on_x", grid.on_x, x)[i], x0,
                           alpha=grid.on_x0[i])
             if self.eta > 0 and i < last:
