@@ -293,25 +293,91 @@ def test_an_imported_eps_run_exports_with_its_schedule(tmp_path, capsys):
     assert float((ours - x).abs().max()) <= 1e-4
 
 
-def test_export_refusals(tmp_path, capsys):
-    """dkit's own U-Net is refused with the reason; OUT must be absent or empty; nothing is
-    written on a refusal."""
-    spec = tmp_path / "own.yaml"
-    spec.write_text(f"""
+OWN = """
 name: own
 device: cpu
 data: {{kind: digits, scale: symmetric}}
-process: {{kind: ddpm, num_steps: 20}}
-network: {{kind: unet, channels: 8, channel_mult: [1], res_blocks: 1,
-          attention_resolutions: [], norm_groups: 4}}
+process: {{kind: ddpm, num_steps: {steps}}}
+network: {{kind: unet, channels: 8, channel_mult: [1, 2], res_blocks: 1,
+          attention_resolutions: [4], norm_groups: 4, prediction: v}}
 objective: {{kind: ddpm_simple}}
-train: {{steps: 0}}
-output: {{root: {tmp_path / 'runs'}}}
-""")
-    assert run_cli(["run", str(spec)], capsys)[0] == 0
-    run = str(tmp_path / "runs" / "own" / "latest")
+train: {{steps: 3, batch_size: 16, ema_decay: 0.5}}
+output: {{root: {root}}}
+"""
+
+
+def own_unet_run(tmp_path: Path, capsys, steps: int) -> Path:
+    spec = tmp_path / "own.yaml"
+    spec.write_text(OWN.format(steps=steps, root=tmp_path / "runs"))
+    code, _, err = run_cli(["run", str(spec)], capsys)
+    assert code == 0, err
+    return tmp_path / "runs" / "own" / "latest"
+
+
+def test_random_dkit_unets_map_onto_unet2d_at_every_step():
+    """dkit's unet at t = i / 1000 is the mapped UNet2DModel at timestep i - 1, for every step
+    i (the time layer rotated; module doc of interop.unet2d); without the rotation it is not."""
+    from diffusers_kit.interop.unet2d import unet2d_config, unet2d_refusal, unet2d_state
+    from diffusers_kit.networks.unet import UNet
+
+    for options in ({"channels": 8, "channel_mult": [1, 2], "res_blocks": 1,
+                     "attention_resolutions": [4], "norm_groups": 4},
+                    {"channels": 8, "channel_mult": [1, 1, 1], "res_blocks": 2, "heads": 2,
+                     "attention_resolutions": [8, 2], "norm_groups": 4}):
+        torch.manual_seed(0)
+        network = UNet(data_shape=(1, 8, 8), **options).eval()
+        with torch.no_grad():  # the zero-initialised layers too
+            for parameter in network.parameters():
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        assert unet2d_refusal(network, 1000) is None
+        unet = diffusers.UNet2DModel(**unet2d_config(network)).eval()
+        unet.load_state_dict(unet2d_state(network), strict=True)
+        steps = torch.arange(1, 1001)
+        x = torch.randn(1000, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ours = network(x, (steps.double() / 1000).float())
+            gap = float((ours - unet(x, steps - 1).sample).abs().max())
+            unshifted = float((ours - unet(x, steps).sample).abs().max())
+        print("unet -> UNet2DModel max-abs", gap, "of", float(ours.abs().max()))
+        assert gap <= 2e-5 < 1e-3 < unshifted
+
+
+def test_a_dkit_unet_run_exports_and_diffusers_samples_it(tmp_path, capsys):
+    """A trained dkit unet (v, T = 1000, EMA) exported: diffusers' DPM-Solver++(2M) on dkit's
+    20-step grid (custom timesteps, as in test_diffusers_import) equals dkit's to 1e-4."""
+    from diffusers_kit.solvers import DPMSolver2M
+    from diffusers_kit.solvers.grids import sampling_times
+
+    run = own_unet_run(tmp_path, capsys, 1000)
+    out = tmp_path / "exported"
+    code, _, err = run_cli(["export", str(run), "--format", "diffusers", str(out)], capsys)
+    assert code == 0, err
+    pipeline = diffusers.DDPMPipeline.from_pretrained(out)
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+        pipeline.scheduler.config, algorithm_type="dpmsolver++", solver_order=2,
+        final_sigmas_type="zero", lower_order_final=True)
+    model = Diffusion.from_run(run)
+    times = sampling_times(model.process, 20, "uniform")[:-1]
+    scheduler.set_timesteps(timesteps=(torch.round(times * 1000).long() - 1).tolist())
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    x = x_T.clone()
+    with torch.no_grad():
+        for step in scheduler.timesteps:
+            x = scheduler.step(pipeline.unet(x, step).sample, step, x).prev_sample
+    ours = model.sample(4, DPMSolver2M(steps=20, spacing="uniform"), x_T=x_T).samples
+    with capsys.disabled():
+        print("unet export DPM-Solver++(2M) 20 max-abs", float((ours - x).abs().max()), "of",
+              float(x.abs().max()))
+    assert float((ours - x).abs().max()) <= 1e-4
+    assert 0.5 < float(x.abs().max()) < 20.0
+
+
+def test_export_refusals(tmp_path, capsys):
+    """dkit's unet on a chain of T != 1000 is refused with the reason; OUT must be absent or
+    empty; nothing is written on a refusal."""
+    run = str(own_unet_run(tmp_path, capsys, 20))
     refused(["export", run, "--format", "diffusers", str(tmp_path / "out")], capsys,
-            "dkit's own U-Net (network kind 'unet'")
+            "a chain of T = 1000 steps for dkit's own U-Net (network kind 'unet')")
     assert not (tmp_path / "out").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")

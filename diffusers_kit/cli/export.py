@@ -1,17 +1,19 @@
 """``dkit export RUN_DIR --format diffusers OUT``: a run's model as a diffusers pipeline folder.
 
-Exported: a run whose network is ``diffusers_unet`` (imported with ``dkit import``, or named in
-a spec and perhaps fine-tuned) and whose process is a ``ddpm`` chain (``ddpm`` or
-``diffusers_scheduler``). ``OUT`` becomes what ``DDPMPipeline.save_pretrained`` writes:
-``model_index.json``, ``unet/`` (the run's sampling weights, its EMA where it has one, as
-safetensors) and ``scheduler/scheduler_config.json`` (a ``DDPMScheduler`` carrying the process's
-chain exactly and the network's prediction: :func:`~diffusers_kit.processes.
-diffusers_scheduler.scheduler_config`). ``DDPMPipeline`` and ``DDIMPipeline`` load it.
+Exported: a run whose process is a ``ddpm`` chain (``ddpm`` or ``diffusers_scheduler``) and
+whose network is ``diffusers_unet`` (imported with ``dkit import``, or named in a spec and
+perhaps fine-tuned) or dkit's own ``unet`` on a chain of T = 1000 steps (mapped onto
+``UNet2DModel`` by :mod:`diffusers_kit.interop.unet2d`, which says why only T = 1000). ``OUT``
+becomes what ``DDPMPipeline.save_pretrained`` writes: ``model_index.json``, ``unet/`` (the run's
+sampling weights, its EMA where it has one, as safetensors) and
+``scheduler/scheduler_config.json`` (a ``DDPMScheduler`` carrying the process's chain exactly
+and the network's prediction: :func:`~diffusers_kit.processes.diffusers_scheduler.
+scheduler_config`). ``DDPMPipeline`` and ``DDIMPipeline`` load it.
 
-Refused (exit status 2, with the reason): another network (dkit's own ``unet`` included, see
-:data:`UNET_REASON`), another process, a latent run, learned variances, a class-conditional
-U-Net, a ``dkit`` prediction diffusers has no name for, an ``OUT`` that is a file or a folder
-that holds anything. Nothing is written outside ``OUT``.
+Refused (exit status 2, with the reason): another network, a ``unet`` that does not map
+(:func:`~diffusers_kit.interop.unet2d.unet2d_refusal`), another process, a latent run, learned
+variances, a class-conditional U-Net, a prediction diffusers has no name for, an ``OUT`` that
+is a file or a folder that holds anything. Nothing is written outside ``OUT``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from rich.markup import escape
 
 from diffusers_kit.console import make_console
+from diffusers_kit.interop.unet2d import unet2d_config, unet2d_refusal, unet2d_state
 from diffusers_kit.networks.diffusers_unet import MISSING, PREDICTION_TYPES, DiffusersUNet
 from diffusers_kit.networks.unet import UNet
 from diffusers_kit.processes.ddpm import DDPM
@@ -31,15 +34,6 @@ from diffusers_kit.run.build import open_run
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 
 FORMATS = ("diffusers",)
-
-#: why dkit's own U-Net is not exported (docs/diffusers.md, "Export")
-UNET_REASON = (
-    "dkit's own U-Net (network kind 'unet', diffusers_kit/networks/unet.py) is not written as "
-    "a UNet2DModel: it embeds the time as 1000 t, so at step i of a chain of T steps it sees "
-    "1000 i / T, where diffusers' pipelines give a UNet2DModel the timestep i - 1 and its "
-    "sinusoidal embedding has no scale or offset to make up the difference; and its attention "
-    "heads are a count per block where UNet2DModel's are a width per head. Only "
-    "diffusers_unet networks are exported")
 
 #: dkit's prediction -> diffusers' prediction_type
 PREDICTION_NAMES = {ours: theirs for theirs, ours in PREDICTION_TYPES.items()}
@@ -65,16 +59,16 @@ def check_exportable(process: Any, network: Any, latent: bool) -> str | None:
     ``DDPMScheduler`` pipeline, or None when they can."""
     if latent:
         return "a pixel-space run (this one diffuses in an autoencoder's latent space)"
-    if isinstance(network, UNet):
-        return UNET_REASON
-    if not isinstance(network, DiffusersUNet):
-        return (f"a run whose network is diffusers_unet (this one's is "
+    if not isinstance(network, (DiffusersUNet, UNet)):
+        return (f"a run whose network is diffusers_unet or unet (this one's is "
                 f"{type(network).__name__}, which has no diffusers counterpart)")
     if not isinstance(process, DDPM):
         return (f"a run whose process is a discrete DDPM chain (ddpm or diffusers_scheduler), "
                 f"the chain of diffusers' DDPM-family schedulers; this one's is "
                 f"{type(process).__name__}")
-    if network.num_steps != process.num_steps:
+    if isinstance(network, UNet) and (reason := unet2d_refusal(network, process.num_steps)):
+        return reason
+    if isinstance(network, DiffusersUNet) and network.num_steps != process.num_steps:
         return (f"a U-Net whose T ({network.num_steps}) is the process's num_steps "
                 f"({process.num_steps})")
     if network.learned_variance or network.prediction not in PREDICTION_NAMES:
@@ -84,6 +78,19 @@ def check_exportable(process: Any, network: Any, latent: bool) -> str | None:
         return ("an unconditional U-Net (this one takes class labels, which DDPMPipeline and "
                 "DDIMPipeline do not pass)")
     return None
+
+
+def unet2d_of(network: DiffusersUNet | UNet) -> Any:
+    """The ``UNet2DModel`` of a run's network, with the weights it holds now: a
+    ``diffusers_unet``'s own, or dkit's ``unet`` mapped by :mod:`diffusers_kit.interop.
+    unet2d` (loaded strictly: every weight has its place)."""
+    if isinstance(network, DiffusersUNet):
+        return network.unet
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(**unet2d_config(network))
+    unet.load_state_dict(unet2d_state(network), strict=True)
+    return unet
 
 
 def check_out(text: str) -> Path:
@@ -112,7 +119,7 @@ def export_command(args: argparse.Namespace) -> int:
     config = scheduler_config(diffusion.process, PREDICTION_NAMES[network.prediction])
     out.mkdir(parents=True, exist_ok=True)
     with diffusion.sampling_weights():  # the EMA weights, where the run has them
-        pipeline = DDPMPipeline(unet=network.unet, scheduler=DDPMScheduler(**config))
+        pipeline = DDPMPipeline(unet=unet2d_of(network), scheduler=DDPMScheduler(**config))
         pipeline.save_pretrained(out, safe_serialization=True)
     schedule = config.get("beta_schedule", "trained_betas")
     make_console().print(
