@@ -187,9 +187,16 @@ def test_a_unet_of_other_images_needs_data(tmp_path, capsys):
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",
                                                                          "UpBlock2D"),
         layers_per_block=1, norm_num_groups=4)
-    save_pipeline(tmp_path / "pipe", diffusers.DDIMScheduler(), unet=unet)
+    save_pipeline(tmp_path / "pipe", diffusers.DDIMScheduler(**SHORT), unet=unet)
     refused(["import", str(tmp_path / "pipe")], capsys,
             "--data: expected a data set of the U-Net's 3-channel images")
+    images = np.random.default_rng(0).random((20, 3, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "images.npz", x=images)
+    data = f"{{kind: npz, path: {tmp_path / 'images.npz'}}}"
+    code, _, err = run_cli(["import", str(tmp_path / "pipe"), "--data", data, "--out",
+                            str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    assert samples_of(tmp_path / "run", capsys).shape == (6, 3, 8, 8)
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -340,6 +347,24 @@ def test_random_dkit_unets_map_onto_unet2d_at_every_step():
             unshifted = float((ours - unet(x, steps).sample).abs().max())
         print("unet -> UNet2DModel max-abs", gap, "of", float(ours.abs().max()))
         assert gap <= 2e-5 < 1e-3 < unshifted
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"channel_mult": [2, 2]}, "channel_mult starting at 1; here conv_in has 8 channels"),
+    ({"heads": 2, "attention_resolutions": [8, 4]},
+     "attention heads of one width in every attention block"),
+    ({"num_classes": 3}, "an unconditional U-Net"),
+    ({"learned_variance": True}, "a U-Net without learned variances"),
+])
+def test_dkit_unets_without_a_counterpart_are_refused(options, message):
+    from diffusers_kit.interop.unet2d import unet2d_refusal
+    from diffusers_kit.networks.unet import UNet
+
+    settings = {"channels": 8, "channel_mult": [1, 2], "res_blocks": 1,
+                "attention_resolutions": [4], "norm_groups": 4, **options}
+    network = UNet(data_shape=(1, 8, 8), **settings)
+    assert message in unet2d_refusal(network, 1000)
+    assert "a chain of T = 1000 steps" in unet2d_refusal(network, 999)
 
 
 def test_a_dkit_unet_run_exports_and_diffusers_samples_it(tmp_path, capsys):
