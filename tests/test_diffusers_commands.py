@@ -153,7 +153,26 @@ def _flow(folder: Path) -> None:
         {"_class_name": "FlowMatchEulerDiscreteScheduler"}))
 
 
+def _zero_snr(folder: Path) -> None:
+    save_pipeline(folder, diffusers.DDIMScheduler(rescale_betas_zero_snr=True))
+
+
+def _sigmoid(folder: Path) -> None:
+    save_pipeline(folder, diffusers.DDIMScheduler())
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()),
+                                  "beta_schedule": "sigmoid"}))
+
+
+def _component(folder: Path) -> None:
+    save_pipeline(folder.parent / "whole", diffusers.DDIMScheduler())
+    (folder.parent / "whole" / "unet").rename(folder)
+
+
 @pytest.mark.parametrize(("make", "message"), [
+    (_component, "a component folder (import the pipeline folder above it)"),
+    (_zero_snr, "rescale_betas_zero_snr is set"),
+    (_sigmoid, "beta_schedule 'sigmoid' is not supported"),
     (lambda f: f.mkdir(), "it has no model_index.json: not a pipeline"),
     (lambda f: None, "it does not exist"),
     (_no_scheduler, "its model_index.json lists no scheduler (it lists unet)"),
