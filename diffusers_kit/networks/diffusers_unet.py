@@ -96,7 +96,7 @@ class DiffusersUNet(Network):
         prediction: Literal["auto", "eps", "v", "x0"] = "auto",
         num_train_timesteps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None,
         sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None,
-        size: Annotated[int, Field(ge=0)] | None = None,
+        size: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None,
         *,
         data_shape: tuple[int, ...] | None = None,
     ) -> None:
