@@ -4,5 +4,6 @@
 with ``save_pretrained`` or one of its component folders): the network
 :class:`~diffusers_kit.networks.diffusers_unet.DiffusersUNet` and the process
 :class:`~diffusers_kit.processes.diffusers_scheduler.DiffusersSchedule` are built on it
-(``docs/diffusers.md``).
+(``docs/diffusers.md``). :mod:`diffusers_kit.interop.unet2d` maps dkit's own U-Net onto a
+diffusers ``UNet2DModel`` for ``dkit export``.
 """

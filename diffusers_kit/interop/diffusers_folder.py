@@ -9,6 +9,7 @@ own. Everything here reads JSON only (no diffusers import), and every failure is
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -107,3 +108,53 @@ def check_safetensors(folder: Path, user: str) -> None:
                          "UNet2DModel.from_pretrained(folder, use_safetensors=False)"
                          ".save_pretrained(folder)")
     raise ValueError(f"{user}: {folder} has no weights (no {SAFETENSORS_WEIGHTS})")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a component folder that :func:`check_safetensors` accepted: the
+    single ``diffusion_pytorch_model.safetensors``, or the shard index and every shard it
+    names."""
+    single = folder / SAFETENSORS_WEIGHTS
+    if single.is_file():
+        return [single]
+    index = folder / f"{SAFETENSORS_WEIGHTS}.index.json"
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no weight_map")
+    return [index, *(folder / name for name in sorted(set(map(str, weight_map.values()))))]
+
+
+def fingerprint(files: list[Path]) -> tuple[str, int]:
+    """``(sha256, size)`` of ``files`` taken together, in order: the SHA-256 of each file's
+    name, byte count and bytes, and the total byte count. What ``dkit import`` records of the
+    folder it references, so that a later change of any of those files is detected."""
+    digest = hashlib.sha256()
+    total = 0
+    for file in files:
+        size = file.stat().st_size
+        total += size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest(), total
+
+
+def check_fingerprint(files: list[Path], sha256: str, size: int | None, user: str) -> None:
+    """``files`` must be the ones recorded: their total size ``size`` (when given, checked
+    first: no reading) and their :func:`fingerprint` ``sha256``; a ValueError saying what
+    changed otherwise."""
+    names = ", ".join(str(f) for f in files)
+    advice = ("the run references these files and does not hold a copy of them: restore the "
+              "files, or import the folder again with dkit import")
+    try:
+        found_size = sum(f.stat().st_size for f in files)
+    except OSError as exc:
+        raise ValueError(f"{user}: cannot read {names}: {exc}; {advice}") from exc
+    if size is not None and found_size != size:
+        raise ValueError(f"{user}: {names} changed since they were imported: {found_size} "
+                         f"bytes, recorded {size}; {advice}")
+    found, _ = fingerprint(files)
+    if found != sha256.lower():
+        raise ValueError(f"{user}: {names} changed since they were imported: SHA-256 "
+                         f"{found[:16]}..., recorded {sha256[:16]}...; {advice}")

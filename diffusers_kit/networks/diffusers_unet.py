@@ -23,7 +23,7 @@ only when a ``diffusers_unet`` is built.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -32,10 +32,12 @@ from diffusers_kit.interop.diffusers_folder import (
     MODEL_CONFIG,
     SCHEDULER_DEFAULTS,
     check_class,
+    check_fingerprint,
     check_safetensors,
     component_folder,
     read_json,
     scheduler_near,
+    weight_files,
 )
 from diffusers_kit.networks.base import Network
 from diffusers_kit.processes.ddpm import MAX_STEPS
@@ -78,6 +80,14 @@ class DiffusersUNet(Network):
         num_train_timesteps: the scheduler's T, which maps ``t`` to the timestep; default:
             read from the pipeline's scheduler config. It must equal the process's
             ``num_steps``.
+        sha256: the weights as ``dkit import`` found them: the
+            :func:`~diffusers_kit.interop.diffusers_folder.fingerprint` of ``unet/config.json``
+            and the weight file(s). When set, the files are checked against it (and ``size``,
+            their total byte count) before they are loaded, and a checkpoint may leave the
+            U-Net's weights out: a state dict without any of them leaves the network with the
+            file's weights (``load_state_dict`` does not count them missing). A checkpoint
+            that holds them (a fine-tuned run) loads them as usual.
+        size: the total byte count of those files (checked first, without reading them).
     """
 
     def __init__(
@@ -85,6 +95,8 @@ class DiffusersUNet(Network):
         path: Annotated[str, Field(min_length=1, max_length=4096)],
         prediction: Literal["auto", "eps", "v", "x0"] = "auto",
         num_train_timesteps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None,
+        sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None,
+        size: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None,
         *,
         data_shape: tuple[int, ...] | None = None,
     ) -> None:
@@ -121,8 +133,8 @@ class DiffusersUNet(Network):
             raise ValueError(f"{user}: {folder}: out_channels ({config.get('out_channels')}) "
                              f"differs from in_channels ({channels}); learned variances are "
                              "not supported")
-        size = config.get("sample_size")
-        own = (channels, *((size, size) if isinstance(size, int) else tuple(size or ())))
+        side = config.get("sample_size")
+        own = (channels, *((side, side) if isinstance(side, int) else tuple(side or ())))
         shape = own if data_shape is None else tuple(int(s) for s in data_shape)
         factor = 2 ** (len(config.get("block_out_channels", ())) - 1)
         if len(shape) != 3 or shape[0] != channels or shape[1] % factor or shape[2] % factor:
@@ -130,6 +142,11 @@ class DiffusersUNet(Network):
                              f"channels with sides divisible by {factor} (it was built for "
                              f"{own}); this data set's examples have shape {shape}")
         check_safetensors(folder, user)
+        if sha256 is not None:
+            check_fingerprint([folder / MODEL_CONFIG, *weight_files(folder)], sha256, size, user)
+        elif size is not None:
+            raise ValueError(f"{user}: size is set without sha256; set both (dkit import "
+                             "records them) or neither")
         try:
             from diffusers import UNet2DModel
         except ImportError as exc:
@@ -146,6 +163,22 @@ class DiffusersUNet(Network):
         self.num_steps = int(steps)
         self.data_shape = shape
         self.num_classes = config.get("num_class_embeds")
+        self.referenced = sha256 is not None
+        if self.referenced:
+            self.register_load_state_dict_post_hook(DiffusersUNet._weights_from_file)
+
+    def _weights_from_file(self, incompatible: Any) -> None:
+        """A state dict that holds none of the U-Net's tensors (the checkpoint of an imported
+        run) leaves the weights read from the verified file: they are not missing. A state
+        dict holding some but not all of them is still refused (torch lists the rest)."""
+        own = set(self.unet.state_dict())
+        groups: dict[str, list[str]] = {}
+        for key in incompatible.missing_keys:
+            head, found, tail = key.rpartition("unet.")
+            if found and tail in own:
+                groups.setdefault(head, []).append(key)
+        drop = {k for keys in groups.values() if len(keys) == len(own) for k in keys}
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in drop]
 
     @staticmethod
     def _prediction(prediction: str, scheduler: dict | None, folder: Path, user: str) -> str:

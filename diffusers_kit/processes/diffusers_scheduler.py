@@ -32,6 +32,7 @@ from diffusers_kit.interop.diffusers_folder import (
     SCHEDULER_CONFIG,
     SCHEDULER_DEFAULTS,
     check_class,
+    check_fingerprint,
     component_folder,
     read_json,
 )
@@ -101,12 +102,19 @@ class DiffusersSchedule(DDPM):
     Args:
         path: a local diffusers pipeline folder, its ``scheduler/`` folder or the
             ``scheduler_config.json`` file (relative to the working directory).
+        sha256: the :func:`~diffusers_kit.interop.diffusers_folder.fingerprint` of
+            ``scheduler_config.json`` as ``dkit import`` found it; when set, a changed file is
+            refused.
     """
 
-    def __init__(self, path: Annotated[str, Field(min_length=1, max_length=4096)]) -> None:
+    def __init__(self, path: Annotated[str, Field(min_length=1, max_length=4096)],
+                 sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
+                 ) -> None:
         user = "diffusers_scheduler"
         folder = component_folder(path, "scheduler", SCHEDULER_CONFIG, user)
         file = folder / SCHEDULER_CONFIG
+        if sha256 is not None:
+            check_fingerprint([file], sha256, None, user)
         config = read_json(file)
         if str(config.get("_class_name", "")).startswith("FlowMatch"):
             raise ValueError(f"{user}: {file} is a flow-matching scheduler "
@@ -120,3 +128,32 @@ class DiffusersSchedule(DDPM):
         self.schedule = schedule
         self._settings = {"schedule": schedule, "path": self.path}
         self._set_betas(betas)
+
+
+def scheduler_config(process: DDPM, prediction_type: str) -> dict[str, Any]:
+    """The DDPM-family scheduler config whose chain is ``process``'s, exactly: the inverse of
+    :func:`scheduler_betas`. The process's named schedule (``beta_schedule`` with its
+    ``beta_start`` / ``beta_end``) when :func:`scheduler_betas` rebuilds its float64 betas
+    bit for bit from it, else ``trained_betas`` (every beta, as float64 decimal: JSON floats
+    read back to the same numbers). ``prediction_type`` is diffusers' name of the network's
+    prediction (``epsilon``, ``v_prediction`` or ``sample``). The sampling options are those
+    that make diffusers' DDIM grid start at step T as dkit's grids do (``trailing``) and land
+    on ``t = 0`` (DDIM's default ``set_alpha_to_one``), with no clipping."""
+    steps = process.num_steps
+    settings = {**getattr(process, "config", {}), **process._settings}
+    schedule = {name: key for key, name in SCHEDULES.items()}.get(process.schedule)
+    chain: dict[str, Any] = {"num_train_timesteps": steps}
+    if schedule is not None:
+        named = {**chain, "beta_schedule": schedule}
+        if schedule != "squaredcos_cap_v2":
+            named.update(beta_start=settings.get("beta_start"), beta_end=settings.get("beta_end"))
+        try:
+            rebuilt, _ = scheduler_betas(named, "the process's schedule")
+        except (TypeError, ValueError):
+            rebuilt = None
+        if rebuilt is not None and torch.equal(rebuilt, process.betas):
+            chain = named
+    if "beta_schedule" not in chain:
+        chain["trained_betas"] = [float(b) for b in process.betas]
+    return {**chain, "prediction_type": prediction_type, "clip_sample": False,
+            "timestep_spacing": "trailing"}
