@@ -91,6 +91,7 @@ from diffusers_kit.networks import (
     UNet,
 )
 from diffusers_kit.objectives import (
+    ConsistencyDistillation,
     Denoising,
     DenoisingScoreMatching,
     EDMLoss,
@@ -125,6 +126,7 @@ from diffusers_kit.solvers import (
     Ancestral,
     AncestralPredictor,
     AnnealedLangevin,
+    ConsistencySampler,
     Corrector,
     DPMSolver2M,
     DPMSolver3M,
@@ -191,6 +193,8 @@ __all__ = [
     "Colorize",
     "Conditioner",
     "Consistency",
+    "ConsistencyDistillation",
+    "ConsistencySampler",
     "ConstantSigma",
     "Corrector",
     "DPMSolver2M",

@@ -276,6 +276,7 @@ class Trainer:
         post_hoc: PowerEMA | None = None,
     ) -> None:
         self.model, self.objective, self.data, self.labels = model, objective, data, labels
+        objective.prepare(model)  # a teacher, a target network (the objective's own state)
         self.settings, self.ema = settings, ema
         self.post_hoc = post_hoc  # power-function EMAs and their snapshots (diffusers_kit.ema)
         self.dist = dist or Distributed()
@@ -382,6 +383,7 @@ class Trainer:
             self.ema.update(self.model.network, step)
         if self.post_hoc is not None:
             self.post_hoc.update(self.model.network, step)
+        self.objective.after_step(self.model, step)
         assert total is not None
         return total
 
@@ -511,6 +513,7 @@ class Trainer:
         """Everything a resumed run needs besides the weights and EMA: (tensors, metadata)."""
         self._fold()
         tensors, optim_meta = optimizer_state(self.optim)
+        tensors.update({f"objective.{k}": v for k, v in self.objective.state_dict().items()})
         tensors["trainer.order"] = self.order
         tensors["trainer.running"] = self.running
         tensors["trainer.first_bad"] = self.first_bad
@@ -541,6 +544,9 @@ class Trainer:
         load_optimizer_state(self.optim, {k: v.to(self.device) for k, v in tensors.items()
                                           if k.startswith("optim.")},
                              json.loads(meta["optimizer"]))
+        self.objective.load_state_dict({k.removeprefix("objective."): v.to(self.device)
+                                        for k, v in tensors.items()
+                                        if k.startswith("objective.")})
         self.order = tensors["trainer.order"].to(self.device)
         self.running = tensors["trainer.running"].to(self.device).clone()
         self.first_bad = tensors["trainer.first_bad"].to(self.device).clone()
