@@ -84,6 +84,7 @@ from diffusers_kit.model import ScoreModel
 from diffusers_kit.networks import (
     MLP,
     NCSN,
+    ConsistencyPrecond,
     DiffusersUNet,
     EDMPrecond,
     Network,
@@ -194,6 +195,7 @@ __all__ = [
     "Conditioner",
     "Consistency",
     "ConsistencyDistillation",
+    "ConsistencyPrecond",
     "ConsistencySampler",
     "ConstantSigma",
     "Corrector",

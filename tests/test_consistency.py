@@ -21,7 +21,7 @@ import torch
 from diffusers_kit.api import Diffusion
 from diffusers_kit.metrics.swd import random_directions, sliced_wasserstein
 from diffusers_kit.model import ScoreModel
-from diffusers_kit.networks import MLP, EDMPrecond
+from diffusers_kit.networks import MLP, ConsistencyPrecond, EDMPrecond
 from diffusers_kit.networks.base import Network
 from diffusers_kit.objectives import ConsistencyDistillation
 from diffusers_kit.objectives.consistency import consistency_distance, discretisation
@@ -87,8 +87,7 @@ def test_the_boundary_is_exact(process, dtype):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(6, 3, generator=generator, dtype=dtype) * 5
     value = torch.full((1, 3), 1e3, dtype=dtype)
-    model = ScoreModel(process, EDMPrecond(Constant(value), sigma_data=0.5,
-                                           boundary="consistency"))
+    model = ScoreModel(process, ConsistencyPrecond(Constant(value), sigma_data=0.5))
     t_min = torch.full((6,), float(process.t_min), dtype=dtype)
     out = model.predict(x, t_min, "x0")
     alpha = process.marginal(t_min.double())[0].to(dtype)[:, None]
@@ -110,11 +109,12 @@ def test_the_boundary_is_exact(process, dtype):
 
 def test_the_boundary_needs_alpha_above_zero():
     with pytest.raises(ValueError, match="alpha > 0"):
-        ScoreModel(Flow(), EDMPrecond(Constant(torch.zeros(1, 1)), boundary="consistency"))
+        ScoreModel(Flow(), ConsistencyPrecond(Constant(torch.zeros(1, 1))))
 
 
-def test_edm_coefficients_are_unchanged_without_the_boundary():
-    """``boundary: none`` is EDM's wrapper: at ``t_min`` it does not return ``x``."""
+def test_edm_precond_has_no_boundary():
+    """``edm_precond`` (same parameters) is EDM's wrapper: at ``t_min`` it does not return
+    ``x``."""
     x = torch.ones(2, 3, dtype=torch.float64)
     model = ScoreModel(EDM_VE, EDMPrecond(Constant(torch.full((1, 3), 1e3)), sigma_data=0.5))
     out = model.predict(x, torch.zeros(2, dtype=torch.float64), "x0")
@@ -202,7 +202,7 @@ def test_the_discretisation_is_karras_rho_spacing():
 
 def test_a_teacher_under_another_process_is_refused():
     objective = ConsistencyDistillation(gaussian_teacher(VE(sigma_min=0.01, sigma_max=50.0)))
-    student = EDMPrecond(Constant(torch.zeros(1, 2)), boundary="consistency")
+    student = ConsistencyPrecond(Constant(torch.zeros(1, 2)))
     assert "same process" in objective.check(EDM_VE, student)
     with pytest.raises(ValueError, match="same process"):
         objective.prepare(ScoreModel(EDM_VE, student))
@@ -212,8 +212,7 @@ def test_the_target_trails_the_student_and_is_checkpointed():
     """After a step ``theta- = mu theta-_old + (1 - mu) theta``; ``state_dict`` round-trips it
     through the trainer's state."""
     torch.manual_seed(0)
-    student = EDMPrecond(MLP(width=8, blocks=1, prediction="x0", data_shape=(2,)),
-                         boundary="consistency")
+    student = ConsistencyPrecond(MLP(width=8, blocks=1, prediction="x0", data_shape=(2,)))
     objective = ConsistencyDistillation(gaussian_teacher(EDM_VE), init="none", mu=0.9)
     diffusion = Diffusion(EDM_VE, student, objective, device="cpu")
     data = M + C * torch.randn(64, 2, generator=torch.Generator().manual_seed(4))
@@ -282,8 +281,8 @@ def test_a_short_distillation_improves_one_step_samples():
     teacher = TrainedModel.from_diffusion(
         Diffusion(EDM_VE, ExactScoreNetwork(mixture, EDM_VE, "x0"), device="cpu"))
     torch.manual_seed(0)
-    student = EDMPrecond(MLP(width=64, blocks=2, prediction="x0", data_shape=(2,)),
-                         sigma_data=1.0, boundary="consistency")
+    student = ConsistencyPrecond(MLP(width=64, blocks=2, prediction="x0", data_shape=(2,)),
+                                 sigma_data=1.0)
     objective = ConsistencyDistillation(teacher, points=18, init="none", mu=0.95)
     diffusion = Diffusion(EDM_VE, student, objective, device="cpu")
     generator = torch.Generator().manual_seed(6)

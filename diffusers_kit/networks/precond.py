@@ -19,18 +19,18 @@ computed as ``c_skip / alpha = sigma_data^2 alpha / (sigma^2 + alpha^2 sigma_dat
 sqrt(sigma^2 + alpha^2 sigma_data^2)``; ``ln s`` is clamped to ``[-20, 20]`` (finite at
 ``alpha = 0``).
 
-**Consistency boundary** (``boundary: consistency``; Song, Dhariwal, Chen & Sutskever 2023,
-"Consistency Models", section 3 and Appendix C): a consistency function must satisfy ``f(x,
-epsilon) = x`` at the smallest noise level ``epsilon``. With ``s_min = sigma / alpha`` at the
-process's ``t_min`` the skip and output coefficients become
+**Consistency boundary** (network ``consistency_precond``, :class:`ConsistencyPrecond`; Song,
+Dhariwal, Chen & Sutskever 2023, "Consistency Models", section 3 and Appendix C): a consistency
+function must satisfy ``f(x, epsilon) = x`` at the smallest noise level ``epsilon``. With
+``s_min = sigma / alpha`` at the process's ``t_min`` the skip and output coefficients become
 
     c_skip = sigma_data^2 / ((s - s_min)^2 + sigma_data^2),
     c_out  = (s - s_min) sigma_data / sqrt(s^2 + sigma_data^2)
 
-(``c_in``, ``c_noise`` as above), applied to ``y = x_t / alpha``: ``f(x, t_min) = x / alpha(t_min)``
-exactly (``c_skip = 1``, ``c_out = 0`` in floating point), which is ``x`` itself on the VE / EDM
-process (``alpha = 1``). Below ``s_min`` the offset is clamped at 0 (``f`` is the identity
-there too). It needs ``alpha > 0`` on the whole path.
+(``c_in``, ``c_noise`` as above), applied to ``y = x_t / alpha``: ``f(x, t_min) = x /
+alpha(t_min)`` exactly (``c_skip = 1``, ``c_out = 0`` in floating point), which is ``x`` itself
+on the VE / EDM process (``alpha = 1``). Below ``s_min`` the offset is clamped at 0 (``f`` is the
+identity there too). It needs ``alpha > 0`` on the whole path.
 
 The process is bound when the network joins a model (``ScoreModel`` calls
 :meth:`EDMPrecond.bind_process`).
@@ -38,7 +38,7 @@ The process is bound when the network joins a model (``ScoreModel`` calls
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 from pydantic import Field
@@ -81,9 +81,6 @@ class EDMPrecond(Network):
     Args:
         network: the network ``F`` (any dkit network; a class-conditional one gets the labels).
         sigma_data: the data's standard deviation (Karras et al. 2022: 0.5).
-        boundary: ``none`` (EDM's coefficients) or ``consistency`` (Song et al. 2023's, which
-            make the wrapper a consistency function: ``f(x, t_min) = x / alpha(t_min)``
-            exactly; see the module doc).
     """
 
     dkit_context = ("data_shape",)
@@ -92,7 +89,6 @@ class EDMPrecond(Network):
         self,
         network: Network,
         sigma_data: Annotated[float, Field(gt=0, le=1e6)] = 0.5,
-        boundary: Literal["none", "consistency"] = "none",
         data_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__("x0")
@@ -100,7 +96,6 @@ class EDMPrecond(Network):
             raise ValueError("edm_precond wraps a network without learned_variance")
         self.network = network
         self.sigma_data = float(sigma_data)
-        self.boundary = boundary
         self.data_shape = tuple(data_shape or getattr(network, "data_shape", ()) or ())
         self.num_classes = network.num_classes
         self.class_dropout = network.class_dropout
@@ -108,40 +103,70 @@ class EDMPrecond(Network):
 
     def bind_process(self, process: NoiseProcess) -> None:
         """The process whose ``(alpha, sigma)`` set the coefficients."""
-        if self.boundary == "consistency":
-            alpha = process.alpha(torch.ones(1, dtype=torch.float64))
-            if float(alpha[0]) <= 0.0:
-                raise ValueError("edm_precond with boundary: consistency needs alpha > 0 on the "
-                                 "whole path (this process reaches pure noise at t = 1)")
         self.process = process
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        if self.process is None:
-            raise RuntimeError("edm_precond is used outside a model: bind_process(process) "
-                               "first (ScoreModel does)")
-        tt = t if t.device.type == "mps" else t.double()
-        alpha, sigma = self.process.marginal(tt)
-        if self.boundary == "consistency":
-            return self._consistency(x, t, tt, alpha, sigma, y)
+        alpha, sigma = self._marginal(t)
         skip, out, scale_in, noise = (c.to(x.dtype) for c in edm_coefficients(
             alpha, sigma, self.sigma_data))
         inner = expand(scale_in, x) * x
-        if self.num_classes is not None:
-            output = self.network(inner, noise, y)
-        else:
-            output = self.network(inner, noise)
-        return expand(skip, x) * x + expand(out, x) * output
+        return expand(skip, x) * x + expand(out, x) * self._inner(inner, noise, y)
 
-    def _consistency(self, x: torch.Tensor, t: torch.Tensor, tt: torch.Tensor,
-                     alpha: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor | None
-                     ) -> torch.Tensor:
-        """The consistency parameterisation on ``y = x / alpha`` (module doc). ``s_min`` is
-        computed from ``t_min`` rounded to ``t``'s dtype, the way ``s`` is from ``t``, so that
-        ``t = t_min`` gives ``s - s_min = 0`` exactly."""
+    def _marginal(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha, sigma)`` at ``t`` in float64 (float32 on MPS)."""
+        if self.process is None:
+            raise RuntimeError(f"{type(self).__name__} is used outside a model: "
+                               "bind_process(process) first (ScoreModel does)")
+        return self.process.marginal(t if t.device.type == "mps" else t.double())
+
+    def _inner(self, inner: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None
+               ) -> torch.Tensor:
+        """``F(inner, c_noise)`` (with the labels for a class-conditional ``F``)."""
+        if self.num_classes is not None:
+            return self.network(inner, noise, y)
+        return self.network(inner, noise)
+
+    def describe(self) -> str:
+        return f"EDMPrecond(sigma_data={self.sigma_data}) around {self.network.describe()}"
+
+
+class ConsistencyPrecond(EDMPrecond):
+    """EDM's wrapper with the consistency boundary (Song et al. 2023, Appendix C; see the module
+    doc): ``f(x, t) = c_skip(s) x / alpha + c_out(s) F(c_in(s) x / alpha, c_noise(s))`` with
+    ``c_skip(s_min) = 1`` and ``c_out(s_min) = 0``, so ``f(x, t_min) = x / alpha(t_min)``
+    exactly. Its parameters are ``edm_precond``'s around the same ``F``: a consistency model
+    can start from an EDM teacher's weights.
+
+    Args:
+        network: the network ``F`` (any dkit network).
+        sigma_data: the data's standard deviation.
+    """
+
+    def __init__(
+        self,
+        network: Network,
+        sigma_data: Annotated[float, Field(gt=0, le=1e6)] = 0.5,
+        data_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__(network, sigma_data, data_shape)
+
+    def bind_process(self, process: NoiseProcess) -> None:
+        """The process (it must keep ``alpha > 0``: the boundary is set in ``x / alpha``)."""
+        alpha = process.alpha(torch.ones(1, dtype=torch.float64))
+        if float(alpha[0]) <= 0.0:
+            raise ValueError("consistency_precond needs alpha > 0 on the whole path (this "
+                             "process reaches pure noise at t = 1)")
+        super().bind_process(process)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``s_min`` comes from ``t_min`` rounded to ``t``'s dtype, the way ``s`` comes from
+        ``t``, so that ``t = t_min`` gives ``s - s_min = 0`` exactly."""
+        alpha, sigma = self._marginal(t)
         assert self.process is not None
         t_min = torch.full((1,), float(self.process.t_min), dtype=t.dtype, device=t.device)
-        a_min, s_min = self.process.marginal(t_min.to(tt.dtype))
+        a_min, s_min = self._marginal(t_min)
         level = sigma / alpha
         skip, out = (c.to(x.dtype) for c in consistency_coefficients(
             level, s_min / a_min, self.sigma_data))
@@ -149,13 +174,8 @@ class EDMPrecond(Network):
             torch.ones_like(level), level, self.sigma_data))
         scaled = x / expand(alpha.to(x.dtype), x)
         inner = expand(scale_in, x) * scaled
-        if self.num_classes is not None:
-            output = self.network(inner, noise, y)
-        else:
-            output = self.network(inner, noise)
-        return expand(skip, x) * scaled + expand(out, x) * output
+        return expand(skip, x) * scaled + expand(out, x) * self._inner(inner, noise, y)
 
     def describe(self) -> str:
-        boundary = ", consistency boundary" if self.boundary == "consistency" else ""
-        return (f"EDMPrecond(sigma_data={self.sigma_data}{boundary}) around "
+        return (f"ConsistencyPrecond(sigma_data={self.sigma_data}) around "
                 f"{self.network.describe()}")

@@ -10,7 +10,7 @@ to ``t_n`` (Euler or Heun: :func:`~diffusers_kit.solvers.ode.probability_flow_st
     L = d( f_theta(x_{n+1}, t_{n+1}),  f_theta-(x_hat_n, t_n) ),        lambda(t_n) = 1
 
 where ``f_theta`` is the student's data prediction (a consistency function: wrap its network in
-``edm_precond`` with ``boundary: consistency``) and ``theta-`` the *target* network, a stopped-
+``consistency_precond``) and ``theta-`` the *target* network, a stopped-
 gradient exponential average of the student updated after every optimizer step,
 ``theta- <- mu theta- + (1 - mu) theta`` (initialised to the student). The distance ``d`` is
 
@@ -157,7 +157,7 @@ class ConsistencyDistillation(Objective):
                 raise ValueError(
                     "objective consistency_distillation with init: teacher needs a student "
                     "network with the teacher's parameters (the same network section, wrapped "
-                    "in edm_precond with boundary: consistency); set init: none to train it "
+                    "in consistency_precond); set init: none to train it "
                     "from its own initialisation")
             student.load_state_dict(theirs)
         target = copy.deepcopy(model.network).requires_grad_(False)

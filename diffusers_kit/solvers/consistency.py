@@ -3,9 +3,10 @@ Algorithm 1).
 
 A consistency model ``f(x_t, t)`` maps any point of a probability-flow trajectory to its start
 at the smallest noise level ``varsigma_min = sigma / alpha`` at ``t_min`` (its data prediction
-``x0_hat``; :class:`~diffusers_kit.networks.precond.EDMPrecond` with ``boundary: consistency``
-makes a network one). One evaluation at ``t = 1`` is a sample; more steps alternate noising and
-mapping back, at decreasing noise levels ``tau_1 > ... > tau_{K-1}``::
+``x0_hat``; :class:`~diffusers_kit.networks.precond.ConsistencyPrecond`, network
+``consistency_precond``, makes a network one). One evaluation at ``t = 1`` is a sample; more
+steps alternate noising and mapping back, at decreasing noise levels ``tau_1 > ... >
+tau_{K-1}``::
 
     x <- f(x_1, 1)                                          x_1 from the prior
     for k = 1 .. K-1:
