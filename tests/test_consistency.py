@@ -235,6 +235,35 @@ def test_the_target_trails_the_student_and_is_checkpointed():
         assert torch.equal(value, kept[f"objective.target.{name}"])
 
 
+def test_a_resumed_distillation_continues_its_target_to_the_bits(tmp_path):
+    """Train 6 steps straight, or 3, save, and resume to 6 in a fresh model: the same student,
+    EMA and target bits (the target travels in the checkpoint through the objective's
+    ``state_dict``; without it the resumed target would restart from the student)."""
+    data = M + C * torch.randn(256, 2, generator=torch.Generator().manual_seed(8))
+
+    def fresh() -> tuple[Diffusion, ConsistencyDistillation]:
+        torch.manual_seed(0)
+        student = ConsistencyPrecond(MLP(width=8, blocks=1, prediction="x0", data_shape=(2,)))
+        objective = ConsistencyDistillation(gaussian_teacher(EDM_VE), init="none", mu=0.5)
+        return Diffusion(EDM_VE, student, objective, device="cpu"), objective
+
+    settings = {"batch_size": 32, "ema_decay": 0.9, "log_every": 1, "seed": 3}
+    straight, straight_objective = fresh()
+    straight.fit(data, steps=6, **settings)
+    first, _ = fresh()
+    first.fit(data, steps=3, **settings)
+    first.save(tmp_path / "ckpt.safetensors")
+    resumed, resumed_objective = fresh()
+    resumed.fit(data, steps=6, resume=tmp_path / "ckpt.safetensors", **settings)
+    pairs = [(straight.network.state_dict(), resumed.network.state_dict()),
+             (straight.ema.state_dict(straight.network), resumed.ema.state_dict(resumed.network)),
+             (straight_objective.state_dict(), resumed_objective.state_dict())]
+    for a, b in pairs:
+        assert a.keys() == b.keys() and a
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
 # -- the sampler ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_the_sampler_on_the_exact_consistency_function(steps):
