@@ -264,6 +264,37 @@ def test_a_resumed_distillation_continues_its_target_to_the_bits(tmp_path):
             assert torch.equal(a[key], b[key]), key
 
 
+def test_init_teacher_copies_the_teachers_weights_once():
+    """``init: teacher`` starts the student (and its target) at the teacher's weights; a
+    second ``fit`` continues from the student rather than starting over; a student with other
+    parameters is refused with a message naming the fix."""
+    torch.manual_seed(0)
+    trained = EDMPrecond(MLP(width=8, blocks=1, prediction="x0", data_shape=(2,)))
+    teacher = TrainedModel.from_diffusion(Diffusion(EDM_VE, trained, device="cpu"))
+    torch.manual_seed(1)
+    student = ConsistencyPrecond(MLP(width=8, blocks=1, prediction="x0", data_shape=(2,)))
+    objective = ConsistencyDistillation(teacher)
+    model = ScoreModel(EDM_VE, student)
+    objective.prepare(model)
+    for name, value in trained.state_dict().items():
+        assert torch.equal(student.state_dict()[name], value)
+        assert torch.equal(objective.state_dict()[f"target.{name}"], value)
+    diffusion = Diffusion(EDM_VE, student, objective, device="cpu")
+    data = M + C * torch.randn(64, 2, generator=torch.Generator().manual_seed(9))
+    diffusion.fit(data, steps=2, batch_size=32, ema_decay=0, log_every=1)
+    after = {k: v.clone() for k, v in student.state_dict().items()}
+    target = {k: v.clone() for k, v in objective.state_dict().items()}
+    assert any(not torch.equal(v, trained.state_dict()[k]) for k, v in after.items())
+    objective.prepare(diffusion.model)  # what the Trainer of a second fit calls
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, after[name])
+    for name, value in objective.state_dict().items():
+        assert torch.equal(value, target[name])
+    wide = ConsistencyPrecond(MLP(width=16, blocks=1, prediction="x0", data_shape=(2,)))
+    with pytest.raises(ValueError, match="init: none"):
+        ConsistencyDistillation(teacher).prepare(ScoreModel(EDM_VE, wide))
+
+
 # -- the sampler ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_the_sampler_on_the_exact_consistency_function(steps):

@@ -114,6 +114,7 @@ class ConsistencyDistillation(Objective):
         self.spacing, self.rho, self.init = spacing, float(rho), init
         self._teacher: ScoreModel | None = None
         self._target: ScoreModel | None = None
+        self._student: int | None = None  # id of the network prepare() set up
 
     # -- validation -------------------------------------------------------------------------
     def check(self, process: NoiseProcess, network: Network) -> str | None:
@@ -141,7 +142,10 @@ class ConsistencyDistillation(Objective):
     # -- the training hooks -----------------------------------------------------------------
     def prepare(self, model: ScoreModel) -> None:
         """Load the teacher (its sampling weights, frozen, on the student's device), start the
-        student from its weights (``init: teacher``) and copy the student into the target."""
+        student from its weights (``init: teacher``) and copy the student into the target. A
+        second call for the same network (a second ``fit`` that continues) keeps both."""
+        if self._target is not None and self._student == id(model.network):
+            return
         if (reason := self._teacher_mismatch(model.process)) is not None:
             raise ValueError(f"objective consistency_distillation needs {reason}")
         device = next(iter(model.parameters()), torch.empty(0)).device
@@ -162,6 +166,7 @@ class ConsistencyDistillation(Objective):
             student.load_state_dict(theirs)
         target = copy.deepcopy(model.network).requires_grad_(False)
         self._target = bind(model.process, target).eval()
+        self._student = id(model.network)
 
     @torch.no_grad()
     def after_step(self, model: ScoreModel, step: int) -> None:
