@@ -54,6 +54,8 @@ class GaussianConsistency(Network):
     perturbed one (another ``c``): ``f(x, t) = M + (x / alpha - M) sqrt(c^2 + s_min^2) /
     sqrt(c^2 + s^2)`` (``s = sigma / alpha``), the probability-flow map to ``t_min``."""
 
+    consistency_boundary = True  # both satisfy f(x, t_min) = x
+
     def __init__(self, process, c: float = C) -> None:  # type: ignore[no-untyped-def]
         super().__init__("x0")
         self.process, self.c = process, c
@@ -198,6 +200,13 @@ def test_the_discretisation_is_karras_rho_spacing():
     i = torch.arange(18, dtype=torch.float64)
     lo, hi = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
     torch.testing.assert_close(levels, (lo + i / 17 * (hi - lo)) ** 7, rtol=1e-9, atol=0)
+
+
+def test_a_student_without_the_boundary_is_refused():
+    objective = ConsistencyDistillation(gaussian_teacher(EDM_VE))
+    plain = EDMPrecond(Constant(torch.zeros(1, 2)))
+    assert "consistency_precond" in objective.check(EDM_VE, plain)
+    assert objective.check(EDM_VE, ConsistencyPrecond(Constant(torch.zeros(1, 2)))) is None
 
 
 def test_a_teacher_under_another_process_is_refused():

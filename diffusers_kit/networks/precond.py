@@ -141,7 +141,12 @@ class ConsistencyPrecond(EDMPrecond):
     Args:
         network: the network ``F`` (any dkit network).
         sigma_data: the data's standard deviation.
+
+    ``consistency_boundary = True`` tells the ``consistency_distillation`` objective that the
+    network satisfies the boundary condition (a plugin network that does says so the same way).
     """
+
+    consistency_boundary = True
 
     def __init__(
         self,

@@ -122,6 +122,10 @@ class ConsistencyDistillation(Objective):
             return reason
         if network.learned_variance:
             return "a network without learned_variance (a consistency model predicts x0)"
+        if not getattr(network, "consistency_boundary", False):
+            return ("a student that is a consistency function, f(x, t_min) = x / alpha exactly: "
+                    "wrap its network in network kind consistency_precond (a network class "
+                    "that satisfies the boundary itself sets consistency_boundary = True)")
         if reaches_pure_noise(process):
             return ("a process with alpha > 0 on the whole path (the teacher's ODE step and "
                     "the consistency function work in x / alpha)")
