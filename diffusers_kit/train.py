@@ -276,7 +276,6 @@ class Trainer:
         post_hoc: PowerEMA | None = None,
     ) -> None:
         self.model, self.objective, self.data, self.labels = model, objective, data, labels
-        objective.prepare(model)  # a teacher, a target network (the objective's own state)
         self.settings, self.ema = settings, ema
         self.post_hoc = post_hoc  # power-function EMAs and their snapshots (diffusers_kit.ema)
         self.dist = dist or Distributed()
@@ -289,6 +288,9 @@ class Trainer:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         if self.dist.active:
             self._broadcast_parameters()
+        # the objective's own state (a teacher, a target network), built from the weights every
+        # rank now shares; a resumed run loads its checkpointed state afterwards (load_state)
+        objective.prepare(model)
         self.optim = optimizer.create(self.parameters)
         self.base_lrs = [group["lr"] for group in self.optim.param_groups]
         self.generator = torch.Generator(device).manual_seed(seed)
