@@ -71,6 +71,8 @@ class ConsistencySampler(Solver):
         clip_x0: clamp each ``f`` output to ``[-clip_x0, clip_x0]`` (pixels in [-1, 1]: 1.0).
     """
 
+    samples_from = "consistency"
+
     def __init__(
         self,
         steps: Annotated[int, Field(ge=1, le=1000)] = 1,
