@@ -87,6 +87,7 @@ from diffusers_kit.model import ScoreModel
 from diffusers_kit.networks import (
     MLP,
     NCSN,
+    ConsistencyPrecond,
     DiffusersUNet,
     EDMPrecond,
     Network,
@@ -94,6 +95,7 @@ from diffusers_kit.networks import (
     UNet,
 )
 from diffusers_kit.objectives import (
+    ConsistencyDistillation,
     Denoising,
     DenoisingScoreMatching,
     EDMLoss,
@@ -128,6 +130,7 @@ from diffusers_kit.solvers import (
     Ancestral,
     AncestralPredictor,
     AnnealedLangevin,
+    ConsistencySampler,
     Corrector,
     DPMSolver2M,
     DPMSolver3M,
@@ -196,6 +199,9 @@ __all__ = [
     "Colorize",
     "Conditioner",
     "Consistency",
+    "ConsistencyDistillation",
+    "ConsistencyPrecond",
+    "ConsistencySampler",
     "ConstantSigma",
     "Corrector",
     "DDNMPlus",

@@ -67,6 +67,24 @@ class StandardNormalScore(Network):
         return scale.reshape(-1, *([1] * (x.dim() - 1))) * x
 
 
+class StandardNormalConsistency(Network):
+    """The exact consistency function of standard normal data under any process (Song et al.
+    2023): the probability-flow map to ``t_min``, ``f(x, t) = (x / alpha) sqrt(1 + s_min^2) /
+    sqrt(1 + s^2)`` with ``s = sigma / alpha`` (the standardised ``x / alpha`` is constant along
+    the flow of Gaussian data); it predicts ``x0``."""
+
+    def __init__(self, process: NoiseProcess, data_shape: tuple[int, ...]) -> None:
+        super().__init__("x0")
+        self.process, self.data_shape = process, tuple(data_shape)
+        alpha, sigma = process.marginal(torch.tensor([float(process.t_min)], dtype=torch.float64))
+        self.level_min = float(sigma[0] / alpha[0])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = self.process.marginal(t.double())
+        scale = ((1 + self.level_min**2) / (alpha**2 + sigma**2)).sqrt().to(x.dtype)
+        return scale.reshape(-1, *([1] * (x.dim() - 1))) * x
+
+
 class _Shift(GradientGuidance):
     """``+ scale * 1``: a constant pull, whose effect on the samples any solver must show."""
 
@@ -78,12 +96,15 @@ class _Shift(GradientGuidance):
 
 def check_solver(solver: Solver, process: NoiseProcess | None = None, n: int = 2000,
                  data_shape: tuple[int, ...] = (2,), seed: int = 0) -> None:
-    """The solver samples standard normal data from its exact score: shape, finite values,
-    ``nfe`` counted, mean 0 and variance 1 within a tolerance set for ``n``, and guidance
-    reaching it through the model. ``process`` defaults to the first built-in one the solver's
-    ``check`` accepts (``ddpm``, ``vp``, ``ve`` with levels)."""
+    """The solver samples standard normal data from its exact score (a solver whose
+    ``samples_from`` is ``consistency``: from its exact consistency function): shape, finite
+    values, ``nfe`` counted, mean 0 and variance 1 within a tolerance set for ``n``, and
+    guidance reaching it through the model. ``process`` defaults to the first built-in one the
+    solver's ``check`` accepts (``ddpm``, ``vp``, ``ve`` with levels)."""
     process = accepted_process(solver, process)
-    model = ScoreModel(process, StandardNormalScore(process, data_shape))
+    exact = (StandardNormalConsistency if getattr(solver, "samples_from", "diffusion")
+             == "consistency" else StandardNormalScore)
+    model = ScoreModel(process, exact(process, data_shape))
     shape = (n, *data_shape)
     result = solver.sample(model, shape, generator=torch.Generator().manual_seed(seed))
     name = type(solver).__name__
@@ -766,7 +787,8 @@ def check_registered(kind: str, name: str, **context: Any) -> Any:
     return built
 
 
-__all__ = ["ExactMixture", "ExactScoreNetwork", "MixtureTarget", "StandardNormalScore",
+__all__ = ["ExactMixture", "ExactScoreNetwork", "MixtureTarget", "StandardNormalConsistency",
+           "StandardNormalScore",
            "accepted_process", "assert_first_order_convergence", "assert_parameterisations_agree",
            "assert_posterior_is_bayes_rule", "assert_posterior_matches_monte_carlo",
            "assert_prior_is_a_density", "assert_rates_match_marginal",

@@ -288,6 +288,9 @@ class Trainer:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         if self.dist.active:
             self._broadcast_parameters()
+        # the objective's own state (a teacher, a target network), built from the weights every
+        # rank now shares; a resumed run loads its checkpointed state afterwards (load_state)
+        objective.prepare(model)
         self.optim = optimizer.create(self.parameters)
         self.base_lrs = [group["lr"] for group in self.optim.param_groups]
         self.generator = torch.Generator(device).manual_seed(seed)
@@ -382,6 +385,7 @@ class Trainer:
             self.ema.update(self.model.network, step)
         if self.post_hoc is not None:
             self.post_hoc.update(self.model.network, step)
+        self.objective.after_step(self.model, step)
         assert total is not None
         return total
 
@@ -511,6 +515,7 @@ class Trainer:
         """Everything a resumed run needs besides the weights and EMA: (tensors, metadata)."""
         self._fold()
         tensors, optim_meta = optimizer_state(self.optim)
+        tensors.update({f"objective.{k}": v for k, v in self.objective.state_dict().items()})
         tensors["trainer.order"] = self.order
         tensors["trainer.running"] = self.running
         tensors["trainer.first_bad"] = self.first_bad
@@ -541,6 +546,9 @@ class Trainer:
         load_optimizer_state(self.optim, {k: v.to(self.device) for k, v in tensors.items()
                                           if k.startswith("optim.")},
                              json.loads(meta["optimizer"]))
+        self.objective.load_state_dict({k.removeprefix("objective."): v.to(self.device)
+                                        for k, v in tensors.items()
+                                        if k.startswith("objective.")})
         self.order = tensors["trainer.order"].to(self.device)
         self.running = tensors["trainer.running"].to(self.device).clone()
         self.first_bad = tensors["trainer.first_bad"].to(self.device).clone()

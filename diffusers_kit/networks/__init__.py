@@ -5,7 +5,7 @@ from diffusers_kit.networks.classifier import NoiseAwareClassifier
 from diffusers_kit.networks.diffusers_unet import DiffusersUNet
 from diffusers_kit.networks.mlp import MLP
 from diffusers_kit.networks.ncsn import NCSN
-from diffusers_kit.networks.precond import EDMPrecond
+from diffusers_kit.networks.precond import ConsistencyPrecond, EDMPrecond
 from diffusers_kit.networks.unet import UNet
 
 REGISTER = [
@@ -15,7 +15,8 @@ REGISTER = [
     ("network", "classifier", NoiseAwareClassifier),
     ("network", "diffusers_unet", DiffusersUNet),
     ("network", "edm_precond", EDMPrecond),
+    ("network", "consistency_precond", ConsistencyPrecond),
 ]
 
-__all__ = ["MLP", "NCSN", "REGISTER", "DiffusersUNet", "EDMPrecond", "Network",
-           "NoiseAwareClassifier", "UNet"]
+__all__ = ["MLP", "NCSN", "REGISTER", "ConsistencyPrecond", "DiffusersUNet", "EDMPrecond",
+           "Network", "NoiseAwareClassifier", "UNet"]

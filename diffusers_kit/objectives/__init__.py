@@ -2,6 +2,7 @@
 
 from diffusers_kit.objectives.base import Objective
 from diffusers_kit.objectives.classification import NoisyClassification
+from diffusers_kit.objectives.consistency import ConsistencyDistillation
 from diffusers_kit.objectives.ddpm import HybridLoss, SimpleLoss, VariationalBound
 from diffusers_kit.objectives.denoising import Denoising, EDMLoss, FlowMatching
 from diffusers_kit.objectives.dsm import DenoisingScoreMatching
@@ -20,10 +21,12 @@ REGISTER = [
     ("objective", "denoising", Denoising),
     ("objective", "flow_matching", FlowMatching),
     ("objective", "edm", EDMLoss),
+    ("objective", "consistency_distillation", ConsistencyDistillation),
 ]
 
 __all__ = [
     "REGISTER",
+    "ConsistencyDistillation",
     "Denoising",
     "DenoisingScoreMatching",
     "EDMLoss",

@@ -21,6 +21,13 @@ class Objective:
     with ``needs_labels`` always gets them (the data set must have some). ``first_stage``: the
     objective trains an autoencoder of a spec's ``autoencoder`` section (its ``model.process``
     is None); every other objective trains a diffusion network.
+
+    **Training hooks** (all optional; the defaults do nothing). An objective that needs more
+    than the batch — a teacher model, a target network that trails the student — keeps it
+    itself and the trainer drives it: :meth:`prepare` once before the first step (the trainer's
+    constructor; a resumed run then loads :meth:`state_dict` back), :meth:`after_step` after
+    every optimizer step, and :meth:`state_dict` / :meth:`load_state_dict` carry its tensors in
+    checkpoints, so that a resumed run continues exactly.
     """
 
     needs_labels: bool = False
@@ -32,6 +39,19 @@ class Objective:
             return ("a denoising network: a classifier network is trained with objective "
                     "kind: classification")
         return None
+
+    def prepare(self, model: ScoreModel) -> None:
+        """Called once by the trainer before the first step (with the model it trains)."""
+
+    def after_step(self, model: ScoreModel, step: int) -> None:
+        """Called after optimizer step ``step`` (1-based), after the EMA updates."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The objective's own tensors a resumed run needs (empty: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` (called on resume, after :meth:`prepare`)."""
 
     def loss(self, model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None,
              labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,6 +3,7 @@ predictor-corrector sampling composes (kinds ``predictor`` and ``corrector``).""
 
 from diffusers_kit.solvers.ancestral import Ancestral
 from diffusers_kit.solvers.base import Record, Recorder, SampleResult, Solver
+from diffusers_kit.solvers.consistency import ConsistencySampler
 from diffusers_kit.solvers.ddim import DDIM
 from diffusers_kit.solvers.langevin import AnnealedLangevin, Langevin
 from diffusers_kit.solvers.noise import GeneratorNoise, Noise, PerSampleNoise
@@ -42,6 +43,7 @@ REGISTER = [
     ("solver", "unipc", UniPC),
     ("solver", "edm_stochastic", EDMStochastic),
     ("solver", "repaint", RePaint),
+    ("solver", "consistency", ConsistencySampler),
     ("predictor", "euler_maruyama", EulerMaruyama),
     ("predictor", "reverse_diffusion", ReverseDiffusion),
     ("predictor", "ancestral", AncestralPredictor),
@@ -56,6 +58,7 @@ __all__ = [
     "Ancestral",
     "AncestralPredictor",
     "AnnealedLangevin",
+    "ConsistencySampler",
     "Corrector",
     "DPMSolver2M",
     "DPMSolver3M",

@@ -279,8 +279,14 @@ class Solver:
     ``progress(k)`` is called as work advances; ``total_steps`` says how many units there are.
     ``noise`` (a :class:`~diffusers_kit.solvers.noise.Noise`) replaces ``generator`` as the
     source of every random draw; ``x_T`` is the starting point (default: drawn from the prior).
+
+    ``samples_from`` says what model the solver samples: ``diffusion`` (a model of the noised
+    data's score / ``x0_hat``; every built-in solver but one) or ``consistency`` (a consistency
+    function, whose ``x0`` prediction is the start of the probability-flow trajectory: the
+    ``consistency`` solver). The testing kit checks each against the exact model of its kind.
     """
 
+    samples_from: ClassVar[str] = "diffusion"
     record: Record | None = None
     dkit_options: ClassVar[dict[str, Any]] = RECORDING_OPTIONS
     takes_term_steps: ClassVar[bool] = False

@@ -84,6 +84,39 @@ def data_velocity(model: ScoreModel, x: Tensor, t: Tensor) -> Tensor:
     return d_alpha * x0 + d_sigma * (x - alpha * x0) / sigma
 
 
+def probability_flow_step(model: ScoreModel, x: Tensor, t: Tensor, s: Tensor,
+                          method: Literal["euler", "heun"] = "heun",
+                          y: Tensor | None = None) -> Tensor:
+    """One step of the probability-flow ODE from the times ``t`` to ``s`` (``(B,)`` tensors: each
+    example its own pair), in ``y = x / alpha`` against the noise level ``varsigma = sigma /
+    alpha``, where the ODE is ``dy / d varsigma = (y - D(x, t)) / varsigma`` (Karras et al. 2022,
+    eq. 4 / Algorithm 1; ``D`` the data prediction ``x0_hat``)::
+
+        d   = (y_t - D(x_t, t)) / varsigma_t,       y_E = y_t + (varsigma_s - varsigma_t) d
+        euler: y_s = y_E
+        heun:  y_s = y_t + (varsigma_s - varsigma_t) (d + d') / 2,
+               d'  = (y_E - D(alpha_s y_E, s)) / varsigma_s
+
+    and ``x_s = alpha_s y_s``. Euler is the DDIM step; Heun is second order (local error
+    ``O(h^3)``, a test fits it on Gaussian data, where the exact flow map is linear). Both
+    noise levels must be positive (``alpha > 0``, ``sigma > 0``): the teacher step of
+    consistency distillation (:mod:`diffusers_kit.objectives.consistency`). ``y``: labels."""
+    process = model.process
+    alpha_t, sigma_t = process.marginal(t.double())
+    alpha_s, sigma_s = process.marginal(s.double())
+    level_t, level_s = (expand((b / a).to(x.dtype), x) for a, b in ((alpha_t, sigma_t),
+                                                                     (alpha_s, sigma_s)))
+    a_t, a_s = expand(alpha_t.to(x.dtype), x), expand(alpha_s.to(x.dtype), x)
+    y_t = x / a_t
+    d = (y_t - model.predict(x, t.to(x.dtype), "x0", y)) / level_t
+    step = level_s - level_t
+    y_euler = y_t + step * d
+    if method == "euler":
+        return a_s * y_euler
+    d_next = (y_euler - model.predict(a_s * y_euler, s.to(x.dtype), "x0", y)) / level_s
+    return a_s * (y_t + 0.5 * step * (d + d_next))
+
+
 def integrate_probability_flow(
     model: ScoreModel,
     x: Tensor,
