@@ -4,7 +4,8 @@ from diffusers_kit.data.arrays import NpzArrays
 from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.data.digits import Digits
 from diffusers_kit.data.folder import ImageFolder
-from diffusers_kit.data.patches import Patches
+from diffusers_kit.data.patches import Patches, PhotoPatches, PhotoRecord
+from diffusers_kit.data.photos import Photos
 from diffusers_kit.data.toy2d import Checkerboard, GaussianMixture, SwissRoll, Toy2D, TwoMoons
 
 REGISTER = [
@@ -14,9 +15,11 @@ REGISTER = [
     ("data", "checkerboard", Checkerboard),
     ("data", "gaussian_mixture", GaussianMixture),
     ("data", "patches", Patches),
+    ("data", "photos", Photos),
     ("data", "image_folder", ImageFolder),
     ("data", "npz", NpzArrays),
 ]
 
 __all__ = ["REGISTER", "Checkerboard", "DataSplits", "Dataset", "Digits", "GaussianMixture",
-           "ImageFolder", "NpzArrays", "Patches", "SwissRoll", "Toy2D", "TwoMoons"]
+           "ImageFolder", "NpzArrays", "Patches", "PhotoPatches", "PhotoRecord", "Photos",
+           "SwissRoll", "Toy2D", "TwoMoons"]
