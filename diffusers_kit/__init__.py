@@ -11,13 +11,6 @@ the module) and the probability-flow ODE's :func:`log_likelihood`, :func:`encode
 :func:`decode` and :func:`slerp`.
 """
 
-from diffusers_kit.api import (
-    Diffusion,
-    SamplingOutOfMemory,
-    default_batch_size,
-    progress_bar,
-    resolve_device,
-)
 from diffusers_kit.autoencoders import Autoencoder, KLAutoencoder, VQAutoencoder
 from diffusers_kit.conditioners import ClassTokens, Conditioner, HFTextEncoder, TextConditioner
 from diffusers_kit.data import (
@@ -33,6 +26,13 @@ from diffusers_kit.data import (
     SwissRoll,
     Toy2D,
     TwoMoons,
+)
+from diffusers_kit.diffusion import (
+    Diffusion,
+    SamplingOutOfMemory,
+    default_batch_size,
+    progress_bar,
+    resolve_device,
 )
 from diffusers_kit.forward_models import (
     Colorize,

@@ -36,7 +36,7 @@ may rely on these attributes (part of the plugin API; anything else on it may ch
   (None until produced); it also reads as the dict of 0.2 (``run.results["metrics"]``,
   ``"samples" in run.results``);
 - ``run.components.diffusion`` (also ``run.diffusion``) — the
-  :class:`~diffusers_kit.api.Diffusion` being trained / sampled (its ``process``, ``network``,
+  :class:`~diffusers_kit.diffusion.Diffusion` being trained / sampled (its ``process``, ``network``,
   ``objective``, ``device``, ``step``); ``run.components.data`` — the
   :class:`~diffusers_kit.data.base.DataSplits`; ``run.components.solver``;
 - ``run.log`` — the run's :class:`logging.Logger` (its lines go to the run folder's log);

@@ -30,8 +30,8 @@ from pydantic_core import core_schema
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from diffusers_kit.api import Diffusion
     from diffusers_kit.data.base import DataSplits
+    from diffusers_kit.diffusion import Diffusion
     from diffusers_kit.networks.base import Network
     from diffusers_kit.spec.loader import Document
     from diffusers_kit.spec.models import Spec

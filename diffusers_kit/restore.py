@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusers_kit.api import batch_count
 from diffusers_kit.arrays import ArrayFile
 from diffusers_kit.data.base import DataSplits
+from diffusers_kit.diffusion import batch_count
 from diffusers_kit.metrics.consistency import consistency
 from diffusers_kit.metrics.floor import ErrorBars, mean_with_interval
 from diffusers_kit.metrics.restoration import psnr_per_image, ssim_per_image
@@ -38,7 +38,7 @@ from diffusers_kit.report import labelled_grid, scatter_plot
 from diffusers_kit.run_folder import write_json
 
 if TYPE_CHECKING:
-    from diffusers_kit.api import Diffusion
+    from diffusers_kit.diffusion import Diffusion
     from diffusers_kit.guidance.measurement import MeasurementGuidance
     from diffusers_kit.solvers.base import Progress, Solver
 

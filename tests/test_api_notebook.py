@@ -48,7 +48,7 @@ from diffusers_kit import (
     SubVP,
     TwoMoons,
 )
-from diffusers_kit import api as api_module
+from diffusers_kit import diffusion as api_module
 from diffusers_kit.builtin import PACKAGES
 from diffusers_kit.pipeline import run_folders
 from diffusers_kit.restore import restore
@@ -281,3 +281,14 @@ def test_dkit_sample_splits_a_large_n_into_default_batches(trained, capsys, monk
         assert npz["samples"].shape == (12, 1, 8, 8)
     assert "sample" in err and "27/27" in err, "dkit sample shows a progress bar"
 
+
+
+def test_the_old_module_diffusers_kit_api_still_gives_the_same_objects():
+    """Diffusion moved to diffusers_kit.diffusion (issue 24); scripts importing it from
+    diffusers_kit.api get the same class and helpers."""
+    import diffusers_kit
+    from diffusers_kit import api, diffusion
+
+    assert api.Diffusion is diffusion.Diffusion is diffusers_kit.Diffusion
+    assert api.default_batch_size is diffusion.default_batch_size
+    assert api.SamplingOutOfMemory is diffusion.SamplingOutOfMemory

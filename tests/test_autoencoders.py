@@ -334,7 +334,7 @@ def test_reconstruction_metric_and_objective_are_registered():
 def test_the_shared_engine_trains_a_first_stage_and_calibrates_its_scale(digits):
     """Diffusion(process=None, autoencoder, reconstruction).fit: the engine's loop (EMA
     included) trains it, and fit ends by setting the latent scale over the training set."""
-    from diffusers_kit.api import Diffusion
+    from diffusers_kit.diffusion import Diffusion
 
     ae = small("kl", (1, 8, 8), downsample=2, latent_channels=2, seed=3)
     before = _mse(ae, digits.heldout)

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from diffusers_kit.api import Diffusion
+from diffusers_kit.diffusion import Diffusion
 from diffusers_kit.metrics.swd import random_directions, sliced_wasserstein
 from diffusers_kit.model import ScoreModel
 from diffusers_kit.networks import MLP, ConsistencyPrecond, EDMPrecond

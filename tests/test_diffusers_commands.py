@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers_kit.api import Diffusion  # noqa: E402
+from diffusers_kit.diffusion import Diffusion  # noqa: E402
 from diffusers_kit.processes.ddpm import DDPM  # noqa: E402
 from diffusers_kit.processes.diffusers_scheduler import (  # noqa: E402
     DiffusersSchedule,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_kit.api import Diffusion
+from diffusers_kit.diffusion import Diffusion
 from diffusers_kit.model import ScoreModel
 from diffusers_kit.networks.base import Network
 from diffusers_kit.objectives import FlowMatching

@@ -320,7 +320,7 @@ def test_a_solver_returning_half_a_batch_is_named():
     import torch
 
     from diffusers_kit import NCSN, VE, Diffusion
-    from diffusers_kit.api import PluginOutputError
+    from diffusers_kit.diffusion import PluginOutputError
     from diffusers_kit.solvers import DDIM
 
     class Half(DDIM):
@@ -338,7 +338,7 @@ def test_a_solver_returning_half_a_batch_is_named():
 def test_a_metric_returning_a_tensor_is_named():
     import torch
 
-    from diffusers_kit.api import PluginOutputError
+    from diffusers_kit.diffusion import PluginOutputError
     from diffusers_kit.graph import checked_metric
     from diffusers_kit.metrics.base import Metric
 

@@ -455,7 +455,7 @@ def test_nan_samples_fail_the_run_with_exit_1_naming_stage_and_solver(tmp_path, 
                                                                      monkeypatch):
     import torch
 
-    from diffusers_kit.api import Diffusion
+    from diffusers_kit.diffusion import Diffusion
 
     real = Diffusion.sample
 

@@ -162,7 +162,7 @@ def test_a_cuda_index_this_machine_lacks_is_a_spec_error(tmp_path, capsys):
 
 
 def test_resolve_device_says_what_is_missing():
-    from diffusers_kit.api import resolve_device
+    from diffusers_kit.diffusion import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")

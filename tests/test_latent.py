@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from diffusers_kit.api import Diffusion
 from diffusers_kit.autoencoders.base import Autoencoder
 from diffusers_kit.data.base import DataSplits
+from diffusers_kit.diffusion import Diffusion
 from diffusers_kit.forward_models.inpaint import Inpaint
 from diffusers_kit.guidance.measurement import DPS, PiGDM
 from diffusers_kit.latent import DecodedOperator, LatentCache, decode, encode

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusers_kit.api import Diffusion
+from diffusers_kit.diffusion import Diffusion
 from diffusers_kit.pipeline import read_record, run_folders
 from tests.helpers import run_cli
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusers_kit.api import Diffusion
+from diffusers_kit.diffusion import Diffusion
 from diffusers_kit.references import TrainedModel
 from diffusers_kit.run import open_run
 from diffusers_kit.run_folder import read_record, run_folders

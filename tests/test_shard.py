@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusers_kit.api import default_batch_size
 from diffusers_kit.cli.merge import shard_batch, shard_range
+from diffusers_kit.diffusion import default_batch_size
 from diffusers_kit.pipeline import run_folders
 from tests.helpers import run_cli, write_spec
 

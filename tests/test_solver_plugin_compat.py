@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from diffusers_kit import registry as registry_module
-from diffusers_kit.api import Diffusion
+from diffusers_kit.diffusion import Diffusion
 from diffusers_kit.processes import VP
 from diffusers_kit.spec import load_spec
 from diffusers_kit.testing import ExactScoreNetwork, MixtureTarget, three_modes

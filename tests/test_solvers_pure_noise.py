@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusers_kit.api import Diffusion
+from diffusers_kit.diffusion import Diffusion
 from diffusers_kit.model import ScoreModel
 from diffusers_kit.processes.base import NoiseProcess, expand
 from diffusers_kit.solvers import (

@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy import stats
 
-from diffusers_kit.api import Diffusion
+from diffusers_kit.diffusion import Diffusion
 from diffusers_kit.model import ScoreModel
 from diffusers_kit.processes import DDPM, VE, VP
 from diffusers_kit.solvers import (

@@ -51,9 +51,9 @@ KINDS = {"sample": ("samples.npz", SHARED, "samples"),
 
 def shard_batch(n: int, count: int, batch_size: int | None, data_shape: Sequence[int]) -> int:
     """The batch every shard of ``count`` draws its samples in: ``batch_size``
-    (``sample.batch_size``) when set, else :func:`~diffusers_kit.api.default_batch_size` for
+    (``sample.batch_size``) when set, else :func:`~diffusers_kit.diffusion.default_batch_size` for
     all ``n`` capped at ``n // count`` (so that there are at least ``count`` batches)."""
-    from diffusers_kit.api import default_batch_size
+    from diffusers_kit.diffusion import default_batch_size
 
     if batch_size is not None:
         return int(batch_size)

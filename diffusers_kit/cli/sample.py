@@ -13,7 +13,7 @@ spherically and decodes K points between them, as an image strip. Results go to
 ``RUN_DIR/sampling/<solver>-<timestamp>/``, created once the samples exist and removed again
 when the command fails, so a failed command leaves no folder; the run's own files are not
 touched. Without ``sample.batch_size`` the samples are drawn in batches that fit in memory
-(:func:`diffusers_kit.api.default_batch_size`); memory that still runs out is exit status 3
+(:func:`diffusers_kit.diffusion.default_batch_size`); memory that still runs out is exit status 3
 with the batch to try.
 
 ``--shard K/N`` (or, under torchrun, ``RANK/WORLD_SIZE``) draws only shard ``K`` of ``N``: a
@@ -39,7 +39,6 @@ import torch
 from rich.markup import escape
 
 from diffusers_kit import latent
-from diffusers_kit.api import SamplingOutOfMemory
 from diffusers_kit.cli.main import ENVIRONMENT_ERROR, seed_option
 from diffusers_kit.cli.merge import (
     plan_shard,
@@ -51,6 +50,7 @@ from diffusers_kit.cli.merge import (
 )
 from diffusers_kit.console import make_console
 from diffusers_kit.devices import is_out_of_memory
+from diffusers_kit.diffusion import SamplingOutOfMemory
 from diffusers_kit.likelihood import decode, encode, slerp
 from diffusers_kit.report import image_grid, scatter_plot
 from diffusers_kit.run import open_run
@@ -124,7 +124,7 @@ def draw_samples(spec: Spec, components: Components, out: Path, n: int, seed: in
     steps done; ``progress=True`` draws a progress bar. ``x_T`` (``n`` start points) replaces
     the prior draw. ``first`` (a shard's first global index) draws the samples
     ``first .. first + n - 1`` of the run's ``sample.n``, with their labels: exactly those rows
-    of the unsharded draw (:meth:`Diffusion.sample <diffusers_kit.api.Diffusion.sample>`)."""
+    of the unsharded draw (:meth:`Diffusion.sample <diffusers_kit.diffusion.Diffusion.sample>`)."""
     diffusion, dataset = components.diffusion, components.dataset
     labels = components.labels
     if first is not None and labels is not None:

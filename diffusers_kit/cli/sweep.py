@@ -29,11 +29,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from diffusers_kit.api import batch_count
 from diffusers_kit.cli.evaluate import metric_configs
 from diffusers_kit.cli.main import seed_option
 from diffusers_kit.cli.sample import draw_samples, load_run
 from diffusers_kit.console import make_console
+from diffusers_kit.diffusion import batch_count
 from diffusers_kit.metrics.floor import SUFFIXES
 from diffusers_kit.registry import get_registry
 from diffusers_kit.report import Series, metric_plot

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from diffusers_kit.api import (
-    Diffusion,
-    resolve_device,
-)
 from diffusers_kit.autoencoders.base import Autoencoder
 from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.devices import is_out_of_memory
+from diffusers_kit.diffusion import (
+    Diffusion,
+    resolve_device,
+)
 from diffusers_kit.guidance.base import Guidance, LabelsError, requested_labels
 from diffusers_kit.metrics.base import Metric, metric_figures
 from diffusers_kit.metrics.floor import ErrorBars

@@ -19,11 +19,11 @@ from typing import Any
 
 from rich.console import Console
 
-from diffusers_kit.api import (
-    resolve_device,
-)
 from diffusers_kit.checkpoint import CheckpointError, load_metadata
 from diffusers_kit.console import make_console
+from diffusers_kit.diffusion import (
+    resolve_device,
+)
 from diffusers_kit.outputs import checked_root, make_run_dir
 from diffusers_kit.references import TrainedModel
 from diffusers_kit.registry import (

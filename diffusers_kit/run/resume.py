@@ -13,10 +13,10 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from diffusers_kit.api import (
+from diffusers_kit.checkpoint import CheckpointError, load_checkpoint, remove_orphans, unprefixed
+from diffusers_kit.diffusion import (
     Diffusion,
 )
-from diffusers_kit.checkpoint import CheckpointError, load_checkpoint, remove_orphans, unprefixed
 from diffusers_kit.run_folder import (
     CHECKPOINT,
     METRICS,

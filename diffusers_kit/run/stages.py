@@ -17,13 +17,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from diffusers_kit.api import (
+from diffusers_kit.autoencoders.base import Autoencoder
+from diffusers_kit.data.base import DataSplits
+from diffusers_kit.diffusion import (
     Diffusion,
     PluginOutputError,
     batch_count,
 )
-from diffusers_kit.autoencoders.base import Autoencoder
-from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.base import Metric, metric_figures
 from diffusers_kit.metrics.floor import summarize
 from diffusers_kit.metrics.range import out_of_range

@@ -119,7 +119,7 @@ class SampleResult:
         """Write what a run writes, into ``folder`` (created when missing): ``<stem>.npz``
         (``samples``, ``display`` and, when labels were drawn, ``labels``; what ``dkit
         evaluate --samples`` reads), ``<stem>.png`` (:meth:`picture`) and, with ``metrics``
-        (e.g. from :meth:`Diffusion.evaluate <diffusers_kit.api.Diffusion.evaluate>`),
+        (e.g. from :meth:`Diffusion.evaluate <diffusers_kit.diffusion.Diffusion.evaluate>`),
         ``metrics.json`` (NaN and infinity written as null). Returns the folder."""
         folder = Path(folder).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
