@@ -214,7 +214,7 @@ def test_the_data_page_credits_every_photograph():
 
 
 def test_a_missing_scikit_image_is_exit_2_naming_the_extra(tmp_path, capsys, monkeypatch):
-    from diffusers_kit.data import patches as module
+    from diffusers_kit.data import base as module  # package_file looks the package up
 
     real = module.find_spec
     monkeypatch.setattr(module, "find_spec",
@@ -366,3 +366,16 @@ def test_spec_with_a_missing_image_folder_exits_2_naming_data(tmp_path, capsys):
     assert " data:" in flat or " data " in flat, flat
     assert "no_such_folder" in flat and "does not exist" in flat
     assert "Traceback" not in err + out
+
+
+def test_the_digits_read_without_scikit_learn_equal_load_digits():
+    """Digits reads scikit-learn's CSV file itself (importing scikit-learn costs ~2 s per
+    command); the images and labels are load_digits' exactly."""
+    from sklearn.datasets import load_digits
+
+    from diffusers_kit.data.digits import read_digits
+
+    pixels, labels = read_digits()
+    bunch = load_digits()
+    assert np.array_equal(pixels.reshape(-1, 8, 8), bunch.images)
+    assert np.array_equal(labels, bunch.target) and labels.dtype == np.int64

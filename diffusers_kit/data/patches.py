@@ -28,7 +28,6 @@ Labels: the index of the source photograph in ``images`` (``num_classes = len(im
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from diffusers_kit.data.base import Dataset, DataSplits
+from diffusers_kit.data.base import Dataset, DataSplits, package_file
 
 Photo = Literal["china", "flower"]
 
@@ -68,18 +67,10 @@ class PhotoRecord:
         """The installed file; a ``ValueError`` (a spec error, exit 2) naming the package to
         install when it is missing."""
         pip = f"diffusers_kit[{self.extra}]" if self.extra else self.package
-        spec = find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:
-            how = (f"install the optional '{self.extra}' extra: pip install {pip}" if self.extra
-                   else f"pip install {pip}")
-            raise ValueError(f"the photograph {self.name!r} is shipped by the {self.package} "
-                             f"package, which is not installed: {how}")
-        path = Path(next(iter(spec.submodule_search_locations))) / self.folder / self.file
-        if not path.is_file():
-            raise ValueError(f"the photograph {self.name!r} should be {path}, which the "
-                             f"installed {self.package} package does not have (reinstall it: "
-                             f"pip install --force-reinstall {pip})")
-        return path
+        how = (f"install the optional '{self.extra}' extra: pip install {pip}" if self.extra
+               else f"pip install {pip}")
+        return package_file(self.package, f"{self.folder}/{self.file}",
+                            f"the photograph {self.name!r}", how, pip)
 
     def load(self) -> np.ndarray:
         """The photograph as a ``(H, W, 3)`` uint8 array (a grayscale one repeated)."""
