@@ -30,15 +30,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from diffusers_kit.cli import merge as shards
 from diffusers_kit.cli.main import seed_option
-from diffusers_kit.cli.merge import (
-    plan_shard,
-    run_identity,
-    shard_folder,
-    shard_from,
-    use_local_gpu,
-    write_manifest,
-)
 from diffusers_kit.console import make_console
 from diffusers_kit.metrics.floor import summarize
 from diffusers_kit.run.build import open_run, set_option
@@ -126,9 +119,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def restore_command(args: argparse.Namespace) -> int:
-    shard = shard_from(args)
+    shard = shards.shard_from(args)
     if shard is not None:
-        use_local_gpu()
+        shards.use_local_gpu()
     # the options set the spec's restore section; the user's field overrides come after
     spec, components = open_run(args.run_dir, list(args.overrides),
                                 options=restore_options(args))
@@ -167,10 +160,10 @@ def _restore_shard(args: argparse.Namespace, spec: Spec, components: Components,
     per_image = section.samples_per_image
     images = len(restore_images(spec, components))
     rows = images * per_image
-    batch, start, stop = plan_shard(shard, rows, section.batch_size,
-                                    components.diffusion.network.data_shape,
-                                    most=f"{images} shards (each restores at least one of "
-                                         f"the {images} images)",
+    batch, start, stop = shards.plan_shard(shard, rows, section.batch_size,
+                                           components.diffusion.network.data_shape,
+                                           most=f"{images} shards (each restores at least one of "
+                                                f"the {images} images)",
                                     multiple=per_image, batch_field="restore.batch_size")
     section.batch_size = batch  # given, not automatic: no batch is ever halved
     resolved = dict(components.resolved.get("restore") or {})
@@ -179,16 +172,16 @@ def _restore_shard(args: argparse.Namespace, spec: Spec, components: Components,
     resolved["batch_size"] = batch
     if resolved.get("images", "heldout") != "heldout":  # recorded as a path from anywhere
         resolved["images"] = str(Path(resolved["images"]).expanduser().resolve())
-    folder, checkpoint = run_identity(args.run_dir)
+    folder, checkpoint = shards.run_identity(args.run_dir)
     shared = {"kind": "restore", "run": str(folder), "checkpoint_sha256": checkpoint,
               "seed": spec.seed, "n": rows, "shards": count, "batch_size": batch,
               "restore": resolved, "images": images}
     label = f"{section.method['kind']}-{section.method['operator']['kind']}"
-    with shard_folder(parent, label, shared, shard) as out:
+    with shards.shard_folder(parent, label, shared, shard) as out:
         result = restore_into(out, spec, components, progress_bars(console, args.quiet),
                               rows=(start, stop))
-        write_manifest(out, shared, shard, (start, stop), nfe=result.nfe,
-                       seconds=result.seconds)
+        shards.write_manifest(out, shared, shard, (start, stop), nfe=result.nfe,
+                              seconds=result.seconds)
     console.print(f"shard {k}/{count}: images {start // per_image}..{stop // per_image - 1} "
                   f"of {images} ({per_image} restorations each), {result.seconds:.1f} s; "
                   f"results in [bold]{escape(str(out))}[/]; join the shards with dkit merge "

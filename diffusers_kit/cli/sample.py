@@ -39,15 +39,8 @@ import torch
 from rich.markup import escape
 
 from diffusers_kit import latent
+from diffusers_kit.cli import merge as shards
 from diffusers_kit.cli.main import ENVIRONMENT_ERROR, seed_option
-from diffusers_kit.cli.merge import (
-    plan_shard,
-    run_identity,
-    shard_folder,
-    shard_from,
-    use_local_gpu,
-    write_manifest,
-)
 from diffusers_kit.console import make_console
 from diffusers_kit.devices import is_out_of_memory
 from diffusers_kit.diffusion import SamplingOutOfMemory
@@ -197,7 +190,7 @@ def sample_command(args: argparse.Namespace) -> int:
         args.n = len(init)
     if args.n is not None:
         overrides.append(f"sample.n={args.n}")  # labels are laid out for this many samples
-    shard = shard_from(args)
+    shard = shards.shard_from(args)
     if shard is not None:
         for flag, used in (("--progressive", args.progressive),
                            ("--interpolate", args.interpolate)):
@@ -205,7 +198,7 @@ def sample_command(args: argparse.Namespace) -> int:
                 raise SpecError([SpecIssue((flag,), "no --progressive or --interpolate with a "
                                            "shard (draw them in an unsharded dkit sample)",
                                            used, None, "command line")])
-        use_local_gpu()
+        shards.use_local_gpu()
     spec, components = load_run(args.run_dir, overrides, args.solver)
     if init is not None:
         expected = (len(init), *components.diffusion.network.data_shape)
@@ -238,12 +231,12 @@ def _sample_shard(args: argparse.Namespace, spec: Spec, components: Components,
 
     k, count = shard
     n = args.n or spec.sample.n
-    batch, start, stop = plan_shard(shard, n, spec.sample.batch_size,
-                                    components.diffusion.network.data_shape,
-                                    most=f"n = {n} shards (each draws at least one sample)")
+    batch, start, stop = shards.plan_shard(shard, n, spec.sample.batch_size,
+                                           components.diffusion.network.data_shape,
+                                           most=f"n = {n} shards (each draws at least one sample)")
     spec.sample.batch_size = batch  # given, not automatic: no batch is ever halved
     seed = spec.seed if args.seed is None else args.seed
-    folder, checkpoint = run_identity(args.run_dir)
+    folder, checkpoint = shards.run_identity(args.run_dir)
     init = getattr(args, "init_noise", None)
     resolved = components.resolved["sample"]
     shared = {"run": str(folder), "checkpoint_sha256": checkpoint,
@@ -253,12 +246,12 @@ def _sample_shard(args: argparse.Namespace, spec: Spec, components: Components,
               "init": None if init is None else hashlib.sha256(init.numpy().tobytes()
                                                                ).hexdigest()}
     try:
-        with shard_folder(Path(args.run_dir).expanduser() / "sampling",
-                          spec.sample.solver["kind"], shared, shard) as out:
+        with shards.shard_folder(Path(args.run_dir).expanduser() / "sampling",
+                                 spec.sample.solver["kind"], shared, shard) as out:
             drawn = draw_samples(spec, components, out, stop - start, seed, progress=True,
                                  x_T=None if init is None else init[start:stop], first=start)
-            write_manifest(out, shared, shard, (start, stop), nfe=drawn.result.nfe,
-                           seconds=drawn.seconds, batch_size=drawn.result.batch_size)
+            shards.write_manifest(out, shared, shard, (start, stop), nfe=drawn.result.nfe,
+                                  seconds=drawn.seconds, batch_size=drawn.result.batch_size)
     except Exception as exc:
         if is_out_of_memory(exc):
             return _report_out_of_memory(exc, spec)

@@ -154,6 +154,19 @@ class Guidance:
         return f"{type(self).__name__}({fields})"
 
 
+class TakesStep:
+    """For a term that conditions in its own moves (``takes_step``: DDRM, DDNM+) rather than in
+    the prediction: its guided output is the unconditional one, and the solver asks its
+    :meth:`Guidance.step` for each move. Put it before the term's guidance base class."""
+
+    takes_step = True
+
+    def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
+              y: torch.Tensor | None) -> torch.Tensor:
+        """The unconditional prediction: the measurement enters in :meth:`Guidance.step`."""
+        return evaluate(x, t, y)
+
+
 class GradientGuidance(Guidance):
     """A term ``+ scale * grad_x log p(y | x_t)`` added to the model's score.
 

@@ -64,14 +64,14 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.forward_models.base import ForwardModel
-from diffusers_kit.guidance.base import Evaluate
+from diffusers_kit.guidance.base import TakesStep
 from diffusers_kit.guidance.measurement import MeasurementGuidance, measured_directions
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
 
 
-class DDRM(MeasurementGuidance):
+class DDRM(TakesStep, MeasurementGuidance):
     """Denoising diffusion restoration models (Kawar et al. 2022): see the module doc.
 
     Args:
@@ -82,7 +82,6 @@ class DDRM(MeasurementGuidance):
 
     needs_svd = True
     needs_gaussian_noise = True
-    takes_step = True
 
     def __init__(self, operator: ForwardModel,
                  eta: Annotated[float, Field(ge=0, le=1)] = 0.85,
@@ -99,11 +98,6 @@ class DDRM(MeasurementGuidance):
                              "(the paper: 1)")
         self.eta = float(eta)
         self.eta_b = eta_b if eta_b == "ddpm" else float(eta_b)
-
-    def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
-              y: torch.Tensor | None) -> torch.Tensor:
-        """The unconditional prediction: DDRM conditions in its step, not in ``x0_hat``."""
-        return evaluate(x, t, y)
 
     def step(self, model: ScoreModel, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
              move: Mapping[str, float],

@@ -26,7 +26,14 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.forward_models.base import ForwardModel
-from diffusers_kit.guidance.base import Evaluate, Guidance, Interval, add_score, noise_level
+from diffusers_kit.guidance.base import (
+    Evaluate,
+    Guidance,
+    Interval,
+    TakesStep,
+    add_score,
+    noise_level,
+)
 
 if TYPE_CHECKING:
     from diffusers_kit.latent import DecodedOperator
@@ -55,6 +62,17 @@ class MeasurementGuidance(Guidance):
 
     needs_labels = False
     needs_measurement = True
+
+    @staticmethod
+    def x0_with_grad(evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
+                     y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Under ``torch.enable_grad()``: ``(x_g, output, x0_hat)``, ``x_g`` a copy of ``x`` that
+        requires a gradient, the output at it and the x0 prediction from it (for the methods
+        that differentiate through the denoiser: ΠGDM, DPS)."""
+        xg = x.detach().requires_grad_(True)
+        output = evaluate(xg, t, y)
+        prediction, _ = model.split(output)
+        return xg, output, model.convert(prediction, xg, t, "x0")
 
     def __init__(self, operator: ForwardModel, data_std: DataStd = 1.0,
                  interval: Interval | None = None) -> None:
@@ -255,7 +273,7 @@ class DDNM(MeasurementGuidance):
         return prediction if v is None else torch.cat([prediction, v], dim=1)
 
 
-class DDNMPlus(DDNM):
+class DDNMPlus(TakesStep, DDNM):
     """DDNM+ (Wang, Yu & Zhang 2023, sec. 3.3): DDNM's correction scaled per direction so
     that the measurement's noise is counted in the sampler's own, on DDPM's ancestral step
     ``x_s ~ N(c_t x_t + c_0 x0_hat', Phi)`` (``q(x_s | x_t, x_0)``'s coefficients, ``sd^2`` its
@@ -282,15 +300,9 @@ class DDNMPlus(DDNM):
 
     needs_svd = True
     needs_gaussian_noise = True
-    takes_step = True
 
     def __init__(self, operator: ForwardModel) -> None:
         super().__init__(operator, None)
-
-    def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
-              y: torch.Tensor | None) -> torch.Tensor:
-        """The unconditional prediction: DDNM+ corrects ``x0_hat`` in its step."""
-        return evaluate(x, t, y)
 
     def step(self, model: ScoreModel, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
              move: Mapping[str, float],
@@ -352,10 +364,7 @@ class PiGDM(MeasurementGuidance):
               y: torch.Tensor | None) -> torch.Tensor:
         measured = self.measurement(model, x)
         with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            output = evaluate(xg, t, y)
-            prediction, _ = model.split(output)
-            x0 = model.convert(prediction, xg, t, "x0")
+            xg, output, x0 = self.x0_with_grad(evaluate, model, x, t, y)
             weights = self.precision_weights(self.posterior_variance(model, t), x0.dtype)
             direction = self.spectral(measured - self.operator.A(x0.detach()), weights)
             (grad,) = torch.autograd.grad(x0, xg, grad_outputs=direction)
@@ -417,10 +426,7 @@ class DPS(MeasurementGuidance):
               y: torch.Tensor | None) -> torch.Tensor:
         measured = self.measurement(model, x)
         with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            output = evaluate(xg, t, y)
-            prediction, _ = model.split(output)
-            x0 = model.convert(prediction, xg, t, "x0")
+            xg, output, x0 = self.x0_with_grad(evaluate, model, x, t, y)
             (grad,) = torch.autograd.grad(self.objective(model, t, measured, x0).sum(), xg)
         return add_score(model, output.detach(), x, t, grad)
 

@@ -148,14 +148,6 @@ class ConsistencyPrecond(EDMPrecond):
 
     consistency_boundary = True
 
-    def __init__(
-        self,
-        network: Network,
-        sigma_data: Annotated[float, Field(gt=0, le=1e6)] = 0.5,
-        data_shape: tuple[int, ...] | None = None,
-    ) -> None:
-        super().__init__(network, sigma_data, data_shape)
-
     def bind_process(self, process: NoiseProcess) -> None:
         """The process (it must keep ``alpha > 0``: the boundary is set in ``x / alpha``)."""
         alpha = process.alpha(torch.ones(1, dtype=torch.float64))

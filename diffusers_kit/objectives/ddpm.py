@@ -122,6 +122,15 @@ class _DDPMObjective(Objective):
         alpha, sigma = self.marginal_at_steps(process, t, x0, index)
         return alpha * x0 + sigma * noise
 
+    def predicted(self, model: ScoreModel, x0: Tensor, t: Tensor, noise: Tensor,
+                  labels: Tensor | None, index: Tensor | None
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(x_t, prediction, v)``: the noised ``x_t`` and the network's two halves there
+        (``v`` None unless it learns its variance)."""
+        x_t = self.noised(model.process, x0, t, noise, index)
+        prediction, v = model.split(model(x_t, t, labels))
+        return x_t, prediction, v
+
     def check(self, process: NoiseProcess, network: Network) -> str | None:
         if reason := super().check(process, network):
             return reason
@@ -192,8 +201,7 @@ class SimpleLoss(_DDPMObjective):
     def per_example(self, model: ScoreModel, x0: Tensor, t: Tensor, noise: Tensor,
                     labels: Tensor | None = None, index: Tensor | None = None) -> Tensor:
         """``|| target - target_theta ||^2`` averaged over dimensions; ``(B,)``."""
-        x_t = self.noised(model.process, x0, t, noise, index)
-        prediction, _ = model.split(model(x_t, t, labels))
+        x_t, prediction, _ = self.predicted(model, x0, t, noise, labels, index)
         return _simple(model, x0, x_t, t, noise, prediction, self.target)
 
 
@@ -226,8 +234,7 @@ class VariationalBound(_DDPMObjective):
     def per_example(self, model: ScoreModel, x0: Tensor, t: Tensor, noise: Tensor,
                     labels: Tensor | None = None, index: Tensor | None = None) -> Tensor:
         """``L_T + T L_{i-1}`` per example, in bits per dimension; ``(B,)``."""
-        x_t = self.noised(model.process, x0, t, noise, index)
-        prediction, v = model.split(model(x_t, t, labels))
+        x_t, prediction, v = self.predicted(model, x0, t, noise, labels, index)
         return _vlb_bits(model, x0, x_t, t, prediction, v, self.variance, self.decoder_bins)
 
 
@@ -256,8 +263,7 @@ class HybridLoss(_DDPMObjective):
     def per_example(self, model: ScoreModel, x0: Tensor, t: Tensor, noise: Tensor,
                     labels: Tensor | None = None, index: Tensor | None = None) -> Tensor:
         """``L_simple + lambda L_vlb`` per example, the mean stopped inside L_vlb; ``(B,)``."""
-        x_t = self.noised(model.process, x0, t, noise, index)
-        prediction, v = model.split(model(x_t, t, labels))
+        x_t, prediction, v = self.predicted(model, x0, t, noise, labels, index)
         simple = _simple(model, x0, x_t, t, noise, prediction, "auto")
         vlb = _vlb_bits(model, x0, x_t, t, prediction.detach(), v, "learned",
                         self.decoder_bins)
