@@ -75,11 +75,13 @@ def test_a_run_reports_each_metric_with_floor_interval_and_n_then_evaluate_adds_
                               "--metrics", "swd", f"{{kind: kid, features: {features}, "
                               "resamples: 20, subsets: 10}"], capsys)
     assert code == 0, err
-    again = metrics_of(run)
+    # the finished run's files are not changed (issue 29): the figures go to a new folder
+    assert metrics_of(run) == metrics and "kid" not in read_record(run)["metrics"]
+    (written,) = sorted((run / "evaluation").glob("*/metrics.json"))
+    again = json.loads(written.read_text())
     assert again["swd"] == metrics["swd"]  # same samples, same seed, same figure
-    assert again["fd"] == metrics["fd"]  # kept from the run
     assert {"kid", "kid_std", "kid_floor", "kid_low", "kid_high", "kid_n"} <= set(again)
-    assert read_record(run)["metrics"]["kid"] == again["kid"]
+    assert str(written) in " ".join(err.split())
     assert len(run_folders(tmp_path / "runs", "feat")) == 1, "the feature network was reused"
     assert "kid" in out and "floor" in out
 

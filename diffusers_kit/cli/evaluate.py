@@ -5,8 +5,10 @@ one written by ``dkit sample`` under ``RUN_DIR/sampling/``). ``--metrics`` choos
 name (``fd``: the run's own settings for it when its spec has one, the defaults otherwise) or as
 YAML mappings (``"{kind: fd, features: features_digits.yaml, resamples: 500}"``); without it,
 the run's own metrics are recomputed. A model a metric refers to (the feature network) is built
-or reused as in ``dkit run``. The figures are merged into the ``metrics.json`` beside the
-samples (and into ``run.json`` for the run's own samples), and printed: value, interval, floor.
+or reused as in ``dkit run``. A finished run's own files are never changed: the figures go to a
+new ``RUN_DIR/evaluation/<stamp>/metrics.json`` (or ``--out DIR``), except for samples that
+``dkit sample`` wrote inside the run, whose ``metrics.json`` beside them gets them; they are
+printed: value, interval, floor.
 """
 
 from __future__ import annotations
@@ -41,10 +43,8 @@ from diffusers_kit.run_folder import (
     SPEC_FILE,
     finite,
     follow_latest,
-    read_record,
     unique_folder,
     write_json,
-    write_record,
 )
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import apply_overrides, component_option, load_file
@@ -62,8 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "run's own)")
     parser.add_argument("--samples", metavar="FILE", help="an .npz with a 'samples' array "
                         "(default: RUN_DIR/samples.npz)")
-    parser.add_argument("--out", metavar="DIR", help="where metrics.json goes when --samples "
-                        "lies outside RUN_DIR (default: a new RUN_DIR/evaluation/<stamp>/)")
+    parser.add_argument("--out", metavar="DIR", help="where metrics.json goes for the run's own "
+                        "samples or samples outside RUN_DIR (default: a new "
+                        "RUN_DIR/evaluation/<stamp>/)")
     parser.add_argument("--quiet", action="store_true", help="print no table")
     parser.set_defaults(func=evaluate_command)
 
@@ -141,16 +142,16 @@ def evaluate_command(args: argparse.Namespace) -> int:
                                    model, labels,
                                    model_data=components.diffusion.model_data(components.data))
     figures = finite(metrics)  # NaN / infinity as null, as the run's report stage writes them
-    if samples is None:
-        target = folder / METRICS
-    elif _inside(samples_path, folder):
+    own = samples is None or samples_path.resolve() == (folder / SAMPLES).resolve()
+    if not own and _inside(samples_path, folder):  # dkit sample's output inside the run
         target = samples_path.parent / METRICS
-    else:  # another run's file (or any file): never written beside, recorded where it came from
+    else:  # the finished run's own files are never changed; another run's file never beside
         out = (Path(args.out).expanduser() if args.out else
                unique_folder(folder / "evaluation", datetime.now().strftime("%Y%m%d-%H%M%S")))
         out.mkdir(parents=True, exist_ok=True)
         target = out / METRICS
-        figures["samples"] = str(samples_path.resolve())
+        if samples is not None:
+            figures["samples"] = str(samples_path.resolve())
     previous: dict[str, Any] = {}
     if target.is_file():
         try:
@@ -165,10 +166,6 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if bad:  # written (as null), then the command fails
         raise NonFiniteResult(f"dkit evaluate gave NaN or infinite values for {', '.join(bad)} "
                               f"({target} holds them as null)")
-    record = read_record(folder)
-    if record is not None and target.parent == folder:
-        record["metrics"] = {**(record.get("metrics") or {}), **figures}
-        write_record(folder, record)
     if not args.quiet:
         table = Table(title=f"dkit evaluate {folder}", header_style="bold")
         table.add_column("metric")
