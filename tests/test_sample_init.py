@@ -50,7 +50,11 @@ def test_the_same_noise_file_gives_the_same_samples(trained, capsys, tmp_path):
     # a different start gives different samples
     np.savez(tmp_path / "other.npz", noise[::-1].copy())
     other, _ = _sample(trained, capsys, "--init", str(tmp_path / "other.npz"))
-    np.testing.assert_array_equal(other, one[::-1])  # deterministic solver: per-sample map
+    # deterministic solver: a per-sample map, up to float rounding: a row's network output can
+    # change in its last bits with its place in the batch (with two threads: 2.9e-6 here;
+    # docs/noise.md), so reversed rows are equal to rounding, not bit for bit
+    np.testing.assert_allclose(other, one[::-1], rtol=0, atol=1e-4)
+    assert not np.allclose(other, one, atol=1e-3)
 
 
 def _bad(tmp_path, kind):  # type: ignore[no-untyped-def]
