@@ -246,6 +246,16 @@ class LabelsError(ValueError):
         self.expected = expected
 
 
+def replace_x0(model: ScoreModel, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+               correct: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``output`` (the network's parameterisation) whose ``x0_hat`` is replaced by
+    ``correct(x0_hat)``; a learned variance half is kept as it is."""
+    prediction, v = model.split(output)
+    x0 = correct(model.convert(prediction, x, t, "x0"))
+    prediction = model.process.convert(x0, x, t.to(x.dtype), "x0", model.network.prediction)
+    return prediction if v is None else torch.cat([prediction, v], dim=1)
+
+
 def add_score(model: ScoreModel, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
               delta: torch.Tensor) -> torch.Tensor:
     """``output`` (the network's parameterisation) with ``delta`` added to its score."""

@@ -33,6 +33,7 @@ from diffusers_kit.guidance.base import (
     TakesStep,
     add_score,
     noise_level,
+    replace_x0,
 )
 
 if TYPE_CHECKING:
@@ -185,9 +186,6 @@ class Replacement(MeasurementGuidance):
 
     def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
               y: torch.Tensor | None) -> torch.Tensor:
-        output = evaluate(x, t, y)
-        prediction, v = model.split(output)
-        x0 = model.convert(prediction, x, t, "x0")
         measured = self.measurement(model, x)
         s = self.singulars(x)
         if self.operator.sigma_y == 0:  # the limit r^2 s / (r^2 s^2) = 1 / s: A^+ (y - A x0)
@@ -196,9 +194,8 @@ class Replacement(MeasurementGuidance):
         else:
             r2 = self.posterior_variance(model, t)[:, None].to(x.dtype)
             weights = r2 * s / (r2 * s**2 + self.operator.sigma_y**2)
-        x0 = x0 + self.spectral(measured - self.operator.A(x0), weights.to(x0.dtype))
-        prediction = model.process.convert(x0, x, t.to(x.dtype), "x0", model.network.prediction)
-        return prediction if v is None else torch.cat([prediction, v], dim=1)
+        return replace_x0(model, evaluate(x, t, y), x, t, lambda x0: x0 + self.spectral(
+            measured - self.operator.A(x0), weights.to(x0.dtype)))
 
 
 class DiffPIR(Replacement):
@@ -264,13 +261,9 @@ class DDNM(MeasurementGuidance):
 
     def apply(self, evaluate: Evaluate, model: ScoreModel, x: torch.Tensor, t: torch.Tensor,
               y: torch.Tensor | None) -> torch.Tensor:
-        output = evaluate(x, t, y)
-        prediction, v = model.split(output)
-        x0 = model.convert(prediction, x, t, "x0")
         measured = self.measurement(model, x)
-        x0 = x0 + self.operator.pinv(measured - self.operator.A(x0))
-        prediction = model.process.convert(x0, x, t.to(x.dtype), "x0", model.network.prediction)
-        return prediction if v is None else torch.cat([prediction, v], dim=1)
+        return replace_x0(model, evaluate(x, t, y), x, t, lambda x0: x0 + self.operator.pinv(
+            measured - self.operator.A(x0)))
 
 
 class DDNMPlus(TakesStep, DDNM):
