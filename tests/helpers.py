@@ -58,3 +58,22 @@ def gaussian_score(sigma_data: float):  # type: ignore[no-untyped-def]
         return -x / var
 
     return score
+
+
+def word_tokenizer(words: list[str]):  # type: ignore[no-untyped-def]
+    """A Hugging Face fast tokenizer over ``words`` (lower-cased, split on whitespace), with
+    ``[PAD]`` 0, ``[UNK]`` 1, ``[BOS]`` 2 and ``[EOS]`` 3 wrapped around each text: built
+    locally for the tiny random CLIP models of the tests, nothing is downloaded."""
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    vocab = {w: i for i, w in enumerate([*specials, *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
+        eos_token="[EOS]")

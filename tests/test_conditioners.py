@@ -28,7 +28,7 @@ from diffusers_kit.networks.attention import (
 )
 from diffusers_kit.processes import VP
 from diffusers_kit.registry import get_registry
-from tests.helpers import TINY_SPEC, run_cli, write_spec
+from tests.helpers import TINY_SPEC, run_cli, word_tokenizer, write_spec
 
 SHAPE = (1, 8, 8)
 
@@ -58,18 +58,8 @@ def hf_folder(tmp_path_factory):  # type: ignore[no-untyped-def]
     """A randomly initialised one-layer CLIP text model and a word-level tokenizer, saved with
     save_pretrained: nothing is downloaded."""
     transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-    vocab = {w: i for i, w in enumerate([*specials, *HF_WORDS])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
-        eos_token="[EOS]")
+    fast = word_tokenizer(HF_WORDS)
+    vocab = fast.get_vocab()
     config = transformers.CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=2,

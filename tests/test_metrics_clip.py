@@ -8,6 +8,7 @@ import torch
 
 from diffusers_kit.data.base import DataSplits
 from diffusers_kit.metrics.clip import CLIPScore
+from tests.helpers import word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -17,18 +18,8 @@ WORDS = ["a", "handwritten", "zero", "one", "two", "three", "four", "five", "six
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-    vocab = {w: i for i, w in enumerate([*specials, *WORDS])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
-        eos_token="[EOS]")
+    fast = word_tokenizer(WORDS)
+    vocab = fast.get_vocab()
     config = transformers.CLIPConfig(
         text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
                      "num_hidden_layers": 1, "num_attention_heads": 2,
