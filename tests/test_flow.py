@@ -24,14 +24,6 @@ from diffusers_kit.objectives import FlowMatching
 from diffusers_kit.objectives.denoising import draw_times
 from diffusers_kit.processes import VE, VP, Flow
 from diffusers_kit.registry import get_registry
-from diffusers_kit.solvers import (
-    DPMSolver2M,
-    DPMSolver3M,
-    EulerODE,
-    HeunODE,
-    ScipyODE,
-    UniPC,
-)
 from diffusers_kit.testing import (
     ExactScoreNetwork,
     MixtureTarget,
@@ -41,6 +33,7 @@ from diffusers_kit.testing import (
     check_registered,
     three_modes,
 )
+from tests.test_solvers_pure_noise import ODE_SOLVERS
 
 PATHS = ["linear", "cosine"]
 MIXTURE = three_modes()
@@ -187,15 +180,7 @@ def test_x0_from_velocity_is_defined_at_pure_noise():
     torch.testing.assert_close(process.convert(-x0, x_t, t, "v", "x0"), x0)
 
 
-SOLVERS = [
-    ("euler", lambda: EulerODE(steps=100)),
-    ("heun", lambda: HeunODE(steps=30)),
-    ("dpm_solver_2m", lambda: DPMSolver2M(steps=30)),
-    ("dpm_solver_3m", lambda: DPMSolver3M(steps=30)),
-    ("unipc", lambda: UniPC(steps=30)),
-    ("unipc-3", lambda: UniPC(steps=30, order=3)),
-    ("scipy_ode", lambda: ScipyODE()),
-]
+SOLVERS = ODE_SOLVERS
 
 
 @pytest.mark.parametrize("path", PATHS)

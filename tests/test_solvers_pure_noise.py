@@ -75,7 +75,8 @@ def model() -> ScoreModel:
     return ScoreModel(PROCESS, ExactScoreNetwork(MIXTURE, PROCESS, prediction="x0"))
 
 
-SOLVERS = [
+#: the ODE solvers at the budgets these paths are checked at (tests/test_flow.py too)
+ODE_SOLVERS = [
     ("euler", lambda: EulerODE(steps=100)),
     ("heun", lambda: HeunODE(steps=30)),
     ("dpm_solver_2m", lambda: DPMSolver2M(steps=30)),
@@ -83,6 +84,10 @@ SOLVERS = [
     ("unipc", lambda: UniPC(steps=30)),
     ("unipc-3", lambda: UniPC(steps=30, order=3)),
     ("scipy_ode", lambda: ScipyODE()),
+]
+
+SOLVERS = [
+    *ODE_SOLVERS,
     ("ancestral", lambda: Ancestral(steps=200)),
     ("ddim-eta-1", lambda: DDIM(steps=100, eta=1.0)),
     ("ddim-eta-0.5", lambda: DDIM(steps=100, eta=0.5)),
