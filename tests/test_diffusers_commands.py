@@ -26,7 +26,13 @@ from diffusers_kit.processes.diffusers_scheduler import (  # noqa: E402
 )
 from diffusers_kit.solvers import DDIM  # noqa: E402
 from tests.helpers import run_cli  # noqa: E402
-from tests.test_diffusers_import import GENTLE, SHORT, SPEC, save_pipeline  # noqa: E402
+from tests.test_diffusers_import import (  # noqa: E402
+    GENTLE,
+    SHORT,
+    SPEC,
+    diffusers_loop,
+    save_pipeline,
+)
 
 SOLVER = "{kind: ddim, steps: 10, clip_x0: 1.0}"
 
@@ -262,10 +268,7 @@ def test_export_reproduces_the_run_in_diffusers_ddim(tmp_path, capsys):
     assert scheduler.config.prediction_type == "v_prediction"
     scheduler.set_timesteps(20)
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
-    x = x_T.clone()
-    with torch.no_grad():
-        for step in scheduler.timesteps:
-            x = scheduler.step(pipeline.unet(x, step).sample, step, x, eta=0.0).prev_sample
+    x = diffusers_loop(pipeline, scheduler, x_T, eta=0.0)
     model = Diffusion.from_run(run)
     ours = model.sample(4, DDIM(steps=20, eta=0.0), x_T=x_T).samples
     with capsys.disabled():
@@ -404,10 +407,7 @@ def test_a_dkit_unet_run_exports_and_diffusers_samples_it(tmp_path, capsys):
     times = sampling_times(model.process, 20, "uniform")[:-1]
     scheduler.set_timesteps(timesteps=(torch.round(times * 1000).long() - 1).tolist())
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(7))
-    x = x_T.clone()
-    with torch.no_grad():
-        for step in scheduler.timesteps:
-            x = scheduler.step(pipeline.unet(x, step).sample, step, x).prev_sample
+    x = diffusers_loop(pipeline, scheduler, x_T)
     ours = model.sample(4, DPMSolver2M(steps=20, spacing="uniform"), x_T=x_T).samples
     with capsys.disabled():
         print("unet export DPM-Solver++(2M) 20 max-abs", float((ours - x).abs().max()), "of",

@@ -69,6 +69,16 @@ def test_alphas_cumprod_equal_diffusers(tmp_path, name, schedule):
     torch.testing.assert_close(process.alpha(steps) ** 2, theirs, rtol=2e-5, atol=1e-6)
 
 
+def diffusers_loop(pipeline, scheduler, x_T, **step):  # type: ignore[no-untyped-def]
+    """diffusers' own sampling loop: ``scheduler.step`` over its ``timesteps`` (set by the
+    caller) on the pipeline's U-Net, from ``x_T``; ``step`` goes to each ``scheduler.step``."""
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(pipeline.unet(x, t).sample, t, x, **step).prev_sample
+    return x
+
+
 def test_dkit_schedules_are_diffusers_schedules():
     """ddpm's scaled_linear and cosine are diffusers' scaled_linear and squaredcos_cap_v2."""
     scaled = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
@@ -317,10 +327,7 @@ def test_ddim_50_equals_the_diffusers_ddim_loop(tmp_path, kind, chain):
     pipeline = save_pipeline(tmp_path, scheduler)
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     scheduler.set_timesteps(50)
-    x = x_T.clone()
-    with torch.no_grad():
-        for step in scheduler.timesteps:
-            x = scheduler.step(pipeline.unet(x, step).sample, step, x, eta=0.0).prev_sample
+    x = diffusers_loop(pipeline, scheduler, x_T, eta=0.0)
     ours = imported(tmp_path).sample(4, DDIM(steps=50, eta=0.0), x_T=x_T)
     assert ours.nfe == 50
     print(kind, "max-abs", float((ours.samples - x).abs().max()), "of", float(x.abs().max()))
@@ -359,10 +366,7 @@ def test_dpm_solver_2m_equals_diffusers_on_the_same_timesteps(tmp_path, kind, ch
     times = sampling_times(process, 50, spacing)[:-1]
     scheduler.set_timesteps(timesteps=(torch.round(times * 1000).long() - 1).tolist())
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
-    x = x_T.clone()
-    with torch.no_grad():
-        for step in scheduler.timesteps:
-            x = scheduler.step(pipeline.unet(x, step).sample, step, x).prev_sample
+    x = diffusers_loop(pipeline, scheduler, x_T)
     ours = imported(tmp_path).sample(4, DPMSolver2M(steps=50, spacing=spacing), x_T=x_T)
     assert ours.nfe == len(times) == len(scheduler.timesteps)  # quadratic: 49 distinct steps
     print(kind, spacing, "max-abs", float((ours.samples - x).abs().max()), "of",
