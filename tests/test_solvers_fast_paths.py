@@ -16,7 +16,7 @@ from diffusers_kit.solvers import (
 )
 from diffusers_kit.solvers.grids import as_scalars
 from diffusers_kit.solvers.noise import GeneratorNoise, PerSampleNoise
-from diffusers_kit.solvers.sde import Predictor, eps_step
+from diffusers_kit.solvers.sde import Predictor, eps_step, predictor_rows
 from diffusers_kit.solvers.tables import step_table
 from tests.gaussian_mixture import exact_model, three_modes
 
@@ -42,7 +42,7 @@ def test_randn_like_draws_what_randn_draws(make):
 @pytest.mark.parametrize("process", [DDPM(), VP(), VE()])
 def test_step_from_eps_is_the_step_from_the_score(predictor, process):
     table = step_table(process, 10)
-    rows = table.rows_on(process, torch.device("cpu"), torch.float32)
+    rows = predictor_rows(table, torch.zeros(1))  # float32 on the CPU
     generator = torch.Generator().manual_seed(0)
     x, eps, z = (torch.randn(50, 2, generator=generator) for _ in range(3))
     from_eps = eps_step(predictor)

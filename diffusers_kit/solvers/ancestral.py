@@ -32,9 +32,9 @@ import torch
 
 from diffusers_kit.processes.gaussian import learned_log_variance
 from diffusers_kit.solvers.base import Callback, ClipX0, Solver, Steps, clip_data
-from diffusers_kit.solvers.grids import Spacing
+from diffusers_kit.solvers.grids import OnGrid, Spacing, TimeGrid
 from diffusers_kit.solvers.noise import Noise
-from diffusers_kit.solvers.tables import StepTable, step_table
+from diffusers_kit.solvers.tables import step_table
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
@@ -45,16 +45,11 @@ Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
-class PosteriorGrid:
+class PosteriorGrid(OnGrid):
     """The grid of the posterior-stepping samplers: the step table and the std of each step's
     noise (``variance``'s: ``beta~`` or ``beta``)."""
 
-    table: StepTable
     std: list[float]
-
-    @property
-    def t(self) -> list[float]:
-        return self.table.t
 
 
 def posterior_grid(process: NoiseProcess, steps: int | None, spacing: Spacing,
@@ -64,7 +59,7 @@ def posterior_grid(process: NoiseProcess, steps: int | None, spacing: Spacing,
     return PosteriorGrid(table, [v**0.5 for v in var])
 
 
-def data_prediction(model: ScoreModel, x: Tensor, t: Tensor, table: StepTable, i: int,
+def data_prediction(model: ScoreModel, x: Tensor, t: Tensor, table: TimeGrid, i: int,
                     clip: float | None, learned: bool = False) -> tuple[Tensor, Tensor | None]:
     """``(x0_hat, v)`` at step ``i`` (clamped with ``clip``; ``v`` the variance output of a
     learned-variance network when ``learned``, else None), converted with the table's

@@ -34,9 +34,9 @@ from pydantic import Field
 from diffusers_kit.guidance.base import MOVE
 from diffusers_kit.solvers.ancestral import data_prediction
 from diffusers_kit.solvers.base import Callback, ClipX0, Solver, Steps, stepping_term
-from diffusers_kit.solvers.grids import Spacing, as_scalars
+from diffusers_kit.solvers.grids import OnGrid, Spacing, as_scalars
 from diffusers_kit.solvers.noise import Noise
-from diffusers_kit.solvers.tables import StepTable, step_table
+from diffusers_kit.solvers.tables import step_table
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
@@ -44,18 +44,13 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class DDIMGrid:
+class DDIMGrid(OnGrid):
     """Per step: ``x_s = on_x x_t + on_x0 x0_hat + noise_std z`` (see the module doc)."""
 
-    table: StepTable
     on_x: list[float]
     on_x0: list[float]
     noise_std: list[float]
     tensors: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def t(self) -> list[float]:
-        return self.table.t
 
 
 class DDIM(Solver):

@@ -161,8 +161,8 @@ class TimeGrid:
     denoised estimate). Per point, as Python floats: ``t``, ``alpha``, ``sigma``, the noise level
     ``level = sigma / alpha`` (``inf`` where ``alpha = 0``, 0 at the landing) and ``lam =
     log(alpha / sigma)`` (``-inf`` where ``alpha = 0``, ``inf`` at the landing); ``times`` is
-    ``t`` as a float64 tensor. Built once per (process, steps, spacing, rho) by
-    :func:`time_grid`; :meth:`vectors` are the ``(B,)`` time tensors a network sees."""
+    ``t`` as a float64 tensor. A step table (:func:`~diffusers_kit.solvers.tables.step_table`)
+    adds per-move rows: ``tensors`` (float64, ``(N,)``) and the same as floats in ``rows``."""
 
     times: Tensor
     t: list[float]
@@ -170,6 +170,8 @@ class TimeGrid:
     sigma: list[float]
     level: list[float]
     lam: list[float]
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    rows: dict[str, list[float]] = field(default_factory=dict)
     _vectors: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -178,20 +180,20 @@ class TimeGrid:
 
     def marginal(self, i: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """``(alpha, sigma)`` at point ``i`` as 0-dim tensors of ``like``'s device and dtype
-        (for :meth:`ScoreModel.predict`; cached, see :meth:`scalars`)."""
-        scalars = self.scalars(like)
-        return scalars.alpha[i], scalars.sigma[i]
+        (for :meth:`ScoreModel.predict`; cached, see :func:`as_scalars`)."""
+        return self.scalar("alpha", like, self.alpha)[i], self.scalar("sigma", like, self.sigma)[i]
 
-    def scalars(self, like: Tensor) -> GridScalars:
-        """``alpha``, ``sigma`` and each step's ``sigma_{i+1} / sigma_i`` as 0-dim tensors of
-        ``like``'s device and dtype (:func:`as_scalars`)."""
-        key = ("scalars", str(like.device), like.dtype)
-        if key not in self._vectors:
-            ratio = [b / a if a else 0.0 for a, b in zip(self.sigma, self.sigma[1:],
-                                                        strict=False)]
-            self._vectors[key] = GridScalars(*(as_scalars({}, "", values, like) for values in
-                                               (self.alpha, self.sigma, ratio)))
-        return self._vectors[key]
+    def ratio(self, like: Tensor) -> list[Tensor]:
+        """Each step's ``sigma_{i+1} / sigma_i`` as 0-dim tensors (cached)."""
+        return self.scalar("ratio", like, [b / a if a else 0.0 for a, b in
+                                           zip(self.sigma, self.sigma[1:], strict=False)])
+
+    def scalar(self, name: str, like: Tensor, values: list[float] | None = None
+               ) -> list[Tensor]:
+        """Row ``name`` (or ``values``, cached under ``name``) as 0-dim tensors of ``like``'s
+        device and dtype (:func:`as_scalars`)."""
+        return as_scalars(self._vectors, name, self.rows[name] if values is None else values,
+                          like)
 
     def vectors(self, batch: int, like: Tensor) -> tuple[Tensor, ...]:
         """Item ``i``: ``t_i`` as a ``(batch,)`` tensor of ``like``'s device and dtype
@@ -215,12 +217,15 @@ def as_scalars(cache: dict, name: str, values: list[float], like: Tensor) -> lis
 
 
 @dataclass(frozen=True)
-class GridScalars:
-    """A grid's ``alpha``, ``sigma`` and step ratios as 0-dim tensors (:meth:`TimeGrid.scalars`)."""
+class OnGrid:
+    """A solver's grid: a :class:`TimeGrid` (``table``) and the solver's own per-step data
+    (its subclasses' fields)."""
 
-    alpha: list[Tensor]
-    sigma: list[Tensor]
-    ratio: list[Tensor]
+    table: TimeGrid
+
+    @property
+    def t(self) -> list[float]:
+        return self.table.t
 
 
 def time_grid(process: NoiseProcess, steps: int | None, spacing: Spacing = "uniform",

@@ -48,6 +48,7 @@ from pydantic import Field
 from diffusers_kit.processes.base import expand
 from diffusers_kit.solvers.base import Callback, ClipX0, Rho, Solver, Steps, clip_data
 from diffusers_kit.solvers.grids import (
+    OnGrid,
     Spacing,
     TimeGrid,
     reaches_pure_noise,
@@ -222,7 +223,7 @@ def combine(x: Tensor, grid: TimeGrid, i: int, terms: list[Tensor], weights: lis
     x / alpha`` on the data predictions ``terms`` (zero weights skipped): the one place the ODE
     solvers move ``x``."""
     alpha = grid.alpha[i + 1]
-    out = x * grid.scalars(x).ratio[i] if grid.sigma[i + 1] else None
+    out = x * grid.ratio(x)[i] if grid.sigma[i + 1] else None
     for weight, m in zip(weights, terms, strict=False):
         if weight:
             out = m * (alpha * weight) if out is None else out.add_(m, alpha=alpha * weight)
@@ -435,7 +436,7 @@ class EDMStochastic(ODESolver):
 
     def run(self, model: ScoreModel, x: Tensor, grid: EDMGrid, noise: Noise,
             callback: Callback) -> Tensor:
-        points = grid.points
+        points = grid.table
         times, last = points.vectors(x.shape[0], x), points.steps - 1
         for i in range(points.steps):
             t_next = times[i + 1] if i < last else None
@@ -450,18 +451,13 @@ class EDMStochastic(ODESolver):
 
 
 @dataclass(frozen=True)
-class EDMGrid:
+class EDMGrid(OnGrid):
     """:class:`EDMStochastic`'s grid: the points, per step the raised move (None: no churn),
     the std of the added noise in ``x`` and the factor ``alpha_hat / alpha_i`` on ``x``."""
 
-    points: TimeGrid
     churned: list[TimeGrid | None]
     std: list[float]
     scale: list[float]
-
-    @property
-    def t(self) -> list[float]:
-        return self.points.t
 
 
 #: ``lower_order_final`` lowers the final orders of grids with fewer points than this.
@@ -489,10 +485,9 @@ def usable_orders(steps: int, order: int, lower_order_final: bool,
     return usable
 
 
-def multistep_weights(lam: list[float], order: int, lower_order_final: bool
-                      ) -> list[tuple[float, list[float]]]:
-    """Per step of DPM-Solver++(kM) (see the module doc): ``(r, [w_0, w_1, ...])`` with
-    ``y_{i+1} = r y_i + sum_j w_j m_j`` over the x0 predictions ``m_j`` made ``j`` steps ago.
+def multistep_weights(lam: list[float], order: int, lower_order_final: bool) -> list[UniStep]:
+    """Per step of DPM-Solver++(kM) (see the module doc): ``y_{i+1} = r y_i + sum_j w_j m_j``
+    over the x0 predictions ``m_j`` made ``j`` steps ago (``predictor = [w_0, w_1, ...]``).
 
     ``lam`` holds ``lambda`` at the grid points (``inf`` at the final ``varsigma = 0``).
     """
@@ -502,7 +497,7 @@ def multistep_weights(lam: list[float], order: int, lower_order_final: bool
                                              math.isinf(lam[0]))):
         if usable == 1:
             r = 0.0 if i == steps - 1 else math.exp(-(lam[i + 1] - lam[i]))
-            weights.append((r, [1.0 - r]))
+            weights.append(UniStep(r, [1.0 - r]))
             continue
         h = lam[i + 1] - lam[i]
         r = math.exp(-h)
@@ -511,7 +506,7 @@ def multistep_weights(lam: list[float], order: int, lower_order_final: bool
         if usable == 2:
             w = [1.0 - r, 0.0, 0.0]
             w = [a + (1.0 - r) * 0.5 * b for a, b in zip(w, d0, strict=True)]
-            weights.append((r, w[:2]))
+            weights.append(UniStep(r, w[:2]))
             continue
         r1 = (lam[i - 1] - lam[i - 2]) / h
         d1 = [0.0, 1.0 / r1, -1.0 / r1]  # (m_1 - m_2) / r_1
@@ -521,24 +516,60 @@ def multistep_weights(lam: list[float], order: int, lower_order_final: bool
         c1, c2 = (r - 1.0) / h + 1.0, 2.0 * ((r - 1.0 + h) / h**2 - 0.5)
         w = [(1.0 - r) * (j == 0) + c1 * a - c2 * b for j, (a, b) in
              enumerate(zip(big_d1, big_d2, strict=True))]
-        weights.append((r, w))
+        weights.append(UniStep(r, w))
     return weights
 
 
 @dataclass(frozen=True)
-class MultistepGrid:
-    """A multistep solver's grid: the points and per step the weights on the data predictions
-    made 0, 1, ... steps ago (of the step in ``y``; :func:`combine`)."""
+class UniStep:
+    """One multistep step: the predictor ``y_{i+1} = r y_i + sum_k predictor[k] m_k`` and,
+    when the step is corrected (UniPC), ``y_{i+1} = r y_i + corrector[0] m_new + sum_k
+    corrector[k + 1] m_k`` (``m_k``: the data prediction made ``k`` steps before step ``i``'s)."""
 
-    points: TimeGrid
-    weights: list[list[float]]
-
-    @property
-    def t(self) -> list[float]:
-        return self.points.t
+    r: float
+    predictor: list[float]
+    corrector: list[float] | None = None
 
 
-class DPMSolver2M(ODESolver):
+@dataclass(frozen=True)
+class MultistepGrid(OnGrid):
+    """A multistep solver's grid: the points and each step's :class:`UniStep`."""
+
+    plan: list[UniStep]
+
+
+class Multistep(ODESolver):
+    r"""The loop of the multistep solvers (DPM-Solver++(kM), UniPC): one data prediction per
+    step; :func:`combine` weighs the last ``order`` of them with the plan's weights; a
+    corrector (UniC) first takes the previous step again with the new prediction."""
+
+    order: int
+    lower_order_final: bool
+
+    def plan(self, lam: list[float]) -> list[UniStep]:
+        return multistep_weights(lam, self.order, self.lower_order_final)
+
+    def grid(self, process: NoiseProcess) -> MultistepGrid:
+        table = self.table(process)
+        return MultistepGrid(table, self.plan(table.lam))
+
+    def run(self, model: ScoreModel, x: Tensor, grid: MultistepGrid, noise: Noise,
+            callback: Callback) -> Tensor:
+        points, plan, history = grid.table, grid.plan, []
+        times = points.vectors(x.shape[0], x)
+        start = x
+        for i in range(points.steps):
+            m = self.denoise(model, x, times[i], points, i)
+            callback(i, x, m)
+            corrector = plan[i - 1].corrector if i > 0 else None
+            if corrector is not None:  # UniC: step i - 1 again, with m as one more point
+                x = combine(start, points, i - 1, [m, *history], corrector)
+            history, start = [m, *history][:self.order], x
+            x = combine(x, points, i, history, plan[i].predictor)
+        return x
+
+
+class DPMSolver2M(Multistep):
     """DPM-Solver++(2M): the second-order multistep solver in log-SNR (Lu et al. 2022, Alg. 2;
     the module doc); one evaluation per step.
 
@@ -559,22 +590,6 @@ class DPMSolver2M(ODESolver):
                  lower_order_final: bool = True, clip_x0: ClipX0 = None) -> None:
         super().__init__(steps, spacing, rho, clip_x0)
         self.lower_order_final = lower_order_final
-
-    def grid(self, process: NoiseProcess) -> MultistepGrid:
-        points = self.table(process)
-        return MultistepGrid(points, [w for _, w in multistep_weights(
-            points.lam, self.order, self.lower_order_final)])
-
-    def run(self, model: ScoreModel, x: Tensor, grid: MultistepGrid, noise: Noise,
-            callback: Callback) -> Tensor:
-        points, history = grid.points, []
-        times = points.vectors(x.shape[0], x)
-        for i in range(points.steps):
-            m = self.denoise(model, x, times[i], points, i)
-            callback(i, x, m)
-            history = [m, *history][:self.order]
-            x = combine(x, points, i, history, grid.weights[i])
-        return x
 
 
 class DPMSolver3M(DPMSolver2M):

@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
     from diffusers_kit.processes.base import NoiseProcess
 
-Tensor = torch.Tensor, Steps
+Tensor = torch.Tensor
+
+
 def jump_schedule(steps: int, jump_length: int, resampling: int) -> list[tuple[str, int]]:
     """The moves: ``("down", i)`` is the step ``times[i] -> times[i + 1]``, ``("up", i)`` its
     forward re-noising ``times[i + 1] -> times[i]``. Blocks of ``jump_length`` steps, each

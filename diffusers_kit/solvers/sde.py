@@ -39,22 +39,38 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.solvers.base import Callback, Solver, Steps
-from diffusers_kit.solvers.grids import Spacing, reaches_pure_noise
+from diffusers_kit.solvers.grids import Spacing, TimeGrid, reaches_pure_noise
 from diffusers_kit.solvers.noise import Noise
-from diffusers_kit.solvers.tables import StepTable, step_table
+from diffusers_kit.solvers.tables import step_table
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
     from diffusers_kit.processes.base import NoiseProcess
 
 Tensor = torch.Tensor
-Rows = dict[str, list[float]], Steps
+Rows = dict[str, list[float]]
+
+
 def _factor(c: Rows, name: str, i: int) -> float | Tensor:
     """Row ``name`` at step ``i``: the cached 0-dim tensor when ``c`` offers one under
-    ``name + ":tensor"`` (:meth:`~diffusers_kit.solvers.tables.StepTable.rows_on`), else the
-    float."""
+    ``name + ":tensor"`` (:func:`predictor_rows`), else the float."""
     tensors = c.get(name + ":tensor")
     return tensors[i] if tensors is not None else c[name][i]
+
+
+#: The step-table rows a predictor multiplies a state by (offered as 0-dim tensors).
+TENSOR_ROWS = ("ancestral_x", "neg_inv_sigma", "reverse_x", "euler_x")
+
+
+def predictor_rows(grid: TimeGrid, like: Tensor) -> dict[str, list]:
+    """What a predictor gets as ``c``: the table's float ``rows`` plus, under
+    ``"<name>:tensor"``, the :data:`TENSOR_ROWS` as cached 0-dim tensors of ``like``'s device
+    and dtype (a predictor that knows no ``:tensor`` key reads the float rows)."""
+    key = ("predictor_rows", str(like.device), like.dtype)
+    if key not in grid._vectors:
+        grid._vectors[key] = {**grid.rows, **{f"{name}:tensor": grid.scalar(name, like)
+                                              for name in TENSOR_ROWS}}
+    return grid._vectors[key]
 
 
 class Predictor:
@@ -238,13 +254,13 @@ class PredictorCorrector(Solver):
                     "nothing about x0): use ancestral, ddim or edm_stochastic")
         return None
 
-    def grid(self, process: NoiseProcess) -> StepTable:
+    def grid(self, process: NoiseProcess) -> TimeGrid:
         return step_table(process, self.steps, self.spacing)
 
-    def run(self, model: ScoreModel, x: Tensor, grid: StepTable, noise: Noise,
+    def run(self, model: ScoreModel, x: Tensor, grid: TimeGrid, noise: Noise,
             callback: Callback) -> Tensor:
         times, last = grid.vectors(x.shape[0], x), grid.steps - 1
-        rows = grid.rows_on(model.process, x.device, x.dtype)  # float and 0-dim tensor rows
+        rows = predictor_rows(grid, x)
         uses_score, from_eps = self.predictor.uses_score, eps_step(self.predictor)
         for i in range(grid.steps):
             t, marginal = times[i], (grid.scalar("alpha_t", x)[i], grid.scalar("sigma_t", x)[i])

@@ -4,8 +4,9 @@ Row ``i`` describes the move ``t = times[i] -> s = times[i + 1]``. Every table i
 from the process's own formulas (marginal, transition, posterior, drift, diffusion) and cached
 with the grid (:func:`diffusers_kit.solvers.grids.cached`); the loops read its rows as Python
 floats (the ``alpha=`` of a fused ``torch.add``) or, for the factors they scale the state by, as
-cached 0-dim tensors of the state's device and dtype (:meth:`StepTable.scalar`,
-:meth:`StepTable.rows_on`): no host synchronisation and no per-step indexing on the device.
+cached 0-dim tensors of the state's device and dtype (:meth:`TimeGrid.scalar
+<diffusers_kit.solvers.grids.TimeGrid.scalar>`): no host synchronisation and no per-step
+indexing on the device.
 
 **The last move lands on noise level 0.** Its target is the clean end ``x = alpha(0) x0``
 (``sigma_s = 0``), as the ODE solvers' grids end at ``sigma / alpha = 0``: posterior
@@ -17,14 +18,14 @@ from ``t = 0`` to ``t = 0``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 
 from diffusers_kit.processes.base import posterior_of
 from diffusers_kit.processes.gaussian import clipped_log_variance
-from diffusers_kit.solvers.grids import Spacing, TimeGrid, as_scalars, cached, sampling_times
+from diffusers_kit.solvers.grids import Spacing, TimeGrid, cached, time_grid
 
 if TYPE_CHECKING:
     from diffusers_kit.processes.base import NoiseProcess
@@ -32,53 +33,8 @@ if TYPE_CHECKING:
 Tensor = torch.Tensor
 
 
-@dataclass(frozen=True)
-class StepTable:
-    """``times`` (``N + 1``, float64) and per-move rows: ``tensors`` (float64, ``(N,)``) and the
-    same values as Python floats in ``rows`` (what the loops read)."""
-
-    times: Tensor
-    tensors: dict[str, Tensor]
-    rows: dict[str, list[float]]
-    _vectors: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def steps(self) -> int:
-        return len(self.times) - 1
-
-    @property
-    def t(self) -> list[float]:
-        """The ``N + 1`` times (the last 0) as floats."""
-        return self.times.tolist()
-
-    vectors = TimeGrid.vectors
-
-    def scalar(self, name: str, like: Tensor) -> list[Tensor]:
-        """Row ``name`` as 0-dim tensors of ``like``'s device and dtype (cached)."""
-        return as_scalars(self._vectors, name, self.rows[name], like)
-
-    def rows_on(self, process: NoiseProcess, device: torch.device, dtype: torch.dtype
-                ) -> dict[str, list]:
-        """``rows`` plus, under ``"<name>:tensor"``, the rows in :data:`TENSOR_ROWS` as 0-dim
-        tensors on ``device`` in ``dtype`` (see :func:`scalars`), cached per device and dtype:
-        what the predictors of :mod:`diffusers_kit.solvers.sde` get as ``c`` (a predictor that
-        knows no ``:tensor`` key reads the float rows as before)."""
-
-        def build() -> dict[str, list]:
-            out: dict[str, list] = dict(self.rows)
-            for name in TENSOR_ROWS:
-                out[f"{name}:tensor"] = [torch.tensor(v, dtype=dtype, device=device)
-                                         for v in self.rows[name]]
-            return out
-
-        return cached(process, ("rows_on", id(self), str(device), dtype), build)
-
-
-#: The step-table rows a loop multiplies a state by (offered as 0-dim tensors by ``rows_on``).
-TENSOR_ROWS = ("ancestral_x", "neg_inv_sigma", "reverse_x", "euler_x")
-
-
-def _build(process: NoiseProcess, times: Tensor) -> StepTable:
+def _build(process: NoiseProcess, grid: TimeGrid) -> TimeGrid:
+    times = grid.times
     t, s = times[:-1], times[1:].clone()
     alpha_t, sigma_t = process.marginal(t)
     alpha_s, sigma_s = process.marginal(s)
@@ -110,12 +66,12 @@ def _build(process: NoiseProcess, times: Tensor) -> StepTable:
         "euler_x": 1.0 - drift * (t - times[1:]),  # Euler-Maruyama's factor on x
     }
     rows = {name: value.tolist() for name, value in tensors.items()}
-    return StepTable(times, tensors, rows)
+    return replace(grid, tensors=tensors, rows=rows, _vectors={})
 
 
 def step_table(process: NoiseProcess, steps: int | None, spacing: Spacing = "uniform",
-               rho: float = 7.0) -> StepTable:
-    """The cached :class:`StepTable` of ``sampling_times(process, steps, spacing, rho)``."""
+               rho: float = 7.0) -> TimeGrid:
+    """The cached :class:`~diffusers_kit.solvers.grids.TimeGrid` of ``sampling_times(process,
+    steps, spacing, rho)`` with its step rows."""
     key = ("step_table", steps, spacing, float(rho))
-    return cached(process, key,
-                  lambda: _build(process, sampling_times(process, steps, spacing, rho)))
+    return cached(process, key, lambda: _build(process, time_grid(process, steps, spacing, rho)))

@@ -30,37 +30,16 @@ Orders follow :func:`~diffusers_kit.solvers.ode.usable_orders`; the last step (o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field
 
-from diffusers_kit.solvers.base import Callback, ClipX0, Rho, Steps
-from diffusers_kit.solvers.grids import Spacing, TimeGrid
-from diffusers_kit.solvers.noise import Noise
-from diffusers_kit.solvers.ode import ODESolver, combine, usable_orders
-
-if TYPE_CHECKING:
-    import torch
-
-    from diffusers_kit.model import ScoreModel
-    from diffusers_kit.processes.base import NoiseProcess
-
-    Tensor = torch.Tensor
+from diffusers_kit.solvers.base import ClipX0, Rho, Steps
+from diffusers_kit.solvers.grids import Spacing
+from diffusers_kit.solvers.ode import Multistep, UniStep, usable_orders
 
 Variant = Literal["bh1", "bh2"]
-
-
-@dataclass(frozen=True)
-class UniStep:
-    """One step's coefficients: the predictor ``y_{i+1} = r y_i + sum_k predictor[k] m_k`` and,
-    when the step is corrected, ``y_{i+1} = r y_i + corrector[0] m_new + sum_k corrector[k + 1]
-    m_k`` (``m_k``: the data prediction made ``k`` steps before step ``i``'s)."""
-
-    r: float
-    predictor: list[float]
-    corrector: list[float] | None
 
 
 def _coefficients(h: float, rks: list[float], variant: Variant) -> tuple[float, list[float]]:
@@ -119,7 +98,7 @@ def unipc_weights(lam: list[float], order: int, lower_order_final: bool, variant
     return plan
 
 
-class UniPC(ODESolver):
+class UniPC(Multistep):
     """UniPC (Zhao et al. 2023): the multistep predictor UniP with the corrector UniC, on the
     data prediction with ``B(h) = expm1(-h)`` (``bh2``); one evaluation per step.
 
@@ -148,34 +127,6 @@ class UniPC(ODESolver):
         self.corrector = corrector
         self.lower_order_final = lower_order_final
 
-    def grid(self, process: NoiseProcess) -> UniPCGrid:
-        points = self.table(process)
-        return UniPCGrid(points, unipc_weights(points.lam, self.order, self.lower_order_final,
-                                               self.variant, self.corrector))
-
-    def run(self, model: ScoreModel, x: Tensor, grid: UniPCGrid, noise: Noise,
-            callback: Callback) -> Tensor:
-        points, plan, history = grid.points, grid.plan, []
-        times = points.vectors(x.shape[0], x)
-        start = x
-        for i in range(points.steps):
-            m = self.denoise(model, x, times[i], points, i)
-            callback(i, x, m)
-            corrector = plan[i - 1].corrector if i > 0 else None
-            if corrector is not None:  # UniC: step i - 1 again, with m as one more point
-                x = combine(start, points, i - 1, [m, *history], corrector)
-            history, start = [m, *history][:self.order], x
-            x = combine(x, points, i, history, plan[i].predictor)
-        return x
-
-
-@dataclass(frozen=True)
-class UniPCGrid:
-    """UniPC's grid: the points and each step's coefficients."""
-
-    points: TimeGrid
-    plan: list[UniStep]
-
-    @property
-    def t(self) -> list[float]:
-        return self.points.t
+    def plan(self, lam: list[float]) -> list[UniStep]:
+        return unipc_weights(lam, self.order, self.lower_order_final, self.variant,
+                             self.corrector)
