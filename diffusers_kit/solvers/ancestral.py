@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from diffusers_kit.processes.gaussian import learned_log_variance
-from diffusers_kit.solvers.base import Callback, ClipX0, Solver, Steps, clip_data
+from diffusers_kit.solvers.base import Callback, ClipX0, Solver, Steps, clip_data, options
 from diffusers_kit.solvers.grids import OnGrid, Spacing, TimeGrid
 from diffusers_kit.solvers.noise import Noise
 from diffusers_kit.solvers.tables import step_table
@@ -89,6 +89,7 @@ def posterior_step(solver: Ancestral | RePaint, model: ScoreModel, x: Tensor, gr
     return mean.add_(noise.randn_like(x), alpha=grid.std[i])
 
 
+@options
 class Ancestral(Solver):
     """DDPM ancestral sampling with sigma_t^2 = beta~_t, beta_t or learned (Ho et al. 2020).
 
@@ -103,17 +104,10 @@ class Ancestral(Solver):
             1.0; :func:`~diffusers_kit.solvers.base.clip_data`). None: off.
     """
 
-    def __init__(
-        self,
-        steps: Steps | None = None,
-        spacing: Spacing = "uniform",
-        variance: Literal["posterior", "transition", "learned"] = "posterior",
-        clip_x0: ClipX0 = None,
-    ) -> None:
-        self.steps = steps
-        self.spacing = spacing
-        self.variance = variance
-        self.clip_x0 = clip_x0
+    steps: Steps | None = None
+    spacing: Spacing = "uniform"
+    variance: Literal["posterior", "transition", "learned"] = "posterior"
+    clip_x0: ClipX0 = None
 
     def grid(self, process: NoiseProcess) -> PosteriorGrid:
         return posterior_grid(process, self.steps, self.spacing, self.variance)

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar, cast
 
 import numpy as np
 import torch
@@ -271,6 +271,17 @@ def _accepting_options(init: Callable[..., None]) -> Callable[..., None]:
 
     setattr(wrapper, "__dkit_options__", True)  # noqa: B010  (a marker on a function)
     return wrapper
+
+
+S = TypeVar("S", bound=type)
+
+
+def options(cls: S) -> S:
+    """A solver whose constructor is its annotated fields, in order (a dataclass compared by
+    identity, with the default repr), that accepts the :data:`RECORDING_OPTIONS` too."""
+    cls = dataclass(eq=False, repr=False)(cls)
+    setattr(cls, "__init__", _accepting_options(cls.__init__))  # noqa: B010
+    return cls
 
 
 class Solver:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.base import Callback, ClipX0, Solver, clip_data
+from diffusers_kit.solvers.base import Callback, ClipX0, Solver, clip_data, options
 from diffusers_kit.solvers.grids import (
     Spacing,
     as_scalars,
@@ -57,6 +57,7 @@ class ConsistencyGrid:
         return len(self.t) - 1
 
 
+@options
 class ConsistencySampler(Solver):
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1; see the module doc) of a
     consistency model (objective ``consistency_distillation``).
@@ -73,25 +74,21 @@ class ConsistencySampler(Solver):
 
     samples_from = "consistency"
 
-    def __init__(
-        self,
-        steps: Annotated[int, Field(ge=1, le=1000)] = 1,
-        levels: list[Annotated[float, Field(gt=0, le=1e9)]] | None = None,
-        spacing: Spacing = "edm",
-        rho: Annotated[float, Field(gt=0, le=100)] = 7.0,
-        clip_x0: ClipX0 = None,
-    ) -> None:
+    steps: Annotated[int, Field(ge=1, le=1000)] = 1
+    levels: list[Annotated[float, Field(gt=0, le=1e9)]] | None = None
+    spacing: Spacing = "edm"
+    rho: Annotated[float, Field(gt=0, le=100)] = 7.0
+    clip_x0: ClipX0 = None
+
+    def __post_init__(self) -> None:
+        steps, levels = self.steps, self.levels
         if levels is not None:
             if len(levels) != steps - 1:
                 raise ValueError(f"levels lists the noise levels of steps 2..{steps}: "
                                  f"{steps - 1} of them for steps: {steps}, got {len(levels)}")
             if any(b >= a for a, b in itertools.pairwise(levels)):
                 raise ValueError(f"levels must decrease; got {levels}")
-        self.steps = steps
-        self.levels = None if levels is None else [float(v) for v in levels]
-        self.spacing = spacing
-        self.rho = rho
-        self.clip_x0 = clip_x0
+            self.levels = [float(v) for v in levels]
 
     def check(self, process: NoiseProcess) -> str | None:
         if reaches_pure_noise(process):

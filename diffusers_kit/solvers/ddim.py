@@ -33,7 +33,7 @@ from pydantic import Field
 
 from diffusers_kit.guidance.base import MOVE
 from diffusers_kit.solvers.ancestral import data_prediction
-from diffusers_kit.solvers.base import Callback, ClipX0, Solver, Steps, stepping_term
+from diffusers_kit.solvers.base import Callback, ClipX0, Solver, Steps, options, stepping_term
 from diffusers_kit.solvers.grids import OnGrid, Spacing, as_scalars
 from diffusers_kit.solvers.noise import Noise
 from diffusers_kit.solvers.tables import step_table
@@ -53,6 +53,7 @@ class DDIMGrid(OnGrid):
     tensors: dict = field(default_factory=dict, repr=False, compare=False)
 
 
+@options
 class DDIM(Solver):
     """Denoising diffusion implicit model sampling with stochasticity eta (Song et al. 2021a).
 
@@ -67,17 +68,10 @@ class DDIM(Solver):
 
     takes_term_steps = True
 
-    def __init__(
-        self,
-        steps: Steps = 50,
-        eta: Annotated[float, Field(ge=0, le=1)] = 0.0,
-        spacing: Spacing = "uniform",
-        clip_x0: ClipX0 = None,
-    ) -> None:
-        self.steps = steps
-        self.eta = eta
-        self.spacing = spacing
-        self.clip_x0 = clip_x0
+    steps: Steps = 50
+    eta: Annotated[float, Field(ge=0, le=1)] = 0.0
+    spacing: Spacing = "uniform"
+    clip_x0: ClipX0 = None
 
     def grid(self, process: NoiseProcess) -> DDIMGrid:
         table = step_table(process, self.steps, self.spacing)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.base import Callback, Solver, Steps, model_device, start
+from diffusers_kit.solvers.base import Callback, Solver, Steps, model_device, options, start
 from diffusers_kit.solvers.noise import Noise
 
 if TYPE_CHECKING:
@@ -78,6 +78,7 @@ def tweedie(model: ScoreModel, x: torch.Tensor, grid: LangevinGrid) -> torch.Ten
     return (x - sigma * model.predict(x, t, "eps", marginal=(alpha, sigma))) / alpha
 
 
+@options
 class AnnealedLangevin(Solver):
     """Annealed Langevin dynamics over the process's noise ladder (NCSN).
 
@@ -90,15 +91,9 @@ class AnnealedLangevin(Solver):
     denoising step counted last); the chain forms no ``x0_hat``.
     """
 
-    def __init__(
-        self,
-        steps_per_level: Steps = 100,
-        epsilon: Annotated[float, Field(gt=0, le=10)] = 2e-5,
-        denoise: bool = True,
-    ) -> None:
-        self.steps_per_level = steps_per_level
-        self.epsilon = epsilon
-        self.denoise = denoise
+    steps_per_level: Steps = 100
+    epsilon: Annotated[float, Field(gt=0, le=10)] = 2e-5
+    denoise: bool = True
 
     def check(self, process: NoiseProcess) -> str | None:
         if missing := process.lacks(process.NOISE_LADDER):
@@ -122,6 +117,7 @@ class AnnealedLangevin(Solver):
         return x
 
 
+@options
 class Langevin(Solver):
     """Langevin dynamics with the score at one fixed time: ``x + (a/2) s(x, t) + sqrt(a) z``.
 
@@ -138,21 +134,12 @@ class Langevin(Solver):
         denoise: finish with Tweedie's estimate x0_hat = (x + sigma(t)^2 s(x, t)) / alpha(t).
     """
 
-    def __init__(
-        self,
-        steps: Steps = 1000,
-        step_size: Annotated[float, Field(gt=0, le=10)] = 1e-3,
-        time: Annotated[float, Field(ge=0, le=1)] | None = None,
-        init: Literal["normal", "prior"] = "normal",
-        init_std: Annotated[float, Field(gt=0, le=1e6)] = 1.0,
-        denoise: bool = False,
-    ) -> None:
-        self.steps = steps
-        self.step_size = step_size
-        self.time = time
-        self.init = init
-        self.init_std = init_std
-        self.denoise = denoise
+    steps: Steps = 1000
+    step_size: Annotated[float, Field(gt=0, le=10)] = 1e-3
+    time: Annotated[float, Field(ge=0, le=1)] | None = None
+    init: Literal["normal", "prior"] = "normal"
+    init_std: Annotated[float, Field(gt=0, le=1e6)] = 1.0
+    denoise: bool = False
 
     def grid(self, process: NoiseProcess) -> LangevinGrid:
         time = process.t_min if self.time is None else self.time

@@ -46,7 +46,7 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.processes.base import expand
-from diffusers_kit.solvers.base import Callback, ClipX0, Rho, Solver, Steps, clip_data
+from diffusers_kit.solvers.base import Callback, ClipX0, Rho, Solver, Steps, clip_data, options
 from diffusers_kit.solvers.grids import (
     OnGrid,
     Spacing,
@@ -157,6 +157,7 @@ def integrate_probability_flow(
     return end, states, list(solution.t) if t_eval is not None else []
 
 
+@options
 class ScipyODE(Solver):
     """The probability-flow ODE with ``scipy.integrate.solve_ivp`` (Song et al. 2021, sec. 4.3),
     in its data form (:func:`data_velocity`: defined from pure noise, ``alpha(1) = 0``, too).
@@ -172,15 +173,11 @@ class ScipyODE(Solver):
     times at one evaluation each (counted in nfe).
     """
 
-    def __init__(self, method: Method = "RK45", rtol: Annotated[float, Field(gt=0, le=1)] = 1e-5,
-                 atol: Annotated[float, Field(gt=0, le=1)] = 1e-5,
-                 t_end: Annotated[float, Field(ge=0, lt=1)] | None = None,
-                 denoise: bool = True) -> None:
-        self.method = method
-        self.rtol = rtol
-        self.atol = atol
-        self.t_end = t_end
-        self.denoise = denoise
+    method: Method = "RK45"
+    rtol: Annotated[float, Field(gt=0, le=1)] = 1e-5
+    atol: Annotated[float, Field(gt=0, le=1)] = 1e-5
+    t_end: Annotated[float, Field(ge=0, lt=1)] | None = None
+    denoise: bool = True
 
     def settings(self) -> tuple:
         return (*super().settings(), self.record)  # recording sets the snapshot times
@@ -240,12 +237,10 @@ class ODESolver(Solver):
     prediction for pixel-space models; DDIM's ``clip_x0``).
     """
 
-    def __init__(self, steps: int, spacing: Spacing, rho: float,
-                 clip_x0: float | None = None) -> None:
-        self.steps = steps
-        self.spacing = spacing
-        self.rho = rho
-        self.clip_x0 = clip_x0
+    steps: int
+    spacing: Spacing
+    rho: float
+    clip_x0: float | None = None
 
     def table(self, process: NoiseProcess) -> TimeGrid:
         """The grid's points."""
@@ -261,6 +256,7 @@ class ODESolver(Solver):
         return clip_data(model.predict(x, t, "x0", marginal=grid.marginal(i, x)), self.clip_x0)
 
 
+@options
 class EulerODE(ODESolver):
     """Euler's method for the probability-flow ODE in ``(x / alpha, sigma / alpha)`` (= DDIM),
     taken on ``x0_hat`` (:func:`combine` with ``w = [1 - r]``).
@@ -274,9 +270,10 @@ class EulerODE(ODESolver):
             1.0; DDIM's option). None: off.
     """
 
-    def __init__(self, steps: Steps = 100, spacing: Spacing = "auto", rho: Rho = 7.0,
-                 clip_x0: ClipX0 = None) -> None:
-        super().__init__(steps, spacing, rho, clip_x0)
+    steps: Steps = 100
+    spacing: Spacing = "auto"
+    rho: Rho = 7.0
+    clip_x0: ClipX0 = None
 
     def run(self, model: ScoreModel, x: Tensor, grid: TimeGrid, noise: Noise,
             callback: Callback) -> Tensor:
@@ -331,6 +328,7 @@ def needs_alpha(process: NoiseProcess, form: str) -> str | None:
     return None
 
 
+@options
 class HeunODE(ODESolver):
     """Heun's second-order method for the probability-flow ODE (Karras et al. 2022, Alg. 1).
 
@@ -350,13 +348,16 @@ class HeunODE(ODESolver):
             [-1, 1]: 1.0; DDIM's option); ``data`` form only. None: off.
     """
 
-    def __init__(self, steps: Steps = 18, spacing: Spacing = "auto", rho: Rho = 7.0,
-                 form: Literal["data", "noise"] = "data", clip_x0: ClipX0 = None) -> None:
-        if clip_x0 is not None and form != "data":
+    steps: Steps = 18
+    spacing: Spacing = "auto"
+    rho: Rho = 7.0
+    form: Literal["data", "noise"] = "data"
+    clip_x0: ClipX0 = None
+
+    def __post_init__(self) -> None:
+        if self.clip_x0 is not None and self.form != "data":
             raise ValueError("clip_x0 clamps the x0 predictions of the data form: "
                              "use form: data")
-        super().__init__(steps, spacing, rho, clip_x0)
-        self.form = form
 
     def check(self, process: NoiseProcess) -> str | None:
         return needs_alpha(process, self.form)
@@ -371,6 +372,7 @@ class HeunODE(ODESolver):
         return x
 
 
+@options
 class EDMStochastic(ODESolver):
     """The EDM stochastic sampler (Karras et al. 2022, Algorithm 2): Heun steps with churn.
 
@@ -390,16 +392,14 @@ class EDMStochastic(ODESolver):
             the raised level) or ``noise`` (the paper's). ``S_churn: 0`` is :class:`HeunODE`.
     """
 
-    def __init__(self, steps: Annotated[int, Field(ge=2, le=100_000)] = 40,
-                 spacing: Spacing = "auto", rho: Rho = 7.0,
-                 S_churn: Annotated[float, Field(ge=0, le=1e6)] = 30.0,
-                 S_tmin: Annotated[float, Field(ge=0, le=1e6)] = 0.05,
-                 S_tmax: Annotated[float, Field(gt=0, le=1e6)] = 50.0,
-                 S_noise: Annotated[float, Field(gt=0, le=100)] = 1.0,
-                 form: Literal["data", "noise"] = "data") -> None:
-        super().__init__(steps, spacing, rho)
-        self.S_churn, self.S_tmin, self.S_tmax, self.S_noise = S_churn, S_tmin, S_tmax, S_noise
-        self.form = form
+    steps: Annotated[int, Field(ge=2, le=100_000)] = 40
+    spacing: Spacing = "auto"
+    rho: Rho = 7.0
+    S_churn: Annotated[float, Field(ge=0, le=1e6)] = 30.0
+    S_tmin: Annotated[float, Field(ge=0, le=1e6)] = 0.05
+    S_tmax: Annotated[float, Field(gt=0, le=1e6)] = 50.0
+    S_noise: Annotated[float, Field(gt=0, le=100)] = 1.0
+    form: Literal["data", "noise"] = "data"
 
     def check(self, process: NoiseProcess) -> str | None:
         return needs_alpha(process, self.form)
@@ -569,6 +569,7 @@ class Multistep(ODESolver):
         return x
 
 
+@options
 class DPMSolver2M(Multistep):
     """DPM-Solver++(2M): the second-order multistep solver in log-SNR (Lu et al. 2022, Alg. 2;
     the module doc); one evaluation per step.
@@ -586,10 +587,11 @@ class DPMSolver2M(Multistep):
 
     order = 2
 
-    def __init__(self, steps: Steps = 20, spacing: Spacing = "auto", rho: Rho = 7.0,
-                 lower_order_final: bool = True, clip_x0: ClipX0 = None) -> None:
-        super().__init__(steps, spacing, rho, clip_x0)
-        self.lower_order_final = lower_order_final
+    steps: Steps = 20
+    spacing: Spacing = "auto"
+    rho: Rho = 7.0
+    lower_order_final: bool = True
+    clip_x0: ClipX0 = None
 
 
 class DPMSolver3M(DPMSolver2M):

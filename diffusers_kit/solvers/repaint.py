@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.solvers.ancestral import PosteriorGrid, posterior_grid, posterior_step
-from diffusers_kit.solvers.base import Callback, ClipX0, Solver, Steps
+from diffusers_kit.solvers.base import Callback, ClipX0, Solver, Steps, options
 from diffusers_kit.solvers.grids import Spacing
 from diffusers_kit.solvers.noise import Noise
 
@@ -49,6 +49,7 @@ def jump_schedule(steps: int, jump_length: int, resampling: int) -> list[tuple[s
     return moves
 
 
+@options
 class RePaint(Solver):
     """Ancestral sampling with RePaint's jumps back in time (Lugmayr et al. 2022).
 
@@ -62,19 +63,11 @@ class RePaint(Solver):
             1.0; :func:`~diffusers_kit.solvers.base.clip_data`). None: off.
     """
 
-    def __init__(
-        self,
-        steps: Steps = 250,
-        jump_length: Annotated[int, Field(ge=1, le=10_000)] = 10,
-        resampling: Annotated[int, Field(ge=1, le=100)] = 10,
-        spacing: Spacing = "uniform",
-        clip_x0: ClipX0 = None,
-    ) -> None:
-        self.steps = steps
-        self.jump_length = jump_length
-        self.resampling = resampling
-        self.spacing = spacing
-        self.clip_x0 = clip_x0
+    steps: Steps = 250
+    jump_length: Annotated[int, Field(ge=1, le=10_000)] = 10
+    resampling: Annotated[int, Field(ge=1, le=100)] = 10
+    spacing: Spacing = "uniform"
+    clip_x0: ClipX0 = None
 
     def grid(self, process: NoiseProcess) -> PosteriorGrid:
         return posterior_grid(process, self.steps, self.spacing)

@@ -33,12 +33,13 @@ with no per-step evaluation of the schedule.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 from pydantic import Field
 
-from diffusers_kit.solvers.base import Callback, Solver, Steps
+from diffusers_kit.solvers.base import Callback, Solver, Steps, options
 from diffusers_kit.solvers.grids import Spacing, TimeGrid, reaches_pure_noise
 from diffusers_kit.solvers.noise import Noise
 from diffusers_kit.solvers.tables import step_table
@@ -139,6 +140,7 @@ class ReverseDiffusion(LinearPredictor):
         return mean if z is None else mean.add_(z, alpha=c["b2"][i] ** 0.5)
 
 
+@dataclass(eq=False, repr=False)
 class AncestralPredictor(LinearPredictor):
     """Ancestral-sampling predictor (Song et al. 2021, eqs. 47-48): posterior mean with Tweedie's
     x0_hat, plus noise.
@@ -148,8 +150,7 @@ class AncestralPredictor(LinearPredictor):
             their choice for VP).
     """
 
-    def __init__(self, variance: Literal["posterior", "transition"] = "posterior") -> None:
-        self.variance = variance
+    variance: Literal["posterior", "transition"] = "posterior"
 
     def move(self, x: Tensor, v: Tensor, k: float, c: Rows, i: int, z: Tensor | None
              ) -> Tensor:
@@ -180,6 +181,7 @@ class Corrector:
         return x
 
 
+@dataclass(eq=False, repr=False)
 class LangevinCorrector(Corrector):
     """Langevin corrector with the signal-to-noise step rule (Song et al. 2021, Algorithms 4-5).
 
@@ -188,13 +190,8 @@ class LangevinCorrector(Corrector):
         steps: corrector steps M at each time.
     """
 
-    def __init__(
-        self,
-        snr: Annotated[float, Field(gt=0, le=100)] = 0.16,
-        steps: Steps = 1,
-    ) -> None:
-        self.snr = snr
-        self.steps = steps
+    snr: Annotated[float, Field(gt=0, le=100)] = 0.16
+    steps: Steps = 1
 
     def correct(self, model: ScoreModel, x: Tensor, t: Tensor, c: Rows, i: int,
                 noise: Noise) -> Tensor:
@@ -221,6 +218,7 @@ class NoCorrector(Corrector):
     """No corrector (predictor-only sampling, "P1000" in Song et al.)."""
 
 
+@options
 class PredictorCorrector(Solver):
     """Predictor-corrector sampling of the reverse-time SDE (Song et al. 2021, Algorithm 1).
 
@@ -235,17 +233,14 @@ class PredictorCorrector(Solver):
         spacing: how the times are spaced.
     """
 
-    def __init__(
-        self,
-        predictor: Predictor | None = None,
-        corrector: Corrector | None = None,
-        steps: Steps | None = None,
-        spacing: Spacing = "uniform",
-    ) -> None:
-        self.predictor = predictor if predictor is not None else ReverseDiffusion()
-        self.corrector = corrector if corrector is not None else NoCorrector()
-        self.steps = steps
-        self.spacing = spacing
+    predictor: Predictor | None = None
+    corrector: Corrector | None = None
+    steps: Steps | None = None
+    spacing: Spacing = "uniform"
+
+    def __post_init__(self) -> None:
+        self.predictor = self.predictor if self.predictor is not None else ReverseDiffusion()
+        self.corrector = self.corrector if self.corrector is not None else NoCorrector()
 
     def check(self, process: NoiseProcess) -> str | None:
         if reaches_pure_noise(process):

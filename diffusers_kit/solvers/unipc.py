@@ -35,7 +35,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from diffusers_kit.solvers.base import ClipX0, Rho, Steps
+from diffusers_kit.solvers.base import ClipX0, Rho, Steps, options
 from diffusers_kit.solvers.grids import Spacing
 from diffusers_kit.solvers.ode import Multistep, UniStep, usable_orders
 
@@ -98,6 +98,7 @@ def unipc_weights(lam: list[float], order: int, lower_order_final: bool, variant
     return plan
 
 
+@options
 class UniPC(Multistep):
     """UniPC (Zhao et al. 2023): the multistep predictor UniP with the corrector UniC, on the
     data prediction with ``B(h) = expm1(-h)`` (``bh2``); one evaluation per step.
@@ -117,15 +118,14 @@ class UniPC(Multistep):
             [-clip_x0, clip_x0] (DPM-Solver++'s thresholding; images in [-1, 1]: 1.0). None: off.
     """
 
-    def __init__(self, steps: Steps = 20, order: Annotated[int, Field(ge=1, le=4)] = 2,
-                 spacing: Spacing = "auto", rho: Rho = 7.0, variant: Variant = "bh2",
-                 corrector: bool = True, lower_order_final: bool = True,
-                 clip_x0: ClipX0 = None) -> None:
-        super().__init__(steps, spacing, rho, clip_x0)
-        self.order = order
-        self.variant = variant
-        self.corrector = corrector
-        self.lower_order_final = lower_order_final
+    steps: Steps = 20
+    order: Annotated[int, Field(ge=1, le=4)] = 2
+    spacing: Spacing = "auto"
+    rho: Rho = 7.0
+    variant: Variant = "bh2"
+    corrector: bool = True
+    lower_order_final: bool = True
+    clip_x0: ClipX0 = None
 
     def plan(self, lam: list[float]) -> list[UniStep]:
         return unipc_weights(lam, self.order, self.lower_order_final, self.variant,
