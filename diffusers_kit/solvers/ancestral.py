@@ -100,8 +100,6 @@ class Ancestral(Solver):
         spacing: how the times are spaced (``uniform``, ``quadratic``, ``edm``, ``log_snr``).
         variance: ``posterior`` (beta~_t), ``transition`` (beta_t) or ``learned`` (a network
             with ``learned_variance``; Nichol & Dhariwal 2021).
-        clip_x0: clamp x0_hat to [-clip_x0, clip_x0] before each step (images in [-1, 1]:
-            1.0; :func:`~diffusers_kit.solvers.base.clip_data`). None: off.
     """
 
     steps: Steps | None = None

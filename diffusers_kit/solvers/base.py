@@ -295,6 +295,10 @@ class Solver:
     data's score / ``x0_hat``; every built-in solver but one) or ``consistency`` (a consistency
     function, whose ``x0`` prediction is the start of the probability-flow trajectory: the
     ``consistency`` solver). The testing kit checks each against the exact model of its kind.
+
+    Args:
+        clip_x0: clamp x0_hat to [-clip_x0, clip_x0] before each step (images in [-1, 1]:
+            1.0; :func:`~diffusers_kit.solvers.base.clip_data`). None: off.
     """
 
     samples_from: ClassVar[str] = "diffusion"
@@ -392,19 +396,11 @@ class Solver:
         x_T: torch.Tensor | None = None,
     ) -> SampleResult:
         """Draw ``shape[0]`` samples from ``model`` (a :class:`~diffusers_kit.model.ScoreModel`,
-        possibly a guided view): the one driver of every solver that defines :meth:`run`.
-
-        It owns what no algorithm should repeat: the start (:func:`start`: the prior draw, or
-        ``x_T`` when given), the random stream (``noise``, or draws from ``generator``:
-        :func:`~diffusers_kit.solvers.noise.as_noise`), the cached grid
-        (:meth:`cached_grid`), counting network evaluations (``model.nfe`` after minus before,
-        a host integer), progress (one unit per ``callback`` call) and recording what
-        ``self.record`` asks (a :class:`Recorder` behind the :class:`Callback`).
-
-        A solver written for dkit 1.0 overrides this method itself and is called through it
-        (``Diffusion.sample`` calls ``solver.sample``): it then follows the same conventions by
-        hand (``t`` a ``(B,)`` tensor on the model's device, in ``[0, 1]``).
-        """
+        possibly a guided view): the one driver of every solver that defines :meth:`run`. It
+        owns the start (:func:`start`), the random stream (``noise``, or ``generator``'s
+        draws), the cached grid, the count of network evaluations, progress (one unit per
+        ``callback`` call) and recording (a :class:`Recorder` behind the :class:`Callback`).
+        A solver written for dkit 1.0 overrides this method and does those chores by hand."""
         term = stepping_term(model)
         if term is not None and not self.takes_term_steps:
             raise ValueError(f"{solver_needed(term)}; {type(self).__name__} takes its own")
@@ -456,14 +452,9 @@ Rho = Annotated[float, Field(gt=0, le=100)]
 
 def clip_data(x0: torch.Tensor, clip: float | None) -> torch.Tensor:
     """The data prediction ``x0_hat`` clamped to ``[-clip, clip]`` (``clip`` None: ``x0``
-    itself): the ``clip_x0`` option of every solver that forms ``x0_hat`` (DDIM, ancestral,
-    RePaint, Euler, Heun, DPM-Solver++, UniPC), applied here and nowhere else. It is the
-    thresholding of the data prediction that DPM-Solver++ (Lu et al. 2022) applies for
-    pixel-space models, whose data lie in a bounded box (pixels in ``[-1, 1]``: ``clip = 1``),
-    in its static form (Ho et al. 2020's clipping; diffusers' ``clip_sample``), not Imagen's
-    per-sample dynamic thresholding (Saharia et al. 2022; diffusers' ``thresholding`` with
-    ``sample_max_value``). One element-wise op on the device, no host synchronisation; a new
-    tensor, so callers may keep the unclamped one."""
+    itself; else a new tensor): the ``clip_x0`` option of every solver that forms ``x0_hat``,
+    applied here and nowhere else. DPM-Solver++'s static thresholding of the data prediction
+    for pixel-space models (Lu et al. 2022; Ho et al. 2020's clipping; docs/solvers.md)."""
     return x0 if clip is None else x0.clamp(-clip, clip)
 
 

@@ -62,8 +62,6 @@ class DDIM(Solver):
             steps are snapped to, which may merge a few at small ``steps``).
         eta: 0 is deterministic; 1 equals DDPM ancestral sampling with beta~.
         spacing: ``uniform`` or ``quadratic`` (the DDIM paper's two), or ``edm`` / ``log_snr``.
-        clip_x0: clamp x0_hat to [-clip_x0, clip_x0] before each step (images in [-1, 1]:
-            1.0; :func:`~diffusers_kit.solvers.base.clip_data`). None: off.
     """
 
     takes_term_steps = True

@@ -18,10 +18,7 @@ Spacings:
   varsigma_max^(1/rho)))^rho`` with ``rho = 7``;
 * ``log_snr``: equal steps in ``lambda = log(alpha / sigma)`` (Lu et al. 2022, DPM-Solver);
 * ``auto``: the process's own :attr:`~diffusers_kit.processes.base.NoiseProcess.default_spacing`
-  (the ODE solvers' default): ``quadratic`` on DDPM (linear and cosine), VP and sub-VP,
-  ``log_snr`` on VE, OU, the constant-sigma chain and, unless it says otherwise, a plugin's
-  process; chosen by measurement on an exact-score mixture at data scales 0.3, 1 and 3
-  (``docs/solvers.md``).
+  (the ODE solvers' default; ``log_snr`` unless a process says otherwise; docs/solvers.md).
 
 Times for the ``edm`` / ``log_snr`` spacings come from inverting the (monotone) log-SNR by
 bisection. Grids and every table built on them are cached per process (:func:`cached`, weakly

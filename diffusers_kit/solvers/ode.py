@@ -235,6 +235,11 @@ class ODESolver(Solver):
     where :meth:`denoise` forms it, before any step uses it
     (:func:`~diffusers_kit.solvers.base.clip_data`, DPM-Solver++'s thresholding of the data
     prediction for pixel-space models; DDIM's ``clip_x0``).
+
+    Args:
+        spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
+            ``power``, ``edm`` (Karras et al. 2022), ``uniform``.
+        rho: the exponent of the ``edm`` and ``power`` spacings.
     """
 
     steps: int
@@ -263,9 +268,6 @@ class EulerODE(ODESolver):
 
     Args:
         steps: number of steps (= network evaluations).
-        spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
-            ``power``, ``edm`` (Karras et al. 2022), ``uniform``.
-        rho: the exponent of the ``edm`` and ``power`` spacings.
         clip_x0: clamp x0_hat to [-clip_x0, clip_x0] before each step (images in [-1, 1]:
             1.0; DDIM's option). None: off.
     """
@@ -340,9 +342,6 @@ class HeunODE(ODESolver):
 
     Args:
         steps: number of grid points; network evaluations are 2 * steps - 1.
-        spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
-            ``power``, ``edm`` (Karras et al. 2022), ``uniform``.
-        rho: the exponent of the ``edm`` and ``power`` spacings.
         form: ``data`` (exponential-integrator correction) or ``noise`` (Karras et al.'s).
         clip_x0: clamp both x0 predictions of each step to [-clip_x0, clip_x0] (images in
             [-1, 1]: 1.0; DDIM's option); ``data`` form only. None: off.
@@ -378,9 +377,6 @@ class EDMStochastic(ODESolver):
 
     Args:
         steps: number of grid points N; network evaluations are 2N - 1.
-        spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
-            ``power``, ``edm`` (Karras et al. 2022), ``uniform``.
-        rho: the exponent of the ``edm`` and ``power`` spacings.
         S_churn: overall stochasticity; each step raises the noise by ``gamma = min(S_churn / N,
             sqrt(2) - 1)``. 0 is Heun's deterministic method.
         S_tmin: churn only where ``varsigma_i >= S_tmin``.
@@ -576,9 +572,6 @@ class DPMSolver2M(Multistep):
 
     Args:
         steps: number of steps (= network evaluations).
-        spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
-            ``power``, ``edm`` (Karras et al. 2022), ``uniform``.
-        rho: the exponent of the ``edm`` and ``power`` spacings.
         lower_order_final: below 15 steps, no step of a higher order than the steps left to
             varsigma_min allow (:func:`usable_orders`).
         clip_x0: clamp every x0 prediction to [-clip_x0, clip_x0] before it enters the

@@ -59,8 +59,6 @@ class RePaint(Solver):
         jump_length: steps per jump (RePaint: 10).
         resampling: descents per block (RePaint: 10; 1 is plain ancestral sampling).
         spacing: how the times are spaced.
-        clip_x0: clamp x0_hat to [-clip_x0, clip_x0] before each step (images in [-1, 1]:
-            1.0; :func:`~diffusers_kit.solvers.base.clip_data`). None: off.
     """
 
     steps: Steps = 250

@@ -107,9 +107,6 @@ class UniPC(Multistep):
         steps: number of steps (= network evaluations).
         order: the predictor's order ``p`` (the corrector makes each step ``p + 1``); the
             paper recommends 3 unconditional, 2 guided; 2 by default (as in diffusers).
-        spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
-            ``power``, ``edm`` (Karras et al. 2022), ``uniform``.
-        rho: the exponent of the ``edm`` and ``power`` spacings.
         variant: ``bh2`` (``B(h) = e^h - 1``, default) or ``bh1`` (``B(h) = h``).
         corrector: apply UniC (off: UniP alone, a DPM-Solver++-like multistep method).
         lower_order_final: below 15 steps, no step of a higher predictor order than the steps
