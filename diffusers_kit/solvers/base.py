@@ -220,9 +220,6 @@ class Callback:
             self.progress(1)
 
 
-LEGACY_RECORDING = ("keep_trajectory", "keep_x0", "snapshots")
-
-
 def merge_legacy_recording(record: Record | None, keep_trajectory: bool | None,
                            keep_x0: bool | None, snapshots: int | None) -> Record | None:
     """``record`` from the deprecated ``keep_trajectory`` / ``keep_x0`` / ``snapshots``."""
