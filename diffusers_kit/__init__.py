@@ -12,7 +12,13 @@ the module) and the probability-flow ODE's :func:`log_likelihood`, :func:`encode
 """
 
 from diffusers_kit.autoencoders import Autoencoder, KLAutoencoder, VQAutoencoder
-from diffusers_kit.conditioners import ClassTokens, Conditioner, HFTextEncoder, TextConditioner
+from diffusers_kit.conditioners import (
+    ClassTokens,
+    Conditioner,
+    DiffusersText,
+    HFTextEncoder,
+    TextConditioner,
+)
 from diffusers_kit.data import (
     Checkerboard,
     Dataset,
@@ -216,6 +222,7 @@ __all__ = [
     "DenoisingScoreMatching",
     "DiffPIR",
     "DiffusersSchedule",
+    "DiffusersText",
     "DiffusersUNet",
     "Diffusion",
     "Digits",

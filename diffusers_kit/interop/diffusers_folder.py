@@ -37,6 +37,22 @@ def read_json(file: Path) -> dict[str, Any]:
     return value
 
 
+def listed_components(index: dict[str, Any]) -> dict[str, str]:
+    """The components a ``model_index.json`` lists, name -> class name. Entries written as
+    ``null`` or ``[null, null]`` (a pipeline saved without an optional component, such as
+    ``safety_checker=None``) are absent."""
+    out: dict[str, str] = {}
+    for name, value in index.items():
+        if name.startswith("_") or value is None:
+            continue
+        if isinstance(value, list):
+            if all(v is None for v in value):
+                continue
+            value = value[-1]
+        out[name] = str(value)
+    return out
+
+
 def component_folder(path: str | os.PathLike[str], component: str, config_name: str,
                      user: str) -> Path:
     """The folder of ``component`` (``unet``, ``scheduler``) given either a pipeline folder
@@ -61,7 +77,7 @@ def component_folder(path: str | os.PathLike[str], component: str, config_name: 
         raise ValueError(f"{user}: {str(path)!r} is not a diffusers pipeline folder (no "
                          f"{MODEL_INDEX}) nor a {component} folder (no {config_name})")
     index = read_json(index_file)
-    listed = sorted(k for k, v in index.items() if not k.startswith("_") and v is not None)
+    listed = sorted(listed_components(index))
     if component not in listed:
         raise ValueError(f"{user}: the diffusers pipeline in {str(path)!r} has no {component} "
                          f"(its {MODEL_INDEX} lists {', '.join(listed) or 'no components'})")
