@@ -11,7 +11,7 @@ the module) and the probability-flow ODE's :func:`log_likelihood`, :func:`encode
 :func:`decode` and :func:`slerp`.
 """
 
-from diffusers_kit.autoencoders import Autoencoder, KLAutoencoder, VQAutoencoder
+from diffusers_kit.autoencoders import Autoencoder, DiffusersVAE, KLAutoencoder, VQAutoencoder
 from diffusers_kit.conditioners import (
     ClassTokens,
     Conditioner,
@@ -224,6 +224,7 @@ __all__ = [
     "DiffusersSchedule",
     "DiffusersText",
     "DiffusersUNet",
+    "DiffusersVAE",
     "Diffusion",
     "Digits",
     "EDMLoss",

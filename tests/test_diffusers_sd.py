@@ -15,6 +15,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+from diffusers_kit.autoencoders.diffusers_vae import DiffusersVAE  # noqa: E402
 from diffusers_kit.conditioners.diffusers_text import DiffusersText  # noqa: E402
 from diffusers_kit.diffusion import Diffusion  # noqa: E402
 from diffusers_kit.guidance import ClassifierFree  # noqa: E402
@@ -48,7 +49,7 @@ def tiny_sd(folder, num_class_embeds: int | None = None, vae: str = "kl"):  # ty
         autoencoder = diffusers.AutoencoderKL(latent_channels=4, scaling_factor=0.5, **shared)
     else:
         autoencoder = diffusers.VQModel(latent_channels=4, num_vq_embeddings=32,
-                                        scaling_factor=0.7, **shared)
+                                        scaling_factor=0.75, **shared)
     config = transformers.CLIPTextConfig(
         vocab_size=4 + len(WORDS), hidden_size=12, intermediate_size=24, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=8, pad_token_id=0, bos_token_id=2,
@@ -75,10 +76,13 @@ def sd_folder(tmp_path_factory):  # type: ignore[no-untyped-def]
     return folder
 
 
-def text_model(folder, negative: str = NEGATIVE) -> Diffusion:  # type: ignore[no-untyped-def]
+def text_model(folder, negative: str = NEGATIVE, latent: bool = False  # type: ignore[no-untyped-def]
+               ) -> Diffusion:
     conditioner = DiffusersText(str(folder), prompts=PROMPTS, negative_prompt=negative)
     network = DiffusersUNet(str(folder), conditioner=conditioner)
-    return Diffusion(DiffusersSchedule(str(folder)), network, device="cpu")
+    autoencoder = DiffusersVAE(str(folder), data_shape=(1, 16, 16)) if latent else None
+    return Diffusion(DiffusersSchedule(str(folder)), network, device="cpu",
+                     autoencoder=autoencoder)
 
 
 @pytest.mark.parametrize("negative", [NEGATIVE, ""])
@@ -94,11 +98,14 @@ def test_guided_ddim_equals_the_stable_diffusion_pipeline(sd_folder, negative):
         theirs = pipeline([PROMPTS[i] for i in labels], negative_prompt=[negative] * 4,
                           height=16, width=16, num_inference_steps=STEPS, guidance_scale=7.5,
                           eta=0.0, latents=x_T.clone(), output_type="latent").images
-    ours = text_model(sd_folder, negative).sample(
+    ours = text_model(sd_folder, negative, latent=True).sample(
         4, DDIM(steps=STEPS, eta=0.0), x_T=x_T, labels=torch.tensor(labels),
         guidance=[ClassifierFree(scale=7.5)])
     assert ours.nfe == STEPS  # one call on the doubled batch per step
-    difference = float((ours.samples - theirs).abs().max())
+    difference = float((ours.latents - theirs).abs().max())
+    with torch.no_grad():  # the images: the pipeline's decode of latents / scaling_factor
+        images = pipeline.vae.decode(theirs / pipeline.vae.config.scaling_factor).sample
+    assert float((ours.samples - images).abs().max()) <= 1e-3
     print(f"negative {negative!r}: max-abs {difference:.2g} of {float(theirs.abs().max()):.3g}")
     assert difference <= 1e-3
     assert 0.5 < float(theirs.abs().max()) < 50.0
@@ -157,3 +164,61 @@ def test_conditioner_errors_name_the_problem(sd_folder, tmp_path):
                                                      '"tokenizer": [null, null]}')
     with pytest.raises(ValueError, match=r"has no text_encoder .*lists unet"):
         DiffusersText(str(tmp_path / "p"), prompts=PROMPTS)
+
+
+# -- the first stage ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_the_vae_encodes_and_decodes_as_diffusers_with_its_scale_applied_once(tmp_path, kind):
+    """encode = scaling_factor (h - shift_factor) with h diffusers' posterior mean (KL) or
+    pre-quantisation latent (VQ), a posterior draw with a generator equal to diffusers' own,
+    and decode = diffusers' decode of z / scaling_factor + shift_factor."""
+    pipeline = tiny_sd(tmp_path, vae=kind)
+    vae = pipeline.vae
+    if kind == "kl":  # a shift too (FLUX's VAE has one): applied once, inside the scale
+        config = tmp_path / "vae" / "config.json"
+        config.write_text(config.read_text().replace('"shift_factor": null',
+                                                     '"shift_factor": 0.25'))
+    ours = DiffusersVAE(str(tmp_path), data_shape=(1, 16, 16))
+    lam, shift = (0.5, 0.25) if kind == "kl" else (0.75, 0.0)
+    assert float(ours.scale) == lam and ours.latent_shape == (4, 8, 8)
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        if kind == "kl":
+            h = vae.encode(x).latent_dist.mean
+            drawn = vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(4))
+            torch.testing.assert_close(ours.encode(x, torch.Generator().manual_seed(4)),
+                                       lam * (drawn - shift))
+        else:
+            h = vae.encode(x).latents
+        z = ours.encode(x)
+        torch.testing.assert_close(z, lam * (h - shift))
+        torch.testing.assert_close(ours.decode(z), vae.decode(z / lam + shift).sample)
+        assert float((ours.decode(z) - vae.decode(z).sample).abs().max()) > 1e-3
+    assert ours.calibrate(x) == lam and float(ours.scale) == lam  # the pipeline's, kept
+    assert "scale" not in ours.state_dict()
+    assert torch.isfinite(ours.loss(x, torch.Generator().manual_seed(5)))
+
+
+def test_latent_dps_restores_through_the_imported_decoder(sd_folder):
+    """DPS on the imported latent model measures A(D(z / lambda)) through diffusers' decoder
+    and its gradient reaches the latents: the restorations differ from the unguided draws."""
+    from diffusers_kit.forward_models import Inpaint
+    from diffusers_kit.guidance import DPS
+    from diffusers_kit.latent import DecodedOperator
+    from diffusers_kit.restore import restore
+
+    model = text_model(sd_folder, latent=True)
+    operator = Inpaint(mask="center", data_shape=(1, 16, 16))
+    method = DPS(operator, zeta=1.0)
+    seen = method.forward_operator(model.model)
+    assert isinstance(seen, DecodedOperator) and seen.data_shape == (4, 8, 8)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = operator.A(model.autoencoder.vae.decode(z / 0.5).sample)
+        torch.testing.assert_close(seen.A(z), expected)
+    clean = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    restored = restore(model, method, clean, DDIM(steps=5), seed=0)
+    unguided = restore(model, DPS(operator, zeta=0.0), clean, DDIM(steps=5), seed=0)
+    assert restored.samples.shape == (2, 1, 16, 16) and torch.isfinite(restored.samples).all()
+    assert float((restored.samples - unguided.samples).abs().max()) > 1e-3

@@ -174,3 +174,19 @@ def check_fingerprint(files: list[Path], sha256: str, size: int | None, user: st
     if found != sha256.lower():
         raise ValueError(f"{user}: {names} changed since they were imported: SHA-256 "
                          f"{found[:16]}..., recorded {sha256[:16]}...; {advice}")
+
+
+def forgive_referenced(module: Any, prefix: str, incompatible: Any) -> None:
+    """A ``load_state_dict`` post hook's work for a component whose weights come from a
+    verified file (``sha256`` set): a state dict holding none of ``module``'s tensors (the
+    checkpoint of an imported run, under any parent prefix ending in ``prefix``) leaves the
+    file's weights, so they are not missing. A state dict holding some but not all of them is
+    still refused (torch lists the rest)."""
+    own = set(module.state_dict())
+    groups: dict[str, list[str]] = {}
+    for key in incompatible.missing_keys:
+        head, found, tail = key.rpartition(prefix)
+        if found and tail in own:
+            groups.setdefault(head, []).append(key)
+    drop = {k for keys in groups.values() if len(keys) == len(own) for k in keys}
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in drop]

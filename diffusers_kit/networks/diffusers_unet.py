@@ -43,6 +43,7 @@ from diffusers_kit.interop.diffusers_folder import (
     check_fingerprint,
     check_safetensors,
     component_folder,
+    forgive_referenced,
     read_json,
     scheduler_near,
     weight_files,
@@ -206,16 +207,9 @@ class DiffusersUNet(Network):
 
     def _weights_from_file(self, incompatible: Any) -> None:
         """A state dict that holds none of the U-Net's tensors (the checkpoint of an imported
-        run) leaves the weights read from the verified file: they are not missing. A state
-        dict holding some but not all of them is still refused (torch lists the rest)."""
-        own = set(self.unet.state_dict())
-        groups: dict[str, list[str]] = {}
-        for key in incompatible.missing_keys:
-            head, found, tail = key.rpartition("unet.")
-            if found and tail in own:
-                groups.setdefault(head, []).append(key)
-        drop = {k for keys in groups.values() if len(keys) == len(own) for k in keys}
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in drop]
+        run) leaves the weights read from the verified file (:func:`~diffusers_kit.interop.
+        diffusers_folder.forgive_referenced`)."""
+        forgive_referenced(self.unet, "unet.", incompatible)
 
     @staticmethod
     def _check_conditioner(config: dict[str, Any], conditional: bool,
