@@ -9,8 +9,13 @@ downloaded.
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
+import yaml
+from safetensors import safe_open
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -22,7 +27,8 @@ from diffusers_kit.guidance import ClassifierFree  # noqa: E402
 from diffusers_kit.networks.diffusers_unet import DiffusersUNet  # noqa: E402
 from diffusers_kit.processes.diffusers_scheduler import DiffusersSchedule  # noqa: E402
 from diffusers_kit.solvers import DDIM  # noqa: E402
-from tests.helpers import word_tokenizer  # noqa: E402
+from tests.helpers import run_cli, word_tokenizer  # noqa: E402
+from tests.test_diffusers_commands import refused  # noqa: E402
 
 WORDS = ["a", "photo", "of", "dog", "cat", "blurry", "drawing"]
 PROMPTS = ["a photo of a dog", "a drawing of a cat"]
@@ -222,3 +228,137 @@ def test_latent_dps_restores_through_the_imported_decoder(sd_folder):
     unguided = restore(model, DPS(operator, zeta=0.0), clean, DDIM(steps=5), seed=0)
     assert restored.samples.shape == (2, 1, 16, 16) and torch.isfinite(restored.samples).all()
     assert float((restored.samples - unguided.samples).abs().max()) > 1e-3
+
+
+# -- dkit import of a text-to-image pipeline ---------------------------------------------------
+
+def drawn(run, capsys, *extra: str):  # type: ignore[no-untyped-def]
+    """The samples (and the sampling record) ``dkit sample RUN`` draws with DDIM 20, seed 0."""
+    code, _, err = run_cli(["sample", str(run), "--solver", f"{{kind: ddim, steps: {STEPS}}}",
+                            *extra], capsys)
+    assert code == 0, err
+    (folder,) = sorted((run / "sampling").glob("ddim-*"))[-1:]
+    record = json.loads((folder / "sampling.json").read_text())
+    return torch.from_numpy(np.load(folder / "samples.npz")["samples"]), record
+
+
+def test_import_samples_prompts_as_the_python_api_and_restores(sd_folder, tmp_path, capsys):
+    """``dkit import`` of a Stable Diffusion folder writes a run (and its nested autoencoder
+    run) holding no weights; ``dkit sample`` draws what the Python API draws with the same
+    prompts, negative prompt, guidance and seed; ``--prompt`` replaces the prompts; ``dkit
+    restore`` restores through the decoder (DPS)."""
+    run = tmp_path / "run"
+    code, out, err = run_cli(["import", str(sd_folder), "--out", str(run), "--prompt",
+                              PROMPTS[0], "--prompt", PROMPTS[1], "--negative-prompt", NEGATIVE],
+                             capsys)
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert "in the latent space of its vae" in said and "scaled by 0.5" in said
+    spec = yaml.safe_load((run / "spec.yaml").read_text())
+    assert spec["latent"]["run"] == str(run / "autoencoder")
+    assert spec["network"]["conditioner"]["prompts"] == PROMPTS
+    assert spec["sample"]["guidance"] == [{"kind": "classifier_free", "scale": 7.5,
+                                           "rescale": 0.0, "interval": None}]
+    for folder in (run, run / "autoencoder"):
+        with safe_open(folder / "checkpoint.safetensors", "pt") as checkpoint:
+            assert list(checkpoint.keys()) == []
+        assert json.loads((folder / "run.json").read_text())["status"] == "finished"
+    samples, record = drawn(run, capsys, "--n", "4")
+    expected = text_model(sd_folder, latent=True).sample(
+        4, DDIM(steps=STEPS), seed=0, labels="all", guidance=[ClassifierFree(scale=7.5)])
+    torch.testing.assert_close(samples, expected.samples, rtol=0, atol=1e-5)
+    assert record["prompts"] == PROMPTS and record["negative_prompt"] == NEGATIVE
+    samples, record = drawn(run, capsys, "--n", "2", "--prompt", "a cat",
+                            "--negative-prompt", "")
+    conditioner = DiffusersText(str(sd_folder), prompts=["a cat"])
+    model = Diffusion(DiffusersSchedule(str(sd_folder)),
+                      DiffusersUNet(str(sd_folder), conditioner=conditioner), device="cpu",
+                      autoencoder=DiffusersVAE(str(sd_folder), data_shape=(1, 16, 16)))
+    expected = model.sample(2, DDIM(steps=STEPS), seed=0, labels="all",
+                            guidance=[ClassifierFree(scale=7.5)])
+    torch.testing.assert_close(samples, expected.samples, rtol=0, atol=1e-5)
+    assert record["prompts"] == ["a cat"] and record["negative_prompt"] == ""
+    code, _, err = run_cli(["restore", str(run), "--operator", "{kind: inpaint, mask: box}",
+                            "--n", "2", "--quiet"], capsys)
+    assert code == 0, err
+    (restored,) = (run / "restoration").glob("dps-inpaint-*/restore.npz")
+    assert np.isfinite(np.load(restored)["samples"]).all()
+
+
+def test_import_of_an_unconditional_vq_latent_pipeline(tmp_path, capsys):
+    """An LDMPipeline (UNet2DModel + VQModel) imports with its latents unscaled, as that
+    pipeline decodes them."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=4, out_channels=4,
+                                 block_out_channels=(8, 16), norm_num_groups=4,
+                                 layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2)
+    vqvae = diffusers.VQModel(in_channels=1, out_channels=1, latent_channels=4,
+                              num_vq_embeddings=32, block_out_channels=(8, 16),
+                              down_block_types=("DownEncoderBlock2D",) * 2,
+                              up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4)
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=STEPS, clip_sample=False)
+    diffusers.LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler).save_pretrained(
+        tmp_path / "ldm")
+    run = tmp_path / "run"
+    code, out, err = run_cli(["import", str(tmp_path / "ldm"), "--out", str(run)], capsys)
+    assert code == 0, err
+    assert "its vqvae (latents (4, 8, 8) scaled by 1)" in " ".join(out.split())
+    samples, _ = drawn(run, capsys, "--n", "2")
+    assert samples.shape == (2, 1, 16, 16) and torch.isfinite(samples).all()
+    refused(["sample", str(run), "--prompt", "a cat"], capsys,
+            "--prompt: expected a run whose network has a diffusers_text conditioner")
+    refused(["import", str(tmp_path / "ldm"), "--prompt", "a cat", "--out",
+             str(tmp_path / "other")], capsys, "this pipeline's U-Net does not attend to text")
+
+
+def _no_tokenizer(folder) -> None:  # type: ignore[no-untyped-def]
+    tiny_sd(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    del index["tokenizer"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def _t5(folder) -> None:  # type: ignore[no-untyped-def]
+    tiny_sd(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(
+        {**index, "text_encoder": ["transformers", "T5EncoderModel"]}))
+
+
+def _tiny_vae(folder) -> None:  # type: ignore[no-untyped-def]
+    tiny_sd(folder)
+    config = folder / "vae" / "config.json"
+    config.write_text(config.read_text().replace('"AutoencoderKL"', '"AutoencoderTiny"'))
+
+
+def _pickled_text(folder) -> None:  # type: ignore[no-untyped-def]
+    tiny_sd(folder)
+    weights = folder / "text_encoder" / "model.safetensors"
+    weights.rename(weights.with_name("pytorch_model.bin"))
+
+
+@pytest.mark.parametrize(("make", "args", "message"), [
+    (tiny_sd, [], "--prompt: expected at least one --prompt for a text-to-image pipeline"),
+    (_no_tokenizer, ["--prompt", "a cat"], "lists no tokenizer"),
+    (_t5, ["--prompt", "a cat"], "text_encoder is a T5EncoderModel, which is not supported"),
+    (_tiny_vae, ["--prompt", "a cat"], "holds a AutoencoderTiny, which is not supported"),
+    (_pickled_text, ["--prompt", "a cat"], "only pickle weights (pytorch_model.bin); dkit "
+                                           "reads safetensors only"),
+])
+def test_text_pipeline_import_refusals_say_why(tmp_path, capsys, make, args, message):
+    make(tmp_path / "pipe")
+    refused(["import", str(tmp_path / "pipe"), "--out", str(tmp_path / "run"), *args], capsys,
+            message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_changed_text_encoder_is_refused(tmp_path, capsys):
+    tiny_sd(tmp_path / "pipe")
+    assert run_cli(["import", str(tmp_path / "pipe"), "--out", str(tmp_path / "run"),
+                    "--prompt", "a cat"], capsys)[0] == 0
+    vocabulary = tmp_path / "pipe" / "tokenizer" / "tokenizer.json"
+    vocabulary.write_text(vocabulary.read_text().replace('"cat"', '"cow"'))
+    err = refused(["sample", str(tmp_path / "run"), "--n", "2"], capsys,
+                  "changed since they were imported: SHA-256")
+    assert "diffusers_text: " in err and "tokenizer.json" in err

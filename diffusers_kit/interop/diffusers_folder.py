@@ -38,18 +38,17 @@ def read_json(file: Path) -> dict[str, Any]:
 
 
 def listed_components(index: dict[str, Any]) -> dict[str, str]:
-    """The components a ``model_index.json`` lists, name -> class name. Entries written as
-    ``null`` or ``[null, null]`` (a pipeline saved without an optional component, such as
-    ``safety_checker=None``) are absent."""
+    """The components a ``model_index.json`` lists, name -> class name: its ``[library,
+    class]`` entries. Entries written as ``[null, null]`` (a pipeline saved without an optional
+    component, such as ``safety_checker=None``) are absent, and so are the pipeline's own
+    options (``requires_safety_checker: false``), which are not lists."""
     out: dict[str, str] = {}
     for name, value in index.items():
-        if name.startswith("_") or value is None:
+        if name.startswith("_") or not isinstance(value, list) or not value:
             continue
-        if isinstance(value, list):
-            if all(v is None for v in value):
-                continue
-            value = value[-1]
-        out[name] = str(value)
+        if all(v is None for v in value):
+            continue
+        out[name] = str(value[-1])
     return out
 
 
