@@ -285,9 +285,9 @@ def test_import_samples_prompts_as_the_python_api_and_restores(sd_folder, tmp_pa
     assert np.isfinite(np.load(restored)["samples"]).all()
 
 
-def test_import_of_an_unconditional_vq_latent_pipeline(tmp_path, capsys):
-    """An LDMPipeline (UNet2DModel + VQModel) imports with its latents unscaled, as that
-    pipeline decodes them."""
+def import_ldm(tmp_path, capsys):  # type: ignore[no-untyped-def]
+    """A tiny random LDMPipeline (UNet2DModel + VQModel) in ``tmp_path/ldm``, imported as
+    ``tmp_path/run``; returns the import's console output."""
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=4, out_channels=4,
                                  block_out_channels=(8, 16), norm_num_groups=4,
@@ -300,9 +300,17 @@ def test_import_of_an_unconditional_vq_latent_pipeline(tmp_path, capsys):
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=STEPS, clip_sample=False)
     diffusers.LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler).save_pretrained(
         tmp_path / "ldm")
-    run = tmp_path / "run"
-    code, out, err = run_cli(["import", str(tmp_path / "ldm"), "--out", str(run)], capsys)
+    code, out, err = run_cli(["import", str(tmp_path / "ldm"), "--out", str(tmp_path / "run")],
+                             capsys)
     assert code == 0, err
+    return out
+
+
+def test_import_of_an_unconditional_vq_latent_pipeline(tmp_path, capsys):
+    """An LDMPipeline (UNet2DModel + VQModel) imports with its latents unscaled, as that
+    pipeline decodes them."""
+    out = import_ldm(tmp_path, capsys)
+    run = tmp_path / "run"
     assert "its vqvae (latents (4, 8, 8) scaled by 1)" in " ".join(out.split())
     samples, _ = drawn(run, capsys, "--n", "2")
     assert samples.shape == (2, 1, 16, 16) and torch.isfinite(samples).all()
@@ -362,3 +370,63 @@ def test_a_changed_text_encoder_is_refused(tmp_path, capsys):
     err = refused(["sample", str(tmp_path / "run"), "--n", "2"], capsys,
                   "changed since they were imported: SHA-256")
     assert "diffusers_text: " in err and "tokenizer.json" in err
+
+
+# -- dkit export of a latent run ---------------------------------------------------------------
+
+def test_an_imported_text_run_exports_as_a_stable_diffusion_pipeline(sd_folder, tmp_path,
+                                                                     capsys):
+    """The exported folder loads as a StableDiffusionPipeline whose guided DDIM latents (the
+    SD parity settings) equal dkit's from the same start latents."""
+    run = tmp_path / "run"
+    assert run_cli(["import", str(sd_folder), "--out", str(run), "--prompt", PROMPTS[0],
+                    "--prompt", PROMPTS[1], "--negative-prompt", NEGATIVE], capsys)[0] == 0
+    code, out, err = run_cli(["export", str(run), "--format", "diffusers",
+                              str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert "StableDiffusionPipeline (UNet2DConditionModel" in " ".join(out.split())
+    pipeline = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "out",
+                                                                 local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline.vae.config.scaling_factor == 0.5 and pipeline.safety_checker is None
+    pipeline.scheduler = diffusers.DDIMScheduler.from_config(pipeline.scheduler.config,
+                                                             set_alpha_to_one=True)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        theirs = pipeline(PROMPTS, negative_prompt=[NEGATIVE] * 2, height=16, width=16,
+                          num_inference_steps=STEPS, guidance_scale=7.5, eta=0.0,
+                          latents=x_T.clone(), output_type="latent").images
+    ours = text_model(sd_folder, latent=True).sample(
+        2, DDIM(steps=STEPS), x_T=x_T, labels=torch.tensor([0, 1]),
+        guidance=[ClassifierFree(scale=7.5)])
+    difference = float((ours.latents - theirs).abs().max())
+    print(f"exported: max-abs {difference:.2g} of {float(theirs.abs().max()):.3g}")
+    assert difference <= 1e-3
+
+
+def test_an_ldm_run_exports_and_dkit_first_stages_are_refused(tmp_path, capsys):
+    from diffusers_kit.autoencoders import KLAutoencoder
+    from diffusers_kit.cli.export import check_exportable
+    from diffusers_kit.processes.ddpm import DDPM
+
+    import_ldm(tmp_path, capsys)
+    code, _, err = run_cli(["export", str(tmp_path / "run"), "--format", "diffusers",
+                            str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    pipeline = diffusers.LDMPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
+    assert isinstance(pipeline.vqvae, diffusers.VQModel)
+    assert pipeline.vqvae.config.scaling_factor == 1
+    with safe_open(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors",
+                   "pt") as exported, safe_open(tmp_path / "ldm" / "unet" /
+                                                "diffusion_pytorch_model.safetensors",
+                                                "pt") as source:
+        assert set(exported.keys()) == set(source.keys())
+        assert all(torch.equal(exported.get_tensor(k), source.get_tensor(k))
+                   for k in source.keys())  # noqa: SIM118
+    own = KLAutoencoder(data_shape=(1, 16, 16))
+    network = DiffusersUNet(str(tmp_path / "ldm"))
+    reason = check_exportable(DDPM(num_steps=STEPS), network, own)
+    assert "KLAutoencoder, dkit's own, whose blocks are not AutoencoderKL's" in reason
+    scaled = DiffusersVAE(str(tmp_path / "ldm"), data_shape=(1, 16, 16))  # 0.18215
+    reason = check_exportable(DDPM(num_steps=STEPS), network, scaled)
+    assert "LDMPipeline decodes its latents unscaled; this run scales them by 0.18215" in reason
