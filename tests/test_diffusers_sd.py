@@ -430,3 +430,57 @@ def test_an_ldm_run_exports_and_dkit_first_stages_are_refused(tmp_path, capsys):
     scaled = DiffusersVAE(str(tmp_path / "ldm"), data_shape=(1, 16, 16))  # 0.18215
     reason = check_exportable(DDPM(num_steps=STEPS), network, scaled)
     assert "LDMPipeline decodes its latents unscaled; this run scales them by 0.18215" in reason
+
+
+# -- the spec route ----------------------------------------------------------------------------
+
+AUTOENCODER_SPEC = """\
+name: sd_vae
+device: cpu
+data: {{kind: digits, size: 16, scale: symmetric}}
+autoencoder: {{kind: diffusers_vae, path: {folder}}}
+train: {{steps: 0}}
+output: {{root: {root}}}
+"""
+
+LATENT_SPEC = """\
+name: sd
+device: cpu
+data: {{kind: digits, size: 16, scale: symmetric}}
+latent: vae.yaml                      # the imported first stage, built as a dependency
+process: {{kind: diffusers_scheduler, path: {folder}}}
+network:
+  kind: diffusers_unet
+  path: {folder}
+  conditioner: {{kind: diffusers_text, path: {folder}, prompts: {prompts},
+                 negative_prompt: {negative}}}
+objective: {{kind: ddpm_simple}}
+train: {{steps: 0, ema_decay: 0.0}}
+sample:
+  n: 4
+  labels: all
+  guidance: [{{kind: classifier_free, scale: 7.5}}]
+  solver: {{kind: ddim, steps: {steps}}}
+output: {{root: {root}}}
+"""
+
+
+def test_a_latent_spec_uses_the_imported_vae(sd_folder, tmp_path, capsys):
+    """A dkit latent diffusion spec names a diffusers_vae autoencoder spec as its ``latent``:
+    the autoencoder run keeps the pipeline's scale (no calibration), and the run samples what
+    the Python API samples."""
+    fill = {"folder": sd_folder, "root": tmp_path / "runs", "prompts": json.dumps(PROMPTS),
+            "negative": json.dumps(NEGATIVE), "steps": STEPS}
+    (tmp_path / "vae.yaml").write_text(AUTOENCODER_SPEC.format(**fill))
+    (tmp_path / "sd.yaml").write_text(LATENT_SPEC.format(**fill))
+    code, _, err = run_cli(["run", str(tmp_path / "sd.yaml")], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "runs" / "sd_vae" / "latest" / "run.json").read_text())
+    assert record["status"] == "finished"
+    metrics = json.loads((tmp_path / "runs" / "sd_vae" / "latest" / "metrics.json").read_text())
+    assert metrics["latent_scale"] == 0.5
+    samples = torch.from_numpy(np.load(tmp_path / "runs" / "sd" / "latest" /
+                                       "samples.npz")["samples"])
+    expected = text_model(sd_folder, latent=True).sample(
+        4, DDIM(steps=STEPS), seed=0, labels="all", guidance=[ClassifierFree(scale=7.5)])
+    torch.testing.assert_close(samples, expected.samples, rtol=0, atol=1e-5)
