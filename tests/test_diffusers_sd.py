@@ -37,9 +37,11 @@ NEGATIVE = "blurry drawing"
 STEPS = 20
 
 
-def tiny_sd(folder, num_class_embeds: int | None = None, vae: str = "kl"):  # type: ignore[no-untyped-def]
+def tiny_sd(folder, num_class_embeds: int | None = None, vae: str = "kl",  # type: ignore[no-untyped-def]
+            scheduler=None):
     """A tiny random Stable Diffusion pipeline (1-channel 16 x 16 images, 4 x 8 x 8 latents,
-    a 12-wide CLIP text encoder with 8 tokens), saved to ``folder``."""
+    a 12-wide CLIP text encoder with 8 tokens, by default a DDIM scheduler set as dkit's grid
+    is), saved to ``folder``."""
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
@@ -63,7 +65,7 @@ def tiny_sd(folder, num_class_embeds: int | None = None, vae: str = "kl"):  # ty
     encoder = transformers.CLIPTextModel(config)
     tokenizer = word_tokenizer(WORDS)
     tokenizer.model_max_length = 8
-    scheduler = diffusers.DDIMScheduler(
+    scheduler = scheduler or diffusers.DDIMScheduler(
         num_train_timesteps=STEPS, beta_schedule="scaled_linear", beta_start=0.00085,
         beta_end=0.012, clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=True,
         steps_offset=0)
@@ -118,6 +120,31 @@ def test_guided_ddim_equals_the_stable_diffusion_pipeline(sd_folder, negative):
     unguided = text_model(sd_folder, negative).sample(
         4, DDIM(steps=STEPS, eta=0.0), x_T=x_T, labels=torch.tensor(labels))
     assert float((unguided.samples - theirs).abs().max()) > 1e-2  # the guidance matters
+
+
+def test_a_pndm_folder_equals_diffusers_after_the_swap_to_ddim(tmp_path):
+    """Stable Diffusion folders ship a PNDMScheduler (leading, steps_offset 1, no alpha one);
+    dkit reads its chain, and its DDIM equals the pipeline once diffusers' scheduler is swapped
+    to a DDIMScheduler with dkit's grid and final step (trailing, set_alpha_to_one)."""
+    pndm = diffusers.PNDMScheduler(num_train_timesteps=STEPS, beta_schedule="scaled_linear",
+                                   beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                   skip_prk_steps=True, set_alpha_to_one=False)
+    pipeline = tiny_sd(tmp_path, scheduler=pndm)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.scheduler = diffusers.DDIMScheduler.from_config(
+        pipeline.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
+        clip_sample=False)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        theirs = pipeline(PROMPTS, negative_prompt=[NEGATIVE] * 2, height=16, width=16,
+                          num_inference_steps=STEPS, guidance_scale=7.5, eta=0.0,
+                          latents=x_T.clone(), output_type="latent").images
+    ours = text_model(tmp_path).sample(2, DDIM(steps=STEPS), x_T=x_T,
+                                       labels=torch.tensor([0, 1]),
+                                       guidance=[ClassifierFree(scale=7.5)])
+    difference = float((ours.samples - theirs).abs().max())
+    print(f"PNDM folder, DDIM: max-abs {difference:.2g} of {float(theirs.abs().max()):.3g}")
+    assert difference <= 1e-3
 
 
 def test_the_contexts_are_the_pipelines_prompt_embeddings(sd_folder):
