@@ -96,7 +96,9 @@ class DiffusersText(Conditioner):
             (``CLIPTextModel``, ``model.safetensors``) and ``tokenizer/``.
         prompts: the prompt of each label, in label order (``num_classes = len(prompts)``).
         negative_prompt: the null label's prompt: what classifier-free guidance guides away
-            from (the pipeline's ``negative_prompt``; empty: the unconditional prompt).
+            from (the pipeline's ``negative_prompt``; empty: the unconditional prompt). When
+            the U-Net is fine-tuned, dropped labels take this context too: leave it empty to
+            fine-tune as Stable Diffusion was trained (dropping to the empty prompt).
         sha256: the fingerprint of the text encoder's and tokenizer's files as ``dkit import``
             found them (:func:`text_files`); when set they are checked before they are read.
     """
