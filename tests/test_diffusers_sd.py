@@ -431,7 +431,7 @@ def test_an_imported_text_run_exports_as_a_stable_diffusion_pipeline(sd_folder, 
     assert difference <= 1e-3
 
 
-def test_an_ldm_run_exports_and_dkit_first_stages_are_refused(tmp_path, capsys):
+def test_an_ldm_run_exports_and_dkit_first_stages_are_refused(sd_folder, tmp_path, capsys):
     from diffusers_kit.autoencoders import KLAutoencoder
     from diffusers_kit.cli.export import check_exportable
     from diffusers_kit.processes.ddpm import DDPM
@@ -457,6 +457,9 @@ def test_an_ldm_run_exports_and_dkit_first_stages_are_refused(tmp_path, capsys):
     scaled = DiffusersVAE(str(tmp_path / "ldm"), data_shape=(1, 16, 16))  # 0.18215
     reason = check_exportable(DDPM(num_steps=STEPS), network, scaled)
     assert "LDMPipeline decodes its latents unscaled; this run scales them by 0.18215" in reason
+    text = text_model(sd_folder)  # a text U-Net in pixel space: no pipeline to write
+    reason = check_exportable(text.process, text.network, None)
+    assert "a latent run for a text-conditioned U-Net" in reason
 
 
 # -- the spec route ----------------------------------------------------------------------------

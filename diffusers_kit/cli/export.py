@@ -111,6 +111,9 @@ def check_exportable(process: Any, network: Any, autoencoder: Any = None) -> str
     if network.learned_variance or network.prediction not in PREDICTION_NAMES:
         return (f"a U-Net predicting {' / '.join(PREDICTION_NAMES)} (this one predicts "
                 f"{network.prediction}{' with learned variances' * network.learned_variance})")
+    if getattr(network, "conditioner", None) is not None and autoencoder is None:
+        return ("a latent run for a text-conditioned U-Net (dkit writes text pipelines as "
+                "StableDiffusionPipeline, which diffuses in a VAE's latent space)")
     if network.num_classes is not None and autoencoder is None:
         return ("an unconditional U-Net (this one takes class labels, which DDPMPipeline and "
                 "DDIMPipeline do not pass)")
