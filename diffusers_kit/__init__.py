@@ -11,8 +11,14 @@ the module) and the probability-flow ODE's :func:`log_likelihood`, :func:`encode
 :func:`decode` and :func:`slerp`.
 """
 
-from diffusers_kit.autoencoders import Autoencoder, KLAutoencoder, VQAutoencoder
-from diffusers_kit.conditioners import ClassTokens, Conditioner, HFTextEncoder, TextConditioner
+from diffusers_kit.autoencoders import Autoencoder, DiffusersVAE, KLAutoencoder, VQAutoencoder
+from diffusers_kit.conditioners import (
+    ClassTokens,
+    Conditioner,
+    DiffusersText,
+    HFTextEncoder,
+    TextConditioner,
+)
 from diffusers_kit.data import (
     Checkerboard,
     Dataset,
@@ -216,7 +222,9 @@ __all__ = [
     "DenoisingScoreMatching",
     "DiffPIR",
     "DiffusersSchedule",
+    "DiffusersText",
     "DiffusersUNet",
+    "DiffusersVAE",
     "Diffusion",
     "Digits",
     "EDMLoss",

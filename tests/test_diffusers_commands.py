@@ -183,8 +183,8 @@ def _component(folder: Path) -> None:
     (lambda f: None, "it does not exist"),
     (_no_scheduler, "its model_index.json lists no scheduler (it lists unet)"),
     (_unet_deleted, "the unet component is missing"),
-    (_conditional, "holds a UNet2DConditionModel, which is not supported"),
-    (_vae, "components dkit does not import: vqvae (VQModel)"),
+    (_conditional, "its model_index.json lists no text_encoder (it lists scheduler, unet)"),
+    (_vae, "the vqvae component is missing: model_index.json lists it"),
     (_flow, "holds a FlowMatchEulerDiscreteScheduler, which is not supported"),
     (_pickled, "only pickle weights (diffusion_pytorch_model.bin); dkit reads safetensors "
                "only, since unpickling a file can run code"),

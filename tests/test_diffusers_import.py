@@ -234,7 +234,12 @@ def test_folder_errors_name_the_folder_and_the_problem(tmp_path):
     conditional.mkdir()
     (conditional / "config.json").write_text(json.dumps(
         {"_class_name": "UNet2DConditionModel"}))
-    with pytest.raises(ValueError, match="UNet2DConditionModel, which is not supported"):
+    with pytest.raises(ValueError, match="attends to a context: set conditioner"):
+        DiffusersUNet(str(conditional), prediction="eps", num_train_timesteps=10)
+    (conditional / "config.json").write_text(json.dumps(
+        {"_class_name": "UNetSpatioTemporalConditionModel"}))
+    with pytest.raises(ValueError, match="UNetSpatioTemporalConditionModel, which is not "
+                       "supported; diffusers_unet reads UNet2DModel / UNet2DConditionModel"):
         DiffusersUNet(str(conditional), prediction="eps", num_train_timesteps=10)
 
 

@@ -47,6 +47,7 @@ from diffusers_kit.diffusion import SamplingOutOfMemory
 from diffusers_kit.likelihood import decode, encode, slerp
 from diffusers_kit.report import image_grid, scatter_plot
 from diffusers_kit.run import open_run
+from diffusers_kit.run.build import set_option
 from diffusers_kit.run.stages import require_finite
 from diffusers_kit.run_folder import output_folder, write_json
 from diffusers_kit.spec.errors import SpecError, SpecIssue
@@ -55,14 +56,46 @@ from diffusers_kit.spec.loader import component_option
 if TYPE_CHECKING:
     from diffusers_kit.run import Components
     from diffusers_kit.solvers.base import SampleResult
+    from diffusers_kit.spec.loader import Document
     from diffusers_kit.spec.models import Spec
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | None = None,
-             solver: str | None = None):  # type: ignore[no-untyped-def]
+             solver: str | None = None,
+             options: Callable[[Document], None] | None = None):  # type: ignore[no-untyped-def]
     """A finished run's spec and components, its checkpoint loaded
     (:func:`diffusers_kit.run.open_run`)."""
-    return open_run(run_dir, overrides, solver)
+    return open_run(run_dir, overrides, solver, options)
+
+
+def prompt_options(prompts: list[str] | None, negative: str | None
+                   ) -> Callable[[Document], None] | None:
+    """``--prompt`` / ``--negative-prompt`` as the prompts of the run's ``diffusers_text``
+    conditioner (an imported text-to-image pipeline): the prompts pick the context, not the
+    weights, so they may change on a finished run. New prompts draw ``all`` of them (equal
+    blocks) unless ``--labels`` says otherwise."""
+    if not prompts and negative is None:
+        return None
+
+    def apply(document: Document) -> None:
+        network = document.data.get("network")
+        conditioner = network.get("conditioner") if isinstance(network, dict) else None
+        if not isinstance(conditioner, dict) or conditioner.get("kind") != "diffusers_text":
+            option = "--prompt" if prompts else "--negative-prompt"
+            given = prompts[0] if prompts else negative
+            raise SpecError([SpecIssue((option,), "a run whose network has a diffusers_text "
+                                       "conditioner (a text-to-image pipeline imported with "
+                                       "dkit import)", given, None, "command line")])
+        where = ("network", "conditioner")
+        if prompts:
+            set_option(document, (*where, "prompts"), list(prompts), "--prompt")
+            sample = document.data.get("sample")
+            if isinstance(sample, dict):
+                sample["labels"] = "all"
+        if negative is not None:
+            set_option(document, (*where, "negative_prompt"), negative, "--negative-prompt")
+
+    return apply
 
 
 def conditioning_overrides(guidance: list[str] | None, labels: str | None) -> list[str]:
@@ -138,6 +171,10 @@ def draw_samples(spec: Spec, components: Components, out: Path, n: int, seed: in
                             "labels": spec.sample.labels, "nfe": result.nfe,
                             "nfe_per_sample_batch": result.nfe, "seconds": seconds,
                             "batch_size": result.batch_size}
+    conditioner = getattr(diffusion.network, "conditioner", None)
+    if hasattr(conditioner, "prompts"):  # a text-to-image model: what its labels meant
+        info["prompts"] = list(conditioner.prompts)
+        info["negative_prompt"] = getattr(conditioner, "negative_prompt", "")
     return Drawn(result, samples, seconds, info)
 
 
@@ -155,6 +192,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--labels", metavar="CLASSES",
                         help="classes to draw: all, one class (3) or a list (0,2,4); "
                              "'none' for unconditional samples")
+    parser.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="a text-to-image run's prompt (repeat it: labels 0, 1, ...; all "
+                             "are drawn unless --labels says which), replacing its prompts")
+    parser.add_argument("--negative-prompt", metavar="TEXT",
+                        help="a text-to-image run's null prompt, which classifier-free "
+                             "guidance steers away from")
     parser.add_argument("--n", type=int, help="number of samples (default: the spec's)")
     parser.add_argument("--seed", type=seed_option, help="sampling seed (default: the spec's)")
     parser.add_argument("--init", metavar="FILE",
@@ -199,7 +242,8 @@ def sample_command(args: argparse.Namespace) -> int:
                                            "shard (draw them in an unsharded dkit sample)",
                                            used, None, "command line")])
         shards.use_local_gpu()
-    spec, components = load_run(args.run_dir, overrides, args.solver)
+    spec, components = load_run(args.run_dir, overrides, args.solver,
+                                prompt_options(args.prompt, args.negative_prompt))
     if init is not None:
         expected = (len(init), *components.diffusion.network.data_shape)
         if tuple(init.shape) != tuple(expected):

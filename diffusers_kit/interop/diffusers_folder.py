@@ -37,6 +37,21 @@ def read_json(file: Path) -> dict[str, Any]:
     return value
 
 
+def listed_components(index: dict[str, Any]) -> dict[str, str]:
+    """The components a ``model_index.json`` lists, name -> class name: its ``[library,
+    class]`` entries. Entries written as ``[null, null]`` (a pipeline saved without an optional
+    component, such as ``safety_checker=None``) are absent, and so are the pipeline's own
+    options (``requires_safety_checker: false``), which are not lists."""
+    out: dict[str, str] = {}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or not value:
+            continue
+        if all(v is None for v in value):
+            continue
+        out[name] = str(value[-1])
+    return out
+
+
 def component_folder(path: str | os.PathLike[str], component: str, config_name: str,
                      user: str) -> Path:
     """The folder of ``component`` (``unet``, ``scheduler``) given either a pipeline folder
@@ -61,7 +76,7 @@ def component_folder(path: str | os.PathLike[str], component: str, config_name: 
         raise ValueError(f"{user}: {str(path)!r} is not a diffusers pipeline folder (no "
                          f"{MODEL_INDEX}) nor a {component} folder (no {config_name})")
     index = read_json(index_file)
-    listed = sorted(k for k, v in index.items() if not k.startswith("_") and v is not None)
+    listed = sorted(listed_components(index))
     if component not in listed:
         raise ValueError(f"{user}: the diffusers pipeline in {str(path)!r} has no {component} "
                          f"(its {MODEL_INDEX} lists {', '.join(listed) or 'no components'})")
@@ -158,3 +173,19 @@ def check_fingerprint(files: list[Path], sha256: str, size: int | None, user: st
     if found != sha256.lower():
         raise ValueError(f"{user}: {names} changed since they were imported: SHA-256 "
                          f"{found[:16]}..., recorded {sha256[:16]}...; {advice}")
+
+
+def forgive_referenced(module: Any, prefix: str, incompatible: Any) -> None:
+    """A ``load_state_dict`` post hook's work for a component whose weights come from a
+    verified file (``sha256`` set): a state dict holding none of ``module``'s tensors (the
+    checkpoint of an imported run, under any parent prefix ending in ``prefix``) leaves the
+    file's weights, so they are not missing. A state dict holding some but not all of them is
+    still refused (torch lists the rest)."""
+    own = set(module.state_dict())
+    groups: dict[str, list[str]] = {}
+    for key in incompatible.missing_keys:
+        head, found, tail = key.rpartition(prefix)
+        if found and tail in own:
+            groups.setdefault(head, []).append(key)
+    drop = {k for keys in groups.values() if len(keys) == len(own) for k in keys}
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in drop]

@@ -1,4 +1,5 @@
-"""A diffusers ``UNet2DModel`` as a dkit network (``diffusers_unet``).
+"""A diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` as a dkit network
+(``diffusers_unet``).
 
 The U-Net is loaded from a local folder (a pipeline saved with ``save_pretrained``, or its
 ``unet/`` folder) with safetensors only, and called as diffusers' pipelines call it, with a
@@ -16,6 +17,12 @@ evaluate there). T and the parameterisation come from the pipeline's scheduler c
 ``x0``; diffusers' velocity ``sqrt(abar) eps - sqrt(1 - abar) x0`` is dkit's
 ``v = alpha eps - sigma x0`` (Salimans & Ho 2022).
 
+A ``UNet2DConditionModel`` (Stable Diffusion's, Rombach et al. 2022) attends to a context
+sequence: a nested conditioner (``diffusers_text``: the pipeline's own text encoder, one prompt
+per label) gives it, as ``encoder_hidden_states``, for the label ``y`` (the null label's
+context when ``y`` is None), so classifier-free guidance with the empty or a negative prompt is
+dkit's one ``classifier_free`` guidance term.
+
 Needs the optional ``diffusers`` dependency (``pip install diffusers_kit[diffusers]``), imported
 only when a ``diffusers_unet`` is built.
 """
@@ -28,6 +35,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field
 
+from diffusers_kit.conditioners.base import Conditioner
 from diffusers_kit.interop.diffusers_folder import (
     MODEL_CONFIG,
     SCHEDULER_DEFAULTS,
@@ -35,6 +43,7 @@ from diffusers_kit.interop.diffusers_folder import (
     check_fingerprint,
     check_safetensors,
     component_folder,
+    forgive_referenced,
     read_json,
     scheduler_near,
     weight_files,
@@ -44,6 +53,13 @@ from diffusers_kit.processes.ddpm import MAX_STEPS
 
 MISSING = ("diffusers_unet needs the diffusers library, which is not installed: install the "
            "optional 'diffusers' extra: pip install diffusers_kit[diffusers]")
+
+#: the U-Net classes read, and which of them attends to a context (encoder_hidden_states)
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+CONDITIONAL = "UNet2DConditionModel"
+#: UNet2DConditionModel options whose extra inputs (SDXL's added time ids, image embeddings,
+#: LCM's guidance embedding) dkit does not pass
+EXTRA_INPUTS = ("addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")
 
 #: diffusers' ``prediction_type`` -> dkit's prediction.
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -61,14 +77,19 @@ def diffusers_timestep(t: torch.Tensor, num_steps: int) -> torch.Tensor:
 
 
 class DiffusersUNet(Network):
-    """A diffusers ``UNet2DModel`` read from a local folder, called at timestep ``t T - 1``.
+    """A diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` read from a local folder,
+    called at timestep ``t T - 1``.
 
     The module doc gives the mapping of ``t`` to the timestep.
 
     Class-conditional U-Nets (``num_class_embeds``) take labels ``0..num_class_embeds - 1``;
     they have no null class, so they always need labels (and classifier-free guidance, which
-    needs one, is refused). The weights are the U-Net's own parameters: training fine-tunes
-    them, and a run's checkpoint holds them.
+    needs one, is refused). A ``UNet2DConditionModel`` needs a ``conditioner`` whose width is
+    its ``cross_attention_dim``: the label picks the context (a prompt), the null label the
+    conditioner's null context (the negative or empty prompt), which classifier-free guidance
+    uses; with ``num_class_embeds`` as well, the label is also the class label (one prompt per
+    class). The weights are the U-Net's own parameters: training fine-tunes them, and a run's
+    checkpoint holds them.
 
     Args:
         path: a local diffusers pipeline folder (``save_pretrained``; its ``unet/`` is read) or
@@ -88,6 +109,13 @@ class DiffusersUNet(Network):
             file's weights (``load_state_dict`` does not count them missing). A checkpoint
             that holds them (a fine-tuned run) loads them as usual.
         size: the total byte count of those files (checked first, without reading them).
+        conditioner: the context of a ``UNet2DConditionModel`` (e.g. ``{kind: diffusers_text,
+            path: ..., prompts: [...]}``); a ``UNet2DModel`` takes none.
+        class_dropout: how often the null context replaced the label when the U-Net was
+            trained (and is replaced when it is fine-tuned). Stable Diffusion dropped the text
+            10 % of the time: above 0, the null context is a trained condition, so
+            classifier-free guidance is allowed. Ignored without a conditioner, and 0 for a
+            U-Net with class embeddings (they have no null class).
     """
 
     def __init__(
@@ -97,13 +125,15 @@ class DiffusersUNet(Network):
         num_train_timesteps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None,
         sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None,
         size: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None,
+        conditioner: Conditioner | None = None,
+        class_dropout: Annotated[float, Field(ge=0, le=1)] = 0.1,
         *,
         data_shape: tuple[int, ...] | None = None,
     ) -> None:
         user = "diffusers_unet"
         folder = component_folder(path, "unet", MODEL_CONFIG, user)
         config = read_json(folder / MODEL_CONFIG)
-        check_class(config, ("UNet2DModel",), folder, user)
+        conditional = check_class(config, UNET_CLASSES, folder, user) == CONDITIONAL
         if config.get("time_embedding_type", "positional") != "positional":
             raise ValueError(f"{user}: {folder}: time_embedding_type "
                              f"{config['time_embedding_type']!r} is not supported (only "
@@ -112,6 +142,7 @@ class DiffusersUNet(Network):
             raise ValueError(f"{user}: {folder}: class_embed_type "
                              f"{config['class_embed_type']!r} is not supported (only class "
                              "labels through num_class_embeds)")
+        self._check_conditioner(config, conditional, conditioner, folder, user)
         scheduler = scheduler_near(folder)
         scheduler_config = None
         if scheduler is not None:
@@ -148,37 +179,67 @@ class DiffusersUNet(Network):
             raise ValueError(f"{user}: size is set without sha256; set both (dkit import "
                              "records them) or neither")
         try:
-            from diffusers import UNet2DModel
+            import diffusers
         except ImportError as exc:
             raise ValueError(MISSING) from exc
+        kind = config["_class_name"]
         try:
-            unet = UNet2DModel.from_pretrained(folder, use_safetensors=True,
-                                               local_files_only=True, low_cpu_mem_usage=False)
+            unet = getattr(diffusers, kind).from_pretrained(
+                folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
         except Exception as exc:  # diffusers raises OSError, ValueError, RuntimeError ...
-            raise ValueError(f"{user}: cannot load the UNet2DModel in {folder}: "
+            raise ValueError(f"{user}: cannot load the {kind} in {folder}: "
                              f"{type(exc).__name__}: {exc}") from exc
         super().__init__(prediction)
         self.unet = unet
         self.path = str(path)
         self.num_steps = int(steps)
         self.data_shape = shape
-        self.num_classes = config.get("num_class_embeds")
+        self.class_embeds = config.get("num_class_embeds")
+        self.conditioner = conditioner
+        self.num_classes = self.class_embeds
+        if conditioner is not None:
+            self.num_classes = conditioner.num_classes
+            self.class_dropout = 0.0 if self.class_embeds is not None else float(class_dropout)
+            conditioner.drop_prob = self.class_dropout
         self.referenced = sha256 is not None
         if self.referenced:
             self.register_load_state_dict_post_hook(DiffusersUNet._weights_from_file)
 
     def _weights_from_file(self, incompatible: Any) -> None:
         """A state dict that holds none of the U-Net's tensors (the checkpoint of an imported
-        run) leaves the weights read from the verified file: they are not missing. A state
-        dict holding some but not all of them is still refused (torch lists the rest)."""
-        own = set(self.unet.state_dict())
-        groups: dict[str, list[str]] = {}
-        for key in incompatible.missing_keys:
-            head, found, tail = key.rpartition("unet.")
-            if found and tail in own:
-                groups.setdefault(head, []).append(key)
-        drop = {k for keys in groups.values() if len(keys) == len(own) for k in keys}
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in drop]
+        run) leaves the weights read from the verified file (:func:`~diffusers_kit.interop.
+        diffusers_folder.forgive_referenced`)."""
+        forgive_referenced(self.unet, "unet.", incompatible)
+
+    @staticmethod
+    def _check_conditioner(config: dict[str, Any], conditional: bool,
+                           conditioner: Conditioner | None, folder: Path, user: str) -> None:
+        """A ``UNet2DConditionModel`` needs a conditioner of its context width (and, with class
+        embeddings, one context per class); a ``UNet2DModel`` takes none."""
+        if not conditional:
+            if conditioner is not None:
+                raise ValueError(f"{user}: the UNet2DModel in {folder} attends to no context; "
+                                 "leave conditioner out (a UNet2DConditionModel takes one)")
+            return
+        for option in EXTRA_INPUTS:
+            if config.get(option) is not None:
+                raise ValueError(f"{user}: {folder}: {option} {config[option]!r} is not "
+                                 "supported (its extra inputs are not passed; Stable "
+                                 "Diffusion 1.x / 2.x U-Nets have none)")
+        if conditioner is None:
+            raise ValueError(f"{user}: the UNet2DConditionModel in {folder} attends to a "
+                             "context: set conditioner, e.g. {kind: diffusers_text, path: "
+                             f"{str(folder.parent)!r}, prompts: [...]}}")
+        width = config.get("cross_attention_dim")
+        if width != conditioner.dim:
+            raise ValueError(f"{user}: the U-Net in {folder} attends to a context of width "
+                             f"{width} (cross_attention_dim); its conditioner gives width "
+                             f"{conditioner.dim}")
+        embeds = config.get("num_class_embeds")
+        if embeds is not None and conditioner.num_classes != embeds:
+            raise ValueError(f"{user}: the U-Net in {folder} has {embeds} class embeddings; "
+                             f"its conditioner has {conditioner.num_classes} labels (give one "
+                             "prompt per class)")
 
     @staticmethod
     def _prediction(prediction: str, scheduler: dict | None, folder: Path, user: str) -> str:
@@ -197,11 +258,15 @@ class DiffusersUNet(Network):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
                 ) -> torch.Tensor:
         labels = None
-        if self.num_classes is not None:
-            if y is None or bool((y >= self.num_classes).any()):
+        if self.class_embeds is not None:
+            if y is None or bool((y >= self.class_embeds).any()):
                 raise ValueError(f"the diffusers U-Net in {self.path} needs class labels "
-                                 f"0..{self.num_classes - 1}; it has no null (unconditional) "
+                                 f"0..{self.class_embeds - 1}; it has no null (unconditional) "
                                  "class")
             labels = y.long()
         timestep = diffusers_timestep(t, self.num_steps)
-        return self.unet(x, timestep, class_labels=labels, return_dict=False)[0]
+        if self.conditioner is None:
+            return self.unet(x, timestep, class_labels=labels, return_dict=False)[0]
+        context = self.conditioner(y, x.shape[0], x.device).to(x.dtype)
+        return self.unet(x, timestep, encoder_hidden_states=context, class_labels=labels,
+                         return_dict=False)[0]
