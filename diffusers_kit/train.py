@@ -48,6 +48,36 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class PeerLost(RuntimeError):
+    """A collective of data-parallel training failed because another rank is gone (its process
+    died, its node went away); ``step``: the step being trained, ``checkpoint``: the step of the
+    last checkpoint (or None)."""
+
+    def __init__(self, step: int, checkpoint: int | None, cause: BaseException) -> None:
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        kept = (f"the checkpoint of step {checkpoint} is kept" if checkpoint
+                else "no checkpoint was written")
+        super().__init__(f"another rank of the data-parallel job is gone (its process died or "
+                         f"its node went away) during step {step}: {type(cause).__name__}: "
+                         f"{first[:300]}; {kept}")
+        self.step = step
+        self.checkpoint = checkpoint
+        self.run_dir: Any = None  # the run folder, filled in by the run graph
+
+
+# how gloo's transport and the c10d store report a peer that went away (torch raises NCCL's
+# and the store's failures as DistError subclasses; gloo's as plain RuntimeErrors)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "Connection refused")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a collective, means another rank is gone."""
+    import torch.distributed as dist
+
+    return isinstance(exc, dist.DistError) or any(text in str(exc) for text in _PEER_GONE)
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; ``step`` is the step whose checkpoint was written (or None)."""
 
@@ -399,6 +429,17 @@ class Trainer:
         progress: Callable[[int], None] | None = None,
     ) -> TrainLog:
         """Train from ``self.step`` to step ``until``."""
+        try:
+            return self._run(until, on_log, on_checkpoint, progress)
+        except RuntimeError as exc:
+            if self.dist.active and lost_peer(exc):
+                self.model.eval()
+                raise PeerLost(self.step + 1, self.last_checkpoint, exc) from exc
+            raise
+
+    def _run(self, until: int, on_log: Callable[[int, float], None] | None,
+             on_checkpoint: Callable[[int], None] | None,
+             progress: Callable[[int], None] | None) -> TrainLog:
         settings = self.settings
         self.model.train()
         with _StopFlag() as stop:

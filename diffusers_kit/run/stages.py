@@ -46,6 +46,7 @@ from diffusers_kit.spec.loader import Document
 from diffusers_kit.spec.models import Spec
 from diffusers_kit.train import (
     Distributed,
+    PeerLost,
     TrainingDiverged,
     TrainingInterrupted,
 )
@@ -224,6 +225,10 @@ def stage_train(run: Run) -> None:
             )
         except TrainingDiverged as exc:
             run.log.error("training stopped: %s", exc)
+            raise
+        except PeerLost as exc:
+            run.log.error("training stopped: %s", exc)
+            exc.run_dir = run.dir
             raise
         except KeyboardInterrupt as exc:
             run.log.warning("interrupted at step %d", diffusion.trainer.step
