@@ -237,6 +237,9 @@ def stage_train(run: Run) -> None:
                 exc.run_dir = run.dir
             raise
     trainer = diffusion.trainer
+    if trainer is not None and run.distributed.active:
+        run.log.info("gradients averaged over the ranks by %s", "DistributedDataParallel"
+                     if trainer.ddp is not None else "one all-reduce after backward")
     first_stage = isinstance(diffusion.network, Autoencoder)
     if first_stage:  # fit calibrated the latent scale after the last checkpoint: save it
         run.results.latent_scale = float(diffusion.network.scale)
