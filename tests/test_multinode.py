@@ -251,3 +251,68 @@ def test_two_nodes_train_as_one_process_and_resume_after_a_node_is_killed(tmp_pa
     for key, value in reference.items():
         assert torch.equal(resumed[key], value), key
     assert json.loads((killed / "run.json").read_text())["status"] == "finished"
+
+
+# -- a referenced model, built once by rank 0 --------------------------------------------------
+TEACHER = """\
+name: teacher
+seed: 1
+device: cpu
+data: {kind: gaussian_mixture, components: 3, n_train: 256, n_heldout: 32}
+process: {kind: ve, sigma_min: 0.002, sigma_max: 80.0}
+network: {kind: mlp, width: 16, blocks: 1}
+objective: {kind: dsm}
+train: {steps: 8, batch_size: 16, log_every: 4}
+"""
+STUDENT = """\
+name: student
+seed: 2
+device: cpu
+data: {{kind: gaussian_mixture, components: 3, n_train: 256, n_heldout: 32}}
+process: {{kind: ve, sigma_min: 0.002, sigma_max: 80.0}}
+network:
+  kind: consistency_precond
+  sigma_data: 0.5
+  network: {{kind: mlp, width: 16, blocks: 1}}
+objective: {{kind: consistency_distillation, teacher: teacher.yaml, points: 6, solver: euler,
+            init: none}}
+train: {{steps: 6, batch_size: 16, log_every: 3}}
+output: {{root: {root}}}
+"""
+
+
+def test_under_torchrun_rank_zero_builds_a_referenced_model_once_for_every_rank(tmp_path):
+    """The student's teacher (a spec reference) does not exist yet: rank 0 trains it alone in
+    its own run folder while rank 1 waits, then both load it and distil from it. Before, every
+    rank built it itself: rank 0 trained it as a data-parallel job of its own, waiting for rank
+    1, which waited for rank 0's build lock."""
+    root = tmp_path / "runs"
+    (tmp_path / "teacher.yaml").write_text(TEACHER, encoding="utf-8")
+    spec = tmp_path / "student.yaml"
+    spec.write_text(STUDENT.format(root=root), encoding="utf-8")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", port, "-m", "tests.train_child",
+         "--save-rank-weights", str(weights), *train_dkit(spec)],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = process.communicate(timeout=240)
+    finally:
+        kill_tree(process.pid)
+    assert process.returncode == 0, out.decode()[-3000:]
+    (teacher,) = run_folders(root, "teacher")  # built once
+    (student,) = run_folders(root, "student")
+    assert json.loads((teacher / "run.json").read_text())["status"] == "finished"
+    (dependency,) = json.loads((student / "run.json").read_text())["dependencies"]
+    assert dependency["field"] == "objective.teacher" and dependency["run"] == str(teacher)
+    assert dependency["reused"] is False  # rank 0 built it
+    said = (student / "run.log").read_text()
+    assert "data parallel over 2 ranks" in said and "step 6 loss" in said
+    rank0, rank1 = (load_file(weights / f"rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)

@@ -31,8 +31,10 @@ class Objective:
 
     **Data parallel** (``torchrun``): ``ddp_ready = True`` declares that the loss evaluates
     the trained network only through ``model`` (its ``forward``, ``predict``, ``score``,
-    ``eps``, ...: every call goes through :meth:`ScoreModel.forward`'s network evaluation) and
-    that its gradient is one ordinary backward (no gradients of gradients). The trainer may then
+    ``eps``, ...: every call goes through :meth:`ScoreModel.forward`'s network evaluation),
+    that its gradient is one ordinary backward (no gradients of gradients), and that a loss
+    evaluated outside training (the trainer probes two examples, in eval mode, with a generator
+    of its own, before the first step) changes nothing the training depends on. The trainer may then
     train through ``DistributedDataParallel``, whose bucketed all-reduce overlaps the backward
     pass. The default, False, is right for any objective: the trainer averages the gradients
     itself after backward (one all-reduce), which is correct whatever the loss does with the
