@@ -5,7 +5,8 @@ per route, side by side in one process tree: the same initial weights, data, bat
 optimizer, blocks of ``--steps`` steps interleaved (DDP block, all-reduce block, DDP block,
 ...) and repeated ``--rounds`` times; the median block gives the steps per second, so drifts
 in machine load hit both routes alike. The all-reduce route averages the gradients in one
-all-reduce after backward; DDP all-reduces buckets of gradients while backward still runs.
+all-reduce after backward; DDP all-reduces buckets of gradients while backward still runs. The
+time of one all-reduce of all gradients alone (median of 7) is what overlapping can hide.
 
     python benchmarks/ddp.py                       # the DDPM spec's U-Net (16 channels)
     python benchmarks/ddp.py --channels 64         # 16 x the parameters: more to communicate
@@ -76,8 +77,14 @@ def worker(args: argparse.Namespace) -> None:
             dist.barrier()
             if round_:
                 times[route].append(time.perf_counter() - started)
+    count = sum(p.numel() for p in network.parameters())
+    flat, reduce_times = torch.zeros(count), []
+    for _ in range(7):  # what there is to overlap: one all-reduce of all gradients alone
+        dist.barrier()
+        started = time.perf_counter()
+        dist.all_reduce(flat)
+        reduce_times.append(time.perf_counter() - started)
     if rank.main:
-        count = sum(p.numel() for p in network.parameters())
         print(f"U-Net channels {args.channels}: {count:,} parameters, {count * 4 / 2**20:.2f} "
               f"MiB of gradients; 2 ranks (gloo, CPU, 1 thread each), batch {args.batch} per "
               f"rank, median of {args.rounds} blocks of {args.steps} steps")
@@ -87,6 +94,8 @@ def worker(args: argparse.Namespace) -> None:
         for route, seconds in medians.items():
             print(f"{route:<12} {1 / seconds:8.2f} {1000 * seconds:8.1f}")
         print(f"DDP / all-reduce speed: {medians['all_reduce'] / medians['ddp']:.3f}")
+        print(f"one all-reduce of all gradients alone: "
+              f"{1000 * statistics.median(reduce_times):.1f} ms")
     leave_distributed(rank)
 
 
