@@ -80,6 +80,18 @@ class ScoreModel(torch.nn.Module):
         self.measurements: torch.Tensor | None = None
         self.autoencoder: Autoencoder | None = None
         self._evaluate: Evaluate = self._network_output
+        # what the network is called through (None: the network itself): see through()
+        object.__setattr__(self, "_call", None)
+
+    def through(self, wrapper: torch.nn.Module) -> ScoreModel:
+        """A view of this model (same network, process, guidance and labels) whose network
+        evaluations call ``wrapper``, a module around this very network that returns its
+        output: ``DistributedDataParallel``, which must see every forward of a step to reduce
+        the gradients during backward. The network's attributes are still read from the
+        network, and the wrapper is not a submodule (state dicts do not change)."""
+        view = self.guided(self.guidance, self.labels, self.measurements)
+        object.__setattr__(view, "_call", wrapper)
+        return view
 
     def guided(self, guidance: Sequence[Guidance] = (), labels: torch.Tensor | None = None,
                measurements: torch.Tensor | None = None) -> ScoreModel:
@@ -108,10 +120,11 @@ class ScoreModel(torch.nn.Module):
         network = self._modules["network"]
         if t.dtype != x.dtype:
             t = t.to(x.dtype)
+        call = network if self._call is None else self._call
         if getattr(network, "num_classes", None) is not None:
-            out = network(x, t, y)
+            out = call(x, t, y)
         else:
-            out = network(x, t)
+            out = call(x, t)
         if out.shape != x.shape:  # one comparison per call; the exceptions are looked up then
             check_network_output(network, x, out)
         return out

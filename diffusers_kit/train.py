@@ -11,11 +11,20 @@ one used by dropout), the loss accumulator and the log — so a run restarted fr
 repeats exactly the steps k+1.. of an uninterrupted run (on CPU, same thread count).
 
 Data parallel (``torchrun``): every rank draws the same data permutation and takes its own
-slice of each global batch; noise comes from a per-rank generator; gradients are averaged with
-one all-reduce per optimizer step. This is DDP's algorithm written out rather than
-``DistributedDataParallel``, because objectives call the model through several methods (score,
-predict, split) and implicit / sliced score matching differentiate twice, which DDP's reducer
-does not support. Only rank 0 calls the checkpoint and log callbacks.
+slice of each global batch; noise comes from a per-rank generator; the gradients are averaged
+over the ranks before each optimizer step, by one of two routes:
+
+- ``DistributedDataParallel`` for objectives that declare ``ddp_ready``
+  (:class:`~diffusers_kit.objectives.base.Objective`): the network is wrapped, the objective
+  gets a view of the model that calls the wrapper (:meth:`ScoreModel.through`), and the
+  gradients are all-reduced in buckets while backward still runs;
+- otherwise the same algorithm written out: one all-reduce of all gradients after backward.
+  Implicit / sliced score matching need it (they differentiate twice, which DDP's reducer does
+  not support), and it is the safe default for an objective that does not say.
+
+Both average the same numbers (sum over ranks, divided by the world size), so they give the
+same parameters to float rounding (``tests/test_ddp.py``). Only rank 0 calls the checkpoint and
+log callbacks.
 """
 
 from __future__ import annotations
@@ -26,8 +35,9 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,11 +51,42 @@ if TYPE_CHECKING:
     from diffusers_kit.ema import PowerEMA
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DATA_PARALLEL = ("auto", "ddp", "all_reduce")
 LOSS_WINDOW = 256
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class PeerLost(RuntimeError):
+    """A collective of data-parallel training failed because another rank is gone (its process
+    died, its node went away); ``step``: the step being trained, ``checkpoint``: the step of the
+    last checkpoint (or None)."""
+
+    def __init__(self, step: int, checkpoint: int | None, cause: BaseException) -> None:
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        kept = (f"the checkpoint of step {checkpoint} is kept" if checkpoint
+                else "no checkpoint was written")
+        super().__init__(f"another rank of the data-parallel job is gone (its process died or "
+                         f"its node went away) during step {step}: {type(cause).__name__}: "
+                         f"{first[:300]}; {kept}")
+        self.step = step
+        self.checkpoint = checkpoint
+        self.run_dir: Any = None  # the run folder, filled in by the run graph
+
+
+# how gloo's transport and the c10d store report a peer that went away (torch raises NCCL's
+# and the store's failures as DistError subclasses; gloo's as plain RuntimeErrors)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "Connection refused")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a collective, means another rank is gone."""
+    import torch.distributed as dist
+
+    return isinstance(exc, dist.DistError) or any(text in str(exc) for text in _PEER_GONE)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -274,6 +315,7 @@ class Trainer:
         labels: torch.Tensor | None = None,
         dist: Distributed | None = None,
         post_hoc: PowerEMA | None = None,
+        data_parallel: str = "auto",
     ) -> None:
         self.model, self.objective, self.data, self.labels = model, objective, data, labels
         self.settings, self.ema = settings, ema
@@ -291,6 +333,9 @@ class Trainer:
         # the objective's own state (a teacher, a target network), built from the weights every
         # rank now shares; a resumed run loads its checkpointed state afterwards (load_state)
         objective.prepare(model)
+        self.ddp = self._data_parallel(data_parallel)
+        # what the objective evaluates: the model, or its view that calls the DDP wrapper
+        self.trained = model if self.ddp is None else model.through(self.ddp)
         self.optim = optimizer.create(self.parameters)
         self.base_lrs = [group["lr"] for group in self.optim.param_groups]
         self.generator = torch.Generator(device).manual_seed(seed)
@@ -338,6 +383,87 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    def _data_parallel(self, route: str) -> Any:
+        """The ``DistributedDataParallel`` wrapper of the network, or None where the gradients
+        are all-reduced by hand: ``route`` ``auto`` (DDP when the objective is ``ddp_ready``
+        and every trained parameter is the network's), ``ddp`` (that, or an error saying why
+        not) or ``all_reduce``."""
+        if route not in DATA_PARALLEL:
+            raise ValueError(f"data_parallel must be one of {DATA_PARALLEL}, got {route!r}")
+        if not self.dist.active or route == "all_reduce":
+            return None
+        network = self.model.network
+        own = {id(p) for p in network.parameters()}
+        why = ("" if getattr(self.objective, "ddp_ready", False) else
+               f"objective {type(self.objective).__name__} does not declare ddp_ready")
+        if not why and any(id(p) not in own for p in self.parameters):
+            why = "some trained parameters are not the network's"
+        if why:
+            if route == "ddp":
+                raise ValueError(f"cannot train through DistributedDataParallel: {why}")
+            return None
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        cuda = self.device.type == "cuda"
+        # buffers were broadcast once above, as on the all-reduce route, and are not synced at
+        # every forward (the keyword is forward_sync_buffers since torch 2.13)
+        sync = ("forward_sync_buffers"
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else "broadcast_buffers")
+        unused = self._some_parameter_unused()
+        # torch warns (in every process, on stderr) that a 1x1 convolution's gradient is laid
+        # out unlike its bucket slot: size-1 dimensions, costing one copy, "not an error"
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+        wrapper = DistributedDataParallel(
+            network, device_ids=[self.device] if cuda else None,
+            output_device=self.device if cuda else None, **{sync: False},
+            find_unused_parameters=unused)
+        if not unused:
+            # DDP regroups its gradient buckets after its first step, in the order the
+            # gradients arrived; with more than two ranks a bucket's sums round differently in
+            # another grouping. One throw-away step through the wrapper here puts every real
+            # step, of a new run or a resumed one, on the regrouped buckets: a resumed run then
+            # repeats an uninterrupted one bit for bit (without unused parameters DDP never
+            # regroups).
+            with self._probing() as (probe, labels):
+                self.objective.loss(self.model.through(wrapper), self.data[:2], probe,
+                                    labels).backward()
+            for parameter in self.parameters:
+                parameter.grad = None
+        return wrapper
+
+    @contextmanager
+    def _probing(self) -> Any:
+        """For a loss evaluated outside training: eval mode (no dropout, no batch statistics
+        updated), torch's random state restored afterwards, a generator of its own and the
+        labels of the first two examples; yields ``(generator, labels)``."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda"
+                                       else []):
+                probe = torch.Generator(self.device).manual_seed(0)
+                yield probe, (self.labels[:2] if self.labels is not None else None)
+        finally:
+            self.model.train(training)
+
+    def _some_parameter_unused(self) -> bool:
+        """Whether a trained parameter gets no gradient from the objective's loss (a network
+        that skips a branch): DDP must then look for such parameters at every step (a traversal
+        of the autograd graph), else it would wait for their gradients forever. Found by one
+        loss on two examples (:meth:`_probing`: training is not touched), agreed on by all
+        ranks."""
+        import torch.distributed as dist
+
+        with self._probing() as (probe, labels):
+            loss = self.objective.loss(self.model, self.data[:2], probe, labels)
+            grads = torch.autograd.grad(loss, self.parameters, allow_unused=True)
+        unused = torch.tensor([float(any(g is None for g in grads))], device=self.device)
+        dist.all_reduce(unused, op=dist.ReduceOp.MAX)
+        return bool(unused.item() > 0)
+
     def _all_reduce_gradients(self) -> None:
         import torch.distributed as dist
 
@@ -362,15 +488,19 @@ class Trainer:
         self.optim.zero_grad(set_to_none=True)
         accumulate = settings.grad_accumulation
         total = None
-        for _ in range(accumulate):
+        for index in range(accumulate):
             x0, labels = self._next_batch()
-            with self._autocast():
-                loss = self.objective.loss(self.model, x0, self.noise, labels)
-            if accumulate > 1:
-                loss = loss / accumulate
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            # DDP reduces during the last micro-batch's backward only (the others accumulate)
+            local = (self.ddp.no_sync() if self.ddp is not None and index < accumulate - 1
+                     else nullcontext())
+            with local:
+                with self._autocast():
+                    loss = self.objective.loss(self.trained, x0, self.noise, labels)
+                if accumulate > 1:
+                    loss = loss / accumulate
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
-        if self.dist.active:
+        if self.dist.active and self.ddp is None:
             self._all_reduce_gradients()
         if self.scaler is not None:
             self.scaler.unscale_(self.optim)
@@ -399,6 +529,17 @@ class Trainer:
         progress: Callable[[int], None] | None = None,
     ) -> TrainLog:
         """Train from ``self.step`` to step ``until``."""
+        try:
+            return self._run(until, on_log, on_checkpoint, progress)
+        except RuntimeError as exc:
+            if self.dist.active and lost_peer(exc):
+                self.model.eval()
+                raise PeerLost(self.step + 1, self.last_checkpoint, exc) from exc
+            raise
+
+    def _run(self, until: int, on_log: Callable[[int, float], None] | None,
+             on_checkpoint: Callable[[int], None] | None,
+             progress: Callable[[int], None] | None) -> TrainLog:
         settings = self.settings
         self.model.train()
         with _StopFlag() as stop:

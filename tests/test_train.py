@@ -349,7 +349,8 @@ def test_two_data_parallel_cpu_ranks_end_identical_and_only_rank_zero_writes(tmp
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "checkpoint.safetensors", "metrics.json", "run.json", "run.log", "samples.npz",
         "samples.png", "spec.yaml"]
-    assert "data parallel over 2 ranks" in (run_dir / "run.log").read_text()
+    said = (run_dir / "run.log").read_text()
+    assert "data parallel over 2 ranks" in said and "by DistributedDataParallel" in said
     saved = load_file(run_dir / "checkpoint.safetensors")
     assert "train.rng.noise.1" in saved
     assert checkpoint_step(run_dir / "checkpoint.safetensors") == 30

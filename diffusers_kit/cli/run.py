@@ -9,7 +9,7 @@ from rich.markup import escape
 from diffusers_kit.console import make_console
 from diffusers_kit.run import execute, summary_table
 from diffusers_kit.spec import load_spec
-from diffusers_kit.train import TrainingDiverged, TrainingInterrupted
+from diffusers_kit.train import PeerLost, TrainingDiverged, TrainingInterrupted
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,6 +46,13 @@ def run_command(args: argparse.Namespace) -> int:
                       rebuild=args.rebuild, allow_change=tuple(args.allow_change))
     except TrainingDiverged as exc:
         console.print(f"[bold red]training stopped:[/] {escape(str(exc))}", soft_wrap=True)
+        return 1
+    except PeerLost as exc:
+        console.print(f"[bold red]training stopped:[/] {escape(str(exc))}", soft_wrap=True)
+        if exc.checkpoint and exc.run_dir is not None:
+            console.print(f"Continue with [bold]torchrun ... dkit run {escape(args.spec)} --resume "
+                          f"{escape(str(exc.run_dir))}[/] on as many processes as before",
+                          soft_wrap=True)
         return 1
     except TrainingInterrupted as exc:
         where = "a checkpoint was written" if exc.saved else "no checkpoint was written"

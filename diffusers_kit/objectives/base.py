@@ -28,11 +28,23 @@ class Objective:
     constructor; a resumed run then loads :meth:`state_dict` back), :meth:`after_step` after
     every optimizer step, and :meth:`state_dict` / :meth:`load_state_dict` carry its tensors in
     checkpoints, so that a resumed run continues exactly.
+
+    **Data parallel** (``torchrun``): ``ddp_ready = True`` declares that the loss evaluates
+    the trained network only through ``model`` (its ``forward``, ``predict``, ``score``,
+    ``eps``, ...: every call goes through :meth:`ScoreModel.forward`'s network evaluation),
+    that its gradient is one ordinary backward (no gradients of gradients), and that a loss
+    evaluated outside training (the trainer probes two examples, in eval mode, with a generator
+    of its own, before the first step) changes nothing the training depends on. The trainer may then
+    train through ``DistributedDataParallel``, whose bucketed all-reduce overlaps the backward
+    pass. The default, False, is right for any objective: the trainer averages the gradients
+    itself after backward (one all-reduce), which is correct whatever the loss does with the
+    network (calls ``model.network`` directly, differentiates twice).
     """
 
     needs_labels: bool = False
     first_stage: bool = False  # trains an autoencoder (no process; reconstruction)
     differentiates_twice: bool = False  # grads of grads (torch.compile cannot do that)
+    ddp_ready: bool = False  # may train through DistributedDataParallel (above)
 
     def check(self, process: NoiseProcess, network: Network) -> str | None:
         if network.prediction == "logits":

@@ -32,6 +32,8 @@ class NoisyClassification(Objective):
         time: train at this one time only (overrides ``times``).
     """
 
+    ddp_ready = True  # one forward through the model, one ordinary backward
+
     needs_labels = True
 
     def __init__(

@@ -96,6 +96,8 @@ class ConsistencyDistillation(Objective):
             own initialisation.
     """
 
+    ddp_ready = True  # one forward through the model, one ordinary backward
+
     def __init__(
         self,
         teacher: TrainedModel,

@@ -98,6 +98,7 @@ def vlb_term(process: NoiseProcess, x0: Tensor, x_t: Tensor, t: Tensor, model_me
 
 class _DDPMObjective(Objective):
     _tables: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, Tensor]]
+    ddp_ready = True  # one forward through the model, one ordinary backward
 
     def marginal_at_steps(self, process: NoiseProcess, t: Tensor, like: Tensor,
                           index: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -139,6 +139,8 @@ class Denoising(Objective):
         sigma_data: the data's standard deviation in ``edm`` (0.5 in Karras et al. 2022).
     """
 
+    ddp_ready = True  # one forward through the model, one ordinary backward
+
     def __init__(
         self,
         weighting: Weighting = "eps",

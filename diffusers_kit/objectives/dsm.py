@@ -82,6 +82,8 @@ class DenoisingScoreMatching(Objective):
             sigma(time) (Vincent 2011). Overrides ``times``.
     """
 
+    ddp_ready = True  # one forward through the model, one ordinary backward
+
     def __init__(
         self,
         weighting: Literal["sigma2", "none", "likelihood"] = "sigma2",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shlex
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ from diffusers_kit.spec.references import (
     spec_hash,
 )
 from diffusers_kit.train import (
+    Distributed,
     TrainingInterrupted,
     distributed_from_env,
     leave_distributed,
@@ -142,7 +144,10 @@ def execute(
     root_path = Path(root) if root is not None else Path(spec.output.root)
     root_path = checked_root(root_path, spec.name, document, resume_path)  # before any mkdir
     registry = get_registry()
-    distributed = distributed_from_env(resolve_device(spec.device).type)
+    # a dependency is built by one process (rank 0 of a distributed run, see
+    # build_references_once), never by a data-parallel group
+    distributed = (Distributed() if dependency
+                   else distributed_from_env(resolve_device(spec.device).type))
     settings = BuildSettings(root_path, rebuild, console, quiet)
     # what the run would refuse is refused before any training, a dependency's included: when
     # a referenced model must be trained first, the spec is checked with untrained stand-ins
@@ -153,7 +158,8 @@ def execute(
     if unbuilt:
         build_components(spec, document, registry, distributed=distributed, stages=stages,
                          check_metrics=True)
-    build_references(spec, registry, settings)  # each in its own run folder, before this one
+    # each in its own run folder, before this one; under torchrun by rank 0 while the others wait
+    build_references_once(spec, registry, settings, distributed)
     components = build_components(spec, document, registry, distributed=distributed,
                                   stages=stages, check_metrics=not unbuilt)
     components.resolved["output"]["root"] = str(root_path)
@@ -375,19 +381,32 @@ class BuildSettings:
     console: Console | None = None
     quiet: bool = False
     dependencies: list[Dependency] = field(default_factory=list)
+    build: bool = True  # False: only reuse (a rank waiting for rank 0's builds)
 
 
 def build_reference(model: TrainedModel, *, root: Path, rebuild: bool = False,
-                    console: Console | None = None, quiet: bool = False) -> Path:
+                    console: Console | None = None, quiet: bool = False,
+                    build: bool = True) -> Path:
     """Make sure the model ``model`` refers to exists as a finished run; returns its folder.
 
     A run-folder reference is used as it is. A spec reference reuses the newest finished run
     with its hash under ``root`` (unless ``rebuild``), else runs the spec's train stage there.
+    ``build=False``: reuse only (the newest finished run, whatever ``rebuild``), an error if
+    there is none.
     """
     if model.run_dir is not None:  # a run folder (or one recorded when the reference was built)
         return model.run_dir
     assert model.spec is not None and model.hash is not None and model.document is not None
     what = f"{model.spec.name} ({model.hash[:12]})"
+    if not build:  # rank 0 built or found it; the same finished run is reused, unlocked
+        found = find_finished(root, model.hash)
+        if found is None:
+            raise RuntimeError(
+                f"rank {os.environ.get('RANK', '?')} does not see the run of {what} that rank 0 "
+                f"built under {root}: under torchrun on several nodes the output root must be "
+                f"on a filesystem every node sees (as for --resume)")
+        model.run_dir, model.reused = found, True
+        return found
     with build_lock(root, model.hash, console, what):
         found = None if rebuild else find_finished(root, model.hash)
         if found is not None:
@@ -412,8 +431,46 @@ def build_references(spec: Spec, registry: Registry, settings: BuildSettings) ->
             model.run_dir, model.reused = done[model.hash]
         else:
             build_reference(model, root=settings.root, rebuild=settings.rebuild,
-                            console=settings.console, quiet=settings.quiet)
+                            console=settings.console, quiet=settings.quiet,
+                            build=settings.build)
         assert model.run_dir is not None and model.hash is not None
         done[model.hash] = (model.run_dir, model.reused)
         settings.dependencies.append(Dependency(dotted(path), model.ref.to_config(),
                                                 str(model.run_dir), model.hash, model.reused))
+
+
+def build_references_once(spec: Spec, registry: Registry, settings: BuildSettings,
+                          distributed: Distributed) -> None:
+    """:func:`build_references`, once per data-parallel job: rank 0 builds (or reuses) every
+    model ``spec`` refers to, each trained by rank 0 alone, while the other ranks wait; then
+    they take the finished runs rank 0 built (with ``--rebuild`` too: rank 0 has rebuilt).
+
+    The others wait on the rendezvous store, not in a collective, so a build may take longer
+    than the process group's timeout; rank 0 posts ``built`` or why it failed, and a waiting
+    rank whose store goes away (rank 0's node died) fails with the store's error.
+    """
+    if not distributed.active:
+        build_references(spec, registry, settings)
+        return
+    if not any(model.run_dir is None for _, model in references(spec, registry)):
+        build_references(spec, registry, settings)  # run folders: nothing to build
+        return
+    from torch.distributed import distributed_c10d
+
+    store = distributed_c10d._get_default_store()
+    key = "dkit_references_built"
+    if distributed.main:
+        try:
+            build_references(spec, registry, settings)
+        except BaseException as exc:
+            store.set(key, f"failed: {type(exc).__name__}: {exc}"[:2000])
+            raise
+        store.set(key, "built")
+        return
+    while not store.check([key]):
+        time.sleep(0.2)
+    status = store.get(key).decode()
+    if status != "built":
+        raise RuntimeError(f"rank 0 could not build the models this spec refers to ({status})")
+    settings.build = False
+    build_references(spec, registry, settings)

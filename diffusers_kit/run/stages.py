@@ -46,6 +46,7 @@ from diffusers_kit.spec.loader import Document
 from diffusers_kit.spec.models import Spec
 from diffusers_kit.train import (
     Distributed,
+    PeerLost,
     TrainingDiverged,
     TrainingInterrupted,
 )
@@ -225,6 +226,10 @@ def stage_train(run: Run) -> None:
         except TrainingDiverged as exc:
             run.log.error("training stopped: %s", exc)
             raise
+        except PeerLost as exc:
+            run.log.error("training stopped: %s", exc)
+            exc.run_dir = run.dir
+            raise
         except KeyboardInterrupt as exc:
             run.log.warning("interrupted at step %d", diffusion.trainer.step
                             if diffusion.trainer else 0)
@@ -232,6 +237,9 @@ def stage_train(run: Run) -> None:
                 exc.run_dir = run.dir
             raise
     trainer = diffusion.trainer
+    if trainer is not None and run.distributed.active:
+        run.log.info("gradients averaged over the ranks by %s", "DistributedDataParallel"
+                     if trainer.ddp is not None else "one all-reduce after backward")
     first_stage = isinstance(diffusion.network, Autoencoder)
     if first_stage:  # fit calibrated the latent scale after the last checkpoint: save it
         run.results.latent_scale = float(diffusion.network.scale)
