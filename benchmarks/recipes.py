@@ -2,7 +2,8 @@
 matching on the 8x8 digits (the U-Net and training budget of ``specs/ddim.yaml``), each sampled
 with every candidate deterministic solver at about 10 and 20 network evaluations, the best
 solver per recipe (lowest SWD at 10 NFE) kept for the table; and the consistency-distilled
-model at 1, 2 and 4 NFE.
+model at 1, 2 and 4 NFE and the progressively distilled one at its 5 DDIM steps (where their
+runs exist).
 
 Every number comes from ``dkit sweep`` on finished runs (one sweep per recipe and solver, the
 same sampling seed, 240 samples, the run's held-out split): SWD with 1,024 projections, FD and
@@ -46,6 +47,9 @@ STATISTICS = ("swd", "fd", "class_tv")
 RECIPES = {"DDPM-ε": "ddim", "v-prediction": "v_digits", "EDM": "edm_digits",
            "flow matching": "flow_digits"}
 BUDGETS = (10, 20)
+#: distilled models: spec name -> (recipe, their sampler, its step counts)
+DISTILLED = {"cd_digits": ("consistency-distilled (from EDM)", "consistency", [1, 2, 4]),
+             "pd_digits": ("progressively distilled (from v, one halving)", "ddim", [5])}
 
 
 def candidates(process: str) -> dict[str, tuple[dict[str, Any], list[int]]]:
@@ -105,16 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pictures", type=Path,
                         help="copy each table row's sample grid here as <spec>_<nfe>.png")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
-    parser.add_argument("--only", nargs="+", metavar="NAME",
-                        help="only these of the four recipes' runs (the distilled model "
-                             "always)")
+    parser.add_argument("--only", nargs="*", metavar="NAME",
+                        help="only these of the four recipes' runs (none: --only alone)")
+    parser.add_argument("--distilled", nargs="*", metavar="NAME", default=list(DISTILLED),
+                        choices=list(DISTILLED),
+                        help="the distilled models measured (a missing run is skipped)")
     args = parser.parse_args(argv)
     found: dict[str, Any] = {}
     rows: list[list[str]] = []
     floors: dict[str, Any] = {}
     pictures: list[tuple[Path, str]] = []
     for recipe, name in RECIPES.items():
-        if args.only and name not in args.only:
+        if args.only is not None and name not in args.only:
             continue
         run = (args.runs / name / "latest").resolve()
         process = yaml.safe_load((run / "spec.yaml").read_text())["process"]["kind"]
@@ -139,19 +145,24 @@ def main(argv: list[str] | None = None) -> int:
                          training_time(run) if index == 0 else ""])
             pictures.append((Path(usable[best]["folder"]) / point["samples"],
                              f"{name}_{point['nfe']}.png"))
-    distilled = (args.runs / "cd_digits" / "latest").resolve()
-    record = sweep(distilled, "sample.solver.steps", [1, 2, 4], [], args.n)
-    assert not isinstance(record, str), record
-    found["cd_digits"] = {"recipe": "consistency distillation", "best": "consistency",
-                          "tried": {"consistency": record}}
-    for index, point in enumerate(record["points"]):
-        m = point["metrics"]
-        rows.append(["consistency-distilled (from EDM)" if index == 0 else "",
-                     "`cd_digits`" if index == 0 else "", f"`consistency`, {point['value']} "
-                     "steps", str(point["nfe"]), *(figure(m, s) for s in STATISTICS),
-                     training_time(distilled) + " + the teacher's" if index == 0 else ""])
-        pictures.append((Path(record["folder"]) / point["samples"],
-                         f"cd_digits_{point['nfe']}.png"))
+    for name in args.distilled:
+        recipe, solver, steps = DISTILLED[name]
+        distilled = (args.runs / name / "latest").resolve()
+        if not (distilled / "spec.yaml").is_file():
+            print(f"{name}: no finished run under {args.runs}", file=sys.stderr)
+            continue
+        record = sweep(distilled, "sample.solver.steps", steps, [], args.n)
+        assert not isinstance(record, str), record
+        found[name] = {"recipe": recipe, "best": solver, "tried": {solver: record}}
+        for index, point in enumerate(record["points"]):
+            m = point["metrics"]
+            floors = floors or m
+            rows.append([recipe if index == 0 else "", f"`{name}`" if index == 0 else "",
+                         f"`{solver}`, {point['value']} steps", str(point["nfe"]),
+                         *(figure(m, s) for s in STATISTICS),
+                         training_time(distilled) + " + the teacher's" if index == 0 else ""])
+            pictures.append((Path(record["folder"]) / point["samples"],
+                             f"{name}_{point['nfe']}.png"))
 
     header = ["recipe", "spec", "solver (best at 10 NFE)", "NFE", "SWD", "FD",
               "class-histogram TV", "training"]
@@ -162,17 +173,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s}_high": floors.get(f"{s}_floor_high")}, s) for s in STATISTICS) + " | |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    print()
-    print("SWD of every solver tried (10 / 20 NFE budgets; Heun 9 / 19):")
-    print()
-    print("| spec | " + " | ".join(sorted({s for v in found.values() for s in v["tried"]
-                                             if v["recipe"] != "consistency distillation"}))
-          + " |")
-    solvers = sorted({s for v in found.values() for s in v["tried"]
-                      if v["recipe"] != "consistency distillation"})
-    print("|---|" + "---|" * len(solvers))
+    solvers = sorted({s for name, v in found.items() for s in v["tried"]
+                      if name not in DISTILLED})
+    if solvers:
+        print()
+        print("SWD of every solver tried (10 / 20 NFE budgets; Heun 9 / 19):")
+        print()
+        print("| spec | " + " | ".join(solvers) + " |")
+        print("|---|" + "---|" * len(solvers))
     for name, entry in found.items():
-        if name == "cd_digits":
+        if name in DISTILLED:
             continue
         cells = []
         for solver in solvers:
