@@ -35,6 +35,7 @@ from diffusers_kit.autoencoders.base import Autoencoder
 from diffusers_kit.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
 from diffusers_kit.data.base import Dataset, DataSplits
 from diffusers_kit.devices import device_problem, is_out_of_memory
+from diffusers_kit.ema import PowerEMA
 from diffusers_kit.guidance.base import Guidance, requested_labels
 from diffusers_kit.latent import LatentCache, decode
 from diffusers_kit.metrics.base import Metric, metric_figures
@@ -227,6 +228,8 @@ class Diffusion:
             self.model.autoencoder = autoencoder
             self.latents = LatentCache(autoencoder)
         self.ema: EMA | None = None
+        #: power-function EMAs and their snapshots (post-hoc EMA), when training kept them
+        self.post_hoc: PowerEMA | None = None
         self.trainer: Trainer | None = None
         self.train_log = TrainLog()
         self.step = 0
@@ -263,6 +266,8 @@ class Diffusion:
         on_log: Callable[[int, float], None] | None = None,
         on_checkpoint: Callable[[int], None] | None = None,
         progress: Progress | bool | None = None,
+        post_hoc_sigma_rels: Sequence[float] = (),
+        post_hoc_every: int = 100,
     ) -> Diffusion:
         """Train on ``data`` (a dataset component, its splits, or a tensor of examples).
 
@@ -272,7 +277,9 @@ class Diffusion:
         uninterrupted run would have. ``batch_size`` is per micro-batch and per rank: an optimizer
         step sees ``batch_size * grad_accumulation * ranks`` examples. ``progress=True`` draws
         ``dkit run``'s progress bar (steps done, the last logged loss); a callable is told of
-        every step done (``progress(1)``).
+        every step done (``progress(1)``). ``post_hoc_sigma_rels``: keep power-function EMAs of
+        these widths and snapshot them every ``post_hoc_every`` steps (post-hoc EMA,
+        :mod:`diffusers_kit.ema`; :meth:`use_post_hoc_ema` then samples with any width).
         """
         if self.objective is None:
             raise ValueError("this Diffusion has no objective to train with")
@@ -296,8 +303,11 @@ class Diffusion:
                                  checkpoint_every, lr_schedule, warmup_steps, min_lr_ratio,
                                  grad_accumulation, precision, compile)
         start = self.step
+        self.post_hoc = (PowerEMA(self.network, post_hoc_sigma_rels, post_hoc_every)
+                         if post_hoc_sigma_rels else None)
         self.trainer = Trainer(self.model, self.objective, train, optimizer or Adam(), settings,
-                               seed=seed, ema=self.ema, labels=labels, dist=distributed)
+                               seed=seed, ema=self.ema, labels=labels, dist=distributed,
+                               post_hoc=self.post_hoc)
         if resume is not None:
             self.load(resume, training_state=True)
             start = 0
@@ -509,6 +519,26 @@ class Diffusion:
                 self.network.load_state_dict(saved)
             self.model.train(was_training)
 
+    def use_post_hoc_ema(self, sigma_rel: float, step: int | None = None) -> float:
+        """Make the sampling weights the power-function EMA of relative width ``sigma_rel`` at
+        ``step`` (default: the last snapshot's), reconstructed from the stored snapshots
+        (:meth:`diffusers_kit.ema.PowerEMA.reconstruct`); returns the reconstructed profile's
+        relative ``L^2`` distance from the requested one (:func:`diffusers_kit.ema.
+        profile_error`). A ValueError when training stored no snapshots."""
+        from diffusers_kit.ema import gamma_of_sigma_rel, profile_error
+
+        if self.post_hoc is None or not self.post_hoc.snapshots:
+            raise ValueError("a model trained with post-hoc EMA snapshots (train.post_hoc_ema);"
+                             " this one stored none")
+        post_hoc = self.post_hoc
+        last = max(s for s, _, _ in post_hoc.snapshots) if step is None else step
+        weights = post_hoc.reconstruct(sigma_rel, last)
+        if self.ema is None:
+            self.ema = EMA(self.network, 0.0)
+        self.ema.load(self.network, {k: v.to(self.device) for k, v in weights.items()})
+        used = [(s, g) for s, g, _ in post_hoc.snapshots if s <= last]
+        return profile_error(used, last, gamma_of_sigma_rel(sigma_rel))
+
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, path: str | Path, metadata: dict | None = None) -> None:
         """Write weights, EMA weights and (after :meth:`fit`) the full training state — optimizer
@@ -534,6 +564,10 @@ class Diffusion:
                 self.ema = EMA(self.network, 0.999)
             self.ema.load(self.network, ema_state)
         self.step = int(metadata.get("step", 0))
+        post_hoc = metadata.get("training", {}).get("post_hoc")
+        if post_hoc is not None and not training_state:  # (a resume loads it into the trainer's)
+            self.post_hoc = PowerEMA.from_state(
+                self.network, unprefixed("post_hoc", unprefixed("train", tensors)), post_hoc)
         if training_state:
             assert self.trainer is not None
             if "training" not in metadata:

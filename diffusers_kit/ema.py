@@ -27,6 +27,12 @@ products (EDM2, appendix C.3)
                                / ((ga + gb + 1) ta^(ga + 1) tb^(gb + 1)).
 
 A snapshot's own profile is reconstructed exactly (``x`` the unit vector).
+
+**Limits.** The inner products grow like ``min(t)^(ga + gb + 1)`` and the Gram matrix of nearby
+profiles is ill-conditioned (EDM2 uses a few widths and many steps, as here); the least-squares
+solve is in float64, and its error is the profile distance ``||p_rec - p*||``, which
+:func:`profile_error` computes so that a caller can tell how far a requested width lies from
+what the snapshots can express.
 """
 
 from __future__ import annotations
@@ -81,6 +87,18 @@ def solve_coefficients(snapshots: Sequence[tuple[float, float]], t: float, gamma
     return np.linalg.lstsq(gram, target, rcond=None)[0]
 
 
+def profile_error(snapshots: Sequence[tuple[float, float]], t: float, gamma: float) -> float:
+    """``||sum_i x_i p_i - p*|| / ||p*||`` for the least-squares ``x``: the relative ``L^2``
+    distance between the reconstructed profile and the requested one (0 for a stored one)."""
+    x = solve_coefficients(snapshots, t, gamma)
+    gram = np.array([[profile_inner(ta, ga, tb, gb) for tb, gb in snapshots]
+                     for ta, ga in snapshots], dtype=np.float64)
+    target = np.array([profile_inner(ta, ga, t, gamma) for ta, ga in snapshots])
+    own = profile_inner(t, gamma, t, gamma)
+    squared = float(x @ gram @ x - 2 * x @ target + own)
+    return math.sqrt(max(squared, 0.0) / own)
+
+
 class PowerEMA:
     """Power-function EMAs of a module's parameters at several ``sigma_rels``, with snapshots
     (CPU copies) of each every ``every`` steps: the training side of post-hoc EMA.
@@ -130,3 +148,39 @@ class PowerEMA:
         for coefficient, (_, _, params) in zip(x, used, strict=True):
             torch._foreach_add_(combined, params, alpha=float(coefficient))
         return dict(zip(self.names, combined, strict=True))
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """``(tensors, metadata)``: the running averages (``average.<i>.<j>``: width ``i``,
+        parameter ``j``) and the snapshots (``snapshot.<k>.<j>``), with the widths, the cadence
+        and each snapshot's ``(step, gamma)`` as JSON-ready metadata."""
+        tensors = {f"average.{i}.{j}": p for i, average in enumerate(self.averages)
+                   for j, p in enumerate(average)}
+        tensors.update({f"snapshot.{k}.{j}": p for k, (_, _, params) in enumerate(self.snapshots)
+                        for j, p in enumerate(params)})
+        meta = {"sigma_rels": self.sigma_rels, "every": self.every, "names": self.names,
+                "snapshots": [[step, gamma] for step, gamma, _ in self.snapshots]}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore :meth:`state_dict` (the widths and parameter names must be this one's)."""
+        if [float(s) for s in meta["sigma_rels"]] != self.sigma_rels or list(
+                meta["names"]) != self.names:
+            raise ValueError(f"the stored power EMAs have widths {meta['sigma_rels']} over "
+                             f"{len(meta['names'])} parameters; these have {self.sigma_rels} "
+                             f"over {len(self.names)}")
+        count = len(self.names)
+        for i, average in enumerate(self.averages):
+            for j in range(count):
+                average[j].copy_(tensors[f"average.{i}.{j}"])
+        self.snapshots = [(int(step), float(gamma),
+                           [tensors[f"snapshot.{k}.{j}"].cpu() for j in range(count)])
+                          for k, (step, gamma) in enumerate(meta["snapshots"])]
+
+    @classmethod
+    def from_state(cls, module: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                   meta: dict) -> PowerEMA:
+        """A :class:`PowerEMA` of ``module`` holding a stored :meth:`state_dict`."""
+        ema = cls(module, meta["sigma_rels"], meta["every"])
+        ema.load_state_dict(tensors, meta)
+        return ema

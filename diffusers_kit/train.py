@@ -677,6 +677,9 @@ class Trainer:
             "log": {"steps": self.log.steps, "losses": self.log.losses},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
+        if self.post_hoc is not None:  # the power EMAs and their snapshots (post-hoc EMA)
+            post_tensors, meta["post_hoc"] = self.post_hoc.state_dict()
+            tensors.update({f"post_hoc.{k}": v for k, v in post_tensors.items()})
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -705,6 +708,13 @@ class Trainer:
         self.log = TrainLog(list(meta["log"]["steps"]), list(meta["log"]["losses"]))
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
+        if self.post_hoc is not None:
+            if "post_hoc" not in meta:
+                raise ValueError("the checkpoint holds no power-EMA snapshots to continue "
+                                 "(its run was trained without post-hoc EMA)")
+            self.post_hoc.load_state_dict({k.removeprefix("post_hoc."): v.to(self.device)
+                                           for k, v in tensors.items()
+                                           if k.startswith("post_hoc.")}, meta["post_hoc"])
         self.last_checkpoint = self.step
 
     def _broadcast_parameters(self) -> None:

@@ -11,7 +11,10 @@ floor [low, high], n: :func:`diffusers_kit.metrics.floor.summarize`), its times 
 machine. Specs that only train (no ``sample`` and no ``restore`` section: the metric feature
 network, the guidance classifier) get one row each in a "trained models" table. With
 ``--run-missing``, ``dkit run SPEC output.root=ROOT`` (the first root) is run, one spec at a
-time, for every spec without such a run. Specs still without a run are listed as such.
+time, for every spec without such a run. Specs still without a run are listed as such, unless
+``--keep`` is given: then a spec without a run under the roots keeps its row, section and
+picture from the existing page (to add or refresh some specs' sections on a machine that lacks
+the other specs' runs).
 """
 
 from __future__ import annotations
@@ -312,14 +315,42 @@ class Timing:
 
 
 # -- the page --------------------------------------------------------------------------------
+class Kept:
+    """What an existing page says about each spec: its overview row, its section (up to the
+    next heading) and its row of the trained-models table, by spec name."""
+
+    def __init__(self, page: Path | None) -> None:
+        self.rows: dict[str, str] = {}
+        self.sections: dict[str, list[str]] = {}
+        self.trained: dict[str, str] = {}
+        if page is None or not page.is_file():
+            return
+        current: str | None = None
+        for line in page.read_text(encoding="utf-8").splitlines():
+            if line.startswith("## "):
+                current = line[3:].strip()
+                if current != "Trained models":
+                    self.sections[current] = []
+            elif current is not None and current != "Trained models":
+                self.sections[current].append(line)
+            if found := re.match(r"\| \[`([^`]+)`\]\(#", line):
+                self.rows[found.group(1)] = line
+            elif current == "Trained models" and (found := re.match(r"\| `([^`]+)` \|", line)):
+                self.trained[found.group(1)] = line
+
+    def has(self, name: str) -> bool:
+        return name in self.rows or name in self.trained
+
+
 def write_page(specs: list[Spec], runs: dict[str, Run | None], roots: list[Path],
-               out: Path, invocation: str) -> list[str]:
+               out: Path, invocation: str, kept: Kept | None = None) -> list[str]:
     pictures = out.parent / "gallery"
     pictures.mkdir(parents=True, exist_ok=True)
     written: set[str] = set()
     shown = [s for s in specs if s.kind != "train"]
     trained = [s for s in specs if s.kind == "train"]
-    missing = [s.name for s in specs if runs.get(s.name) is None]
+    kept = kept or Kept(None)
+    missing = [s.name for s in specs if runs.get(s.name) is None and not kept.has(s.name)]
 
     lines = [
         "# Gallery",
@@ -342,6 +373,9 @@ def write_page(specs: list[Spec], runs: dict[str, Run | None], roots: list[Path]
               "|---|---|---|---|---|"]
     for spec in shown:
         run = runs.get(spec.name)
+        if run is None and spec.name in kept.rows:
+            lines.append(kept.rows[spec.name])
+            continue
         if run is None:
             lines.append(f"| [`{spec.name}`](#{spec.name}) | not measured yet | | | |")
             continue
@@ -353,6 +387,11 @@ def write_page(specs: list[Spec], runs: dict[str, Run | None], roots: list[Path]
 
     for spec in shown:
         run = runs.get(spec.name)
+        if run is None and spec.name in kept.sections:
+            lines += [f"## {spec.name}", *kept.sections[spec.name]]
+            if (pictures / f"{spec.name}.png").is_file():
+                written.add(f"{spec.name}.png")
+            continue
         lines += [f"## {spec.name}", "", spec.description, "", "```bash",
                   f"OMP_NUM_THREADS=1 {spec.command}", "```", ""]
         if run is None:
@@ -397,6 +436,9 @@ def write_page(specs: list[Spec], runs: dict[str, Run | None], roots: list[Path]
         for spec in trained:
             run = runs.get(spec.name)
             what = spec.summary
+            if run is None and spec.name in kept.trained:
+                lines.append(kept.trained[spec.name])
+                continue
             if run is None:
                 lines.append(f"| `{spec.name}` | {cell(what)} | `{spec.command}` | "
                              "not measured yet | |")
@@ -438,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="dkit run each spec without a finished run (into the first root)")
     parser.add_argument("--out", type=Path, default=DOCS / "gallery.md",
                         help="the page to write (its pictures go to gallery/ beside it)")
+    parser.add_argument("--keep", action="store_true",
+                        help="a spec without a run under the roots keeps what the existing "
+                             "page shows for it (row, section, picture)")
     args = parser.parse_args(argv)
     roots = [r.resolve() for r in (args.root or [Path("runs")])]
     paths = args.specs or [*sorted((REPO / "specs").glob("*.yaml")),
@@ -454,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         run_missing(todo, roots[0])
         runs = find_all()
     invocation = "OMP_NUM_THREADS=1 python docs/gallery.py --root RUNS"
-    missing = write_page(specs, runs, roots, args.out.resolve(), invocation)
+    kept = Kept(args.out.resolve()) if args.keep else None
+    missing = write_page(specs, runs, roots, args.out.resolve(), invocation, kept)
     for spec in specs:
         run = runs[spec.name]
         print(f"{spec.name:22} {run.folder if run else 'NOT MEASURED'}")

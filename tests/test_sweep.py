@@ -169,3 +169,21 @@ def test_nice_ticks_and_their_labels():
     ticks = nice_ticks(0.3, -0.12)
     assert ticks[0] <= -0.12 and ticks[-1] >= 0.3 and 0 in [round(t, 9) for t in ticks]
     assert len(nice_ticks(7.0, 7.0)) > 1  # a single value still gets an axis
+
+
+def test_the_best_value_is_picked_by_the_metric_and_direction_asked(run_dir, capsys):
+    code, out, err = run_cli(["sweep", str(run_dir), "sample.solver.steps=2,3,5", "--metrics",
+                              "swd", "--best", "max:swd", "--quiet"], capsys)
+    assert code == 0, err
+    record = json.loads((the_sweep(run_dir, "sample.solver.steps") / "sweep.json").read_text())
+    figures = [p["metrics"]["swd"] for p in record["points"]]
+    assert record["best"]["direction"] == "max"
+    assert record["best"]["value"] == [2, 3, 5][figures.index(max(figures))]
+    assert f"best by swd (highest): sample.solver.steps={record['best']['text']}" in out
+
+
+@pytest.mark.parametrize("best", ["nosuch", "most:swd", "max:"])
+def test_a_bad_best_metric_is_refused(run_dir, capsys, best):
+    code, _, err = run_cli(["sweep", str(run_dir), "sample.solver.steps=2,3", "--metrics",
+                            "swd", "--best", best, "--quiet"], capsys)
+    assert code == 2 and "--best" in err and "Traceback" not in err

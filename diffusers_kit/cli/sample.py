@@ -200,6 +200,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "guidance steers away from")
     parser.add_argument("--n", type=int, help="number of samples (default: the spec's)")
     parser.add_argument("--seed", type=seed_option, help="sampling seed (default: the spec's)")
+    parser.add_argument("--ema-sigma-rel", metavar="SIGMA_REL",
+                        help="sample with the post-hoc EMA of this relative length, "
+                             "reconstructed from the run's snapshots (train.post_hoc_ema); "
+                             "the same as sample.ema_sigma_rel=SIGMA_REL")
     parser.add_argument("--init", metavar="FILE",
                         help="start from this noise x_T instead of the prior: an .npz (key "
                              "x_T or its only array) or .npy of shape (n, *data_shape); sets n")
@@ -224,6 +228,8 @@ def sample_command(args: argparse.Namespace) -> int:
             raise SpecError([SpecIssue((flag,), "a positive number", value, None,
                                        "command line")])
     overrides = list(args.overrides) + conditioning_overrides(args.guidance, args.labels)
+    if args.ema_sigma_rel is not None:
+        overrides.append(f"sample.ema_sigma_rel={args.ema_sigma_rel}")
     init = None if args.init is None else read_init(args.init)
     if init is not None:
         if args.n is not None and args.n != len(init):

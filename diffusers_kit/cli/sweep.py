@@ -8,7 +8,10 @@ override, samples are drawn exactly as ``dkit sample`` draws them (same seed for
 so sample ``i`` starts from the same noise) and the run's own metrics (or ``--metrics``, as in
 ``dkit evaluate``) are computed on them. Everything goes to ``RUN_DIR/sweeps/<field>-<stamp>/``:
 ``sweep.json`` (per value: metrics, NFE, seconds), ``sweep.png`` (the first metric on the left
-axis, the second on the right; ``--plot`` chooses), ``samples_<value>.png`` / ``.npz``.
+axis, the second on the right; ``--plot`` chooses), ``samples_<value>.png`` / ``.npz``; the
+best value by one metric (``--best``; default the first plotted) is printed and recorded as
+``best``. Sweeping ``sample.ema_sigma_rel`` of a run trained with ``train.post_hoc_ema`` picks
+the EMA length after training (post-hoc EMA, Karras et al. 2024).
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ from diffusers_kit.spec.validate import validate
 BOUNDED = {"class_accuracy": (0.0, 1.0), "accuracy": (0.0, 1.0), "precision": (0.0, 1.0),
            "recall": (0.0, 1.0), "coverage": (0.0, 1.0), "class_tv": (0.0, 1.0),
            "ssim": (-1.0, 1.0)}
+# metrics for which more is better (every other statistic is a distance or an error: less is)
+HIGHER_IS_BETTER = {"class_accuracy", "accuracy", "precision", "recall", "density", "coverage",
+                    "clip_score", "psnr", "ssim"}
 # fields that do not change how samples are drawn from the trained weights
 NO_EFFECT = ("train", "output")
 
@@ -81,6 +87,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", metavar="NAME[,NAME]",
                         help="the metrics to plot: the first on the left axis, the second on "
                              "the right (default: the first two)")
+    parser.add_argument("--best", metavar="[min:|max:]NAME",
+                        help="the metric that picks the best value (default: the first "
+                             "plotted; lowest is best, highest for accuracies and precision / "
+                             "recall, or as the min: / max: prefix says)")
     parser.add_argument("--n", type=int, help="samples per value (default: the spec's)")
     parser.add_argument("--seed", type=seed_option, help="sampling seed (default: the spec's)")
     parser.add_argument("--max-values", type=int, default=MAX_VALUES, metavar="N",
@@ -199,6 +209,32 @@ def _with_interval(metrics: dict[str, Any], key: str, separator: str = " ") -> s
     return text
 
 
+def parse_best(text: str | None) -> tuple[str | None, str | None]:
+    """``--best``: ``(name, "min" | "max" | None)`` (None: the default direction)."""
+    if text is None:
+        return None, None
+    direction, sep, name = text.strip().partition(":")
+    if not sep:
+        return direction, None
+    if direction not in ("min", "max") or not name:
+        raise _command_error("--best", "a metric name, or min:NAME / max:NAME", text)
+    return name, direction
+
+
+def best_point(points: list[dict[str, Any]], name: str, direction: str | None
+               ) -> tuple[int | None, str]:
+    """The index of the point whose metric ``name`` is best (lowest, or highest for
+    :data:`HIGHER_IS_BETTER` or ``direction == "max"``; points without a finite value are
+    skipped) and the direction used. None when no point has a value."""
+    direction = direction or ("max" if name in HIGHER_IS_BETTER else "min")
+    scored = [(p["metrics"].get(name), index) for index, p in enumerate(points)]
+    scored = [(v, i) for v, i in scored if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not scored:
+        return None, direction
+    pick = min if direction == "min" else max
+    return pick(scored)[1], direction
+
+
 def sweep_command(args: argparse.Namespace) -> int:
     err = make_console(stderr=True)
     field, values = parse_sweep(args.sweep)
@@ -210,6 +246,7 @@ def sweep_command(args: argparse.Namespace) -> int:
                              f"{len(values)} values")
     if args.n is not None and args.n < 1:
         raise _command_error("--n", "a positive number", args.n)
+    best_name, best_direction = parse_best(args.best)
     plotted = [p.strip() for p in args.plot.split(",")] if args.plot else None
     if plotted is not None and (not all(plotted) or not 1 <= len(plotted) <= 2):
         raise _command_error("--plot", "one or two metric names, e.g. fd,class_accuracy",
@@ -279,12 +316,13 @@ def sweep_command(args: argparse.Namespace) -> int:
                 progress.advance(overall)
                 if index == 0:
                     names = metric_names(figures)
-                    if plotted is not None:
-                        for name in plotted:
-                            if name not in names:
-                                raise _command_error(
-                                    "--plot", f"metrics of this sweep ({', '.join(names)})",
-                                    name, difflib.get_close_matches(name, names, 2))
+                    asked = [("--plot", n) for n in plotted or []]
+                    asked += [("--best", best_name)] if best_name else []
+                    for option, name in asked:
+                        if name not in names:
+                            raise _command_error(
+                                option, f"metrics of this sweep ({', '.join(names)})",
+                                name, difflib.get_close_matches(name, names, 2))
             progress.update(overall, status=f"{field}: done")
     except BaseException:  # a mistake found on the way, an interrupt: no half-written sweep
         shutil.rmtree(out, ignore_errors=True)
@@ -294,8 +332,13 @@ def sweep_command(args: argparse.Namespace) -> int:
 
     names = metric_names(points[0]["metrics"])
     shown = plotted or names[:2]
+    chosen = best_name or shown[0]
+    best, direction = best_point(points, chosen, best_direction)
     record = {"run": str(folder), "field": field, "values": values, "overrides": overrides,
               "seed": spec.seed if args.seed is None else args.seed, "plot": shown,
+              "best": None if best is None else {
+                  "metric": chosen, "direction": direction, "value": points[best]["value"],
+                  "text": points[best]["text"], "figure": points[best]["metrics"][chosen]},
               "points": points}
     write_json(out / "sweep.json", record)
 
@@ -331,6 +374,11 @@ def sweep_command(args: argparse.Namespace) -> int:
     if floors:
         table.caption = Text("floors (real data): " + "; ".join(floors))
     make_console().print(table)
+    if best is not None:
+        make_console().print(
+            f"best by {chosen} ({'lowest' if direction == 'min' else 'highest'}): "
+            f"{field}={points[best]['text']} ({_with_interval(points[best]['metrics'], chosen)})",
+            soft_wrap=True, markup=False)
     err.print(f"results in {out}", soft_wrap=True, markup=False)
     return 0
 

@@ -6,6 +6,7 @@ from diffusers_kit.objectives.consistency import ConsistencyDistillation
 from diffusers_kit.objectives.ddpm import HybridLoss, SimpleLoss, VariationalBound
 from diffusers_kit.objectives.denoising import Denoising, EDMLoss, FlowMatching
 from diffusers_kit.objectives.dsm import DenoisingScoreMatching
+from diffusers_kit.objectives.progressive import ProgressiveDistillation
 from diffusers_kit.objectives.reconstruction import Reconstruction
 from diffusers_kit.objectives.score_matching import ImplicitScoreMatching, SlicedScoreMatching
 
@@ -22,6 +23,7 @@ REGISTER = [
     ("objective", "flow_matching", FlowMatching),
     ("objective", "edm", EDMLoss),
     ("objective", "consistency_distillation", ConsistencyDistillation),
+    ("objective", "progressive_distillation", ProgressiveDistillation),
 ]
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "ImplicitScoreMatching",
     "NoisyClassification",
     "Objective",
+    "ProgressiveDistillation",
     "Reconstruction",
     "SimpleLoss",
     "SlicedScoreMatching",

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import torch
 from pydantic import Field
 
-from diffusers_kit.objectives.base import Objective, sum_dims
+from diffusers_kit.objectives.base import sum_dims
+from diffusers_kit.objectives.teacher import TeacherObjective
 from diffusers_kit.references import TrainedModel
 from diffusers_kit.solvers.grids import Spacing, reaches_pure_noise, sampling_times
 from diffusers_kit.solvers.ode import probability_flow_step
@@ -49,9 +50,6 @@ if TYPE_CHECKING:
     from diffusers_kit.processes.base import NoiseProcess
 
 Tensor = torch.Tensor
-
-#: the times at which the teacher's and the student's processes must agree
-PROCESS_CHECK_TIMES = (0.0, 0.05, 0.3, 0.6, 0.95, 1.0)
 
 
 def consistency_distance(a: Tensor, b: Tensor, distance: str, c: float | None = None) -> Tensor:
@@ -76,7 +74,7 @@ def discretisation(process: NoiseProcess, points: int, spacing: Spacing, rho: fl
     return sampling_times(process, points, spacing, rho)[:-1].flip(0)
 
 
-class ConsistencyDistillation(Objective):
+class ConsistencyDistillation(TeacherObjective):
     """Consistency distillation (Song et al. 2023, Algorithm 2; see the module doc).
 
     Args:
@@ -97,6 +95,8 @@ class ConsistencyDistillation(Objective):
     """
 
     ddp_ready = True  # one forward through the model, one ordinary backward
+    objective_name = "consistency_distillation"
+    student_hint = "the same network section, wrapped in consistency_precond"
 
     def __init__(
         self,
@@ -132,18 +132,8 @@ class ConsistencyDistillation(Objective):
             return ("a process with alpha > 0 on the whole path (the teacher's ODE step and "
                     "the consistency function work in x / alpha)")
         if self.teacher.resolved:
-            return self._teacher_mismatch(process)
+            return self.teacher_mismatch(process)
         return None  # a reference not built yet (dkit validate) is checked in prepare()
-
-    def _teacher_mismatch(self, process: NoiseProcess) -> str | None:
-        own = self.teacher.diffusion().process
-        times = torch.tensor(PROCESS_CHECK_TIMES, dtype=torch.float64)
-        for mine, theirs in zip(process.marginal(times), own.marginal(times), strict=True):
-            if not torch.allclose(mine, theirs.double(), rtol=1e-6, atol=1e-9):
-                return (f"a teacher trained under the same process as the student "
-                        f"({self.teacher.ref.describe()} uses {own!r}, the student "
-                        f"{process!r})")
-        return None
 
     # -- the training hooks -----------------------------------------------------------------
     def prepare(self, model: ScoreModel) -> None:
@@ -152,26 +142,9 @@ class ConsistencyDistillation(Objective):
         second call for the same network (a second ``fit`` that continues) keeps both."""
         if self._target is not None and self._student == id(model.network):
             return
-        if (reason := self._teacher_mismatch(model.process)) is not None:
-            raise ValueError(f"objective consistency_distillation needs {reason}")
-        device = next(iter(model.parameters()), torch.empty(0)).device
-        teacher_network = self.teacher.network().to(device)
-        teacher_network.requires_grad_(False)
-        bind = type(model)  # a ScoreModel (components do not import the model layer)
-        self._teacher = bind(model.process, teacher_network).eval()
-        if self.init == "teacher":
-            student = model.network
-            theirs = teacher_network.state_dict()
-            mine = student.state_dict()
-            if set(theirs) != set(mine) or any(theirs[k].shape != mine[k].shape for k in mine):
-                raise ValueError(
-                    "objective consistency_distillation with init: teacher needs a student "
-                    "network with the teacher's parameters (the same network section, wrapped "
-                    "in consistency_precond); set init: none to train it "
-                    "from its own initialisation")
-            student.load_state_dict(theirs)
+        self._teacher = self.load_teacher(model)
         target = copy.deepcopy(model.network).requires_grad_(False)
-        self._target = bind(model.process, target).eval()
+        self._target = type(model)(model.process, target).eval()
         self._student = id(model.network)
 
     @torch.no_grad()

@@ -529,7 +529,24 @@ def open_run(run_dir: str | Path, overrides: list[str] | None = None,
     spec = validate(document, get_registry())
     components = build_components(spec, document)
     load_previous(components.diffusion, folder, "RUN_DIR")
+    sampling_ema(spec, components.diffusion, document)
     return spec, components
+
+
+def sampling_ema(spec: Spec, diffusion: Diffusion, document: Document | None = None
+                 ) -> float | None:
+    """With ``sample.ema_sigma_rel`` set, make the sampling weights the post-hoc EMA of that
+    width (:meth:`Diffusion.use_post_hoc_ema`) and return the reconstruction's relative profile
+    error; a model without snapshots is a spec error naming the field. None when unset."""
+    sigma_rel = spec.sample.ema_sigma_rel if spec.sample is not None else None
+    if sigma_rel is None:
+        return None
+    try:
+        return diffusion.use_post_hoc_ema(sigma_rel)
+    except ValueError as exc:
+        path = ("sample", "ema_sigma_rel")
+        line, origin = document.locate(path) if document is not None else (None, None)
+        raise SpecError([SpecIssue(path, str(exc), sigma_rel, line, origin)]) from None
 
 
 #: the sections that say what a trained model is: changing one on a finished run's weights

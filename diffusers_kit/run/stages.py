@@ -33,7 +33,7 @@ from diffusers_kit.registry import (
 )
 from diffusers_kit.report import columns_per_class, image_grid, labelled_grid, scatter_plot
 from diffusers_kit.restore import Restoration, restoration_images, restore, write_restoration
-from diffusers_kit.run.build import Components
+from diffusers_kit.run.build import Components, sampling_ema
 from diffusers_kit.run_folder import (
     CHECKPOINT,
     METRICS,
@@ -222,6 +222,9 @@ def stage_train(run: Run) -> None:
                 compile=train.compile, resume=run.resume_from, distributed=run.distributed,
                 on_log=on_log, on_checkpoint=save,
                 progress=lambda k: progress.advance(task, k),
+                post_hoc_sigma_rels=(train.post_hoc_ema.sigma_rels if train.post_hoc_ema
+                                     else ()),
+                post_hoc_every=train.post_hoc_ema.every if train.post_hoc_ema else 100,
             )
         except TrainingDiverged as exc:
             run.log.error("training stopped: %s", exc)
@@ -255,6 +258,10 @@ def stage_train(run: Run) -> None:
 def stage_sample(run: Run) -> None:
     spec, diffusion, solver = run.spec, run.diffusion, run.components.solver
     n = spec.sample.n
+    error = sampling_ema(spec, diffusion)  # sample.ema_sigma_rel: the post-hoc EMA's weights
+    if error is not None:
+        run.log.info("post-hoc EMA sigma_rel %g: profile error %.3g of its norm",
+                     spec.sample.ema_sigma_rel, error)
     batches = batch_count(n, spec.sample.batch_size, diffusion.network.data_shape)
     with run.progress() as progress:
         task = progress.add_task("sample", total=solver.total_steps(diffusion.process) * batches,

@@ -107,6 +107,26 @@ def walk_components(data: Any, model: type[BaseModel] | None = None,
             yield from walk_components(value, section, (*path, name))
 
 
+#: the widest power-function EMA profile (gamma -> -1): sigma_rel < 12^(-1/2) (diffusers_kit.ema)
+SIGMA_REL_MAX = 12 ** -0.5
+SigmaRel = Annotated[float, Field(gt=0.0, lt=SIGMA_REL_MAX, allow_inf_nan=False, description=(
+    "the EMA's length relative to the training run, the standard deviation of its profile "
+    "over the steps divided by their number (Karras et al. 2024, eq. 3; 0.05 to 0.10 is "
+    "typical), below 12^(-1/2) = 0.2887"))]
+
+
+class PostHocEMASection(Section):
+    """Power-function EMAs kept during training, with snapshots from which the average of any
+    length is reconstructed afterwards (Karras et al. 2024; :mod:`diffusers_kit.ema`)."""
+
+    sigma_rels: Annotated[list[SigmaRel], Field(min_length=1, max_length=8, description=(
+        "the widths of the EMAs kept (EDM2: 0.05 and 0.10); each snapshot holds one copy of "
+        "the weights per width"))] = Field(default_factory=lambda: [0.05, 0.10])
+    every: Annotated[int, Field(ge=1, le=10**9, strict=True, description=(
+        "steps between snapshots (the reconstruction needs several over the run; each is "
+        "stored in the checkpoint)"))] = 100
+
+
 class TrainSection(Section):
     """How the network is fitted."""
 
@@ -141,6 +161,9 @@ class TrainSection(Section):
     precision: Annotated[Literal["fp32", "bf16", "fp16"], Field(
         description="mixed precision (fp16 with a gradient scaler, CUDA only)")] = "fp32"
     compile: Annotated[bool, Field(strict=True, description="torch.compile the network")] = False
+    post_hoc_ema: PostHocEMASection | None = Field(default=None, description=(
+        "store power-function EMA snapshots in the checkpoint, so that `sample.ema_sigma_rel` "
+        "can pick the EMA length after training (post-hoc EMA; null: none)"))
 
 
 class SampleSection(Section):
@@ -162,6 +185,10 @@ class SampleSection(Section):
         Field(description="classes to draw: 'all' (equal blocks per class, one grid row "
                           "each), one class, or a list of classes (equal blocks); default: "
                           "none (unconditional)")] = None
+    ema_sigma_rel: Annotated[SigmaRel | None, Field(description=(
+        "sample with the power-function EMA of this relative length, reconstructed from the "
+        "snapshots that `train.post_hoc_ema` stored (null: the weights of `train.ema_decay`)"))
+    ] = None
 
 
 class RestoreSection(Section):

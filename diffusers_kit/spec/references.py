@@ -47,6 +47,10 @@ from diffusers_kit.version import __version__
 TRAINING_SECTIONS = ("seed", "data", "autoencoder", "latent", "process", "network", "objective",
                      "train")
 NOT_HASHED = {("train", "log_every"), ("train", "checkpoint_every")}
+#: fields added after runs were trained: left out of the hash while null (their default), so
+#: those runs keep their hashes; set, they are hashed (a run with post-hoc EMA snapshots is not
+#: the same as one without)
+HASHED_WHEN_SET = {("train", "post_hoc_ema")}
 
 #: ``validate(document, registry, _stack=...)``: spec validation, handed in by its caller so that
 #: planning a referenced spec validates it the same way without importing the validator
@@ -307,6 +311,9 @@ def training_hash(resolved: dict[str, Any], registry: Registry) -> str:
         set_path(sections, path, {"model": digest})
     for section, key in NOT_HASHED:
         (sections.get(section) or {}).pop(key, None)
+    for section, key in HASHED_WHEN_SET:
+        if (sections.get(section) or {}).get(key, 0) is None:
+            sections[section].pop(key)
     payload = {"sections": sections, "versions": _versions(resolved, registry)}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -167,6 +167,22 @@ def _model_sections(document: Document, spec: Spec) -> list[SpecIssue]:
     return issues
 
 
+def _post_hoc_choice(document: Document, spec: Spec) -> list[SpecIssue]:
+    """``sample.ema_sigma_rel`` reconstructs from the snapshots ``train.post_hoc_ema`` stores:
+    a spec that trains without them has nothing to reconstruct from (a ``model`` reference is
+    checked when its checkpoint is loaded)."""
+    if spec.sample is None or spec.sample.ema_sigma_rel is None or spec.model is not None:
+        return []
+    if spec.train.post_hoc_ema is not None:
+        return []
+    path = ("sample", "ema_sigma_rel")
+    line, origin = document.locate(path)
+    return [SpecIssue(path, "no value unless train.post_hoc_ema stores power-EMA snapshots "
+                      "to reconstruct it from (set train.post_hoc_ema: {sigma_rels: [0.05, "
+                      "0.1], every: 100}, or leave ema_sigma_rel out)",
+                      spec.sample.ema_sigma_rel, line, origin)]
+
+
 def validate(document: Document, registry: Registry,
              _stack: tuple[tuple[str, ...], ...] = ()) -> Spec:
     """Validate ``document`` fully; raises :class:`SpecError` listing every problem.
@@ -187,6 +203,8 @@ def validate(document: Document, registry: Registry,
         _walk_sections(spec.model_dump(), registry, document, issues)
     if spec is not None and not issues:
         issues.extend(_model_sections(document, spec))
+    if spec is not None and not issues:
+        issues.extend(_post_hoc_choice(document, spec))
     if spec is not None and not issues:
         issues.extend(check_references(spec, document, registry, _stack, validate))
     if issues:
