@@ -1,14 +1,15 @@
 """``dkit import DIR``: a local diffusers pipeline folder becomes a dkit run folder.
 
-The pipeline (``model_index.json`` naming a ``UNet2DModel`` ``unet`` and a DDPM-family
-``scheduler``, saved with ``save_pretrained``) is not copied: the run's ``spec.yaml`` names the
-folder (its absolute path) through the ``diffusers_unet`` network and the
-``diffusers_scheduler`` process, with the :func:`~diffusers_kit.interop.diffusers_folder.
-fingerprint` (SHA-256 and size) of the files each reads, so that a later change of them is
-refused when the run is used. The run's ``checkpoint.safetensors`` holds none of the U-Net's
-weights (``DiffusersUNet`` with ``sha256`` takes them from the verified file). The run folder is
-otherwise a finished dkit run (``run.json`` says ``imported``), which ``dkit sample``,
-``dkit restore``, ``dkit evaluate``, ``dkit likelihood`` and model references accept.
+The pipeline (``model_index.json`` naming a ``UNet2DModel`` ``unet`` and a DDPM-family or
+flow-matching ``scheduler``, saved with ``save_pretrained``) is not copied: the run's
+``spec.yaml`` names the folder (its absolute path) through the ``diffusers_unet`` network and
+the ``diffusers_scheduler`` process (``diffusers_flow`` for a flow-matching scheduler), with the
+:func:`~diffusers_kit.interop.diffusers_folder.fingerprint` (SHA-256 and size) of the files each
+reads, so that a later change of them is refused when the run is used. The run's
+``checkpoint.safetensors`` holds none of the U-Net's weights (``DiffusersUNet`` with ``sha256``
+takes them from the verified file). The run folder is otherwise a finished dkit run
+(``run.json`` says ``imported``), which ``dkit sample``, ``dkit restore``, ``dkit evaluate``,
+``dkit likelihood`` and model references accept.
 
 A folder that is not a pipeline, a missing component, an unsupported class or pickle weights
 are exit status 2, saying which.
@@ -37,6 +38,7 @@ from diffusers_kit.interop.diffusers_folder import (
 )
 from diffusers_kit.networks.diffusers_unet import PREDICTION_TYPES
 from diffusers_kit.outputs import make_run_dir
+from diffusers_kit.processes.diffusers_flow import FLOW_SCHEDULERS, flow_settings, is_flow_config
 from diffusers_kit.processes.diffusers_scheduler import SCHEDULERS, scheduler_betas
 from diffusers_kit.registry import get_registry
 from diffusers_kit.run.build import build_components
@@ -55,9 +57,9 @@ from diffusers_kit.spec.validate import validate
 #: what DIR must be
 PIPELINE = ("a local diffusers pipeline folder written by save_pretrained (model_index.json, "
             "unet/ holding a UNet2DModel with diffusion_pytorch_model.safetensors, scheduler/ "
-            "holding a DDPM-family scheduler)")
+            "holding a DDPM-family or flow-matching scheduler)")
 #: the pipeline components dkit reads
-COMPONENTS = {"unet": ("UNet2DModel",), "scheduler": SCHEDULERS}
+COMPONENTS = {"unet": ("UNet2DModel",), "scheduler": (*SCHEDULERS, *FLOW_SCHEDULERS)}
 #: the data set of a 1 x 8 x 8 U-Net when --data is not given
 DIGITS = {"kind": "digits", "scale": "symmetric"}
 #: the solver of the run's sample section (dkit sample's default)
@@ -126,6 +128,8 @@ def read_pipeline(text: str) -> tuple[Path, dict[str, Any], dict[str, Any]]:
             check_class(configs[name], classes, file.parent, f"its {name}")
             if name == "unet":
                 check_safetensors(file.parent, "its unet")
+            elif is_flow_config(configs[name]):
+                flow_settings(configs[name], str(file))
             else:
                 scheduler_betas(configs[name], str(file))
         except ValueError as exc:
@@ -136,28 +140,31 @@ def read_pipeline(text: str) -> tuple[Path, dict[str, Any], dict[str, Any]]:
 def import_spec(folder: Path, unet: dict[str, Any], scheduler: dict[str, Any], name: str,
                 data: dict[str, Any], device: str, root: Path) -> dict[str, Any]:
     """The spec of an imported pipeline: its process and network name the folder with the
-    fingerprints of the files they read; nothing is trained (no EMA either)."""
+    fingerprints of the files they read; nothing is trained (no EMA either). A flow-matching
+    scheduler gives the ``diffusers_flow`` process, the ``velocity`` prediction, the
+    flow-matching objective and Euler on the process's (diffusers') grid as the sampler."""
+    flow = is_flow_config(scheduler)
     setting = {**SCHEDULER_DEFAULTS, **{k: v for k, v in scheduler.items() if v is not None}}
     kind = setting["prediction_type"]
-    if kind not in PREDICTION_TYPES:
+    if not flow and kind not in PREDICTION_TYPES:
         raise _refuse(f"the scheduler's prediction_type {kind!r} is not one of "
                       f"{', '.join(PREDICTION_TYPES)}", str(folder))
     unet_sha, unet_size = fingerprint([folder / "unet" / MODEL_CONFIG,
                                        *weight_files(folder / "unet")])
     scheduler_sha, _ = fingerprint([folder / "scheduler" / SCHEDULER_CONFIG])
-    solver: dict[str, Any] = {"kind": "ddim",
+    solver: dict[str, Any] = {"kind": "euler" if flow else "ddim",
                               "steps": min(SAMPLE_STEPS, setting["num_train_timesteps"])}
-    if setting.get("clip_sample"):  # DDPM/DDIM schedulers clip x0 by default
+    if not flow and setting.get("clip_sample"):  # DDPM/DDIM schedulers clip x0 by default
         solver["clip_x0"] = float(setting.get("clip_sample_range", 1.0))
     return {
         "name": name, "seed": 0, "device": device, "data": data,
-        "process": {"kind": "diffusers_scheduler", "path": str(folder),
-                    "sha256": scheduler_sha},
+        "process": {"kind": "diffusers_flow" if flow else "diffusers_scheduler",
+                    "path": str(folder), "sha256": scheduler_sha},
         "network": {"kind": "diffusers_unet", "path": str(folder),
-                    "prediction": PREDICTION_TYPES[kind],
+                    "prediction": "velocity" if flow else PREDICTION_TYPES[kind],
                     "num_train_timesteps": setting["num_train_timesteps"],
                     "sha256": unet_sha, "size": unet_size},
-        "objective": {"kind": "ddpm_simple"},
+        "objective": {"kind": "flow_matching" if flow else "ddpm_simple"},
         "train": {"steps": 0, "ema_decay": 0.0},
         "sample": {"n": 16, "solver": solver},
         "output": {"root": str(root)},
