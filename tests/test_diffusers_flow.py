@@ -9,8 +9,12 @@ and ``diffusers_unet`` with the ``velocity`` prediction at timestep ``sigma T``.
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import json
 import math
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +298,54 @@ def test_dkit_likelihood_on_an_imported_folder(tmp_path, capsys, make):
     assert figures["nll_n"] == 2 and math.isfinite(figures["nll_bpd"])
     assert figures["nll_bpd"] > 0 and figures["nll_nfe"] > 0
     assert figures["reconstruction_max_abs_error"] < 0.05
+
+
+# -- the worked example of docs/diffusers.md ---------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "diffusers.md"
+EXAMPLE = DOCS.parents[1] / "examples" / "build_diffusers_pipeline.py"
+
+
+def worked_example() -> tuple[str, list[list[str]]]:
+    """The docs' worked-example section and the commands of its ``bash`` blocks, split as a
+    shell splits them."""
+    text = DOCS.read_text(encoding="utf-8")
+    start = text.index("## Worked example")
+    section = text[start:text.index("\n## ", start + 1)]
+    commands = []
+    for block in section.split("```bash\n")[1:]:
+        for line in block.split("```")[0].splitlines():
+            if line.strip() and not line.startswith("#"):
+                commands.append(shlex.split(line))
+    return section, commands
+
+
+def test_the_worked_example_runs_as_written(tmp_path, capsys, monkeypatch):
+    """Every command of the docs' worked example, in a fresh folder: the example script builds
+    the pipelines, each ``dkit`` command exits 0, and the figures the docs paste (the import
+    lines' parameter counts, the SWD of each dkit evaluate) are the ones it produces now."""
+    spec = importlib.util.spec_from_file_location("build_diffusers_pipeline", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.chdir(tmp_path)
+    section, commands = worked_example()
+    assert [c[:2] for c in commands].count(["dkit", "import"]) == 2
+    assert {c[1] for c in commands if c[0] == "dkit"} == {"import", "sample", "restore",
+                                                            "evaluate", "likelihood"}
+    for command in commands:
+        if command[0] == "python":
+            assert command[1] == "examples/build_diffusers_pipeline.py"
+            example.main(command[2:])
+            continue
+        assert command[0] == "dkit", command
+        args = [sorted(glob.glob(a))[-1] if "*" in a else a for a in command[1:]]
+        code, out, err = run_cli(args, capsys)
+        assert code == 0, (command, err)
+        if args[0] == "import":
+            count = re.search(r"\(([\d,]+) parameters", out)
+            assert count is not None and f"({count[1]} parameters" in section
+        if args[0] == "evaluate":
+            metrics = Path(args[args.index("--samples") + 1]).parent / "metrics.json"
+            swd = json.loads(metrics.read_text())["swd"]
+            assert f"│ swd          │ {swd:.4g} " in section, swd
