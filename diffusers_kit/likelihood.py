@@ -24,13 +24,15 @@ The DDPM variational bound (Ho et al. 2020, eq. 5) is a second, independent esti
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
-from diffusers_kit.solvers.ode import integrate_probability_flow, probability_flow
+from diffusers_kit.solvers.grids import reaches_pure_noise
+from diffusers_kit.solvers.ode import data_velocity, integrate_probability_flow, probability_flow
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
@@ -68,14 +70,23 @@ def start_time(process: NoiseProcess, t_start: float | str | None) -> float:
     return float(t_start)
 
 
+def flow_field(process: NoiseProcess) -> Callable[[ScoreModel, Tensor, Tensor], Tensor]:
+    """The probability-flow field the likelihood integrates: ``f - g^2 s / 2``
+    (:func:`~diffusers_kit.solvers.ode.probability_flow`), or, on a process with ``alpha(1) =
+    0`` (flow matching), the same field in its data form
+    (:func:`~diffusers_kit.solvers.ode.data_velocity`), which stays finite at ``t = 1`` where
+    ``f`` and ``g^2`` do not."""
+    return data_velocity if reaches_pure_noise(process) else probability_flow
+
+
 def drift_and_divergence(
     model: ScoreModel, x: Tensor, t: Tensor, probe: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """``v(x, t)`` and ``div v`` per example: exact trace when ``probe`` is None, else the
-    Hutchinson estimate ``probe . (dv/dx) probe``."""
+    Hutchinson estimate ``probe . (dv/dx) probe``. ``v`` is :func:`flow_field`'s."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        drift = probability_flow(model, x, t)
+        drift = flow_field(model.process)(model, x, t).to(x.dtype)
         flat = drift.flatten(1)
         if probe is not None:
             (vjp,) = torch.autograd.grad((flat * probe.flatten(1)).sum(), x)
@@ -166,7 +177,8 @@ def encode(model: ScoreModel, x0: Tensor, *, rtol: float = 1e-5, atol: float = 1
     """``x_0 -> x_1`` through the probability-flow ODE (from ``t_start``, as for
     :func:`log_likelihood`)."""
     end, _, _ = integrate_probability_flow(model, x0, start_time(model.process, t_start), 1.0,
-                                           method=method, rtol=rtol, atol=atol)
+                                           method=method, rtol=rtol, atol=atol,
+                                           field=flow_field(model.process))
     return end
 
 
@@ -174,7 +186,8 @@ def decode(model: ScoreModel, latent: Tensor, *, rtol: float = 1e-5, atol: float
            method: str = "RK45", t_start: float | str | None = None) -> Tensor:
     """``x_1 -> x_0`` through the probability-flow ODE: the inverse of :func:`encode`."""
     end, _, _ = integrate_probability_flow(model, latent, 1.0, start_time(model.process, t_start),
-                                           method=method, rtol=rtol, atol=atol)
+                                           method=method, rtol=rtol, atol=atol,
+                                           field=flow_field(model.process))
     return end
 
 

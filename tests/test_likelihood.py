@@ -16,15 +16,17 @@ from diffusers_kit.likelihood import (
     slerp,
     variational_bound,
 )
-from diffusers_kit.processes import DDPM, VP, SubVP
+from diffusers_kit.processes import DDPM, VP, Flow, SubVP
 from tests.gaussian_mixture import GaussianMixture, exact_model, three_modes
 
 GAUSSIAN = GaussianMixture([1.0], [[0.3, -0.2, 0.1]], [[0.8, 0.5, 1.2]])
 
 
-@pytest.mark.parametrize("process", [VP, SubVP, DDPM])
+@pytest.mark.parametrize("process", [VP, SubVP, DDPM, Flow])
 def test_exact_trace_log_likelihood_of_gaussian_data_is_the_analytic_density(process):
-    model = exact_model(GAUSSIAN, process())
+    """The flow's path reaches pure noise, where only a velocity (or x0) network is defined:
+    its likelihood integrates the data form of the flow up to t = 1."""
+    model = exact_model(GAUSSIAN, process(), "velocity" if process is Flow else "eps")
     x = GAUSSIAN.sample(64, torch.Generator().manual_seed(0))
     result = log_likelihood(model, x, divergence="exact")
     per_dim_error = (result.log_prob - GAUSSIAN.log_prob(x)).abs() / GAUSSIAN.dim

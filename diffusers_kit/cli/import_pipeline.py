@@ -1,9 +1,9 @@
 """``dkit import DIR``: a local diffusers pipeline folder becomes a dkit run folder.
 
-The pipeline (``model_index.json`` naming a ``UNet2DModel`` ``unet`` and a DDPM-family
-``scheduler``, saved with ``save_pretrained``) is not copied: the run's ``spec.yaml`` names the
+The pipeline (``model_index.json`` naming a ``UNet2DModel`` ``unet`` and a DDPM-family or
+flow-matching ``scheduler``, saved with ``save_pretrained``) is not copied: the run's ``spec.yaml`` names the
 folder (its absolute path) through the ``diffusers_unet`` network and the
-``diffusers_scheduler`` process, with the :func:`~diffusers_kit.interop.diffusers_folder.
+``diffusers_scheduler`` process (``diffusers_flow`` for a flow-matching scheduler), with the :func:`~diffusers_kit.interop.diffusers_folder.
 fingerprint` (SHA-256 and size) of the files each reads, so that a later change of them is
 refused when the run is used.
 
@@ -53,6 +53,7 @@ from diffusers_kit.interop.diffusers_folder import (
 )
 from diffusers_kit.networks.diffusers_unet import CONDITIONAL, PREDICTION_TYPES, UNET_CLASSES
 from diffusers_kit.outputs import make_run_dir
+from diffusers_kit.processes.diffusers_flow import FLOW_SCHEDULERS, flow_settings, is_flow_config
 from diffusers_kit.processes.diffusers_scheduler import SCHEDULERS, scheduler_betas
 from diffusers_kit.registry import get_registry
 from diffusers_kit.run.build import build_components
@@ -71,10 +72,11 @@ from diffusers_kit.spec.validate import validate
 #: what DIR must be
 PIPELINE = ("a local diffusers pipeline folder written by save_pretrained (model_index.json, "
             "unet/ holding a UNet2DModel or UNet2DConditionModel with "
-            "diffusion_pytorch_model.safetensors, scheduler/ holding a DDPM-family scheduler; "
+            "diffusion_pytorch_model.safetensors, scheduler/ holding a DDPM-family or flow-matching "
+            "scheduler; "
             "for a latent pipeline vae/ or vqvae/, for a text one text_encoder/ and tokenizer/)")
 #: the pipeline components dkit reads, and the classes it reads them as
-COMPONENTS = {"unet": UNET_CLASSES, "scheduler": SCHEDULERS}
+COMPONENTS = {"unet": UNET_CLASSES, "scheduler": (*SCHEDULERS, *FLOW_SCHEDULERS)}
 #: a latent pipeline's first stage, by the names pipelines give it
 VAE_NAMES = ("vae", "vqvae")
 #: a UNet2DConditionModel's text components
@@ -184,7 +186,9 @@ def read_pipeline(text: str) -> Pipeline:
         try:
             configs[name] = read_json(file)
             check_class(configs[name], classes, file.parent, f"its {name}")
-            if name == "scheduler":
+            if name == "scheduler" and is_flow_config(configs[name]):
+                flow_settings(configs[name], str(file))
+            elif name == "scheduler":
                 scheduler_betas(configs[name], str(file))
             else:
                 check_safetensors(file.parent, f"its {name}")
@@ -231,22 +235,25 @@ def import_spec(pipeline: Pipeline, name: str, data: dict[str, Any], device: str
                 ) -> dict[str, Any]:
     """The spec of an imported pipeline: its process and network name the folder with the
     fingerprints of the files they read; nothing is trained (no EMA either). ``latent``: the
-    first stage's run folder; ``prompts``: a text pipeline's labels."""
+    first stage's run folder; ``prompts``: a text pipeline's labels. A flow-matching
+    scheduler gives the ``diffusers_flow`` process, the ``velocity`` prediction, the
+    flow-matching objective and Euler on the process's (diffusers') grid as the sampler."""
     folder, scheduler = pipeline.folder, pipeline.scheduler
+    flow = is_flow_config(scheduler)
     setting = {**SCHEDULER_DEFAULTS, **{k: v for k, v in scheduler.items() if v is not None}}
     kind = setting["prediction_type"]
-    if kind not in PREDICTION_TYPES:
+    if not flow and kind not in PREDICTION_TYPES:
         raise _refuse(f"the scheduler's prediction_type {kind!r} is not one of "
                       f"{', '.join(PREDICTION_TYPES)}", str(folder))
     unet_sha, unet_size = fingerprint([folder / "unet" / MODEL_CONFIG,
                                        *weight_files(folder / "unet")])
     scheduler_sha, _ = fingerprint([folder / "scheduler" / SCHEDULER_CONFIG])
-    solver: dict[str, Any] = {"kind": "ddim",
+    solver: dict[str, Any] = {"kind": "euler" if flow else "ddim",
                               "steps": min(SAMPLE_STEPS, setting["num_train_timesteps"])}
-    if setting.get("clip_sample") and latent is None:  # DDPM/DDIM schedulers clip x0 by default
+    if not flow and setting.get("clip_sample") and latent is None:  # DDPM/DDIM schedulers clip x0 by default
         solver["clip_x0"] = float(setting.get("clip_sample_range", 1.0))
     network: dict[str, Any] = {"kind": "diffusers_unet", "path": str(folder),
-                               "prediction": PREDICTION_TYPES[kind],
+                               "prediction": "velocity" if flow else PREDICTION_TYPES[kind],
                                "num_train_timesteps": setting["num_train_timesteps"],
                                "sha256": unet_sha, "size": unet_size}
     sample: dict[str, Any] = {"n": 16, "solver": solver}
@@ -261,10 +268,11 @@ def import_spec(pipeline: Pipeline, name: str, data: dict[str, Any], device: str
     if latent is not None:
         spec["latent"] = str(latent)
     return {**spec,
-            "process": {"kind": "diffusers_scheduler", "path": str(folder),
+            "process": {"kind": "diffusers_flow" if flow else "diffusers_scheduler",
+                        "path": str(folder),
                         "sha256": scheduler_sha},
             "network": network,
-            "objective": {"kind": "ddpm_simple"},
+            "objective": {"kind": "flow_matching" if flow else "ddpm_simple"},
             "train": {"steps": 0, "ema_decay": 0.0},
             "sample": sample,
             "output": {"root": str(root)}}

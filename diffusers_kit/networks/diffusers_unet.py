@@ -23,6 +23,16 @@ per label) gives it, as ``encoder_hidden_states``, for the label ``y`` (the null
 context when ``y`` is None), so classifier-free guidance with the empty or a negative prompt is
 dkit's one ``classifier_free`` guidance term.
 
+A flow-matching model (its scheduler a ``FlowMatch...`` class; :mod:`diffusers_kit.processes.
+diffusers_flow`) predicts the velocity ``eps - x0`` of the line ``x_sigma = (1 - sigma) x0 + sigma
+eps``, dkit's ``velocity`` on the ``flow`` process at ``t = sigma``, and is called at timestep
+``sigma T`` (diffusers' ``timesteps = sigmas * num_train_timesteps``)::
+
+    timestep = t T                   (prediction ``velocity``)
+
+not snapped: diffusers passes the real number. ``prediction: velocity`` is what selects this
+mapping (no DDPM-family scheduler has such a prediction).
+
 Needs the optional ``diffusers`` dependency (``pip install diffusers_kit[diffusers]``), imported
 only when a ``diffusers_unet`` is built.
 """
@@ -50,6 +60,7 @@ from diffusers_kit.interop.diffusers_folder import (
 )
 from diffusers_kit.networks.base import Network
 from diffusers_kit.processes.ddpm import MAX_STEPS
+from diffusers_kit.processes.diffusers_flow import is_flow_config
 
 MISSING = ("diffusers_unet needs the diffusers library, which is not installed: install the "
            "optional 'diffusers' extra: pip install diffusers_kit[diffusers]")
@@ -76,9 +87,15 @@ def diffusers_timestep(t: torch.Tensor, num_steps: int) -> torch.Tensor:
     return (snapped - 1.0).to(torch.float32)
 
 
+def flow_timestep(t: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """``t T`` (float32): a flow-matching scheduler's timestep ``sigma T`` at ``t = sigma``."""
+    dtype = torch.float32 if t.device.type == "mps" else torch.float64
+    return (t.to(dtype) * num_steps).to(torch.float32)
+
+
 class DiffusersUNet(Network):
     """A diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` read from a local folder,
-    called at timestep ``t T - 1``.
+    called at timestep ``t T - 1`` (a flow-matching model, ``prediction: velocity``: ``t T``).
 
     The module doc gives the mapping of ``t`` to the timestep.
 
@@ -96,8 +113,8 @@ class DiffusersUNet(Network):
             a ``unet`` folder itself, relative to the working directory. Weights are read from
             ``diffusion_pytorch_model.safetensors`` only (never pickle files).
         prediction: ``auto`` reads ``prediction_type`` from the pipeline's scheduler config
-            (``epsilon`` -> ``eps``, ``v_prediction`` -> ``v``, ``sample`` -> ``x0``);
-            or set it here.
+            (``epsilon`` -> ``eps``, ``v_prediction`` -> ``v``, ``sample`` -> ``x0``; a
+            flow-matching scheduler: ``velocity``, called at timestep ``t T``); or set it here.
         num_train_timesteps: the scheduler's T, which maps ``t`` to the timestep; default:
             read from the pipeline's scheduler config. It must equal the process's
             ``num_steps``.
@@ -121,7 +138,7 @@ class DiffusersUNet(Network):
     def __init__(
         self,
         path: Annotated[str, Field(min_length=1, max_length=4096)],
-        prediction: Literal["auto", "eps", "v", "x0"] = "auto",
+        prediction: Literal["auto", "eps", "v", "x0", "velocity"] = "auto",
         num_train_timesteps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None,
         sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None,
         size: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None,
@@ -248,7 +265,9 @@ class DiffusersUNet(Network):
         if scheduler is None:
             raise ValueError(f"{user}: {folder} has no scheduler config beside it (../scheduler/"
                              "scheduler_config.json) to read prediction_type from; set "
-                             "prediction (eps, v or x0)")
+                             "prediction (eps, v, x0, or velocity for a flow-matching model)")
+        if is_flow_config(scheduler):
+            return "velocity"
         kind = scheduler["prediction_type"]
         if kind not in PREDICTION_TYPES:
             raise ValueError(f"{user}: {folder}: the scheduler's prediction_type {kind!r} is not "
@@ -264,7 +283,10 @@ class DiffusersUNet(Network):
                                  f"0..{self.class_embeds - 1}; it has no null (unconditional) "
                                  "class")
             labels = y.long()
-        timestep = diffusers_timestep(t, self.num_steps)
+        if self.prediction == "velocity":
+            timestep = flow_timestep(t, self.num_steps)
+        else:
+            timestep = diffusers_timestep(t, self.num_steps)
         if self.conditioner is None:
             return self.unet(x, timestep, class_labels=labels, return_dict=False)[0]
         context = self.conditioner(y, x.shape[0], x.device).to(x.dtype)

@@ -6,6 +6,7 @@
 from diffusers_kit.processes.base import NoiseProcess, expand
 from diffusers_kit.processes.constant_sigma import ConstantSigma
 from diffusers_kit.processes.ddpm import DDPM
+from diffusers_kit.processes.diffusers_flow import DiffusersFlow
 from diffusers_kit.processes.diffusers_scheduler import DiffusersSchedule
 from diffusers_kit.processes.flow import Flow
 from diffusers_kit.processes.ou import OU
@@ -21,6 +22,7 @@ REGISTER = [
     ("process", "ou", OU),
     ("process", "diffusers_scheduler", DiffusersSchedule),
     ("process", "flow", Flow),
+    ("process", "diffusers_flow", DiffusersFlow),
 ]
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "VE",
     "VP",
     "ConstantSigma",
+    "DiffusersFlow",
     "DiffusersSchedule",
     "Flow",
     "NoiseProcess",

@@ -37,6 +37,7 @@ from diffusers_kit.interop.diffusers_folder import (
     read_json,
 )
 from diffusers_kit.processes.ddpm import DDPM, cosine_betas, linear_betas, scaled_linear_betas
+from diffusers_kit.processes.diffusers_flow import is_flow_config
 
 #: Scheduler classes whose config is read (each compared with diffusers in the tests).
 SCHEDULERS = (
@@ -116,10 +117,10 @@ class DiffusersSchedule(DDPM):
         if sha256 is not None:
             check_fingerprint([file], sha256, None, user)
         config = read_json(file)
-        if str(config.get("_class_name", "")).startswith("FlowMatch"):
+        if is_flow_config(config):
             raise ValueError(f"{user}: {file} is a flow-matching scheduler "
                              f"({config['_class_name']}); its path reaches alpha(1) = 0 and "
-                             "is not a DDPM chain, which is all dkit imports so far")
+                             "is not a DDPM chain: read it with process kind diffusers_flow")
         name = check_class(config, SCHEDULERS, folder, user)
         betas, schedule = scheduler_betas(config, str(file))
         self.path = str(path)

@@ -26,6 +26,16 @@ Both are Gaussian processes of the common view, so the rest of the math layer ap
 ``u = (alpha alpha' + sigma sigma') / (alpha^2 + sigma^2) x_t + (alpha sigma' - sigma alpha') /
 (alpha^2 + sigma^2) v``; on the line ``u = ((2 t - 1) x_t + v) / ((1 - t)^2 + t^2)``, on the
 cosine path ``u = (pi / 2) v``.
+
+The time shift of Stable Diffusion 3 (Esser et al. 2024, "Resolution-dependent shifting of
+timestep schedules", with ``s = sqrt(m / n)``; diffusers' ``FlowMatchEulerDiscreteScheduler``
+``shift``) maps a time ``u`` to::
+
+    t = S(u) = s u / (1 + (s - 1) u),      u = S^-1(t) = t / (s - (s - 1) t)
+
+which fixes 0 and 1 and, for ``s > 1``, moves every other time towards the noise
+(:func:`shift_time`). It does not change the path: it is a process's choice of where to
+evaluate, which the samplers' ``shifted`` spacing applies (:mod:`diffusers_kit.solvers.grids`).
 """
 
 from __future__ import annotations
@@ -41,6 +51,16 @@ from diffusers_kit.processes.base import NoiseProcess, Tensor, expand
 HALF_PI = 0.5 * math.pi
 
 
+def shift_time(u: Tensor, shift: float) -> Tensor:
+    """``S(u) = s u / (1 + (s - 1) u)``, SD3's time shift (Esser et al. 2024; module doc)."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def unshift_time(t: Tensor, shift: float) -> Tensor:
+    """``S^-1(t) = t / (s - (s - 1) t)``, the inverse of :func:`shift_time`."""
+    return t / (shift - (shift - 1.0) * t)
+
+
 class Flow(NoiseProcess):
     """A path from data (``t = 0``) to pure noise (``t = 1``): ``linear`` (rectified flow,
     ``alpha = 1 - t``, ``sigma = t``) or ``cosine`` (``alpha = cos(pi t / 2)``,
@@ -49,6 +69,8 @@ class Flow(NoiseProcess):
     Args:
         path: ``linear`` (Liu et al. 2022; Lipman et al. 2022) or ``cosine``.
         t_min: the last time samplers evaluate the network at before landing on t = 0.
+        shift: the time shift ``s`` of the samplers' ``shifted`` spacing (SD3's, module doc;
+            1: none). It does not change the path.
     """
 
     #: The ODE solvers' ``spacing: auto``: quadratic in ``t``, dense near the data, where
@@ -59,14 +81,17 @@ class Flow(NoiseProcess):
         self,
         path: Literal["linear", "cosine"] = "linear",
         t_min: Annotated[float, Field(gt=0, lt=0.5)] = 1e-3,
+        shift: Annotated[float, Field(gt=0, le=1000)] = 1.0,
     ) -> None:
         if path not in ("linear", "cosine"):
             raise ValueError(f"unknown path {path!r}; expected 'linear' or 'cosine'")
         self.path = path
         self.t_min = float(t_min)
+        self.shift = float(shift)
 
     def __repr__(self) -> str:
-        return f"Flow(path={self.path!r}, t_min={self.t_min})"
+        extra = f", shift={self.shift}" if self.shift != 1.0 else ""
+        return f"{type(self).__name__}(path={self.path!r}, t_min={self.t_min}{extra})"
 
     def alpha(self, t: Tensor) -> Tensor:
         if self.path == "linear":

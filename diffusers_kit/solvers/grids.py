@@ -17,6 +17,11 @@ Spacings:
   ``varsigma_i = (varsigma_max^(1/rho) + i / (N - 1) (varsigma_min^(1/rho) -
   varsigma_max^(1/rho)))^rho`` with ``rho = 7``;
 * ``log_snr``: equal steps in ``lambda = log(alpha / sigma)`` (Lu et al. 2022, DPM-Solver);
+* ``shifted``: equal steps in ``u`` from 1 to ``S^-1(t_min)``, evaluated at ``t = S(u) = s u /
+  (1 + (s - 1) u)``, SD3's time shift (Esser et al. 2024) with the process's ``shift`` ``s``
+  (:func:`~diffusers_kit.processes.flow.shift_time`; processes without one are refused);
+  ``s = 1`` is ``uniform``. On a ``diffusers_flow`` process it is diffusers'
+  ``FlowMatchEulerDiscreteScheduler.set_timesteps`` grid (``docs/diffusers.md``);
 * ``auto``: the process's own :attr:`~diffusers_kit.processes.base.NoiseProcess.default_spacing`
   (the ODE solvers' default; ``log_snr`` unless a process says otherwise; docs/solvers.md).
 
@@ -35,11 +40,13 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
+from diffusers_kit.processes.flow import shift_time, unshift_time
+
 if TYPE_CHECKING:
     from diffusers_kit.processes.base import NoiseProcess
 
-Spacing = Literal["auto", "uniform", "quadratic", "power", "edm", "log_snr"]
-SPACINGS = ("auto", "uniform", "quadratic", "power", "edm", "log_snr")
+Spacing = Literal["auto", "uniform", "quadratic", "power", "edm", "log_snr", "shifted"]
+SPACINGS = ("auto", "uniform", "quadratic", "power", "edm", "log_snr", "shifted")
 
 
 def resolve_spacing(process: NoiseProcess, spacing: str) -> str:
@@ -126,6 +133,15 @@ def _sampling_times(process: NoiseProcess, steps: int | None, spacing: Spacing, 
         times = torch.ones(1, dtype=torch.float64)
     elif spacing == "uniform":
         times = 1.0 - fraction * (1.0 - t_min)
+    elif spacing == "shifted":
+        shift = getattr(process, "shift", None)
+        if not isinstance(shift, (int, float)) or isinstance(shift, bool) or shift <= 0:
+            raise ValueError(f"spacing 'shifted' applies the process's time shift, and "
+                             f"{type(process).__name__} has none (the flow and diffusers_flow "
+                             "processes have one): use another spacing")
+        end = float(unshift_time(_f64(t_min), float(shift)))
+        times = shift_time(1.0 - fraction * (1.0 - end), float(shift))
+        times[0], times[-1] = 1.0, t_min
     elif spacing in ("quadratic", "power"):
         times = t_min + (1.0 - t_min) * (1.0 - fraction) ** (2.0 if spacing == "quadratic" else rho)
     elif spacing in ("edm", "log_snr"):
