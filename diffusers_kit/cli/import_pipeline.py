@@ -1,11 +1,11 @@
 """``dkit import DIR``: a local diffusers pipeline folder becomes a dkit run folder.
 
 The pipeline (``model_index.json`` naming a ``UNet2DModel`` ``unet`` and a DDPM-family or
-flow-matching ``scheduler``, saved with ``save_pretrained``) is not copied: the run's ``spec.yaml`` names the
-folder (its absolute path) through the ``diffusers_unet`` network and the
-``diffusers_scheduler`` process (``diffusers_flow`` for a flow-matching scheduler), with the :func:`~diffusers_kit.interop.diffusers_folder.
-fingerprint` (SHA-256 and size) of the files each reads, so that a later change of them is
-refused when the run is used.
+flow-matching ``scheduler``, saved with ``save_pretrained``) is not copied: the run's
+``spec.yaml`` names the folder (its absolute path) through the ``diffusers_unet`` network and the
+``diffusers_scheduler`` process (``diffusers_flow`` for a flow-matching scheduler), with the
+:func:`~diffusers_kit.interop.diffusers_folder.fingerprint` (SHA-256 and size) of the files
+each reads, so that a later change of them is refused when the run is used.
 
 A latent pipeline (a ``vae`` ``AutoencoderKL`` or a ``vqvae`` ``VQModel`` beside the U-Net)
 gets a second, nested run folder, ``RUN_DIR/autoencoder``: a finished autoencoder run of the
@@ -72,8 +72,8 @@ from diffusers_kit.spec.validate import validate
 #: what DIR must be
 PIPELINE = ("a local diffusers pipeline folder written by save_pretrained (model_index.json, "
             "unet/ holding a UNet2DModel or UNet2DConditionModel with "
-            "diffusion_pytorch_model.safetensors, scheduler/ holding a DDPM-family or flow-matching "
-            "scheduler; "
+            "diffusion_pytorch_model.safetensors, scheduler/ holding a DDPM-family or "
+            "flow-matching scheduler; "
             "for a latent pipeline vae/ or vqvae/, for a text one text_encoder/ and tokenizer/)")
 #: the pipeline components dkit reads, and the classes it reads them as
 COMPONENTS = {"unet": UNET_CLASSES, "scheduler": (*SCHEDULERS, *FLOW_SCHEDULERS)}
@@ -250,7 +250,7 @@ def import_spec(pipeline: Pipeline, name: str, data: dict[str, Any], device: str
     scheduler_sha, _ = fingerprint([folder / "scheduler" / SCHEDULER_CONFIG])
     solver: dict[str, Any] = {"kind": "euler" if flow else "ddim",
                               "steps": min(SAMPLE_STEPS, setting["num_train_timesteps"])}
-    if not flow and setting.get("clip_sample") and latent is None:  # DDPM/DDIM schedulers clip x0 by default
+    if not flow and setting.get("clip_sample") and latent is None:  # DDPM/DDIM clip x0
         solver["clip_x0"] = float(setting.get("clip_sample_range", 1.0))
     network: dict[str, Any] = {"kind": "diffusers_unet", "path": str(folder),
                                "prediction": "velocity" if flow else PREDICTION_TYPES[kind],
