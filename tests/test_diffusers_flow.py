@@ -237,8 +237,8 @@ def refused(args: list[str], capsys, message: str) -> None:
 
 def test_a_spec_and_dkit_import_sample_the_flow_pipeline(tmp_path, capsys):
     """The spec route and ``dkit import`` draw what the Python API draws from the folder (seed
-    0); the import's spec names diffusers_flow, velocity and Euler; ΠGDM restores on noise
-    levels below pure noise; export is refused with the reason."""
+    0); the import's spec names diffusers_flow, velocity and Euler; ΠGDM restores from pure
+    noise on; export is refused with the reason."""
     save_flow(tmp_path / "pipe", shift=3.0)
     spec = tmp_path / "flow.yaml"
     spec.write_text(SPEC.format(folder=tmp_path / "pipe", root=tmp_path / "runs"))
@@ -262,7 +262,7 @@ def test_a_spec_and_dkit_import_sample_the_flow_pipeline(tmp_path, capsys):
     torch.testing.assert_close(torch.from_numpy(np.load(sampled)["samples"]), expected,
                                rtol=0, atol=1e-5)
     code, _, err = run_cli(["restore", str(run), "--operator", "{kind: inpaint, mask: box}",
-                            "--method", "{kind: pigdm, interval: [0, 1000]}", "--n", "2",
+                            "--method", "pigdm", "--n", "2",
                             "--quiet"], capsys)
     assert code == 0, err
     (restored,) = (run / "restoration").glob("pigdm-inpaint-*/restore.npz")

@@ -24,7 +24,7 @@ import torch
 from diffusers_kit.guidance import DPS, GradientGuidance, PiGDM, Replacement
 from diffusers_kit.metrics.swd import random_directions, sliced_wasserstein
 from diffusers_kit.model import ScoreModel
-from diffusers_kit.processes import DDPM, VE, VP
+from diffusers_kit.processes import DDPM, VE, VP, Flow
 from diffusers_kit.registry import get_registry
 from diffusers_kit.solvers import DDIM, Ancestral, HeunODE, PredictorCorrector
 from tests.gaussian_mixture import (
@@ -94,12 +94,13 @@ class ExactLikelihood(GradientGuidance):
         return grad.to(x.dtype)
 
 
-def posterior_ratio(prior, forward, method, solver, process, seed: int = 0):  # type: ignore[no-untyped-def]
+def posterior_ratio(prior, forward, method, solver, process, seed: int = 0,  # type: ignore[no-untyped-def]
+                    prediction: str = "eps"):
     """SWD of the method's samples to the exact posterior over the noise floor, and the RMS
-    measurement residual of the samples."""
+    measurement residual of the samples (the exact prior network predicts ``prediction``)."""
     y = forward.simulate(TRUTH[None].double(), torch.Generator().manual_seed(seed)).float()
     posterior = GaussianPosterior(prior, forward.matrix(), y[0], forward.sigma_y)
-    model = ScoreModel(process, ExactScoreNetwork(prior, process))
+    model = ScoreModel(process, ExactScoreNetwork(prior, process, prediction))
     view = model.guided([method], None, y.expand(N, *y.shape[1:]))
     samples = solver.sample(view, (N, 2), generator=torch.Generator().manual_seed(3)).samples
     generator = torch.Generator().manual_seed(11)
@@ -142,6 +143,25 @@ def test_methods_are_exact_on_an_isotropic_gaussian_prior(operator_name, method)
             assert residual < 1e-4, residual
         else:  # within the noise: the posterior spreads about sigma_y around y
             assert residual < 2 * forward.sigma_y, residual
+
+
+@pytest.mark.parametrize("method", ["oracle", "pigdm", "dps"])
+def test_gradient_methods_sample_a_path_that_reaches_pure_noise(method):
+    """On the flow path (``alpha(1) = 0``) sampling starts at pure noise, where ``x_t`` says
+    nothing about ``x_0``: ``grad log p(y | x_t) = 0`` there, and a score increment cannot be
+    written as a data prediction (it would divide by ``alpha = 0``). The gradient terms add
+    nothing at ``alpha = 0`` and still sample the exact posterior on the isotropic prior (the
+    oracle on the mixture too), from ``t = 1`` with every step guided."""
+    forward = OPERATORS["inpaint, sigma_y 0.1"]()
+    term = {"oracle": lambda: ExactLikelihood(MIXTURE, forward),
+            "pigdm": lambda: PiGDM(forward, data_std=0.8),
+            "dps": lambda: DPS(forward, data_std=0.8)}[method]()
+    prior = MIXTURE if method == "oracle" else ISOTROPIC
+    for prediction in ("x0", "velocity"):
+        ratio, residual = posterior_ratio(prior, forward, term, DDIM(steps=100), Flow(),
+                                          prediction=prediction)
+        assert ratio < FACTOR, f"{method} / {prediction}: {ratio:.2f} x floor"
+        assert residual < 2 * forward.sigma_y, residual
 
 
 def matrix_operator(rows, tmp_path, sigma_y: float = 0.2):  # type: ignore[no-untyped-def]

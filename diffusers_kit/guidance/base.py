@@ -258,10 +258,17 @@ def replace_x0(model: ScoreModel, output: torch.Tensor, x: torch.Tensor, t: torc
 
 def add_score(model: ScoreModel, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
               delta: torch.Tensor) -> torch.Tensor:
-    """``output`` (the network's parameterisation) with ``delta`` added to its score."""
+    """``output`` (the network's parameterisation) with ``delta`` added to its score.
+
+    Where ``alpha(t) = 0`` (a path that reaches pure noise) nothing is added: ``x_t`` is then
+    independent of ``x_0``, so every ``grad_x log p(. | x_t)`` is exactly 0, while a score
+    increment written as a data prediction would divide by ``alpha``."""
     prediction, v = model.split(output)
-    step = model.process.convert(delta, torch.zeros_like(x), t.to(x.dtype), "score",
+    time = t.to(x.dtype)
+    step = model.process.convert(delta, torch.zeros_like(x), time, "score",
                                  model.network.prediction)
+    pure_noise = (model.process.alpha(time) == 0).reshape(-1, *([1] * (x.dim() - 1)))
+    step = torch.where(pure_noise, torch.zeros_like(step), step)  # no host sync on a device
     prediction = prediction + step
     return prediction if v is None else torch.cat([prediction, v], dim=1)
 
