@@ -71,10 +71,13 @@ def power_weights(t: int, gamma: float) -> torch.Tensor:
 
 
 def profile_inner(t_a: float, gamma_a: float, t_b: float, gamma_b: float) -> float:
-    """``<p_{t_a, gamma_a}, p_{t_b, gamma_b}>`` in ``L^2`` (the module docstring)."""
-    low = min(t_a, t_b)
-    return ((gamma_a + 1) * (gamma_b + 1) * low ** (gamma_a + gamma_b + 1)
-            / ((gamma_a + gamma_b + 1) * t_a ** (gamma_a + 1) * t_b ** (gamma_b + 1)))
+    """``<p_{t_a, gamma_a}, p_{t_b, gamma_b}>`` in ``L^2`` (the module docstring), written as
+    ``(gamma_a + 1)(gamma_b + 1) / (gamma_a + gamma_b + 1) * (t_lo / t_hi)^gamma_hi / t_hi``
+    (``gamma_hi`` the exponent of the later snapshot), which is the same quantity without
+    powers of ``t`` that overflow for short averages (large ``gamma``) late in training."""
+    (t_lo, _), (t_hi, gamma_hi) = sorted([(t_a, gamma_a), (t_b, gamma_b)])
+    return ((gamma_a + 1) * (gamma_b + 1) / (gamma_a + gamma_b + 1)
+            * (t_lo / t_hi) ** gamma_hi / t_hi)
 
 
 def solve_coefficients(snapshots: Sequence[tuple[float, float]], t: float, gamma: float
