@@ -20,9 +20,11 @@ seed 0; Gaussian noise ``sigma_y = 0.05`` wherever a task has noise, as in DiffP
 Methods (``data_std = 0.5`` everywhere): ``replacement`` with DDIM (50 steps, ``eta = 0``,
 ``clip_x0 = 1``); ``repaint``: replacement with RePaint's resampling on a 250-step
 sub-sequence, ``jump_length = 10``, ``resampling = 5``: 25 blocks of 10 steps each descended
-5 times, 250 x 5 = 1,250 network evaluations; ``pigdm`` (scale 1) and ``dps`` with DDIM 50;
+5 times, 250 x 5 = 1,250 network evaluations; ``pigdm`` (scale 1) and ``dps`` with DDIM 50
+(``dps1``: DPS at ``zeta = 1``, untuned);
 ``ddrm`` (the paper's ``eta = 0.85``, ``eta_b = 1``) taking DDIM's 50 steps, ``ddrm20`` the
-same on the paper's 20; ``diffpir`` with DDIM 50; ``ddnm`` with DDIM 50 at ``eta = 1`` (the
+same on the paper's 20 and ``ddrm100`` on 100; ``pigdm100``: ΠGDM on DDIM 100 (the goal's
+budget of 100 evaluations); ``diffpir`` with DDIM 50; ``ddnm`` with DDIM 50 at ``eta = 1`` (the
 paper's ancestral sampler on that sub-sequence) and ``ddnm_plus`` taking DDIM's 50 steps.
 DPS's ``zeta`` and DiffPIR's ``lam`` and DDIM ``eta`` (its ``zeta``, the share of fresh
 noise) are per task: ``--tune`` picks them by mean PSNR on the tuning split (held-out images
@@ -78,8 +80,8 @@ SIGMA_Y = 0.05
 PHOTONS = 50  # Poisson: y's standard deviation is sqrt(2 (x + 1) / 50): 0.2 at mid-gray
 PICTURE_COLUMNS = 8
 TUNE_OFFSET = 200  # the tuning split: held-out images TUNE_OFFSET .. (the table uses 0 .. n-1)
-ZETAS = (0.3, 1.0, 3.0, 10.0, 30.0)  # DPS's zeta (step: likelihood) on the tuning split
-DIFFPIR = tuple((lam, eta) for lam in (1.0, 3.0, 10.0, 30.0) for eta in (0.0, 0.5, 1.0))
+ZETAS = (1.0, 3.0, 10.0, 30.0, 100.0)  # DPS's zeta (step: likelihood) on the tuning split
+DIFFPIR = tuple((lam, eta) for lam in (0.3, 1.0, 3.0, 10.0) for eta in (0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -114,10 +116,16 @@ METHODS: dict[str, tuple[Method, Callable[[Settings], Solver]]] = {
               lambda _: DDIM(steps=50, clip_x0=1.0)),
     "dps": (lambda op, k: DPS(op, zeta=k.get("dps_zeta", 1.0), data_std=DATA_STD),
             lambda _: DDIM(steps=50, clip_x0=1.0)),
+    "dps1": (lambda op, _: DPS(op, zeta=1.0, data_std=DATA_STD),
+             lambda _: DDIM(steps=50, clip_x0=1.0)),
     "ddrm": (lambda op, _: DDRM(op, eta=0.85, eta_b=1.0),
              lambda _: DDIM(steps=50, clip_x0=1.0)),
     "ddrm20": (lambda op, _: DDRM(op, eta=0.85, eta_b=1.0),
                lambda _: DDIM(steps=20, clip_x0=1.0)),
+    "ddrm100": (lambda op, _: DDRM(op, eta=0.85, eta_b=1.0),
+                lambda _: DDIM(steps=100, clip_x0=1.0)),
+    "pigdm100": (lambda op, _: PiGDM(op, scale=1.0, data_std=DATA_STD),
+                 lambda _: DDIM(steps=100, clip_x0=1.0)),
     "diffpir": (lambda op, k: DiffPIR(op, lam=k.get("diffpir_lam", 1.0)),
                 lambda k: DDIM(steps=50, eta=k.get("diffpir_eta", 0.0), clip_x0=1.0)),
     "ddnm": (lambda op, _: DDNM(op), lambda _: DDIM(steps=50, eta=1.0, clip_x0=1.0)),
@@ -313,7 +321,8 @@ def main() -> None:
                 file.write("\n".join(lines) + "\n")
         if args.pictures is not None and results:
             args.pictures.mkdir(parents=True, exist_ok=True)
-            picture(task_name, operator, results, dataset.to_display).save(
+            cell = 48 if data.shape[-1] <= 16 else 64  # 8x8 digits x6, 32x32 photographs x2
+            picture(task_name, operator, results, dataset.to_display, cell).save(
                 args.pictures / f"{task_name}.png")
     total = time.perf_counter() - started
     print(f"\n{args.n} images per task from held-out image {offset}; {total / 60:.1f} minutes "
