@@ -8,7 +8,8 @@
 Tasks (the first ``--n`` held-out images from ``--offset``, one restoration each, measurement
 seed 0; Gaussian noise ``sigma_y = 0.05`` wherever a task has noise, as in DiffPIR's table):
 
-- ``digits-*`` on the digits DDPM (``ROOT/ddpm/latest``, ``specs/ddpm.yaml``, 1x8x8),
+- ``digits-*`` on the digits DDPM at ``ROOT/ddpm/latest`` (1x8x8; ``specs/ddpm.yaml``'s run,
+  or as docs/inverse.md measured it, ``specs/min_snr_digits.yaml``'s placed there),
   ``photos-*`` on the photographs DDPM (``ROOT/photos_ddpm/latest``, ``specs/photos_ddpm.yaml``,
   3x32x32 patches of scikit-image's CC0 / public-domain photographs), pixels in [-1, 1];
 - ``box`` (inpaint the centred hole of half the side, noiseless), ``random`` (inpaint, 30 % of
