@@ -187,9 +187,22 @@ output: {root: {root}}
 """
 
 
+def on_the_photon_lattice(npz_path, photons: float) -> bool:
+    """Whether the saved measurement is ``-1 + 2 k / photons`` for counts ``k >= 0``."""
+    with np.load(npz_path) as npz:
+        counts = (npz["measurement"].astype(np.float64) + 1) * photons / 2
+    return bool(np.allclose(counts, counts.round(), atol=1e-4) and (counts >= 0).all())
+
+
 def test_a_spec_restores_a_poisson_measurement_with_dps(tmp_path, capsys):
-    """The Poisson case through a spec's restore section: DPS runs and the measurement it
-    saved lies on the photon-count lattice; ΠGDM is refused with the reason (exit 2)."""
+    """The Poisson case through a spec's restore section and through ``dkit restore`` with the
+    method of the shipped ``specs/poisson_photos.yaml``: DPS runs and the measurement it saved
+    lies on the photon-count lattice; ΠGDM is refused with the reason (exit 2)."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
     from tests.helpers import run_cli, write_spec
 
     code, _, err = run_cli(["run", str(write_spec(tmp_path, SPEC.replace("METHOD", "dps"))),
@@ -197,10 +210,17 @@ def test_a_spec_restores_a_poisson_measurement_with_dps(tmp_path, capsys):
     assert code == 0, err
     (run,) = [p for p in (tmp_path / "runs" / "poisson_restore").iterdir()
               if p.name != "latest"]
-    with np.load(run / "restore.npz") as npz:
-        y = npz["measurement"].astype(np.float64)
-    counts = (y + 1) * 50 / 2
-    assert np.allclose(counts, counts.round(), atol=1e-4) and (counts >= 0).all()
+    assert on_the_photon_lattice(run / "restore.npz", 50)
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "specs" /
+                              "poisson_photos.yaml").read_text(encoding="utf-8"))
+    method = shipped["restore"]["method"]
+    assert method["kind"] == "dps" and method["operator"]["noise"] == "poisson"
+    code, _, err = run_cli(["restore", str(run), "--method", json.dumps(method), "--n", "2",
+                            "--solver", "{kind: ddim, steps: 3}", "--quiet"], capsys)
+    assert code == 0, err
+    (folder,) = (run / "restoration").iterdir()
+    assert folder.name.startswith("dps-denoise-")
+    assert on_the_photon_lattice(folder / "restore.npz", method["operator"]["photons"])
     code, out, err = run_cli(["run", str(write_spec(tmp_path, SPEC.replace("METHOD", "pigdm"),
                                                     "refused.yaml"))], capsys)
     assert code == 2 and "Gaussian measurement noise" in out + err

@@ -147,8 +147,8 @@ def test_dps_restores_through_the_nonlinear_sensor():
 
 
 def test_a_spec_restores_through_the_plugin_sensor(tanh_plugin, tmp_path, capsys):
-    """The nonlinear case through a spec's restore section (the plugin installed): DPS runs,
-    ΠGDM is refused with exit 2 naming what is missing."""
+    """The nonlinear case through a spec's restore section and through ``dkit restore`` (the
+    plugin installed): DPS runs, ΠGDM is refused with exit 2 naming what is missing."""
     from tests.helpers import run_cli, write_spec
     from tests.test_noise_models import SPEC
 
@@ -159,6 +159,13 @@ def test_a_spec_restores_through_the_plugin_sensor(tanh_plugin, tmp_path, capsys
     assert code == 0, err
     (run,) = [p for p in (tmp_path / "runs" / "tanh_restore").iterdir() if p.name != "latest"]
     assert "tanh_sensor" in (run / "spec.yaml").read_text()
+    code, _, err = run_cli(["restore", str(run), "--operator", "{kind: tanh_sensor}",
+                            "--method", "dps", "--n", "2", "--solver", "{kind: ddim, steps: 3}",
+                            "--quiet"], capsys)  # the same through dkit restore
+    assert code == 0, err
+    (folder,) = (run / "restoration").iterdir()
+    assert folder.name.startswith("dps-tanh_sensor-")
+    assert (folder / "restore.npz").is_file()
     code, out, err = run_cli(["run", str(write_spec(tmp_path, text.replace("METHOD", "pigdm"),
                                                     "refused.yaml"))], capsys)
     assert code == 2 and "an operator with an SVD (TanhSensor is nonlinear: use dps)" in out + err
