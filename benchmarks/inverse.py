@@ -21,7 +21,9 @@ seed 0; Gaussian noise ``sigma_y = 0.05`` wherever a task has noise, as in DiffP
 Methods (``data_std = 0.5`` everywhere): ``replacement`` with DDIM (50 steps, ``eta = 0``,
 ``clip_x0 = 1``); ``repaint``: replacement with RePaint's resampling on a 250-step
 sub-sequence, ``jump_length = 10``, ``resampling = 5``: 25 blocks of 10 steps each descended
-5 times, 250 x 5 = 1,250 network evaluations; ``pigdm`` (scale 1) and ``dps`` with DDIM 50
+5 times, 250 x 5 = 1,250 network evaluations, and ``repaint100`` the same resampling at the
+goal's budget (20 steps, ``jump_length = 5``: 4 blocks of 5 each descended 5 times, 100
+evaluations); ``pigdm`` (scale 1) and ``dps`` with DDIM 50
 (``dps1``: DPS at ``zeta = 1``, untuned);
 ``ddrm`` (the paper's ``eta = 0.85``, ``eta_b = 1``) taking DDIM's 50 steps, ``ddrm20`` the
 same on the paper's 20 and ``ddrm100`` on 100; ``pigdm100``: ΠGDM on DDIM 100 (the goal's
@@ -113,6 +115,8 @@ METHODS: dict[str, tuple[Method, Callable[[Settings], Solver]]] = {
                     lambda _: DDIM(steps=50, clip_x0=1.0)),
     "repaint": (lambda op, _: Replacement(op, data_std=DATA_STD),
                 lambda _: RePaint(steps=250, jump_length=10, resampling=5, clip_x0=1.0)),
+    "repaint100": (lambda op, _: Replacement(op, data_std=DATA_STD),
+                   lambda _: RePaint(steps=20, jump_length=5, resampling=5, clip_x0=1.0)),
     "pigdm": (lambda op, _: PiGDM(op, scale=1.0, data_std=DATA_STD),
               lambda _: DDIM(steps=50, clip_x0=1.0)),
     "dps": (lambda op, k: DPS(op, zeta=k.get("dps_zeta", 1.0), data_std=DATA_STD),
