@@ -45,7 +45,7 @@ STATISTICS = ("swd", "fd", "class_tv")
 
 #: recipe -> the spec (and run) name
 RECIPES = {"DDPM-ε": "ddim", "v-prediction": "v_digits", "EDM": "edm_digits",
-           "flow matching": "flow_digits"}
+           "flow matching": "flow_digits", "DDPM-ε, Min-SNR-5": "min_snr_digits"}
 BUDGETS = (10, 20)
 #: distilled models: spec name -> (recipe, their sampler, its step counts)
 DISTILLED = {"cd_digits": ("consistency-distilled (from EDM)", "consistency", [1, 2, 4]),
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="copy each table row's sample grid here as <spec>_<nfe>.png")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--only", nargs="*", metavar="NAME",
-                        help="only these of the four recipes' runs (none: --only alone)")
+                        help="only these of the recipes' runs (none: --only alone)")
     parser.add_argument("--distilled", nargs="*", metavar="NAME", default=list(DISTILLED),
                         choices=list(DISTILLED),
                         help="the distilled models measured (a missing run is skipped)")
