@@ -29,6 +29,7 @@ log callbacks.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -233,6 +234,10 @@ def leave_distributed(distributed: Distributed) -> None:
     if dist.is_initialized():
         from torch.distributed import distributed_c10d
 
+        # DistributedDataParallel wrappers no longer reachable (a finished trainer held in a
+        # reference cycle) must be finalised while their group is alive: a reducer destroyed
+        # after destroy_process_group can abort the process at exit.
+        gc.collect()
         store = distributed_c10d._get_default_store()
         dist.barrier()
         dist.destroy_process_group()

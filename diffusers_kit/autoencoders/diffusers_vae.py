@@ -38,13 +38,11 @@ from diffusers_kit.interop.diffusers_folder import (
     MODEL_CONFIG,
     MODEL_INDEX,
     check_class,
-    check_fingerprint,
-    check_safetensors,
     component_folder,
     forgive_referenced,
     listed_components,
+    load_model,
     read_json,
-    weight_files,
 )
 
 MISSING = ("diffusers_vae needs the diffusers library, which is not installed: install the "
@@ -109,22 +107,7 @@ class DiffusersVAE(Autoencoder):
             raise ValueError(f"{user}: the {kind} in {folder} takes images of {channels} "
                              f"channels with sides divisible by {factor}; this data set's "
                              f"examples have shape {shape}")
-        check_safetensors(folder, user)
-        if sha256 is not None:
-            check_fingerprint([folder / MODEL_CONFIG, *weight_files(folder)], sha256, size, user)
-        elif size is not None:
-            raise ValueError(f"{user}: size is set without sha256; set both (dkit import "
-                             "records them) or neither")
-        try:
-            import diffusers
-        except ImportError as exc:
-            raise ValueError(MISSING) from exc
-        try:
-            vae = getattr(diffusers, kind).from_pretrained(
-                folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
-        except Exception as exc:  # diffusers raises OSError, ValueError, RuntimeError ...
-            raise ValueError(f"{user}: cannot load the {kind} in {folder}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        vae = load_model(folder, kind, sha256, size, user, MISSING)
         self.vae = vae
         self.kind = kind
         self.path = str(path)

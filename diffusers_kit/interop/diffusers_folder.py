@@ -3,8 +3,9 @@
 A pipeline folder holds ``model_index.json`` (component name -> ``[library, class]``) and one
 subfolder per component: ``unet/config.json`` with ``unet/diffusion_pytorch_model.safetensors``,
 ``scheduler/scheduler_config.json``, ... A component folder is one of those subfolders on its
-own. Everything here reads JSON only (no diffusers import), and every failure is a
-``ValueError`` naming the folder and what is wrong, which the run graph reports as a spec error.
+own. Everything here reads JSON only (diffusers is imported by :func:`load_model` alone, when a
+model is built), and every failure is a ``ValueError`` naming the folder and what is wrong,
+which the run graph reports as a spec error.
 """
 
 from __future__ import annotations
@@ -173,6 +174,41 @@ def check_fingerprint(files: list[Path], sha256: str, size: int | None, user: st
     if found != sha256.lower():
         raise ValueError(f"{user}: {names} changed since they were imported: SHA-256 "
                          f"{found[:16]}..., recorded {sha256[:16]}...; {advice}")
+
+
+def read_scheduler_config(path: str | os.PathLike[str], sha256: str | None, user: str
+                     ) -> tuple[Path, dict[str, Any]]:
+    """The scheduler component's ``scheduler_config.json`` (its file and contents) under
+    ``path`` (a pipeline or the component folder), its :func:`fingerprint` checked when
+    ``sha256`` is given."""
+    file = component_folder(path, "scheduler", SCHEDULER_CONFIG, user) / SCHEDULER_CONFIG
+    if sha256 is not None:
+        check_fingerprint([file], sha256, None, user)
+    return file, read_json(file)
+
+
+def load_model(folder: Path, kind: str, sha256: str | None, size: int | None, user: str,
+               missing: str) -> Any:
+    """The diffusers model class ``kind`` (``UNet2DModel``, ``AutoencoderKL``, ...) loaded from
+    the component ``folder``: safetensors weights only, their :func:`fingerprint` checked when
+    ``sha256`` is given (``size`` needs it), offline. ``missing``: the message when diffusers is
+    not installed."""
+    check_safetensors(folder, user)
+    if sha256 is not None:
+        check_fingerprint([folder / MODEL_CONFIG, *weight_files(folder)], sha256, size, user)
+    elif size is not None:
+        raise ValueError(f"{user}: size is set without sha256; set both (dkit import records "
+                         "them) or neither")
+    try:
+        import diffusers
+    except ImportError as exc:
+        raise ValueError(missing) from exc
+    try:
+        return getattr(diffusers, kind).from_pretrained(
+            folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
+    except Exception as exc:  # diffusers raises OSError, ValueError, RuntimeError ...
+        raise ValueError(f"{user}: cannot load the {kind} in {folder}: "
+                         f"{type(exc).__name__}: {exc}") from exc
 
 
 def forgive_referenced(module: Any, prefix: str, incompatible: Any) -> None:

@@ -50,13 +50,11 @@ from diffusers_kit.interop.diffusers_folder import (
     MODEL_CONFIG,
     SCHEDULER_DEFAULTS,
     check_class,
-    check_fingerprint,
-    check_safetensors,
     component_folder,
     forgive_referenced,
+    load_model,
     read_json,
     scheduler_near,
-    weight_files,
 )
 from diffusers_kit.networks.base import Network
 from diffusers_kit.processes.ddpm import MAX_STEPS
@@ -189,23 +187,7 @@ class DiffusersUNet(Network):
             raise ValueError(f"{user}: the U-Net in {folder} takes images of {channels} "
                              f"channels with sides divisible by {factor} (it was built for "
                              f"{own}); this data set's examples have shape {shape}")
-        check_safetensors(folder, user)
-        if sha256 is not None:
-            check_fingerprint([folder / MODEL_CONFIG, *weight_files(folder)], sha256, size, user)
-        elif size is not None:
-            raise ValueError(f"{user}: size is set without sha256; set both (dkit import "
-                             "records them) or neither")
-        try:
-            import diffusers
-        except ImportError as exc:
-            raise ValueError(MISSING) from exc
-        kind = config["_class_name"]
-        try:
-            unet = getattr(diffusers, kind).from_pretrained(
-                folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
-        except Exception as exc:  # diffusers raises OSError, ValueError, RuntimeError ...
-            raise ValueError(f"{user}: cannot load the {kind} in {folder}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        unet = load_model(folder, config["_class_name"], sha256, size, user, MISSING)
         super().__init__(prediction)
         self.unet = unet
         self.path = str(path)

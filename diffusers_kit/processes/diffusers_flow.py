@@ -35,11 +35,8 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from diffusers_kit.interop.diffusers_folder import (
-    SCHEDULER_CONFIG,
     check_class,
-    check_fingerprint,
-    component_folder,
-    read_json,
+    read_scheduler_config,
 )
 from diffusers_kit.processes.flow import Flow, shift_time
 
@@ -105,11 +102,8 @@ class DiffusersFlow(Flow):
                  sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
                  ) -> None:
         user = "diffusers_flow"
-        folder = component_folder(path, "scheduler", SCHEDULER_CONFIG, user)
-        file = folder / SCHEDULER_CONFIG
-        if sha256 is not None:
-            check_fingerprint([file], sha256, None, user)
-        config = read_json(file)
+        file, config = read_scheduler_config(path, sha256, user)
+        folder = file.parent
         try:
             name = check_class(config, FLOW_SCHEDULERS, folder, user)
         except ValueError as exc:

@@ -29,12 +29,9 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.interop.diffusers_folder import (
-    SCHEDULER_CONFIG,
     SCHEDULER_DEFAULTS,
     check_class,
-    check_fingerprint,
-    component_folder,
-    read_json,
+    read_scheduler_config,
 )
 from diffusers_kit.processes.ddpm import DDPM, cosine_betas, linear_betas, scaled_linear_betas
 from diffusers_kit.processes.diffusers_flow import is_flow_config
@@ -112,11 +109,8 @@ class DiffusersSchedule(DDPM):
                  sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
                  ) -> None:
         user = "diffusers_scheduler"
-        folder = component_folder(path, "scheduler", SCHEDULER_CONFIG, user)
-        file = folder / SCHEDULER_CONFIG
-        if sha256 is not None:
-            check_fingerprint([file], sha256, None, user)
-        config = read_json(file)
+        file, config = read_scheduler_config(path, sha256, user)
+        folder = file.parent
         if is_flow_config(config):
             raise ValueError(f"{user}: {file} is a flow-matching scheduler "
                              f"({config['_class_name']}); its path reaches alpha(1) = 0 and "
