@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -25,3 +26,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # One thread: small tensors run fastest so, and bit-identity tests need a fixed reduction order.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test's own computations, as in the processes it starts (the
+    torchrun and training children): the same kernels, so the same bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

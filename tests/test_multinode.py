@@ -41,8 +41,9 @@ from diffusers_kit.cli.main import main
 from diffusers_kit.pipeline import run_folders
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="finds a node's worker processes through /proc")
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                 reason="finds a node's worker processes through /proc"),
+              pytest.mark.usefixtures("one_thread")]  # tests/conftest.py
 
 # 4 ranks x 8 = a global batch of 32; 512 examples are 16 global batches, so 12 steps stay in
 # the first epoch
@@ -172,14 +173,6 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys() and len(a) > 4
     return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_two_nodes_train_as_one_process_and_resume_after_a_node_is_killed(tmp_path):

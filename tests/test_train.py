@@ -78,13 +78,7 @@ def child(args: list[str], **kwargs) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread, as in the children (same kernels, same bits); tiny networks are faster so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # -- schedule and accumulation -----------------------------------------------------------------
