@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
 from diffusers_kit.cli.main import main
+from diffusers_kit.run_folder import run_folders
 
 TINY_SPEC = """\
 name: tiny
@@ -36,12 +38,57 @@ output:
 """
 
 
+#: a two-moons spec that trains, samples and evaluates in about a second
+MOONS_SPEC = """\
+name: tiny
+seed: 1
+device: cpu
+data: {kind: two_moons, n_train: 256, n_heldout: 64}
+process: {kind: ve, sigma_min: 0.01, sigma_max: 2.0, num_levels: 4}
+network: {kind: mlp, width: 16, blocks: 1}
+objective: {kind: dsm}
+train:
+  steps: 8
+  batch_size: 32
+  log_every: 4
+  optimizer: {kind: adam, lr: 0.001}
+sample:
+  n: 16
+  solver: {kind: annealed_langevin, steps_per_level: 2, epsilon: 1.0e-4}
+evaluate:
+  metrics: [{kind: swd, projections: 16}]
+output:
+  root: {root}
+"""
+
+
 def write_spec(tmp_path: Path, text: str | None = None, name: str = "spec.yaml") -> Path:
     """Write a spec (the tiny one by default) whose runs go under ``tmp_path/runs``."""
     text = TINY_SPEC if text is None else text
     path = tmp_path / name
     path.write_text(text.replace("{root}", str(tmp_path / "runs")), encoding="utf-8")
     return path
+
+
+def run_dirs(root: Path, name: str = "tiny") -> list[Path]:
+    """The run folders of spec ``name`` under ``root/runs``, oldest first."""
+    return run_folders(root / "runs", name)
+
+
+def finished_run(base: Path, text: str) -> tuple[Path, Path]:
+    """``text`` written as a spec under ``base`` and run to the end: (spec, run folder)."""
+    spec = write_spec(base, text)
+    assert main(["run", str(spec), "--quiet"]) == 0
+    (run_dir,) = run_dirs(base)
+    return spec, run_dir
+
+
+def copy_run(run_dir: Path, tmp_path: Path, text: str) -> tuple[Path, Path]:
+    """A copy of the finished ``run_dir`` under ``tmp_path/runs``, with ``text`` written as the
+    spec beside it: (spec, copied run folder)."""
+    target = tmp_path / "runs" / run_dir.parent.name / run_dir.name
+    shutil.copytree(run_dir, target, symlinks=True)
+    return write_spec(tmp_path, text), target
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]

@@ -6,7 +6,6 @@ diverged run resumes with --allow-change."""
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from diffusers_kit.checkpoint import (
     remove_orphans,
     save_checkpoint,
 )
-from tests.helpers import run_cli, write_spec
+from tests.helpers import MOONS_SPEC, copy_run, finished_run, run_cli, run_dirs
 
 CKPT = "checkpoint.safetensors"
 
@@ -111,7 +110,6 @@ def test_orphan_temporary_files_are_removed_and_nothing_else(tmp_path):
     assert all(p.exists() for p in keep)
 
 
-
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_atomic_writes_have_the_permissions_of_any_new_file(tmp_path, umask):
     # mkstemp made checkpoints, run.json and metrics.json 0600 whatever the umask: a run shared
@@ -129,51 +127,13 @@ def test_atomic_writes_have_the_permissions_of_any_new_file(tmp_path, umask):
     assert modes == {CKPT: 0o666 & ~umask, "plain.txt": 0o666 & ~umask}, "no temporary left"
 
 # -- through the CLI ---------------------------------------------------------------------------
-MOONS = """\
-name: tiny
-seed: 1
-device: cpu
-data: {kind: two_moons, n_train: 256, n_heldout: 64}
-process: {kind: ve, sigma_min: 0.01, sigma_max: 2.0, num_levels: 4}
-network: {kind: mlp, width: 16, blocks: 1}
-objective: {kind: dsm}
-train:
-  steps: 8
-  batch_size: 32
-  log_every: 4
-  optimizer: {kind: adam, lr: 0.001}
-sample:
-  n: 16
-  solver: {kind: annealed_langevin, steps_per_level: 2, epsilon: 1.0e-4}
-evaluate:
-  metrics: [{kind: swd, projections: 16}]
-output:
-  root: {root}
-"""
-
-
-def run_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in (root / "runs" / "tiny").iterdir()
-                  if p.is_dir() and not p.is_symlink())
+MOONS = MOONS_SPEC
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """One finished tiny run, trained once for the whole module."""
-    from diffusers_kit.cli.main import main
-
-    base = tmp_path_factory.mktemp("finished")
-    spec = write_spec(base, MOONS)
-    assert main(["run", str(spec), "--quiet"]) == 0
-    (run_dir,) = run_dirs(base)
-    return spec, run_dir
-
-
-def copy_run(finished, tmp_path) -> tuple[Path, Path]:
-    _, run_dir = finished
-    target = tmp_path / "runs" / "tiny" / run_dir.name
-    shutil.copytree(run_dir, target, symlinks=True)
-    return write_spec(tmp_path, MOONS), target
+    return finished_run(tmp_path_factory.mktemp("finished"), MOONS)
 
 
 def damage(path: Path, case: str) -> None:
@@ -193,7 +153,7 @@ def corruptions_of_file(path: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("case", ["zero-length", "truncated", "flipped header", "flipped data"])
 @pytest.mark.parametrize("how", ["--resume", "--from", "sample"])
 def test_a_damaged_checkpoint_exits_4_naming_the_file(finished, tmp_path, capsys, case, how):
-    spec, run_dir = copy_run(finished, tmp_path)
+    spec, run_dir = copy_run(finished[1], tmp_path, MOONS)
     checkpoint = run_dir / CKPT
     damage(checkpoint, case)
     if how == "sample":
@@ -214,7 +174,7 @@ def test_a_damaged_checkpoint_exits_4_naming_the_file(finished, tmp_path, capsys
 
 def test_a_checkpoint_without_training_state_keys_is_refused_on_resume(finished, tmp_path,
                                                                         capsys):
-    spec, run_dir = copy_run(finished, tmp_path)
+    spec, run_dir = copy_run(finished[1], tmp_path, MOONS)
     loaded, meta = load_checkpoint(run_dir / CKPT)
     del meta["training"]["optimizer"]
     loaded.pop("train.rng.data")
@@ -226,7 +186,7 @@ def test_a_checkpoint_without_training_state_keys_is_refused_on_resume(finished,
 
 
 def test_resume_removes_an_orphan_temporary_file(finished, tmp_path, capsys):
-    spec, run_dir = copy_run(finished, tmp_path)
+    spec, run_dir = copy_run(finished[1], tmp_path, MOONS)
     orphan = run_dir / f".{CKPT}.k1ll3d.tmp"
     orphan.write_bytes(b"a write that a kill -9 interrupted")
     code, _, err = run_cli(["run", str(spec), "--resume", str(run_dir), "train.steps=10",
@@ -238,7 +198,7 @@ def test_resume_removes_an_orphan_temporary_file(finished, tmp_path, capsys):
 
 
 def test_resume_after_divergence_with_a_smaller_learning_rate(finished, tmp_path, capsys):
-    spec, run_dir = copy_run(finished, tmp_path)
+    spec, run_dir = copy_run(finished[1], tmp_path, MOONS)
     code, _, err = run_cli(["run", str(spec), "--resume", str(run_dir), "train.steps=10",
                             "train.optimizer.lr=0.0001", "--quiet"], capsys)
     flat = " ".join(err.split())
@@ -256,7 +216,7 @@ def test_resume_after_divergence_with_a_smaller_learning_rate(finished, tmp_path
 
 
 def test_allow_change_still_refuses_a_network_that_cannot_load(finished, tmp_path, capsys):
-    spec, run_dir = copy_run(finished, tmp_path)
+    spec, run_dir = copy_run(finished[1], tmp_path, MOONS)
     code, out, err = run_cli(["run", str(spec), "--resume", str(run_dir), "train.steps=10",
                               "network.width=8", "--allow-change", "network", "--quiet"], capsys)
     flat = " ".join(err.split())
@@ -266,7 +226,7 @@ def test_allow_change_still_refuses_a_network_that_cannot_load(finished, tmp_pat
 
 
 def test_from_with_training_warm_starts_and_names_the_differences(finished, tmp_path, capsys):
-    spec, run_dir = copy_run(finished, tmp_path)
+    spec, run_dir = copy_run(finished[1], tmp_path, MOONS)
     code, _, err = run_cli(["run", str(spec), "--from", str(run_dir), "train.steps=2",
                             "train.optimizer.lr=0.0005", "--quiet"], capsys)
     assert code == 0, err
@@ -277,7 +237,7 @@ def test_from_with_training_warm_starts_and_names_the_differences(finished, tmp_
 
 
 def test_a_foreign_spec_yaml_in_the_run_folder_is_reported(finished, tmp_path, capsys):
-    spec, run_dir = copy_run(finished, tmp_path)
+    spec, run_dir = copy_run(finished[1], tmp_path, MOONS)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(["not", "a", "spec"]))
     code, out, err = run_cli(["run", str(spec), "--resume", str(run_dir), "--quiet"], capsys)
     assert code == 4 and "spec.yaml" in err and "Traceback" not in out + err

@@ -15,40 +15,14 @@ import pytest
 from diffusers_kit.checkpoint import load_metadata
 from diffusers_kit.hookspecs import hookimpl
 from diffusers_kit.registry import get_plugin_manager
-from tests.helpers import run_cli, write_spec
+from tests.helpers import MOONS_SPEC, copy_run, finished_run, run_cli, run_dirs, write_spec
 
 CKPT = "checkpoint.safetensors"
-MOONS = """\
-name: tiny
-seed: 1
-device: cpu
-data: {kind: two_moons, n_train: 256, n_heldout: 64}
-process: {kind: ve, sigma_min: 0.01, sigma_max: 2.0, num_levels: 4}
-network: {kind: mlp, width: 16, blocks: 1}
-objective: {kind: dsm}
-train:
-  steps: 8
-  batch_size: 32
-  log_every: 2
-  optimizer: {kind: adam, lr: 0.001}
-sample:
-  n: 16
-  solver: {kind: annealed_langevin, steps_per_level: 2, epsilon: 1.0e-4}
-evaluate:
-  metrics: [{kind: swd, projections: 16}]
-output:
-  root: {root}
-"""
+MOONS = MOONS_SPEC.replace("log_every: 4", "log_every: 2")  # this module logs every 2 steps
 
 
 def flat(text: str) -> str:
     return " ".join(text.split())
-
-
-def run_dirs(root: Path) -> list[Path]:
-    group = root / "runs" / "tiny"
-    return sorted(p for p in group.iterdir() if p.is_dir() and not p.is_symlink()
-                  and not p.name.startswith("."))
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -60,20 +34,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """One finished tiny run, trained once for the whole module."""
-    from diffusers_kit.cli.main import main
-
-    base = tmp_path_factory.mktemp("finished")
-    spec = write_spec(base, MOONS)
-    assert main(["run", str(spec), "--quiet"]) == 0
-    (run_dir,) = run_dirs(base)
-    return spec, run_dir
-
-
-def copy_run(finished, tmp_path) -> tuple[Path, Path]:
-    _, run_dir = finished
-    target = tmp_path / "runs" / "tiny" / run_dir.name
-    shutil.copytree(run_dir, target, symlinks=True)
-    return write_spec(tmp_path, MOONS), target
+    return finished_run(tmp_path_factory.mktemp("finished"), MOONS)
 
 
 # -- SIGTERM is Ctrl-C -----------------------------------------------------------------------------
@@ -119,7 +80,7 @@ def test_sigterm_before_training_of_an_extension_gives_the_resume_command(finish
                                                                           capsys):
     # before: 'terminated (SIGTERM)' alone, and the new folder's record said step 0 while it held
     # the finished run's step-8 checkpoint
-    spec, run_dir = copy_run(finished, tmp_path)
+    spec, run_dir = copy_run(finished[1], tmp_path, MOONS)
     before = snapshot(run_dir)
     manager = get_plugin_manager()
     plugin = TerminateAtStart()
@@ -146,7 +107,7 @@ def test_sigterm_while_dkit_sample_writes_leaves_no_partial_folder(finished, tmp
                                                                    monkeypatch):
     from PIL import Image
 
-    _, run_dir = copy_run(finished, tmp_path)
+    _, run_dir = copy_run(finished[1], tmp_path, MOONS)
     monkeypatch.setattr(Image.Image, "save",
                         lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
     code, out, err = run_cli(["sample", str(run_dir)], capsys)
@@ -223,7 +184,7 @@ def test_a_failed_restore_leaves_no_folder(digits, tmp_path, capsys, monkeypatch
 
 def test_evaluate_with_another_runs_samples_never_writes_beside_them(finished, tmp_path,
                                                                      capsys):
-    _, a = copy_run(finished, tmp_path)
+    _, a = copy_run(finished[1], tmp_path, MOONS)
     b = tmp_path / "other" / "b"
     shutil.copytree(a, b)
     before_a, before_b = snapshot(a), snapshot(b)
@@ -246,7 +207,7 @@ def test_evaluate_with_another_runs_samples_never_writes_beside_them(finished, t
 
 
 def test_resume_with_fewer_steps_is_refused_with_the_reason(finished, tmp_path, capsys):
-    spec, run_dir = copy_run(finished, tmp_path)
+    spec, run_dir = copy_run(finished[1], tmp_path, MOONS)
     before = snapshot(run_dir)
     code, out, err = run_cli(["run", str(spec), "--resume", str(run_dir), "train.steps=4",
                               "--quiet"], capsys)
@@ -259,7 +220,7 @@ def test_resume_with_fewer_steps_is_refused_with_the_reason(finished, tmp_path, 
 def test_extending_a_finished_run_writes_a_new_folder_and_leaves_it_untouched(finished,
                                                                                tmp_path, capsys,
                                                                                monkeypatch):
-    spec, run_dir = copy_run(finished, tmp_path)
+    spec, run_dir = copy_run(finished[1], tmp_path, MOONS)
     before = snapshot(run_dir)
     monkeypatch.chdir(tmp_path)  # a relative RUN_DIR is recorded as the absolute folder
     code, _, err = run_cli(["run", str(spec), "--resume", str(run_dir.relative_to(tmp_path)),
@@ -277,7 +238,7 @@ def test_re_evaluating_a_finished_run_that_fails_keeps_it_finished(finished, tmp
                                                                   monkeypatch):
     import diffusers_kit.run.stages as stages
 
-    spec, run_dir = copy_run(finished, tmp_path)
+    spec, run_dir = copy_run(finished[1], tmp_path, MOONS)
     before = snapshot(run_dir)
 
     def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -293,7 +254,7 @@ def test_re_evaluating_a_finished_run_that_fails_keeps_it_finished(finished, tmp
 
 
 def test_resume_refuses_run_files_that_link_outside(finished, tmp_path, capsys):
-    spec, run_dir = copy_run(finished, tmp_path)
+    spec, run_dir = copy_run(finished[1], tmp_path, MOONS)
     record = json.loads((run_dir / "run.json").read_text())
     record["status"] = "interrupted"
     (run_dir / "run.json").write_text(json.dumps(record))
@@ -482,7 +443,7 @@ def test_nan_samples_fail_the_run_with_exit_1_naming_stage_and_solver(tmp_path, 
 def test_evaluate_of_nan_samples_is_refused(finished, tmp_path, capsys):
     import numpy as np
 
-    _, run_dir = copy_run(finished, tmp_path)
+    _, run_dir = copy_run(finished[1], tmp_path, MOONS)
     np.savez(tmp_path / "nan.npz", samples=np.full((16, 2), np.nan, dtype=np.float32))
     code, out, err = run_cli(["evaluate", str(run_dir), "--samples", str(tmp_path / "nan.npz")],
                              capsys)
@@ -503,7 +464,7 @@ def test_seed_options_are_validated_like_the_spec(finished, capsys, command, see
 def test_seeds_that_share_their_low_32_bits_give_different_samples(finished, tmp_path, capsys):
     import numpy as np
 
-    _, run_dir = copy_run(finished, tmp_path)
+    _, run_dir = copy_run(finished[1], tmp_path, MOONS)
     drawn = []
     for seed in ("0", str(2**32)):
         code, _, err = run_cli(["sample", str(run_dir), "--seed", seed], capsys)
@@ -525,7 +486,7 @@ def test_labels_on_an_unconditional_model_are_refused(digits, capsys):
 
 # -- bounded work ----------------------------------------------------------------------------------
 def test_a_sweep_caps_its_values_before_any_work(finished, tmp_path, capsys):
-    _, run_dir = copy_run(finished, tmp_path)
+    _, run_dir = copy_run(finished[1], tmp_path, MOONS)
     before = snapshot(run_dir)
     many = ",".join(str(k) for k in range(1, 10_001))
     code, out, err = run_cli(["sweep", str(run_dir),
@@ -553,7 +514,7 @@ def test_a_symlinked_group_folder_is_not_followed_out_of_the_root(tmp_path, caps
 
 
 def test_a_symlinked_sampling_folder_is_not_written_through(finished, tmp_path, capsys):
-    _, run_dir = copy_run(finished, tmp_path)
+    _, run_dir = copy_run(finished[1], tmp_path, MOONS)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (run_dir / "sampling").symlink_to(elsewhere, target_is_directory=True)
@@ -568,7 +529,7 @@ def test_a_checkpoint_whose_checksum_was_removed_is_refused(finished, tmp_path, 
 
     from diffusers_kit.checkpoint import CHECKSUM_KEY, read_header
 
-    _, run_dir = copy_run(finished, tmp_path)
+    _, run_dir = copy_run(finished[1], tmp_path, MOONS)
     raw, _ = read_header(run_dir / CKPT)
     tensors = load_file(str(run_dir / CKPT))
     edited = {k: (v.fill_(float("nan")) if not k.startswith("train.") and v.is_floating_point()
@@ -592,7 +553,7 @@ def test_a_checkpoint_whose_checksum_was_removed_is_refused(finished, tmp_path, 
                                   ["sample", "{run}", "network.width=8"]])
 def test_changing_what_the_model_is_on_sample_or_sweep_is_refused(finished, tmp_path, capsys,
                                                                   args):
-    _, run_dir = copy_run(finished, tmp_path)
+    _, run_dir = copy_run(finished[1], tmp_path, MOONS)
     before = snapshot(run_dir)
     code, out, err = run_cli([a.replace("{run}", str(run_dir)) for a in args], capsys)
     message = flat(err)
@@ -608,7 +569,7 @@ def test_a_full_disk_in_dkit_sample_gives_advice_that_fits(finished, tmp_path, c
 
     import diffusers_kit.cli.sample as sample_cli
 
-    _, run_dir = copy_run(finished, tmp_path)
+    _, run_dir = copy_run(finished[1], tmp_path, MOONS)
 
     def full(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "sampling"))
