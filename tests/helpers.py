@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 
 from diffusers_kit.cli.main import main
 from diffusers_kit.run_folder import run_folders
@@ -79,7 +80,7 @@ def finished_run(base: Path, text: str) -> tuple[Path, Path]:
     """``text`` written as a spec under ``base`` and run to the end: (spec, run folder)."""
     spec = write_spec(base, text)
     assert main(["run", str(spec), "--quiet"]) == 0
-    (run_dir,) = run_dirs(base)
+    (run_dir,) = run_dirs(base, yaml.safe_load(spec.read_text(encoding="utf-8"))["name"])
     return spec, run_dir
 
 

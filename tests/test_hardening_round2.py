@@ -134,12 +134,7 @@ RESTORE = ["--operator", "denoise", "--method", "dps", "--n", "1", "--solver",
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    from diffusers_kit.cli.main import main
-
-    base = tmp_path_factory.mktemp("digits")
-    assert main(["run", str(write_spec(base, DIGITS)), "--quiet"]) == 0
-    (run_dir,) = run_dirs(base)
-    return run_dir
+    return finished_run(tmp_path_factory.mktemp("digits"), DIGITS)[1]
 
 
 def test_two_restores_in_the_same_second_get_two_folders(digits, tmp_path, capsys,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import run_cli, write_spec
+from tests.helpers import finished_run, run_cli, write_spec
 
 SPEC = """\
 name: tiny_restore
@@ -33,17 +33,9 @@ output: {root: {root}}
 """
 
 
-def latest(tmp_path: Path, name: str) -> Path:
-    return sorted(p for p in (tmp_path / "runs" / name).iterdir() if p.name != "latest")[-1]
-
-
 @pytest.fixture(scope="module")
 def restored(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
-    from diffusers_kit.cli.main import main
-
-    tmp = tmp_path_factory.mktemp("restore")
-    assert main(["run", str(write_spec(tmp, SPEC)), "--quiet"]) == 0
-    return latest(tmp, "tiny_restore")
+    return finished_run(tmp_path_factory.mktemp("restore"), SPEC)[1]
 
 
 def test_the_restore_section_writes_figure_arrays_and_metrics(restored):
