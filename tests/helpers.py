@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -90,6 +93,30 @@ def copy_run(run_dir: Path, tmp_path: Path, text: str) -> tuple[Path, Path]:
     target = tmp_path / "runs" / run_dir.parent.name / run_dir.name
     shutil.copytree(run_dir, target, symlinks=True)
     return write_spec(tmp_path, text), target
+
+
+#: the repository's root (the working directory of child processes)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child process: one torch thread, this checkout importable."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a rendezvous)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun(module: str, *args: str, nproc: int = 2) -> list[str]:
+    """The command that runs ``python -m module args`` as ``nproc`` ranks of one node under
+    torchrun, its rendezvous on a free local port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", module,
+            *args]
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]

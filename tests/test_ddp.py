@@ -14,11 +14,7 @@ equality separately.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -36,8 +32,7 @@ from diffusers_kit.objectives import (
 )
 from diffusers_kit.objectives.base import Objective
 from diffusers_kit.processes import VE
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, child_env, torchrun
 
 
 def test_ddp_is_declared_by_first_order_objectives_and_off_by_default():
@@ -70,15 +65,8 @@ def test_a_view_through_a_wrapper_calls_the_wrapper_and_keeps_the_network():
 
 
 def test_ddp_and_the_hand_written_all_reduce_give_the_same_parameters(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    process = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", port, "-m", "tests.ddp_child",
-         str(tmp_path)],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
-        capture_output=True, timeout=300)
+    process = subprocess.run(torchrun("tests.ddp_child", str(tmp_path)), cwd=ROOT,
+                             env=child_env(), capture_output=True, timeout=300)
     assert process.returncode == 0, process.stderr.decode()[-3000:]
 
     def read(name: str, rank: int) -> tuple[dict[str, torch.Tensor], dict]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,8 +38,8 @@ from safetensors.torch import load_file
 
 from diffusers_kit.cli.main import main
 from diffusers_kit.pipeline import run_folders
+from tests.helpers import ROOT, child_env, free_port, torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"),
                                  reason="finds a node's worker processes through /proc"),
               pytest.mark.usefixtures("one_thread")]  # tests/conftest.py
@@ -69,12 +68,6 @@ output: {{root: {root}}}
 # with another global batch differs by more than 1e-3 (checked below), so 1e-5 separates the
 # two by two orders of magnitude either way.
 TOLERANCE = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def children(pid: int) -> list[int]:
@@ -117,7 +110,7 @@ class Nodes:
 
     def start(self, args: list[str]) -> None:
         port, rdzv = free_port(), uuid.uuid4().hex[:8]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        env = child_env()
         self.logs.mkdir(parents=True, exist_ok=True)
         for node, host in (("a", 1), ("b", 0)):
             log = open(self.logs / f"{node}.log", "wb")  # noqa: SIM115 (closed with the process)
@@ -285,14 +278,9 @@ def test_under_torchrun_rank_zero_builds_a_referenced_model_once_for_every_rank(
     spec.write_text(STUDENT.format(root=root), encoding="utf-8")
     weights = tmp_path / "weights"
     weights.mkdir()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
     process = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", port, "-m", "tests.train_child",
-         "--save-rank-weights", str(weights), *train_dkit(spec)],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+        torchrun("tests.train_child", "--save-rank-weights", str(weights), *train_dkit(spec)),
+        cwd=ROOT, env=child_env(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = process.communicate(timeout=240)

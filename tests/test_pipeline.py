@@ -7,7 +7,6 @@ each `dkit run` takes a second or two.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from diffusers_kit.pipeline import (
     read_record,
     run_folders,
 )
-from tests.helpers import run_cli
+from tests.helpers import child_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -291,7 +290,7 @@ def test_a_corrupt_checkpoint_in_a_referenced_run_is_an_error_never_retrained(tm
 # -- concurrency ------------------------------------------------------------------------------
 def test_two_concurrent_runs_train_a_missing_dependency_once(tmp_path):
     spec = pipeline(tmp_path, dm_steps=400)  # long enough for the two processes to overlap
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env()
     command = [sys.executable, "-c", "import sys; from diffusers_kit.cli import main; "
                "sys.exit(main(sys.argv[1:]))", "run", str(spec), "--quiet"]
     children = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,

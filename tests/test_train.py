@@ -6,9 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,9 +26,8 @@ from diffusers_kit.objectives.base import Objective
 from diffusers_kit.pipeline import run_folders
 from diffusers_kit.registry import get_plugin_manager
 from diffusers_kit.train import EMA, TrainingDiverged, TrainSettings, learning_rate_factor
-from tests.helpers import run_cli
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, child_env, run_cli
+from tests.helpers import torchrun as torchrun_command
 
 MOONS = """\
 name: moons
@@ -73,9 +70,9 @@ def checkpoint_step(path: Path) -> int:
 
 
 def child(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "tests.train_child", *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            **kwargs)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -315,16 +312,10 @@ def test_resume_refuses_a_different_spec_or_a_missing_folder(tmp_path, capsys):
 
 # -- data parallel ---------------------------------------------------------------------------
 def torchrun(args: list[str], weights: Path | None = None) -> None:
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
     extra = ["--save-rank-weights", str(weights)] if weights is not None else []
-    process = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", port, "-m", "tests.train_child",
-         *extra, "--", *args, "--quiet"],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command = torchrun_command("tests.train_child", *extra, "--", *args, "--quiet")
+    process = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err.decode()[-3000:]
 
