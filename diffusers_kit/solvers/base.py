@@ -293,7 +293,7 @@ class Solver:
     function, whose ``x0`` prediction is the start of the probability-flow trajectory: the
     ``consistency`` solver). The testing kit checks each against the exact model of its kind.
 
-    Args:
+    Options (parameters of the subclasses that take them; the schema reads them from here):
         clip_x0: clamp x0_hat to [-clip_x0, clip_x0] before each step (images in [-1, 1]:
             1.0; :func:`~diffusers_kit.solvers.base.clip_data`). None: off.
     """

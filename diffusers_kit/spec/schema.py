@@ -23,7 +23,9 @@ def argument_docs(factory: Any) -> dict[str, str]:
     style: ``name: text`` lines, continuation lines indented further), so that an editor's
     hover shows what a parameter means, not just its title. A class's parameter that its own
     docstring leaves out is described by the nearest base class that documents it (a parameter
-    every subclass shares, such as an operator's ``sigma_y``, is written once, on the base)."""
+    every subclass shares, such as an operator's ``sigma_y``, is written once, on the base). A
+    base without that parameter in its own signature lists it under ``Options (...):`` instead,
+    which the API docs show as a note rather than check against the signature."""
     docs: dict[str, str] = {}
     owners = [cls for cls in factory.__mro__ if cls is not object] if inspect.isclass(
         factory) else [factory]
@@ -39,7 +41,7 @@ def _own_argument_docs(text: str) -> dict[str, str]:
     inside, current, indent = False, None, None
     for line in doc.splitlines():
         stripped = line.strip()
-        if stripped in ("Args:", "Arguments:", "Parameters:"):
+        if stripped in ("Args:", "Arguments:", "Parameters:") or stripped.startswith("Options ("):
             inside, current, indent = True, None, None
             continue
         if not inside:
