@@ -445,6 +445,8 @@ Steps = Annotated[int, Field(ge=1, le=100_000)]
 """A number of solver steps."""
 Rho = Annotated[float, Field(gt=0, le=100)]
 """The exponent of the ``edm`` and ``power`` spacings."""
+Times = list[Annotated[float, Field(gt=0, le=1)]] | None
+"""A solver's own evaluation times (decreasing from 1), in place of its spacing's."""
 
 
 def clip_data(x0: torch.Tensor, clip: float | None) -> torch.Tensor:

@@ -34,7 +34,7 @@ schedule work at all.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -119,15 +119,47 @@ def sampling_times(
     return cached(process, key, lambda: _sampling_times(process, steps, chosen, rho)).clone()
 
 
+def smallest_time(process: NoiseProcess) -> float:
+    """The last evaluation time of every grid: the process's ``t_min``, and at least its first
+    step ``1 / T`` for a discrete process."""
+    discrete = process.num_steps
+    t_min = float(process.t_min)
+    return t_min if discrete is None else max(t_min, 1.0 / discrete)
+
+
+def given_times(process: NoiseProcess, times: Sequence[float]) -> Tensor:
+    """A solver's own evaluation times (its ``times`` option: a tuned grid, say) as
+    :func:`sampling_times` returns a grid: ``times`` then 0, in float64; a discrete process's
+    snapped to its steps ``i / T``. Raises ``ValueError`` saying what is wrong: they must start
+    at 1, decrease, end at or after :func:`smallest_time`, and fall on distinct steps."""
+    given = _f64(list(times))
+    if given.numel() == 0 or float(given[0]) != 1.0 or bool((given[1:] >= given[:-1]).any()):
+        raise ValueError(f"times must start at 1 and decrease; got {list(times)}")
+    t_min = smallest_time(process)
+    if float(given[-1]) < t_min * (1 - 1e-9):
+        raise ValueError(f"times must end at or after this process's smallest time {t_min:.6g}; "
+                         f"got {float(given[-1]):.6g}")
+    discrete = process.num_steps
+    if discrete is not None:
+        snapped = torch.round(given * discrete).clamp(1, discrete)
+        clash = torch.nonzero(snapped[1:] == snapped[:-1])
+        if clash.numel():
+            i = int(clash[0, 0])
+            raise ValueError(f"times {float(given[i]):.6g} and {float(given[i + 1]):.6g} fall on "
+                             f"the same step {int(snapped[i])} of this {discrete}-step process: "
+                             "give times on distinct steps i / T")
+        given = snapped / discrete
+    return torch.cat([given, torch.zeros(1, dtype=torch.float64)])
+
+
 def _sampling_times(process: NoiseProcess, steps: int | None, spacing: Spacing, rho: float
                     ) -> Tensor:
     discrete = process.num_steps
     if steps is None:
         steps = discrete if discrete is not None else 1000
-    t_min = float(process.t_min)
+    t_min = smallest_time(process)
     if discrete is not None:
         steps = min(steps, discrete)
-        t_min = max(t_min, 1.0 / discrete)
     fraction = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
     if steps == 1:
         times = torch.ones(1, dtype=torch.float64)
@@ -242,19 +274,23 @@ class OnGrid:
 
 
 def time_grid(process: NoiseProcess, steps: int | None, spacing: Spacing = "uniform",
-              rho: float = 7.0) -> TimeGrid:
-    """The cached :class:`TimeGrid` of ``sampling_times(process, steps, spacing, rho)``."""
+              rho: float = 7.0, times: Sequence[float] | None = None) -> TimeGrid:
+    """The cached :class:`TimeGrid` of ``sampling_times(process, steps, spacing, rho)``, or of
+    the evaluation times ``times`` when given (:func:`given_times`; ``steps``, ``spacing``
+    and ``rho`` are then unused)."""
 
     def build() -> TimeGrid:
-        times = sampling_times(process, steps, spacing, rho)
-        alpha, sigma = process.marginal(times)
+        points = (sampling_times(process, steps, spacing, rho) if times is None
+                  else given_times(process, times))
+        alpha, sigma = process.marginal(points)
         sigma = sigma.clone()
         sigma[-1] = 0.0
         with torch.no_grad():
             level = torch.where(sigma > 0, sigma / alpha, torch.zeros_like(sigma))
         lam = -torch.log(level)
-        return TimeGrid(times, times.tolist(), alpha.tolist(), sigma.tolist(), level.tolist(),
-                        lam.tolist())
+        return TimeGrid(points, points.tolist(), alpha.tolist(), sigma.tolist(),
+                        level.tolist(), lam.tolist())
 
-    return cached(process, ("time_grid", steps, resolve_spacing(process, spacing), float(rho)),
-                  build)
+    key = (("time_grid", steps, resolve_spacing(process, spacing), float(rho)) if times is None
+           else ("given_grid", tuple(float(t) for t in times)))
+    return cached(process, key, build)

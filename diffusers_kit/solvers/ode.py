@@ -36,6 +36,7 @@ evaluation); ``spacing: auto`` is the process's ``default_spacing`` (``docs/solv
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,11 +47,21 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.processes.base import expand
-from diffusers_kit.solvers.base import Callback, ClipX0, Rho, Solver, Steps, clip_data, options
+from diffusers_kit.solvers.base import (
+    Callback,
+    ClipX0,
+    Rho,
+    Solver,
+    Steps,
+    Times,
+    clip_data,
+    options,
+)
 from diffusers_kit.solvers.grids import (
     OnGrid,
     Spacing,
     TimeGrid,
+    given_times,
     reaches_pure_noise,
     time_grid,
     time_of_log_snr,
@@ -240,16 +251,37 @@ class ODESolver(Solver):
         spacing: ``auto`` (the process's ``default_spacing``), ``log_snr``, ``quadratic``,
             ``power``, ``edm`` (Karras et al. 2022), ``uniform``.
         rho: the exponent of the ``edm`` and ``power`` spacings.
+        times: the ``steps`` evaluation times themselves, from 1 down (for example a grid
+            tuned by :func:`~diffusers_kit.solvers.tuning.tune_times`); ``spacing`` and ``rho``
+            are then unused. A discrete process's are snapped to its steps ``i / T``.
     """
 
     steps: int
     spacing: Spacing
     rho: float
     clip_x0: float | None = None
+    times: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.times is not None:
+            self.times = [float(t) for t in self.times]
+            if len(self.times) != self.steps:
+                raise ValueError(f"times lists {len(self.times)} evaluation times but steps is "
+                                 f"{self.steps}: make them equal")
+            if self.times[0] != 1.0 or any(b >= a for a, b in itertools.pairwise(self.times)):
+                raise ValueError(f"times must start at 1 and decrease; got {self.times}")
+
+    def check(self, process: NoiseProcess) -> str | None:
+        if self.times is not None:
+            try:
+                given_times(process, self.times)
+            except ValueError as exc:
+                return f"times that suit this process ({exc})"
+        return None
 
     def table(self, process: NoiseProcess) -> TimeGrid:
         """The grid's points."""
-        return time_grid(process, self.steps, self.spacing, self.rho)
+        return time_grid(process, self.steps, self.spacing, self.rho, self.times)
 
     def grid(self, process: NoiseProcess) -> Any:
         return self.table(process)
@@ -276,6 +308,7 @@ class EulerODE(ODESolver):
     spacing: Spacing = "auto"
     rho: Rho = 7.0
     clip_x0: ClipX0 = None
+    times: Times = None
 
     def run(self, model: ScoreModel, x: Tensor, grid: TimeGrid, noise: Noise,
             callback: Callback) -> Tensor:
@@ -352,14 +385,16 @@ class HeunODE(ODESolver):
     rho: Rho = 7.0
     form: Literal["data", "noise"] = "data"
     clip_x0: ClipX0 = None
+    times: Times = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.clip_x0 is not None and self.form != "data":
             raise ValueError("clip_x0 clamps the x0 predictions of the data form: "
                              "use form: data")
 
     def check(self, process: NoiseProcess) -> str | None:
-        return needs_alpha(process, self.form)
+        return needs_alpha(process, self.form) or super().check(process)
 
     def run(self, model: ScoreModel, x: Tensor, grid: TimeGrid, noise: Noise,
             callback: Callback) -> Tensor:
@@ -396,9 +431,10 @@ class EDMStochastic(ODESolver):
     S_tmax: Annotated[float, Field(gt=0, le=1e6)] = 50.0
     S_noise: Annotated[float, Field(gt=0, le=100)] = 1.0
     form: Literal["data", "noise"] = "data"
+    times: Times = None
 
     def check(self, process: NoiseProcess) -> str | None:
-        return needs_alpha(process, self.form)
+        return needs_alpha(process, self.form) or super().check(process)
 
     def grid(self, process: NoiseProcess) -> EDMGrid:
         """Per step: ``gamma_i`` and the grid of the Heun step from the raised level
@@ -585,6 +621,7 @@ class DPMSolver2M(Multistep):
     rho: Rho = 7.0
     lower_order_final: bool = True
     clip_x0: ClipX0 = None
+    times: Times = None
 
 
 class DPMSolver3M(DPMSolver2M):

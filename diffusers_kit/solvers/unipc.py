@@ -35,7 +35,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from diffusers_kit.solvers.base import ClipX0, Rho, Steps, options
+from diffusers_kit.solvers.base import ClipX0, Rho, Steps, Times, options
 from diffusers_kit.solvers.grids import Spacing
 from diffusers_kit.solvers.ode import Multistep, UniStep, usable_orders
 
@@ -123,6 +123,7 @@ class UniPC(Multistep):
     corrector: bool = True
     lower_order_final: bool = True
     clip_x0: ClipX0 = None
+    times: Times = None
 
     def plan(self, lam: list[float]) -> list[UniStep]:
         return unipc_weights(lam, self.order, self.lower_order_final, self.variant,

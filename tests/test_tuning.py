@@ -1,0 +1,111 @@
+"""A solver's own evaluation times (``times``) and the grid tuned to a model (``tune_times``).
+
+The times option must reproduce any grid it is given (the same samples, bit for bit, as the
+spacing that made it) and refuse grids a process cannot take; the tuned grid must beat the
+solver's default on start noise it was not tuned on, on the exact-score three-mode mixture."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from diffusers_kit.model import ScoreModel
+from diffusers_kit.processes import DDPM, VP, Flow
+from diffusers_kit.solvers import DPMSolver3M, EDMStochastic, EulerODE, HeunODE, UniPC
+from diffusers_kit.solvers.grids import sampling_times
+from diffusers_kit.solvers.tuning import reference_solution, tune_times
+from diffusers_kit.testing import ExactScoreNetwork
+from tests.gaussian_mixture import exact_model, three_modes
+from tests.helpers import MOONS_SPEC, run_cli, write_spec
+
+MIXTURE = three_modes()
+
+
+def model_of(process):  # type: ignore[no-untyped-def]
+    """The exact model; on a path from pure noise (``alpha(1) = 0``) one that predicts ``x0``
+    (an ``eps`` network says nothing about ``x0`` there)."""
+    if process.alpha(torch.ones(1, dtype=torch.float64))[0] == 0:
+        return ScoreModel(process, ExactScoreNetwork(MIXTURE, process, prediction="x0"))
+    return exact_model(MIXTURE, process)
+
+
+def noise(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("process", [DDPM(), VP()], ids=["ddpm", "vp"])
+@pytest.mark.parametrize("make", [
+    lambda **kw: UniPC(**kw), lambda **kw: EulerODE(**kw), lambda **kw: HeunODE(**kw),
+    lambda **kw: DPMSolver3M(**kw), lambda **kw: EDMStochastic(S_churn=0.0, **kw)],
+    ids=["unipc", "euler", "heun", "dpm_solver_3m", "edm_stochastic"])
+def test_given_times_reproduce_the_grid_they_came_from(process, make):  # type: ignore[no-untyped-def]
+    model, x_T = exact_model(MIXTURE, process), noise(200, 0)
+    times = sampling_times(process, 7, "power", 2.5)[:-1].tolist()
+    spaced = make(steps=7, spacing="power", rho=2.5).sample(model, (200, 2), x_T=x_T).samples
+    given = make(steps=7, times=times).sample(model, (200, 2), x_T=x_T).samples
+    assert torch.equal(spaced, given)
+    other = make(steps=7, times=[1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.01]).sample(
+        model, (200, 2), x_T=x_T).samples
+    assert not torch.equal(spaced, other)  # the option is not ignored
+
+
+def test_times_that_do_not_fit_are_refused_with_what_is_wrong():
+    with pytest.raises(ValueError, match="times lists 2 evaluation times but steps is 3"):
+        UniPC(steps=3, times=[1.0, 0.5])
+    with pytest.raises(ValueError, match="start at 1 and decrease"):
+        UniPC(steps=2, times=[0.9, 0.5])
+    with pytest.raises(ValueError, match="start at 1 and decrease"):
+        UniPC(steps=3, times=[1.0, 0.5, 0.6])
+    assert "smallest time 0.001" in UniPC(steps=2, times=[1.0, 0.0004]).check(DDPM())
+    assert "the same step 500" in UniPC(steps=3, times=[1.0, 0.5004, 0.5001]).check(DDPM())
+    assert UniPC(steps=3, times=[1.0, 0.5004, 0.5001]).check(VP()) is None
+
+
+def test_a_spec_with_bad_times_fails_validation_on_the_solver(tmp_path, capsys):  # type: ignore[no-untyped-def]
+    text = MOONS_SPEC.replace(
+        "process: {kind: ve, sigma_min: 0.01, sigma_max: 2.0, num_levels: 4}",
+        "process: {kind: ddpm}").replace(
+        "solver: {kind: annealed_langevin, steps_per_level: 2, epsilon: 1.0e-4}",
+        "solver: {kind: unipc, steps: 3, times: [1.0, 0.5004, 0.5001]}").replace(
+        "objective: {kind: dsm}", "objective: {kind: denoising}")
+    code, _out, err = run_cli(["validate", str(write_spec(tmp_path, text))], capsys)
+    assert code == 2
+    assert "sample.solver" in err and "the same step 500" in err and "Traceback" not in err
+    good = text.replace("times: [1.0, 0.5004, 0.5001]", "times: [1.0, 0.3, 0.02]")
+    code, _out, err = run_cli(["validate", str(write_spec(tmp_path, good))], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(("process", "steps", "most"), [
+    (DDPM(), 5, 0.8), (DDPM(), 10, 0.5), (VP(), 6, 0.8), (Flow(), 6, 0.8)],
+    ids=["ddpm-5", "ddpm-10", "vp-6", "flow-6"])
+def test_tuned_times_beat_the_default_grid_on_noise_they_never_saw(process, steps, most):  # type: ignore[no-untyped-def]
+    model = model_of(process)
+    tuned = tune_times(model, UniPC(steps=steps), noise(400, 7), max_tries=250)
+    times = tuned.times
+    assert len(times) == steps and times[0] == 1.0
+    assert all(b < a for a, b in itertools.pairwise(times))
+    assert tuned.after <= tuned.before and 0 < tuned.tried <= 251
+    if process.num_steps is not None:  # on the process's own steps
+        assert all(abs(t * 1000 - round(t * 1000)) < 1e-9 for t in times)
+    held = noise(4000, 8)
+    reference = reference_solution(model, held)
+
+    def error(solver) -> float:  # type: ignore[no-untyped-def]
+        samples = solver.sample(model, (4000, 2), x_T=held).samples
+        return float((samples - reference).pow(2).mean().sqrt())
+
+    default, better = error(UniPC(steps=steps)), error(tuned.solver)
+    assert better <= most * default, (default, better)
+
+
+def test_only_fixed_step_ode_solvers_are_tuned():
+    from diffusers_kit.solvers import Ancestral
+
+    model = exact_model(MIXTURE, DDPM())
+    with pytest.raises(TypeError, match="Ancestral is not one"):
+        tune_times(model, Ancestral(steps=10), noise(10, 0))
+    two = tune_times(model, UniPC(steps=2), noise(50, 0))
+    assert two.times == [1.0, 0.001] and two.after == two.before
