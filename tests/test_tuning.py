@@ -7,6 +7,7 @@ solver's default on start noise it was not tuned on, on the exact-score three-mo
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from diffusers_kit.solvers.grids import sampling_times
 from diffusers_kit.solvers.tuning import reference_solution, tune_times
 from diffusers_kit.testing import ExactScoreNetwork
 from tests.gaussian_mixture import exact_model, three_modes
-from tests.helpers import MOONS_SPEC, run_cli, write_spec
+from tests.helpers import MOONS_SPEC, finished_run, run_cli, write_spec
 
 MIXTURE = three_modes()
 
@@ -109,3 +110,39 @@ def test_only_fixed_step_ode_solvers_are_tuned():
         tune_times(model, Ancestral(steps=10), noise(10, 0))
     two = tune_times(model, UniPC(steps=2), noise(50, 0))
     assert two.times == [1.0, 0.001] and two.after == two.before
+
+
+DDPM_MOONS = MOONS_SPEC.replace(
+    "process: {kind: ve, sigma_min: 0.01, sigma_max: 2.0, num_levels: 4}",
+    "process: {kind: ddpm}").replace(
+    "solver: {kind: annealed_langevin, steps_per_level: 2, epsilon: 1.0e-4}",
+    "solver: {kind: unipc, steps: 5}").replace(
+    "objective: {kind: dsm}", "objective: {kind: denoising}")
+
+
+def test_the_command_tunes_a_run_and_its_line_samples(tmp_path, capsys):  # type: ignore[no-untyped-def]
+    _, run_dir = finished_run(tmp_path, DDPM_MOONS)
+    capsys.readouterr()
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    code, out, err = run_cli(["tune-times", str(run_dir), "--n", "64", "--tries", "30",
+                              "--reference-steps", "100"], capsys)
+    assert code == 0, err
+    assert "tuned" in out and "unipc, 5 steps" in out and "64 calibration draws" in out
+    assert sorted(p.name for p in run_dir.rglob("*")) == before  # writes nothing
+    line = out.split("--solver '")[1].split("'")[0]
+    settings = json.loads(line)
+    assert list(settings) == ["kind", "steps", "times"]  # only what differs from defaults
+    assert settings["kind"] == "unipc" and settings["steps"] == 5
+    assert len(settings["times"]) == 5 and settings["times"][0] == 1.0
+    code, out, err = run_cli(["sample", str(run_dir), "--solver", line, "--n", "8"], capsys)
+    assert code == 0, err
+    assert "5 network evaluations" in out
+
+
+def test_the_command_refuses_what_it_cannot_tune(tmp_path, capsys):  # type: ignore[no-untyped-def]
+    _, run_dir = finished_run(tmp_path, DDPM_MOONS)
+    code, _out, err = run_cli(["tune-times", str(run_dir), "--solver", "ancestral"], capsys)
+    assert code == 2 and "--solver" in err and "fixed-step ODE solver" in err
+    assert "Traceback" not in err
+    code, _out, err = run_cli(["tune-times", str(run_dir), "--n", "0"], capsys)
+    assert code == 2 and "--n" in err and "positive integer" in err

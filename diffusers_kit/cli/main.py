@@ -30,7 +30,8 @@ from diffusers_kit.spec.errors import SpecError
 from diffusers_kit.version import __version__
 
 COMMANDS = ("run", "validate", "schema", "plugins", "process", "sample", "likelihood", "runs",
-            "evaluate", "sweep", "restore", "merge", "new_plugin", "import_pipeline", "export")
+            "evaluate", "sweep", "restore", "merge", "new_plugin", "import_pipeline", "export",
+            "tune_times")
 
 # exit statuses (docs/errors.md): 1 training stopped (NaN) or NaN samples / metrics, 2 a
 # mistake in a spec or on the command line, 3 the environment (file system, memory, a plugin

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,11 +58,13 @@ def reference_solution(model: ScoreModel, x_T: torch.Tensor, steps: int = 1000) 
 
 def tune_times(model: ScoreModel, solver: ODESolver, x_T: torch.Tensor, *,
                reference: torch.Tensor | None = None, reference_steps: int = 1000,
-               max_tries: int = 400) -> TunedTimes:
+               max_tries: int = 400, progress: Callable[[int], None] | None = None
+               ) -> TunedTimes:
     """``solver`` with the evaluation times that minimise its error on ``model`` from the
     calibration noise ``x_T`` (see the module doc). ``reference`` (the tight solve from
     ``x_T``, :func:`reference_solution`) is computed when not given; ``max_tries`` bounds the
-    candidate grids tried (each costs ``solver``'s network evaluations on ``x_T``)."""
+    candidate grids tried (each costs ``solver``'s network evaluations on ``x_T``);
+    ``progress(1)`` is called after each."""
     if not isinstance(solver, ODESolver):
         raise TypeError(f"tune_times tunes a fixed-step ODE solver's times; "
                         f"{type(solver).__name__} is not one")
@@ -84,6 +87,8 @@ def tune_times(model: ScoreModel, solver: ODESolver, x_T: torch.Tensor, *,
             return math.inf
         tuned = dataclasses.replace(solver, steps=steps, times=candidate)
         samples = tuned.sample(model, tuple(x_T.shape), x_T=x_T).samples
+        if progress is not None:
+            progress(1)
         return float((samples - reference).pow(2).mean().sqrt())
 
     def times_of(logits: np.ndarray) -> list[float]:
