@@ -127,6 +127,18 @@ def test_dkit_sample_changes_guidance_and_labels_without_training(conditional_ru
     assert shares.min() > 0.15, shares.tolist()  # each of 4 equal components near 1/4
 
 
+def test_tune_times_tunes_the_guided_model_the_spec_samples(conditional_run, capsys):
+    code, out, err = run_cli(["tune-times", str(conditional_run), "--n", "40", "--tries", "15",
+                              "--reference-steps", "60"], capsys)
+    assert code == 0, err
+    assert "with the spec's labels (all) and ClassifierFree" in out
+    line = out.split("--solver '")[1].split("'")[0]
+    assert json.loads(line)["kind"] == "dpm_solver_2m"
+    code, out, err = run_cli(["sample", str(conditional_run), "--solver", line, "--n", "8"],
+                             capsys)
+    assert code == 0, err
+
+
 @pytest.mark.parametrize(("override", "field", "expected"), [
     ("sample.labels=null", "sample.labels", "the classes to draw for guidance classifier_free"),
     ("sample.labels=[1,7]", "sample.labels", "classes in 0..3"),

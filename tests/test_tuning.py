@@ -127,7 +127,7 @@ def test_the_command_tunes_a_run_and_its_line_samples(tmp_path, capsys):  # type
     code, out, err = run_cli(["tune-times", str(run_dir), "--n", "64", "--tries", "30",
                               "--reference-steps", "100"], capsys)
     assert code == 0, err
-    assert "tuned" in out and "unipc, 5 steps" in out and "64 calibration draws" in out
+    assert "tuned" in out and "unipc, 5 steps: grid" in out and "64 calibration draws" in out
     assert sorted(p.name for p in run_dir.rglob("*")) == before  # writes nothing
     line = out.split("--solver '")[1].split("'")[0]
     settings = json.loads(line)
