@@ -75,7 +75,8 @@ def tune_times(model: ScoreModel, solver: ODESolver, x_T: torch.Tensor, *,
         reference = reference_solution(model, x_T, reference_steps)
     start = solver.table(process).t[:-1]
     steps = len(start)
-    log_end = math.log(smallest_time(process))
+    t_end = smallest_time(process)
+    log_end = math.log(t_end)
     tried = 0
 
     def error(candidate: list[float]) -> float:
@@ -97,14 +98,15 @@ def tune_times(model: ScoreModel, solver: ODESolver, x_T: torch.Tensor, *,
         shares /= shares.sum()
         log_t = log_end * np.concatenate([[0.0], np.cumsum(shares)])
         times = np.exp(log_t)
-        times[0], times[-1] = 1.0, math.exp(log_end)
+        times[0], times[-1] = 1.0, t_end
         if process.num_steps is not None:
             times = np.maximum(np.round(times * process.num_steps), 1) / process.num_steps
         return [float(t) for t in times]
 
     before = error(list(start))
     if steps < 3:  # nothing free: t_0 = 1 and t_min stay
-        return TunedTimes(dataclasses.replace(solver, times=list(start)), before, before, tried)
+        return TunedTimes(dataclasses.replace(solver, steps=steps, times=list(start)), before,
+                          before, tried)
     gaps = -np.diff(np.log(np.asarray(start)))
     logits = np.log(np.maximum(gaps[1:], 1e-12) / max(gaps[0], 1e-12))
     found = minimize(lambda p: error(times_of(p)), logits, method="Nelder-Mead",
@@ -112,7 +114,7 @@ def tune_times(model: ScoreModel, solver: ODESolver, x_T: torch.Tensor, *,
     best, after = times_of(found.x), float(found.fun)
     if not after < before:
         best, after = list(start), before
-    return TunedTimes(dataclasses.replace(solver, times=best), before, after, tried)
+    return TunedTimes(dataclasses.replace(solver, steps=steps, times=best), before, after, tried)
 
 
 __all__ = ["TunedTimes", "reference_solution", "tune_times"]
