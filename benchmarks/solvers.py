@@ -64,6 +64,7 @@ from diffusers_kit.solvers import (  # noqa: E402
     ScipyODE,
     UniPC,
 )
+from diffusers_kit.solvers.tuning import reference_solution, tune_times  # noqa: E402
 from diffusers_kit.testing import ODEReference  # noqa: E402
 from tests.gaussian_mixture import exact_model, three_modes  # noqa: E402
 
@@ -399,6 +400,7 @@ def k_diffusion_runs(process) -> dict:  # type: ignore[no-untyped-def]
 BUDGETS = (5, 10, 20, 50)
 SWEEP = tuple(range(5, 21))  # the NFE to reach TARGET_ERROR is read off these
 TARGET_ERROR = 0.03
+CALIBRATION, CALIBRATION_SEED = 2000, 7  # the tuned rows' calibration draws
 
 
 def ode_errors(n: int = 20000, seeds: tuple[int, ...] = (0, 1, 2),
@@ -433,6 +435,21 @@ def ode_errors(n: int = 20000, seeds: tuple[int, ...] = (0, 1, 2),
         "unipc order 3 (log-snr, lower_order_final off)": lambda k: UniPC(
             steps=k, order=3, spacing="log_snr", lower_order_final=False),
     }
+    calibration = torch.randn(CALIBRATION, 2, generator=torch.Generator().manual_seed(
+        CALIBRATION_SEED))  # never one of the seeds measured
+    calibration_reference = reference_solution(model, calibration)
+    found: dict = {}
+
+    def tuned(make):  # type: ignore[no-untyped-def]
+        def build(k: int):  # type: ignore[no-untyped-def]
+            if (make, k) not in found:  # once per budget, for all seeds
+                found[make, k] = tune_times(model, make(k), calibration,
+                                            reference=calibration_reference).solver
+            return found[make, k]
+        return build
+
+    ours["unipc (tuned times)"] = tuned(lambda k: UniPC(steps=k))
+    ours["unipc order 3 (tuned times)"] = tuned(lambda k: UniPC(steps=k, order=3))
     theirs: dict = {}
     with contextlib.suppress(ImportError):
         for name, make in diffusers_schedulers().items():
@@ -560,7 +577,10 @@ def error_lines(errors: dict) -> list[str]:
         "(capitalised) use its schedulers' defaults on the same exact network; k-diffusion "
         "rows run its samplers on its karras (rho = 7) and exponential grids between DDPM's "
         "smallest and largest noise levels with the same exact score as a denoiser (the SDE "
-        "samplers with eta = 0: their ODE limits); all in the same process "
+        "samplers with eta = 0: their ODE limits); `tuned times` rows are the solver on "
+        "times `tune_times` chose for each budget from "
+        f"{CALIBRATION} other start draws (seed {CALIBRATION_SEED}, none of the seeds "
+        "measured; docs/solvers.md); all in the same process "
         f"(diffusers {diffusers_version()}, k-diffusion {k_diffusion_version()}).",
         "",
         "| solver | " + " | ".join(f"{k} NFE" for k in BUDGETS) + " |",

