@@ -159,7 +159,8 @@ def build_components(
     if spec.sample is not None:
         solver = builder.build(("sample", "solver"), "solver", spec.sample.solver)
     if solver is not None and process is not None and (reason := solver.check(process)):
-        builder.issue(("sample", "solver", "kind"), reason, spec.sample.solver["kind"])
+        option = getattr(reason, "option", "kind")  # the field a solver's refusal is about
+        builder.issue(("sample", "solver", option), reason, spec.sample.solver.get(option))
     data = None
     if dataset is not None:
         try:
@@ -326,7 +327,8 @@ def _restoration(spec: Spec, builder: Builder, diffusion: Diffusion, data: DataS
     if section.solver is not None:
         chosen = builder.build(("restore", "solver"), "solver", section.solver)
         if chosen is not None and (reason := chosen.check(diffusion.process)):
-            builder.issue(("restore", "solver", "kind"), reason, section.solver["kind"])
+            option = getattr(reason, "option", "kind")
+            builder.issue(("restore", "solver", option), reason, section.solver.get(option))
     elif chosen is None:
         builder.issue(("restore", "solver"), "a solver (here or in the sample section)", None)
     if (method is not None and chosen is not None and getattr(method, "takes_step", False)

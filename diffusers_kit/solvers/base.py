@@ -336,7 +336,8 @@ class Solver:
     def check(self, process: NoiseProcess) -> str | None:
         """Return why this solver cannot sample ``process``, or ``None`` if it can (e.g. a
         sampler that needs discrete noise levels); the run graph reports it as a spec error
-        on ``sample.solver.kind`` before anything is trained."""
+        on ``sample.solver.kind`` before anything is trained, or on the option an
+        :class:`Unsuited` answer names."""
         return None
 
     def settings(self) -> tuple:
@@ -427,6 +428,18 @@ def solver_needed(term: Any) -> str:
             "operator's SVD basis): use a solver that lets it (ddim)")
 
 
+class Unsuited(str):
+    """A :meth:`Solver.check` answer about one of the solver's options: the text, and the
+    ``option`` a spec error points at (a plain string points at ``kind``)."""
+
+    option: str
+
+    def __new__(cls, text: str, option: str) -> Unsuited:
+        answer = super().__new__(cls, text)
+        answer.option = option
+        return answer
+
+
 def _hashable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_hashable(v) for v in value)
@@ -476,5 +489,5 @@ def start(model: ScoreModel, shape: tuple[int, ...], noise: Noise,
 
 
 __all__ = ["GRID_LIMIT", "ClipX0", "Noise", "Progress", "Record", "Recorder", "SampleResult",
-           "Solver", "as_noise", "clip_data", "model_device", "solver_needed", "start",
+           "Solver", "Unsuited", "as_noise", "clip_data", "model_device", "solver_needed", "start",
            "stepping_term"]

@@ -54,6 +54,7 @@ from diffusers_kit.solvers.base import (
     Solver,
     Steps,
     Times,
+    Unsuited,
     clip_data,
     options,
 )
@@ -276,7 +277,7 @@ class ODESolver(Solver):
             try:
                 given_times(process, self.times)
             except ValueError as exc:
-                return f"times that suit this process ({exc})"
+                return Unsuited(f"times that suit this process ({exc})", "times")
         return None
 
     def table(self, process: NoiseProcess) -> TimeGrid:
