@@ -33,6 +33,7 @@ schedule work at all.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -127,14 +128,20 @@ def smallest_time(process: NoiseProcess) -> float:
     return t_min if discrete is None else max(t_min, 1.0 / discrete)
 
 
+def check_times(times: Sequence[float]) -> None:
+    """What any process asks of a solver's own times: they start at 1 and decrease
+    (``ValueError`` otherwise)."""
+    if not times or times[0] != 1.0 or any(b >= a for a, b in itertools.pairwise(times)):
+        raise ValueError(f"times must start at 1 and decrease; got {list(times)}")
+
+
 def given_times(process: NoiseProcess, times: Sequence[float]) -> Tensor:
     """A solver's own evaluation times (its ``times`` option: a tuned grid, say) as
     :func:`sampling_times` returns a grid: ``times`` then 0, in float64; a discrete process's
-    snapped to its steps ``i / T``. Raises ``ValueError`` saying what is wrong: they must start
-    at 1, decrease, end at or after :func:`smallest_time`, and fall on distinct steps."""
+    snapped to its steps ``i / T``. Raises ``ValueError`` saying what is wrong: they must pass
+    :func:`check_times`, end at or after :func:`smallest_time`, and fall on distinct steps."""
+    check_times(times)
     given = _f64(list(times))
-    if given.numel() == 0 or float(given[0]) != 1.0 or bool((given[1:] >= given[:-1]).any()):
-        raise ValueError(f"times must start at 1 and decrease; got {list(times)}")
     t_min = smallest_time(process)
     if float(given[-1]) < t_min * (1 - 1e-9):
         raise ValueError(f"times must end at or after this process's smallest time {t_min:.6g}; "

@@ -36,7 +36,6 @@ evaluation); ``spacing: auto`` is the process's ``default_spacing`` (``docs/solv
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ from diffusers_kit.solvers.grids import (
     OnGrid,
     Spacing,
     TimeGrid,
+    check_times,
     given_times,
     reaches_pure_noise,
     time_grid,
@@ -269,8 +269,7 @@ class ODESolver(Solver):
             if len(self.times) != self.steps:
                 raise ValueError(f"times lists {len(self.times)} evaluation times but steps is "
                                  f"{self.steps}: make them equal")
-            if self.times[0] != 1.0 or any(b >= a for a, b in itertools.pairwise(self.times)):
-                raise ValueError(f"times must start at 1 and decrease; got {self.times}")
+            check_times(self.times)
 
     def check(self, process: NoiseProcess) -> str | None:
         if self.times is not None:
