@@ -115,6 +115,8 @@ def test_dkit_restore_with_the_users_images(restored, tmp_path, capsys):
      "DDRM takes the sampler's steps itself"),
     (["--operator", "inpaint", "--method", "ddnm_plus", "--solver", "ancestral"],
      "restore.solver.kind", "DDNMPlus takes the sampler's steps itself"),
+    (["--operator", "inpaint", "--solver", "{kind: unipc, steps: 3, times: [1.0, 0.504, 0.501]}"],
+     "restore.solver.times", "the same step 50 of this 100-step process"),
     (["--operator", "{kind: inpaint, sigma_y: 0}", "--method", "{kind: ddrm, eta_b: ddpm}"],
      "restore.method", "needs measurement noise"),
 ])
