@@ -113,8 +113,11 @@ def test_only_fixed_step_ode_solvers_are_tuned():
     two = tune_times(model, UniPC(steps=2), noise(50, 0))
     assert two.times == [1.0, 0.001] and two.after == two.before
     # 50 DDPM steps on the quadratic grid snap to 49 distinct ones: the tuned solver says 49
-    merged = tune_times(model, UniPC(steps=50), noise(50, 0), max_tries=5, reference_steps=100)
+    calls: list[int] = []
+    merged = tune_times(model, UniPC(steps=50), noise(50, 0), max_tries=5, reference_steps=100,
+                        progress=calls.append)
     assert merged.solver.steps == len(merged.times) == 49
+    assert sum(calls) == merged.tried == 6  # the start grid and five candidates
 
 
 DDPM_MOONS = MOONS_SPEC.replace(

@@ -64,7 +64,7 @@ def tune_times(model: ScoreModel, solver: ODESolver, x_T: torch.Tensor, *,
     calibration noise ``x_T`` (see the module doc). ``reference`` (the tight solve from
     ``x_T``, :func:`reference_solution`) is computed when not given; ``max_tries`` bounds the
     candidate grids tried (each costs ``solver``'s network evaluations on ``x_T``);
-    ``progress(1)`` is called after each."""
+    ``progress(1)`` is called for each."""
     if not isinstance(solver, ODESolver):
         raise TypeError(f"tune_times tunes a fixed-step ODE solver's times; "
                         f"{type(solver).__name__} is not one")
@@ -82,14 +82,14 @@ def tune_times(model: ScoreModel, solver: ODESolver, x_T: torch.Tensor, *,
     def error(candidate: list[float]) -> float:
         nonlocal tried
         tried += 1
+        if progress is not None:
+            progress(1)
         try:
             given_times(process, candidate)
         except ValueError:  # two times on one step of a discrete process
             return math.inf
         tuned = dataclasses.replace(solver, steps=steps, times=candidate)
         samples = tuned.sample(model, tuple(x_T.shape), x_T=x_T).samples
-        if progress is not None:
-            progress(1)
         return float((samples - reference).pow(2).mean().sqrt())
 
     def times_of(logits: np.ndarray) -> list[float]:
