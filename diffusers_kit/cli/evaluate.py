@@ -46,7 +46,7 @@ from diffusers_kit.run_folder import (
     unique_folder,
     write_json,
 )
-from diffusers_kit.spec.errors import SpecError, SpecIssue
+from diffusers_kit.spec.errors import command_line_error
 from diffusers_kit.spec.loader import apply_overrides, component_option, load_file
 from diffusers_kit.spec.validate import validate
 
@@ -69,10 +69,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=evaluate_command)
 
 
-def _command_error(option: str, expected: str, given: Any) -> SpecError:
-    return SpecError([SpecIssue((option,), expected, given, None, "command line")])
-
-
 def metric_configs(chosen: list[str], own: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``--metrics`` items as metric mappings: a name takes the run's own settings for that
     kind when its spec has them; a YAML mapping is used as written."""
@@ -90,14 +86,14 @@ def load_samples(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     try:
         with ArrayFile(path) as file:  # the one array reader: refuses damaged, empty, NaN
             if "samples" not in file.names:
-                raise _command_error("--samples", f"an .npz holding a 'samples' array ({path} "
+                raise command_line_error("--samples", f"an .npz holding a 'samples' array ({path} "
                                      f"holds {', '.join(file.names) or 'no arrays'})", str(path))
             samples = torch.from_numpy(np.asarray(file.array("samples"), dtype=np.float32))
             labels = torch.from_numpy(np.asarray(file.array("labels"))).long() if (
                 "labels" in file.names) else None
     except (OSError, ValueError) as exc:
-        raise _command_error("--samples", f"a usable .npz file of samples ({exc})",
-                             str(path)) from None
+        raise command_line_error("--samples", f"a usable .npz file of samples ({exc})",
+                                 str(path)) from None
     return samples, labels
 
 
@@ -110,8 +106,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     err = make_console(stderr=True)
     folder = follow_latest(Path(args.run_dir).expanduser())
     if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():
-        raise _command_error("RUN_DIR", f"a finished run folder holding {SPEC_FILE} and "
-                             f"{CHECKPOINT}", args.run_dir)
+        raise command_line_error("RUN_DIR", f"a finished run folder holding {SPEC_FILE} and "
+                                 f"{CHECKPOINT}", args.run_dir)
     samples_path = Path(args.samples).expanduser() if args.samples else folder / SAMPLES
     document = load_file(folder / SPEC_FILE)
     if args.metrics:
@@ -129,13 +125,13 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if samples_path.is_file():
         samples, labels = load_samples(samples_path)
     elif args.samples or any(m.needs_samples for _, m in components.metrics):
-        raise _command_error("--samples" if args.samples else "RUN_DIR",
-                             "samples to evaluate (this run folder has no samples.npz; a "
-                             "spec that only trains has only metrics that need none)",
-                             str(samples_path))
+        raise command_line_error("--samples" if args.samples else "RUN_DIR",
+                                 "samples to evaluate (this run folder has no samples.npz; a "
+                                 "spec that only trains has only metrics that need none)",
+                                 str(samples_path))
     if samples is not None and tuple(samples.shape[1:]) != components.data.shape:
-        raise _command_error("--samples", f"samples of shape {components.data.shape}",
-                             f"{samples_path} with shape {tuple(samples.shape[1:])}")
+        raise command_line_error("--samples", f"samples of shape {components.data.shape}",
+                                 f"{samples_path} with shape {tuple(samples.shape[1:])}")
     generator = torch.Generator().manual_seed(spec.seed)
     with components.diffusion.sampling_weights() as model:
         metrics = evaluate_metrics(components.metrics, samples, components.data, generator,

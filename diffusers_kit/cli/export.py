@@ -42,7 +42,7 @@ from diffusers_kit.networks.unet import UNet
 from diffusers_kit.processes.ddpm import DDPM
 from diffusers_kit.processes.diffusers_scheduler import scheduler_config
 from diffusers_kit.run.build import open_run
-from diffusers_kit.spec.errors import SpecError, SpecIssue
+from diffusers_kit.spec.errors import command_line_error
 
 FORMATS = ("diffusers",)
 
@@ -59,10 +59,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              ".from_pretrained load")
     parser.add_argument("out", metavar="OUT", help="the folder to write (absent or empty)")
     parser.set_defaults(func=export_command)
-
-
-def _refuse(field: str, expected: str, given: Any) -> SpecError:
-    return SpecError([SpecIssue((field,), expected, given, None, "command line")])
 
 
 def latent_refusal(network: Any, autoencoder: Any) -> str | None:
@@ -137,8 +133,9 @@ def check_out(text: str) -> Path:
     """``OUT``: absent, or an empty folder."""
     out = Path(text).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise _refuse("OUT", "a folder that does not exist yet, or an empty one (dkit export "
-                      "never writes into a folder that holds anything)", text)
+        raise command_line_error("OUT", "a folder that does not exist yet, or an empty one "
+                                 "(dkit export never writes into a folder that holds "
+                                 "anything)", text)
     return out
 
 
@@ -148,12 +145,12 @@ def export_command(args: argparse.Namespace) -> int:
     diffusion = components.diffusion
     reason = check_exportable(diffusion.process, diffusion.network, diffusion.autoencoder)
     if reason is not None:
-        raise _refuse("RUN_DIR", reason, args.run_dir)
+        raise command_line_error("RUN_DIR", reason, args.run_dir)
     try:
         from diffusers import DDPMPipeline, DDPMScheduler
     except ImportError:
-        raise _refuse("--format", MISSING.replace("diffusers_unet", "dkit export --format "
-                                                  "diffusers"), args.format) from None
+        raise command_line_error("--format", MISSING.replace(
+            "diffusers_unet", "dkit export --format diffusers"), args.format) from None
     network = diffusion.network
     config = scheduler_config(diffusion.process, PREDICTION_NAMES[network.prediction])
     out.mkdir(parents=True, exist_ok=True)

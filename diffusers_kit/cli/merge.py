@@ -34,7 +34,7 @@ from typing import Any
 from rich.markup import escape
 
 from diffusers_kit.console import make_console
-from diffusers_kit.spec.errors import SpecError, SpecIssue
+from diffusers_kit.spec.errors import SpecError, SpecIssue, command_line_error
 
 MANIFEST = "shard.json"
 #: the manifest fields every shard of one set must share
@@ -120,15 +120,15 @@ def plan_shard(shard: tuple[int, int], n: int, batch_size: int | None,
     sample)"``)."""
     k, count = shard
     if count > n // multiple:
-        raise _fail("--shard", f"at most {most}", f"{k}/{count}")
+        raise command_line_error("--shard", f"at most {most}", f"{k}/{count}")
     if batch_size is not None and batch_size % multiple:
-        raise _fail(batch_field, f"a multiple of {multiple} (a shard holds whole images)",
-                    batch_size)
+        raise command_line_error(batch_field, f"a multiple of {multiple} (a shard holds whole "
+                                 "images)", batch_size)
     batch = shard_batch(n, count, batch_size, data_shape)
     batch = max(multiple, batch - batch % multiple)
     if -(-n // batch) < count:
-        raise _fail("--shard", f"at most {-(-n // batch)} shards: n = {n} in batches of "
-                    f"{batch_field} = {batch}", f"{k}/{count}")
+        raise command_line_error("--shard", f"at most {-(-n // batch)} shards: n = {n} in "
+                                 f"batches of {batch_field} = {batch}", f"{k}/{count}")
     return (batch, *shard_range(k, count, n, batch))
 
 
@@ -154,8 +154,8 @@ def shard_folder(parent: Path, label: str, shared: dict[str, Any],
                          ).hexdigest()[:10]
     out = parent / f"shards-{label}-{key}" / f"shard-{k}-of-{count}"
     if out.exists():
-        raise _fail("--shard", f"a shard not computed yet (remove {out} to compute it again)",
-                    f"{k}/{count}")
+        raise command_line_error("--shard", f"a shard not computed yet (remove {out} to compute "
+                                 "it again)", f"{k}/{count}")
     created = [p for p in (out.parent.parent, out.parent) if not p.exists()]
     try:
         yield out
@@ -202,10 +202,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=merge_command)
 
 
-def _fail(field: str, expected: str, given: object) -> SpecError:
-    return SpecError([SpecIssue((field,), expected, given, None, "command line")])
-
-
 def find_shards(paths: list[str]) -> list[Path]:
     """The shard folders named: each path is a shard folder or a folder whose subfolders are."""
     found: list[Path] = []
@@ -217,8 +213,8 @@ def find_shards(paths: list[str]) -> list[Path]:
                                                 if (p / MANIFEST).is_file())):
             found.extend(inner)
         else:
-            raise _fail("SHARD_DIR", f"a shard folder holding {MANIFEST}, or a folder holding "
-                        "shard folders", text)
+            raise command_line_error("SHARD_DIR", f"a shard folder holding {MANIFEST}, or a "
+                                     "folder holding shard folders", text)
     return found
 
 
@@ -235,15 +231,16 @@ def read_manifests(folders: list[Path]) -> list[dict[str, Any]]:
             missing = [key for key in (*shared, "shard", "indices", digest)
                        if key not in manifest]
         except (OSError, ValueError, KeyError, AttributeError) as exc:
-            raise _fail("SHARD_DIR", f"a readable {MANIFEST} of dkit sample or restore "
-                        "--shard", f"{folder} ({exc!r})") from None
+            raise command_line_error("SHARD_DIR", f"a readable {MANIFEST} of dkit sample or "
+                                     "restore --shard", f"{folder} ({exc!r})") from None
         if missing:
-            raise _fail("SHARD_DIR", f"a {MANIFEST} written by dkit {kind} --shard",
-                        f"{folder / MANIFEST} lacks {', '.join(missing)}")
+            raise command_line_error("SHARD_DIR", f"a {MANIFEST} written by dkit {kind} --shard",
+                                     f"{folder / MANIFEST} lacks {', '.join(missing)}")
         path = folder / data
         if not path.is_file() or file_sha256(path) != manifest[digest]:
-            raise _fail("SHARD_DIR", f"the {data} its shard.json was written with (same "
-                        "SHA-256)", f"missing or changed since it was written: {path}")
+            raise command_line_error("SHARD_DIR", f"the {data} its shard.json was written with "
+                                     "(same SHA-256)",
+                                     f"missing or changed since it was written: {path}")
         manifest["folder"] = str(folder)
         manifest["kind"] = kind
         manifests.append(manifest)
@@ -252,30 +249,32 @@ def read_manifests(folders: list[Path]) -> list[dict[str, Any]]:
     for manifest in manifests[1:]:
         for key in ("kind", *shared):
             if manifest[key] != first[key]:
-                raise _fail("SHARD_DIR", f"shards of one set (the same {key})",
-                            f"{key} {json.dumps(first[key])} in {first['folder']} but "
-                            f"{json.dumps(manifest[key])} in {manifest['folder']}")
+                raise command_line_error("SHARD_DIR", f"shards of one set (the same {key})",
+                                         f"{key} {json.dumps(first[key])} in {first['folder']} but "
+                                         f"{json.dumps(manifest[key])} in {manifest['folder']}")
     count, n, batch = first["shards"], first["n"], first["batch_size"]
     by_shard: dict[int, list[str]] = {}
     for manifest in manifests:
         by_shard.setdefault(manifest["shard"], []).append(manifest["folder"])
     twice = {k: where for k, where in sorted(by_shard.items()) if len(where) > 1}
     if twice:
-        raise _fail("SHARD_DIR", "each shard once", "; ".join(
+        raise command_line_error("SHARD_DIR", "each shard once", "; ".join(
             f"shard {k}/{count} given {len(where)} times ({', '.join(where)})"
             for k, where in twice.items()))
     missing_shards = [k for k in range(count) if k not in by_shard]
     if missing_shards:
-        raise _fail("SHARD_DIR", f"all {count} shards of {n} {unit}", "missing " + ", ".join(
-            "shard {}/{} ({} {}..{})".format(k, count, unit,
-                                             *_last(shard_range(k, count, n, batch)))
-            for k in missing_shards))
+        raise command_line_error(
+            "SHARD_DIR", f"all {count} shards of {n} {unit}", "missing " + ", ".join(
+                "shard {}/{} ({} {}..{})".format(k, count, unit,
+                                                 *_last(shard_range(k, count, n, batch)))
+                for k in missing_shards))
     manifests.sort(key=lambda manifest: manifest["shard"])
     for manifest in manifests:
         span = shard_range(manifest["shard"], count, n, batch)
         if list(manifest["indices"]) != list(span):
-            raise _fail("SHARD_DIR", f"shard {manifest['shard']}/{count} holding {unit} {span}",
-                        f"indices {manifest['indices']} in {manifest['folder']}")
+            raise command_line_error("SHARD_DIR",
+                                     f"shard {manifest['shard']}/{count} holding {unit} {span}",
+                                     f"indices {manifest['indices']} in {manifest['folder']}")
     return manifests
 
 
@@ -291,8 +290,9 @@ def merge_command(args: argparse.Namespace) -> int:
 
     folder, _ = run_document(args.run or first["run"])
     if file_sha256(folder / CHECKPOINT) != first["checkpoint_sha256"]:
-        raise _fail("--run" if args.run else "SHARD_DIR", "the run whose checkpoint the shards "
-                    "were computed with (same SHA-256)", f"{folder / CHECKPOINT} differs")
+        raise command_line_error("--run" if args.run else "SHARD_DIR", "the run whose checkpoint "
+                                 "the shards were computed with (same SHA-256)",
+                                 f"{folder / CHECKPOINT} differs")
     out = Path(args.out).expanduser()
     if first["kind"] == "restore":
         _merge_restorations(manifests, folder, out)
@@ -328,7 +328,7 @@ def _merge_samples(manifests: list[dict[str, Any]], folder: Path, out: Path) -> 
     arrays = _arrays(manifests, "samples.npz")
     samples = torch.from_numpy(arrays["samples"])
     if len(samples) != first["n"]:
-        raise _fail("SHARD_DIR", f"{first['n']} samples in all", f"{len(samples)}")
+        raise command_line_error("SHARD_DIR", f"{first['n']} samples in all", f"{len(samples)}")
     spec, components = open_run(folder)
     result = SampleResult(samples, 0)
     result.labels = torch.from_numpy(arrays["labels"]) if "labels" in arrays else None
@@ -354,8 +354,9 @@ def _merge_restorations(manifests: list[dict[str, Any]], folder: Path, out: Path
     arrays = {name: torch.from_numpy(array)
               for name, array in _arrays(manifests, "restore.npz").items()}
     if len(arrays["samples"]) != first["n"] or len(arrays["truth"]) != first["images"]:
-        raise _fail("SHARD_DIR", f"{first['n']} restorations of {first['images']} images in "
-                    "all", f"{len(arrays['samples'])} of {len(arrays['truth'])}")
+        raise command_line_error("SHARD_DIR", f"{first['n']} restorations of {first['images']} "
+                                 "images in all",
+                                 f"{len(arrays['samples'])} of {len(arrays['truth'])}")
 
     def as_shards(document) -> None:  # type: ignore[no-untyped-def]
         # the images are in the shards' arrays: the file they came from is not read again

@@ -24,7 +24,7 @@ from diffusers_kit.console import make_console
 from diffusers_kit.guidance.base import requested_labels
 from diffusers_kit.solvers.ode import ODESolver
 from diffusers_kit.solvers.tuning import reference_solution, tune_times
-from diffusers_kit.spec.errors import SpecError, SpecIssue
+from diffusers_kit.spec.errors import command_line_error
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,21 +43,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=tune_times_command)
 
 
-def _refuse(field: str, expected: str, given: object) -> SpecError:
-    return SpecError([SpecIssue((field,), expected, given, None, "command line")])
-
-
 def tune_times_command(args: argparse.Namespace) -> int:
     for name in ("n", "tries", "reference_steps"):
         if getattr(args, name) < 1:
-            raise _refuse(f"--{name.replace('_', '-')}", "a positive integer",
-                          getattr(args, name))
+            raise command_line_error(f"--{name.replace('_', '-')}", "a positive integer",
+                                     getattr(args, name))
     spec, components = load_run(args.run_dir, None, args.solver)
     solver = components.solver
     if not isinstance(solver, ODESolver):
         kind = spec.sample.solver["kind"] if spec.sample is not None else None
-        raise _refuse("--solver", "a fixed-step ODE solver (euler, heun, edm_stochastic, "
-                      "dpm_solver_2m, dpm_solver_3m, unipc)", kind)
+        raise command_line_error("--solver", "a fixed-step ODE solver (euler, heun, "
+                                 "edm_stochastic, dpm_solver_2m, dpm_solver_3m, unipc)", kind)
     diffusion = components.diffusion
     shape = (args.n, *diffusion.network.data_shape)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(

@@ -76,6 +76,11 @@ class SpecError(Exception):
         return "\n".join([head, *("  " + issue.describe() for issue in self.issues)])
 
 
+def command_line_error(option: str, expected: str, given: Any) -> SpecError:
+    """A mistake in a command's option (``--n``, ``RUN_DIR``...): one issue, exit status 2."""
+    return SpecError([SpecIssue((option,), expected, given, None, "command line")])
+
+
 def missing() -> Any:
     """The sentinel used for "no value was given"."""
     return _MISSING
