@@ -79,29 +79,29 @@ def tune_times(model: ScoreModel, solver: ODESolver, x_T: torch.Tensor, *,
     log_end = math.log(t_end)
     tried = 0
 
-    def error(candidate: list[float]) -> float:
+    def error(candidate: list[float] | None) -> float:
         nonlocal tried
         tried += 1
         if progress is not None:
             progress(1)
-        try:
-            given_times(process, candidate)
-        except ValueError:  # two times on one step of a discrete process
+        if candidate is None:
             return math.inf
         tuned = dataclasses.replace(solver, steps=steps, times=candidate)
         samples = tuned.sample(model, tuple(x_T.shape), x_T=x_T).samples
         return float((samples - reference).pow(2).mean().sqrt())
 
-    def times_of(logits: np.ndarray) -> list[float]:
+    def times_of(logits: np.ndarray) -> list[float] | None:
+        """The candidate grid (snapped by :func:`given_times`), or None where two of its times
+        share one step of a discrete process."""
         z = np.concatenate([[0.0], logits])
         shares = np.exp(z - z.max())
         shares /= shares.sum()
-        log_t = log_end * np.concatenate([[0.0], np.cumsum(shares)])
-        times = np.exp(log_t)
+        times = np.exp(log_end * np.concatenate([[0.0], np.cumsum(shares)]))
         times[0], times[-1] = 1.0, t_end
-        if process.num_steps is not None:
-            times = np.maximum(np.round(times * process.num_steps), 1) / process.num_steps
-        return [float(t) for t in times]
+        try:
+            return given_times(process, times.tolist())[:-1].tolist()
+        except ValueError:
+            return None
 
     before = error(list(start))
     if steps < 3:  # nothing free: t_0 = 1 and t_min stay
@@ -112,7 +112,7 @@ def tune_times(model: ScoreModel, solver: ODESolver, x_T: torch.Tensor, *,
     found = minimize(lambda p: error(times_of(p)), logits, method="Nelder-Mead",
                      options={"maxfev": max_tries, "xatol": 1e-3, "fatol": 1e-7})
     best, after = times_of(found.x), float(found.fun)
-    if not after < before:
+    if best is None or not after < before:
         best, after = list(start), before
     return TunedTimes(dataclasses.replace(solver, steps=steps, times=best), before, after, tried)
 
