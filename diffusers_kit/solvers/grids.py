@@ -128,6 +128,13 @@ def smallest_time(process: NoiseProcess) -> float:
     return t_min if discrete is None else max(t_min, 1.0 / discrete)
 
 
+def step_of(times: Tensor, steps: int) -> Tensor:
+    """The step ``i`` of a ``steps``-step discrete process that each time falls on
+    (``round(t T)``, at least 1): the one rule that snaps grids to such a process (its times are
+    then ``i / T``)."""
+    return torch.round(times * steps).clamp(1, steps)
+
+
 def check_times(times: Sequence[float]) -> None:
     """What any process asks of a solver's own times: they start at 1 and decrease
     (``ValueError`` otherwise)."""
@@ -148,7 +155,7 @@ def given_times(process: NoiseProcess, times: Sequence[float]) -> Tensor:
                          f"got {float(given[-1]):.6g}")
     discrete = process.num_steps
     if discrete is not None:
-        snapped = torch.round(given * discrete).clamp(1, discrete)
+        snapped = step_of(given, discrete)
         clash = torch.nonzero(snapped[1:] == snapped[:-1])
         if clash.numel():
             i = int(clash[0, 0])
@@ -200,8 +207,7 @@ def _sampling_times(process: NoiseProcess, steps: int | None, spacing: Spacing, 
     else:
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
     if discrete is not None:
-        index = torch.round(times * discrete).clamp(1, discrete)
-        index = torch.unique(index).flip(0)  # decreasing, no repeats
+        index = torch.unique(step_of(times, discrete)).flip(0)  # decreasing, no repeats
         times = index / discrete
     return torch.cat([times, torch.zeros(1, dtype=torch.float64)])
 
