@@ -93,6 +93,15 @@ def text_model(folder, negative: str = NEGATIVE, latent: bool = False  # type: i
                      autoencoder=autoencoder)
 
 
+def their_latents(pipeline, labels: list[int], negative: str, x_T):  # type: ignore[no-untyped-def]
+    """StableDiffusionPipeline's latents (``output_type="latent"``) for the prompts ``labels``
+    pick, with classifier-free guidance 7.5 and ``STEPS`` DDIM steps from the latents ``x_T``."""
+    with torch.no_grad():
+        return pipeline([PROMPTS[i] for i in labels], negative_prompt=[negative] * len(labels),
+                        height=16, width=16, num_inference_steps=STEPS, guidance_scale=7.5,
+                        eta=0.0, latents=x_T.clone(), output_type="latent").images
+
+
 @pytest.mark.parametrize("negative", [NEGATIVE, ""])
 def test_guided_ddim_equals_the_stable_diffusion_pipeline(sd_folder, negative):
     """dkit's DDIM (20 steps on T = 20) with classifier-free guidance 7.5 equals
@@ -102,10 +111,7 @@ def test_guided_ddim_equals_the_stable_diffusion_pipeline(sd_folder, negative):
     pipeline.set_progress_bar_config(disable=True)
     x_T = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     labels = [0, 1, 0, 1]
-    with torch.no_grad():
-        theirs = pipeline([PROMPTS[i] for i in labels], negative_prompt=[negative] * 4,
-                          height=16, width=16, num_inference_steps=STEPS, guidance_scale=7.5,
-                          eta=0.0, latents=x_T.clone(), output_type="latent").images
+    theirs = their_latents(pipeline, labels, negative, x_T)
     ours = text_model(sd_folder, negative, latent=True).sample(
         4, DDIM(steps=STEPS, eta=0.0), x_T=x_T, labels=torch.tensor(labels),
         guidance=[ClassifierFree(scale=7.5)])
@@ -135,10 +141,7 @@ def test_a_pndm_folder_equals_diffusers_after_the_swap_to_ddim(tmp_path):
         pipeline.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
         clip_sample=False)
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        theirs = pipeline(PROMPTS, negative_prompt=[NEGATIVE] * 2, height=16, width=16,
-                          num_inference_steps=STEPS, guidance_scale=7.5, eta=0.0,
-                          latents=x_T.clone(), output_type="latent").images
+    theirs = their_latents(pipeline, [0, 1], NEGATIVE, x_T)
     ours = text_model(tmp_path).sample(2, DDIM(steps=STEPS), x_T=x_T,
                                        labels=torch.tensor([0, 1]),
                                        guidance=[ClassifierFree(scale=7.5)])
@@ -419,10 +422,7 @@ def test_an_imported_text_run_exports_as_a_stable_diffusion_pipeline(sd_folder, 
     pipeline.scheduler = diffusers.DDIMScheduler.from_config(pipeline.scheduler.config,
                                                              set_alpha_to_one=True)
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        theirs = pipeline(PROMPTS, negative_prompt=[NEGATIVE] * 2, height=16, width=16,
-                          num_inference_steps=STEPS, guidance_scale=7.5, eta=0.0,
-                          latents=x_T.clone(), output_type="latent").images
+    theirs = their_latents(pipeline, [0, 1], NEGATIVE, x_T)
     ours = text_model(sd_folder, latent=True).sample(
         2, DDIM(steps=STEPS), x_T=x_T, labels=torch.tensor([0, 1]),
         guidance=[ClassifierFree(scale=7.5)])
