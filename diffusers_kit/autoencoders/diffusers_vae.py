@@ -37,6 +37,9 @@ from diffusers_kit.autoencoders.kl import gaussian_kl
 from diffusers_kit.interop.diffusers_folder import (
     MODEL_CONFIG,
     MODEL_INDEX,
+    ByteCount,
+    Fingerprint,
+    LocalPath,
     check_class,
     component_folder,
     forgive_referenced,
@@ -87,11 +90,11 @@ class DiffusersVAE(Autoencoder):
 
     def __init__(
         self,
-        path: Annotated[str, Field(min_length=1, max_length=4096)],
+        path: LocalPath,
         scale: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] | None = None,
         kl_weight: Annotated[float, Field(ge=0, le=1)] = 1e-6,
-        sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None,
-        size: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None,
+        sha256: Fingerprint | None = None,
+        size: ByteCount | None = None,
         *,
         data_shape: tuple[int, ...],
     ) -> None:

@@ -37,6 +37,8 @@ from diffusers_kit.conditioners.base import Conditioner
 from diffusers_kit.interop.diffusers_folder import (
     MODEL_CONFIG,
     MODEL_INDEX,
+    Fingerprint,
+    LocalPath,
     check_fingerprint,
     listed_components,
     read_json,
@@ -105,11 +107,11 @@ class DiffusersText(Conditioner):
 
     def __init__(
         self,
-        path: Annotated[str, Field(min_length=1, max_length=4096)],
+        path: LocalPath,
         prompts: Annotated[list[Annotated[str, Field(max_length=10_000)]],
                            Field(min_length=1, max_length=100_000)],
         negative_prompt: Annotated[str, Field(max_length=10_000)] = "",
-        sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None,
+        sha256: Fingerprint | None = None,
     ) -> None:
         super().__init__()
         user = "diffusers_text"

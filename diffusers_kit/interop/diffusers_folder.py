@@ -14,7 +14,18 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
+
+#: The ``path`` option of an imported component: a local folder or file (relative to the
+#: working directory).
+LocalPath = Annotated[str, Field(min_length=1, max_length=4096)]
+#: The ``sha256`` option: the :func:`fingerprint` ``dkit import`` recorded (64 hex digits).
+Fingerprint = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+#: The ``size`` option: how many bytes the fingerprinted files held.
+ByteCount = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
 
 MODEL_INDEX = "model_index.json"
 MODEL_CONFIG = "config.json"

@@ -49,6 +49,9 @@ from diffusers_kit.conditioners.base import Conditioner
 from diffusers_kit.interop.diffusers_folder import (
     MODEL_CONFIG,
     SCHEDULER_DEFAULTS,
+    ByteCount,
+    Fingerprint,
+    LocalPath,
     check_class,
     component_folder,
     forgive_referenced,
@@ -135,11 +138,11 @@ class DiffusersUNet(Network):
 
     def __init__(
         self,
-        path: Annotated[str, Field(min_length=1, max_length=4096)],
+        path: LocalPath,
         prediction: Literal["auto", "eps", "v", "x0", "velocity"] = "auto",
         num_train_timesteps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None,
-        sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None,
-        size: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None,
+        sha256: Fingerprint | None = None,
+        size: ByteCount | None = None,
         conditioner: Conditioner | None = None,
         class_dropout: Annotated[float, Field(ge=0, le=1)] = 0.1,
         *,

@@ -30,11 +30,11 @@ is the static shift ``s = e^mu``, which can be written into the config instead) 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
-from pydantic import Field
+from typing import Any
 
 from diffusers_kit.interop.diffusers_folder import (
+    Fingerprint,
+    LocalPath,
     check_class,
     read_scheduler_config,
 )
@@ -98,9 +98,7 @@ class DiffusersFlow(Flow):
     #: diffusers' grid: ``set_timesteps`` spaced in ``u``, then shifted (module doc).
     default_spacing = "shifted"
 
-    def __init__(self, path: Annotated[str, Field(min_length=1, max_length=4096)],
-                 sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
-                 ) -> None:
+    def __init__(self, path: LocalPath, sha256: Fingerprint | None = None) -> None:
         user = "diffusers_flow"
         file, config = read_scheduler_config(path, sha256, user)
         folder = file.parent

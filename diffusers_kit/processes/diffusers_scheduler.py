@@ -23,13 +23,14 @@ to the process: ``docs/diffusers.md`` says which dkit setting each corresponds t
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from diffusers_kit.interop.diffusers_folder import (
     SCHEDULER_DEFAULTS,
+    Fingerprint,
+    LocalPath,
     check_class,
     read_scheduler_config,
 )
@@ -105,9 +106,7 @@ class DiffusersSchedule(DDPM):
             refused.
     """
 
-    def __init__(self, path: Annotated[str, Field(min_length=1, max_length=4096)],
-                 sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
-                 ) -> None:
+    def __init__(self, path: LocalPath, sha256: Fingerprint | None = None) -> None:
         user = "diffusers_scheduler"
         file, config = read_scheduler_config(path, sha256, user)
         folder = file.parent
