@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from diffusers_kit.checkpoint import prefixed, unprefixed
 from diffusers_kit.model import ScoreModel
 from diffusers_kit.objectives.base import Objective
 from diffusers_kit.optim import Optimizer
@@ -661,7 +662,7 @@ class Trainer:
         """Everything a resumed run needs besides the weights and EMA: (tensors, metadata)."""
         self._fold()
         tensors, optim_meta = optimizer_state(self.optim)
-        tensors.update({f"objective.{k}": v for k, v in self.objective.state_dict().items()})
+        tensors.update(prefixed("objective", self.objective.state_dict()))
         tensors["trainer.order"] = self.order
         tensors["trainer.running"] = self.running
         tensors["trainer.first_bad"] = self.first_bad
@@ -684,7 +685,7 @@ class Trainer:
         }
         if self.post_hoc is not None:  # the power EMAs and their snapshots (post-hoc EMA)
             post_tensors, meta["post_hoc"] = self.post_hoc.state_dict()
-            tensors.update({f"post_hoc.{k}": v for k, v in post_tensors.items()})
+            tensors.update(prefixed("post_hoc", post_tensors))
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -695,9 +696,8 @@ class Trainer:
         load_optimizer_state(self.optim, {k: v.to(self.device) for k, v in tensors.items()
                                           if k.startswith("optim.")},
                              json.loads(meta["optimizer"]))
-        self.objective.load_state_dict({k.removeprefix("objective."): v.to(self.device)
-                                        for k, v in tensors.items()
-                                        if k.startswith("objective.")})
+        self.objective.load_state_dict({k: v.to(self.device)
+                                        for k, v in unprefixed("objective", tensors).items()})
         self.order = tensors["trainer.order"].to(self.device)
         self.running = tensors["trainer.running"].to(self.device).clone()
         self.first_bad = tensors["trainer.first_bad"].to(self.device).clone()
@@ -717,9 +717,9 @@ class Trainer:
             if "post_hoc" not in meta:
                 raise ValueError("the checkpoint holds no power-EMA snapshots to continue "
                                  "(its run was trained without post-hoc EMA)")
-            self.post_hoc.load_state_dict({k.removeprefix("post_hoc."): v.to(self.device)
-                                           for k, v in tensors.items()
-                                           if k.startswith("post_hoc.")}, meta["post_hoc"])
+            self.post_hoc.load_state_dict({k: v.to(self.device) for k, v in
+                                           unprefixed("post_hoc", tensors).items()},
+                                          meta["post_hoc"])
         self.last_checkpoint = self.step
 
     def _broadcast_parameters(self) -> None:
