@@ -80,23 +80,28 @@ def profile_inner(t_a: float, gamma_a: float, t_b: float, gamma_b: float) -> flo
             * (t_lo / t_hi) ** gamma_hi / t_hi)
 
 
+def normal_equations(snapshots: Sequence[tuple[float, float]], t: float, gamma: float
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``(G, b)`` with ``G_ij = <p_i, p_j>`` over the snapshots ``(t_i, gamma_i)`` and ``b_i =
+    <p_i, p_{t, gamma}>``, in float64."""
+    gram = np.array([[profile_inner(ta, ga, tb, gb) for tb, gb in snapshots]
+                     for ta, ga in snapshots], dtype=np.float64)
+    target = np.array([profile_inner(ta, ga, t, gamma) for ta, ga in snapshots])
+    return gram, target
+
+
 def solve_coefficients(snapshots: Sequence[tuple[float, float]], t: float, gamma: float
                        ) -> np.ndarray:
     """The least-squares ``x`` with ``sum_i x_i p_i ~ p_{t, gamma}`` for snapshots ``(t_i,
     gamma_i)`` (``G x = b``; a pseudo-inverse where ``G`` is singular)."""
-    gram = np.array([[profile_inner(ta, ga, tb, gb) for tb, gb in snapshots]
-                     for ta, ga in snapshots], dtype=np.float64)
-    target = np.array([profile_inner(ta, ga, t, gamma) for ta, ga in snapshots])
-    return np.linalg.lstsq(gram, target, rcond=None)[0]
+    return np.linalg.lstsq(*normal_equations(snapshots, t, gamma), rcond=None)[0]
 
 
 def profile_error(snapshots: Sequence[tuple[float, float]], t: float, gamma: float) -> float:
     """``||sum_i x_i p_i - p*|| / ||p*||`` for the least-squares ``x``: the relative ``L^2``
     distance between the reconstructed profile and the requested one (0 for a stored one)."""
-    x = solve_coefficients(snapshots, t, gamma)
-    gram = np.array([[profile_inner(ta, ga, tb, gb) for tb, gb in snapshots]
-                     for ta, ga in snapshots], dtype=np.float64)
-    target = np.array([profile_inner(ta, ga, t, gamma) for ta, ga in snapshots])
+    gram, target = normal_equations(snapshots, t, gamma)
+    x = np.linalg.lstsq(gram, target, rcond=None)[0]
     own = profile_inner(t, gamma, t, gamma)
     squared = float(x @ gram @ x - 2 * x @ target + own)
     return math.sqrt(max(squared, 0.0) / own)
