@@ -64,7 +64,7 @@ from diffusers_kit.run_folder import (
     write_record,
     write_spec,
 )
-from diffusers_kit.spec.errors import SpecError, SpecIssue
+from diffusers_kit.spec.errors import SpecError, command_line_error
 from diffusers_kit.spec.loader import component_option, parse_yaml
 from diffusers_kit.spec.references import spec_hash
 from diffusers_kit.spec.validate import validate
@@ -123,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _refuse(problem: str, given: str | None, option: str = "DIR") -> SpecError:
     expected = f"{PIPELINE}: {problem}" if option == "DIR" else problem
-    return SpecError([SpecIssue((option,), expected, given, None, "command line")])
+    return command_line_error(option, expected, given)
 
 
 @dataclass
