@@ -215,6 +215,7 @@ def public_overhead(n: int = 64, steps: int = 20, rounds: int = ROUNDS, fused: b
     draws with ``torch.randn``. Interleaved rounds, best of ``rounds`` (see :func:`overhead`).
     ``fused``: each sampler again with ``DKIT_COMPILE_NOISE=1`` (the compiled Philox kernel)."""
     from diffusers_kit import Diffusion
+    from diffusers_kit.solvers import noise
     from diffusers_kit.solvers.grids import sampling_times
 
     process = DDPM()
@@ -251,6 +252,12 @@ def public_overhead(n: int = 64, steps: int = 20, rounds: int = ROUNDS, fused: b
     }
     for name, solver in solvers.items():
         loops[f"Diffusion.sample: {name}"] = lambda s=solver: diffusion.sample(n, s, seed=1)
+
+    def unfloored() -> None:  # draws computed ahead 1, 4, 16, ... at a time, as before the floor
+        with mock.patch.object(noise, "LEAST_ELEMENTS", 1):
+            diffusion.sample(n, solvers["ancestral"], seed=1)
+
+    loops["Diffusion.sample: ancestral, no 2^12-number floor on computed-ahead draws"] = unfloored
     if fused:  # the same draws through the compiled Philox kernel (compiled before timing)
         compiled = {"DKIT_COMPILE_NOISE": "1"}
         for name, solver in solvers.items():

@@ -170,6 +170,8 @@ def fused_draw() -> Callable[..., Tensor]:
 
 
 AHEAD_ELEMENTS = 1 << 16  # draws computed ahead hold at most this many numbers
+LEAST_ELEMENTS = 1 << 12  # a computation fills at least this many numbers (below, it is
+# all dispatch: 32 draws of (64, 2) cost what one does), the rest held for the next draws
 CHUNK = 1 << 17  # a draw is computed in pieces of at most this many Philox counters
 
 
@@ -183,8 +185,9 @@ class PerSampleNoise(Noise):
     groups of four and keeps its rows. Up to 2^32 draws, 2^32 elements a sample, 2^34 samples.
 
     Equal-shape draws in sequence are computed several at a time (up to ``AHEAD_ELEMENTS``
-    numbers; a small draw is otherwise all dispatch cost). Every number is the same either way:
-    draw ``k`` is a function of ``k``, not of what was computed with it.
+    numbers), and a small draw is computed with the next ones of its shape up to
+    ``LEAST_ELEMENTS`` numbers (it is otherwise all dispatch cost). Every number is the same
+    either way: draw ``k`` is a function of ``k``, not of what was computed with it.
 
     Args:
         seed: the stream family (any integer; its low 64 bits matter).
@@ -205,14 +208,15 @@ class PerSampleNoise(Noise):
         self.draws += 1
         signature = (shape, device)
         ahead = self._ahead  # (signature, draw held first, held draws, how many were computed)
-        count = 1
+        size = max(1, math.prod(shape))
+        count = max(1, LEAST_ELEMENTS // size)
         if ahead is not None and ahead[0] == signature:
             if ahead[1] <= draw < ahead[1] + len(ahead[2]):  # computed already: hand it over once
                 z = ahead[2][draw - ahead[1]]
                 self._ahead = (signature, draw + 1, ahead[2][draw - ahead[1] + 1:], ahead[3])
                 return z if dtype == torch.float32 else z.to(dtype)
             if draw == ahead[1]:  # equal shapes in sequence: compute ahead, 4x more each time
-                count = max(1, min(4 * ahead[3], AHEAD_ELEMENTS // max(1, math.prod(shape))))
+                count = max(count, min(4 * ahead[3], AHEAD_ELEMENTS // size))
         block = self._compute(shape, draw, count, device)
         self._ahead = (signature, draw + 1, block[1:], count)
         return block[0] if dtype == torch.float32 else block[0].to(dtype)
