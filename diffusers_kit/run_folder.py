@@ -118,6 +118,14 @@ def follow_latest(folder: Path) -> Path:
     return folder.resolve() if folder.is_symlink() else folder
 
 
+def newest_run(folder: Path) -> list[str]:
+    """What a refusal of ``folder`` as a run folder suggests: ``[<folder>/latest]`` where
+    ``folder`` is a spec's runs folder (it holds ``latest``), else nothing."""
+    if folder.name != LATEST and (folder / LATEST).exists():
+        return [str(folder / LATEST)]
+    return []
+
+
 def point_latest(folder: Path) -> None:
     """Make ``<root>/<name>/latest`` point to ``folder`` (atomically replaced)."""
     link = folder.parent / LATEST

@@ -131,6 +131,28 @@ def test_a_folder_without_a_checkpoint_is_a_spec_error(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_specs_runs_folder_is_refused_with_its_newest_run_suggested(run_dir, capsys):
+    """``runs/NAME`` (the folder holding ``latest``) given where a run folder is expected: each
+    command's refusal suggests ``runs/NAME/latest``; a folder without ``latest`` gets none."""
+    from diffusers_kit.spec.references import ModelReferenceError, find_run_folder
+
+    runs = run_dir.parent
+    newest = f"did you mean {str(runs / 'latest')!r}?"
+    for args in (["sweep", str(runs), "sample.solver.steps=2,4"], ["sample", str(runs)],
+                 ["tune-times", str(runs)]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and "RUN_DIR" in err and newest in " ".join(err.split()), err
+    spec = write_spec(runs.parent.parent, TOY, "again.yaml")
+    code, _, err = run_cli(["run", str(spec), "--only", "sample", "--from", str(runs),
+                            "--quiet"], capsys)
+    assert code == 2 and "--from" in err and newest in " ".join(err.split()), err
+    with pytest.raises(ModelReferenceError, match="did you mean") as refused:
+        find_run_folder(str(runs))
+    assert str(runs / "latest") in str(refused.value)
+    code, _, err = run_cli(["sample", str(run_dir / "sampling")], capsys)
+    assert code == 2 and "did you mean" not in err
+
+
 def test_values_split_at_top_level_commas_and_label_by_what_differs():
     assert split_values("2, 4,8") == ["2", "4", "8"]
     assert split_values("{kind: ddim, steps: 5},[1, 2],'a,b'") == [

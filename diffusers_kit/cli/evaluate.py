@@ -35,19 +35,17 @@ from diffusers_kit.run import (
     evaluate_metrics,
     load_previous,
 )
+from diffusers_kit.run.build import run_document
 from diffusers_kit.run.stages import NonFiniteResult, non_finite_metrics
 from diffusers_kit.run_folder import (
-    CHECKPOINT,
     METRICS,
     SAMPLES,
-    SPEC_FILE,
     finite,
-    follow_latest,
     unique_folder,
     write_json,
 )
 from diffusers_kit.spec.errors import command_line_error
-from diffusers_kit.spec.loader import apply_overrides, component_option, load_file
+from diffusers_kit.spec.loader import apply_overrides, component_option
 from diffusers_kit.spec.validate import validate
 
 
@@ -104,12 +102,8 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     err = make_console(stderr=True)
-    folder = follow_latest(Path(args.run_dir).expanduser())
-    if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():
-        raise command_line_error("RUN_DIR", f"a finished run folder holding {SPEC_FILE} and "
-                                 f"{CHECKPOINT}", args.run_dir)
+    folder, document = run_document(args.run_dir)
     samples_path = Path(args.samples).expanduser() if args.samples else folder / SAMPLES
-    document = load_file(folder / SPEC_FILE)
     if args.metrics:
         section = document.data.get("evaluate")
         own = section.get("metrics") if isinstance(section, dict) else None

@@ -41,12 +41,10 @@ from diffusers_kit.metrics.floor import SUFFIXES
 from diffusers_kit.registry import get_registry
 from diffusers_kit.report import Series, metric_plot
 from diffusers_kit.run import BuildSettings, build_references, evaluate_metrics
-from diffusers_kit.run.build import refuse_model_changes
+from diffusers_kit.run.build import refuse_model_changes, run_document
 from diffusers_kit.run_folder import (
-    CHECKPOINT,
     SPEC_FILE,
     finite,
-    follow_latest,
     unique_folder,
     write_json,
 )
@@ -251,10 +249,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     if plotted is not None and (not all(plotted) or not 1 <= len(plotted) <= 2):
         raise _command_error("--plot", "one or two metric names, e.g. fd,class_accuracy",
                              args.plot)
-    folder = follow_latest(Path(args.run_dir).expanduser())
-    if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():
-        raise _command_error("RUN_DIR", f"a finished run folder holding {SPEC_FILE} and "
-                             f"{CHECKPOINT}", args.run_dir)
+    folder, _ = run_document(args.run_dir)
 
     overrides = list(args.overrides)
     refuse_model_changes([*overrides, args.sweep])  # the trained model stays what it is

@@ -38,6 +38,7 @@ from diffusers_kit.run_folder import (
     CHECKPOINT,
     SPEC_FILE,
     follow_latest,
+    newest_run,
 )
 from diffusers_kit.solvers.base import Solver, solver_needed
 from diffusers_kit.spec.errors import Path as SpecPath
@@ -495,7 +496,8 @@ def run_document(run_dir: str | Path) -> tuple[Path, Document]:
     if not (folder / SPEC_FILE).is_file() or not (folder / CHECKPOINT).is_file():
         raise SpecError([SpecIssue(("RUN_DIR",), f"a run folder holding {SPEC_FILE} and "
                                    f"{CHECKPOINT} (relative to the working directory "
-                                   f"{Path.cwd()})", str(run_dir), None, "command line")])
+                                   f"{Path.cwd()})", str(run_dir), None, "command line",
+                                   newest_run(Path(run_dir).expanduser()))])
     return folder, load_file(folder / SPEC_FILE)
 
 

@@ -40,6 +40,7 @@ from diffusers_kit.run_folder import (
     alive_marker,
     build_lock,
     find_finished,
+    newest_run,
     now,
     point_latest,
     read_record,
@@ -139,7 +140,8 @@ def execute(
             where = ("" if from_path.is_absolute()
                      else f" (relative to the working directory {Path.cwd()})")
             raise SpecError([SpecIssue(("--from",), f"a run folder holding {CHECKPOINT}{where}",
-                                       str(from_path), None, "command line")])
+                                       str(from_path), None, "command line",
+                                       newest_run(from_path))])
     console = console or make_console(stderr=True)
     root_path = Path(root) if root is not None else Path(spec.output.root)
     root_path = checked_root(root_path, spec.name, document, resume_path)  # before any mkdir

@@ -35,6 +35,7 @@ from diffusers_kit.run_folder import (
     LATEST,
     SPEC_FILE,
     follow_latest,
+    newest_run,
     read_record,
 )
 from diffusers_kit.spec.errors import Path as SpecPath
@@ -146,7 +147,8 @@ def find_run_folder(text: str) -> Path:
     missing = [name for name in (SPEC_FILE, CHECKPOINT) if not (folder / name).is_file()]
     if missing:
         raise ModelReferenceError(f"a run folder holding {' and '.join(missing)}; "
-                                  f"{folder} has none")
+                                  f"{folder} has none" + "".join(
+                                      f" (did you mean {hint!r}?)" for hint in newest_run(folder)))
     record = read_record(folder)
     if record is not None and record.get("status") != "finished":
         raise ModelReferenceError(f"a finished run; {folder} is {record.get('status')!r} (a failed "
