@@ -146,6 +146,8 @@ def test_a_specs_runs_folder_is_refused_with_its_newest_run_suggested(run_dir, c
     code, _, err = run_cli(["run", str(spec), "--only", "sample", "--from", str(runs),
                             "--quiet"], capsys)
     assert code == 2 and "--from" in err and newest in " ".join(err.split()), err
+    code, _, err = run_cli(["run", str(spec), "--resume", str(runs), "--quiet"], capsys)
+    assert code == 2 and "--resume" in err and newest in " ".join(err.split()), err
     with pytest.raises(ModelReferenceError, match="did you mean") as refused:
         find_run_folder(str(runs))
     assert str(runs / "latest") in str(refused.value)

@@ -23,6 +23,7 @@ from diffusers_kit.run_folder import (
     RUN_RECORD,
     SAMPLES,
     SPEC_FILE,
+    newest_run,
     read_spec,
 )
 from diffusers_kit.spec.errors import SpecError, SpecIssue
@@ -106,7 +107,7 @@ def check_resumable(resume_dir: Path, resolved: dict[str, Any], world: int = 1,
     ``diffusion``, its network must load the checkpoint's weights."""
     def refuse(expected: str) -> SpecError:
         return SpecError([SpecIssue(("--resume",), expected, str(resume_dir), None,
-                                    "command line")])
+                                    "command line", newest_run(resume_dir))])
 
     if not (resume_dir / CHECKPOINT).is_file():
         raise refuse(f"a run folder holding {CHECKPOINT}")
