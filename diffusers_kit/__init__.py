@@ -65,7 +65,7 @@ from diffusers_kit.guidance import (
     Replacement,
     requested_labels,
 )
-from diffusers_kit.hookspecs import PLUGIN_API_VERSION, hookimpl
+from diffusers_kit.hookspecs import PLUGIN_API_VERSION, OptionError, hookimpl
 from diffusers_kit.latent import DecodedOperator, LatentCache
 from diffusers_kit.likelihood import decode, encode, log_likelihood, slerp
 from diffusers_kit.metrics import (
@@ -271,6 +271,7 @@ __all__ = [
     "NpzArrays",
     "Objective",
     "Optimizer",
+    "OptionError",
     "Patches",
     "PerSampleNoise",
     "Photos",

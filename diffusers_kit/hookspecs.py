@@ -59,10 +59,21 @@ PROJECT = "diffusers_kit"
 
 #: The version of the plugin contract this dkit provides (``dkit plugins`` shows it). A plugin
 #: requires one with a module-level ``DKIT_PLUGIN_API = ">=1.0,<2"`` (see the module doc).
-PLUGIN_API_VERSION = "1.0"
+PLUGIN_API_VERSION = "1.1"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class OptionError(ValueError):
+    """A component constructor's refusal of one of its own options (``option``, a parameter
+    name): the spec error then names that field and its YAML line rather than the component's
+    whole mapping. Any other ``ValueError`` / ``TypeError`` a constructor raises is reported on
+    the component. Part of the plugin contract: a plugin's constructor may raise it too."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 @hookspec

@@ -198,9 +198,11 @@ def test_a_misspelled_hook_is_reported_by_plugin_and_hook_and_the_rest_still_wor
 
 
 @pytest.mark.parametrize(("required", "loads", "message"), [
-    (">=1.0,<2", True, ""),
+    (">=1.0,<2", True, ""),  # a 1.0 plugin loads on 1.1: a minor version only adds
+    (">=1.1,<2", True, ""),
     ("~=1.0", True, ""),
-    (">=2", False, "requires the dkit plugin API >=2, and this dkit provides 1.0"),
+    ("==1.0", False, "requires the dkit plugin API ==1.0, and this dkit provides 1.1"),
+    (">=2", False, "requires the dkit plugin API >=2, and this dkit provides 1.1"),
     ("<1.0", False, "requires the dkit plugin API <1.0"),
     ("one point oh", False, "is not a version specifier"),
 ])
@@ -208,7 +210,7 @@ def test_a_plugin_requires_a_plugin_api_version(tmp_path, monkeypatch, capsys, r
                                                 message):
     from diffusers_kit.hookspecs import PLUGIN_API_VERSION
 
-    assert PLUGIN_API_VERSION == "1.0"
+    assert PLUGIN_API_VERSION == "1.1"
     install(tmp_path, monkeypatch, "dkit_versioned", f"""
         from diffusers_kit import hookimpl
         from diffusers_kit.processes.ve import VE
@@ -233,7 +235,7 @@ def test_a_plugin_requires_a_plugin_api_version(tmp_path, monkeypatch, capsys, r
         assert registry.get("process", "ve") is not None
     code, out, _ = run_cli(["plugins", "--kind", "process"], capsys)
     flat = " ".join(out.split())
-    assert code == 0 and 'plugin API 1.0 (a plugin module declares DKIT_PLUGIN_API = ">=1.0,<2")' \
+    assert code == 0 and 'plugin API 1.1 (a plugin module declares DKIT_PLUGIN_API = ">=1.1,<2")' \
         in flat
     if not loads:
         assert f"{label} failed to load" in flat

@@ -78,6 +78,15 @@ def test_a_spec_with_bad_times_fails_validation_on_the_solver(tmp_path, capsys):
     good = text.replace("times: [1.0, 0.5004, 0.5001]", "times: [1.0, 0.3, 0.02]")
     code, _out, err = run_cli(["validate", str(write_spec(tmp_path, good))], capsys)
     assert code == 0, err
+    # what the constructor refuses (an OptionError) names the times field and its line too
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if "times:" in row)
+    for times, why in (("[1.0, 0.3]", "times lists 2 evaluation times but steps is 3"),
+                       ("[1.0, 0.3, 0.4]", "start at 1 and decrease")):
+        bad = text.replace("[1.0, 0.5004, 0.5001]", times)
+        code, _out, err = run_cli(["validate", str(write_spec(tmp_path, bad))], capsys)
+        flat = " ".join(err.split())
+        assert code == 2 and f"spec.yaml:{line} sample.solver.times: expected" in flat, err
+        assert why in flat and "Traceback" not in err
 
 
 @pytest.mark.parametrize(("process", "steps", "most"), [

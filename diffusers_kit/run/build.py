@@ -24,6 +24,7 @@ from diffusers_kit.diffusion import (
     resolve_device,
 )
 from diffusers_kit.guidance.base import Guidance, LabelsError, requested_labels
+from diffusers_kit.hookspecs import OptionError
 from diffusers_kit.metrics.base import Metric, metric_figures
 from diffusers_kit.metrics.floor import ErrorBars
 from diffusers_kit.model import expected_output_shape
@@ -87,16 +88,24 @@ class Builder:
         line, origin = self.document.locate(path) if self.document else (None, None)
         self.issues.append(SpecIssue(path, expected, given, line, origin))
 
+    def refused(self, path: SpecPath, config: Any, error: Exception) -> None:
+        """The issue of a constructor that refused ``config`` (at ``path``): on the option an
+        :class:`~diffusers_kit.hookspecs.OptionError` names, else on the whole mapping."""
+        name = config.get("kind") if isinstance(config, dict) else None
+        if isinstance(error, OptionError) and isinstance(config, dict) and error.option in config:
+            self.issue((*path, error.option), f"a value that {name!r} accepts: {error}",
+                       config[error.option])
+        else:
+            self.issue(path, f"parameters that {name!r} accepts: {error}", config)
+
     def build(self, path: SpecPath, kind: str, config: dict[str, Any], **context: Any) -> Any:
         try:
             return self.registry.build(kind, config, **context)
         except NestedBuildError as exc:  # name the nested component that failed, not its parent
-            name = exc.config.get("kind") if isinstance(exc.config, dict) else None
-            self.issue(path + exc.path, f"parameters that {name!r} accepts: {exc.error}",
-                       exc.config)
+            self.refused(path + exc.path, exc.config, exc.error)
             return None
         except (ValueError, TypeError) as exc:
-            self.issue(path, f"parameters that {config.get('kind')!r} accepts: {exc}", config)
+            self.refused(path, config, exc)
             return None
         except (OSError, MemoryError, ArithmeticError, LookupError, RuntimeError,
                 AttributeError, AssertionError, NotImplementedError) as exc:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
+from diffusers_kit.hookspecs import OptionError
 from diffusers_kit.processes.flow import shift_time, unshift_time
 
 if TYPE_CHECKING:
@@ -137,9 +138,9 @@ def step_of(times: Tensor, steps: int) -> Tensor:
 
 def check_times(times: Sequence[float]) -> None:
     """What any process asks of a solver's own times: they start at 1 and decrease
-    (``ValueError`` otherwise)."""
+    (:class:`~diffusers_kit.hookspecs.OptionError` on ``times`` otherwise)."""
     if not times or times[0] != 1.0 or any(b >= a for a, b in itertools.pairwise(times)):
-        raise ValueError(f"times must start at 1 and decrease; got {list(times)}")
+        raise OptionError("times", f"times must start at 1 and decrease; got {list(times)}")
 
 
 def given_times(process: NoiseProcess, times: Sequence[float]) -> Tensor:

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from diffusers_kit.hookspecs import OptionError
 from diffusers_kit.processes.base import expand
 from diffusers_kit.solvers.base import (
     Callback,
@@ -267,8 +268,8 @@ class ODESolver(Solver):
         if self.times is not None:
             self.times = [float(t) for t in self.times]
             if len(self.times) != self.steps:
-                raise ValueError(f"times lists {len(self.times)} evaluation times but steps is "
-                                 f"{self.steps}: make them equal")
+                raise OptionError("times", f"times lists {len(self.times)} evaluation times "
+                                  f"but steps is {self.steps}: make them equal")
             check_times(self.times)
 
     def check(self, process: NoiseProcess) -> str | None:
