@@ -17,6 +17,7 @@ from diffusers_kit.hookspecs import hookimpl
 from diffusers_kit.processes.base import NoiseProcess
 from diffusers_kit.processes.ve import VE
 from diffusers_kit.registry import Registry
+from tests.helpers import TINY_SPEC as TINY
 from tests.helpers import run_cli, write_spec
 
 
@@ -427,3 +428,51 @@ def test_a_score_model_refuses_a_network_output_of_another_shape():
         model(torch.zeros(3, 2), torch.full((3,), 0.5))
     # a learned-variance network returns twice the channels: (3, 2) for (3, 1) data is right
     assert ScoreModel(VE(), Narrow(True))(torch.zeros(3, 1), torch.full((3,), 0.5)).shape == (3, 2)
+
+
+def test_an_option_error_names_the_option_and_its_line(tmp_path, monkeypatch, capsys):
+    """Plugin API 1.1: a constructor's OptionError is reported on that option's field and YAML
+    line (a plugin's as a built-in's); a plain ValueError stays on the component's mapping."""
+    install(tmp_path, monkeypatch, "dkit_picky", """
+        from diffusers_kit import OptionError, hookimpl
+        from diffusers_kit.processes.ve import VE
+
+        DKIT_PLUGIN_API = ">=1.1,<2"
+
+        class PickyVE(VE):
+            '''a VE that wants sigma_max at least 100 sigma_min'''
+
+            def __init__(self, sigma_min: float = 0.01, sigma_max: float = 8.0,
+                         num_levels: int = 4, plain: bool = False) -> None:
+                if sigma_max < 100 * sigma_min:
+                    if plain:
+                        raise ValueError("sigma_max must be at least 100 sigma_min")
+                    raise OptionError("sigma_max", "sigma_max must be at least 100 sigma_min")
+                super().__init__(sigma_min=sigma_min, sigma_max=sigma_max,
+                                 num_levels=num_levels)
+
+        @hookimpl
+        def dkit_register(registry):
+            registry.add("process", "picky_ve", PickyVE)
+    """)
+    block = "  kind: ve\n  sigma_min: 0.01\n  sigma_max: 8.0\n"
+    solvers = {"clip_x0": "{kind: heun, steps: 4, form: noise, clip_x0: 1.0}",
+               "levels": "{kind: consistency, steps: 3, levels: [1.0]}"}
+    cases = (  # the process block or solver, the field named, the line it names
+        ("  kind: picky_ve\n  sigma_min: 0.01\n  sigma_max: 0.5\n", "process.sigma_max",
+         "  sigma_max: 0.5"),
+        ("  kind: picky_ve\n  plain: true\n  sigma_min: 0.01\n  sigma_max: 0.5\n", "process",
+         "process:"),
+        ("clip_x0", "sample.solver.clip_x0", "  solver:"),  # built-in solvers raise it too
+        ("levels", "sample.solver.levels", "  solver:"),
+    )
+    for change, field, row in cases:
+        text = TINY.replace(block, change) if change not in solvers else TINY.replace(
+            "{kind: annealed_langevin, steps_per_level: 2, epsilon: 5.0e-5}", solvers[change])
+        line = next(i for i, r in enumerate(text.splitlines(), 1) if r.startswith(row))
+        spec = tmp_path / "picky.yaml"
+        spec.write_text(text.replace("{root}", str(tmp_path / "runs")))
+        code, _, err = run_cli(["validate", str(spec)], capsys)
+        flat = " ".join(err.split())
+        assert code == 2 and "Traceback" not in err, err
+        assert f"picky.yaml:{line} {field}: expected" in flat, (field, flat)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Annotated
 import torch
 from pydantic import Field
 
+from diffusers_kit.hookspecs import OptionError
 from diffusers_kit.solvers.base import Callback, ClipX0, Solver, clip_data, options
 from diffusers_kit.solvers.grids import (
     Spacing,
@@ -84,10 +85,11 @@ class ConsistencySampler(Solver):
         steps, levels = self.steps, self.levels
         if levels is not None:
             if len(levels) != steps - 1:
-                raise ValueError(f"levels lists the noise levels of steps 2..{steps}: "
-                                 f"{steps - 1} of them for steps: {steps}, got {len(levels)}")
+                raise OptionError("levels", f"levels lists the noise levels of steps "
+                                  f"2..{steps}: {steps - 1} of them for steps: {steps}, got "
+                                  f"{len(levels)}")
             if any(b >= a for a, b in itertools.pairwise(levels)):
-                raise ValueError(f"levels must decrease; got {levels}")
+                raise OptionError("levels", f"levels must decrease; got {levels}")
             self.levels = [float(v) for v in levels]
 
     def check(self, process: NoiseProcess) -> str | None:

@@ -391,8 +391,8 @@ class HeunODE(ODESolver):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.clip_x0 is not None and self.form != "data":
-            raise ValueError("clip_x0 clamps the x0 predictions of the data form: "
-                             "use form: data")
+            raise OptionError("clip_x0", "clip_x0 clamps the x0 predictions of the data "
+                              "form: use form: data")
 
     def check(self, process: NoiseProcess) -> str | None:
         return needs_alpha(process, self.form) or super().check(process)
