@@ -158,6 +158,6 @@ def _print_deprecations(registry: Registry, console: Console) -> None:
 
 def api_requirement() -> str:
     """The ``DKIT_PLUGIN_API`` specifier a plugin written today declares: this API version or a
-    later minor one, ``>=1.0,<2``."""
+    later minor one (``>=1.1,<2`` for API 1.1)."""
     major = int(PLUGIN_API_VERSION.split(".")[0])
     return f">={PLUGIN_API_VERSION},<{major + 1}"
