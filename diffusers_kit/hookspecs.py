@@ -66,14 +66,16 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 class OptionError(ValueError):
-    """A component constructor's refusal of one of its own options (``option``, a parameter
-    name): the spec error then names that field and its YAML line rather than the component's
-    whole mapping. Any other ``ValueError`` / ``TypeError`` a constructor raises is reported on
-    the component. Part of the plugin contract: a plugin's constructor may raise it too."""
+    """A component constructor's refusal of one of its own options: ``option`` (a parameter
+    name) should be ``expected`` (what would do, in words) and is ``given``. Its text is
+    ``"<option>: expected <expected>, given <given>"``; in a spec the error is reported on that
+    option's field and YAML line rather than on the component's whole mapping (any other
+    ``ValueError`` / ``TypeError`` a constructor raises is). Part of the plugin contract (API
+    1.1): a plugin's constructor may raise it too."""
 
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(message)
-        self.option = option
+    def __init__(self, option: str, expected: str, given: object) -> None:
+        super().__init__(f"{option}: expected {expected}, given {given!r}")
+        self.option, self.expected, self.given = option, expected, given
 
 
 @hookspec

@@ -331,17 +331,18 @@ def test_negative_sigma_y_is_refused():
 
 def test_spec_errors_name_the_field():
     builder = Builder(get_registry(), None)
-    cases = [
-        ({"kind": "colorize"}, (1, 8, 8), "3-channel"),
-        ({"kind": "super_resolution", "scale": 3}, (3, 8, 8), "scale"),
-        ({"kind": "inpaint", "sigma_y": -1}, (3, 8, 8), "sigma_y"),
-        ({"kind": "inpaint", "mask": "circle"}, (3, 8, 8), "mask"),
+    cases = [  # a refusal of one option (an OptionError) is on that option's field
+        ({"kind": "colorize"}, (1, 8, 8), "3-channel", ""),
+        ({"kind": "super_resolution", "scale": 3}, (3, 8, 8), "divides the image height",
+         ".scale"),
+        ({"kind": "inpaint", "sigma_y": -1}, (3, 8, 8), "sigma_y", ""),
+        ({"kind": "inpaint", "mask": "circle"}, (3, 8, 8), "mask", ""),
     ]
-    for config, shape, word in cases:
+    for config, shape, word, option in cases:
         assert builder.build(("restore", "operator"), "forward_model", config,
                              data_shape=shape) is None
         issue = builder.issues[-1]
-        assert issue.field == "restore.operator" and word in issue.expected
+        assert issue.field == f"restore.operator{option}" and word in issue.expected
 
 
 def test_a_plugin_operator_needs_only_A_and_its_adjoint_or_only_the_svd():

@@ -447,7 +447,8 @@ def test_an_option_error_names_the_option_and_its_line(tmp_path, monkeypatch, ca
                 if sigma_max < 100 * sigma_min:
                     if plain:
                         raise ValueError("sigma_max must be at least 100 sigma_min")
-                    raise OptionError("sigma_max", "sigma_max must be at least 100 sigma_min")
+                    raise OptionError("sigma_max", f"at least 100 sigma_min ({100 * sigma_min})",
+                                      sigma_max)
                 super().__init__(sigma_min=sigma_min, sigma_max=sigma_max,
                                  num_levels=num_levels)
 
@@ -458,15 +459,17 @@ def test_an_option_error_names_the_option_and_its_line(tmp_path, monkeypatch, ca
     block = "  kind: ve\n  sigma_min: 0.01\n  sigma_max: 8.0\n"
     solvers = {"clip_x0": "{kind: heun, steps: 4, form: noise, clip_x0: 1.0}",
                "levels": "{kind: consistency, steps: 3, levels: [1.0]}"}
-    cases = (  # the process block or solver, the field named, the line it names
+    cases = (  # the process block or solver, the field named, the line it names, the words
         ("  kind: picky_ve\n  sigma_min: 0.01\n  sigma_max: 0.5\n", "process.sigma_max",
-         "  sigma_max: 0.5"),
+         "  sigma_max: 0.5", "expected at least 100 sigma_min (1.0) ('picky_ve'); given 0.5"),
         ("  kind: picky_ve\n  plain: true\n  sigma_min: 0.01\n  sigma_max: 0.5\n", "process",
-         "process:"),
-        ("clip_x0", "sample.solver.clip_x0", "  solver:"),  # built-in solvers raise it too
-        ("levels", "sample.solver.levels", "  solver:"),
+         "process:", "sigma_max must be at least 100 sigma_min"),
+        ("clip_x0", "sample.solver.clip_x0", "  solver:",  # built-in solvers raise it too
+         "expected null with form: noise"),
+        ("levels", "sample.solver.levels", "  solver:", "of them for steps: 3 ('consistency'); "
+         "given [1.0]"),
     )
-    for change, field, row in cases:
+    for change, field, row, words in cases:
         text = TINY.replace(block, change) if change not in solvers else TINY.replace(
             "{kind: annealed_langevin, steps_per_level: 2, epsilon: 5.0e-5}", solvers[change])
         line = next(i for i, r in enumerate(text.splitlines(), 1) if r.startswith(row))
@@ -475,4 +478,4 @@ def test_an_option_error_names_the_option_and_its_line(tmp_path, monkeypatch, ca
         code, _, err = run_cli(["validate", str(spec)], capsys)
         flat = " ".join(err.split())
         assert code == 2 and "Traceback" not in err, err
-        assert f"picky.yaml:{line} {field}: expected" in flat, (field, flat)
+        assert f"picky.yaml:{line} {field}: expected" in flat and words in flat, (field, flat)

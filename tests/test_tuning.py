@@ -53,7 +53,7 @@ def test_given_times_reproduce_the_grid_they_came_from(process, make):  # type: 
 
 
 def test_times_that_do_not_fit_are_refused_with_what_is_wrong():
-    with pytest.raises(ValueError, match="times lists 2 evaluation times but steps is 3"):
+    with pytest.raises(ValueError, match="one time per step: 3 of them"):
         UniPC(steps=3, times=[1.0, 0.5])
     with pytest.raises(ValueError, match="start at 1 and decrease"):
         UniPC(steps=2, times=[0.9, 0.5])
@@ -80,8 +80,10 @@ def test_a_spec_with_bad_times_fails_validation_on_the_solver(tmp_path, capsys):
     assert code == 0, err
     # what the constructor refuses (an OptionError) names the times field and its line too
     line = next(i for i, row in enumerate(text.splitlines(), 1) if "times:" in row)
-    for times, why in (("[1.0, 0.3]", "times lists 2 evaluation times but steps is 3"),
-                       ("[1.0, 0.3, 0.4]", "start at 1 and decrease")):
+    for times, why in (("[1.0, 0.3]", "one time per step: 3 of them (steps: 3), or steps "
+                                      "changed to match ('unipc'); given [1.0, 0.3]"),
+                       ("[1.0, 0.3, 0.4]", "start at 1 and decrease ('unipc'); given [1.0, 0.3, "
+                                           "0.4]")):
         bad = text.replace("[1.0, 0.5004, 0.5001]", times)
         code, _out, err = run_cli(["validate", str(write_spec(tmp_path, bad))], capsys)
         flat = " ".join(err.split())

@@ -59,6 +59,7 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.forward_models.noise import GaussianNoise, NoiseModel, noise_model
+from diffusers_kit.hookspecs import OptionError
 
 SigmaY = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 """Standard deviation of the Gaussian measurement noise, in data units."""
@@ -108,8 +109,8 @@ class ForwardModel:
                              f"{tuple(data_shape)}")
         sigma_y = float(sigma_y)
         if not (math.isfinite(sigma_y) and sigma_y >= 0):
-            raise ValueError(f"sigma_y: expected a finite standard deviation >= 0 (data units), "
-                             f"given {sigma_y}")
+            raise OptionError("sigma_y", "a finite standard deviation >= 0 (data units)",
+                              sigma_y)
         self.data_shape = shape
         self.measurement_shape = shape
         self._noise = noise_model(noise, sigma_y, photons)

@@ -19,6 +19,7 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.forward_models.base import ForwardModel, NoiseKind, Photons, SigmaY, image_shape
+from diffusers_kit.hookspecs import OptionError
 
 
 def gaussian_kernel(sigma: float, size: int) -> torch.Tensor:
@@ -55,7 +56,7 @@ class GaussianBlur(ForwardModel):
         if size is None:
             size = 2 * math.ceil(3 * sigma) + 1
         if size % 2 == 0:
-            raise ValueError(f"size: expected an odd kernel width, given {size}")
+            raise OptionError("size", "an odd kernel width", size)
         self.sigma, self.size = float(sigma), int(size)
         kernel = gaussian_kernel(self.sigma, self.size)
         self.keep("kernel", kernel)

@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from diffusers_kit.hookspecs import OptionError
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -87,8 +89,8 @@ class GaussianNoise(NoiseModel):
     def __init__(self, sigma_y: float = 0.0) -> None:
         sigma_y = float(sigma_y)
         if not (math.isfinite(sigma_y) and sigma_y >= 0):
-            raise ValueError(f"sigma_y: expected a finite standard deviation >= 0 (data "
-                             f"units), given {sigma_y}")
+            raise OptionError("sigma_y", "a finite standard deviation >= 0 (data units)",
+                              sigma_y)
         self.sigma_y = sigma_y
 
     def sample(self, a: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -120,7 +122,7 @@ class PoissonNoise(NoiseModel):
     def __init__(self, photons: float, low: float = -1.0, high: float = 1.0) -> None:
         photons = float(photons)
         if not (math.isfinite(photons) and photons > 0):
-            raise ValueError(f"photons: expected a positive expected count, given {photons}")
+            raise OptionError("photons", "a positive expected count", photons)
         if not high > low:
             raise ValueError(f"the data range [{low}, {high}] must have high > low")
         self.photons, self.low, self.high = photons, float(low), float(high)

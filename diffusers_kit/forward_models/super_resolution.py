@@ -23,6 +23,7 @@ from diffusers_kit.forward_models.base import (
     SigmaY,
     image_shape,
 )
+from diffusers_kit.hookspecs import OptionError
 
 
 class SuperResolution(IdentityMeasurementBasis, ForwardModel):
@@ -38,8 +39,8 @@ class SuperResolution(IdentityMeasurementBasis, ForwardModel):
         super().__init__(sigma_y, data_shape=data_shape, noise=noise, photons=photons)
         c, h, w = image_shape("super_resolution", self.data_shape)
         if h % scale or w % scale:
-            raise ValueError(f"scale: expected a factor that divides the image height and width "
-                             f"{h} x {w}, given {scale}")
+            raise OptionError("scale", f"a factor that divides the image height and width "
+                              f"{h} x {w}", scale)
         self.scale = k = int(scale)
         self.measurement_shape = (c, h // k, w // k)
         # an orthogonal basis of R^(k^2) whose first column is 1 / k (QR of [1, I])

@@ -66,6 +66,7 @@ from pydantic import Field
 from diffusers_kit.forward_models.base import ForwardModel
 from diffusers_kit.guidance.base import TakesStep
 from diffusers_kit.guidance.measurement import MeasurementGuidance, measured_directions
+from diffusers_kit.hookspecs import OptionError
 
 if TYPE_CHECKING:
     from diffusers_kit.model import ScoreModel
@@ -88,9 +89,9 @@ class DDRM(TakesStep, MeasurementGuidance):
                  eta_b: Annotated[float, Field(ge=0, le=2)] | Literal["ddpm"] = 1.0) -> None:
         super().__init__(operator, 1.0, None)
         if eta_b != "ddpm" and not (isinstance(eta_b, (int, float)) and 0 <= eta_b <= 2):
-            raise ValueError(f"eta_b: expected a weight in [0, 2] or 'ddpm', given {eta_b!r}")
+            raise OptionError("eta_b", "a weight in [0, 2] or 'ddpm'", eta_b)
         if not 0 <= eta <= 1:
-            raise ValueError(f"eta: expected a share in [0, 1], given {eta!r}")
+            raise OptionError("eta", "a share in [0, 1]", eta)
         if eta_b == "ddpm" and operator.sigma_y == 0:
             raise ValueError("eta_b: 'ddpm' needs measurement noise (sigma_y > 0): without it "
                              "the weight is 2 in every measured direction, which reflects "

@@ -35,6 +35,7 @@ from diffusers_kit.guidance.base import (
     noise_level,
     replace_x0,
 )
+from diffusers_kit.hookspecs import OptionError
 
 if TYPE_CHECKING:
     from diffusers_kit.latent import DecodedOperator
@@ -411,7 +412,7 @@ class DPS(MeasurementGuidance):
                  data_std: DataStd = 1.0, interval: Interval | None = None) -> None:
         super().__init__(operator, data_std, interval)
         if step not in ("likelihood", "normalised"):
-            raise ValueError(f"step: expected likelihood or normalised, given {step!r}")
+            raise OptionError("step", "likelihood or normalised", step)
         self.zeta = zeta
         self.step = step
 

@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.data.base import DataSplits
+from diffusers_kit.hookspecs import OptionError
 from diffusers_kit.metrics.base import Metric
 from diffusers_kit.metrics.fidelity import torchmetrics_module
 from diffusers_kit.metrics.floor import ErrorBars, Level, Resamples, mean_with_interval
@@ -107,7 +108,7 @@ class SSIM(_Restoration):
                  resamples: Resamples = 1000, level: Level = 0.95) -> None:
         super().__init__(low, high, resamples, level)
         if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+            raise OptionError("kernel_size", "an odd window width", kernel_size)
         self.kernel_size, self.sigma = kernel_size, sigma
 
     def evaluate(self, samples: torch.Tensor, data: DataSplits, generator: torch.Generator,

@@ -93,7 +93,7 @@ class Builder:
         :class:`~diffusers_kit.hookspecs.OptionError` names, else on the whole mapping."""
         name = config.get("kind") if isinstance(config, dict) else None
         if isinstance(error, OptionError) and isinstance(config, dict) and error.option in config:
-            self.issue((*path, error.option), f"a value that {name!r} accepts: {error}",
+            self.issue((*path, error.option), f"{error.expected} ({name!r})",
                        config[error.option])
         else:
             self.issue(path, f"parameters that {name!r} accepts: {error}", config)

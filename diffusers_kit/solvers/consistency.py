@@ -85,11 +85,10 @@ class ConsistencySampler(Solver):
         steps, levels = self.steps, self.levels
         if levels is not None:
             if len(levels) != steps - 1:
-                raise OptionError("levels", f"levels lists the noise levels of steps "
-                                  f"2..{steps}: {steps - 1} of them for steps: {steps}, got "
-                                  f"{len(levels)}")
+                raise OptionError("levels", f"the noise levels of steps 2..{steps}: "
+                                  f"{steps - 1} of them for steps: {steps}", levels)
             if any(b >= a for a, b in itertools.pairwise(levels)):
-                raise OptionError("levels", f"levels must decrease; got {levels}")
+                raise OptionError("levels", "decreasing noise levels", levels)
             self.levels = [float(v) for v in levels]
 
     def check(self, process: NoiseProcess) -> str | None:

@@ -140,7 +140,7 @@ def check_times(times: Sequence[float]) -> None:
     """What any process asks of a solver's own times: they start at 1 and decrease
     (:class:`~diffusers_kit.hookspecs.OptionError` on ``times`` otherwise)."""
     if not times or times[0] != 1.0 or any(b >= a for a, b in itertools.pairwise(times)):
-        raise OptionError("times", f"times must start at 1 and decrease; got {list(times)}")
+        raise OptionError("times", "times that start at 1 and decrease", list(times))
 
 
 def given_times(process: NoiseProcess, times: Sequence[float]) -> Tensor:

@@ -268,8 +268,8 @@ class ODESolver(Solver):
         if self.times is not None:
             self.times = [float(t) for t in self.times]
             if len(self.times) != self.steps:
-                raise OptionError("times", f"times lists {len(self.times)} evaluation times "
-                                  f"but steps is {self.steps}: make them equal")
+                raise OptionError("times", f"one time per step: {self.steps} of them (steps: "
+                                  f"{self.steps}), or steps changed to match", self.times)
             check_times(self.times)
 
     def check(self, process: NoiseProcess) -> str | None:
@@ -391,8 +391,8 @@ class HeunODE(ODESolver):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.clip_x0 is not None and self.form != "data":
-            raise OptionError("clip_x0", "clip_x0 clamps the x0 predictions of the data "
-                              "form: use form: data")
+            raise OptionError("clip_x0", "null with form: noise (clip_x0 clamps the x0 "
+                              "predictions of the data form: use form: data)", self.clip_x0)
 
     def check(self, process: NoiseProcess) -> str | None:
         return needs_alpha(process, self.form) or super().check(process)
