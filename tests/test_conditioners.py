@@ -165,8 +165,8 @@ def test_text_conditioner_captions_free_text_and_the_empty_caption():
     ({"template": "a handwritten digit"}, "exactly once"),
     ({"names": ["seven", "Seven"]}, "same caption"),
     ({"names": ["seven", "  "]}, "has no word"),
-    ({"tokens": 3}, "too short"),
-    ({"dim": 10, "heads": 4}, "must divide"),
+    ({"tokens": 3}, "tokens: expected at least 4: the caption"),
+    ({"dim": 10, "heads": 4}, "heads: expected a divisor of dim \\(10\\), given 4"),
 ])
 def test_text_conditioner_refuses_what_cannot_work(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -244,7 +244,8 @@ def test_the_unet_without_a_conditioner_keeps_its_state_dict_keys(call):
 
 
 def test_num_classes_and_a_conditioner_must_agree():
-    with pytest.raises(ValueError, match=r"num_classes \(7\).*conditioner's num_classes \(10\)"):
+    with pytest.raises(ValueError, match=r"num_classes: expected the conditioner's num_classes "
+                       r"\(10\).*given 7"):
         small_unet(ClassTokens(num_classes=10, dim=8), num_classes=7)
     net = small_unet(ClassTokens(num_classes=10, dim=8), num_classes=10, class_dropout=0.2)
     assert net.num_classes == 10 and net.classes is None, "no class embedding beside the tokens"
@@ -456,7 +457,7 @@ def test_hf_text_errors_are_clear(hf_folder, tmp_path):
         hf_text(tmp_path / "empty")
     with pytest.raises(ValueError, match="too short"):
         hf_text(hf_folder, template="a handwritten {} " + "square " * 6)
-    with pytest.raises(ValueError, match="more than the 32 positions"):
+    with pytest.raises(ValueError, match=r"tokens: expected at most the 32 positions.*given 33"):
         HFTextEncoder(path=str(hf_folder), tokens=33)
 
 

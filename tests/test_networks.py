@@ -73,8 +73,13 @@ def test_noise_aware_classifier_gives_logits_for_images_and_vectors():
 
 @pytest.mark.parametrize(("factory", "kwargs", "message"), [
     (UNet, {"data_shape": (1, 6, 6), "channel_mult": [1, 2, 2]}, "divisible by 4"),
-    (UNet, {"data_shape": (1, 8, 8), "attention_resolutions": [3]}, "levels run at [8, 4]"),
-    (UNet, {"data_shape": (1, 8, 8), "channels": 12}, "norm_groups (8) must divide"),
+    (UNet, {"data_shape": (1, 8, 8), "attention_resolutions": [3]},
+     "attention_resolutions: expected resolutions of this network's levels (they run at [8, 4] "
+     "pixels), given [3]"),
+    (UNet, {"data_shape": (1, 8, 8), "channels": 12}, "norm_groups: expected a divisor of every "
+     "level's width (channels x channel_mult = [12, 24]), given 8"),
+    (UNet, {"data_shape": (1, 8, 8), "channels": 8, "heads": 3}, "heads: expected a divisor of "
+     "every level's width ([8, 16]), given 3"),
     (UNet, {"data_shape": (2,)}, "image data"),
     (MLP, {"data_shape": (1, 8, 8)}, "vector data"),
     (NCSN, {"data_shape": (2,)}, "image data"),

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from diffusers_kit.conditioners.base import Conditioner
 from diffusers_kit.conditioners.text import DIGIT_NAMES, label_captions
+from diffusers_kit.hookspecs import OptionError
 
 MISSING = ("hf_text needs the transformers library, which is not installed: install the optional "
            "'text' extra: pip install diffusers_kit[text]")
@@ -100,13 +101,13 @@ class HFTextEncoder(Conditioner):
         config = _text_config(model.config)
         limit = getattr(config, "max_position_embeddings", None)
         if limit is not None and tokens > limit:
-            raise ValueError(f"tokens ({tokens}) is more than the {limit} positions of the "
-                             f"model in {path!r}")
+            raise OptionError("tokens", f"at most the {limit} positions of the model in "
+                              f"{path!r}", tokens)
         lengths = [len(ids) for ids in tokenizer(captions)["input_ids"]]
         longest = max(range(len(captions)), key=lambda i: lengths[i])
         if lengths[longest] > tokens:
-            raise ValueError(f"tokens ({tokens}) is too short for the caption "
-                             f"{captions[longest]!r}: it needs {lengths[longest]} tokens")
+            raise OptionError("tokens", f"at least {lengths[longest]}: the caption "
+                              f"{captions[longest]!r} needs them (too short otherwise)", tokens)
         self.names = list(names)
         self.template = template
         self.path = str(path)

@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.conditioners.base import Conditioner
+from diffusers_kit.hookspecs import OptionError
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
@@ -121,7 +122,7 @@ class TextConditioner(Conditioner):
     ) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"heads ({heads}) must divide dim ({dim})")
+            raise OptionError("heads", f"a divisor of dim ({dim})", heads)
         captions = label_captions(template, names)
         self.names = list(names)
         self.template = template
@@ -129,8 +130,8 @@ class TextConditioner(Conditioner):
         longest = max(captions, key=lambda c: len(self.tokenizer.ids(c)))
         needed = len(self.tokenizer.ids(longest))
         if needed > tokens:
-            raise ValueError(f"tokens ({tokens}) is too short for the caption {longest!r}: it "
-                             f"needs {needed} (the start token and {needed - 1} words)")
+            raise OptionError("tokens", f"at least {needed}: the caption {longest!r} needs the "
+                              f"start token and {needed - 1} words (too short otherwise)", tokens)
         self.num_classes = len(names)
         self.tokens = tokens
         self.dim = dim

@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from diffusers_kit.hookspecs import OptionError
 from diffusers_kit.networks.base import Network
 from diffusers_kit.networks.embeddings import TimeEmbedding
 from diffusers_kit.networks.mlp import ResidualBlock
@@ -61,8 +62,8 @@ class NoiseAwareClassifier(Network):
                                  f"divisible by {2 ** (levels - 1)}; the images are {h}x{w}")
             widths = [channels * m for m in channel_mult]
             if any(width % norm_groups for width in widths):
-                raise ValueError(f"norm_groups ({norm_groups}) must divide every level's "
-                                 f"width {widths}")
+                raise OptionError("norm_groups", f"a divisor of every level's width {widths}",
+                                  norm_groups)
             self.conv_in = nn.Conv2d(c, channels, 3, padding=1)
             self.levels = nn.ModuleList()
             self.downsample = nn.ModuleList()

@@ -21,6 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from diffusers_kit.conditioners.base import Conditioner
+from diffusers_kit.hookspecs import OptionError
 from diffusers_kit.networks.attention import SelfAttention, SpatialTransformer, zero
 from diffusers_kit.networks.base import Network, check_data_shape
 from diffusers_kit.networks.embeddings import ClassEmbedding, TimeEmbedding
@@ -114,23 +115,23 @@ class UNet(Network):
         widths = [channels * m for m in channel_mult]
         for width in widths:
             if width % norm_groups:
-                raise ValueError(f"norm_groups ({norm_groups}) must divide every level's width "
-                                 f"(channels x channel_mult = {widths})")
+                raise OptionError("norm_groups", f"a divisor of every level's width "
+                                  f"(channels x channel_mult = {widths})", norm_groups)
             if width % heads:
-                raise ValueError(f"heads ({heads}) must divide every level's width ({widths})")
+                raise OptionError("heads", f"a divisor of every level's width ({widths})", heads)
         resolutions = [min(h, w) // 2**i for i in range(levels)]
         unknown = sorted(set(attention_resolutions) - set(resolutions))
         if unknown:
-            raise ValueError(f"attention_resolutions {unknown} are not resolutions of this "
-                             f"network; its levels run at {resolutions} pixels")
+            raise OptionError("attention_resolutions", f"resolutions of this network's levels "
+                              f"(they run at {resolutions} pixels)", list(attention_resolutions))
         self.data_shape = (c, h, w)
         self.time = TimeEmbedding(channels)
         e = self.time.out_dim
         if conditioner is not None:
             if num_classes is not None and num_classes != conditioner.num_classes:
-                raise ValueError(f"unet num_classes ({num_classes}) and its conditioner's "
-                                 f"num_classes ({conditioner.num_classes}) differ; leave "
-                                 "num_classes out, the conditioner's is used")
+                raise OptionError("num_classes", f"the conditioner's num_classes "
+                                  f"({conditioner.num_classes}), or num_classes left out (the "
+                                  "conditioner's is used)", num_classes)
             num_classes = conditioner.num_classes
             conditioner.drop_prob = class_dropout
         self.num_classes = num_classes
