@@ -240,7 +240,7 @@ def test_inpaint_mask_files(tmp_path):
     with pytest.raises(ValueError, match="0/1"):
         Inpaint(mask=str(tmp_path / "grey.npy"), data_shape=(3, 8, 8))
     np.save(tmp_path / "none.npy", np.zeros((8, 8)))
-    with pytest.raises(ValueError, match="keeps no pixel"):
+    with pytest.raises(ValueError, match="this one keeps none"):
         Inpaint(mask=str(tmp_path / "none.npy"), data_shape=(3, 8, 8))
     with pytest.raises(ValueError, match="no such file"):
         Inpaint(mask=str(tmp_path / "absent.npy"), data_shape=(3, 8, 8))

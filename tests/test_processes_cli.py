@@ -89,7 +89,7 @@ def test_show_reads_the_process_section_of_a_spec(capsys, tmp_path):
         (["vp", "beta_max=-1"], "greater than 0"),
         (["vp", "bogus=1"], "unknown field 'bogus'"),
         (["vp", "beta_min=5", "beta_max=1"], "beta_max (1.0) must be at least beta_min"),
-        (["ddpm", "betas=[0.1, 0.2]", "num_steps=3"], "differs from the number of betas"),
+        (["ddpm", "betas=[0.1, 0.2]", "num_steps=3"], "process.num_steps: expected the number"),
         (["constant_sigma", "sigma=1e-5"], "steps to reach delta"),
     ],
 )

@@ -19,6 +19,7 @@ from diffusers_kit.console import make_console
 from diffusers_kit.processes.base import NoiseProcess
 from diffusers_kit.processes.gaussian import nats_to_bits_per_dim
 from diffusers_kit.registry import get_registry
+from diffusers_kit.run.build import Builder
 from diffusers_kit.solvers.grids import resolve_spacing
 from diffusers_kit.spec.errors import SpecError, SpecIssue
 from diffusers_kit.spec.loader import Document, apply_overrides, load_file
@@ -79,12 +80,10 @@ def load_process(target: str, params: list[str]) -> tuple[NoiseProcess, dict[str
     validate_component(registry, SECTION, config, (SECTION,), document, issues)
     if issues:
         raise SpecError(issues, document.origin)
-    try:
-        process = registry.build(SECTION, config)
-    except (ValueError, TypeError) as exc:
-        line, origin = document.locate((SECTION,))
-        raise SpecError([SpecIssue((SECTION,), f"parameters that fit together ({exc})",
-                                   config, line, origin)], document.origin) from None
+    builder = Builder(registry, document)  # a refusal named as a run's spec would name it
+    process = builder.build((SECTION,), SECTION, config)
+    if builder.issues:
+        raise SpecError(builder.issues, document.origin)
     return process, config
 
 

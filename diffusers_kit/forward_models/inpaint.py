@@ -29,6 +29,7 @@ from diffusers_kit.forward_models.base import (
     Photons,
     SigmaY,
 )
+from diffusers_kit.hookspecs import OptionError
 
 MASKS = ("box", "random", "half", "left", "center")
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -76,7 +77,8 @@ class Inpaint(IdentityMeasurementBasis, ForwardModel):
             raise ValueError(f"inpaint needs images (C, H, W) or vectors (d,); this data set's "
                              f"examples have shape {shape}")
         if box_position is not None and mask != "box":
-            raise ValueError(f"box_position applies to mask: box only, given mask: {mask}")
+            raise OptionError("box_position", f"null with mask: {mask} (box_position places "
+                              "mask: box)", box_position)
         if mask == "random":
             kept = _random_mask(spatial, rate, seed)
         elif mask in ("box", "center"):
@@ -94,7 +96,8 @@ class Inpaint(IdentityMeasurementBasis, ForwardModel):
             kept = kept.reshape(1, *spatial).expand(channels, *spatial)
         kept = kept.contiguous()
         if not kept.any():
-            raise ValueError(f"mask: {mask} keeps no pixel of data of shape {shape}")
+            raise OptionError("mask", f"a mask that keeps a pixel of data of shape {shape} "
+                              "(this one keeps none)", mask)
         self.mask = kept
         """Boolean mask of the data shape, True where ``x`` is observed."""
         flat = kept.reshape(-1)

@@ -16,6 +16,7 @@ import torch
 from pydantic import Field
 
 from diffusers_kit.forward_models.base import DENSE_LIMIT, ForwardModel, NoiseKind, Photons, SigmaY
+from diffusers_kit.hookspecs import OptionError
 
 
 class MatrixOperator(ForwardModel):
@@ -37,7 +38,8 @@ class MatrixOperator(ForwardModel):
             raise ValueError(f"matrix is for small data (at most {DENSE_LIMIT} entries); this "
                              f"data set's examples have shape {self.data_shape} ({d} entries)")
         if path is not None and rows is not None:
-            raise ValueError("rows: give either rows (a random matrix) or path, not both")
+            raise OptionError("rows", "null with path (give either rows, a random matrix, or "
+                              "path, not both)", rows)
         if path is not None:
             matrix = torch.from_numpy(_load_matrix(path, d))
         else:

@@ -34,6 +34,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
+from diffusers_kit.hookspecs import OptionError
 from diffusers_kit.processes.base import Tensor
 from diffusers_kit.processes.vp import VariancePreserving
 
@@ -95,9 +96,8 @@ class DDPM(VariancePreserving):
         self.schedule = "custom" if betas is not None else schedule
         if betas is not None:
             if num_steps is not None and num_steps != len(betas):
-                raise ValueError(
-                    f"num_steps ({num_steps}) differs from the number of betas ({len(betas)})"
-                )
+                raise OptionError("num_steps", f"the number of betas ({len(betas)}), or "
+                                  "num_steps left out", num_steps)
             table = torch.tensor([float(b) for b in betas], dtype=torch.float64)
         else:
             steps = DEFAULT_STEPS if num_steps is None else int(num_steps)
