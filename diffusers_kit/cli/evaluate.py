@@ -84,8 +84,9 @@ def load_samples(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     try:
         with ArrayFile(path) as file:  # the one array reader: refuses damaged, empty, NaN
             if "samples" not in file.names:
-                raise command_line_error("--samples", f"an .npz holding a 'samples' array ({path} "
-                                     f"holds {', '.join(file.names) or 'no arrays'})", str(path))
+                raise command_line_error("--samples", f"an .npz holding a 'samples' array "
+                                         f"({path} holds {', '.join(file.names) or 'no arrays'})",
+                                         str(path))
             samples = torch.from_numpy(np.asarray(file.array("samples"), dtype=np.float32))
             labels = torch.from_numpy(np.asarray(file.array("labels"))).long() if (
                 "labels" in file.names) else None

@@ -48,7 +48,7 @@ from diffusers_kit.run_folder import (
     unique_folder,
     write_json,
 )
-from diffusers_kit.spec.errors import SpecError, SpecIssue
+from diffusers_kit.spec.errors import command_line_error
 from diffusers_kit.spec.loader import apply_overrides, load_file
 from diffusers_kit.spec.validate import validate
 
@@ -98,13 +98,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=sweep_command)
 
 
-def _command_error(option: str | tuple[str | int, ...], expected: str, given: Any,
-                   suggestions: list[str] | None = None) -> SpecError:
-    path = option if isinstance(option, tuple) else (option,)
-    return SpecError([SpecIssue(path, expected, given, None, "command line",
-                                suggestions or [])])
-
-
 def split_values(text: str) -> list[str]:
     """``"2,4,{kind: ddim, steps: 5}"`` -> ``["2", "4", "{kind: ddim, steps: 5}"]``: commas
     inside brackets, braces, parentheses or quotes do not split."""
@@ -134,14 +127,14 @@ def parse_sweep(text: str) -> tuple[str, list[str]]:
     parts = field.split(".") if field else []
     path = tuple(int(p) if p.isdigit() else p for p in parts if p) or ("FIELD=V1,V2,...",)
     if not sep or not parts or any(not p for p in parts) or field.startswith("-"):
-        raise _command_error(path, "the swept field and its values, FIELD=V1,V2,... (e.g. "
-                             "sample.solver.steps=5,10,20)", text)
+        raise command_line_error(path, "the swept field and its values, FIELD=V1,V2,... (e.g. "
+                                 "sample.solver.steps=5,10,20)", text)
     values = split_values(raw)
     if any(not v for v in values):
-        raise _command_error(path, "values separated by commas, none empty (e.g. 5,10,20)",
-                             raw)
+        raise command_line_error(path, "values separated by commas, none empty (e.g. 5,10,20)",
+                                 raw)
     if len(set(values)) != len(values):
-        raise _command_error(path, "distinct values", raw)
+        raise command_line_error(path, "distinct values", raw)
     return field, values
 
 
@@ -215,7 +208,7 @@ def parse_best(text: str | None) -> tuple[str | None, str | None]:
     if not sep:
         return direction, None
     if direction not in ("min", "max") or not name:
-        raise _command_error("--best", "a metric name, or min:NAME / max:NAME", text)
+        raise command_line_error("--best", "a metric name, or min:NAME / max:NAME", text)
     return name, direction
 
 
@@ -237,18 +230,18 @@ def sweep_command(args: argparse.Namespace) -> int:
     err = make_console(stderr=True)
     field, values = parse_sweep(args.sweep)
     if args.max_values < 1:
-        raise _command_error("--max-values", "a positive number", args.max_values)
+        raise command_line_error("--max-values", "a positive number", args.max_values)
     if len(values) > args.max_values:
-        raise _command_error(field, f"at most {args.max_values} values (each is one sampling "
-                             "and one evaluation; raise the limit with --max-values N)",
-                             f"{len(values)} values")
+        raise command_line_error(field, f"at most {args.max_values} values (each is one sampling "
+                                 "and one evaluation; raise the limit with --max-values N)",
+                                 f"{len(values)} values")
     if args.n is not None and args.n < 1:
-        raise _command_error("--n", "a positive number", args.n)
+        raise command_line_error("--n", "a positive number", args.n)
     best_name, best_direction = parse_best(args.best)
     plotted = [p.strip() for p in args.plot.split(",")] if args.plot else None
     if plotted is not None and (not all(plotted) or not 1 <= len(plotted) <= 2):
-        raise _command_error("--plot", "one or two metric names, e.g. fd,class_accuracy",
-                             args.plot)
+        raise command_line_error("--plot", "one or two metric names, e.g. fd,class_accuracy",
+                                 args.plot)
     folder, _ = run_document(args.run_dir)
 
     overrides = list(args.overrides)
@@ -267,11 +260,11 @@ def sweep_command(args: argparse.Namespace) -> int:
         apply_overrides(document, [*overrides, f"{field}={value}"])
         spec = validate(document, registry)
         if spec.sample is None:
-            raise _command_error("RUN_DIR", "a run of a spec with a sample section (this one "
-                                 "only trains)", args.run_dir)
+            raise command_line_error("RUN_DIR", "a run of a spec with a sample section (this one "
+                                     "only trains)", args.run_dir)
         if not spec.evaluate.metrics:
-            raise _command_error("--metrics", "metrics to compute (the run's spec has none)",
-                                 None)
+            raise command_line_error("--metrics", "metrics to compute (the run's spec has none)",
+                                     None)
     if field.split(".")[0] in NO_EFFECT:
         err.print(f"note: {field} does not change how samples are drawn from the trained "
                   "weights", soft_wrap=True, markup=False)
@@ -315,7 +308,7 @@ def sweep_command(args: argparse.Namespace) -> int:
                     asked += [("--best", best_name)] if best_name else []
                     for option, name in asked:
                         if name not in names:
-                            raise _command_error(
+                            raise command_line_error(
                                 option, f"metrics of this sweep ({', '.join(names)})",
                                 name, difflib.get_close_matches(name, names, 2))
             progress.update(overall, status=f"{field}: done")

@@ -76,9 +76,13 @@ class SpecError(Exception):
         return "\n".join([head, *("  " + issue.describe() for issue in self.issues)])
 
 
-def command_line_error(option: str, expected: str, given: Any) -> SpecError:
-    """A mistake in a command's option (``--n``, ``RUN_DIR``...): one issue, exit status 2."""
-    return SpecError([SpecIssue((option,), expected, given, None, "command line")])
+def command_line_error(option: str | Path, expected: str, given: Any,
+                       suggestions: list[str] | None = None) -> SpecError:
+    """A mistake in a command's option (``--n``, ``RUN_DIR``, or a spec field path a command
+    names, as ``dkit sweep`` does): one issue, exit status 2."""
+    path = option if isinstance(option, tuple) else (option,)
+    return SpecError([SpecIssue(path, expected, given, None, "command line",
+                                suggestions or [])])
 
 
 def missing() -> Any:
