@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -53,6 +53,9 @@ from diffusers_kit.spec.validate import validate
 from diffusers_kit.train import (
     Distributed,
 )
+
+if TYPE_CHECKING:
+    from diffusers_kit.processes.base import NoiseProcess
 
 
 @dataclass
@@ -97,6 +100,15 @@ class Builder:
                        config[error.option])
         else:
             self.issue(path, f"parameters that {name!r} accepts: {error}", config)
+
+    def check_solver(self, path: SpecPath, solver: Solver, process: NoiseProcess,
+                     config: dict[str, Any]) -> None:
+        """The issue of a ``solver`` (built from ``config`` at ``path``) that cannot sample
+        ``process``: on the option an :class:`~diffusers_kit.solvers.base.Unsuited` answer
+        names, else on ``kind``."""
+        if reason := solver.check(process):
+            option = getattr(reason, "option", "kind")
+            self.issue((*path, option), reason, config.get(option))
 
     def build(self, path: SpecPath, kind: str, config: dict[str, Any], **context: Any) -> Any:
         try:
@@ -168,9 +180,8 @@ def build_components(
     solver = None
     if spec.sample is not None:
         solver = builder.build(("sample", "solver"), "solver", spec.sample.solver)
-    if solver is not None and process is not None and (reason := solver.check(process)):
-        option = getattr(reason, "option", "kind")  # the field a solver's refusal is about
-        builder.issue(("sample", "solver", option), reason, spec.sample.solver.get(option))
+    if solver is not None and process is not None:
+        builder.check_solver(("sample", "solver"), solver, process, spec.sample.solver)
     data = None
     if dataset is not None:
         try:
@@ -336,9 +347,9 @@ def _restoration(spec: Spec, builder: Builder, diffusion: Diffusion, data: DataS
     chosen = solver
     if section.solver is not None:
         chosen = builder.build(("restore", "solver"), "solver", section.solver)
-        if chosen is not None and (reason := chosen.check(diffusion.process)):
-            option = getattr(reason, "option", "kind")
-            builder.issue(("restore", "solver", option), reason, section.solver.get(option))
+        if chosen is not None:
+            builder.check_solver(("restore", "solver"), chosen, diffusion.process,
+                                 section.solver)
     elif chosen is None:
         builder.issue(("restore", "solver"), "a solver (here or in the sample section)", None)
     if (method is not None and chosen is not None and getattr(method, "takes_step", False)
