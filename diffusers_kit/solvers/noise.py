@@ -208,15 +208,15 @@ class PerSampleNoise(Noise):
         self.draws += 1
         signature = (shape, device)
         ahead = self._ahead  # (signature, draw held first, held draws, how many were computed)
+        same = ahead is not None and ahead[0] == signature
+        if same and ahead[1] <= draw < ahead[1] + len(ahead[2]):  # computed: hand it over once
+            z = ahead[2][draw - ahead[1]]
+            self._ahead = (signature, draw + 1, ahead[2][draw - ahead[1] + 1:], ahead[3])
+            return z if dtype == torch.float32 else z.to(dtype)
         size = max(1, math.prod(shape))
         count = max(1, LEAST_ELEMENTS // size)
-        if ahead is not None and ahead[0] == signature:
-            if ahead[1] <= draw < ahead[1] + len(ahead[2]):  # computed already: hand it over once
-                z = ahead[2][draw - ahead[1]]
-                self._ahead = (signature, draw + 1, ahead[2][draw - ahead[1] + 1:], ahead[3])
-                return z if dtype == torch.float32 else z.to(dtype)
-            if draw == ahead[1]:  # equal shapes in sequence: compute ahead, 4x more each time
-                count = max(count, min(4 * ahead[3], AHEAD_ELEMENTS // size))
+        if same and draw == ahead[1]:  # equal shapes in sequence: compute ahead, 4x more each time
+            count = max(count, min(4 * ahead[3], AHEAD_ELEMENTS // size))
         block = self._compute(shape, draw, count, device)
         self._ahead = (signature, draw + 1, block[1:], count)
         return block[0] if dtype == torch.float32 else block[0].to(dtype)
