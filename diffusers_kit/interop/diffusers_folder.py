@@ -188,7 +188,7 @@ def check_fingerprint(files: list[Path], sha256: str, size: int | None, user: st
 
 
 def read_scheduler_config(path: str | os.PathLike[str], sha256: str | None, user: str
-                     ) -> tuple[Path, dict[str, Any]]:
+                          ) -> tuple[Path, dict[str, Any]]:
     """The scheduler component's ``scheduler_config.json`` (its file and contents) under
     ``path`` (a pipeline or the component folder), its :func:`fingerprint` checked when
     ``sha256`` is given."""
